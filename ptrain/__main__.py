@@ -1,0 +1,29 @@
+"""Entry point: `torchrun --nproc_per_node N -m ptrain FLAGS` (or `python -m ptrain FLAGS` for one process)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch.distributed as dist
+
+from ptrain.config import ConfigError, parse_config
+from ptrain.parallel.dims import ParallelConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+        from ptrain.trainer import train
+
+        train(cfg)
+    except (ConfigError, ParallelConfigError) as e:
+        print(f"ptrain: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""The single source of every flag and default.
+
+Flags are grouped in dataclasses for `--help` readability but are flat on the
+command line (`--dp_degree 2`, not `--parallel.dp_degree 2`). A TOML preset
+given with `--config FILE` supplies defaults; explicit flags override it.
+Validation that needs no process group happens here, once, in `validate()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
+
+MODEL_NAMES = ("ltx_video",)
+DTYPES = Literal["float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the flag and value."""
+
+
+@dataclass
+class ModelArgs:
+    model_name: Literal["ltx_video"] = "ltx_video"
+    """Model family to train."""
+    pretrained_model_name_or_path: str | None = None
+    """Local diffusers-format checkpoint folder (model_index.json, transformer/, vae/, ...)."""
+    transformer_dtype: DTYPES = "bfloat16"
+    """dtype of the trainable transformer's compute (FSDP2 param dtype); master weights stay float32."""
+    text_encoder_dtype: DTYPES = "bfloat16"
+    """dtype of the frozen text encoder."""
+    vae_dtype: DTYPES = "bfloat16"
+    """dtype of the frozen VAE."""
+    training_type: Literal["lora", "full-finetune"] = "lora"
+    """LoRA adapters on a frozen base, or full fine-tuning of the transformer."""
+    rank: int = 64
+    """LoRA rank."""
+    lora_alpha: float = 64.0
+    """LoRA alpha (scaling = alpha / rank); saved with the exported weights."""
+    target_modules: list[str] | None = None
+    """Module names (or regex) that get LoRA adapters. Default: the model's attention projections."""
+
+
+@dataclass
+class DataArgs:
+    data_root: Path | None = None
+    """Dataset folder in the CogVideoX layout (prompts.txt + videos.txt) or holding one metadata CSV/JSON."""
+    dataset_file: Path | None = None
+    """CSV/JSON/JSONL file with caption and video-path columns (paths relative to the file or data_root)."""
+    caption_column: str = "caption"
+    """Caption column name in --dataset_file."""
+    video_column: str = "video"
+    """Video path column name in --dataset_file."""
+    height: int = 480
+    """Training height in pixels (videos are resized then center-cropped, never stretched)."""
+    width: int = 720
+    """Training width in pixels."""
+    num_frames: int = 49
+    """Frames per sample, taken evenly over the clip; must suit the VAE (LTX: 8k+1)."""
+    max_sequence_length: int | None = None
+    """Text tokens per prompt. Default: the model's own (LTX 128)."""
+    dataloader_num_workers: int = 2
+    """Data loader worker processes per rank (0 = decode in the training process)."""
+
+
+@dataclass
+class TrainArgs:
+    output_dir: Path = Path("ptrain-output")
+    """Where metrics, logs and the exported weights go."""
+    train_steps: int = 1000
+    """Number of optimizer steps."""
+    batch_size: int = 1
+    """Samples per data-parallel rank per micro-batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step (gradient sync happens on the last one only)."""
+    seed: int = 42
+    """Seed for data order, noise and timesteps (same samples whatever the parallel layout)."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in backward (see --ac_mode)."""
+    ac_mode: Literal["full", "selective"] = "full"
+    """full: checkpoint every block; selective: every --ac_every_n_blocks-th block."""
+    ac_every_n_blocks: int = 2
+    """With --ac_mode selective, checkpoint one block in this many."""
+    compile: bool = False
+    """torch.compile each transformer block (regional compilation)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (inductor; aot_eager or eager for cheap checks)."""
+    flow_weighting_scheme: Literal["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"] = "none"
+    """Timestep density (logit_normal, mode; otherwise uniform) and loss weighting (sigma_sqrt, cosmap)."""
+    flow_logit_mean: float = 0.0
+    """Mean of the logit-normal timestep density."""
+    flow_logit_std: float = 1.0
+    """Std of the logit-normal timestep density."""
+    flow_mode_scale: float = 1.29
+    """Scale of the mode timestep density."""
+    flow_shift: float = 1.0
+    """Shift applied to sampled sigmas: s*t / (1 + (s-1)*t); > 1 favours high noise."""
+
+
+@dataclass
+class OptimArgs:
+    optimizer: Literal["adamw", "adam", "came", "adamw-8bit"] = "adamw"
+    """Optimizer (came needs came-pytorch; adamw-8bit needs bitsandbytes and CUDA)."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant_with_warmup"
+    """Learning-rate schedule (diffusers.optimization)."""
+    lr_warmup_steps: int = 0
+    """Linear warmup steps."""
+    lr_num_cycles: int = 1
+    """Cycles for cosine_with_restarts."""
+    lr_power: float = 1.0
+    """Power for the polynomial schedule."""
+    beta1: float = 0.9
+    """First Adam beta."""
+    beta2: float = 0.95
+    """Second Adam beta."""
+    beta3: float = 0.999
+    """Third beta, used by CAME only."""
+    weight_decay: float = 1e-4
+    """Decoupled weight decay (AdamW/CAME) or L2 penalty (Adam)."""
+    epsilon: float = 1e-8
+    """Optimizer epsilon (CAME uses it as its first epsilon)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+
+
+@dataclass
+class ParallelArgs:
+    dp_degree: int = 1
+    """Data-parallel replicas (DDP/HSDP replicate dimension)."""
+    dp_shards: int = -1
+    """FSDP2 shards per replica; -1 fills the rest of the world size."""
+    cp_degree: int = 1
+    """Context-parallel degree (sequence split across ranks)."""
+
+
+@dataclass
+class LogArgs:
+    logging_steps: int = 1
+    """Write metrics every N optimizer steps."""
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    """Also log to tensorboard under output_dir/logs."""
+    log_level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
+    """Log level of ptrain's own messages (rank 0 logs; other ranks only warnings)."""
+
+
+@dataclass
+class Config:
+    """ptrain: fine-tune video diffusion transformers with torchrun on raw torch.distributed."""
+
+    config: Path | None = None
+    """TOML preset (see configs/); explicit flags override its values."""
+    model: Annotated[ModelArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=ModelArgs)
+    data: Annotated[DataArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=DataArgs)
+    train: Annotated[TrainArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=TrainArgs)
+    optim: Annotated[OptimArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=OptimArgs)
+    parallel: Annotated[ParallelArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=ParallelArgs)
+    log: Annotated[LogArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=LogArgs)
+
+    def validate(self) -> "Config":
+        m, d, t, o, p = self.model, self.data, self.train, self.optim, self.parallel
+        if not m.pretrained_model_name_or_path:
+            raise ConfigError("--pretrained_model_name_or_path is required (a local diffusers checkpoint folder)")
+        ckpt = Path(m.pretrained_model_name_or_path)
+        if not ckpt.is_dir():
+            raise ConfigError(
+                f"--pretrained_model_name_or_path {ckpt}: no such folder. ptrain loads local checkpoints only; "
+                "download one first or write a tiny one with `python -m ptrain.testing.tiny`."
+            )
+        if not (ckpt / "model_index.json").is_file() and not (ckpt / "transformer").is_dir():
+            raise ConfigError(f"--pretrained_model_name_or_path {ckpt}: not a diffusers checkpoint (no model_index.json)")
+        if d.data_root is None and d.dataset_file is None:
+            raise ConfigError("give --data_root or --dataset_file")
+        if d.data_root is not None and not Path(d.data_root).is_dir():
+            raise ConfigError(f"--data_root {d.data_root}: no such folder")
+        if d.dataset_file is not None and not Path(d.dataset_file).is_file():
+            raise ConfigError(f"--dataset_file {d.dataset_file}: no such file")
+        for name, value in (
+            ("--height", d.height),
+            ("--width", d.width),
+            ("--num_frames", d.num_frames),
+            ("--train_steps", t.train_steps),
+            ("--batch_size", t.batch_size),
+            ("--gradient_accumulation_steps", t.gradient_accumulation_steps),
+            ("--logging_steps", self.log.logging_steps),
+            ("--ac_every_n_blocks", t.ac_every_n_blocks),
+            ("--rank", m.rank),
+        ):
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if d.dataloader_num_workers < 0:
+            raise ConfigError(f"--dataloader_num_workers must be >= 0, got {d.dataloader_num_workers}")
+        if o.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {o.lr}")
+        if o.max_grad_norm < 0:
+            raise ConfigError(f"--max_grad_norm must be >= 0 (0 disables clipping), got {o.max_grad_norm}")
+        if t.flow_shift <= 0:
+            raise ConfigError(f"--flow_shift must be > 0, got {t.flow_shift}")
+        if p.dp_degree < 1 or p.cp_degree < 1 or (p.dp_shards < 1 and p.dp_shards != -1):
+            raise ConfigError(
+                f"parallel degrees must be >= 1 (dp_shards may be -1): "
+                f"dp_degree={p.dp_degree} dp_shards={p.dp_shards} cp_degree={p.cp_degree}"
+            )
+        if p.cp_degree > 1:
+            raise ConfigError(
+                f"--cp_degree {p.cp_degree}: context parallelism is not implemented yet in this version of ptrain; "
+                "use --cp_degree 1"
+            )
+        return self
+
+
+def _load_toml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path}: invalid TOML: {e}") from e
+    # Accept flat keys (`dp_degree = 2`) and [group] tables (`[parallel] dp_degree = 2`).
+    flat: dict = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and key in _GROUPS:
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+_GROUPS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "config"}
+
+
+def _field_owner() -> dict[str, str]:
+    owner = {}
+    defaults = Config()
+    for group in _GROUPS:
+        for f in dataclasses.fields(getattr(defaults, group)):
+            owner[f.name] = group
+    return owner
+
+
+def _apply_preset(cfg: Config, values: dict, source: Path) -> Config:
+    owner = _field_owner()
+    groups = {g: {} for g in _GROUPS}
+    for key, value in values.items():
+        if key not in owner:
+            raise ConfigError(f"--config {source}: unknown key {key!r} (not a ptrain flag)")
+        groups[owner[key]][key] = value
+    kwargs = {"config": source}
+    for g, vals in groups.items():
+        current = getattr(cfg, g)
+        types = {f.name: f.type for f in dataclasses.fields(current)}
+        for k, v in vals.items():
+            if "Path" in str(types[k]) and isinstance(v, str):
+                vals[k] = Path(v)
+        kwargs[g] = dataclasses.replace(current, **vals)
+    return Config(**kwargs)
+
+
+def _config_path_from_argv(argv: list[str]) -> Path | None:
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if a.startswith("--config="):
+            return Path(a.split("=", 1)[1])
+    return None
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Defaults < TOML preset (--config) < command-line flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    default = Config()
+    preset = _config_path_from_argv(argv)
+    if preset is not None:
+        default = _apply_preset(default, _load_toml(preset), preset)
+    return tyro.cli(Config, args=argv, default=default, use_underscores=True, prog="torchrun ... -m ptrain")
+
+
+def to_dict(cfg: Config) -> dict:
+    """Flat JSON-friendly dict of every flag (what the run was configured with)."""
+    out = {}
+    for group in _GROUPS:
+        for k, v in dataclasses.asdict(getattr(cfg, group)).items():
+            out[k] = str(v) if isinstance(v, Path) else v
+    out["config"] = str(cfg.config) if cfg.config else None
+    return out

@@ -1,0 +1,88 @@
+"""Data path: sources -> probe/filter -> decode -> global-batch sampler -> StatefulDataLoader."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from ptrain.config import ConfigError, DataArgs
+from ptrain.data.sampler import GlobalBatchSampler
+from ptrain.data.sources import Record, load_records
+from ptrain.data.video import load_clip, probe
+
+log = logging.getLogger("ptrain")
+
+
+@dataclass
+class Usable:
+    records: list[Record]
+    skipped: dict[str, str]  # path -> reason
+
+
+def filter_usable(records: list[Record], num_frames: int) -> Usable:
+    """Probe every video (split over ranks when distributed); drop and count the unusable ones."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = {}
+    for i in range(rank, len(records), world):
+        try:
+            info = probe(records[i].video)
+            if info.num_frames < num_frames:
+                mine[i] = f"{info.num_frames} frames < --num_frames {num_frames}"
+        except (OSError, ValueError) as e:
+            mine[i] = str(e)
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, mine)
+        bad = {k: v for part in gathered for k, v in part.items()}
+    else:
+        bad = mine
+    usable = [r for i, r in enumerate(records) if i not in bad]
+    return Usable(usable, {str(records[i].video): reason for i, reason in sorted(bad.items())})
+
+
+class VideoDataset(Dataset):
+    def __init__(self, records: list[Record], args: DataArgs):
+        self.records, self.args = records, args
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, position = key
+        rec = self.records[index]
+        a = self.args
+        return {
+            "video": load_clip(rec.video, a.num_frames, a.height, a.width),
+            "caption": rec.caption,
+            "position": position,
+            "index": index,
+        }
+
+
+def build_dataloader(
+    args: DataArgs, dp_rank: int, dp_size: int, batch_size: int, grad_accum: int, seed: int
+) -> tuple[StatefulDataLoader, GlobalBatchSampler, Usable]:
+    records = load_records(args)
+    usable = filter_usable(records, args.num_frames)
+    if usable.skipped:
+        log.warning("skipping %d of %d videos:", len(usable.skipped), len(records))
+        for path, reason in list(usable.skipped.items())[:20]:
+            log.warning("  %s: %s", path, reason)
+        if len(usable.skipped) > 20:
+            log.warning("  ... and %d more", len(usable.skipped) - 20)
+    if not usable.records:
+        raise ConfigError(f"none of the {len(records)} videos is usable (see the reasons above)")
+    sampler = GlobalBatchSampler(len(usable.records), batch_size, dp_rank, dp_size, grad_accum, seed)
+    loader = StatefulDataLoader(
+        VideoDataset(usable.records, args),
+        batch_sampler=sampler,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=args.dataloader_num_workers > 0,
+    )
+    return loader, sampler, usable

@@ -1,0 +1,66 @@
+"""Deterministic, layout-independent global batch order.
+
+The samples form one endless stream: epoch e is a permutation of the dataset
+seeded by (seed, e), epochs concatenated. Optimizer step s consumes stream
+positions [s*G, (s+1)*G) with G = batch_size x dp x gradient_accumulation_steps.
+Within a step, micro-batch m of data-parallel rank r takes positions
+s*G + m*(batch_size*dp) + r*batch_size + [0, batch_size).
+
+So for a seed and a global batch size the samples of every step are the same
+whatever dp_degree x dp_shards is, and each sample's position (which seeds its
+noise and timestep) is too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> list[int]:
+    state = np.random.SeedSequence([seed, 0x5A3D, epoch]).generate_state(1, dtype=np.uint32)
+    g = torch.Generator().manual_seed(int(state[0]))
+    return torch.randperm(num_samples, generator=g).tolist()
+
+
+class GlobalBatchSampler:
+    """Batch sampler for one data-parallel rank: yields [(dataset index, stream position), ...]."""
+
+    def __init__(
+        self, num_samples: int, batch_size: int, dp_rank: int, dp_size: int, grad_accum: int, seed: int
+    ) -> None:
+        if num_samples < 1:
+            raise ValueError("no usable samples")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.dp_rank, self.dp_size, self.grad_accum = dp_rank, dp_size, grad_accum
+        self.micro_batches_done = 0
+        self._perm_epoch, self._perm = -1, []
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.dp_size * self.grad_accum
+
+    def positions(self, micro_batch: int) -> range:
+        step, m = divmod(micro_batch, self.grad_accum)
+        start = step * self.global_batch_size + m * self.batch_size * self.dp_size + self.dp_rank * self.batch_size
+        return range(start, start + self.batch_size)
+
+    def index_at(self, position: int) -> int:
+        epoch, i = divmod(position, self.num_samples)
+        if epoch != self._perm_epoch:
+            self._perm_epoch, self._perm = epoch, epoch_permutation(self.num_samples, self.seed, epoch)
+        return self._perm[i]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        while True:
+            batch = [(self.index_at(p), p) for p in self.positions(self.micro_batches_done)]
+            self.micro_batches_done += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"micro_batches_done": self.micro_batches_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.micro_batches_done = int(state["micro_batches_done"])

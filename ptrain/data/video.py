@@ -1,0 +1,70 @@
+"""Video decoding with decord: probe, even frame sampling, aspect-preserving resize + center crop."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    num_frames: int
+    height: int
+    width: int
+
+
+def _reader(path: Path):
+    import decord
+
+    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+
+
+def probe(path: Path) -> VideoInfo:
+    """Frame count and size, or an exception naming the file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"video {path}: no such file")
+    try:
+        vr = _reader(path)
+        n = len(vr)
+        shape = vr[0].shape
+    except Exception as e:  # decord raises its own DECORDError / RuntimeError types
+        raise ValueError(f"video {path}: cannot decode ({type(e).__name__}: {e})") from e
+    if len(shape) != 3 or shape[2] != 3:
+        # decord 0.6 misreads some narrow videos (e.g. width 48) with a wrong channel count
+        raise ValueError(f"video {path}: decoder returned frames of shape {tuple(shape)}, not (H, W, 3)")
+    return VideoInfo(n, int(shape[0]), int(shape[1]))
+
+
+def even_indices(total: int, num_frames: int) -> list[int]:
+    """`num_frames` indices spread evenly over [0, total) (first and last frame included)."""
+    if total < num_frames:
+        raise ValueError(f"clip has {total} frames, fewer than --num_frames {num_frames}")
+    if num_frames == 1:
+        return [0]
+    return [round(i * (total - 1) / (num_frames - 1)) for i in range(num_frames)]
+
+
+def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """frames (F, C, h, w) float -> (F, C, height, width): scale to cover, then crop the centre."""
+    h, w = frames.shape[-2:]
+    scale = max(height / h, width / w)
+    nh, nw = max(height, math.ceil(h * scale)), max(width, math.ceil(w * scale))
+    if (nh, nw) != (h, w):
+        frames = F.interpolate(frames, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return frames[:, :, top : top + height, left : left + width]
+
+
+def load_clip(path: Path, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """-> (C, F, H, W) float32 in [-1, 1]."""
+    vr = _reader(path)
+    idx = even_indices(len(vr), num_frames)
+    frames = vr.get_batch(idx).asnumpy()  # (F, h, w, 3) uint8
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = resize_center_crop(x, height, width).clamp(-1.0, 1.0)
+    return x.permute(1, 0, 2, 3).contiguous()

@@ -1,0 +1,73 @@
+"""Export trained weights in diffusers format from a sharded (FSDP2 / replicate) transformer.
+
+Tensors are gathered one at a time (`DTensor.full_tensor()` on every rank) and
+only rank 0 keeps a CPU copy, so no rank other than 0 ever holds the full model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from huggingface_hub import save_torch_state_dict
+from peft.utils import get_peft_model_state_dict
+from torch.distributed.tensor import DTensor
+
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    for p in _WRAPPER_PREFIXES:
+        name = name.replace(p, "")
+    return name
+
+
+def _gather(named: list[tuple[str, torch.Tensor]], keep: bool, dtype: torch.dtype | None = None) -> dict:
+    out = {}
+    for name, t in named:
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        if keep:
+            full = full.detach().to("cpu", dtype=dtype or full.dtype).contiguous()
+            out[clean_name(name)] = full
+        del full
+    return out
+
+
+def export_lora(transformer: torch.nn.Module, pipeline_cls, output_dir: Path) -> Path | None:
+    """Trainable (LoRA) weights -> output_dir/pytorch_lora_weights.safetensors with lora_alpha metadata."""
+    rank0 = dist.get_rank() == 0
+    named = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
+    gathered = _gather(named, keep=rank0, dtype=torch.float32)
+    if rank0:
+        lora = get_peft_model_state_dict(transformer, state_dict=gathered)
+        meta = transformer.peft_config["default"].to_dict()
+        pipeline_cls.save_lora_weights(
+            output_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=meta
+        )
+    dist.barrier()
+    return output_dir / "pytorch_lora_weights.safetensors" if rank0 else None
+
+
+def export_full(transformer: torch.nn.Module, output_dir: Path, max_shard_size: str = "10GB") -> Path | None:
+    """Full transformer -> output_dir/transformer/ (config.json + safetensors shards, diffusers layout).
+
+    Weights are written in float32 (the master copy) so small fine-tuning updates are not rounded away.
+    """
+    rank0 = dist.get_rank() == 0
+    target = output_dir / "transformer"
+    state = transformer.state_dict()
+    gathered = _gather(list(state.items()), keep=rank0, dtype=torch.float32)
+    if rank0:
+        target.mkdir(parents=True, exist_ok=True)
+        transformer.save_config(target)
+        save_torch_state_dict(
+            gathered,
+            target,
+            filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+            max_shard_size=max_shard_size,
+            metadata={"format": "pt"},
+        )
+    dist.barrier()
+    return target if rank0 else None
+

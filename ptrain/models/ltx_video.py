@@ -1,0 +1,103 @@
+"""LTX-Video: LTXVideoTransformer3DModel + AutoencoderKLLTXVideo + T5, flow matching.
+
+Conditioning and latent handling follow diffusers' LTXPipeline so that trained
+weights behave the same there: T5 embeddings padded to max_sequence_length with
+an attention mask, latents normalised with the VAE's mean/std and packed into a
+token sequence, RoPE interpolation scale from the VAE compression ratios.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+from torch import nn
+from transformers import AutoTokenizer, T5EncoderModel
+
+from ptrain.config import ConfigError
+from ptrain.models.spec import Components, Conditioning, ModelSpec, register
+
+
+@register
+class LTXVideoSpec(ModelSpec):
+    name = "ltx_video"
+    pipeline_cls = LTXPipeline
+    transformer_cls = LTXVideoTransformer3DModel
+    default_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
+    block_attrs = ("transformer_blocks",)
+    default_max_sequence_length = 128
+    #: LTXPipeline's default frame rate; sets the temporal RoPE interpolation scale.
+    frame_rate = 25
+
+    def load_components(self, path, dtypes, device) -> Components:
+        transformer = LTXVideoTransformer3DModel.from_pretrained(
+            path, subfolder="transformer", torch_dtype=dtypes["transformer"]
+        )
+        vae = AutoencoderKLLTXVideo.from_pretrained(path, subfolder="vae", torch_dtype=dtypes["vae"])
+        text_encoder = T5EncoderModel.from_pretrained(
+            path, subfolder="text_encoder", torch_dtype=dtypes["text_encoder"]
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        for m in (vae, text_encoder):
+            m.requires_grad_(False).eval().to(device)
+        return Components(transformer, vae, text_encoder, tokenizer, scheduler)
+
+    def check_shape(self, num_frames, height, width, components) -> None:
+        vae = components.vae
+        s, t = vae.spatial_compression_ratio, vae.temporal_compression_ratio
+        p = components.transformer.config.patch_size
+        if (num_frames - 1) % t:
+            raise ConfigError(
+                f"--num_frames {num_frames}: LTX-Video needs {t}k+1 frames (e.g. {t + 1}, {4 * t + 1}, {6 * t + 1})"
+            )
+        for flag, v in (("--height", height), ("--width", width)):
+            if v % (s * p):
+                raise ConfigError(f"{flag} {v}: LTX-Video needs a multiple of {s * p} (VAE x patch size)")
+
+    def encode_text(self, components, captions, max_sequence_length) -> Conditioning:
+        device = components.text_encoder.device
+        tok = components.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            embeds = components.text_encoder(tok.input_ids.to(device))[0]
+        return Conditioning(
+            {"encoder_hidden_states": embeds, "encoder_attention_mask": tok.attention_mask.bool().to(device)}
+        )
+
+    def encode_video(self, components, video, generators) -> torch.Tensor:
+        vae = components.vae
+        with torch.no_grad():
+            dist = vae.encode(video.to(vae.device, vae.dtype)).latent_dist
+            latents = dist.sample(generator=generators)
+        return LTXPipeline._normalize_latents(
+            latents.float(), vae.latents_mean, vae.latents_std, vae.config.scaling_factor
+        )
+
+    def forward(self, transformer: nn.Module, noisy_latents, timesteps, cond) -> torch.Tensor:
+        b, c, f, h, w = noisy_latents.shape
+        cfg = transformer.config
+        p, pt = cfg.patch_size, cfg.patch_size_t
+        tokens = LTXPipeline._pack_latents(noisy_latents, p, pt)
+        vae_t, vae_s = self._vae_ratios
+        out = transformer(
+            hidden_states=tokens,
+            encoder_hidden_states=cond.tensors["encoder_hidden_states"],
+            timestep=timesteps,
+            encoder_attention_mask=cond.tensors["encoder_attention_mask"],
+            num_frames=f // pt,
+            height=h // p,
+            width=w // p,
+            rope_interpolation_scale=(vae_t / self.frame_rate, vae_s, vae_s),
+            return_dict=False,
+        )[0]
+        return LTXPipeline._unpack_latents(out, f // pt, h // p, w // p, p, pt)
+
+    def bind(self, components: Components) -> None:
+        """Remember what forward() needs from the frozen components."""
+        self._vae_ratios = (components.vae.temporal_compression_ratio, components.vae.spatial_compression_ratio)

@@ -1,0 +1,122 @@
+"""Parallel degrees -> validated layout -> DeviceMesh, plus the one place that picks device and backend.
+
+Mesh dims, outermost first: `dp_replicate` (DDP/HSDP replicas), `dp_shard` (FSDP2
+shards), `cp` (context parallel). Flattened views: `dp` = dp_replicate x dp_shard
+(ranks that read different data), `dp_shard_cp` = dp_shard x cp (ranks that hold
+one shard of the parameters), `dp_cp` = every rank that takes part in the
+gradient mean.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+class ParallelConfigError(ValueError):
+    """Degrees that do not fit the world size; the message names every value."""
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def backend() -> str:
+    return "nccl" if device_type() == "cuda" else "gloo"
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    world_size: int
+
+    @classmethod
+    def build(cls, dp_degree: int, dp_shards: int, cp_degree: int, world_size: int) -> "ParallelDims":
+        desc = f"dp_degree={dp_degree} x dp_shards={dp_shards} x cp_degree={cp_degree}"
+        if dp_degree < 1 or cp_degree < 1 or (dp_shards < 1 and dp_shards != -1):
+            raise ParallelConfigError(f"invalid parallel degrees {desc}: each must be >= 1 (dp_shards may be -1)")
+        if dp_shards == -1:
+            rest = dp_degree * cp_degree
+            if world_size % rest:
+                raise ParallelConfigError(
+                    f"--dp_shards -1 cannot fill world size {world_size}: dp_degree={dp_degree} x "
+                    f"cp_degree={cp_degree} = {rest} does not divide it"
+                )
+            dp_shards = world_size // rest
+        product = dp_degree * dp_shards * cp_degree
+        if product != world_size:
+            raise ParallelConfigError(
+                f"parallel degrees do not match the world size: dp_degree={dp_degree} x dp_shards={dp_shards} x "
+                f"cp_degree={cp_degree} = {product}, but world size (torchrun --nproc_per_node x --nnodes) "
+                f"is {world_size}"
+            )
+        return cls(dp_replicate=dp_degree, dp_shard=dp_shards, cp=cp_degree, world_size=world_size)
+
+    @property
+    def dp(self) -> int:
+        """Number of ranks that read different samples."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.dp_shard * self.cp > 1
+
+    @property
+    def ddp_enabled(self) -> bool:
+        return self.dp_replicate > 1 and not self.fsdp_enabled
+
+    def describe(self) -> str:
+        if self.world_size == 1:
+            kind = "single process"
+        elif self.ddp_enabled:
+            kind = "DDP"
+        elif self.dp_replicate > 1:
+            kind = "HSDP"
+        else:
+            kind = "FSDP2"
+        return (
+            f"{kind}: world {self.world_size} = dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard} "
+            f"x cp {self.cp}"
+        )
+
+    def build_mesh(self) -> DeviceMesh:
+        mesh = init_device_mesh(
+            device_type(),
+            (self.dp_replicate, self.dp_shard, self.cp),
+            mesh_dim_names=("dp_replicate", "dp_shard", "cp"),
+        )
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        return mesh
+
+
+def init_distributed(timeout_s: int = 1800) -> tuple[int, int, torch.device]:
+    """Initialise the default process group from torchrun's environment (or a single process)."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python -m ptrain`: a world of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if device_type() == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend(), timeout=timedelta(seconds=timeout_s))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if device_type() == "cuda" else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,1 @@
+"""Test fixtures: tiny random checkpoints and synthetic video datasets."""
