@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
@@ -51,6 +54,10 @@ def setup_logging(rank: int, level: str) -> None:
     # diffusers/transformers chatter (e.g. CPU generator notices) would drown the progress bar.
     for name in ("diffusers", "transformers"):
         logging.getLogger(name).setLevel("ERROR")
+    # Known-harmless library notices: torchdata calls a deprecated torch API; FSDP2 warns that the root
+    # returns a view (ptrain never modifies the output in place).
+    warnings.filterwarnings("ignore", message=".*set_vital.*")
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
 
 
 def make_trainable(transformer: torch.nn.Module, cfg: Config, spec: ModelSpec) -> None:
@@ -74,6 +81,12 @@ def make_trainable(transformer: torch.nn.Module, cfg: Config, spec: ModelSpec) -
     transformer.train()
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def _global_mean(value: torch.Tensor, group) -> float:
     t = value.detach().float().reshape(1).clone()
     if group is not None:
@@ -89,7 +102,7 @@ def train(cfg: Config) -> TrainResult:
     p, t, m = cfg.parallel, cfg.train, cfg.model
     dims = ParallelDims.build(p.dp_degree, p.dp_shards, p.cp_degree, world)
     mesh = dims.build_mesh()
-    dp_rank, dp_size = mesh["dp"].get_local_rank(), dims.dp
+    dp_rank, dp_size = mesh.dp.get_local_rank(), dims.dp
     log.info("ptrain: %s on %s (%s)", dims.describe(), device, dist.get_backend())
 
     out = Path(t.output_dir)
@@ -110,6 +123,8 @@ def train(cfg: Config) -> TrainResult:
     spec.bind(comps)
     spec.check_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width, comps)
     transformer = comps.transformer
+    # Same seed on every rank before LoRA init: adapters start identical on all ranks and layouts.
+    seed_everything(t.seed)
     make_trainable(transformer, cfg, spec)
 
     blocks = spec.blocks(transformer)
@@ -143,7 +158,7 @@ def train(cfg: Config) -> TrainResult:
     )
     objective = FlowMatching(t)
     max_seq = cfg.data.max_sequence_length or spec.default_max_sequence_length
-    loss_group = mesh["dp_cp"].get_group() if world > 1 else None
+    loss_group = mesh.dp_cp.get_group() if world > 1 else None
     metrics = MetricsWriter(out, rank == 0, cfg.log.report_to == "tensorboard")
     result = TrainResult(spec=spec, components=comps, transformer=transformer)
 

@@ -86,16 +86,31 @@ class ParallelDims:
             f"x cp {self.cp}"
         )
 
-    def build_mesh(self) -> DeviceMesh:
-        mesh = init_device_mesh(
+    def build_mesh(self) -> "Meshes":
+        world = init_device_mesh(
             device_type(),
             (self.dp_replicate, self.dp_shard, self.cp),
             mesh_dim_names=("dp_replicate", "dp_shard", "cp"),
         )
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-        return mesh
+        dp_cp = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        return Meshes(
+            world=world,
+            dp=world["dp_replicate", "dp_shard"]._flatten("dp"),
+            dp_shard_cp=world["dp_shard", "cp"]._flatten("dp_shard_cp"),
+            dp_cp=dp_cp,
+            hsdp=dp_cp._unflatten(0, (self.dp_replicate, self.dp_shard * self.cp), ("dp_replicate", "dp_shard_cp")),
+        )
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The world mesh and the flattened views the parallel plan and the loop use."""
+
+    world: DeviceMesh  # (dp_replicate, dp_shard, cp)
+    dp: DeviceMesh  # ranks that read different samples
+    dp_shard_cp: DeviceMesh  # ranks that hold one parameter shard (FSDP)
+    dp_cp: DeviceMesh  # every rank in the gradient mean
+    hsdp: DeviceMesh  # 2-D (dp_replicate, dp_shard_cp) for HSDP / replicate
 
 
 def init_distributed(timeout_s: int = 1800) -> tuple[int, int, torch.device]:
