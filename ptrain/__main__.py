@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
 
         train(cfg)
     except (ConfigError, ParallelConfigError) as e:
-        print(f"ptrain: error: {e}", file=sys.stderr)
+        if not dist.is_initialized() or dist.get_rank() == 0:  # the same message on every rank: print it once
+            print(f"ptrain: error: {e}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from huggingface_hub import save_torch_state_dict
-from peft.utils import get_peft_model_state_dict
 from torch.distributed.tensor import DTensor
 
+ADAPTER = "default"  # the adapter name diffusers' add_adapter uses
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
@@ -40,8 +40,9 @@ def export_lora(transformer: torch.nn.Module, pipeline_cls, output_dir: Path) ->
     named = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
     gathered = _gather(named, keep=rank0, dtype=torch.float32)
     if rank0:
-        lora = get_peft_model_state_dict(transformer, state_dict=gathered)
-        meta = transformer.peft_config["default"].to_dict()
+        # peft names adapter weights `...lora_A.<adapter>.weight`; the diffusers file format drops the adapter name.
+        lora = {k.replace(f".{ADAPTER}.", "."): v for k, v in gathered.items() if "lora_" in k}
+        meta = transformer.peft_config[ADAPTER].to_dict()
         pipeline_cls.save_lora_weights(
             output_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=meta
         )

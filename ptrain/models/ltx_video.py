@@ -30,11 +30,11 @@ class LTXVideoSpec(ModelSpec):
 
     def load_components(self, path, dtypes, device) -> Components:
         transformer = LTXVideoTransformer3DModel.from_pretrained(
-            path, subfolder="transformer", torch_dtype=dtypes["transformer"]
+            path, subfolder="transformer", dtype=dtypes["transformer"]
         )
-        vae = AutoencoderKLLTXVideo.from_pretrained(path, subfolder="vae", torch_dtype=dtypes["vae"])
+        vae = AutoencoderKLLTXVideo.from_pretrained(path, subfolder="vae", dtype=dtypes["vae"])
         text_encoder = T5EncoderModel.from_pretrained(
-            path, subfolder="text_encoder", torch_dtype=dtypes["text_encoder"]
+            path, subfolder="text_encoder", dtype=dtypes["text_encoder"]
         )
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")

@@ -1,0 +1,114 @@
+"""CLI and config: flat underscore flags, TOML presets (CLI > file > defaults), --help, validation errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from ptrain.config import Config, ConfigError, parse_config
+from ptrain.parallel.dims import ParallelConfigError, ParallelDims
+
+
+def _all_flags() -> list[str]:
+    cfg = Config()
+    names = ["config"]
+    for f in dataclasses.fields(cfg):
+        if f.name != "config":
+            names += [g.name for g in dataclasses.fields(getattr(cfg, f.name))]
+    return names
+
+
+def test_flags_are_flat_with_underscores():
+    cfg = parse_config(
+        ["--dp_degree", "2", "--dp_shards", "4", "--training_type", "full-finetune", "--target_modules", "to_q",
+         "to_k", "--gradient_checkpointing", "--ac_mode", "selective", "--ac_every_n_blocks", "3", "--lr", "3e-5",
+         "--optimizer", "came", "--compile", "--compile_backend", "aot_eager"]
+    )  # fmt: skip
+    assert (cfg.parallel.dp_degree, cfg.parallel.dp_shards) == (2, 4)
+    assert cfg.model.training_type == "full-finetune" and cfg.model.target_modules == ["to_q", "to_k"]
+    assert cfg.train.gradient_checkpointing and cfg.train.ac_mode == "selective" and cfg.train.ac_every_n_blocks == 3
+    assert cfg.optim.lr == 3e-5 and cfg.optim.optimizer == "came" and cfg.train.compile
+
+
+def test_toml_preset_precedence(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('lr = 2e-4\nrank = 16\noutput_dir = "from-file"\n[parallel]\ndp_degree = 2\n')
+    cfg = parse_config(["--config", str(preset), "--rank", "32"])
+    assert cfg.optim.lr == 2e-4  # file beats default
+    assert cfg.model.rank == 32  # CLI beats file
+    assert cfg.parallel.dp_degree == 2  # [group] tables work too
+    assert str(cfg.train.output_dir) == "from-file"
+    assert cfg.optim.beta1 == 0.9  # untouched default
+
+
+def test_toml_unknown_key_is_named(tmp_path):
+    preset = tmp_path / "bad.toml"
+    preset.write_text("learning_rat = 1e-4\n")
+    with pytest.raises(ConfigError, match="learning_rat"):
+        parse_config(["--config", str(preset)])
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_presets_parse(preset):
+    parse_config(["--config", str(preset)])
+
+
+def test_help_documents_every_flag():
+    out = subprocess.run(
+        [sys.executable, "-m", "ptrain", "--help"], cwd=REPO, capture_output=True, text=True, env={"COLUMNS": "200"}
+    )
+    assert out.returncode == 0, out.stderr
+    for name in _all_flags():
+        assert f"--{name}" in out.stdout, f"--{name} missing from --help"
+
+
+def test_validation_names_the_flag(tmp_path, tiny_ckpt, tiny_data):
+    ok = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data)]
+    parse_config(ok).validate()
+    with pytest.raises(ConfigError, match="--pretrained_model_name_or_path .*nope.*no such folder"):
+        parse_config(["--pretrained_model_name_or_path", str(tmp_path / "nope"), "--data_root", str(tiny_data)]).validate()
+    with pytest.raises(ConfigError, match="--data_root .*missing"):
+        parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tmp_path / "missing")]).validate()
+    with pytest.raises(ConfigError, match="not a diffusers checkpoint"):
+        parse_config(["--pretrained_model_name_or_path", str(tmp_path), "--data_root", str(tiny_data)]).validate()
+    with pytest.raises(ConfigError, match="--batch_size must be >= 1, got 0"):
+        parse_config([*ok, "--batch_size", "0"]).validate()
+    with pytest.raises(ConfigError, match="--cp_degree 2"):
+        parse_config([*ok, "--cp_degree", "2"]).validate()
+
+
+def test_parallel_dims():
+    assert ParallelDims.build(2, -1, 1, 8).dp_shard == 4
+    d = ParallelDims.build(2, 2, 1, 4)
+    assert (d.dp, d.fsdp_enabled, d.ddp_enabled) == (4, True, False) and d.describe().startswith("HSDP")
+    assert ParallelDims.build(2, 1, 1, 2).describe().startswith("DDP")
+    assert ParallelDims.build(1, -1, 1, 2).describe().startswith("FSDP2")
+    with pytest.raises(ParallelConfigError, match=r"dp_degree=2 x dp_shards=3 x cp_degree=1 = 6.*world size .* is 4"):
+        ParallelDims.build(2, 3, 1, 4)
+    with pytest.raises(ParallelConfigError, match="dp_degree=3 x cp_degree=1 = 3 does not divide it"):
+        ParallelDims.build(3, -1, 1, 4)
+    with pytest.raises(ParallelConfigError, match=">= 1"):
+        ParallelDims.build(0, 1, 1, 1)
+
+
+def test_cli_errors_exit_2_with_one_line(tmp_path, tiny_ckpt, tiny_data, ptrain_run):
+    # Bad degrees are caught after torchrun starts (world size known): every value is named.
+    run = ptrain_run(
+        2,
+        ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--dp_degree", "2",
+         "--dp_shards", "2"],
+        tmp_path / "out",
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "dp_degree=2 x dp_shards=2 x cp_degree=1 = 4, but world size" in run.stderr
+    assert "ptrain: error:" in run.stderr and "[rank0]: Traceback" not in run.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "ptrain", "--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root",
+         str(tmp_path / "no-data")],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--data_root" in out.stderr and "no such folder" in out.stderr

@@ -1,0 +1,142 @@
+"""Minimal data path: dataset formats, decoding (resize + center crop, even frames), skips, sampler determinism."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ptrain.config import ConfigError, DataArgs
+from ptrain.data import VideoDataset, filter_usable
+from ptrain.data.sampler import GlobalBatchSampler
+from ptrain.data.sources import load_records
+from ptrain.data.video import even_indices, load_clip, probe
+from ptrain.objectives import FlowMatching, sample_generators
+from ptrain.config import TrainArgs
+from ptrain.testing.tiny import write_video
+
+
+def test_cogvideox_folder_and_csv_agree(tiny_data):
+    folder = load_records(DataArgs(data_root=tiny_data))
+    csv = load_records(DataArgs(dataset_file=tiny_data / "metadata.csv"))
+    assert len(folder) == 8 and folder == csv
+    assert all(r.video.is_file() and r.caption for r in folder)
+
+
+def test_json_and_jsonl_with_custom_columns(tiny_data, tmp_path):
+    rows = [{"text": r.caption, "file_path": str(r.video)} for r in load_records(DataArgs(data_root=tiny_data))]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    for name in ("d.json", "d.jsonl"):
+        recs = load_records(DataArgs(dataset_file=tmp_path / name, caption_column="text", video_column="file_path"))
+        assert [r.caption for r in recs] == [r["text"] for r in rows]
+
+
+def test_format_errors_name_the_file(tiny_data, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a\nb\n")
+    (tmp_path / "videos.txt").write_text("videos/000.mp4\n")
+    with pytest.raises(ConfigError, match="prompts.txt has 2 lines but videos.txt has 1"):
+        load_records(DataArgs(data_root=tmp_path))
+    with pytest.raises(ConfigError, match=r"no column 'clip' \(--video_column\)"):
+        load_records(DataArgs(dataset_file=tiny_data / "metadata.csv", video_column="clip"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="found neither prompts.txt"):
+        load_records(DataArgs(data_root=empty))
+
+
+def test_even_frames_and_center_crop_without_stretch(tmp_path):
+    # 24 frames, 96x48 (2:1), frame i is filled with value 10*i; the centre column band is white.
+    frames = np.zeros((24, 48, 96, 3), dtype=np.uint8)
+    for i in range(24):
+        frames[i] = 10 * i
+    frames[:, :, 36:60] = 255  # central 24 px of 96
+    path = tmp_path / "v.mp4"
+    write_video(path, frames, fps=24)
+    assert probe(path).num_frames == 24 and (probe(path).height, probe(path).width) == (48, 96)
+    assert even_indices(24, 9) == [0, 3, 6, 9, 12, 14, 17, 20, 23]
+    clip = load_clip(path, num_frames=9, height=32, width=32)
+    assert clip.shape == (3, 9, 32, 32) and clip.min() >= -1 and clip.max() <= 1
+    # 48x96 scaled to cover 32x32 -> 32x64, centre crop keeps the middle 32 columns: the white band
+    # (24 of 96 px) becomes 16 px wide and centred; a stretch to 32x32 would have made it 8 px.
+    row = clip[:, 0, 16].mean(0)
+    white = (row > 0.8).nonzero().flatten()
+    assert 13 <= len(white) <= 17 and abs(white.float().mean().item() - 15.5) < 1.0
+    # Frame order follows time (brightness grows with the frame index outside the band).
+    corner = clip[0, :, 2, 2]
+    assert torch.all(corner[1:] >= corner[:-1])
+
+
+def test_unusable_videos_are_skipped_and_counted(tiny_data, tmp_path):
+    records = load_records(DataArgs(data_root=tiny_data))
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    short = tmp_path / "short.mp4"
+    write_video(short, np.zeros((4, 32, 32, 3), dtype=np.uint8), fps=8)
+    from ptrain.data.sources import Record
+
+    extra = [Record("broken", tmp_path / "broken.mp4"), Record("short", short), Record("gone", tmp_path / "x.mp4")]
+    usable = filter_usable(records + extra, num_frames=9)
+    assert len(usable.records) == len(records)
+    reasons = usable.skipped
+    assert set(reasons) == {str(r.video) for r in extra}
+    assert "cannot decode" in reasons[str(tmp_path / "broken.mp4")]
+    assert "4 frames < --num_frames 9" in reasons[str(short)]
+    assert "no such file" in reasons[str(tmp_path / "x.mp4")]
+
+
+def _step_samples(num_samples, global_batch, dp, accum, steps, seed=3):
+    """{step: sorted positions and indices} gathered over every rank of a layout."""
+    per_rank = global_batch // (dp * accum)
+    out = {}
+    for r in range(dp):
+        it = iter(GlobalBatchSampler(num_samples, per_rank, r, dp, accum, seed))
+        for step in range(steps):
+            for _ in range(accum):
+                out.setdefault(step, []).extend(next(it))
+    return {s: sorted(v) for s, v in out.items()}
+
+
+def test_sampler_is_layout_independent():
+    ref = _step_samples(10, 8, dp=1, accum=1, steps=5)
+    for dp, accum in ((2, 1), (4, 1), (2, 2), (1, 8), (8, 1)):
+        assert _step_samples(10, 8, dp, accum, 5) == ref, (dp, accum)
+    # Each epoch is a permutation: 5 steps x 8 = 40 positions over 10 samples -> each index seen 4 times.
+    counts = Counter(i for v in ref.values() for i, _ in v)
+    assert set(counts.values()) == {4}
+    # Different seeds give different orders.
+    assert _step_samples(10, 8, 1, 1, 2, seed=4) != _step_samples(10, 8, 1, 1, 2, seed=3)
+
+
+def test_sampler_state_resumes():
+    s = GlobalBatchSampler(7, 2, 1, 2, 1, seed=0)
+    it = iter(s)
+    [next(it) for _ in range(5)]
+    state = s.state_dict()
+    expected = [next(it) for _ in range(4)]
+    s2 = GlobalBatchSampler(7, 2, 1, 2, 1, seed=0)
+    s2.load_state_dict(state)
+    assert [b for b, _ in zip(s2, range(4))] == expected
+
+
+def test_noise_and_timesteps_depend_only_on_seed_and_position():
+    fm = FlowMatching(TrainArgs(flow_weighting_scheme="logit_normal", flow_shift=3.0))
+    lat = torch.zeros(3, 4, 2, 2, 2)
+    noisy_a, t_a, target_a, _ = fm.prepare(lat, sample_generators(1, [10, 11, 12]))
+    noisy_b, t_b, target_b, _ = fm.prepare(lat[:1], sample_generators(1, [11]))
+    torch.testing.assert_close(noisy_a[1:2], noisy_b)
+    torch.testing.assert_close(t_a[1:2], t_b)
+    assert (t_a > 0).all() and (t_a < 1000).all()
+    _, t_c, _, _ = fm.prepare(lat[:1], sample_generators(2, [11]))
+    assert not torch.equal(t_b, t_c)
+
+
+def test_dataset_item(tiny_data):
+    records = load_records(DataArgs(data_root=tiny_data))
+    ds = VideoDataset(records, DataArgs(data_root=tiny_data, height=32, width=48, num_frames=9))
+    item = ds[(3, 17)]
+    assert item["video"].shape == (3, 9, 32, 48) and item["position"] == 17 and item["caption"] == records[3].caption
+    assert isinstance(Path(records[3].video), Path)
