@@ -21,7 +21,9 @@ import torch
 from diffusers import LTXPipeline
 out = Path(sys.argv[1])
 rows = [json.loads(l) for l in (out / "run/metrics.jsonl").read_text().splitlines()]
-print(f"== metrics.jsonl: {len(rows)} steps, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}")
+k = max(1, len(rows) // 4)
+first, last = (sum(r["loss"] for r in part) / len(part) for part in (rows[:k], rows[-k:]))
+print(f"== metrics.jsonl: {len(rows)} steps; mean loss of the first {k} steps {first:.4f}, of the last {k} {last:.4f}")
 pipe = LTXPipeline.from_pretrained(out / "tiny-ltx-video", dtype=torch.float32)
 pipe.set_progress_bar_config(disable=True)
 pipe.load_lora_weights(out / "run")
