@@ -44,7 +44,8 @@ class ModelArgs:
     lora_alpha: float = 64.0
     """LoRA alpha (scaling = alpha / rank); saved with the exported weights."""
     target_modules: list[str] | None = None
-    """Module names (or regex) that get LoRA adapters. Default: the model's attention projections."""
+    """Module name suffixes that get LoRA adapters, or one regex (e.g. 'transformer_blocks.*attn1.to_(q|k)').
+    Default: the model's attention projections."""
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from diffusers.optimization import get_scheduler
+from torch.distributed.tensor import DTensor, Replicate
 
 from ptrain.config import ConfigError, OptimArgs
 
@@ -17,11 +18,7 @@ def build_optimizer(params: list[torch.nn.Parameter], args: OptimArgs, device: t
     if args.optimizer == "adam":
         return torch.optim.Adam(params, lr=args.lr, betas=betas, eps=args.epsilon, weight_decay=args.weight_decay)
     if args.optimizer == "came":
-        try:
-            from came_pytorch import CAME
-        except ImportError as e:
-            raise ConfigError("--optimizer came needs the came-pytorch package: pip install came-pytorch") from e
-        return CAME(
+        return _came_class()(
             params,
             lr=args.lr,
             betas=(args.beta1, args.beta2, args.beta3),
@@ -41,6 +38,52 @@ def build_optimizer(params: list[torch.nn.Parameter], args: OptimArgs, device: t
             params, lr=args.lr, betas=betas, eps=args.epsilon, weight_decay=args.weight_decay
         )
     raise ConfigError(f"--optimizer {args.optimizer!r} is not supported")
+
+
+def _came_class():
+    try:
+        from came_pytorch import CAME
+    except ImportError as e:
+        raise ConfigError("--optimizer came needs the came-pytorch package: pip install came-pytorch") from e
+
+    class ShardedCAME(CAME):
+        """came-pytorch's CAME with its state created as DTensors when the parameters are DTensors (FSDP2).
+
+        came-pytorch allocates its factored row/column moments as plain tensors, which cannot mix with
+        sharded gradients. Creating them from the gradient's own reductions gives them the right
+        placement: row moments stay sharded like the rows, column moments (a reduction over the
+        sharded dim) are replicated. The update rule itself is came-pytorch's, unchanged.
+        """
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None and not self.state[p] and isinstance(p.grad, DTensor):
+                        self.state[p].update(_dtensor_came_state(p.grad))
+            return super().step(closure)
+
+    return ShardedCAME
+
+
+def _dtensor_came_state(grad: DTensor) -> dict:
+    grad = grad.float()
+
+    def zeros_of(t: DTensor) -> DTensor:
+        if any(pl.is_partial() for pl in t.placements):
+            t = t.redistribute(placements=[Replicate()] * t.device_mesh.ndim)
+        return torch.zeros_like(t)
+
+    state = {"step": 0, "RMS": 0, "exp_avg": torch.zeros_like(grad)}
+    if grad.dim() >= 2:
+        row, col = grad.mean(dim=-1), grad.mean(dim=-2)
+        state.update(
+            exp_avg_sq_row=zeros_of(row), exp_avg_sq_col=zeros_of(col),
+            exp_avg_res_row=zeros_of(row), exp_avg_res_col=zeros_of(col),
+        )  # fmt: skip
+    else:
+        state["exp_avg_sq"] = torch.zeros_like(grad)
+    return state
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, args: OptimArgs, train_steps: int):

@@ -67,6 +67,8 @@ def make_trainable(transformer: torch.nn.Module, cfg: Config, spec: ModelSpec) -
 
         transformer.requires_grad_(False)
         targets = m.target_modules or spec.default_target_modules
+        if len(targets) == 1 and any(c in targets[0] for c in "*|()[]^$+?\\"):
+            targets = targets[0]  # one regex: peft full-matches it against module names
         try:
             transformer.add_adapter(
                 LoraConfig(r=m.rank, lora_alpha=m.lora_alpha, init_lora_weights=True, target_modules=targets)

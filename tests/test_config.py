@@ -112,3 +112,28 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, tiny_ckpt, tiny_data, ptrain_
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 2 and "--data_root" in out.stderr and "no such folder" in out.stderr
+    # A frame count the VAE cannot take is caught once the checkpoint is loaded, before training.
+    out = subprocess.run(
+        [sys.executable, "-m", "ptrain", "--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root",
+         str(tiny_data), "--num_frames", "10", "--output_dir", str(tmp_path / "o2")],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--num_frames 10: LTX-Video needs 8k+1 frames" in out.stderr, out.stderr[-2000:]
+
+
+def test_optimizer_errors_are_clear():
+    import torch
+
+    from ptrain.config import OptimArgs
+    from ptrain.optim import build_optimizer
+
+    p = [torch.nn.Parameter(torch.zeros(2, 2))]
+    with pytest.raises(ConfigError, match="adamw-8bit runs on CUDA only"):
+        build_optimizer(p, OptimArgs(optimizer="adamw-8bit"), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        build_optimizer([], OptimArgs(), torch.device("cpu"))
+    for name in ("adamw", "adam", "came"):
+        opt = build_optimizer(p, OptimArgs(optimizer=name, lr=1e-3), torch.device("cpu"))
+        p[0].grad = torch.ones(2, 2)
+        opt.step()
+    assert not torch.equal(p[0].detach(), torch.zeros(2, 2))

@@ -82,8 +82,9 @@ def test_hsdp_2x2_with_activation_checkpointing_matches(lora_reference, tiny_ckp
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
 
 
-def test_full_finetune_fsdp2_matches_single_process(tiny_ckpt, tiny_data, tmp_path):
-    full = ("--training_type", "full-finetune", "--lr", "1e-4")
+def test_full_finetune_fsdp2_came_matches_single_process(tiny_ckpt, tiny_data, tmp_path):
+    # CAME's factored second moments reduce over rows and columns of sharded weights: a real DTensor check.
+    full = ("--training_type", "full-finetune", "--lr", "1e-4", "--optimizer", "came")
     ref = run_ptrain(1, _args(tiny_ckpt, tiny_data, "--batch_size", "2", *full), tmp_path / "ref")
     _check(ref)
     run = run_ptrain(
