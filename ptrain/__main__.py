@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:  # the same message on every rank: print it once
             print(f"ptrain: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the NaN guard stopped the run (every rank decides alike)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"ptrain: stopped: {e}", file=sys.stderr)
+        return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -145,6 +145,27 @@ class ParallelArgs:
 
 
 @dataclass
+class CheckpointArgs:
+    checkpointing_steps: int = 500
+    """Save a resumable DCP checkpoint every N optimizer steps under output_dir/checkpoints/step-N (and at the end); 0 = no checkpoints."""
+    checkpointing_limit: int | None = None
+    """Keep only the newest K complete checkpoints (default: keep all)."""
+    resume_from_checkpoint: str = "auto"
+    """auto: resume from the newest complete checkpoint in output_dir if there is one; latest: the same, but say so
+    if none; none: start over; N: the checkpoint of step N; or a checkpoint folder."""
+    checkpoint_full_model: bool = False
+    """With LoRA, also checkpoint the frozen base weights (default: only the trainable ones)."""
+    async_checkpoint: bool = False
+    """Write checkpoints in the background (DCP async_save) while training goes on; the final one is synchronous."""
+    allow_reshard: bool = False
+    """Allow resuming with another parallel layout: DCP reshards model and optimizer; data continues at the same sample."""
+    max_nan_steps: int = 5
+    """A non-finite loss or grad norm skips the optimizer step; this many in a row stop the run (0 = never stop)."""
+    export_every_checkpoint: bool = False
+    """Also export the LoRA / transformer in diffusers format into each checkpoint folder (export/)."""
+
+
+@dataclass
 class LogArgs:
     logging_steps: int = 1
     """Write metrics every N optimizer steps."""
@@ -165,6 +186,7 @@ class Config:
     train: Annotated[TrainArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=TrainArgs)
     optim: Annotated[OptimArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=OptimArgs)
     parallel: Annotated[ParallelArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=ParallelArgs)
+    checkpoint: Annotated[CheckpointArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=CheckpointArgs)
     log: Annotated[LogArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=LogArgs)
 
     def validate(self) -> "Config":
@@ -195,9 +217,19 @@ class Config:
             ("--logging_steps", self.log.logging_steps),
             ("--ac_every_n_blocks", t.ac_every_n_blocks),
             ("--rank", m.rank),
+            ("--checkpointing_limit", self.checkpoint.checkpointing_limit or 1),
         ):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
+        for name, value in (
+            ("--checkpointing_steps", self.checkpoint.checkpointing_steps),
+            ("--max_nan_steps", self.checkpoint.max_nan_steps),
+        ):
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
+        r = self.checkpoint.resume_from_checkpoint
+        if r not in ("auto", "latest", "none") and not r.isdigit() and not Path(r).is_dir():
+            raise ConfigError(f"--resume_from_checkpoint {r}: use auto, latest, none, a step number or a checkpoint folder")
         if d.dataloader_num_workers < 0:
             raise ConfigError(f"--dataloader_num_workers must be >= 0, got {d.dataloader_num_workers}")
         if o.lr <= 0:

@@ -23,18 +23,25 @@ def peak_memory_gb(device: torch.device) -> tuple[float, float]:
 class MetricsWriter:
     """Only the process that owns it writes (rank 0); every call is a no-op elsewhere."""
 
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, append: bool = False):
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None = None):
+        """resume_step: keep the rows (and tensorboard events) up to this step and continue after it."""
         self.enabled = enabled
         self._file = None
         self._tb = None
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(output_dir / "metrics.jsonl", "a" if append else "w", encoding="utf-8")
+        path = output_dir / "metrics.jsonl"
+        kept = []
+        if resume_step is not None and path.exists():  # drop rows of steps that the resumed run redoes
+            kept = [row for row in path.read_text().splitlines() if row and json.loads(row)["step"] <= resume_step]
+        self._file = open(path, "w", encoding="utf-8")
+        self._file.writelines(row + "\n" for row in kept)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(output_dir / "logs"))
+            purge = resume_step + 1 if resume_step is not None else None
+            self._tb = SummaryWriter(log_dir=str(output_dir / "logs"), purge_step=purge)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -44,7 +51,7 @@ class MetricsWriter:
         self._file.flush()
         if self._tb is not None:
             for k, v in values.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self._tb.add_scalar(f"train/{k}", v, step)
 
     def close(self) -> None:

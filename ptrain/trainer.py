@@ -20,6 +20,15 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+from ptrain.checkpoint import (
+    Checkpointer,
+    Layout,
+    TrainState,
+    check_layout,
+    complete_checkpoints,
+    read_marker,
+    resolve_resume,
+)
 from ptrain.config import Config, ConfigError, to_dict
 from ptrain.data import build_dataloader
 from ptrain.export import export_full, export_lora
@@ -101,13 +110,29 @@ def train(cfg: Config) -> TrainResult:
     cfg.validate()
     rank, world, device = init_distributed()
     setup_logging(rank, cfg.log.log_level)
-    p, t, m = cfg.parallel, cfg.train, cfg.model
+    p, t, m, c = cfg.parallel, cfg.train, cfg.model, cfg.checkpoint
     dims = ParallelDims.build(p.dp_degree, p.dp_shards, p.cp_degree, world)
     mesh = dims.build_mesh()
     dp_rank, dp_size = mesh.dp.get_local_rank(), dims.dp
+    accum = t.gradient_accumulation_steps
     log.info("ptrain: %s on %s (%s)", dims.describe(), device, dist.get_backend())
 
     out = Path(t.output_dir)
+    layout = Layout(world, dims.dp_replicate, dims.dp_shard, dims.cp, t.batch_size * dp_size * accum)
+    # Decide about resuming before any heavy work, so a changed layout fails fast.
+    resume = resolve_resume(c.resume_from_checkpoint, out)
+    resharded = False
+    if resume is not None:
+        marker = read_marker(resume)
+        for key, now in (("model_name", m.model_name), ("training_type", m.training_type)):
+            if marker.get(key) != now:
+                raise ConfigError(
+                    f"checkpoint {resume} was written with --{key} {marker.get(key)}, this run has --{key} {now}; "
+                    "use another --output_dir or --resume_from_checkpoint none"
+                )
+        resharded = check_layout(marker, layout, resume, c.allow_reshard)
+        why = "" if c.resume_from_checkpoint != "auto" else " (found in output_dir; --resume_from_checkpoint none starts over)"
+        log.info("resuming from %s at step %d%s", resume, marker["step"], why)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -146,9 +171,26 @@ def train(cfg: Config) -> TrainResult:
     optimizer = build_optimizer(params, cfg.optim, device)
     lr_scheduler = build_scheduler(optimizer, cfg.optim, t.train_steps)
 
-    loader, sampler, usable = build_dataloader(
-        cfg.data, dp_rank, dp_size, t.batch_size, t.gradient_accumulation_steps, t.seed
-    )
+    checkpointer = Checkpointer(
+        out, c.checkpointing_limit, trainable_only=m.training_type == "lora" and not c.checkpoint_full_model,
+        async_save=c.async_checkpoint,
+    )  # fmt: skip
+    checkpointer.clean_partial()
+    state = TrainState()
+    sampler_state = None
+    if resume is not None:
+        extra = checkpointer.load(resume, transformer, optimizer, lr_scheduler, resharded)
+        state = TrainState(**read_marker(resume)["train_state"])
+        if resharded:  # same samples from here on: restart the stream where the old layout stopped
+            state.base_position, state.base_step = state.samples_seen, state.step
+        sampler_state = {
+            "micro_batches_done": (state.step - state.base_step) * accum,
+            "base_position": state.base_position,
+        }
+        if not resharded and extra["sampler"] != sampler_state:
+            raise RuntimeError(f"checkpoint {resume}: sampler state {extra['sampler']} != expected {sampler_state}")
+
+    loader, sampler, usable = build_dataloader(cfg.data, dp_rank, dp_size, t.batch_size, accum, t.seed, sampler_state)
     log.info(
         "data: %d usable videos (%d skipped); global batch %d = batch_size %d x dp %d x grad accum %d",
         len(usable.records),
@@ -156,19 +198,40 @@ def train(cfg: Config) -> TrainResult:
         sampler.global_batch_size,
         t.batch_size,
         dp_size,
-        t.gradient_accumulation_steps,
+        accum,
     )
+    if resume is not None and read_marker(resume).get("num_samples") not in (None, len(usable.records)):
+        log.warning(
+            "the dataset changed since %s (%s usable samples then, %d now): the sample order differs from an "
+            "uninterrupted run",
+            resume, read_marker(resume)["num_samples"], len(usable.records),
+        )  # fmt: skip
     objective = FlowMatching(t)
     max_seq = cfg.data.max_sequence_length or spec.default_max_sequence_length
     loss_group = mesh.dp_cp.get_group() if world > 1 else None
-    metrics = MetricsWriter(out, rank == 0, cfg.log.report_to == "tensorboard")
+    metrics = MetricsWriter(out, rank == 0, cfg.log.report_to == "tensorboard", resume_step=state.step if resume else None)
     result = TrainResult(spec=spec, components=comps, transformer=transformer)
+    meta = {"model_name": m.model_name, "training_type": m.training_type, "num_samples": len(usable.records)}
+
+    def export(target: Path) -> Path | None:
+        if m.training_type == "lora":
+            return export_lora(transformer, spec.pipeline_cls, target)
+        return export_full(transformer, target)
+
+    def save_checkpoint(final: bool = False) -> None:
+        checkpointer.save(
+            transformer, optimizer, lr_scheduler, state, layout, meta,
+            rank_extra={"sampler": sampler.state_dict()},
+            export_fn=export if c.export_every_checkpoint else None, final=final,
+        )  # fmt: skip
 
     data_iter = iter(loader)
-    bar = tqdm(total=t.train_steps, disable=rank != 0, desc="train", dynamic_ncols=True)
-    accum = t.gradient_accumulation_steps
+    bar = tqdm(total=t.train_steps, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    nan_in_a_row = 0
+    last_saved = state.step if resume else -1
     try:
-        for step in range(1, t.train_steps + 1):
+        while state.step < t.train_steps:
+            step = state.step + 1
             t0 = time.perf_counter()
             data_time = 0.0
             step_loss = torch.zeros((), device=device)
@@ -193,17 +256,29 @@ def train(cfg: Config) -> TrainResult:
             )
             if isinstance(grad_norm, DTensor):
                 grad_norm = grad_norm.full_tensor()
-            optimizer.step()
+            grad_norm = float(grad_norm)
+            loss_value = _global_mean(step_loss, loss_group)  # same value on every rank: they all decide alike
+            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+                nan_in_a_row = 0
+            else:
+                nan_in_a_row += 1
+                state.nan_steps_total += 1
+                log.warning(
+                    "step %d: non-finite loss %s / grad norm %s: optimizer step skipped (%d in a row, %d in total)",
+                    step, loss_value, grad_norm, nan_in_a_row, state.nan_steps_total,
+                )  # fmt: skip
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            loss_value = _global_mean(step_loss, loss_group)
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"step {step}: loss is {loss_value}; stopping (lower --lr?)")
             elapsed = time.perf_counter() - t0
-            result.losses.append(loss_value)
-            result.grad_norms.append(float(grad_norm))
             global_tokens = tokens * dp_size
+            state.step = step
+            state.samples_seen += sampler.global_batch_size
+            state.tokens_seen += global_tokens
+            result.losses.append(loss_value)
+            result.grad_norms.append(grad_norm)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{global_tokens / elapsed:,.0f}")
             if step % cfg.log.logging_steps == 0 or step == t.train_steps:
@@ -213,23 +288,35 @@ def train(cfg: Config) -> TrainResult:
                     {
                         "loss": loss_value,
                         "lr": lr_scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
+                        "grad_norm": grad_norm,
                         "step_time_s": elapsed,
                         "data_time_s": data_time,
                         "tokens_per_s": global_tokens / elapsed,
-                        "samples_seen": step * sampler.global_batch_size,
+                        "samples_seen": state.samples_seen,
+                        "skipped_step": not finite,
                         "peak_memory_gb": alloc,
                         "peak_reserved_gb": reserved,
                     },
                 )
+            if c.max_nan_steps and nan_in_a_row >= c.max_nan_steps:
+                checkpointer.wait()
+                good = complete_checkpoints(out)
+                raise FloatingPointError(
+                    f"{nan_in_a_row} non-finite steps in a row (--max_nan_steps {c.max_nan_steps}); stopping. "
+                    f"Last complete checkpoint: {good[-1][1] if good else 'none'}. Lower --lr or check the data."
+                )
+            if c.checkpointing_steps and step % c.checkpointing_steps == 0 and step < t.train_steps:
+                save_checkpoint()
+                last_saved = step
+        if c.checkpointing_steps and last_saved != state.step:
+            save_checkpoint(final=True)
+        checkpointer.wait()
     finally:
         bar.close()
         metrics.close()
 
-    if m.training_type == "lora":
-        result.exported = export_lora(transformer, spec.pipeline_cls, out)
-    else:
-        result.exported = export_full(transformer, out)
+    result.exported = export(out)
     if rank == 0:
-        log.info("done: %d steps, final loss %.5f, weights in %s", t.train_steps, result.losses[-1], result.exported)
+        final = f"final loss {result.losses[-1]:.5f}, " if result.losses else ""
+        log.info("done: %d steps, %sweights in %s", state.step, final, result.exported)
     return result

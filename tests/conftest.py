@@ -64,3 +64,68 @@ def run_ptrain(nproc: int, args: list[str], output_dir: Path, timeout: int = 600
 @pytest.fixture
 def ptrain_run():
     return run_ptrain
+
+
+# --- Training runs shared by the parity and the checkpoint tests (each launched once per session) ---
+
+STEPS = 4
+
+
+def train_args(ckpt: Path, data: Path, *extra: str) -> list[str]:
+    """Tiny fp32 training, 4 steps, a checkpoint every 2 steps (so resume tests can restart from step 2)."""
+    return [
+        "--pretrained_model_name_or_path", str(ckpt), "--data_root", str(data), "--train_steps", str(STEPS),
+        "--seed", "7", "--lr", "1e-3", "--checkpointing_steps", "2", *TINY_ARGS, *extra,
+    ]  # fmt: skip
+
+
+@dataclass
+class Launch:
+    nproc: int
+    args: list[str]
+    run: Run
+
+
+# name -> (processes, extra flags). Global batch is 4 for the LoRA runs and 2 for the full fine-tunes.
+LAYOUTS = {
+    "lora-single": (1, ["--batch_size", "4"]),
+    "lora-ddp2": (2, ["--batch_size", "2", "--dp_degree", "2", "--dp_shards", "1"]),
+    "lora-fsdp2": (
+        2,
+        ["--batch_size", "1", "--gradient_accumulation_steps", "2", "--dp_shards", "2", "--compile",
+         "--compile_backend", "aot_eager"],
+    ),
+    "lora-hsdp2x2": (
+        4,
+        ["--batch_size", "1", "--dp_degree", "2", "--dp_shards", "2", "--gradient_checkpointing", "--ac_mode", "full"],
+    ),
+    "full-single": (1, ["--batch_size", "2", "--training_type", "full-finetune", "--lr", "1e-4", "--optimizer", "came"]),
+    "full-fsdp2": (
+        2,
+        ["--batch_size", "1", "--training_type", "full-finetune", "--lr", "1e-4", "--optimizer", "came",
+         "--gradient_checkpointing", "--ac_mode", "selective", "--ac_every_n_blocks", "2"],
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def launches(tiny_ckpt, tiny_data, tmp_path_factory):
+    """Lazily launched, cached training runs keyed by LAYOUTS name."""
+    cache: dict[str, Launch] = {}
+
+    def get(name: str) -> Launch:
+        if name not in cache:
+            nproc, extra = LAYOUTS[name]
+            args = train_args(tiny_ckpt, tiny_data, *extra)
+            run = run_ptrain(nproc, args, tmp_path_factory.mktemp(name))
+            assert run.returncode == 0, f"{name} failed:\n{first_error(run.stderr)}"
+            cache[name] = Launch(nproc, args, run)
+        return cache[name]
+
+    return get
+
+
+def first_error(stderr: str, context: int = 3000) -> str:
+    """The first rank traceback in a torchrun log (the interesting part), else the tail."""
+    i = stderr.find("Traceback")
+    return stderr[max(0, i - 200) : i + context] if i >= 0 else stderr[-context:]

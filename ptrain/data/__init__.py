@@ -65,8 +65,15 @@ class VideoDataset(Dataset):
 
 
 def build_dataloader(
-    args: DataArgs, dp_rank: int, dp_size: int, batch_size: int, grad_accum: int, seed: int
+    args: DataArgs,
+    dp_rank: int,
+    dp_size: int,
+    batch_size: int,
+    grad_accum: int,
+    seed: int,
+    sampler_state: dict | None = None,
 ) -> tuple[StatefulDataLoader, GlobalBatchSampler, Usable]:
+    """The loader of one data-parallel rank; `sampler_state` positions it in the sample stream (resume)."""
     records = load_records(args)
     usable = filter_usable(records, args.num_frames)
     if usable.skipped:
@@ -78,6 +85,8 @@ def build_dataloader(
     if not usable.records:
         raise ConfigError(f"none of the {len(records)} videos is usable (see the reasons above)")
     sampler = GlobalBatchSampler(len(usable.records), batch_size, dp_rank, dp_size, grad_accum, seed)
+    if sampler_state:
+        sampler.load_state_dict(sampler_state)
     loader = StatefulDataLoader(
         VideoDataset(usable.records, args),
         batch_sampler=sampler,

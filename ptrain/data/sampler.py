@@ -29,12 +29,20 @@ class GlobalBatchSampler:
     """Batch sampler for one data-parallel rank: yields [(dataset index, stream position), ...]."""
 
     def __init__(
-        self, num_samples: int, batch_size: int, dp_rank: int, dp_size: int, grad_accum: int, seed: int
+        self,
+        num_samples: int,
+        batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        grad_accum: int,
+        seed: int,
+        base_position: int = 0,
     ) -> None:
         if num_samples < 1:
             raise ValueError("no usable samples")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.dp_rank, self.dp_size, self.grad_accum = dp_rank, dp_size, grad_accum
+        self.base_position = base_position  # stream position of micro-batch 0 (non-zero after a resharded resume)
         self.micro_batches_done = 0
         self._perm_epoch, self._perm = -1, []
 
@@ -44,7 +52,7 @@ class GlobalBatchSampler:
 
     def positions(self, micro_batch: int) -> range:
         step, m = divmod(micro_batch, self.grad_accum)
-        start = step * self.global_batch_size + m * self.batch_size * self.dp_size + self.dp_rank * self.batch_size
+        start = self.base_position + step * self.global_batch_size + m * self.batch_size * self.dp_size + self.dp_rank * self.batch_size
         return range(start, start + self.batch_size)
 
     def index_at(self, position: int) -> int:
@@ -60,7 +68,8 @@ class GlobalBatchSampler:
             yield batch
 
     def state_dict(self) -> dict:
-        return {"micro_batches_done": self.micro_batches_done}
+        return {"micro_batches_done": self.micro_batches_done, "base_position": self.base_position}
 
     def load_state_dict(self, state: dict) -> None:
         self.micro_batches_done = int(state["micro_batches_done"])
+        self.base_position = int(state.get("base_position", 0))

@@ -123,10 +123,32 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int, torch.device]:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if device_type() == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend(), timeout=timedelta(seconds=timeout_s))
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group(backend(), store=_rendezvous_store(rank, world, timeout), rank=rank,
+                                world_size=world, timeout=timeout)  # fmt: skip
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if device_type() == "cuda" else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _rendezvous_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
+    """The env:// store, namespaced by torchrun's restart count.
+
+    After an elastic restart the workers share the agent's store with the previous attempt, whose
+    stale connection addresses a fast new rank could read before its peers overwrite them (gloo
+    then fails with "connection refused"). A per-attempt prefix keeps every attempt's keys apart.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=rank == 0 and not agent_store,
+        timeout=timeout,
+        wait_for_workers=False,
+    )
+    return dist.PrefixStore(f"ptrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _free_port() -> int:

@@ -3,16 +3,19 @@
 This module owns the offline fixtures every test and smoke run uses:
 
 * `write_tiny_checkpoint` builds a randomly initialised, few-hundred-KB model
-  saved in the exact diffusers folder layout of the real checkpoint
-  (model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
-  scheduler/), so loading code is exercised unchanged. The tokenizer is built
-  locally from a small word list; nothing is downloaded.
+  saved with its diffusers pipeline's `save_pretrained`, i.e. in the exact
+  folder layout of the real checkpoint (model_index.json, transformer/, vae/,
+  text_encoder/, tokenizer/, scheduler/, ...), so loading code is exercised
+  unchanged. Families (`CHECKPOINT_VARIANTS`; the first variant is the default):
+  ltx_video (t2v), cogvideox (2b, 5b, 1.5), hunyuan_video (t2v), wan (t2v).
+  Tokenizers (T5, Llama, CLIP) are built locally from small word lists;
+  nothing is downloaded.
 * `write_synthetic_videos` writes H.264 mp4 files of moving coloured shapes in
   varied sizes, lengths and frame rates, plus the caption/video index files
   (CogVideoX-style prompts.txt + videos.txt, and metadata.csv).
 
 CLI:
-    python -m ptrain.testing.tiny --model_name ltx_video --output_dir DIR [--seed 0]
+    python -m ptrain.testing.tiny --model_name ltx_video --output_dir DIR [--seed 0] [--variant V]
     python -m ptrain.testing.tiny --videos --output_dir DIR [--num_videos 8] [--seed 0]
 """
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +78,99 @@ def build_tokenizer(model_max_length: int = 128):
     vocab += [("\u2581" + w, -1.0) for w in WORDS]
     vocab += [(c, -5.0) for c in _CHARS]
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def _bpe_chains(
+    pieces: Iterable[Sequence[str]], from_right: bool = False
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """The tokens and BPE merges that join each symbol sequence into one token, one symbol at a time.
+
+    Chains grow from an anchor symbol (a leading '\u2581' or a trailing '</w>'), so chains of different
+    words cannot fire inside each other; unanchored chains can (a later word may then stay split).
+    """
+    tokens: dict[str, None] = {}
+    merges: dict[tuple[str, str], None] = {}
+    for symbols in pieces:
+        symbols = list(reversed(symbols)) if from_right else list(symbols)
+        token = symbols[0]
+        for symbol in symbols[1:]:
+            pair = (symbol, token) if from_right else (token, symbol)
+            merges[pair] = None
+            token = pair[0] + pair[1]
+            tokens[token] = None
+    return list(tokens), list(merges)
+
+
+LLAMA_SPECIAL_TOKENS = ("<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<pad>")
+LLAMA_HEADER_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+_LLAMA_CHARS = _CHARS + ':;"()/'
+
+
+def build_llama_tokenizer(model_max_length: int = 512):
+    """A Llama-3-like BPE tokenizer (`LlamaTokenizerFast`) covering `WORDS` and HunyuanVideo's prompt template.
+
+    transformers 5 rebuilds a LlamaTokenizerFast from tokenizer.json with its own Metaspace
+    pre-tokenizer, so words after a space are '\u2581word' pieces and words after a header or newline
+    are bare pieces. Each template word, blank line, digit and punctuation mark is one token, so the
+    template's system part tokenises to exactly its `crop_start` (95) tokens, BOS included, as with
+    Llama 3, and cropping leaves just the prompt. Other text falls back to characters, then bytes.
+    Padding is on the right (the pipeline crops the template from the left).
+    """
+    import re
+
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import LlamaTokenizerFast  # alias of LlamaTokenizer in transformers 5
+
+    template = re.sub(r"<\|\w+\|>", "|", DEFAULT_PROMPT_TEMPLATE["template"])
+    words = list(dict.fromkeys([*WORDS, *re.findall(r"[A-Za-z]+", template)]))
+    spaced, spaced_merges = _bpe_chains(["\u2581", *w] for w in words)
+    # Bare (unanchored) chains rank after all '\u2581' ones; the template's come first so they always complete.
+    bare_words = ["\n\n", *re.findall(r"(?<![A-Za-z ])[A-Za-z]+", template), *sorted(WORDS, key=len, reverse=True)]
+    bare, bare_merges = _bpe_chains(w for w in dict.fromkeys(bare_words) if len(w) > 1)
+    vocab = [
+        *LLAMA_SPECIAL_TOKENS,
+        *LLAMA_HEADER_TOKENS,
+        *(f"<0x{b:02X}>" for b in range(256)),  # byte fallback: no text maps to <unk>
+        "\u2581",
+        "\n",
+        *_LLAMA_CHARS,
+        *spaced,
+        *bare,
+    ]
+    tokenizer = LlamaTokenizerFast(
+        vocab={t: i for i, t in enumerate(dict.fromkeys(vocab))},
+        merges=spaced_merges + bare_merges,
+        unk_token="<unk>",
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+        pad_token="<pad>",
+        add_bos_token=True,
+        add_eos_token=False,
+        padding_side="right",
+        model_max_length=model_max_length,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(LLAMA_HEADER_TOKENS)})
+    return tokenizer
+
+
+CLIP_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")  # the last two ids, as in CLIP
+
+
+def build_clip_tokenizer(model_max_length: int = 77):
+    """A CLIP byte-level BPE tokenizer (`CLIPTokenizer`) in which every word of `WORDS` is one token.
+
+    Chains grow leftwards from the word-final 'x</w>' symbol, so they never interfere; other words
+    fall back to pieces and characters. bos/eos/pad/unk are CLIP's, pad = eos = unk = <|endoftext|>.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(ByteLevel.alphabet())
+    tokens, merges = _bpe_chains(([*w[:-1], w[-1] + "</w>"] for w in WORDS if len(w) > 1), from_right=True)
+    vocab = [*alphabet, *(c + "</w>" for c in alphabet), *tokens, *CLIP_SPECIAL_TOKENS]
+    return CLIPTokenizer(
+        vocab={t: i for i, t in enumerate(dict.fromkeys(vocab))}, merges=merges, model_max_length=model_max_length
+    )
 
 
 # --------------------------------------------------------------------------
@@ -134,10 +230,11 @@ LTX_SCHEDULER_CONFIG: dict[str, Any] = dict(
 )
 
 
-def _t5_encoder(vocab_size: int):
-    from transformers import T5Config, T5EncoderModel
+def _t5_encoder(vocab_size: int, umt5: bool = False):
+    """A 2-layer T5 v1.1 (or UMT5: per-layer relative position bias) encoder of width `T5_D_MODEL`."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    config = T5Config(
+    config = (UMT5Config if umt5 else T5Config)(
         vocab_size=vocab_size,
         d_model=T5_D_MODEL,
         d_kv=16,
@@ -152,10 +249,10 @@ def _t5_encoder(vocab_size: int):
         eos_token_id=1,
         decoder_start_token_id=0,
     )
-    return T5EncoderModel(config).eval()
+    return (UMT5EncoderModel if umt5 else T5EncoderModel)(config).eval()
 
 
-def _build_ltx_video(seed: int):
+def _build_ltx_video(seed: int, variant: str):
     from diffusers import (
         AutoencoderKLLTXVideo,
         FlowMatchEulerDiscreteScheduler,
@@ -181,23 +278,301 @@ def _build_ltx_video(seed: int):
     )
 
 
-CHECKPOINT_BUILDERS: dict[str, Callable[[int], Any]] = {"ltx_video": _build_ltx_video}
+# CogVideoX (THUDM/CogVideoX-2b, -5b, CogVideoX1.5-5B). VAE: four blocks -> spatial 8x, the first two
+# compress time -> temporal 4x, 16 latent channels: (1, 3, 9, 32, 32) -> (1, 16, 3, 4, 4). 4k+1 frames
+# encode to k+1 latent frames, but the decoder works in 2-latent-frame chunks and returns 4n+1 frames
+# only for an odd latent count n (frames 8m+1: 9, 17, 49, ...); an even one gives 4n (13 -> 4 -> 16).
+# sample_height/width are in latent pixels (pipeline default size = 8x them), sample_frames in frames.
+COGVIDEOX_TEXT_LEN = 16  # max_text_seq_length (226 in the real models) = tokenizer model_max_length
+
+COGVIDEOX_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    num_attention_heads=2,
+    attention_head_dim=16,  # RoPE splits it 4/6/6 over (t, h, w)
+    in_channels=16,
+    out_channels=16,
+    time_embed_dim=32,
+    text_embed_dim=T5_D_MODEL,
+    num_layers=2,
+    sample_width=4,
+    sample_height=4,
+    sample_frames=9,
+    patch_size=2,
+    temporal_compression_ratio=4,
+    max_text_seq_length=COGVIDEOX_TEXT_LEN,
+)
+
+COGVIDEOX_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    block_out_channels=(8, 8, 16, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    temporal_compression_ratio=4,
+)
+
+# Values of THUDM/CogVideoX-2b scheduler/scheduler_config.json (CogVideoXDDIMScheduler).
+COGVIDEOX_SCHEDULER_CONFIG: dict[str, Any] = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=True,
+    steps_offset=0,
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    timestep_spacing="trailing",
+    snr_shift_scale=3.0,
+)
+
+# What each variant changes, as in the real checkpoints' configs (2B vs 5B vs 1.5-5B text-to-video).
+COGVIDEOX_VARIANT_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
+    "2b": dict(transformer={}, vae=dict(scaling_factor=1.15258426), scheduler={}),
+    "5b": dict(
+        transformer=dict(use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False),
+        vae=dict(scaling_factor=0.7),
+        scheduler=dict(snr_shift_scale=1.0),
+    ),
+    # patch_size_t=2: the transformer needs an even latent frame count. CogVideoXPipeline pads an odd
+    # count with one leading latent frame and drops it before decoding (81 frames -> 21 -> 22 latents
+    # in the real model, 9 -> 3 -> 4 here). RoPE is sliced from a (sample_height/2, sample_width/2)
+    # patch grid, which caps sizes at 8 * sample_height/width pixels (2400 in the real model, 256 here).
+    "1.5": dict(
+        transformer=dict(
+            patch_size_t=2,
+            use_rotary_positional_embeddings=True,
+            use_learned_positional_embeddings=False,
+            ofs_embed_dim=None,  # 512 only in the image-to-video model
+            patch_bias=False,
+            sample_height=32,
+            sample_width=32,
+        ),
+        vae=dict(scaling_factor=0.7, invert_scale_latents=True),
+        scheduler=dict(snr_shift_scale=1.0),
+    ),
+}
 
 
-def build_tiny_pipeline(model_name: str = "ltx_video", seed: int = 0):
-    """The in-memory tiny pipeline for `model_name` (random weights, deterministic in `seed`)."""
+def _build_cogvideox(seed: int, variant: str):
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+
+    overrides = COGVIDEOX_VARIANT_CONFIGS[variant]
+    tokenizer = build_tokenizer(model_max_length=COGVIDEOX_TEXT_LEN)
+    torch.manual_seed(seed)
+    text_encoder = _t5_encoder(len(tokenizer))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLCogVideoX(**{**COGVIDEOX_VAE_CONFIG, **overrides["vae"]}).eval()
+    torch.manual_seed(seed + 2)
+    transformer = CogVideoXTransformer3DModel(**{**COGVIDEOX_TRANSFORMER_CONFIG, **overrides["transformer"]}).eval()
+    scheduler = CogVideoXDDIMScheduler(**{**COGVIDEOX_SCHEDULER_CONFIG, **overrides["scheduler"]})
+    return CogVideoXPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
+# HunyuanVideo (hunyuanvideo-community/HunyuanVideo). Text: a Llama (hidden states 3rd from last,
+# template cropped) and CLIP-L's pooled output. VAE: spatial 8x, temporal 4x (frames 4k+1), 16 latent
+# channels. Sizes must be multiples of 16.
+LLAMA_HIDDEN_SIZE = 32  # 4096 in the real model
+CLIP_HIDDEN_SIZE = 16  # 768 in the real model
+
+HUNYUAN_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    in_channels=16,
+    out_channels=16,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    num_layers=2,  # double-stream `transformer_blocks`
+    num_single_layers=2,  # `single_transformer_blocks`
+    num_refiner_layers=1,
+    mlp_ratio=4.0,
+    patch_size=2,
+    patch_size_t=1,
+    qk_norm="rms_norm",
+    guidance_embeds=True,
+    text_embed_dim=LLAMA_HIDDEN_SIZE,
+    pooled_projection_dim=CLIP_HIDDEN_SIZE,
+    rope_theta=256.0,
+    rope_axes_dim=(4, 6, 6),  # sums to attention_head_dim
+)
+
+HUNYUAN_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    block_out_channels=(8, 16, 16, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    scaling_factor=0.476986,
+    spatial_compression_ratio=8,
+    temporal_compression_ratio=4,
+    mid_block_add_attention=True,
+)
+
+# As hunyuanvideo-community/HunyuanVideo scheduler/scheduler_config.json: defaults but shift 7.0.
+HUNYUAN_SCHEDULER_CONFIG: dict[str, Any] = dict(num_train_timesteps=1000, shift=7.0)
+
+
+def _build_hunyuan_video(seed: int, variant: str):
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    tokenizer = build_llama_tokenizer()
+    tokenizer_2 = build_clip_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = LlamaModel(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=LLAMA_HIDDEN_SIZE,
+            intermediate_size=64,
+            num_hidden_layers=3,  # the pipeline takes hidden_states[-3]
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=tokenizer.model_max_length,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            rms_norm_eps=1e-5,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer_2),
+            hidden_size=CLIP_HIDDEN_SIZE,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            projection_dim=CLIP_HIDDEN_SIZE,
+            max_position_embeddings=tokenizer_2.model_max_length,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer_2.bos_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,  # the pooled output is taken at the first eos
+            pad_token_id=tokenizer_2.pad_token_id,
+        )
+    ).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLHunyuanVideo(**HUNYUAN_VAE_CONFIG).eval()
+    torch.manual_seed(seed + 3)
+    transformer = HunyuanVideoTransformer3DModel(**HUNYUAN_TRANSFORMER_CONFIG).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(**HUNYUAN_SCHEDULER_CONFIG)
+    return HunyuanVideoPipeline(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+    )
+
+
+# Wan 2.1 (Wan-AI/Wan2.1-T2V-1.3B-Diffusers). VAE: spatial 8x, temporal 4x (frames 4k+1), z_dim 16
+# with the default (real) 16-entry latents_mean/latents_std. Sizes must be multiples of 16.
+WAN_TEXT_LEN = 512  # tokenizer model_max_length = WanPipeline's default max_sequence_length
+
+WAN_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=16,  # RoPE splits it 8/4/4 over (t, h, w)
+    in_channels=16,
+    out_channels=16,
+    text_dim=T5_D_MODEL,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=2,  # `blocks`
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+
+WAN_VAE_CONFIG: dict[str, Any] = dict(
+    base_dim=8,
+    z_dim=16,
+    dim_mult=[1, 2, 2, 2],  # lists, not tuples: the encoder concatenates them to lists
+    num_res_blocks=1,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],  # sic (diffusers' spelling)
+)
+
+# The real scheduler is diffusers' UniPCMultistepScheduler defaults plus these (as written by diffusers'
+# scripts/convert_wan_to_diffusers.py for the 2.1 T2V models).
+WAN_SCHEDULER_CONFIG: dict[str, Any] = dict(
+    num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+)
+
+
+def _build_wan(seed: int, variant: str):
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    tokenizer = build_tokenizer(model_max_length=WAN_TEXT_LEN)
+    torch.manual_seed(seed)
+    text_encoder = _t5_encoder(len(tokenizer), umt5=True)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLWan(**WAN_VAE_CONFIG).eval()
+    torch.manual_seed(seed + 2)
+    transformer = WanTransformer3DModel(**WAN_TRANSFORMER_CONFIG).eval()
+    scheduler = UniPCMultistepScheduler(**WAN_SCHEDULER_CONFIG)
+    return WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+    )
+
+
+# builder(seed, variant) -> pipeline
+CHECKPOINT_BUILDERS: dict[str, Callable[[int, str], Any]] = {
+    "ltx_video": _build_ltx_video,
+    "cogvideox": _build_cogvideox,
+    "hunyuan_video": _build_hunyuan_video,
+    "wan": _build_wan,
+}
+# Valid variants per model; the first is the default.
+CHECKPOINT_VARIANTS: dict[str, tuple[str, ...]] = {
+    "ltx_video": ("t2v",),
+    "cogvideox": tuple(COGVIDEOX_VARIANT_CONFIGS),
+    "hunyuan_video": ("t2v",),
+    "wan": ("t2v",),
+}
+
+
+def resolve_variant(model_name: str, variant: str | None = None) -> str:
+    """`variant`, or `model_name`'s default one; ValueError for an unknown model or variant."""
     if model_name not in CHECKPOINT_BUILDERS:
         raise ValueError(
             f"unknown model_name {model_name!r}; supported: {', '.join(sorted(CHECKPOINT_BUILDERS))}"
         )
+    valid = CHECKPOINT_VARIANTS[model_name]
+    if variant is None:
+        return valid[0]
+    if variant not in valid:
+        raise ValueError(f"unknown variant {variant!r} for {model_name}; valid: {', '.join(valid)}")
+    return variant
+
+
+def build_tiny_pipeline(model_name: str = "ltx_video", seed: int = 0, variant: str | None = None):
+    """The in-memory tiny pipeline for `model_name` (random weights, deterministic in `seed`)."""
+    variant = resolve_variant(model_name, variant)
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state untouched
-        return CHECKPOINT_BUILDERS[model_name](seed)
+        return CHECKPOINT_BUILDERS[model_name](seed, variant)
 
 
-def write_tiny_checkpoint(output_dir: str | Path, model_name: str = "ltx_video", seed: int = 0) -> Path:
-    """Save a tiny random `model_name` checkpoint in diffusers layout to `output_dir`; return it."""
+def write_tiny_checkpoint(
+    output_dir: str | Path, model_name: str = "ltx_video", seed: int = 0, variant: str | None = None
+) -> Path:
+    """Save a tiny random `model_name` checkpoint (`variant`, default the first) in diffusers layout; return the dir."""
     output_dir = Path(output_dir)
-    pipe = build_tiny_pipeline(model_name, seed)
+    pipe = build_tiny_pipeline(model_name, seed, variant)
     output_dir.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(output_dir, safe_serialization=True)
     return output_dir
@@ -360,6 +735,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--model_name", default="ltx_video", choices=sorted(CHECKPOINT_BUILDERS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--variant",
+        default=None,
+        help="model variant: "
+        + "; ".join(f"{m}: {'|'.join(v)}" for m, v in CHECKPOINT_VARIANTS.items())
+        + " (default: the first)",
+    )
     parser.add_argument("--videos", action="store_true", help="write the synthetic video dataset instead")
     parser.add_argument("--num_videos", type=int, default=8)
     args = parser.parse_args(argv)
@@ -368,8 +750,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         out = write_synthetic_videos(args.output_dir, num_videos=args.num_videos, seed=args.seed)
         print(f"wrote {args.num_videos} videos + prompts.txt, videos.txt, metadata.csv to {out}")
     else:
-        out = write_tiny_checkpoint(args.output_dir, model_name=args.model_name, seed=args.seed)
-        print(f"wrote tiny {args.model_name} checkpoint (seed {args.seed}) to {out}")
+        try:
+            variant = resolve_variant(args.model_name, args.variant)
+        except ValueError as e:
+            parser.error(str(e))
+        out = write_tiny_checkpoint(args.output_dir, model_name=args.model_name, seed=args.seed, variant=variant)
+        print(f"wrote tiny {args.model_name} ({variant}) checkpoint (seed {args.seed}) to {out}")
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         print(f"  {path.relative_to(out)}  ({path.stat().st_size} bytes)")
 

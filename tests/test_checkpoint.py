@@ -1,0 +1,178 @@
+"""Resumable training: bit-exact resume per layout, SIGKILL + elastic restart, partial checkpoints,
+rotation, changed-layout errors, resharded resume and the NaN guard. Real torchrun processes on gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY_ARGS, first_error, run_ptrain
+from ptrain.checkpoint import MARKER, complete_checkpoints, resolve_resume
+from ptrain.config import ConfigError
+
+pytestmark = pytest.mark.slow
+
+
+def _exported(out: Path) -> dict[str, torch.Tensor]:
+    lora = out / "pytorch_lora_weights.safetensors"
+    if lora.exists():
+        return load_file(lora)
+    return {k: v for f in sorted((out / "transformer").glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _assert_bit_identical(a: Path, b: Path) -> None:
+    wa, wb = _exported(a), _exported(b)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs"
+
+
+def _restart_copy(launch, dest: Path, keep_step: int = 2) -> Path:
+    """A copy of a finished run's output_dir as if it had crashed right after checkpoint `keep_step`."""
+    shutil.copytree(launch.run.output_dir, dest)
+    for step, path in complete_checkpoints(dest):
+        if step > keep_step:
+            shutil.rmtree(path)
+    (dest / "pytorch_lora_weights.safetensors").unlink(missing_ok=True)
+    shutil.rmtree(dest / "transformer", ignore_errors=True)
+    return dest
+
+
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("lora-ddp2", ["--async_checkpoint", "--checkpointing_steps", "1"]),
+        ("lora-fsdp2", ["--export_every_checkpoint"]),
+        ("lora-hsdp2x2", ["--resume_from_checkpoint", "latest"]),
+        ("full-fsdp2", []),
+    ],
+)
+def test_resume_is_bit_exact(launches, tmp_path, name, extra):
+    launch = launches(name)
+    out = _restart_copy(launch, tmp_path / "resumed")
+    (out / "checkpoints" / ".tmp-step-3").mkdir()  # a save that crashed half-way
+    run = run_ptrain(launch.nproc, launch.args + extra, out)
+    assert run.returncode == 0, first_error(run.stderr)
+    assert "resuming from" in run.stderr and "at step 2" in run.stderr
+    assert "removing incomplete checkpoint" in run.stderr and not (out / "checkpoints" / ".tmp-step-3").exists()
+    # Same per-step losses (steps 1-2 kept from before the crash, 3-4 recomputed) and identical weights.
+    assert [m["step"] for m in run.metrics] == [1, 2, 3, 4]
+    assert run.losses == launch.run.losses
+    _assert_bit_identical(out, launch.run.output_dir)
+    if "--export_every_checkpoint" in extra:
+        assert (out / "checkpoints" / "step-4" / "export" / "pytorch_lora_weights.safetensors").is_file()
+    if "--async_checkpoint" in extra:
+        assert [s for s, _ in complete_checkpoints(out)] == [2, 3, 4]
+
+
+def test_changed_layout_is_a_named_error(launches, tmp_path):
+    launch = launches("lora-ddp2")  # DDP: dp_degree 2 x dp_shards 1
+    out = _restart_copy(launch, tmp_path / "o")
+    args = [a for a in launch.args]
+    args[args.index("--dp_degree") + 1], args[args.index("--dp_shards") + 1] = "1", "2"
+    run = run_ptrain(2, args, out)
+    assert run.returncode != 0
+    assert "written with world_size=2 dp_degree=2 dp_shards=1 cp_degree=1" in run.stderr
+    assert "this run has world_size=2 dp_degree=1 dp_shards=2 cp_degree=1" in run.stderr
+    assert "[rank0]: Traceback" not in run.stderr
+
+
+def test_allow_reshard_continues_the_same_samples(launches, tmp_path):
+    # Written by FSDP2 on 2 ranks (batch 1 x accum 2), resumed in 1 process (batch 4): same global batch.
+    launch = launches("lora-fsdp2")
+    out = _restart_copy(launch, tmp_path / "o")
+    args = [a for a in launch.args if a not in ("--compile",)]
+    args[args.index("--batch_size") + 1] = "4"
+    args[args.index("--gradient_accumulation_steps") + 1] = "1"
+    args[args.index("--dp_shards") + 1] = "1"
+    run = run_ptrain(1, [*args, "--allow_reshard"], out)
+    assert run.returncode == 0, first_error(run.stderr)
+    assert "resharding checkpoint" in run.stderr
+    assert run.losses == pytest.approx(launch.run.losses, rel=1e-4)
+
+
+def test_resume_picks_newest_complete_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, complete in ((2, True), (4, True), (6, False)):
+        (root / f"step-{step}").mkdir(parents=True)
+        if complete:
+            (root / f"step-{step}" / MARKER).write_text(json.dumps({"step": step}))
+    (root / ".tmp-step-8").mkdir()
+    assert resolve_resume("latest", tmp_path) == root / "step-4"
+    assert resolve_resume("auto", tmp_path) == root / "step-4"
+    assert resolve_resume("2", tmp_path) == root / "step-2"
+    assert resolve_resume("none", tmp_path) is None
+    assert resolve_resume("auto", tmp_path / "elsewhere") is None
+    with pytest.raises(ConfigError, match=r"no complete checkpoint for step 6 .*complete: \[2, 4\]"):
+        resolve_resume("6", tmp_path)
+    with pytest.raises(ConfigError, match="not a complete ptrain checkpoint"):
+        resolve_resume(str(root / "step-6"), tmp_path)
+
+
+def test_nan_guard_skips_counts_and_stops(tiny_ckpt, tiny_data, tmp_path):
+    # lr 1e30 blows the LoRA weights up at step 1: from step 2 on the loss is not finite.
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--train_steps", "10",
+            "--lr", "1e30", "--lr_scheduler", "constant", "--max_nan_steps", "3", "--checkpointing_steps", "1",
+            *TINY_ARGS]  # fmt: skip
+    run = run_ptrain(1, args, tmp_path)
+    assert run.returncode != 0
+    assert "3 non-finite steps in a row (--max_nan_steps 3); stopping" in run.stderr
+    assert "optimizer step skipped (1 in a row, 1 in total)" in run.stderr
+    rows = run.metrics
+    assert [r["skipped_step"] for r in rows] == [False, True, True, True]
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [1, 2, 3]
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_sigkill_at_random_moment_restarts_and_ends_bit_identical(tiny_ckpt, tiny_data, tmp_path):
+    """Acceptance: HSDP 2x2, 8 steps, checkpoint every 2 keeping 2; a worker SIGKILLed at a random
+    moment of training (possibly mid-save); torchrun --max-restarts restarts it; `auto` resumes; the
+    final LoRA equals an uninterrupted run's bit for bit."""
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--train_steps", "8",
+            "--checkpointing_steps", "2", "--checkpointing_limit", "2", "--dp_degree", "2", "--dp_shards", "2",
+            "--seed", "11", "--lr", "1e-3", *TINY_ARGS]  # fmt: skip
+    ref = run_ptrain(4, args, tmp_path / "ref")
+    assert ref.returncode == 0, first_error(ref.stderr)
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "--max-restarts=2",
+           "-m", "ptrain", *args, "--output_dir", str(out)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    log_path = tmp_path / "killed.log"  # a file, not a pipe: a full pipe would block the workers
+    log_file = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    rng = random.Random()
+    kill_after_rows = rng.randint(1, 6)  # somewhere between step 1 and step 6 of 8
+    extra_delay = rng.uniform(0.0, 0.5)
+    deadline = time.time() + 300
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after_rows:
+            break
+        time.sleep(0.05)
+    time.sleep(extra_delay)
+    victims = _children(proc.pid)
+    assert victims, "no worker process to kill"
+    os.kill(rng.choice(victims), signal.SIGKILL)
+    proc.wait(timeout=600)
+    log_file.close()
+    log = log_path.read_text()
+    assert proc.returncode == 0, first_error(log)
+    _assert_bit_identical(out, ref.output_dir)
+    assert [s for s, _ in complete_checkpoints(out)] == [6, 8]  # rotation kept exactly 2
+    assert [json.loads(r)["step"] for r in metrics.read_text().splitlines()] == list(range(1, 9))
