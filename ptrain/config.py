@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 
 import tyro
 
-MODEL_NAMES = ("ltx_video",)
+MODEL_NAMES = ("ltx_video", "cogvideox", "hunyuan_video", "wan")
 DTYPES = Literal["float32", "bfloat16", "float16"]
 
 
@@ -27,14 +27,28 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelArgs:
-    model_name: Literal["ltx_video"] = "ltx_video"
+    model_name: Literal["ltx_video", "cogvideox", "hunyuan_video", "wan"] = "ltx_video"
     """Model family to train."""
     pretrained_model_name_or_path: str | None = None
     """Local diffusers-format checkpoint folder (model_index.json, transformer/, vae/, ...)."""
+    transformer_id: str | None = None
+    """Load the transformer from this folder instead (its transformer/ subfolder if it has one)."""
+    vae_id: str | None = None
+    """Load the VAE from this folder instead (its vae/ subfolder if it has one)."""
+    text_encoder_id: str | None = None
+    """Load the text encoder from this folder instead (its text_encoder/ subfolder if it has one)."""
+    tokenizer_id: str | None = None
+    """Load the tokenizer from this folder instead (its tokenizer/ subfolder if it has one)."""
+    text_encoder_2_id: str | None = None
+    """Load the second text encoder (HunyuanVideo's CLIP) from this folder instead."""
+    tokenizer_2_id: str | None = None
+    """Load the second tokenizer (HunyuanVideo's CLIP) from this folder instead."""
     transformer_dtype: DTYPES = "bfloat16"
     """dtype of the trainable transformer's compute (FSDP2 param dtype); master weights stay float32."""
     text_encoder_dtype: DTYPES = "bfloat16"
     """dtype of the frozen text encoder."""
+    text_encoder_2_dtype: DTYPES = "bfloat16"
+    """dtype of the frozen second text encoder (HunyuanVideo's CLIP)."""
     vae_dtype: DTYPES = "bfloat16"
     """dtype of the frozen VAE."""
     training_type: Literal["lora", "full-finetune"] = "lora"
@@ -100,8 +114,9 @@ class TrainArgs:
     """Std of the logit-normal timestep density."""
     flow_mode_scale: float = 1.29
     """Scale of the mode timestep density."""
-    flow_shift: float = 1.0
-    """Shift applied to sampled sigmas: s*t / (1 + (s-1)*t); > 1 favours high noise."""
+    flow_shift: float | None = None
+    """Shift applied to sampled sigmas: s*t / (1 + (s-1)*t); > 1 favours high noise. Default: the
+    checkpoint scheduler's static `shift` (e.g. HunyuanVideo 7, Wan 3), else 1."""
 
 
 @dataclass
@@ -142,6 +157,30 @@ class ParallelArgs:
     """FSDP2 shards per replica; -1 fills the rest of the world size."""
     cp_degree: int = 1
     """Context-parallel degree (sequence split across ranks)."""
+
+
+@dataclass
+class ValidationArgs:
+    validation_prompts: str | None = None
+    """Prompts to sample during training, separated by --validation_prompt_separator."""
+    validation_prompt_separator: str = ":::"
+    """Separator between --validation_prompts."""
+    validation_dataset_file: Path | None = None
+    """CSV/JSON/JSONL with a `prompt` column and optional height, width, num_frames, num_inference_steps."""
+    validation_steps: int = 0
+    """Sample the validation prompts every N optimizer steps (and at the end); 0 = never."""
+    num_validation_videos: int = 1
+    """Videos per validation prompt."""
+    validation_height: int | None = None
+    """Validation height (default: --height)."""
+    validation_width: int | None = None
+    """Validation width (default: --width)."""
+    validation_num_frames: int | None = None
+    """Validation frames (default: --num_frames)."""
+    validation_num_inference_steps: int = 30
+    """Denoising steps per validation video."""
+    validation_guidance_scale: float | None = None
+    """Classifier-free guidance scale (default: the pipeline's)."""
 
 
 @dataclass
@@ -187,6 +226,7 @@ class Config:
     optim: Annotated[OptimArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=OptimArgs)
     parallel: Annotated[ParallelArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=ParallelArgs)
     checkpoint: Annotated[CheckpointArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=CheckpointArgs)
+    validation: Annotated[ValidationArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=ValidationArgs)
     log: Annotated[LogArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=LogArgs)
 
     def validate(self) -> "Config":
@@ -227,6 +267,23 @@ class Config:
         ):
             if value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
+        v = self.validation
+        if v.validation_steps < 0 or v.num_validation_videos < 1 or v.validation_num_inference_steps < 1:
+            raise ConfigError(
+                f"--validation_steps {v.validation_steps} must be >= 0, --num_validation_videos "
+                f"{v.num_validation_videos} and --validation_num_inference_steps {v.validation_num_inference_steps} >= 1"
+            )
+        if v.validation_dataset_file is not None and not Path(v.validation_dataset_file).is_file():
+            raise ConfigError(f"--validation_dataset_file {v.validation_dataset_file}: no such file")
+        if v.validation_steps and not (v.validation_prompts or v.validation_dataset_file):
+            raise ConfigError("--validation_steps needs --validation_prompts or --validation_dataset_file")
+        for flag, value in (
+            ("--transformer_id", m.transformer_id), ("--vae_id", m.vae_id), ("--text_encoder_id", m.text_encoder_id),
+            ("--tokenizer_id", m.tokenizer_id), ("--text_encoder_2_id", m.text_encoder_2_id),
+            ("--tokenizer_2_id", m.tokenizer_2_id),
+        ):  # fmt: skip
+            if value is not None and not Path(value).is_dir():
+                raise ConfigError(f"{flag} {value}: no such folder (ptrain loads local checkpoints only)")
         r = self.checkpoint.resume_from_checkpoint
         if r not in ("auto", "latest", "none") and not r.isdigit() and not Path(r).is_dir():
             raise ConfigError(f"--resume_from_checkpoint {r}: use auto, latest, none, a step number or a checkpoint folder")
@@ -236,7 +293,7 @@ class Config:
             raise ConfigError(f"--lr must be > 0, got {o.lr}")
         if o.max_grad_norm < 0:
             raise ConfigError(f"--max_grad_norm must be >= 0 (0 disables clipping), got {o.max_grad_norm}")
-        if t.flow_shift <= 0:
+        if t.flow_shift is not None and t.flow_shift <= 0:
             raise ConfigError(f"--flow_shift must be > 0, got {t.flow_shift}")
         if p.dp_degree < 1 or p.cp_degree < 1 or (p.dp_shards < 1 and p.dp_shards != -1):
             raise ConfigError(

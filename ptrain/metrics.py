@@ -54,6 +54,11 @@ class MetricsWriter:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self._tb.add_scalar(f"train/{k}", v, step)
 
+    def log_image(self, tag: str, image_hwc, step: int) -> None:
+        """An (H, W, 3) float image in [0, 1] (e.g. a validation frame) to tensorboard."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_image(tag, image_hwc, step, dataformats="HWC")
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -7,6 +7,8 @@ step independent of how the global batch is split over ranks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
@@ -28,11 +30,31 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+@dataclass
+class Prepared:
+    """One micro-batch ready for the transformer: its input, timesteps, target and per-sample loss weight."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor
+
+
+def _noise_like(latents: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    return torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(latents)
+
+
+def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean over elements per sample, weighted, then mean over the micro-batch."""
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (weight * per_sample).mean()
+
+
 class FlowMatching:
     """Rectified flow: x_t = (1 - s) x_0 + s * noise, target = noise - x_0, timestep = 1000 s."""
 
-    def __init__(self, args: TrainArgs):
-        self.args = args
+    def __init__(self, args: TrainArgs, shift: float = 1.0):
+        self.args, self.shift = args, shift
 
     def sample_sigmas(self, generators: list[torch.Generator]) -> torch.Tensor:
         a = self.args
@@ -49,22 +71,37 @@ class FlowMatching:
                 for g in generators
             ]
         )
-        return shift_sigmas(u.float().clamp(0.0, 1.0), a.flow_shift)
+        return shift_sigmas(u.float().clamp(0.0, 1.0), self.shift)
 
-    def prepare(
-        self, latents: torch.Tensor, generators: list[torch.Generator]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> noisy latents, timesteps (0..1000), target, per-sample loss weight."""
+    def prepare(self, latents: torch.Tensor, generators: list[torch.Generator]) -> Prepared:
         sigmas = self.sample_sigmas(generators)
-        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(latents)
+        noise = _noise_like(latents, generators)
         s = sigmas.to(latents).view(-1, *([1] * (latents.ndim - 1)))
         noisy = (1.0 - s) * latents + s * noise
-        target = noise - latents
         weight = compute_loss_weighting_for_sd3(self.args.flow_weighting_scheme, sigmas).float()
-        return noisy, sigmas.to(latents.device) * 1000.0, target, weight.to(latents.device)
+        return Prepared(noisy, sigmas.to(latents.device) * 1000.0, noise - latents, weight.to(latents.device))
 
-    @staticmethod
-    def loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Weighted MSE, mean over elements then over the samples of the micro-batch."""
-        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-        return (weight * per_sample).mean()
+    def loss(self, pred: torch.Tensor, p: Prepared) -> torch.Tensor:
+        return _weighted_mse(pred, p.target, p.weight)
+
+
+class VPrediction:
+    """DDPM-style v-prediction as diffusers' CogVideoX trainer does it: integer timesteps drawn uniformly,
+    x_t from the scheduler's alphas (snr shift included), the v output turned into an x_0 estimate with
+    `scheduler.get_velocity`, and an MSE against x_0 weighted by 1 / (1 - alpha_bar_t)."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+
+    def prepare(self, latents: torch.Tensor, generators: list[torch.Generator]) -> Prepared:
+        t = torch.cat([torch.randint(0, self.num_train_timesteps, (1,), generator=g) for g in generators])
+        noise = _noise_like(latents, generators)
+        noisy = self.scheduler.add_noise(latents, noise, t.to(latents.device))
+        alpha_bar = self.scheduler.alphas_cumprod.to(torch.float32)[t]
+        weight = 1.0 / (1.0 - alpha_bar)
+        return Prepared(noisy, t.to(latents.device), latents, weight.to(latents.device))
+
+    def loss(self, pred: torch.Tensor, p: Prepared) -> torch.Tensor:
+        x0 = self.scheduler.get_velocity(pred.float(), p.noisy.float(), p.timesteps)
+        return _weighted_mse(x0, p.target, p.weight)

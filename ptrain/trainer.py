@@ -34,8 +34,9 @@ from ptrain.data import build_dataloader
 from ptrain.export import export_full, export_lora
 from ptrain.metrics import MetricsWriter, peak_memory_gb
 from ptrain.models.spec import Components, ModelSpec, get_spec
-from ptrain.objectives import FlowMatching, sample_generators
+from ptrain.objectives import sample_generators
 from ptrain.optim import build_optimizer, build_scheduler
+from ptrain.validation import load_validation_items, run_validation
 from ptrain.parallel import ParallelDims, apply_ac, apply_compile, apply_data_parallel, init_distributed
 
 log = logging.getLogger("ptrain")
@@ -144,9 +145,14 @@ def train(cfg: Config) -> TrainResult:
         "transformer": DTYPES[m.transformer_dtype] if m.training_type == "lora" else torch.float32,
         "vae": DTYPES[m.vae_dtype],
         "text_encoder": DTYPES[m.text_encoder_dtype],
+        "text_encoder_2": DTYPES[m.text_encoder_2_dtype],
     }
+    overrides = {
+        "transformer": m.transformer_id, "vae": m.vae_id, "text_encoder": m.text_encoder_id,
+        "tokenizer": m.tokenizer_id, "text_encoder_2": m.text_encoder_2_id, "tokenizer_2": m.tokenizer_2_id,
+    }  # fmt: skip
     log.info("loading %s from %s", m.model_name, m.pretrained_model_name_or_path)
-    comps = spec.load_components(m.pretrained_model_name_or_path, dtypes, device)
+    comps = spec.load_components(m.pretrained_model_name_or_path, dtypes, device, overrides)
     spec.bind(comps)
     spec.check_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width, comps)
     transformer = comps.transformer
@@ -162,7 +168,11 @@ def train(cfg: Config) -> TrainResult:
         n = apply_compile(blocks, t.compile_backend)
         log.info("torch.compile (%s): %d blocks", t.compile_backend, n)
     transformer.to(device)
-    log.info(apply_data_parallel(transformer, blocks, mesh, dims, DTYPES[m.transformer_dtype]))
+    log.info(
+        apply_data_parallel(
+            transformer, blocks, mesh, dims, DTYPES[m.transformer_dtype], spec.fp32_module_names(transformer)
+        )
+    )
 
     params = [q for q in transformer.parameters() if q.requires_grad]
     n_train = sum(q.numel() for q in params)
@@ -206,8 +216,10 @@ def train(cfg: Config) -> TrainResult:
             "uninterrupted run",
             resume, read_marker(resume)["num_samples"], len(usable.records),
         )  # fmt: skip
-    objective = FlowMatching(t)
-    max_seq = cfg.data.max_sequence_length or spec.default_max_sequence_length
+    objective = spec.make_objective(t, comps)
+    max_seq = cfg.data.max_sequence_length or spec.max_sequence_length(comps)
+    validation_items = load_validation_items(cfg.validation, cfg.data)
+    v_every = cfg.validation.validation_steps
     loss_group = mesh.dp_cp.get_group() if world > 1 else None
     metrics = MetricsWriter(out, rank == 0, cfg.log.report_to == "tensorboard", resume_step=state.step if resume else None)
     result = TrainResult(spec=spec, components=comps, transformer=transformer)
@@ -245,9 +257,9 @@ def train(cfg: Config) -> TrainResult:
                 video = batch["video"].to(device, non_blocking=True)
                 latents = spec.encode_video(comps, video, gens)
                 cond = spec.encode_text(comps, list(batch["caption"]), max_seq)
-                noisy, timesteps, target, weight = objective.prepare(latents, gens)
-                pred = spec.forward(transformer, noisy, timesteps, cond)
-                loss = objective.loss(pred, target, weight) / accum
+                prepared = objective.prepare(latents, gens)
+                pred = spec.forward(transformer, prepared.noisy, prepared.timesteps, cond)
+                loss = objective.loss(pred, prepared) / accum
                 loss.backward()
                 step_loss += loss.detach()
                 tokens += spec.tokens_per_sample(latents.shape, comps) * latents.shape[0]
@@ -305,6 +317,8 @@ def train(cfg: Config) -> TrainResult:
                     f"{nan_in_a_row} non-finite steps in a row (--max_nan_steps {c.max_nan_steps}); stopping. "
                     f"Last complete checkpoint: {good[-1][1] if good else 'none'}. Lower --lr or check the data."
                 )
+            if validation_items and v_every and (step % v_every == 0 or step == t.train_steps):
+                run_validation(spec, transformer, validation_items, cfg.validation, step, out, t.seed, metrics)
             if c.checkpointing_steps and step % c.checkpointing_steps == 0 and step < t.train_steps:
                 save_checkpoint()
                 last_saved = step

@@ -123,15 +123,31 @@ def test_sampler_state_resumes():
 
 
 def test_noise_and_timesteps_depend_only_on_seed_and_position():
-    fm = FlowMatching(TrainArgs(flow_weighting_scheme="logit_normal", flow_shift=3.0))
+    fm = FlowMatching(TrainArgs(flow_weighting_scheme="logit_normal"), shift=3.0)
     lat = torch.zeros(3, 4, 2, 2, 2)
-    noisy_a, t_a, target_a, _ = fm.prepare(lat, sample_generators(1, [10, 11, 12]))
-    noisy_b, t_b, target_b, _ = fm.prepare(lat[:1], sample_generators(1, [11]))
-    torch.testing.assert_close(noisy_a[1:2], noisy_b)
-    torch.testing.assert_close(t_a[1:2], t_b)
-    assert (t_a > 0).all() and (t_a < 1000).all()
-    _, t_c, _, _ = fm.prepare(lat[:1], sample_generators(2, [11]))
-    assert not torch.equal(t_b, t_c)
+    a = fm.prepare(lat, sample_generators(1, [10, 11, 12]))
+    b = fm.prepare(lat[:1], sample_generators(1, [11]))
+    torch.testing.assert_close(a.noisy[1:2], b.noisy)
+    torch.testing.assert_close(a.timesteps[1:2], b.timesteps)
+    assert (a.timesteps > 0).all() and (a.timesteps < 1000).all()
+    c = fm.prepare(lat[:1], sample_generators(2, [11]))
+    assert not torch.equal(b.timesteps, c.timesteps)
+
+
+def test_v_prediction_recovers_x0_from_the_true_velocity():
+    from diffusers import CogVideoXDDIMScheduler
+
+    from ptrain.objectives import VPrediction
+
+    sched = CogVideoXDDIMScheduler(snr_shift_scale=3.0, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    vp = VPrediction(sched)
+    x0 = torch.randn(2, 4, 2, 3, 3)
+    p = vp.prepare(x0, sample_generators(0, [0, 1]))
+    a = sched.alphas_cumprod[p.timesteps].view(-1, 1, 1, 1, 1)
+    noise = (p.noisy - a.sqrt() * x0) / (1 - a).sqrt()
+    v = a.sqrt() * noise - (1 - a).sqrt() * x0  # the velocity a perfect model predicts
+    assert vp.loss(v, p).item() < 1e-8
+    assert vp.loss(torch.zeros_like(v), p).item() > 1e-3
 
 
 def test_dataset_item(tiny_data):

@@ -22,25 +22,19 @@ class LTXVideoSpec(ModelSpec):
     name = "ltx_video"
     pipeline_cls = LTXPipeline
     transformer_cls = LTXVideoTransformer3DModel
+    component_classes = {
+        "transformer": LTXVideoTransformer3DModel,
+        "vae": AutoencoderKLLTXVideo,
+        "text_encoder": T5EncoderModel,
+        "tokenizer": AutoTokenizer,
+        "scheduler": FlowMatchEulerDiscreteScheduler,
+    }
     default_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
     block_attrs = ("transformer_blocks",)
     default_max_sequence_length = 128
     #: LTXPipeline's default frame rate; sets the temporal RoPE interpolation scale.
     frame_rate = 25
-
-    def load_components(self, path, dtypes, device) -> Components:
-        transformer = LTXVideoTransformer3DModel.from_pretrained(
-            path, subfolder="transformer", dtype=dtypes["transformer"]
-        )
-        vae = AutoencoderKLLTXVideo.from_pretrained(path, subfolder="vae", dtype=dtypes["vae"])
-        text_encoder = T5EncoderModel.from_pretrained(
-            path, subfolder="text_encoder", dtype=dtypes["text_encoder"]
-        )
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-        for m in (vae, text_encoder):
-            m.requires_grad_(False).eval().to(device)
-        return Components(transformer, vae, text_encoder, tokenizer, scheduler)
+    fps = 25
 
     def check_shape(self, num_frames, height, width, components) -> None:
         vae = components.vae
@@ -55,26 +49,16 @@ class LTXVideoSpec(ModelSpec):
                 raise ConfigError(f"{flag} {v}: LTX-Video needs a multiple of {s * p} (VAE x patch size)")
 
     def encode_text(self, components, captions, max_sequence_length) -> Conditioning:
-        device = components.text_encoder.device
-        tok = components.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=max_sequence_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_tensors="pt",
-        )
-        with torch.no_grad():
-            embeds = components.text_encoder(tok.input_ids.to(device))[0]
-        return Conditioning(
-            {"encoder_hidden_states": embeds, "encoder_attention_mask": tok.attention_mask.bool().to(device)}
-        )
+        embeds, mask, _, _ = self.pipe.encode_prompt(
+            captions, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
+            device=components.text_encoder.device,
+        )  # fmt: skip
+        return Conditioning({"encoder_hidden_states": embeds, "encoder_attention_mask": mask})
 
     def encode_video(self, components, video, generators) -> torch.Tensor:
         vae = components.vae
         with torch.no_grad():
-            dist = vae.encode(video.to(vae.device, vae.dtype)).latent_dist
-            latents = dist.sample(generator=generators)
+            latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.sample(generator=generators)
         return LTXPipeline._normalize_latents(
             latents.float(), vae.latents_mean, vae.latents_std, vae.config.scaling_factor
         )
@@ -99,5 +83,5 @@ class LTXVideoSpec(ModelSpec):
         return LTXPipeline._unpack_latents(out, f // pt, h // p, w // p, p, pt)
 
     def bind(self, components: Components) -> None:
-        """Remember what forward() needs from the frozen components."""
+        super().bind(components)
         self._vae_ratios = (components.vae.temporal_compression_ratio, components.vae.spatial_compression_ratio)

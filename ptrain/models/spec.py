@@ -2,19 +2,27 @@
 
 The loop never branches on the model name. A spec loads the components with
 diffusers/transformers `from_pretrained`, encodes text and video (frozen
-encoders), builds the transformer input and training target, names the
-repeated blocks that get activation checkpointing / compile / fully_shard, and
-knows the diffusers pipeline used to export and reload LoRA weights.
+encoders, through the model's own diffusers pipeline so conditioning matches
+inference exactly), builds the transformer input and training target (via its
+objective), names the repeated blocks that get activation checkpointing /
+compile / fully_shard, and knows the diffusers pipeline used for validation
+and to export / reload LoRA weights.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ptrain.config import ConfigError, TrainArgs
+
+#: Components that hold weights in a dtype chosen by a `--<name>_dtype` flag.
+DTYPE_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -24,7 +32,17 @@ class Components:
     text_encoder: nn.Module
     tokenizer: Any
     scheduler: Any
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # text_encoder_2, tokenizer_2, ...
+
+    def as_pipeline_kwargs(self) -> dict[str, Any]:
+        return {
+            "transformer": self.transformer,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "scheduler": self.scheduler,
+            **self.extra,
+        }
 
 
 @dataclass
@@ -34,21 +52,60 @@ class Conditioning:
     tensors: dict[str, torch.Tensor]
 
 
+def component_source(path: str, override: str | None, name: str) -> tuple[str, str | None]:
+    """(folder, subfolder) to load component `name` from: the override folder (its `name/` subfolder if it has
+    one) or the checkpoint's `name/` subfolder."""
+    if override is None:
+        return str(path), name
+    if (Path(override) / name).is_dir():
+        return str(override), name
+    return str(override), None
+
+
 class ModelSpec(ABC):
     name: str
     pipeline_cls: type
     transformer_cls: type
+    #: component name -> class whose from_pretrained loads it (tokenizers: AutoTokenizer).
+    component_classes: dict[str, type]
     #: LoRA targets when --target_modules is not given.
     default_target_modules: list[str]
     #: Attribute names of the nn.ModuleLists holding the repeated transformer blocks.
     block_attrs: tuple[str, ...]
     default_max_sequence_length: int = 128
-    #: What the transformer is trained to predict: "flow" (noise - data) for flow matching.
-    objective: str = "flow"
+    #: Frame rate of exported validation videos.
+    fps: int = 16
 
-    @abstractmethod
-    def load_components(self, path: str, dtypes: dict[str, torch.dtype], device: torch.device) -> Components: ...
+    def __init__(self) -> None:
+        self.pipe = None
 
+    # --- loading -------------------------------------------------------------------------------
+    def load_components(
+        self, path: str, dtypes: dict[str, torch.dtype], device: torch.device, overrides: dict[str, str | None]
+    ) -> Components:
+        loaded = {}
+        for name, cls in self.component_classes.items():
+            src, sub = component_source(path, overrides.get(name), name)
+            kwargs: dict[str, Any] = {"subfolder": sub} if sub else {}
+            if name in DTYPE_COMPONENTS:
+                kwargs["dtype"] = dtypes[name]
+            try:
+                loaded[name] = cls.from_pretrained(src, **kwargs)
+            except (OSError, ValueError) as e:
+                where = f"{src}/{sub}" if sub else src
+                raise ConfigError(f"cannot load {name} ({cls.__name__}) from {where}: {e}") from e
+        for name, module in loaded.items():
+            if name != "transformer" and isinstance(module, nn.Module):
+                module.requires_grad_(False).eval().to(device)
+        core = {k: loaded.pop(k) for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
+        return Components(**core, extra=loaded)
+
+    def bind(self, components: Components) -> None:
+        """Build the model's diffusers pipeline around the components (used to encode text and to validate)."""
+        self.pipe = self.pipeline_cls(**components.as_pipeline_kwargs())
+        self.pipe.set_progress_bar_config(disable=True)
+
+    # --- what the loop calls ------------------------------------------------------------------
     @abstractmethod
     def check_shape(self, num_frames: int, height: int, width: int, components: Components) -> None:
         """Raise ConfigError naming the flag when the video shape does not suit the model."""
@@ -66,19 +123,39 @@ class ModelSpec(ABC):
     def forward(
         self, transformer: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
     ) -> torch.Tensor:
-        """Run the transformer; returns the prediction with the latents' shape."""
+        """Run the transformer on (B, C', F', H', W') latents; returns the raw model output in that shape."""
 
-    def bind(self, components: Components) -> None:
-        """Remember what forward() needs from the frozen components (called once after loading)."""
+    def make_objective(self, args: TrainArgs, components: Components):
+        """Flow matching by default, with the scheduler's static shift unless --flow_shift is given."""
+        from ptrain.objectives import FlowMatching
+
+        shift = args.flow_shift
+        if shift is None:
+            cfg = components.scheduler.config
+            shift = 1.0 if cfg.get("use_dynamic_shifting") else float(cfg.get("shift", 1.0))
+        return FlowMatching(args, shift)
+
+    def max_sequence_length(self, components: Components) -> int:
+        return self.default_max_sequence_length
+
+    def validation_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments the pipeline needs for validation sampling."""
+        return {}
 
     def tokens_per_sample(self, latent_shape: tuple[int, ...], components: Components) -> int:
         """Transformer sequence length of one sample (for tokens/s and MFU)."""
         c, f, h, w = latent_shape[-4:]
         cfg = components.transformer.config
-        return (f // cfg.get("patch_size_t", 1)) * (h // cfg.patch_size) * (w // cfg.patch_size)
+        p = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[-1]
+        pt = cfg.get("patch_size_t") or (cfg.patch_size[0] if not isinstance(cfg.patch_size, int) else 1)
+        return (f // pt) * (h // p) * (w // p)
 
     def blocks(self, transformer: nn.Module) -> list[nn.ModuleList]:
         return [getattr(transformer, a) for a in self.block_attrs]
+
+    def fp32_module_names(self, transformer: nn.Module) -> list[str]:
+        """Module name patterns diffusers keeps in float32 (`_keep_in_fp32_modules`)."""
+        return list(getattr(transformer, "_keep_in_fp32_modules", None) or [])
 
 
 _REGISTRY: dict[str, type[ModelSpec]] = {}
@@ -90,8 +167,8 @@ def register(cls: type[ModelSpec]) -> type[ModelSpec]:
 
 
 def get_spec(name: str) -> ModelSpec:
-    from ptrain.models import ltx_video  # noqa: F401  (registers itself)
+    from ptrain.models import cogvideox, hunyuan_video, ltx_video, wan  # noqa: F401  (they register themselves)
 
     if name not in _REGISTRY:
-        raise ValueError(f"--model_name {name!r} is not supported; choose one of {sorted(_REGISTRY)}")
+        raise ConfigError(f"--model_name {name!r} is not supported; choose one of {sorted(_REGISTRY)}")
     return _REGISTRY[name]()

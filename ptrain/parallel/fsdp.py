@@ -22,11 +22,20 @@ def apply_data_parallel(
     mesh: Meshes,
     dims: ParallelDims,
     param_dtype: torch.dtype,
+    fp32_modules: list[str] | None = None,
 ) -> str:
-    """Shard or replicate `model` in place; returns a one-line description."""
+    """Shard or replicate `model` in place; returns a one-line description.
+
+    Submodules named in `fp32_modules` (diffusers' `_keep_in_fp32_modules`, e.g. Wan's norms and time
+    embedder) become their own FSDP units that compute in float32 whatever --transformer_dtype is.
+    """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    mp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    keep32 = _fp32_submodules(model, fp32_modules or []) if param_dtype != torch.float32 else []
     if dims.ddp_enabled:
         dp_mesh = mesh.hsdp["dp_replicate"]
+        for sub in keep32:
+            replicate(sub, mesh=dp_mesh, mp_policy=mp32)
         for blocks in block_lists:
             for block in blocks:
                 replicate(block, mesh=dp_mesh, mp_policy=mp)
@@ -38,9 +47,22 @@ def apply_data_parallel(
     else:
         dp_mesh = mesh.dp_shard_cp
         what = f"FSDP2 over {dims.dp_shard * dims.cp} shards"
+    for sub in keep32:
+        fully_shard(sub, mesh=dp_mesh, mp_policy=mp32)
     for blocks in block_lists:
         for i, block in enumerate(blocks):
             # The last block's parameters are needed again right away in backward: keep them gathered.
             fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
     return what
+
+
+def _fp32_submodules(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    """Submodules (with parameters) whose attribute name is in `names`; nested matches are skipped."""
+    found: list[tuple[str, nn.Module]] = []
+    for fqn, sub in model.named_modules():
+        leaf = fqn.rsplit(".", 1)[-1]
+        if leaf in names and any(True for _ in sub.parameters()):
+            if not any(fqn.startswith(prev + ".") for prev, _ in found):
+                found.append((fqn, sub))
+    return [sub for _, sub in found]

@@ -1,0 +1,92 @@
+"""CogVideoX (2B / 5B / 1.5): CogVideoXTransformer3DModel + AutoencoderKLCogVideoX + T5, v-prediction.
+
+Follows diffusers' CogVideoX pipeline and LoRA trainer: latents scaled by the VAE
+scaling factor and fed as (B, F, C, H, W); text padded to the transformer's
+max_text_seq_length; 3D RoPE from the pipeline when the config uses rotary
+embeddings (5B, 1.5); v-prediction with the checkpoint's scheduler (snr shift
+included) and the trainer's 1 / (1 - alpha_bar) loss weighting.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+from torch import nn
+from transformers import AutoTokenizer, T5EncoderModel
+
+from ptrain.config import ConfigError
+from ptrain.models.spec import Conditioning, ModelSpec, register
+
+
+@register
+class CogVideoXSpec(ModelSpec):
+    name = "cogvideox"
+    pipeline_cls = CogVideoXPipeline
+    transformer_cls = CogVideoXTransformer3DModel
+    component_classes = {
+        "transformer": CogVideoXTransformer3DModel,
+        "vae": AutoencoderKLCogVideoX,
+        "text_encoder": T5EncoderModel,
+        "tokenizer": AutoTokenizer,
+        "scheduler": CogVideoXDDIMScheduler,
+    }
+    default_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
+    block_attrs = ("transformer_blocks",)
+    default_max_sequence_length = 226
+    fps = 8
+
+    def check_shape(self, num_frames, height, width, components) -> None:
+        t = components.vae.config.temporal_compression_ratio
+        s = 2 ** (len(components.vae.config.block_out_channels) - 1)
+        cfg = components.transformer.config
+        if (num_frames - 1) % t:
+            raise ConfigError(f"--num_frames {num_frames}: CogVideoX needs {t}k+1 frames (e.g. 9, 49)")
+        latent_frames = (num_frames - 1) // t + 1
+        pt = cfg.patch_size_t or 1
+        if latent_frames % pt:
+            raise ConfigError(
+                f"--num_frames {num_frames}: gives {latent_frames} latent frames, but this CogVideoX (1.5, "
+                f"patch_size_t={pt}) needs a multiple of {pt}; e.g. {((latent_frames // pt + 1) * pt - 1) * t + 1}"
+            )
+        for flag, v in (("--height", height), ("--width", width)):
+            if v % (s * cfg.patch_size):
+                raise ConfigError(f"{flag} {v}: CogVideoX needs a multiple of {s * cfg.patch_size}")
+
+    def max_sequence_length(self, components) -> int:
+        return int(components.transformer.config.max_text_seq_length)
+
+    def make_objective(self, args, components):
+        from ptrain.objectives import VPrediction
+
+        return VPrediction(components.scheduler)
+
+    def encode_text(self, components, captions, max_sequence_length) -> Conditioning:
+        embeds, _ = self.pipe.encode_prompt(
+            captions, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
+            device=components.text_encoder.device,
+        )  # fmt: skip
+        return Conditioning({"encoder_hidden_states": embeds})
+
+    def encode_video(self, components, video, generators) -> torch.Tensor:
+        vae = components.vae
+        with torch.no_grad():
+            latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.sample(generator=generators)
+        return latents.float() * vae.config.scaling_factor
+
+    def forward(self, transformer: nn.Module, noisy_latents, timesteps, cond) -> torch.Tensor:
+        b, c, f, h, w = noisy_latents.shape
+        rotary = None
+        if transformer.config.use_rotary_positional_embeddings:
+            s = self.pipe.vae_scale_factor_spatial
+            rotary = self.pipe._prepare_rotary_positional_embeddings(h * s, w * s, f, noisy_latents.device)
+        out = transformer(
+            hidden_states=noisy_latents.permute(0, 2, 1, 3, 4),
+            encoder_hidden_states=cond.tensors["encoder_hidden_states"],
+            timestep=timesteps,
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )[0]
+        return out.permute(0, 2, 1, 3, 4)
+
+    def validation_kwargs(self) -> dict:
+        return {"max_sequence_length": int(self.pipe.transformer.config.max_text_seq_length)}

@@ -1,0 +1,73 @@
+"""Wan 2.1 text-to-video: WanTransformer3DModel + AutoencoderKLWan + UMT5, flow matching.
+
+Latents are normalised with the VAE's latents_mean / latents_std exactly as
+WanPipeline undoes it; text goes through the pipeline's encode_prompt (zero-padded
+UMT5 states). The default flow shift is the scheduler's `flow_shift` (3.0 for
+the released 1.3B / 14B T2V configs). Modules diffusers keeps in float32
+(`_keep_in_fp32_modules`) keep a float32 compute dtype under FSDP2.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from torch import nn
+from transformers import AutoTokenizer, UMT5EncoderModel
+
+from ptrain.config import ConfigError
+from ptrain.models.spec import Conditioning, ModelSpec, register
+
+
+@register
+class WanSpec(ModelSpec):
+    name = "wan"
+    pipeline_cls = WanPipeline
+    transformer_cls = WanTransformer3DModel
+    component_classes = {
+        "transformer": WanTransformer3DModel,
+        "vae": AutoencoderKLWan,
+        "text_encoder": UMT5EncoderModel,
+        "tokenizer": AutoTokenizer,
+        "scheduler": UniPCMultistepScheduler,
+    }
+    default_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
+    block_attrs = ("blocks",)
+    default_max_sequence_length = 512
+
+    def check_shape(self, num_frames, height, width, components) -> None:
+        t = 2 ** sum(components.vae.config.temperal_downsample)
+        s = 2 ** len(components.vae.config.temperal_downsample) * components.transformer.config.patch_size[-1]
+        if (num_frames - 1) % t:
+            raise ConfigError(f"--num_frames {num_frames}: Wan needs {t}k+1 frames (e.g. 33, 81)")
+        for flag, v in (("--height", height), ("--width", width)):
+            if v % s:
+                raise ConfigError(f"{flag} {v}: Wan needs a multiple of {s}")
+
+    def make_objective(self, args, components):
+        from ptrain.objectives import FlowMatching
+
+        shift = args.flow_shift if args.flow_shift is not None else components.scheduler.config.get("flow_shift", 1.0)
+        return FlowMatching(args, float(shift))
+
+    def encode_text(self, components, captions, max_sequence_length) -> Conditioning:
+        embeds, _ = self.pipe.encode_prompt(
+            captions, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
+            device=components.text_encoder.device,
+        )  # fmt: skip
+        return Conditioning({"encoder_hidden_states": embeds})
+
+    def encode_video(self, components, video, generators) -> torch.Tensor:
+        vae = components.vae
+        with torch.no_grad():
+            latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.sample(generator=generators).float()
+        mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+        return (latents - mean) / std
+
+    def forward(self, transformer: nn.Module, noisy_latents, timesteps, cond) -> torch.Tensor:
+        return transformer(
+            hidden_states=noisy_latents,
+            timestep=timesteps,
+            encoder_hidden_states=cond.tensors["encoder_hidden_states"],
+            return_dict=False,
+        )[0]
