@@ -29,6 +29,8 @@ def _gather(named: list[tuple[str, torch.Tensor]], keep: bool, dtype: torch.dtyp
         full = t.full_tensor() if isinstance(t, DTensor) else t
         if keep:
             full = full.detach().to("cpu", dtype=dtype or full.dtype).contiguous()
+            if full.untyped_storage().nbytes() != full.numel() * full.element_size():
+                full = full.clone()  # a view into a larger (e.g. padded) buffer: safetensors needs its own storage
             out[clean_name(name)] = full
         del full
     return out

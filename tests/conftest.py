@@ -20,13 +20,30 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = [
     "--height", "32", "--width", "32", "--num_frames", "9",
     "--transformer_dtype", "float32", "--vae_dtype", "float32", "--text_encoder_dtype", "float32",
+    "--text_encoder_2_dtype", "float32",
     "--dataloader_num_workers", "0", "--report_to", "none",
 ]  # fmt: skip
 
 
+MODELS = ("ltx_video", "cogvideox", "hunyuan_video", "wan")
+
+
 @pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "ltx", model_name="ltx_video", seed=0)
+def tiny_ckpts(tmp_path_factory):
+    """model name -> tiny checkpoint folder (written once per session, on first use)."""
+    cache: dict[str, Path] = {}
+
+    def get(model: str) -> Path:
+        if model not in cache:
+            cache[model] = write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / model, model_name=model, seed=0)
+        return cache[model]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_ckpts) -> Path:
+    return tiny_ckpts("ltx_video")
 
 
 @pytest.fixture(scope="session")
@@ -109,18 +126,19 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="session")
-def launches(tiny_ckpt, tiny_data, tmp_path_factory):
-    """Lazily launched, cached training runs keyed by LAYOUTS name."""
-    cache: dict[str, Launch] = {}
+def launches(tiny_ckpts, tiny_data, tmp_path_factory):
+    """Lazily launched, cached training runs keyed by (LAYOUTS name, model)."""
+    cache: dict[tuple[str, str], Launch] = {}
 
-    def get(name: str) -> Launch:
-        if name not in cache:
+    def get(name: str, model: str = "ltx_video", *more: str) -> Launch:
+        key = (name, model, *more)
+        if key not in cache:
             nproc, extra = LAYOUTS[name]
-            args = train_args(tiny_ckpt, tiny_data, *extra)
-            run = run_ptrain(nproc, args, tmp_path_factory.mktemp(name))
-            assert run.returncode == 0, f"{name} failed:\n{first_error(run.stderr)}"
-            cache[name] = Launch(nproc, args, run)
-        return cache[name]
+            args = train_args(tiny_ckpts(model), tiny_data, "--model_name", model, *extra, *more)
+            run = run_ptrain(nproc, args, tmp_path_factory.mktemp(f"{model}-{name}"))
+            assert run.returncode == 0, f"{model} {name} failed:\n{first_error(run.stderr)}"
+            cache[key] = Launch(nproc, args, run)
+        return cache[key]
 
     return get
 

@@ -52,7 +52,7 @@ def test_toml_unknown_key_is_named(tmp_path):
         parse_config(["--config", str(preset)])
 
 
-@pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("preset", sorted((REPO / "configs").rglob("*.toml")), ids=lambda p: p.name)
 def test_shipped_presets_parse(preset):
     parse_config(["--config", str(preset)])
 
@@ -137,3 +137,28 @@ def test_optimizer_errors_are_clear():
         p[0].grad = torch.ones(2, 2)
         opt.step()
     assert not torch.equal(p[0].detach(), torch.zeros(2, 2))
+
+
+def test_component_overrides_load_from_other_folders(tiny_ckpt, tmp_path):
+    import torch
+
+    from ptrain.models.spec import component_source, get_spec
+    from ptrain.testing.tiny import write_tiny_checkpoint
+
+    other = write_tiny_checkpoint(tmp_path / "other", model_name="ltx_video", seed=1)
+    assert component_source(str(tiny_ckpt), None, "vae") == (str(tiny_ckpt), "vae")
+    assert component_source(str(tiny_ckpt), str(other), "vae") == (str(other), "vae")  # a whole checkpoint
+    assert component_source(str(tiny_ckpt), str(other / "vae"), "vae") == (str(other / "vae"), None)  # the folder
+    dtypes = dict.fromkeys(("transformer", "vae", "text_encoder", "text_encoder_2"), torch.float32)
+    spec = get_spec("ltx_video")
+    comps = spec.load_components(str(tiny_ckpt), dtypes, torch.device("cpu"), {"vae": str(other / "vae")})
+    ref_vae = spec.load_components(str(other), dtypes, torch.device("cpu"), {}).vae
+    base_te = spec.load_components(str(tiny_ckpt), dtypes, torch.device("cpu"), {}).text_encoder
+    for a, b in zip(comps.vae.parameters(), ref_vae.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(comps.text_encoder.parameters(), base_te.parameters()):
+        assert torch.equal(a, b)
+    assert not comps.vae.training and not any(p.requires_grad for p in comps.vae.parameters())
+    with pytest.raises(ConfigError, match=r"cannot load vae \(AutoencoderKLLTXVideo\) from .*empty"):
+        (tmp_path / "empty").mkdir()
+        spec.load_components(str(tiny_ckpt), dtypes, torch.device("cpu"), {"vae": str(tmp_path / "empty")})

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import TINY_ARGS
+from conftest import MODELS, TINY_ARGS
 from ptrain.config import parse_config
 from ptrain.trainer import train
 
@@ -23,28 +23,21 @@ def single_process_env(monkeypatch):
         dist.destroy_process_group()
 
 
-def _random_inputs(transformer_cfg, gen):
-    latents = torch.randn(2, transformer_cfg.in_channels, 2, 4, 4, generator=gen)
-    text = torch.randn(2, 12, transformer_cfg.caption_channels, generator=gen)
-    mask = torch.ones(2, 12, dtype=torch.bool)
-    mask[1, 6:] = False
-    return latents, torch.tensor([250.0, 800.0]), text, mask
+@pytest.mark.parametrize("model", MODELS)
+def test_lora_trains_only_adapters_and_exports_to_pipeline(model, tiny_ckpts, tiny_data, tmp_path, single_process_env):
+    from ptrain.models.spec import get_spec
 
-
-def test_lora_trains_only_adapters_and_exports_to_pipeline(tiny_ckpt, tiny_data, tmp_path, single_process_env):
-    from diffusers import LTXPipeline, LTXVideoTransformer3DModel
-
-    from ptrain.models.spec import Conditioning
-
-    base = LTXVideoTransformer3DModel.from_pretrained(tiny_ckpt, subfolder="transformer").state_dict()
+    spec_cls = get_spec(model)
+    ckpt = tiny_ckpts(model)
+    base = spec_cls.transformer_cls.from_pretrained(ckpt, subfolder="transformer").state_dict()
     cfg = parse_config(
-        ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data),
+        ["--model_name", model, "--pretrained_model_name_or_path", str(ckpt), "--data_root", str(tiny_data),
          "--output_dir", str(tmp_path), "--train_steps", "3", "--lr", "5e-3", "--rank", "4", "--lora_alpha", "8",
-         *TINY_ARGS]
+         "--checkpointing_steps", "0", *TINY_ARGS]
     )  # fmt: skip
     result = train(cfg)
     assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
-    transformer, spec = result.transformer, result.spec
+    transformer, spec, comps = result.transformer, result.spec, result.components
 
     # Only adapter weights changed; every base weight is bit-identical.
     trained = {k.replace("base_layer.", ""): v for k, v in transformer.state_dict().items()}
@@ -53,23 +46,24 @@ def test_lora_trains_only_adapters_and_exports_to_pipeline(tiny_ckpt, tiny_data,
     for k, v in base.items():
         assert torch.equal(trained[k].full_tensor(), v), f"frozen weight {k} changed"
 
-    # The exported file loads in LTXPipeline with lora_alpha kept, and reproduces the trained output.
-    pipe = LTXPipeline.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    # The exported file loads in the model's pipeline with lora_alpha kept, and reproduces the trained output.
+    pipe = spec.pipeline_cls.from_pretrained(ckpt, dtype=torch.float32)
     pipe.load_lora_weights(tmp_path)
     cfg_loaded = next(iter(pipe.transformer.peft_config.values()))
     assert cfg_loaded.r == 4 and cfg_loaded.lora_alpha == 8
 
-    latents, t, text, mask = _random_inputs(pipe.transformer.config, torch.Generator().manual_seed(0))
-    cond = Conditioning({"encoder_hidden_states": text, "encoder_attention_mask": mask})
+    from ptrain.objectives import sample_generators
+
+    gens = sample_generators(0, [0])
+    video = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    latents = spec.encode_video(comps, video, gens)
+    cond = spec.encode_text(comps, ["a red square moving left"], spec.max_sequence_length(comps))
+    prepared = spec.make_objective(cfg.train, comps).prepare(latents, gens)
     transformer.eval()
     with torch.no_grad():
-        ours = spec.forward(transformer, latents, t, cond)
-        theirs = spec.forward(pipe.transformer, latents, t, cond)
-        plain = LTXVideoTransformer3DModel.from_pretrained(tiny_ckpt, subfolder="transformer")
-        untrained = spec.forward(plain, latents, t, cond)
+        ours = spec.forward(transformer, prepared.noisy, prepared.timesteps, cond)
+        theirs = spec.forward(pipe.transformer, prepared.noisy, prepared.timesteps, cond)
+        plain = spec_cls.transformer_cls.from_pretrained(ckpt, subfolder="transformer")
+        untrained = spec.forward(plain, prepared.noisy, prepared.timesteps, cond)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
     assert (ours - untrained).abs().max() > 1e-4, "LoRA had no effect on the output"
-
-    # And the pipeline itself runs with the LoRA loaded.
-    video = pipe(prompt="a red square", height=32, width=32, num_frames=9, num_inference_steps=2, output_type="pt")
-    assert video.frames.shape == (1, 9, 3, 32, 32)
