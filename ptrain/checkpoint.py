@@ -82,8 +82,10 @@ def resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
         if done:
             return done[-1][1]
         if spec == "latest":
-            log.warning("--resume_from_checkpoint latest: no complete checkpoint in %s; starting fresh",
-                        checkpoint_root(output_dir))
+            log.warning(
+                "--resume_from_checkpoint latest: no complete checkpoint in %s; starting fresh",
+                checkpoint_root(output_dir),
+            )
         return None
     if spec.isdigit():
         for step, path in done:
@@ -170,8 +172,18 @@ class Checkpointer:
                     shutil.rmtree(p, ignore_errors=True)
         dist.barrier()
 
-    def save(self, model, optimizer, lr_scheduler, train_state: TrainState, layout: Layout, meta: dict,
-             rank_extra: dict, export_fn=None, final: bool = False) -> Path:
+    def save(
+        self,
+        model,
+        optimizer,
+        lr_scheduler,
+        train_state: TrainState,
+        layout: Layout,
+        meta: dict,
+        rank_extra: dict,
+        export_fn=None,
+        final: bool = False,
+    ) -> Path:
         self.wait()  # one save in flight at most; commits the previous async save
         step = train_state.step
         final_dir = self.root / f"step-{step}"

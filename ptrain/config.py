@@ -240,7 +240,9 @@ class Config:
                 "download one first or write a tiny one with `python -m ptrain.testing.tiny`."
             )
         if not (ckpt / "model_index.json").is_file() and not (ckpt / "transformer").is_dir():
-            raise ConfigError(f"--pretrained_model_name_or_path {ckpt}: not a diffusers checkpoint (no model_index.json)")
+            raise ConfigError(
+                f"--pretrained_model_name_or_path {ckpt}: not a diffusers checkpoint (no model_index.json)"
+            )
         if d.data_root is None and d.dataset_file is None:
             raise ConfigError("give --data_root or --dataset_file")
         if d.data_root is not None and not Path(d.data_root).is_dir():
@@ -286,7 +288,9 @@ class Config:
                 raise ConfigError(f"{flag} {value}: no such folder (ptrain loads local checkpoints only)")
         r = self.checkpoint.resume_from_checkpoint
         if r not in ("auto", "latest", "none") and not r.isdigit() and not Path(r).is_dir():
-            raise ConfigError(f"--resume_from_checkpoint {r}: use auto, latest, none, a step number or a checkpoint folder")
+            raise ConfigError(
+                f"--resume_from_checkpoint {r}: use auto, latest, none, a step number or a checkpoint folder"
+            )
         if d.dataloader_num_workers < 0:
             raise ConfigError(f"--dataloader_num_workers must be >= 0, got {d.dataloader_num_workers}")
         if o.lr <= 0:

@@ -45,9 +45,7 @@ def export_lora(transformer: torch.nn.Module, pipeline_cls, output_dir: Path) ->
         # peft names adapter weights `...lora_A.<adapter>.weight`; the diffusers file format drops the adapter name.
         lora = {k.replace(f".{ADAPTER}.", "."): v for k, v in gathered.items() if "lora_" in k}
         meta = transformer.peft_config[ADAPTER].to_dict()
-        pipeline_cls.save_lora_weights(
-            output_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=meta
-        )
+        pipeline_cls.save_lora_weights(output_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=meta)
     dist.barrier()
     return output_dir / "pytorch_lora_weights.safetensors" if rank0 else None
 
@@ -73,4 +71,3 @@ def export_full(transformer: torch.nn.Module, output_dir: Path, max_shard_size: 
         )
     dist.barrier()
     return target if rank0 else None
-

@@ -34,9 +34,7 @@ def build_optimizer(params: list[torch.nn.Parameter], args: OptimArgs, device: t
             import bitsandbytes as bnb
         except ImportError as e:
             raise ConfigError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes") from e
-        return bnb.optim.AdamW8bit(
-            params, lr=args.lr, betas=betas, eps=args.epsilon, weight_decay=args.weight_decay
-        )
+        return bnb.optim.AdamW8bit(params, lr=args.lr, betas=betas, eps=args.epsilon, weight_decay=args.weight_decay)
     raise ConfigError(f"--optimizer {args.optimizer!r} is not supported")
 
 

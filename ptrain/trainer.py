@@ -36,8 +36,8 @@ from ptrain.metrics import MetricsWriter, peak_memory_gb
 from ptrain.models.spec import Components, ModelSpec, get_spec
 from ptrain.objectives import sample_generators
 from ptrain.optim import build_optimizer, build_scheduler
-from ptrain.validation import load_validation_items, run_validation
 from ptrain.parallel import ParallelDims, apply_ac, apply_compile, apply_data_parallel, init_distributed
+from ptrain.validation import load_validation_items, run_validation
 
 log = logging.getLogger("ptrain")
 
@@ -132,7 +132,11 @@ def train(cfg: Config) -> TrainResult:
                     "use another --output_dir or --resume_from_checkpoint none"
                 )
         resharded = check_layout(marker, layout, resume, c.allow_reshard)
-        why = "" if c.resume_from_checkpoint != "auto" else " (found in output_dir; --resume_from_checkpoint none starts over)"
+        why = (
+            ""
+            if c.resume_from_checkpoint != "auto"
+            else " (found in output_dir; --resume_from_checkpoint none starts over)"
+        )
         log.info("resuming from %s at step %d%s", resume, marker["step"], why)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -221,7 +225,9 @@ def train(cfg: Config) -> TrainResult:
     validation_items = load_validation_items(cfg.validation, cfg.data)
     v_every = cfg.validation.validation_steps
     loss_group = mesh.dp_cp.get_group() if world > 1 else None
-    metrics = MetricsWriter(out, rank == 0, cfg.log.report_to == "tensorboard", resume_step=state.step if resume else None)
+    metrics = MetricsWriter(
+        out, rank == 0, cfg.log.report_to == "tensorboard", resume_step=state.step if resume else None
+    )
     result = TrainResult(spec=spec, components=comps, transformer=transformer)
     meta = {"model_name": m.model_name, "training_type": m.training_type, "num_samples": len(usable.records)}
 

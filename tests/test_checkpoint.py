@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, TINY_ARGS, first_error, run_ptrain
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_ARGS, first_error, run_ptrain
 from ptrain.checkpoint import MARKER, complete_checkpoints, resolve_resume
 from ptrain.config import ConfigError
 

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from ptrain.config import Config, ConfigError, parse_config
 from ptrain.parallel.dims import ParallelConfigError, ParallelDims
 
@@ -70,9 +70,13 @@ def test_validation_names_the_flag(tmp_path, tiny_ckpt, tiny_data):
     ok = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data)]
     parse_config(ok).validate()
     with pytest.raises(ConfigError, match="--pretrained_model_name_or_path .*nope.*no such folder"):
-        parse_config(["--pretrained_model_name_or_path", str(tmp_path / "nope"), "--data_root", str(tiny_data)]).validate()
+        parse_config(
+            ["--pretrained_model_name_or_path", str(tmp_path / "nope"), "--data_root", str(tiny_data)]
+        ).validate()
     with pytest.raises(ConfigError, match="--data_root .*missing"):
-        parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tmp_path / "missing")]).validate()
+        parse_config(
+            ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tmp_path / "missing")]
+        ).validate()
     with pytest.raises(ConfigError, match="not a diffusers checkpoint"):
         parse_config(["--pretrained_model_name_or_path", str(tmp_path), "--data_root", str(tiny_data)]).validate()
     with pytest.raises(ConfigError, match="--batch_size must be >= 1, got 0"):

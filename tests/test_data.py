@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from ptrain.config import ConfigError, DataArgs
+from ptrain.config import ConfigError, DataArgs, TrainArgs
 from ptrain.data import VideoDataset, filter_usable
 from ptrain.data.sampler import GlobalBatchSampler
 from ptrain.data.sources import load_records
 from ptrain.data.video import even_indices, load_clip, probe
 from ptrain.objectives import FlowMatching, sample_generators
-from ptrain.config import TrainArgs
 from ptrain.testing.tiny import write_video
 
 

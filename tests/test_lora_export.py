@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-
 from conftest import MODELS, TINY_ARGS
+
 from ptrain.config import parse_config
 from ptrain.trainer import train
 

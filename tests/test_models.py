@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import STEPS
 
 pytestmark = pytest.mark.slow

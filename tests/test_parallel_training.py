@@ -12,9 +12,8 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import STEPS
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 

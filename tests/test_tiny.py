@@ -84,9 +84,16 @@ CASES = [
 SCHEDULER_VALUES: dict[tuple[str, str | None], dict] = {
     ("ltx_video", None): LTX_SCHEDULER_CONFIG,
     ("cogvideox", "2b"): dict(
-        prediction_type="v_prediction", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        clip_sample=False, rescale_betas_zero_snr=True, timestep_spacing="trailing", snr_shift_scale=3.0,
-        set_alpha_to_one=True, steps_offset=0,
+        prediction_type="v_prediction",
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        snr_shift_scale=3.0,
+        set_alpha_to_one=True,
+        steps_offset=0,
     ),
     ("cogvideox", "5b"): dict(prediction_type="v_prediction", snr_shift_scale=1.0, timestep_spacing="trailing"),
     ("cogvideox", "1.5"): dict(prediction_type="v_prediction", snr_shift_scale=1.0, timestep_spacing="trailing"),
@@ -178,8 +185,16 @@ def test_checkpoint_loads_and_generates(checkpoint, model_name: str, variant: st
         assert latents.shape == (1, channels, 8 // temporal + 1, 32 // spatial, 32 // spatial)
         assert vae.decode(latents).sample.shape == (1, 3, 9, 32, 32)
 
-    out = pipe(prompt="a red cat moving left", height=32, width=32, num_frames=9, num_inference_steps=2,
-               output_type="pt", generator=torch.Generator().manual_seed(0), **call_kwargs)
+    out = pipe(
+        prompt="a red cat moving left",
+        height=32,
+        width=32,
+        num_frames=9,
+        num_inference_steps=2,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+        **call_kwargs,
+    )
     assert out.frames.shape == (1, 9, 3, 32, 32)
     assert torch.isfinite(out.frames).all()
 
@@ -189,8 +204,14 @@ def test_ltx_tokenizer_and_text_encoder(ckpt: Path) -> None:
 
     text_encoder = T5EncoderModel.from_pretrained(ckpt / "text_encoder")
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
-    tokens = tokenizer(["a red cat", "a zebra"], padding="max_length", max_length=16, truncation=True,
-                       add_special_tokens=True, return_tensors="pt")
+    tokens = tokenizer(
+        ["a red cat", "a zebra"],
+        padding="max_length",
+        max_length=16,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    )
     assert tokenizer.model_max_length == 128
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
     assert tokens.input_ids.shape == (2, 16)
@@ -233,10 +254,17 @@ def test_hunyuan_tokenizers_follow_the_prompt_template(checkpoint) -> None:
     template, crop_start = DEFAULT_PROMPT_TEMPLATE["template"], DEFAULT_PROMPT_TEMPLATE["crop_start"]
     # The template's system part is exactly crop_start tokens (as with Llama 3), so cropping leaves the prompt.
     assert len(tokenizer(template.split("{}")[0]).input_ids) == crop_start
-    tokens = tokenizer(template.format("a red cat moving left"), max_length=crop_start + 16, padding="max_length",
-                       truncation=True)
-    assert tokenizer.convert_ids_to_tokens(tokens.input_ids[crop_start:crop_start + 6]) == [
-        "a", "\u2581red", "\u2581cat", "\u2581moving", "\u2581left", "<|eot_id|>"]
+    tokens = tokenizer(
+        template.format("a red cat moving left"), max_length=crop_start + 16, padding="max_length", truncation=True
+    )
+    assert tokenizer.convert_ids_to_tokens(tokens.input_ids[crop_start : crop_start + 6]) == [
+        "a",
+        "\u2581red",
+        "\u2581cat",
+        "\u2581moving",
+        "\u2581left",
+        "<|eot_id|>",
+    ]
     assert tokens.attention_mask[crop_start:] == [1] * 6 + [0] * 10  # right padding
     assert tokenizer.pad_token_id is not None and tokenizer.unk_token_id not in tokens.input_ids
     text_encoder = LlamaModel.from_pretrained(ckpt / "text_encoder")

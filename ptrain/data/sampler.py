@@ -52,7 +52,12 @@ class GlobalBatchSampler:
 
     def positions(self, micro_batch: int) -> range:
         step, m = divmod(micro_batch, self.grad_accum)
-        start = self.base_position + step * self.global_batch_size + m * self.batch_size * self.dp_size + self.dp_rank * self.batch_size
+        start = (
+            self.base_position
+            + step * self.global_batch_size
+            + m * self.batch_size * self.dp_size
+            + self.dp_rank * self.batch_size
+        )
         return range(start, start + self.batch_size)
 
     def index_at(self, position: int) -> int:

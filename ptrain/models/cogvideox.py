@@ -61,17 +61,10 @@ class CogVideoXSpec(ModelSpec):
         return VPrediction(components.scheduler)
 
     def encode_text(self, components, captions, max_sequence_length) -> Conditioning:
-        embeds, _ = self.pipe.encode_prompt(
-            captions, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
-            device=components.text_encoder.device,
-        )  # fmt: skip
-        return Conditioning({"encoder_hidden_states": embeds})
+        return Conditioning({"encoder_hidden_states": self.prompt_embeds(components, captions, max_sequence_length)})
 
     def encode_video(self, components, video, generators) -> torch.Tensor:
-        vae = components.vae
-        with torch.no_grad():
-            latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.sample(generator=generators)
-        return latents.float() * vae.config.scaling_factor
+        return self.sample_latents(components, video, generators) * components.vae.config.scaling_factor
 
     def forward(self, transformer: nn.Module, noisy_latents, timesteps, cond) -> torch.Tensor:
         b, c, f, h, w = noisy_latents.shape

@@ -65,10 +65,7 @@ class HunyuanVideoSpec(ModelSpec):
         )
 
     def encode_video(self, components, video, generators) -> torch.Tensor:
-        vae = components.vae
-        with torch.no_grad():
-            latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.sample(generator=generators)
-        return latents.float() * vae.config.scaling_factor
+        return self.sample_latents(components, video, generators) * components.vae.config.scaling_factor
 
     def forward(self, transformer: nn.Module, noisy_latents, timesteps, cond) -> torch.Tensor:
         guidance = torch.full((noisy_latents.shape[0],), TRAIN_GUIDANCE * 1000.0, device=noisy_latents.device)

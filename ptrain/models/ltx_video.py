@@ -57,11 +57,8 @@ class LTXVideoSpec(ModelSpec):
 
     def encode_video(self, components, video, generators) -> torch.Tensor:
         vae = components.vae
-        with torch.no_grad():
-            latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.sample(generator=generators)
-        return LTXPipeline._normalize_latents(
-            latents.float(), vae.latents_mean, vae.latents_std, vae.config.scaling_factor
-        )
+        latents = self.sample_latents(components, video, generators)
+        return LTXPipeline._normalize_latents(latents, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
 
     def forward(self, transformer: nn.Module, noisy_latents, timesteps, cond) -> torch.Tensor:
         b, c, f, h, w = noisy_latents.shape

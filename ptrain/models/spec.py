@@ -125,6 +125,23 @@ class ModelSpec(ABC):
     ) -> torch.Tensor:
         """Run the transformer on (B, C', F', H', W') latents; returns the raw model output in that shape."""
 
+    # --- helpers shared by the specs ------------------------------------------------------------
+    @staticmethod
+    def sample_latents(components: Components, video: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """VAE posterior sample (one generator per sample) in float32, before any model-specific scaling."""
+        vae = components.vae
+        with torch.no_grad():
+            dist = vae.encode(video.to(vae.device, vae.dtype)).latent_dist
+            return dist.sample(generator=generators).float()
+
+    def prompt_embeds(self, components: Components, captions: list[str], max_sequence_length: int) -> torch.Tensor:
+        """Text states from pipelines whose encode_prompt returns (embeds, negative embeds): CogVideoX, Wan."""
+        embeds, _ = self.pipe.encode_prompt(
+            captions, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
+            device=components.text_encoder.device,
+        )  # fmt: skip
+        return embeds
+
     def make_objective(self, args: TrainArgs, components: Components):
         """Flow matching by default, with the scheduler's static shift unless --flow_shift is given."""
         from ptrain.objectives import FlowMatching

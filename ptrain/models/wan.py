@@ -50,16 +50,11 @@ class WanSpec(ModelSpec):
         return FlowMatching(args, float(shift))
 
     def encode_text(self, components, captions, max_sequence_length) -> Conditioning:
-        embeds, _ = self.pipe.encode_prompt(
-            captions, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
-            device=components.text_encoder.device,
-        )  # fmt: skip
-        return Conditioning({"encoder_hidden_states": embeds})
+        return Conditioning({"encoder_hidden_states": self.prompt_embeds(components, captions, max_sequence_length)})
 
     def encode_video(self, components, video, generators) -> torch.Tensor:
+        latents = self.sample_latents(components, video, generators)
         vae = components.vae
-        with torch.no_grad():
-            latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.sample(generator=generators).float()
         mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
         std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
         return (latents - mean) / std

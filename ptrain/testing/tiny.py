@@ -80,9 +80,7 @@ def build_tokenizer(model_max_length: int = 128):
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
-def _bpe_chains(
-    pieces: Iterable[Sequence[str]], from_right: bool = False
-) -> tuple[list[str], list[tuple[str, str]]]:
+def _bpe_chains(pieces: Iterable[Sequence[str]], from_right: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     """The tokens and BPE merges that join each symbol sequence into one token, one symbol at a time.
 
     Chains grow from an anchor symbol (a leading '\u2581' or a trailing '</w>'), so chains of different
@@ -549,9 +547,7 @@ CHECKPOINT_VARIANTS: dict[str, tuple[str, ...]] = {
 def resolve_variant(model_name: str, variant: str | None = None) -> str:
     """`variant`, or `model_name`'s default one; ValueError for an unknown model or variant."""
     if model_name not in CHECKPOINT_BUILDERS:
-        raise ValueError(
-            f"unknown model_name {model_name!r}; supported: {', '.join(sorted(CHECKPOINT_BUILDERS))}"
-        )
+        raise ValueError(f"unknown model_name {model_name!r}; supported: {', '.join(sorted(CHECKPOINT_BUILDERS))}")
     valid = CHECKPOINT_VARIANTS[model_name]
     if variant is None:
         return valid[0]
