@@ -70,6 +70,19 @@ def test_even_frames_and_center_crop_without_stretch(tmp_path):
     assert torch.all(corner[1:] >= corner[:-1])
 
 
+@pytest.mark.parametrize("width", [48, 72])
+def test_narrow_widths_decord_misreads_still_decode(tmp_path, width):
+    frames = np.zeros((10, 32, width, 3), dtype=np.uint8)
+    frames[:, :, : width // 2] = 255  # left half white
+    path = tmp_path / f"w{width}.mp4"
+    write_video(path, frames, fps=8)
+    assert probe(path).num_frames == 10
+    clip = load_clip(path, num_frames=5, height=32, width=32)
+    assert clip.shape == (3, 5, 32, 32)
+    row = clip[:, 0, 16].mean(0)
+    assert row[:8].min() > 0.8 and row[-8:].max() < -0.8  # the white half is on the left, colours intact
+
+
 def test_unusable_videos_are_skipped_and_counted(tiny_data, tmp_path):
     records = load_records(DataArgs(data_root=tiny_data))
     (tmp_path / "broken.mp4").write_bytes(b"not a video")

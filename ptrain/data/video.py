@@ -19,9 +19,22 @@ class VideoInfo:
 
 
 def _reader(path: Path):
+    """A decord reader that yields (H, W, 3) frames.
+
+    decord 0.6 misdecodes some narrow widths (seen: 8, 12, 16, 24, 48, 72 px) with a 4th channel; such a
+    video is reopened with decord resizing it to a width that is a multiple of 64 (aspect kept), which
+    decodes correctly; the frames are resized to the training size afterwards anyway.
+    """
     import decord
 
-    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    shape = vr[0].shape
+    if len(shape) == 3 and shape[2] != 3:
+        h, w = shape[:2]
+        new_w = -(-w // 64) * 64
+        new_h = max(2, round(h * new_w / w / 2) * 2)
+        vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, width=new_w, height=new_h)
+    return vr
 
 
 def probe(path: Path) -> VideoInfo:
@@ -35,8 +48,9 @@ def probe(path: Path) -> VideoInfo:
     except Exception as e:  # decord raises its own DECORDError / RuntimeError types
         raise ValueError(f"video {path}: cannot decode ({type(e).__name__}: {e})") from e
     if len(shape) != 3 or shape[2] != 3:
-        # decord 0.6 misreads some narrow videos (e.g. width 48) with a wrong channel count
         raise ValueError(f"video {path}: decoder returned frames of shape {tuple(shape)}, not (H, W, 3)")
+    if n < 1:
+        raise ValueError(f"video {path}: no frames")
     return VideoInfo(n, int(shape[0]), int(shape[1]))
 
 
