@@ -69,15 +69,18 @@ class DataArgs:
     dataset_file: Path | None = None
     """CSV/JSON/JSONL file with caption and video-path columns (paths relative to the file or data_root)."""
     caption_column: str = "caption"
-    """Caption column name in --dataset_file."""
+    """Caption column name in --dataset_file, or (CogVideoX scripts) a caption file in --data_root."""
     video_column: str = "video"
-    """Video path column name in --dataset_file."""
+    """Video path column name in --dataset_file, or (CogVideoX scripts) a video-list file in --data_root."""
     height: int = 480
     """Training height in pixels (videos are resized then center-cropped, never stretched)."""
     width: int = 720
     """Training width in pixels."""
     num_frames: int = 49
     """Frames per sample, taken evenly over the clip; must suit the VAE (LTX: 8k+1)."""
+    fps: float | None = None
+    """Resample each video to this frame rate first and take --num_frames consecutive frames from its start
+    (motion plays at the same speed in every sample); default: --num_frames spread evenly over the clip."""
     max_sequence_length: int | None = None
     """Text tokens per prompt. Default: the model's own (LTX 128)."""
     dataloader_num_workers: int = 2
@@ -90,6 +93,8 @@ class TrainArgs:
     """Where metrics, logs and the exported weights go."""
     train_steps: int = 1000
     """Number of optimizer steps."""
+    num_train_epochs: int | None = None
+    """Train for this many passes over the usable samples instead (sets --train_steps = epochs x steps per epoch)."""
     batch_size: int = 1
     """Samples per data-parallel rank per micro-batch."""
     gradient_accumulation_steps: int = 1
@@ -169,6 +174,8 @@ class ValidationArgs:
     """CSV/JSON/JSONL with a `prompt` column and optional height, width, num_frames, num_inference_steps."""
     validation_steps: int = 0
     """Sample the validation prompts every N optimizer steps (and at the end); 0 = never."""
+    validation_epochs: int | None = None
+    """Or every N epochs (overrides --validation_steps)."""
     num_validation_videos: int = 1
     """Videos per validation prompt."""
     validation_height: int | None = None
@@ -187,6 +194,8 @@ class ValidationArgs:
 class CheckpointArgs:
     checkpointing_steps: int = 500
     """Save a resumable DCP checkpoint every N optimizer steps under output_dir/checkpoints/step-N (and at the end); 0 = no checkpoints."""
+    checkpointing_epochs: int | None = None
+    """Or every N epochs (overrides --checkpointing_steps)."""
     checkpointing_limit: int | None = None
     """Keep only the newest K complete checkpoints (default: keep all)."""
     resume_from_checkpoint: str = "auto"
@@ -228,6 +237,9 @@ class Config:
     checkpoint: Annotated[CheckpointArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=CheckpointArgs)
     validation: Annotated[ValidationArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=ValidationArgs)
     log: Annotated[LogArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=LogArgs)
+
+    #: What ptrain.compat translated from other trainers' flag names (logged at start).
+    compat_notes: Annotated[list[str], tyro.conf.Suppress] = field(default_factory=list)
 
     def validate(self) -> "Config":
         m, d, t, o, p = self.model, self.data, self.train, self.optim, self.parallel
@@ -277,7 +289,14 @@ class Config:
             )
         if v.validation_dataset_file is not None and not Path(v.validation_dataset_file).is_file():
             raise ConfigError(f"--validation_dataset_file {v.validation_dataset_file}: no such file")
-        if v.validation_steps and not (v.validation_prompts or v.validation_dataset_file):
+        for flag, value in (
+            ("--num_train_epochs", t.num_train_epochs),
+            ("--validation_epochs", v.validation_epochs),
+            ("--checkpointing_epochs", self.checkpoint.checkpointing_epochs),
+        ):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if (v.validation_steps or v.validation_epochs) and not (v.validation_prompts or v.validation_dataset_file):
             raise ConfigError("--validation_steps needs --validation_prompts or --validation_dataset_file")
         for flag, value in (
             ("--transformer_id", m.transformer_id), ("--vae_id", m.vae_id), ("--text_encoder_id", m.text_encoder_id),
@@ -291,6 +310,8 @@ class Config:
             raise ConfigError(
                 f"--resume_from_checkpoint {r}: use auto, latest, none, a step number or a checkpoint folder"
             )
+        if d.fps is not None and d.fps <= 0:
+            raise ConfigError(f"--fps must be > 0, got {d.fps}")
         if d.dataloader_num_workers < 0:
             raise ConfigError(f"--dataloader_num_workers must be >= 0, got {d.dataloader_num_workers}")
         if o.lr <= 0:
@@ -330,7 +351,7 @@ def _load_toml(path: Path) -> dict:
     return flat
 
 
-_GROUPS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "config"}
+_GROUPS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("config", "compat_notes")}
 
 
 def _field_owner() -> dict[str, str]:
@@ -349,7 +370,7 @@ def _apply_preset(cfg: Config, values: dict, source: Path) -> Config:
         if key not in owner:
             raise ConfigError(f"--config {source}: unknown key {key!r} (not a ptrain flag)")
         groups[owner[key]][key] = value
-    kwargs = {"config": source}
+    kwargs = {"config": source, "compat_notes": cfg.compat_notes}
     for g, vals in groups.items():
         current = getattr(cfg, g)
         types = {f.name: f.type for f in dataclasses.fields(current)}
@@ -370,13 +391,17 @@ def _config_path_from_argv(argv: list[str]) -> Path | None:
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """Defaults < TOML preset (--config) < command-line flags."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Defaults < TOML preset (--config) < command-line flags (other trainers' names translated first)."""
+    from ptrain.compat import translate_argv
+
+    argv, notes = translate_argv(list(sys.argv[1:] if argv is None else argv))
     default = Config()
     preset = _config_path_from_argv(argv)
     if preset is not None:
         default = _apply_preset(default, _load_toml(preset), preset)
-    return tyro.cli(Config, args=argv, default=default, use_underscores=True, prog="torchrun ... -m ptrain")
+    cfg = tyro.cli(Config, args=argv, default=default, use_underscores=True, prog="torchrun ... -m ptrain")
+    cfg.compat_notes = notes
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict:

@@ -30,7 +30,7 @@ from ptrain.checkpoint import (
     resolve_resume,
 )
 from ptrain.config import Config, ConfigError, to_dict
-from ptrain.data import build_dataloader
+from ptrain.data import build_dataloader, scan_dataset
 from ptrain.export import export_full, export_lora
 from ptrain.metrics import MetricsWriter, peak_memory_gb
 from ptrain.models.spec import Components, ModelSpec, get_spec
@@ -117,6 +117,24 @@ def train(cfg: Config) -> TrainResult:
     dp_rank, dp_size = mesh.dp.get_local_rank(), dims.dp
     accum = t.gradient_accumulation_steps
     log.info("ptrain: %s on %s (%s)", dims.describe(), device, dist.get_backend())
+    for note in cfg.compat_notes:
+        log.info("flag from another trainer: %s", note)
+
+    usable = scan_dataset(cfg.data)  # probe the data before loading any model: bad data fails fast
+    global_batch = t.batch_size * dp_size * accum
+    steps_per_epoch = math.ceil(len(usable.records) / global_batch)
+    if t.num_train_epochs:
+        t.train_steps = t.num_train_epochs * steps_per_epoch
+        log.info(
+            "--num_train_epochs %d: %d steps (%d per epoch of %d samples, global batch %d)",
+            t.num_train_epochs, t.train_steps, steps_per_epoch, len(usable.records), global_batch,
+        )  # fmt: skip
+    v_every = cfg.validation.validation_steps
+    if cfg.validation.validation_epochs:
+        v_every = cfg.validation.validation_epochs * steps_per_epoch
+    ckpt_every = c.checkpointing_steps
+    if c.checkpointing_epochs:
+        ckpt_every = c.checkpointing_epochs * steps_per_epoch
 
     out = Path(t.output_dir)
     layout = Layout(world, dims.dp_replicate, dims.dp_shard, dims.cp, t.batch_size * dp_size * accum)
@@ -204,7 +222,7 @@ def train(cfg: Config) -> TrainResult:
         if not resharded and extra["sampler"] != sampler_state:
             raise RuntimeError(f"checkpoint {resume}: sampler state {extra['sampler']} != expected {sampler_state}")
 
-    loader, sampler, usable = build_dataloader(cfg.data, dp_rank, dp_size, t.batch_size, accum, t.seed, sampler_state)
+    loader, sampler = build_dataloader(usable, cfg.data, dp_rank, dp_size, t.batch_size, accum, t.seed, sampler_state)
     log.info(
         "data: %d usable videos (%d skipped); global batch %d = batch_size %d x dp %d x grad accum %d",
         len(usable.records),
@@ -223,7 +241,6 @@ def train(cfg: Config) -> TrainResult:
     objective = spec.make_objective(t, comps)
     max_seq = cfg.data.max_sequence_length or spec.max_sequence_length(comps)
     validation_items = load_validation_items(cfg.validation, cfg.data)
-    v_every = cfg.validation.validation_steps
     loss_group = mesh.dp_cp.get_group() if world > 1 else None
     metrics = MetricsWriter(
         out, rank == 0, cfg.log.report_to == "tensorboard", resume_step=state.step if resume else None
@@ -325,10 +342,10 @@ def train(cfg: Config) -> TrainResult:
                 )
             if validation_items and v_every and (step % v_every == 0 or step == t.train_steps):
                 run_validation(spec, transformer, validation_items, cfg.validation, step, out, t.seed, metrics)
-            if c.checkpointing_steps and step % c.checkpointing_steps == 0 and step < t.train_steps:
+            if ckpt_every and step % ckpt_every == 0 and step < t.train_steps:
                 save_checkpoint()
                 last_saved = step
-        if c.checkpointing_steps and last_saved != state.step:
+        if ckpt_every and last_saved != state.step:
             save_checkpoint(final=True)
         checkpointer.wait()
     finally:

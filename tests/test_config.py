@@ -17,7 +17,7 @@ def _all_flags() -> list[str]:
     cfg = Config()
     names = ["config"]
     for f in dataclasses.fields(cfg):
-        if f.name != "config":
+        if dataclasses.is_dataclass(getattr(cfg, f.name)):
             names += [g.name for g in dataclasses.fields(getattr(cfg, f.name))]
     return names
 

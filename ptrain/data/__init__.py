@@ -24,15 +24,16 @@ class Usable:
     skipped: dict[str, str]  # path -> reason
 
 
-def filter_usable(records: list[Record], num_frames: int) -> Usable:
+def filter_usable(records: list[Record], num_frames: int, fps: float | None = None) -> Usable:
     """Probe every video (split over ranks when distributed); drop and count the unusable ones."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = {}
     for i in range(rank, len(records), world):
         try:
             info = probe(records[i].video)
-            if info.num_frames < num_frames:
-                mine[i] = f"{info.num_frames} frames < --num_frames {num_frames}"
+            if info.frames_at(fps) < num_frames:
+                at = f" at --fps {fps}" if fps else ""
+                mine[i] = f"{info.frames_at(fps)} frames{at} < --num_frames {num_frames}"
         except (OSError, ValueError) as e:
             mine[i] = str(e)
     if world > 1:
@@ -57,25 +58,17 @@ class VideoDataset(Dataset):
         rec = self.records[index]
         a = self.args
         return {
-            "video": load_clip(rec.video, a.num_frames, a.height, a.width),
+            "video": load_clip(rec.video, a.num_frames, a.height, a.width, a.fps),
             "caption": rec.caption,
             "position": position,
             "index": index,
         }
 
 
-def build_dataloader(
-    args: DataArgs,
-    dp_rank: int,
-    dp_size: int,
-    batch_size: int,
-    grad_accum: int,
-    seed: int,
-    sampler_state: dict | None = None,
-) -> tuple[StatefulDataLoader, GlobalBatchSampler, Usable]:
-    """The loader of one data-parallel rank; `sampler_state` positions it in the sample stream (resume)."""
+def scan_dataset(args: DataArgs) -> Usable:
+    """Read the dataset description and probe every video; log and count what is skipped."""
     records = load_records(args)
-    usable = filter_usable(records, args.num_frames)
+    usable = filter_usable(records, args.num_frames, args.fps)
     if usable.skipped:
         log.warning("skipping %d of %d videos:", len(usable.skipped), len(records))
         for path, reason in list(usable.skipped.items())[:20]:
@@ -84,6 +77,20 @@ def build_dataloader(
             log.warning("  ... and %d more", len(usable.skipped) - 20)
     if not usable.records:
         raise ConfigError(f"none of the {len(records)} videos is usable (see the reasons above)")
+    return usable
+
+
+def build_dataloader(
+    usable: Usable,
+    args: DataArgs,
+    dp_rank: int,
+    dp_size: int,
+    batch_size: int,
+    grad_accum: int,
+    seed: int,
+    sampler_state: dict | None = None,
+) -> tuple[StatefulDataLoader, GlobalBatchSampler]:
+    """The loader of one data-parallel rank; `sampler_state` positions it in the sample stream (resume)."""
     sampler = GlobalBatchSampler(len(usable.records), batch_size, dp_rank, dp_size, grad_accum, seed)
     if sampler_state:
         sampler.load_state_dict(sampler_state)
@@ -94,4 +101,4 @@ def build_dataloader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=args.dataloader_num_workers > 0,
     )
-    return loader, sampler, usable
+    return loader, sampler

@@ -31,8 +31,8 @@ def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in lines]
 
 
-def _cogvideox_folder(root: Path) -> list[Record]:
-    prompts, videos = root / "prompts.txt", root / "videos.txt"
+def _cogvideox_folder(root: Path, prompts_name: str = "prompts.txt", videos_name: str = "videos.txt") -> list[Record]:
+    prompts, videos = root / prompts_name, root / videos_name
     captions, paths = _read_lines(prompts), _read_lines(videos)
     if len(captions) != len(paths):
         raise ConfigError(
@@ -85,7 +85,10 @@ def load_records(args: DataArgs) -> list[Record]:
         records = _table(path, root, args.caption_column, args.video_column)
     else:
         root = Path(args.data_root)
-        if (root / "prompts.txt").is_file() and (root / "videos.txt").is_file():
+        if (root / args.caption_column).is_file() and (root / args.video_column).is_file():
+            # the CogVideoX scripts' --caption_column prompts.txt --video_column videos.txt
+            records = _cogvideox_folder(root, args.caption_column, args.video_column)
+        elif (root / "prompts.txt").is_file() and (root / "videos.txt").is_file():
             records = _cogvideox_folder(root)
         else:
             meta = next((root / n for n in METADATA_NAMES if (root / n).is_file()), None)

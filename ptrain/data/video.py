@@ -16,6 +16,13 @@ class VideoInfo:
     num_frames: int
     height: int
     width: int
+    fps: float = 0.0
+
+    def frames_at(self, fps: float | None) -> int:
+        """How many frames the clip has once resampled to `fps` (unchanged without one)."""
+        if not fps or not self.fps:
+            return self.num_frames
+        return len(fps_indices(self.num_frames, self.fps, fps))
 
 
 def _reader(path: Path):
@@ -51,7 +58,7 @@ def probe(path: Path) -> VideoInfo:
         raise ValueError(f"video {path}: decoder returned frames of shape {tuple(shape)}, not (H, W, 3)")
     if n < 1:
         raise ValueError(f"video {path}: no frames")
-    return VideoInfo(n, int(shape[0]), int(shape[1]))
+    return VideoInfo(n, int(shape[0]), int(shape[1]), float(vr.get_avg_fps() or 0.0))
 
 
 def even_indices(total: int, num_frames: int) -> list[int]:
@@ -61,6 +68,13 @@ def even_indices(total: int, num_frames: int) -> list[int]:
     if num_frames == 1:
         return [0]
     return [round(i * (total - 1) / (num_frames - 1)) for i in range(num_frames)]
+
+
+def fps_indices(total: int, source_fps: float, target_fps: float) -> list[int]:
+    """Source frame index of each frame of the clip resampled to `target_fps` (nearest frame in time)."""
+    step = source_fps / target_fps
+    count = int((total - 1) / step + 1e-9) + 1
+    return [min(total - 1, int(k * step + 0.5)) for k in range(count)]
 
 
 def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -74,10 +88,20 @@ def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.T
     return frames[:, :, top : top + height, left : left + width]
 
 
-def load_clip(path: Path, num_frames: int, height: int, width: int) -> torch.Tensor:
+def clip_indices(total: int, num_frames: int, source_fps: float = 0.0, fps: float | None = None) -> list[int]:
+    """Frames of one sample: --num_frames consecutive frames at --fps from the start, or spread evenly."""
+    if fps and source_fps:
+        resampled = fps_indices(total, source_fps, fps)
+        if len(resampled) < num_frames:
+            raise ValueError(f"clip has {len(resampled)} frames at --fps {fps}, fewer than --num_frames {num_frames}")
+        return resampled[:num_frames]
+    return even_indices(total, num_frames)
+
+
+def load_clip(path: Path, num_frames: int, height: int, width: int, fps: float | None = None) -> torch.Tensor:
     """-> (C, F, H, W) float32 in [-1, 1]."""
     vr = _reader(path)
-    idx = even_indices(len(vr), num_frames)
+    idx = clip_indices(len(vr), num_frames, float(vr.get_avg_fps() or 0.0), fps)
     frames = vr.get_batch(idx).asnumpy()  # (F, h, w, 3) uint8
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     x = resize_center_crop(x, height, width).clamp(-1.0, 1.0)

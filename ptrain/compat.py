@@ -1,0 +1,120 @@
+"""Command lines from other trainers: their flag names mapped onto ptrain's, before parsing.
+
+finetrainers, VideoX-Fun (scripts/*/train.py) and the CogVideoX diffusers scripts
+name the same settings differently. Known aliases are rewritten to ptrain's
+flag (with value translation where the vocabularies differ, e.g.
+`--mixed_precision bf16` -> `--transformer_dtype bfloat16`); flags that have no
+meaning here are rejected with what replaces them — never silently ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ptrain.config import ConfigError
+
+log = logging.getLogger("ptrain")
+
+#: Same meaning, other name.
+RENAMES = {
+    "--train_batch_size": "--batch_size",
+    "--learning_rate": "--lr",
+    "--max_train_steps": "--train_steps",
+    "--adam_beta1": "--beta1",
+    "--adam_beta2": "--beta2",
+    "--adam_weight_decay": "--weight_decay",
+    "--adam_epsilon": "--epsilon",
+    "--instance_data_root": "--data_root",
+    "--train_data_dir": "--data_root",
+    "--train_data_meta": "--dataset_file",
+    "--max_num_frames": "--num_frames",
+    "--video_sample_n_frames": "--num_frames",
+    "--checkpoints_total_limit": "--checkpointing_limit",
+    "--validation_prompt": "--validation_prompts",
+    "--seed_everything": "--seed",
+}
+
+#: A value-less switch that selects a ptrain flag value.
+SWITCHES = {
+    "--use_8bit_adam": ("--optimizer", "adamw-8bit"),
+    "--use_came": ("--optimizer", "came"),
+}
+
+#: Values other trainers use for ptrain flags, per ptrain flag.
+VALUE_MAPS = {
+    "--transformer_dtype": {"no": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"},
+    "--optimizer": {"adamw": "adamw", "adam": "adam", "came": "came", "adamw8bit": "adamw-8bit"},
+}
+
+#: Flags from accelerate / DeepSpeed launch setups and hub uploads: what ptrain does instead.
+REJECTED = {
+    "--use_deepspeed": "ptrain shards with FSDP2 instead of DeepSpeed: use --dp_shards N (ZeRO-3-like) or -1 for all ranks",
+    "--deepspeed": "ptrain shards with FSDP2 instead of DeepSpeed: use --dp_shards N (ZeRO-3-like) or -1 for all ranks",
+    "--deepspeed_config": "ptrain shards with FSDP2 instead of DeepSpeed: use --dp_shards N (ZeRO-3-like) or -1",
+    "--config_file": "accelerate config files are not used: launch with torchrun and set --dp_degree/--dp_shards",
+    "--use_fsdp": "FSDP2 is always used when sharding: set --dp_shards (and --dp_degree for HSDP)",
+    "--multi_gpu": "launch with `torchrun --nproc_per_node N -m ptrain ...`",
+    "--num_processes": "launch with `torchrun --nproc_per_node N -m ptrain ...`",
+    "--push_to_hub": "ptrain does not upload; outputs are in --output_dir",
+    "--hub_token": "ptrain does not upload; outputs are in --output_dir",
+    "--hub_model_id": "ptrain does not upload; outputs are in --output_dir",
+    "--cache_dir": "ptrain loads local checkpoints only: pass the folder as --pretrained_model_name_or_path",
+    "--revision": "ptrain loads local checkpoints only: pass the folder as --pretrained_model_name_or_path",
+    "--variant": "ptrain loads local checkpoints only: pass the folder as --pretrained_model_name_or_path",
+    "--scale_lr": "give the learning rate you want with --lr (ptrain does not rescale it by batch size)",
+    "--logging_dir": "tensorboard logs go to --output_dir/logs",
+    "--tracker_name": "tensorboard logs go to --output_dir/logs",
+}
+
+#: Accepted for compatibility and mapped by hand below.
+_MIXED_PRECISION = "--mixed_precision"
+
+
+def _split(arg: str) -> tuple[str, str | None]:
+    if arg.startswith("--") and "=" in arg:
+        name, value = arg.split("=", 1)
+        return name, value
+    return arg, None
+
+
+def translate_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """-> (argv in ptrain's names, notes on what was translated). Raises ConfigError for rejected flags."""
+    out: list[str] = []
+    notes: list[str] = []
+    i = 0
+    while i < len(argv):
+        name, inline = _split(argv[i])
+        if name in REJECTED:
+            raise ConfigError(f"{name} is not a ptrain flag: {REJECTED[name]}")
+        if name in SWITCHES:
+            flag, value = SWITCHES[name]
+            out += [flag, value]
+            notes.append(f"{name} -> {flag} {value}")
+            i += 1
+            continue
+        target = RENAMES.get(name, name)
+        if name == _MIXED_PRECISION:
+            target = "--transformer_dtype"
+        if target != name:
+            notes.append(f"{name} -> {target}")
+        out.append(target if inline is None else f"{target}={inline}")
+        i += 1
+        if target in VALUE_MAPS and i <= len(argv):
+            # translate the value (inline or next argument) when it is another trainer's spelling
+            if inline is not None:
+                out[-1] = f"{target}={VALUE_MAPS[target].get(inline.lower(), inline)}"
+            elif i < len(argv) and not argv[i].startswith("--"):
+                value = argv[i]
+                mapped = VALUE_MAPS[target].get(value.lower(), value)
+                if value.lower() == "prodigy":
+                    raise ConfigError("--optimizer prodigy is not supported: use adamw, adam, came or adamw-8bit")
+                if mapped != value:
+                    notes.append(f"{target} {value} -> {mapped}")
+                out.append(mapped)
+                i += 1
+    if _MIXED_PRECISION in argv or any(a.startswith(_MIXED_PRECISION + "=") for a in argv):
+        notes.append(
+            "--mixed_precision sets the transformer's compute dtype (--transformer_dtype); the VAE and text "
+            "encoders have their own --vae_dtype / --text_encoder_dtype"
+        )
+    return out, notes
