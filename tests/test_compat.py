@@ -8,7 +8,7 @@ import shlex
 import numpy as np
 import pytest
 import torch
-from conftest import run_ptrain
+from conftest import REPO, run_ptrain
 
 from ptrain.config import ConfigError, parse_config
 from ptrain.data.video import clip_indices, fps_indices, load_clip, probe
@@ -45,6 +45,29 @@ VIDEOX_FUN_SEED = (
 
 def _parse(cmd: str, tmp_path):
     return parse_config(shlex.split(cmd.format(ckpt=tmp_path, data=tmp_path, out=tmp_path / "out")))
+
+
+def _readme_commands() -> list[list[str]]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Coming from other trainers", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```bash\n")[1:]]
+    cmds = []
+    for block in blocks:
+        argv = shlex.split(block.replace("\\\n", " "))
+        assert argv[:4] == ["torchrun", "--nproc_per_node", "8", "-m"] and argv[4] == "ptrain"
+        cmds.append(argv[5:])
+    return cmds
+
+
+def test_readme_migration_commands_parse():
+    cogvideox, finetrainers, videox_fun = (parse_config(argv) for argv in _readme_commands())
+    assert cogvideox.model.model_name == "cogvideox" and cogvideox.data.caption_column == "prompts.txt"
+    assert (cogvideox.optim.optimizer, cogvideox.optim.lr, cogvideox.train.num_train_epochs) == ("adam", 1e-3, 30)
+    assert cogvideox.validation.validation_epochs == 10 and cogvideox.data.fps == 8
+    assert (finetrainers.parallel.dp_degree, finetrainers.parallel.dp_shards) == (2, 4)
+    assert finetrainers.model.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert videox_fun.optim.optimizer == "came" and videox_fun.data.video_column == "file_path"
+    assert videox_fun.model.transformer_dtype == "bfloat16" and videox_fun.data.num_frames == 81
 
 
 def test_cogvideox_command_maps_onto_ptrain(tmp_path):
