@@ -57,6 +57,10 @@ class ModelArgs:
     """LoRA rank."""
     lora_alpha: float = 64.0
     """LoRA alpha (scaling = alpha / rank); saved with the exported weights."""
+    trainable_modules: list[str] | None = None
+    """Full fine-tune only the parameters whose names contain one of these strings ('.' = all; VideoX-Fun)."""
+    trainable_modules_low_learning_rate: list[str] | None = None
+    """Of the trainable parameters, those whose names contain one of these strings train at half --lr."""
     target_modules: list[str] | None = None
     """Module name suffixes that get LoRA adapters, or one regex (e.g. 'transformer_blocks.*attn1.to_(q|k)').
     Default: the model's attention projections."""
@@ -111,6 +115,9 @@ class TrainArgs:
     """torch.compile each transformer block (regional compilation)."""
     compile_backend: str = "inductor"
     """torch.compile backend (inductor; aot_eager or eager for cheap checks)."""
+    uniform_sampling: bool = False
+    """Stratify timesteps over the global batch (sample j of G draws from the j-th of G equal slices of the
+    noise range), so every step covers all noise levels whatever the parallel layout (VideoX-Fun)."""
     flow_weighting_scheme: Literal["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"] = "none"
     """Timestep density (logit_normal, mode; otherwise uniform) and loss weighting (sigma_sqrt, cosmap)."""
     flow_logit_mean: float = 0.0
@@ -309,6 +316,10 @@ class Config:
         if r not in ("auto", "latest", "none") and not r.isdigit() and not Path(r).is_dir():
             raise ConfigError(
                 f"--resume_from_checkpoint {r}: use auto, latest, none, a step number or a checkpoint folder"
+            )
+        if (m.trainable_modules or m.trainable_modules_low_learning_rate) and m.training_type != "full-finetune":
+            raise ConfigError(
+                "--trainable_modules / --trainable_modules_low_learning_rate need --training_type full-finetune"
             )
         if d.fps is not None and d.fps <= 0:
             raise ConfigError(f"--fps must be > 0, got {d.fps}")

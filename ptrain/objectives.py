@@ -44,6 +44,13 @@ def _noise_like(latents: torch.Tensor, generators: list[torch.Generator]) -> tor
     return torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(latents)
 
 
+def _stratified(generators: list[torch.Generator], strata) -> torch.Tensor:
+    """u in [j/G, (j+1)/G) for sample j of a global batch of G (`strata` = (j tensor, G))."""
+    index, size = strata
+    r = torch.cat([torch.rand(1, generator=g) for g in generators])
+    return (index.float() + r) / size
+
+
 def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Mean over elements per sample, weighted, then mean over the micro-batch."""
     per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
@@ -56,8 +63,16 @@ class FlowMatching:
     def __init__(self, args: TrainArgs, shift: float = 1.0):
         self.args, self.shift = args, shift
 
-    def sample_sigmas(self, generators: list[torch.Generator]) -> torch.Tensor:
+    def sample_sigmas(self, generators: list[torch.Generator], strata=None) -> torch.Tensor:
         a = self.args
+        if strata is not None:
+            u = _stratified(generators, strata)
+            if a.flow_weighting_scheme == "logit_normal":  # inverse CDF keeps the strata
+                normal = torch.distributions.Normal(a.flow_logit_mean, a.flow_logit_std)
+                u = torch.sigmoid(normal.icdf(u.clamp(1e-6, 1 - 1e-6)))
+            elif a.flow_weighting_scheme == "mode":
+                u = 1 - u - a.flow_mode_scale * (torch.cos(torch.pi * u / 2) ** 2 - 1 + u)
+            return shift_sigmas(u.float().clamp(0.0, 1.0), self.shift)
         u = torch.cat(
             [
                 compute_density_for_timestep_sampling(
@@ -73,8 +88,8 @@ class FlowMatching:
         )
         return shift_sigmas(u.float().clamp(0.0, 1.0), self.shift)
 
-    def prepare(self, latents: torch.Tensor, generators: list[torch.Generator]) -> Prepared:
-        sigmas = self.sample_sigmas(generators)
+    def prepare(self, latents: torch.Tensor, generators: list[torch.Generator], strata=None) -> Prepared:
+        sigmas = self.sample_sigmas(generators, strata)
         noise = _noise_like(latents, generators)
         s = sigmas.to(latents).view(-1, *([1] * (latents.ndim - 1)))
         noisy = (1.0 - s) * latents + s * noise
@@ -94,8 +109,12 @@ class VPrediction:
         self.scheduler = scheduler
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
 
-    def prepare(self, latents: torch.Tensor, generators: list[torch.Generator]) -> Prepared:
-        t = torch.cat([torch.randint(0, self.num_train_timesteps, (1,), generator=g) for g in generators])
+    def prepare(self, latents: torch.Tensor, generators: list[torch.Generator], strata=None) -> Prepared:
+        if strata is not None:
+            u = _stratified(generators, strata)
+            t = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
+        else:
+            t = torch.cat([torch.randint(0, self.num_train_timesteps, (1,), generator=g) for g in generators])
         noise = _noise_like(latents, generators)
         noisy = self.scheduler.add_noise(latents, noise, t.to(latents.device))
         alpha_bar = self.scheduler.alphas_cumprod.to(torch.float32)[t]

@@ -9,8 +9,9 @@ from torch.distributed.tensor import DTensor, Replicate
 from ptrain.config import ConfigError, OptimArgs
 
 
-def build_optimizer(params: list[torch.nn.Parameter], args: OptimArgs, device: torch.device) -> torch.optim.Optimizer:
-    if not params:
+def build_optimizer(params: list, args: OptimArgs, device: torch.device) -> torch.optim.Optimizer:
+    """`params`: parameters or param-group dicts (groups may set their own lr)."""
+    if not params or (isinstance(params[0], dict) and not any(g["params"] for g in params)):
         raise ConfigError("no trainable parameters (check --training_type and --target_modules)")
     betas = (args.beta1, args.beta2)
     if args.optimizer == "adamw":

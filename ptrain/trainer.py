@@ -88,9 +88,31 @@ def make_trainable(transformer: torch.nn.Module, cfg: Config, spec: ModelSpec) -
         for p in transformer.parameters():
             if p.requires_grad:  # LoRA weights train in float32 whatever the frozen base's dtype
                 p.data = p.data.float()
+    elif m.trainable_modules:
+        transformer.requires_grad_(False)
+        matched = 0
+        for name, p in transformer.named_parameters():
+            if any(pattern in name for pattern in m.trainable_modules):
+                p.requires_grad_(True)
+                matched += 1
+        if not matched:
+            raise ConfigError(f"--trainable_modules {m.trainable_modules}: no parameter name contains any of them")
     else:
         transformer.requires_grad_(True)
     transformer.train()
+
+
+def param_groups(transformer: torch.nn.Module, cfg: Config) -> list[dict]:
+    """Trainable parameters, split off a half-learning-rate group for --trainable_modules_low_learning_rate."""
+    low = cfg.model.trainable_modules_low_learning_rate or []
+    normal, slow = [], []
+    for name, p in transformer.named_parameters():
+        if p.requires_grad:
+            (slow if any(pattern in name for pattern in low) else normal).append(p)
+    groups = [{"params": normal}] if normal else []
+    if slow:
+        groups.append({"params": slow, "lr": cfg.optim.lr / 2})
+    return groups
 
 
 def seed_everything(seed: int) -> None:
@@ -196,11 +218,12 @@ def train(cfg: Config) -> TrainResult:
         )
     )
 
-    params = [q for q in transformer.parameters() if q.requires_grad]
+    groups = param_groups(transformer, cfg)
+    params = [q for g in groups for q in g["params"]]
     n_train = sum(q.numel() for q in params)
     n_total = sum(q.numel() for q in transformer.parameters())
     log.info("trainable parameters: %s of %s (%s)", f"{n_train:,}", f"{n_total:,}", m.training_type)
-    optimizer = build_optimizer(params, cfg.optim, device)
+    optimizer = build_optimizer(groups, cfg.optim, device)
     lr_scheduler = build_scheduler(optimizer, cfg.optim, t.train_steps)
 
     checkpointer = Checkpointer(
@@ -280,7 +303,11 @@ def train(cfg: Config) -> TrainResult:
                 video = batch["video"].to(device, non_blocking=True)
                 latents = spec.encode_video(comps, video, gens)
                 cond = spec.encode_text(comps, list(batch["caption"]), max_seq)
-                prepared = objective.prepare(latents, gens)
+                strata = None
+                if t.uniform_sampling:  # sample j of the global batch draws from slice j of G
+                    pos = torch.as_tensor(batch["position"])
+                    strata = ((pos - state.base_position) % sampler.global_batch_size, sampler.global_batch_size)
+                prepared = objective.prepare(latents, gens, strata)
                 pred = spec.forward(transformer, prepared.noisy, prepared.timesteps, cond)
                 loss = objective.loss(pred, prepared) / accum
                 loss.backward()

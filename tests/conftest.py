@@ -122,6 +122,14 @@ LAYOUTS = {
         ["--batch_size", "1", "--training_type", "full-finetune", "--lr", "1e-4", "--optimizer", "came",
          "--gradient_checkpointing", "--ac_mode", "selective", "--ac_every_n_blocks", "2"],
     ),
+    # Full fine-tune of only the self-attention (to_q at half lr), with rank-stratified timesteps.
+    "partial-single": (1, ["--batch_size", "4", "--training_type", "full-finetune", "--lr", "1e-3",
+                           "--trainable_modules", "attn1", "--trainable_modules_low_learning_rate", "to_q",
+                           "--uniform_sampling", "--flow_weighting_scheme", "logit_normal"]),
+    "partial-fsdp2": (2, ["--batch_size", "1", "--gradient_accumulation_steps", "2", "--training_type",
+                          "full-finetune", "--lr", "1e-3", "--trainable_modules", "attn1",
+                          "--trainable_modules_low_learning_rate", "to_q", "--uniform_sampling",
+                          "--flow_weighting_scheme", "logit_normal"]),
 }  # fmt: skip
 
 

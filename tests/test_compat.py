@@ -140,3 +140,41 @@ def test_cogvideox_seed_command_trains_tiny_checkpoint(tiny_ckpts, tiny_data, tm
     assert len(run.losses) == math.ceil(usable / 1) and all(math.isfinite(v) for v in run.losses)
     assert "--learning_rate -> --lr" in run.stderr
     assert sorted((tmp_path / "validation").iterdir())[-1].name == f"step-{len(run.losses)}"
+
+
+@pytest.mark.slow
+def test_trainable_modules_and_uniform_sampling_on_fsdp2(launches, tiny_ckpt):
+    """Only parameters matching --trainable_modules train (frozen ones share FSDP2 units with them), and
+    rank-stratified timesteps keep the per-step losses layout-independent."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    ref, run = launches("partial-single").run, launches("partial-fsdp2").run
+    assert run.losses == pytest.approx(ref.losses, rel=1e-4)
+    trained = LTXVideoTransformer3DModel.from_pretrained(run.output_dir / "transformer").state_dict()
+    base = LTXVideoTransformer3DModel.from_pretrained(tiny_ckpt, subfolder="transformer").state_dict()
+    changed = {k for k in trained if not torch.equal(trained[k], base[k])}
+    assert changed == {k for k in trained if "attn1" in k}
+
+
+def test_low_learning_rate_group_and_strata():
+    from diffusers import LTXVideoTransformer3DModel
+
+    from ptrain.config import TrainArgs
+    from ptrain.objectives import FlowMatching, sample_generators
+    from ptrain.testing.tiny import LTX_TRANSFORMER_CONFIG
+    from ptrain.trainer import param_groups
+
+    model = LTXVideoTransformer3DModel(**LTX_TRANSFORMER_CONFIG)
+    model.requires_grad_(False)
+    for name, p in model.named_parameters():
+        p.requires_grad_("attn1" in name)
+    cfg = parse_config(["--lr", "1e-3", "--trainable_modules_low_learning_rate", "to_q"])
+    normal, slow = param_groups(model, cfg)
+    assert slow["lr"] == 5e-4 and "lr" not in normal
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("attn1.to_q" in names[id(p)] for p in slow["params"]) and slow["params"]
+    assert not any("to_q" in names[id(p)] for p in normal["params"])
+    # Stratified sigmas: sample j of G lands in the j-th slice of the (uniform) noise range.
+    fm = FlowMatching(TrainArgs(uniform_sampling=True), shift=1.0)
+    sig = fm.sample_sigmas(sample_generators(3, range(16)), (torch.arange(16), 16))
+    assert all(j / 16 <= s < (j + 1) / 16 for j, s in enumerate(sig.tolist()))
