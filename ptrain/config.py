@@ -169,6 +169,9 @@ class ParallelArgs:
     """FSDP2 shards per replica; -1 fills the rest of the world size."""
     cp_degree: int = 1
     """Context-parallel degree (sequence split across ranks)."""
+    fsdp_cpu_offload: bool = False
+    """Keep sharded parameters, gradients and optimizer state in CPU memory (FSDP2 CPUOffloadPolicy); the
+    optimizer step runs on the CPU. For full fine-tuning of models that do not fit on the GPUs otherwise."""
 
 
 @dataclass

@@ -211,10 +211,22 @@ def train(cfg: Config) -> TrainResult:
     if t.compile:
         n = apply_compile(blocks, t.compile_backend)
         log.info("torch.compile (%s): %d blocks", t.compile_backend, n)
-    transformer.to(device)
+    if p.fsdp_cpu_offload:  # parameters stay in CPU memory (FSDP2 copies shards in as needed); buffers move
+        for module in transformer.modules():
+            for key, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[key] = buf.to(device)
+    else:
+        transformer.to(device)
     log.info(
         apply_data_parallel(
-            transformer, blocks, mesh, dims, DTYPES[m.transformer_dtype], spec.fp32_module_names(transformer)
+            transformer,
+            blocks,
+            mesh,
+            dims,
+            DTYPES[m.transformer_dtype],
+            spec.fp32_module_names(transformer),
+            cpu_offload=p.fsdp_cpu_offload,
         )
     )
 

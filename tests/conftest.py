@@ -130,6 +130,11 @@ LAYOUTS = {
                           "full-finetune", "--lr", "1e-3", "--trainable_modules", "attn1",
                           "--trainable_modules_low_learning_rate", "to_q", "--uniform_sampling",
                           "--flow_weighting_scheme", "logit_normal"]),
+    "full-fsdp2-offload": (
+        2,
+        ["--batch_size", "1", "--training_type", "full-finetune", "--lr", "1e-4", "--optimizer", "came",
+         "--gradient_checkpointing", "--ac_mode", "selective", "--ac_every_n_blocks", "2", "--fsdp_cpu_offload"],
+    ),
 }  # fmt: skip
 
 

@@ -65,3 +65,9 @@ def test_full_finetune_fsdp2_came_matches_single_process(launches, tiny_ckpt):
     assert any(not torch.equal(a[k], base[k]) for k in a), "full fine-tune changed no weight"
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+
+
+def test_cpu_offload_gives_the_same_losses(launches):
+    run, ref = launches("full-fsdp2-offload").run, launches("full-fsdp2").run
+    assert "offloaded to CPU" in run.stderr
+    assert run.losses == pytest.approx(ref.losses, rel=1e-5)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from ptrain.parallel.dims import Meshes, ParallelDims
 
@@ -23,6 +23,7 @@ def apply_data_parallel(
     dims: ParallelDims,
     param_dtype: torch.dtype,
     fp32_modules: list[str] | None = None,
+    cpu_offload: bool = False,
 ) -> str:
     """Shard or replicate `model` in place; returns a one-line description.
 
@@ -32,14 +33,15 @@ def apply_data_parallel(
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     mp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     keep32 = _fp32_submodules(model, fp32_modules or []) if param_dtype != torch.float32 else []
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     if dims.ddp_enabled:
         dp_mesh = mesh.hsdp["dp_replicate"]
         for sub in keep32:
-            replicate(sub, mesh=dp_mesh, mp_policy=mp32)
+            replicate(sub, mesh=dp_mesh, mp_policy=mp32, offload_policy=offload)
         for blocks in block_lists:
             for block in blocks:
-                replicate(block, mesh=dp_mesh, mp_policy=mp)
-        replicate(model, mesh=dp_mesh, mp_policy=mp)
+                replicate(block, mesh=dp_mesh, mp_policy=mp, offload_policy=offload)
+        replicate(model, mesh=dp_mesh, mp_policy=mp, offload_policy=offload)
         return f"DDP (FSDP2 replicate) over {dims.dp_replicate} replicas"
     if dims.dp_replicate > 1:
         dp_mesh = mesh.hsdp
@@ -48,12 +50,15 @@ def apply_data_parallel(
         dp_mesh = mesh.dp_shard_cp
         what = f"FSDP2 over {dims.dp_shard * dims.cp} shards"
     for sub in keep32:
-        fully_shard(sub, mesh=dp_mesh, mp_policy=mp32)
+        fully_shard(sub, mesh=dp_mesh, mp_policy=mp32, offload_policy=offload)
     for blocks in block_lists:
         for i, block in enumerate(blocks):
             # The last block's parameters are needed again right away in backward: keep them gathered.
-            fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+            last = i == len(blocks) - 1
+            fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=not last, offload_policy=offload)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False, offload_policy=offload)
+    if cpu_offload:
+        what += ", parameters/gradients/optimizer state offloaded to CPU"
     return what
 
 
