@@ -122,10 +122,13 @@ def check_layout(marker: dict, now: Layout, path: Path, allow_reshard: bool) -> 
     )
 
 
-def _model_optim_state(model, optimizer, trainable_only: bool):
+def _model_optim_state(model, optimizer, trainable_only: bool, ema=None):
     opts = StateDictOptions(ignore_frozen_params=trainable_only)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-    return {"model": model_sd, "optim": optim_sd}, opts
+    state = {"model": model_sd, "optim": optim_sd}
+    if ema is not None:
+        state["ema"] = ema.state_dict()  # sharded like the parameters
+    return state, opts
 
 
 def _rng_state() -> dict:
@@ -183,6 +186,7 @@ class Checkpointer:
         rank_extra: dict,
         export_fn=None,
         final: bool = False,
+        ema=None,
     ) -> Path:
         self.wait()  # one save in flight at most; commits the previous async save
         step = train_state.step
@@ -192,7 +196,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        state, _ = _model_optim_state(model, optimizer, self.trainable_only)
+        state, _ = _model_optim_state(model, optimizer, self.trainable_only, ema)
         torch.save(
             {"rng": _rng_state(), "lr_scheduler": lr_scheduler.state_dict(), **rank_extra},
             tmp / f"rank-{self.rank}.pt",
@@ -202,6 +206,7 @@ class Checkpointer:
             "train_state": asdict(train_state),
             "layout": asdict(layout),
             "trainable_only": self.trainable_only,
+            "ema": ema is not None,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **meta,
         }
@@ -244,15 +249,19 @@ class Checkpointer:
                 log.info("checkpoint rotation (--checkpointing_limit %d): removing %s", self.limit, path)
                 shutil.rmtree(path, ignore_errors=True)
 
-    def load(self, path: Path, model, optimizer, lr_scheduler, resharded: bool) -> dict:
-        """Restore model/optimizer (DCP, reshards as needed) and, unless resharded, this rank's extras."""
+    def load(self, path: Path, model, optimizer, lr_scheduler, resharded: bool, ema=None) -> dict:
+        """Restore model/optimizer/EMA (DCP, reshards as needed) and, unless resharded, this rank's extras."""
         marker = read_marker(path)
-        state, opts = _model_optim_state(model, optimizer, marker["trainable_only"])
+        with_ema = ema is not None and marker.get("ema", False)
+        state, opts = _model_optim_state(model, optimizer, marker["trainable_only"], ema if with_ema else None)
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
             options=StateDictOptions(ignore_frozen_params=opts.ignore_frozen_params, strict=False),
         )  # fmt: skip
+        if ema is not None and not with_ema:
+            log.warning("checkpoint %s has no EMA: the EMA starts from the resumed weights", path)
+            ema.reset()
         extra_path = path / ("rank-0.pt" if resharded else f"rank-{self.rank}.pt")
         extra = torch.load(extra_path, weights_only=True)
         lr_scheduler.load_state_dict(extra["lr_scheduler"])

@@ -115,6 +115,16 @@ class TrainArgs:
     """torch.compile each transformer block (regional compilation)."""
     compile_backend: str = "inductor"
     """torch.compile backend (inductor; aot_eager or eager for cheap checks)."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the trainable weights with this decay (e.g. 0.999); off by default."""
+    ema_start_step: int = 0
+    """Until this step the EMA just follows the weights."""
+    ema_update_every: int = 1
+    """Update the EMA every N optimizer steps."""
+    export_ema: bool = False
+    """At the end also export the EMA weights (output_dir/ema/, same format as the regular export)."""
+    validate_with_ema: bool = False
+    """Sample validation videos with the EMA weights swapped in."""
     uniform_sampling: bool = False
     """Stratify timesteps over the global batch (sample j of G draws from the j-th of G equal slices of the
     noise range), so every step covers all noise levels whatever the parallel layout (VideoX-Fun)."""
@@ -324,6 +334,14 @@ class Config:
             raise ConfigError(
                 "--trainable_modules / --trainable_modules_low_learning_rate need --training_type full-finetune"
             )
+        if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
+            raise ConfigError(f"--ema_decay must be in (0, 1), got {t.ema_decay}")
+        if t.ema_update_every < 1 or t.ema_start_step < 0:
+            raise ConfigError(
+                f"--ema_update_every must be >= 1 and --ema_start_step >= 0, got {t.ema_update_every}, {t.ema_start_step}"
+            )
+        if (t.export_ema or t.validate_with_ema) and t.ema_decay is None:
+            raise ConfigError("--export_ema / --validate_with_ema need --ema_decay")
         if d.fps is not None and d.fps <= 0:
             raise ConfigError(f"--fps must be > 0, got {d.fps}")
         if d.dataloader_num_workers < 0:

@@ -5,6 +5,7 @@ One loop for every model: all model-specific work goes through the ModelSpec.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from ptrain.checkpoint import (
 )
 from ptrain.config import Config, ConfigError, to_dict
 from ptrain.data import build_dataloader, scan_dataset
+from ptrain.ema import EMA
 from ptrain.export import export_full, export_lora
 from ptrain.metrics import MetricsWriter, peak_memory_gb
 from ptrain.models.spec import Components, ModelSpec, get_spec
@@ -238,6 +240,7 @@ def train(cfg: Config) -> TrainResult:
     optimizer = build_optimizer(groups, cfg.optim, device)
     lr_scheduler = build_scheduler(optimizer, cfg.optim, t.train_steps)
 
+    ema = EMA(transformer, t.ema_decay, t.ema_start_step, t.ema_update_every) if t.ema_decay else None
     checkpointer = Checkpointer(
         out, c.checkpointing_limit, trainable_only=m.training_type == "lora" and not c.checkpoint_full_model,
         async_save=c.async_checkpoint,
@@ -246,7 +249,7 @@ def train(cfg: Config) -> TrainResult:
     state = TrainState()
     sampler_state = None
     if resume is not None:
-        extra = checkpointer.load(resume, transformer, optimizer, lr_scheduler, resharded)
+        extra = checkpointer.load(resume, transformer, optimizer, lr_scheduler, resharded, ema)
         state = TrainState(**read_marker(resume)["train_state"])
         if resharded:  # same samples from here on: restart the stream where the old layout stopped
             state.base_position, state.base_step = state.samples_seen, state.step
@@ -292,7 +295,7 @@ def train(cfg: Config) -> TrainResult:
         checkpointer.save(
             transformer, optimizer, lr_scheduler, state, layout, meta,
             rank_extra={"sampler": sampler.state_dict()},
-            export_fn=export if c.export_every_checkpoint else None, final=final,
+            export_fn=export if c.export_every_checkpoint else None, final=final, ema=ema,
         )  # fmt: skip
 
     data_iter = iter(loader)
@@ -336,6 +339,8 @@ def train(cfg: Config) -> TrainResult:
             if finite:
                 optimizer.step()
                 nan_in_a_row = 0
+                if ema is not None:
+                    ema.update(step)
             else:
                 nan_in_a_row += 1
                 state.nan_steps_total += 1
@@ -380,7 +385,8 @@ def train(cfg: Config) -> TrainResult:
                     f"Last complete checkpoint: {good[-1][1] if good else 'none'}. Lower --lr or check the data."
                 )
             if validation_items and v_every and (step % v_every == 0 or step == t.train_steps):
-                run_validation(spec, transformer, validation_items, cfg.validation, step, out, t.seed, metrics)
+                with ema.swapped_in() if t.validate_with_ema else contextlib.nullcontext():
+                    run_validation(spec, transformer, validation_items, cfg.validation, step, out, t.seed, metrics)
             if ckpt_every and step % ckpt_every == 0 and step < t.train_steps:
                 save_checkpoint()
                 last_saved = step
@@ -392,6 +398,9 @@ def train(cfg: Config) -> TrainResult:
         metrics.close()
 
     result.exported = export(out)
+    if ema is not None and t.export_ema:
+        with ema.swapped_in():
+            export(out / "ema")
     if rank == 0:
         final = f"final loss {result.losses[-1]:.5f}, " if result.losses else ""
         log.info("done: %d steps, %sweights in %s", state.step, final, result.exported)

@@ -105,12 +105,12 @@ class Launch:
 
 # name -> (processes, extra flags). Global batch is 4 for the LoRA runs and 2 for the full fine-tunes.
 LAYOUTS = {
-    "lora-single": (1, ["--batch_size", "4"]),
+    "lora-single": (1, ["--batch_size", "4", "--ema_decay", "0.9", "--export_ema"]),
     "lora-ddp2": (2, ["--batch_size", "2", "--dp_degree", "2", "--dp_shards", "1"]),
     "lora-fsdp2": (
         2,
         ["--batch_size", "1", "--gradient_accumulation_steps", "2", "--dp_shards", "2", "--compile",
-         "--compile_backend", "aot_eager"],
+         "--compile_backend", "aot_eager", "--ema_decay", "0.9", "--export_ema"],
     ),
     "lora-hsdp2x2": (
         4,

@@ -46,6 +46,7 @@ def _restart_copy(launch, dest: Path, keep_step: int = 2) -> Path:
             shutil.rmtree(path)
     (dest / "pytorch_lora_weights.safetensors").unlink(missing_ok=True)
     shutil.rmtree(dest / "transformer", ignore_errors=True)
+    shutil.rmtree(dest / "ema", ignore_errors=True)
     return dest
 
 
@@ -70,6 +71,8 @@ def test_resume_is_bit_exact(launches, tmp_path, name, extra):
     assert [m["step"] for m in run.metrics] == [1, 2, 3, 4]
     assert run.losses == launch.run.losses
     _assert_bit_identical(out, launch.run.output_dir)
+    if (launch.run.output_dir / "ema").is_dir():  # the EMA is checkpointed too
+        _assert_bit_identical(out / "ema", launch.run.output_dir / "ema")
     if "--export_every_checkpoint" in extra:
         assert (out / "checkpoints" / "step-4" / "export" / "pytorch_lora_weights.safetensors").is_file()
     if "--async_checkpoint" in extra:

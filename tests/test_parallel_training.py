@@ -71,3 +71,14 @@ def test_cpu_offload_gives_the_same_losses(launches):
     run, ref = launches("full-fsdp2-offload").run, launches("full-fsdp2").run
     assert "offloaded to CPU" in run.stderr
     assert run.losses == pytest.approx(ref.losses, rel=1e-5)
+
+
+def test_ema_under_fsdp2_equals_single_process_ema(launches):
+    ref, run = launches("lora-single").run, launches("lora-fsdp2").run
+    a = load_file(run.output_dir / "ema" / "pytorch_lora_weights.safetensors")
+    b = load_file(ref.output_dir / "ema" / "pytorch_lora_weights.safetensors")
+    w = load_file(run.output_dir / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() == w.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    assert any((a[k] - w[k]).abs().max() > 1e-5 for k in a), "EMA equals the raw weights"
