@@ -51,6 +51,15 @@ class ModelArgs:
     """dtype of the frozen second text encoder (HunyuanVideo's CLIP)."""
     vae_dtype: DTYPES = "bfloat16"
     """dtype of the frozen VAE."""
+    layerwise_upcasting_modules: list[Literal["transformer"]] | None = None
+    """Store these components' frozen Linear/Conv weights in --layerwise_upcasting_storage_dtype (LoRA only);
+    FSDP2 upcasts them to --transformer_dtype when it gathers them for compute."""
+    layerwise_upcasting_storage_dtype: Literal["float8_e4m3fn", "float8_e5m2"] = "float8_e4m3fn"
+    """FP8 storage dtype for --layerwise_upcasting_modules."""
+    layerwise_upcasting_skip_modules_pattern: list[str] = field(
+        default_factory=lambda: ["pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$"]
+    )
+    """Regexes of module names kept in their dtype (diffusers' defaults: embeddings, norms, in/out projections)."""
     training_type: Literal["lora", "full-finetune"] = "lora"
     """LoRA adapters on a frozen base, or full fine-tuning of the transformer."""
     rank: int = 64
@@ -333,6 +342,11 @@ class Config:
         if (m.trainable_modules or m.trainable_modules_low_learning_rate) and m.training_type != "full-finetune":
             raise ConfigError(
                 "--trainable_modules / --trainable_modules_low_learning_rate need --training_type full-finetune"
+            )
+        if m.layerwise_upcasting_modules and m.training_type != "lora":
+            raise ConfigError(
+                "--layerwise_upcasting_modules stores frozen weights in FP8: it needs --training_type lora "
+                "(full fine-tuning trains every weight)"
             )
         if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
             raise ConfigError(f"--ema_decay must be in (0, 1), got {t.ema_decay}")

@@ -104,6 +104,29 @@ def make_trainable(transformer: torch.nn.Module, cfg: Config, spec: ModelSpec) -
     transformer.train()
 
 
+def store_frozen_in_fp8(transformer: torch.nn.Module, dtype: torch.dtype, skip_patterns: list[str]) -> int:
+    """Cast the frozen weights of Linear/Conv layers to an FP8 storage dtype (not matching `skip_patterns`).
+
+    Compute stays in --transformer_dtype: FSDP2's mixed-precision policy casts each shard up before the
+    all-gather, so only the stored shards are FP8 (finetrainers' "layerwise upcasting", sharded).
+    Returns the number of parameters cast.
+    """
+    import re
+
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    cast = 0
+    for name, module in transformer.named_modules():
+        if not isinstance(module, layers) or any(re.search(pat, name) for pat in skip_patterns):
+            continue
+        if any(re.search(pat, name.replace(".base_layer", "")) for pat in skip_patterns):
+            continue
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(dtype)
+                cast += p.numel()
+    return cast
+
+
 def param_groups(transformer: torch.nn.Module, cfg: Config) -> list[dict]:
     """Trainable parameters, split off a half-learning-rate group for --trainable_modules_low_learning_rate."""
     low = cfg.model.trainable_modules_low_learning_rate or []
@@ -205,6 +228,10 @@ def train(cfg: Config) -> TrainResult:
     # Same seed on every rank before LoRA init: adapters start identical on all ranks and layouts.
     seed_everything(t.seed)
     make_trainable(transformer, cfg, spec)
+    if "transformer" in (m.layerwise_upcasting_modules or []):
+        fp8 = getattr(torch, m.layerwise_upcasting_storage_dtype)
+        n = store_frozen_in_fp8(transformer, fp8, m.layerwise_upcasting_skip_modules_pattern)
+        log.info("layerwise upcasting: %s frozen transformer weights stored in %s", f"{n:,}", fp8)
 
     blocks = spec.blocks(transformer)
     if t.gradient_checkpointing:

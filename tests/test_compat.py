@@ -178,3 +178,40 @@ def test_low_learning_rate_group_and_strata():
     fm = FlowMatching(TrainArgs(uniform_sampling=True), shift=1.0)
     sig = fm.sample_sigmas(sample_generators(3, range(16)), (torch.arange(16), 16))
     assert all(j / 16 <= s < (j + 1) / 16 for j, s in enumerate(sig.tolist()))
+
+
+@pytest.mark.slow
+def test_fp8_storage_of_frozen_weights_trains_and_exports(tiny_ckpt, tiny_data, tmp_path):
+    from diffusers import LTXPipeline
+
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--train_steps", "3",
+            "--height", "32", "--width", "32", "--num_frames", "9", "--transformer_dtype", "bfloat16",
+            "--dataloader_num_workers", "0", "--report_to", "none", "--checkpointing_steps", "0",
+            "--layerwise_upcasting_modules", "transformer", "--layerwise_upcasting_storage_dtype", "float8_e5m2"]  # fmt: skip
+    run = run_ptrain(2, args, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "frozen transformer weights stored in torch.float8_e5m2" in run.stderr
+    assert len(run.losses) == 3 and all(math.isfinite(v) for v in run.losses)
+    pipe = LTXPipeline.from_pretrained(tiny_ckpt)
+    pipe.load_lora_weights(tmp_path)
+    assert pipe.transformer.peft_config
+
+
+def test_fp8_storage_casts_only_frozen_linear_weights_outside_skips():
+    from diffusers import LTXVideoTransformer3DModel
+    from peft import LoraConfig
+
+    from ptrain.config import ModelArgs
+    from ptrain.testing.tiny import LTX_TRANSFORMER_CONFIG
+    from ptrain.trainer import store_frozen_in_fp8
+
+    model = LTXVideoTransformer3DModel(**LTX_TRANSFORMER_CONFIG)
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
+    store_frozen_in_fp8(model, torch.float8_e4m3fn, ModelArgs().layerwise_upcasting_skip_modules_pattern)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["transformer_blocks.0.attn1.to_q.base_layer.weight"] == torch.float8_e4m3fn
+    assert dtypes["transformer_blocks.0.attn1.to_k.weight"] == torch.float8_e4m3fn
+    assert dtypes["transformer_blocks.0.attn1.to_q.lora_A.default.weight"] == torch.float32  # trainable
+    assert dtypes["proj_in.weight"] == torch.float32 and dtypes["proj_out.weight"] == torch.float32  # skipped
+    assert all(d == torch.float32 for n, d in dtypes.items() if "norm" in n)
