@@ -154,6 +154,53 @@ def _global_mean(value: torch.Tensor, group) -> float:
     return t.item()
 
 
+def find_resume(cfg: Config, out: Path, layout: Layout) -> tuple[Path | None, bool]:
+    """The checkpoint to resume from (or None) and whether it needs resharding; errors name what changed."""
+    c, m = cfg.checkpoint, cfg.model
+    resume = resolve_resume(c.resume_from_checkpoint, out)
+    if resume is None:
+        return None, False
+    marker = read_marker(resume)
+    for key, now in (("model_name", m.model_name), ("training_type", m.training_type)):
+        if marker.get(key) != now:
+            raise ConfigError(
+                f"checkpoint {resume} was written with --{key} {marker.get(key)}, this run has --{key} {now}; "
+                "use another --output_dir or --resume_from_checkpoint none"
+            )
+    resharded = check_layout(marker, layout, resume, c.allow_reshard)
+    why = (
+        " (found in output_dir; --resume_from_checkpoint none starts over)"
+        if c.resume_from_checkpoint == "auto"
+        else ""
+    )
+    log.info("resuming from %s at step %d%s", resume, marker["step"], why)
+    return resume, resharded
+
+
+def build_parallel_transformer(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims, device) -> None:
+    """The parallel plan, in its fixed order: AC -> compile per block -> placement -> fully_shard / replicate."""
+    t, p, m = cfg.train, cfg.parallel, cfg.model
+    blocks = spec.blocks(transformer)
+    if t.gradient_checkpointing:
+        n = apply_ac(blocks, t.ac_mode, t.ac_every_n_blocks)
+        log.info("activation checkpointing (%s): %d blocks", t.ac_mode, n)
+    if t.compile:
+        n = apply_compile(blocks, t.compile_backend)
+        log.info("torch.compile (%s): %d blocks", t.compile_backend, n)
+    if p.fsdp_cpu_offload:  # parameters stay in CPU memory (FSDP2 copies shards in as needed); buffers move
+        for module in transformer.modules():
+            for key, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[key] = buf.to(device)
+    else:
+        transformer.to(device)
+    plan = apply_data_parallel(
+        transformer, blocks, mesh, dims, DTYPES[m.transformer_dtype], spec.fp32_module_names(transformer),
+        cpu_offload=p.fsdp_cpu_offload,
+    )  # fmt: skip
+    log.info(plan)
+
+
 def train(cfg: Config) -> TrainResult:
     cfg.validate()
     rank, world, device = init_distributed()
@@ -167,8 +214,11 @@ def train(cfg: Config) -> TrainResult:
     for note in cfg.compat_notes:
         log.info("flag from another trainer: %s", note)
 
-    usable = scan_dataset(cfg.data)  # probe the data before loading any model: bad data fails fast
     global_batch = t.batch_size * dp_size * accum
+    out = Path(t.output_dir)
+    layout = Layout(world, dims.dp_replicate, dims.dp_shard, dims.cp, global_batch)
+    resume, resharded = find_resume(cfg, out, layout)  # before any heavy work: a changed layout fails fast
+    usable = scan_dataset(cfg.data)  # probe the data before loading any model: bad data fails fast
     steps_per_epoch = math.ceil(len(usable.records) / global_batch)
     if t.num_train_epochs:
         t.train_steps = t.num_train_epochs * steps_per_epoch
@@ -183,26 +233,6 @@ def train(cfg: Config) -> TrainResult:
     if c.checkpointing_epochs:
         ckpt_every = c.checkpointing_epochs * steps_per_epoch
 
-    out = Path(t.output_dir)
-    layout = Layout(world, dims.dp_replicate, dims.dp_shard, dims.cp, t.batch_size * dp_size * accum)
-    # Decide about resuming before any heavy work, so a changed layout fails fast.
-    resume = resolve_resume(c.resume_from_checkpoint, out)
-    resharded = False
-    if resume is not None:
-        marker = read_marker(resume)
-        for key, now in (("model_name", m.model_name), ("training_type", m.training_type)):
-            if marker.get(key) != now:
-                raise ConfigError(
-                    f"checkpoint {resume} was written with --{key} {marker.get(key)}, this run has --{key} {now}; "
-                    "use another --output_dir or --resume_from_checkpoint none"
-                )
-        resharded = check_layout(marker, layout, resume, c.allow_reshard)
-        why = (
-            ""
-            if c.resume_from_checkpoint != "auto"
-            else " (found in output_dir; --resume_from_checkpoint none starts over)"
-        )
-        log.info("resuming from %s at step %d%s", resume, marker["step"], why)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -233,31 +263,7 @@ def train(cfg: Config) -> TrainResult:
         n = store_frozen_in_fp8(transformer, fp8, m.layerwise_upcasting_skip_modules_pattern)
         log.info("layerwise upcasting: %s frozen transformer weights stored in %s", f"{n:,}", fp8)
 
-    blocks = spec.blocks(transformer)
-    if t.gradient_checkpointing:
-        n = apply_ac(blocks, t.ac_mode, t.ac_every_n_blocks)
-        log.info("activation checkpointing (%s): %d blocks", t.ac_mode, n)
-    if t.compile:
-        n = apply_compile(blocks, t.compile_backend)
-        log.info("torch.compile (%s): %d blocks", t.compile_backend, n)
-    if p.fsdp_cpu_offload:  # parameters stay in CPU memory (FSDP2 copies shards in as needed); buffers move
-        for module in transformer.modules():
-            for key, buf in module._buffers.items():
-                if buf is not None:
-                    module._buffers[key] = buf.to(device)
-    else:
-        transformer.to(device)
-    log.info(
-        apply_data_parallel(
-            transformer,
-            blocks,
-            mesh,
-            dims,
-            DTYPES[m.transformer_dtype],
-            spec.fp32_module_names(transformer),
-            cpu_offload=p.fsdp_cpu_offload,
-        )
-    )
+    build_parallel_transformer(transformer, cfg, spec, mesh, dims, device)
 
     groups = param_groups(transformer, cfg)
     params = [q for g in groups for q in g["params"]]
