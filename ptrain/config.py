@@ -96,6 +96,8 @@ class DataArgs:
     (motion plays at the same speed in every sample); default: --num_frames spread evenly over the clip."""
     max_sequence_length: int | None = None
     """Text tokens per prompt. Default: the model's own (LTX 128)."""
+    dry_run: bool = False
+    """Validate the config, parallel degrees and data, print a dataset summary, and exit without training."""
     dataloader_num_workers: int = 2
     """Data loader worker processes per rank (0 = decode in the training process)."""
 

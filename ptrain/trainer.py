@@ -201,6 +201,28 @@ def build_parallel_transformer(transformer, cfg: Config, spec: ModelSpec, mesh, 
     log.info(plan)
 
 
+def print_dry_run(cfg: Config, dims: ParallelDims, usable, global_batch: int, steps_per_epoch: int, resume) -> None:
+    """--dry_run: what the run would do (rank 0 prints; nothing is loaded or written)."""
+    if dist.get_rank() != 0:
+        return
+    d, t = cfg.data, cfg.train
+    lines = [
+        "ptrain dry run: config, parallel degrees and data are valid",
+        f"  layout: {dims.describe()}",
+        f"  model: {cfg.model.model_name} ({cfg.model.training_type}) from {cfg.model.pretrained_model_name_or_path}",
+        f"  samples: {len(usable.records)} usable, {len(usable.skipped)} skipped",
+    ]
+    lines += [f"    skipped {path}: {reason}" for path, reason in usable.skipped.items()]
+    at = f" at {d.fps} fps" if d.fps else ""
+    lines += [
+        f"  sample shape: {d.num_frames} frames{at} x {d.height} x {d.width} (resize to cover, center crop)",
+        f"  global batch {global_batch}: {steps_per_epoch} steps per epoch, {t.train_steps} steps "
+        f"= {t.train_steps * global_batch / len(usable.records):.2f} epochs",
+        f"  resume: {resume or 'none (fresh start)'}",
+    ]
+    print("\n".join(lines), flush=True)
+
+
 def train(cfg: Config) -> TrainResult:
     cfg.validate()
     rank, world, device = init_distributed()
@@ -226,6 +248,9 @@ def train(cfg: Config) -> TrainResult:
             "--num_train_epochs %d: %d steps (%d per epoch of %d samples, global batch %d)",
             t.num_train_epochs, t.train_steps, steps_per_epoch, len(usable.records), global_batch,
         )  # fmt: skip
+    if cfg.data.dry_run:
+        print_dry_run(cfg, dims, usable, global_batch, steps_per_epoch, resume)
+        return TrainResult()
     v_every = cfg.validation.validation_steps
     if cfg.validation.validation_epochs:
         v_every = cfg.validation.validation_epochs * steps_per_epoch

@@ -168,3 +168,30 @@ def test_dataset_item(tiny_data):
     item = ds[(3, 17)]
     assert item["video"].shape == (3, 9, 32, 48) and item["position"] == 17 and item["caption"] == records[3].caption
     assert isinstance(Path(records[3].video), Path)
+
+
+def test_dry_run_reports_bad_files_and_exits_0(tiny_ckpt, tiny_data, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "videos" / "broken.mp4").write_text("not a video")
+    with open(data / "prompts.txt", "a") as f:
+        f.write("broken\nmissing\n")
+    with open(data / "videos.txt", "a") as f:
+        f.write("videos/broken.mp4\nvideos/nope.mp4\n")
+    out = tmp_path / "out"
+    p = subprocess.run(
+        [sys.executable, "-m", "ptrain", "--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(data),
+         "--num_frames", "9", "--height", "32", "--width", "32", "--output_dir", str(out), "--dry_run"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "samples: 8 usable, 2 skipped" in p.stdout
+    assert "broken.mp4: video" in p.stdout and "cannot decode" in p.stdout
+    assert "nope.mp4: video" in p.stdout and "no such file" in p.stdout
+    assert not out.exists()  # a dry run writes nothing
