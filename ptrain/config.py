@@ -96,6 +96,19 @@ class DataArgs:
     (motion plays at the same speed in every sample); default: --num_frames spread evenly over the clip."""
     max_sequence_length: int | None = None
     """Text tokens per prompt. Default: the model's own (LTX 128)."""
+    video_sample_stride: int | None = None
+    """Take every N-th frame, --num_frames consecutive ones from the window start (instead of spreading them)."""
+    skip_frames_start: int = 0
+    """Ignore this many frames at the start of every clip."""
+    skip_frames_end: int = 0
+    """Ignore this many frames at the end of every clip."""
+    reshape_mode: Literal["center_crop", "random_crop", "resize"] = "center_crop"
+    """How frames reach --height x --width: scale to cover then crop (centre / random, seeded per sample), or
+    stretch (resize)."""
+    id_token: str | None = None
+    """Prepended to every caption (e.g. a trigger word: 'BW_STYLE')."""
+    caption_dropout_p: float = 0.0
+    """Probability of training a sample with an empty caption (seeded per sample, layout-independent)."""
     dry_run: bool = False
     """Validate the config, parallel degrees and data, print a dataset summary, and exit without training."""
     dataloader_num_workers: int = 2
@@ -272,6 +285,12 @@ class Config:
     #: What ptrain.compat translated from other trainers' flag names (logged at start).
     compat_notes: Annotated[list[str], tyro.conf.Suppress] = field(default_factory=list)
 
+    def frame_sampling(self):
+        from ptrain.data.video import FrameSampling
+
+        d = self.data
+        return FrameSampling(d.num_frames, d.fps, d.video_sample_stride, d.skip_frames_start, d.skip_frames_end)
+
     def validate(self) -> "Config":
         m, d, t, o, p = self.model, self.data, self.train, self.optim, self.parallel
         if not m.pretrained_model_name_or_path:
@@ -358,6 +377,16 @@ class Config:
             )
         if (t.export_ema or t.validate_with_ema) and t.ema_decay is None:
             raise ConfigError("--export_ema / --validate_with_ema need --ema_decay")
+        if d.video_sample_stride is not None and d.video_sample_stride < 1:
+            raise ConfigError(f"--video_sample_stride must be >= 1, got {d.video_sample_stride}")
+        if d.video_sample_stride and d.fps:
+            raise ConfigError("use either --fps or --video_sample_stride, not both")
+        if d.skip_frames_start < 0 or d.skip_frames_end < 0:
+            raise ConfigError(
+                f"--skip_frames_start/--skip_frames_end must be >= 0, got {d.skip_frames_start}, {d.skip_frames_end}"
+            )
+        if not 0.0 <= d.caption_dropout_p <= 1.0:
+            raise ConfigError(f"--caption_dropout_p must be in [0, 1], got {d.caption_dropout_p}")
         if d.fps is not None and d.fps <= 0:
             raise ConfigError(f"--fps must be > 0, got {d.fps}")
         if d.dataloader_num_workers < 0:

@@ -201,7 +201,9 @@ def build_parallel_transformer(transformer, cfg: Config, spec: ModelSpec, mesh, 
     log.info(plan)
 
 
-def print_dry_run(cfg: Config, dims: ParallelDims, usable, global_batch: int, steps_per_epoch: int, resume) -> None:
+def print_dry_run(
+    cfg: Config, dims: ParallelDims, usable, global_batch: int, steps_per_epoch: int, resume, sampling
+) -> None:
     """--dry_run: what the run would do (rank 0 prints; nothing is loaded or written)."""
     if dist.get_rank() != 0:
         return
@@ -213,9 +215,8 @@ def print_dry_run(cfg: Config, dims: ParallelDims, usable, global_batch: int, st
         f"  samples: {len(usable.records)} usable, {len(usable.skipped)} skipped",
     ]
     lines += [f"    skipped {path}: {reason}" for path, reason in usable.skipped.items()]
-    at = f" at {d.fps} fps" if d.fps else ""
     lines += [
-        f"  sample shape: {d.num_frames} frames{at} x {d.height} x {d.width} (resize to cover, center crop)",
+        f"  sample: {sampling.describe()}, {d.height} x {d.width} ({d.reshape_mode})",
         f"  global batch {global_batch}: {steps_per_epoch} steps per epoch, {t.train_steps} steps "
         f"= {t.train_steps * global_batch / len(usable.records):.2f} epochs",
         f"  resume: {resume or 'none (fresh start)'}",
@@ -240,7 +241,8 @@ def train(cfg: Config) -> TrainResult:
     out = Path(t.output_dir)
     layout = Layout(world, dims.dp_replicate, dims.dp_shard, dims.cp, global_batch)
     resume, resharded = find_resume(cfg, out, layout)  # before any heavy work: a changed layout fails fast
-    usable = scan_dataset(cfg.data)  # probe the data before loading any model: bad data fails fast
+    sampling = cfg.frame_sampling()
+    usable = scan_dataset(cfg.data, sampling)  # probe the data before loading any model: bad data fails fast
     steps_per_epoch = math.ceil(len(usable.records) / global_batch)
     if t.num_train_epochs:
         t.train_steps = t.num_train_epochs * steps_per_epoch
@@ -249,7 +251,7 @@ def train(cfg: Config) -> TrainResult:
             t.num_train_epochs, t.train_steps, steps_per_epoch, len(usable.records), global_batch,
         )  # fmt: skip
     if cfg.data.dry_run:
-        print_dry_run(cfg, dims, usable, global_batch, steps_per_epoch, resume)
+        print_dry_run(cfg, dims, usable, global_batch, steps_per_epoch, resume, sampling)
         return TrainResult()
     v_every = cfg.validation.validation_steps
     if cfg.validation.validation_epochs:
@@ -318,7 +320,9 @@ def train(cfg: Config) -> TrainResult:
         if not resharded and extra["sampler"] != sampler_state:
             raise RuntimeError(f"checkpoint {resume}: sampler state {extra['sampler']} != expected {sampler_state}")
 
-    loader, sampler = build_dataloader(usable, cfg.data, dp_rank, dp_size, t.batch_size, accum, t.seed, sampler_state)
+    loader, sampler = build_dataloader(
+        usable, cfg.data, sampling, dp_rank, dp_size, t.batch_size, accum, t.seed, sampler_state
+    )
     log.info(
         "data: %d usable videos (%d skipped); global batch %d = batch_size %d x dp %d x grad accum %d",
         len(usable.records),

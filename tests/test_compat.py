@@ -120,7 +120,7 @@ def test_fps_sampling_picks_frames_by_time(tmp_path):
         path = tmp_path / f"v{fps}.mp4"
         write_video(path, frames, fps=fps)
         assert probe(path).fps == pytest.approx(fps)
-        clip = load_clip(path, num_frames=9, height=32, width=32, fps=6)
+        clip = load_clip(path, 9, height=32, width=32, fps=6)
         levels = ((clip[:, :, 16, 16].mean(0) + 1) * 127.5).round()
         expected = torch.tensor([5.0 * every * k for k in range(9)])
         assert torch.allclose(levels, expected, atol=4), (levels, expected)

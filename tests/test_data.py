@@ -58,7 +58,7 @@ def test_even_frames_and_center_crop_without_stretch(tmp_path):
     write_video(path, frames, fps=24)
     assert probe(path).num_frames == 24 and (probe(path).height, probe(path).width) == (48, 96)
     assert even_indices(24, 9) == [0, 3, 6, 9, 12, 14, 17, 20, 23]
-    clip = load_clip(path, num_frames=9, height=32, width=32)
+    clip = load_clip(path, 9, height=32, width=32)
     assert clip.shape == (3, 9, 32, 32) and clip.min() >= -1 and clip.max() <= 1
     # 48x96 scaled to cover 32x32 -> 32x64, centre crop keeps the middle 32 columns: the white band
     # (24 of 96 px) becomes 16 px wide and centred; a stretch to 32x32 would have made it 8 px.
@@ -77,7 +77,7 @@ def test_narrow_widths_decord_misreads_still_decode(tmp_path, width):
     path = tmp_path / f"w{width}.mp4"
     write_video(path, frames, fps=8)
     assert probe(path).num_frames == 10
-    clip = load_clip(path, num_frames=5, height=32, width=32)
+    clip = load_clip(path, 5, height=32, width=32)
     assert clip.shape == (3, 5, 32, 32)
     row = clip[:, 0, 16].mean(0)
     assert row[:8].min() > 0.8 and row[-8:].max() < -0.8  # the white half is on the left, colours intact
@@ -91,7 +91,7 @@ def test_unusable_videos_are_skipped_and_counted(tiny_data, tmp_path):
     from ptrain.data.sources import Record
 
     extra = [Record("broken", tmp_path / "broken.mp4"), Record("short", short), Record("gone", tmp_path / "x.mp4")]
-    usable = filter_usable(records + extra, num_frames=9)
+    usable = filter_usable(records + extra, 9)
     assert len(usable.records) == len(records)
     reasons = usable.skipped
     assert set(reasons) == {str(r.video) for r in extra}
@@ -164,7 +164,9 @@ def test_v_prediction_recovers_x0_from_the_true_velocity():
 
 def test_dataset_item(tiny_data):
     records = load_records(DataArgs(data_root=tiny_data))
-    ds = VideoDataset(records, DataArgs(data_root=tiny_data, height=32, width=48, num_frames=9))
+    from ptrain.data.video import FrameSampling
+
+    ds = VideoDataset(records, DataArgs(data_root=tiny_data, height=32, width=48, num_frames=9), FrameSampling(9))
     item = ds[(3, 17)]
     assert item["video"].shape == (3, 9, 32, 48) and item["position"] == 17 and item["caption"] == records[3].caption
     assert isinstance(Path(records[3].video), Path)
@@ -195,3 +197,31 @@ def test_dry_run_reports_bad_files_and_exits_0(tiny_ckpt, tiny_data, tmp_path):
     assert "broken.mp4: video" in p.stdout and "cannot decode" in p.stdout
     assert "nope.mp4: video" in p.stdout and "no such file" in p.stdout
     assert not out.exists()  # a dry run writes nothing
+
+
+def test_frame_window_stride_and_skips():
+    from ptrain.data.video import FrameSampling
+
+    assert FrameSampling(5, skip_start=2, skip_end=3).indices(20) == [2, 6, 9, 12, 16]  # even over [2, 17)
+    assert FrameSampling(4, stride=3, skip_start=1).indices(20) == [1, 4, 7, 10]
+    assert FrameSampling(4, stride=3).available(10) == 4 and FrameSampling(5, stride=3).available(10) == 4
+    with pytest.raises(ValueError, match="4 usable frames, fewer than --num_frames 5"):
+        FrameSampling(5, stride=3).indices(10)
+    assert FrameSampling(3, fps=8, skip_start=4).indices(40, source_fps=24) == [4, 7, 10]
+
+
+def test_captions_crops_and_dropout_are_seeded_per_sample(tiny_data):
+    from ptrain.data.video import FrameSampling
+
+    records = load_records(DataArgs(data_root=tiny_data))
+    args = DataArgs(data_root=tiny_data, height=32, width=32, num_frames=9, id_token="TOK",
+                    caption_dropout_p=0.5, reshape_mode="random_crop")  # fmt: skip
+    ds = VideoDataset(records, args, FrameSampling(9), seed=5)
+    items = [ds[(i % 8, i)] for i in range(24)]
+    again = [ds[(i % 8, i)] for i in range(24)]
+    assert [a["caption"] for a in items] == [b["caption"] for b in again]
+    assert all(torch.equal(a["video"], b["video"]) for a, b in zip(items, again))
+    kept = [a["caption"] for a in items if a["caption"]]
+    assert 0 < len(kept) < 24 and all(c.startswith("TOK ") for c in kept)
+    # random_crop picks different windows for different positions of the same video
+    assert any(not torch.equal(items[0]["video"], items[k]["video"]) for k in (8, 16))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
@@ -13,7 +14,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from ptrain.config import ConfigError, DataArgs
 from ptrain.data.sampler import GlobalBatchSampler
 from ptrain.data.sources import Record, load_records
-from ptrain.data.video import load_clip, probe
+from ptrain.data.video import FrameSampling, load_clip, probe
 
 log = logging.getLogger("ptrain")
 
@@ -24,16 +25,19 @@ class Usable:
     skipped: dict[str, str]  # path -> reason
 
 
-def filter_usable(records: list[Record], num_frames: int, fps: float | None = None) -> Usable:
+def filter_usable(records: list[Record], sampling: FrameSampling | int) -> Usable:
     """Probe every video (split over ranks when distributed); drop and count the unusable ones."""
+    if isinstance(sampling, int):
+        sampling = FrameSampling(sampling)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = {}
     for i in range(rank, len(records), world):
         try:
             info = probe(records[i].video)
-            if info.frames_at(fps) < num_frames:
-                at = f" at --fps {fps}" if fps else ""
-                mine[i] = f"{info.frames_at(fps)} frames{at} < --num_frames {num_frames}"
+            have = sampling.available(info.num_frames, info.fps)
+            if have < sampling.num_frames:
+                how = "" if have == info.num_frames else f" usable of {info.num_frames} ({sampling.describe()})"
+                mine[i] = f"{have} frames{how} < --num_frames {sampling.num_frames}"
         except (OSError, ValueError) as e:
             mine[i] = str(e)
     if world > 1:
@@ -47,8 +51,8 @@ def filter_usable(records: list[Record], num_frames: int, fps: float | None = No
 
 
 class VideoDataset(Dataset):
-    def __init__(self, records: list[Record], args: DataArgs):
-        self.records, self.args = records, args
+    def __init__(self, records: list[Record], args: DataArgs, sampling: FrameSampling, seed: int = 0):
+        self.records, self.args, self.sampling, self.seed = records, args, sampling, seed
 
     def __len__(self) -> int:
         return len(self.records)
@@ -57,18 +61,23 @@ class VideoDataset(Dataset):
         index, position = key
         rec = self.records[index]
         a = self.args
+        # Per-sample randomness (crop offset, caption dropout) from (seed, position): same in every layout.
+        rng = np.random.default_rng([self.seed, position, 0xDA7A])
+        caption = f"{a.id_token} {rec.caption}" if a.id_token else rec.caption
+        if a.caption_dropout_p and rng.random() < a.caption_dropout_p:
+            caption = ""
         return {
-            "video": load_clip(rec.video, a.num_frames, a.height, a.width, a.fps),
-            "caption": rec.caption,
+            "video": load_clip(rec.video, self.sampling, a.height, a.width, reshape_mode=a.reshape_mode, rng=rng),
+            "caption": caption,
             "position": position,
             "index": index,
         }
 
 
-def scan_dataset(args: DataArgs) -> Usable:
+def scan_dataset(args: DataArgs, sampling: FrameSampling) -> Usable:
     """Read the dataset description and probe every video; log and count what is skipped."""
     records = load_records(args)
-    usable = filter_usable(records, args.num_frames, args.fps)
+    usable = filter_usable(records, sampling)
     if usable.skipped:
         log.warning("skipping %d of %d videos:", len(usable.skipped), len(records))
         for path, reason in list(usable.skipped.items())[:20]:
@@ -83,6 +92,7 @@ def scan_dataset(args: DataArgs) -> Usable:
 def build_dataloader(
     usable: Usable,
     args: DataArgs,
+    sampling: FrameSampling,
     dp_rank: int,
     dp_size: int,
     batch_size: int,
@@ -95,7 +105,7 @@ def build_dataloader(
     if sampler_state:
         sampler.load_state_dict(sampler_state)
     loader = StatefulDataLoader(
-        VideoDataset(usable.records, args),
+        VideoDataset(usable.records, args, sampling, seed),
         batch_sampler=sampler,
         num_workers=args.dataloader_num_workers,
         pin_memory=torch.cuda.is_available(),

@@ -18,12 +18,6 @@ class VideoInfo:
     width: int
     fps: float = 0.0
 
-    def frames_at(self, fps: float | None) -> int:
-        """How many frames the clip has once resampled to `fps` (unchanged without one)."""
-        if not fps or not self.fps:
-            return self.num_frames
-        return len(fps_indices(self.num_frames, self.fps, fps))
-
 
 def _reader(path: Path):
     """A decord reader that yields (H, W, 3) frames.
@@ -77,32 +71,93 @@ def fps_indices(total: int, source_fps: float, target_fps: float) -> list[int]:
     return [min(total - 1, int(k * step + 0.5)) for k in range(count)]
 
 
-def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """frames (F, C, h, w) float -> (F, C, height, width): scale to cover, then crop the centre."""
+def resize_crop(
+    frames: torch.Tensor, height: int, width: int, mode: str = "center_crop", rng: np.random.Generator | None = None
+) -> torch.Tensor:
+    """frames (F, C, h, w) float -> (F, C, height, width).
+
+    center_crop / random_crop: scale to cover the target (aspect kept), then crop; resize: stretch to the target.
+    """
     h, w = frames.shape[-2:]
-    scale = max(height / h, width / w)
-    nh, nw = max(height, math.ceil(h * scale)), max(width, math.ceil(w * scale))
+    if mode == "resize":
+        nh, nw = height, width
+    else:
+        scale = max(height / h, width / w)
+        nh, nw = max(height, math.ceil(h * scale)), max(width, math.ceil(w * scale))
     if (nh, nw) != (h, w):
         frames = F.interpolate(frames, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-    top, left = (nh - height) // 2, (nw - width) // 2
+    if mode == "random_crop":
+        rng = rng or np.random.default_rng()
+        top, left = int(rng.integers(0, nh - height + 1)), int(rng.integers(0, nw - width + 1))
+    else:
+        top, left = (nh - height) // 2, (nw - width) // 2
     return frames[:, :, top : top + height, left : left + width]
 
 
+@dataclass(frozen=True)
+class FrameSampling:
+    """Which frames of a clip make one sample.
+
+    The window [skip_start, total - skip_end) is optionally resampled to `fps` or thinned to every `stride`-th
+    frame; then `num_frames` consecutive frames are taken from its start (with fps or stride), or spread evenly
+    over it (without).
+    """
+
+    num_frames: int
+    fps: float | None = None
+    stride: int | None = None
+    skip_start: int = 0
+    skip_end: int = 0
+
+    def _candidates(self, total: int, source_fps: float) -> list[int] | None:
+        start, end = self.skip_start, total - self.skip_end
+        if end <= start:
+            return []
+        if self.fps and source_fps:
+            return [start + i for i in fps_indices(end - start, source_fps, self.fps)]
+        if self.stride:
+            return list(range(start, end, self.stride))
+        return None  # spread evenly over the window
+
+    def available(self, total: int, source_fps: float = 0.0) -> int:
+        """How many frames the sampling can draw from a clip of `total` frames."""
+        c = self._candidates(total, source_fps)
+        return max(0, total - self.skip_start - self.skip_end) if c is None else len(c)
+
+    def indices(self, total: int, source_fps: float = 0.0) -> list[int]:
+        c = self._candidates(total, source_fps)
+        if c is None:
+            return [self.skip_start + i for i in even_indices(total - self.skip_start - self.skip_end, self.num_frames)]
+        if len(c) < self.num_frames:
+            raise ValueError(f"clip has {len(c)} usable frames, fewer than --num_frames {self.num_frames}")
+        return c[: self.num_frames]
+
+    def describe(self) -> str:
+        how = f"at {self.fps} fps" if self.fps else f"every {self.stride} frames" if self.stride else "spread evenly"
+        skip = f", skipping {self.skip_start} first / {self.skip_end} last" if self.skip_start or self.skip_end else ""
+        return f"{self.num_frames} frames {how}{skip}"
+
+
 def clip_indices(total: int, num_frames: int, source_fps: float = 0.0, fps: float | None = None) -> list[int]:
-    """Frames of one sample: --num_frames consecutive frames at --fps from the start, or spread evenly."""
-    if fps and source_fps:
-        resampled = fps_indices(total, source_fps, fps)
-        if len(resampled) < num_frames:
-            raise ValueError(f"clip has {len(resampled)} frames at --fps {fps}, fewer than --num_frames {num_frames}")
-        return resampled[:num_frames]
-    return even_indices(total, num_frames)
+    """--num_frames consecutive frames at --fps from the start, or spread evenly (see FrameSampling)."""
+    return FrameSampling(num_frames, fps).indices(total, source_fps)
 
 
-def load_clip(path: Path, num_frames: int, height: int, width: int, fps: float | None = None) -> torch.Tensor:
-    """-> (C, F, H, W) float32 in [-1, 1]."""
+def load_clip(
+    path: Path,
+    sampling: FrameSampling | int,
+    height: int,
+    width: int,
+    fps: float | None = None,
+    reshape_mode: str = "center_crop",
+    rng: np.random.Generator | None = None,
+) -> torch.Tensor:
+    """-> (C, F, H, W) float32 in [-1, 1]. `sampling` may be just a frame count (spread evenly, or at `fps`)."""
+    if isinstance(sampling, int):
+        sampling = FrameSampling(sampling, fps)
     vr = _reader(path)
-    idx = clip_indices(len(vr), num_frames, float(vr.get_avg_fps() or 0.0), fps)
+    idx = sampling.indices(len(vr), float(vr.get_avg_fps() or 0.0))
     frames = vr.get_batch(idx).asnumpy()  # (F, h, w, 3) uint8
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    x = resize_center_crop(x, height, width).clamp(-1.0, 1.0)
+    x = resize_crop(x, height, width, reshape_mode, rng).clamp(-1.0, 1.0)
     return x.permute(1, 0, 2, 3).contiguous()
