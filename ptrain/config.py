@@ -285,12 +285,6 @@ class Config:
     #: What ptrain.compat translated from other trainers' flag names (logged at start).
     compat_notes: Annotated[list[str], tyro.conf.Suppress] = field(default_factory=list)
 
-    def frame_sampling(self):
-        from ptrain.data.video import FrameSampling
-
-        d = self.data
-        return FrameSampling(d.num_frames, d.fps, d.video_sample_stride, d.skip_frames_start, d.skip_frames_end)
-
     def validate(self) -> "Config":
         m, d, t, o, p = self.model, self.data, self.train, self.optim, self.parallel
         if not m.pretrained_model_name_or_path:

@@ -32,6 +32,7 @@ from ptrain.checkpoint import (
 )
 from ptrain.config import Config, ConfigError, to_dict
 from ptrain.data import build_dataloader, scan_dataset
+from ptrain.data.video import FrameSampling
 from ptrain.ema import EMA
 from ptrain.export import export_full, export_lora
 from ptrain.metrics import MetricsWriter, peak_memory_gb
@@ -241,7 +242,7 @@ def train(cfg: Config) -> TrainResult:
     out = Path(t.output_dir)
     layout = Layout(world, dims.dp_replicate, dims.dp_shard, dims.cp, global_batch)
     resume, resharded = find_resume(cfg, out, layout)  # before any heavy work: a changed layout fails fast
-    sampling = cfg.frame_sampling()
+    sampling = FrameSampling.from_args(cfg.data)
     usable = scan_dataset(cfg.data, sampling)  # probe the data before loading any model: bad data fails fast
     steps_per_epoch = math.ceil(len(usable.records) / global_batch)
     if t.num_train_epochs:

@@ -49,9 +49,9 @@ def load_validation_items(v: ValidationArgs, d: DataArgs) -> list[ValidationItem
     if v.validation_prompts:
         items += [item(p.strip()) for p in v.validation_prompts.split(v.validation_prompt_separator) if p.strip()]
     if v.validation_dataset_file is not None:
-        from ptrain.data.sources import _table_rows
+        from ptrain.data.sources import read_table
 
-        for row in _table_rows(Path(v.validation_dataset_file)):
+        for row in read_table(Path(v.validation_dataset_file)):
             prompt = str(row.get("prompt") or row.get("caption") or "").strip()
             if not prompt:
                 raise ConfigError(f"--validation_dataset_file {v.validation_dataset_file}: a row has no prompt column")

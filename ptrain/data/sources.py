@@ -42,7 +42,7 @@ def _cogvideox_folder(root: Path, prompts_name: str = "prompts.txt", videos_name
     return [Record(c, root / p) for c, p in zip(captions, paths) if p]
 
 
-def _table_rows(path: Path) -> list[dict]:
+def read_table(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
@@ -63,7 +63,7 @@ def _table_rows(path: Path) -> list[dict]:
 
 
 def _table(path: Path, root: Path, caption_column: str, video_column: str) -> list[Record]:
-    rows = _table_rows(path)
+    rows = read_table(path)
     if not rows:
         raise ConfigError(f"dataset file {path}: no rows")
     columns = set(rows[0])

@@ -119,6 +119,11 @@ class FrameSampling:
             return list(range(start, end, self.stride))
         return None  # spread evenly over the window
 
+    @classmethod
+    def from_args(cls, d) -> "FrameSampling":
+        """From the data flags (--num_frames, --fps, --video_sample_stride, --skip_frames_start/end)."""
+        return cls(d.num_frames, d.fps, d.video_sample_stride, d.skip_frames_start, d.skip_frames_end)
+
     def available(self, total: int, source_fps: float = 0.0) -> int:
         """How many frames the sampling can draw from a clip of `total` frames."""
         c = self._candidates(total, source_fps)
