@@ -17,7 +17,6 @@ from typing import Annotated, Literal
 
 import tyro
 
-MODEL_NAMES = ("ltx_video", "cogvideox", "hunyuan_video", "wan")
 DTYPES = Literal["float32", "bfloat16", "float16"]
 
 

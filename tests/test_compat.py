@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, run_ptrain
 
 from ptrain.config import ConfigError, parse_config
-from ptrain.data.video import clip_indices, fps_indices, load_clip, probe
+from ptrain.data.video import FrameSampling, fps_indices, load_clip, probe
 from ptrain.testing.tiny import write_video
 
 # The CogVideoX diffusers LoRA script's documented command (finetune README), launcher and paths rewritten.
@@ -110,9 +110,9 @@ def test_meaningless_flags_are_rejected_with_the_replacement(flag, says):
 def test_fps_sampling_picks_frames_by_time(tmp_path):
     assert fps_indices(30, 30, 10) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]
     assert fps_indices(10, 8, 16)[:6] == [0, 1, 1, 2, 2, 3]  # upsampling repeats the nearest frame
-    assert clip_indices(48, 9, 24, 8) == [0, 3, 6, 9, 12, 15, 18, 21, 24]
+    assert FrameSampling(9, fps=8).indices(48, 24) == [0, 3, 6, 9, 12, 15, 18, 21, 24]
     with pytest.raises(ValueError, match="fewer than --num_frames 9"):
-        clip_indices(20, 9, 24, 8)
+        FrameSampling(9, fps=8).indices(20, 24)
     # Real encoded files at 24 and 12 fps: frame i has brightness 5*i; at --fps 6 the 24 fps clip takes
     # every 4th frame and the 12 fps clip every 2nd, so both span the same 1.5 s of motion.
     for fps, every in ((24, 4), (12, 2)):

@@ -143,11 +143,6 @@ class FrameSampling:
         return f"{self.num_frames} frames {how}{skip}"
 
 
-def clip_indices(total: int, num_frames: int, source_fps: float = 0.0, fps: float | None = None) -> list[int]:
-    """--num_frames consecutive frames at --fps from the start, or spread evenly (see FrameSampling)."""
-    return FrameSampling(num_frames, fps).indices(total, source_fps)
-
-
 def load_clip(
     path: Path,
     sampling: FrameSampling | int,
