@@ -201,7 +201,12 @@ class ParallelArgs:
     dp_shards: int = -1
     """FSDP2 shards per replica; -1 fills the rest of the world size."""
     cp_degree: int = 1
-    """Context-parallel degree (sequence split across ranks)."""
+    """Context-parallel degree: each sample's video token sequence is split over this many ranks (activation
+    memory per rank shrinks accordingly); parameters are sharded over dp_shards x cp_degree."""
+    cp_mode: Literal["ulysses", "ring"] = "ulysses"
+    """Context-parallel attention: `ulysses` (all-to-all between sequence and heads, then the device's fused
+    attention; heads are padded to a multiple of cp_degree) or `ring` (key/value blocks passed around the cp
+    ranks, partial results merged by log-sum-exp; no constraint on heads)."""
     fsdp_cpu_offload: bool = False
     """Keep sharded parameters, gradients and optimizer state in CPU memory (FSDP2 CPUOffloadPolicy); the
     optimizer step runs on the CPU. For full fine-tuning of models that do not fit on the GPUs otherwise."""
@@ -394,11 +399,6 @@ class Config:
             raise ConfigError(
                 f"parallel degrees must be >= 1 (dp_shards may be -1): "
                 f"dp_degree={p.dp_degree} dp_shards={p.dp_shards} cp_degree={p.cp_degree}"
-            )
-        if p.cp_degree > 1:
-            raise ConfigError(
-                f"--cp_degree {p.cp_degree}: context parallelism is not implemented yet in this version of ptrain; "
-                "use --cp_degree 1"
             )
         return self
 

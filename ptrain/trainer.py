@@ -39,6 +39,7 @@ from ptrain.metrics import MetricsWriter, peak_memory_gb
 from ptrain.models.spec import Components, ModelSpec, get_spec
 from ptrain.objectives import sample_generators
 from ptrain.optim import build_optimizer, build_scheduler
+from ptrain.parallel.context import apply_context_parallel
 from ptrain.parallel import ParallelDims, apply_ac, apply_compile, apply_data_parallel, init_distributed
 from ptrain.validation import load_validation_items, run_validation
 
@@ -181,6 +182,10 @@ def find_resume(cfg: Config, out: Path, layout: Layout) -> tuple[Path | None, bo
 def build_parallel_transformer(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims, device) -> None:
     """The parallel plan, in its fixed order: AC -> compile per block -> placement -> fully_shard / replicate."""
     t, p, m = cfg.train, cfg.parallel, cfg.model
+    if dims.cp > 1:
+        if spec.cp_plan is None:
+            raise ConfigError(f"--cp_degree {dims.cp}: {spec.name} has no context-parallel plan")
+        apply_context_parallel(transformer, spec.cp_plan, mesh.world["cp"], p.cp_mode)
     blocks = spec.blocks(transformer)
     if t.gradient_checkpointing:
         n = apply_ac(blocks, t.ac_mode, t.ac_every_n_blocks)
@@ -388,7 +393,8 @@ def train(cfg: Config) -> TrainResult:
                 prepared = objective.prepare(latents, gens, strata)
                 pred = spec.forward(transformer, prepared.noisy, prepared.timesteps, cond)
                 loss = objective.loss(pred, prepared) / accum
-                loss.backward()
+                # cp ranks' gradients sum to the sample's gradient and FSDP averages over dp_shard x cp.
+                (loss * dims.cp if dims.cp > 1 else loss).backward()
                 step_loss += loss.detach()
                 tokens += spec.tokens_per_sample(latents.shape, comps) * latents.shape[0]
             grad_norm = torch.nn.utils.clip_grad_norm_(

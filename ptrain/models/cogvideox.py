@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoTokenizer, T5EncoderModel
 
 from ptrain.config import ConfigError
+from ptrain.parallel.context import CPPlan
 from ptrain.models.spec import Conditioning, ModelSpec, register
 
 
@@ -32,6 +33,12 @@ class CogVideoXSpec(ModelSpec):
     }
     default_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
     block_attrs = ("transformer_blocks",)
+    #: patch_embed returns [text; video] tokens; RoPE comes in as a forward argument (N, D) pair; joint
+    #: attention over [text; video] with the text replicated on every cp rank.
+    cp_plan = CPPlan(
+        split="patch_embed", split_kind="text_prefix", token_kwargs=(("image_rotary_emb", 0),),
+        attention=("transformer_blocks.*.attn1",), text="prefix",
+    )  # fmt: skip
     default_max_sequence_length = 226
     fps = 8
 

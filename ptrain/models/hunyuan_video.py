@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
 
 from ptrain.config import ConfigError
+from ptrain.parallel.context import CPPlan
 from ptrain.models.spec import Conditioning, ModelSpec, register
 
 #: Distilled-guidance value embedded during training (finetrainers and musubi-tuner train with 1.0).
@@ -43,6 +44,12 @@ class HunyuanVideoSpec(ModelSpec):
     }
     default_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
     block_attrs = ("transformer_blocks", "single_transformer_blocks")
+    #: x_embedder tokens; RoPE (N, D) pairs; double- and single-stream joint attention over [video; text]
+    #: with the text padding mask (the token refiner's text self-attention is not split).
+    cp_plan = CPPlan(
+        split="x_embedder", split_kind="tokens", rotary=(("rope", 0),),
+        attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"), text="suffix",
+    )  # fmt: skip
     default_max_sequence_length = 256
     fps = 24
 

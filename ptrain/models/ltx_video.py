@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoTokenizer, T5EncoderModel
 
 from ptrain.config import ConfigError
+from ptrain.parallel.context import CPPlan
 from ptrain.models.spec import Components, Conditioning, ModelSpec, register
 
 
@@ -31,6 +32,12 @@ class LTXVideoSpec(ModelSpec):
     }
     default_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
     block_attrs = ("transformer_blocks",)
+    #: Packed tokens after proj_in; RoPE (B, N, D) pairs; per-token timesteps (B, N) when given; attn2 is
+    #: cross-attention to text (not split).
+    cp_plan = CPPlan(
+        split="proj_in", split_kind="tokens", rotary=(("rope", 1),), token_kwargs=(("timestep", 1),),
+        attention=("transformer_blocks.*.attn1",),
+    )  # fmt: skip
     default_max_sequence_length = 128
     #: LTXPipeline's default frame rate; sets the temporal RoPE interpolation scale.
     frame_rate = 25

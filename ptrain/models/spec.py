@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ptrain.config import ConfigError, TrainArgs
+from ptrain.parallel.context import CPPlan
 
 #: Components that hold weights in a dtype chosen by a `--<name>_dtype` flag.
 DTYPE_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
@@ -72,6 +73,8 @@ class ModelSpec(ABC):
     default_target_modules: list[str]
     #: Attribute names of the nn.ModuleLists holding the repeated transformer blocks.
     block_attrs: tuple[str, ...]
+    #: Where context parallelism splits and gathers the video tokens (ptrain.parallel.context).
+    cp_plan: "CPPlan | None" = None
     default_max_sequence_length: int = 128
     #: Frame rate of exported validation videos.
     fps: int = 16

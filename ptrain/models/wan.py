@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ptrain.config import ConfigError
+from ptrain.parallel.context import CPPlan
 from ptrain.models.spec import Conditioning, ModelSpec, register
 
 
@@ -32,6 +33,12 @@ class WanSpec(ModelSpec):
     }
     default_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
     block_attrs = ("blocks",)
+    #: The Conv3d patch embedding's grid output (flattened by the model); RoPE (1, N, 1, D) pairs; per-token
+    #: timesteps (Wan 2.2 style) when given; attn2 is cross-attention to text/image (not split).
+    cp_plan = CPPlan(
+        split="patch_embedding", split_kind="grid", rotary=(("rope", 1),), token_kwargs=(("timestep", 1),),
+        attention=("blocks.*.attn1",),
+    )  # fmt: skip
     default_max_sequence_length = 512
 
     def check_shape(self, num_frames, height, width, components) -> None:
