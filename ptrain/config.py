@@ -289,7 +289,7 @@ class Config:
     #: What ptrain.compat translated from other trainers' flag names (logged at start).
     compat_notes: Annotated[list[str], tyro.conf.Suppress] = field(default_factory=list)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         m, d, t, o, p = self.model, self.data, self.train, self.optim, self.parallel
         if not m.pretrained_model_name_or_path:
             raise ConfigError("--pretrained_model_name_or_path is required (a local diffusers checkpoint folder)")

@@ -39,8 +39,8 @@ from ptrain.metrics import MetricsWriter, peak_memory_gb
 from ptrain.models.spec import Components, ModelSpec, get_spec
 from ptrain.objectives import sample_generators
 from ptrain.optim import build_optimizer, build_scheduler
-from ptrain.parallel.context import apply_context_parallel
 from ptrain.parallel import ParallelDims, apply_ac, apply_compile, apply_data_parallel, init_distributed
+from ptrain.parallel.context import apply_context_parallel
 from ptrain.validation import load_validation_items, run_validation
 
 log = logging.getLogger("ptrain")

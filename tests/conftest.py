@@ -14,6 +14,17 @@ import pytest
 
 from ptrain.testing.tiny import write_synthetic_videos, write_tiny_checkpoint
 
+
+def pytest_collection_modifyitems(config, items):
+    """`heavy` tests run only with PTRAIN_TEST_HEAVY=1 (set by .ci/run), keeping a local run under 15 minutes."""
+    if os.environ.get("PTRAIN_TEST_HEAVY") == "1":
+        return
+    skip = pytest.mark.skip(reason="heavy: set PTRAIN_TEST_HEAVY=1 to run (CI does)")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Small, fast, fp32 settings shared by the training tests.
@@ -135,6 +146,13 @@ LAYOUTS = {
         ["--batch_size", "1", "--training_type", "full-finetune", "--lr", "1e-4", "--optimizer", "came",
          "--gradient_checkpointing", "--ac_mode", "selective", "--ac_every_n_blocks", "2", "--fsdp_cpu_offload"],
     ),
+    # Context parallel: dp_shards 2 x cp 2 (FSDP over dp_shard x cp), and cp only (FSDP over the 2 cp ranks).
+    "lora-cp2-ring": (4, ["--batch_size", "2", "--dp_shards", "2", "--cp_degree", "2", "--cp_mode", "ring",
+                          "--gradient_checkpointing", "--ac_mode", "full"]),
+    "lora-cp2-ulysses": (4, ["--batch_size", "2", "--dp_shards", "2", "--cp_degree", "2", "--cp_mode", "ulysses",
+                             "--compile", "--compile_backend", "aot_eager"]),
+    "full-cp2": (2, ["--batch_size", "2", "--training_type", "full-finetune", "--lr", "1e-4", "--optimizer", "came",
+                     "--dp_shards", "1", "--cp_degree", "2", "--cp_mode", "ring"]),
 }  # fmt: skip
 
 

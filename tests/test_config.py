@@ -81,12 +81,19 @@ def test_validation_names_the_flag(tmp_path, tiny_ckpt, tiny_data):
         parse_config(["--pretrained_model_name_or_path", str(tmp_path), "--data_root", str(tiny_data)]).validate()
     with pytest.raises(ConfigError, match="--batch_size must be >= 1, got 0"):
         parse_config([*ok, "--batch_size", "0"]).validate()
-    with pytest.raises(ConfigError, match="--cp_degree 2"):
-        parse_config([*ok, "--cp_degree", "2"]).validate()
+    assert parse_config([*ok, "--cp_degree", "2", "--cp_mode", "ring"]).validate().parallel.cp_mode == "ring"
+
+
+def test_bad_cp_mode_names_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--cp_mode", "ringg"])
+    err = capsys.readouterr().err
+    assert "--cp_mode" in err and "ulysses" in err and "ring" in err
 
 
 def test_parallel_dims():
     assert ParallelDims.build(2, -1, 1, 8).dp_shard == 4
+    assert ParallelDims.build(1, -1, 2, 8).dp_shard == 4  # cp takes its share of the world first
     d = ParallelDims.build(2, 2, 1, 4)
     assert (d.dp, d.fsdp_enabled, d.ddp_enabled) == (4, True, False) and d.describe().startswith("HSDP")
     assert ParallelDims.build(2, 1, 1, 2).describe().startswith("DDP")

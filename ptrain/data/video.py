@@ -120,7 +120,7 @@ class FrameSampling:
         return None  # spread evenly over the window
 
     @classmethod
-    def from_args(cls, d) -> "FrameSampling":
+    def from_args(cls, d) -> FrameSampling:
         """From the data flags (--num_frames, --fps, --video_sample_stride, --skip_frames_start/end)."""
         return cls(d.num_frames, d.fps, d.video_sample_stride, d.skip_frames_start, d.skip_frames_end)
 

@@ -21,8 +21,8 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
 
 from ptrain.config import ConfigError
-from ptrain.parallel.context import CPPlan
 from ptrain.models.spec import Conditioning, ModelSpec, register
+from ptrain.parallel.context import CPPlan
 
 #: Distilled-guidance value embedded during training (finetrainers and musubi-tuner train with 1.0).
 TRAIN_GUIDANCE = 1.0

@@ -14,8 +14,8 @@ from torch import nn
 from transformers import AutoTokenizer, T5EncoderModel
 
 from ptrain.config import ConfigError
-from ptrain.parallel.context import CPPlan
 from ptrain.models.spec import Components, Conditioning, ModelSpec, register
+from ptrain.parallel.context import CPPlan
 
 
 @register

@@ -74,7 +74,7 @@ class ModelSpec(ABC):
     #: Attribute names of the nn.ModuleLists holding the repeated transformer blocks.
     block_attrs: tuple[str, ...]
     #: Where context parallelism splits and gathers the video tokens (ptrain.parallel.context).
-    cp_plan: "CPPlan | None" = None
+    cp_plan: CPPlan | None = None
     default_max_sequence_length: int = 128
     #: Frame rate of exported validation videos.
     fps: int = 16

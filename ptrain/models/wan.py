@@ -15,8 +15,8 @@ from torch import nn
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ptrain.config import ConfigError
-from ptrain.parallel.context import CPPlan
 from ptrain.models.spec import Conditioning, ModelSpec, register
+from ptrain.parallel.context import CPPlan
 
 
 @register

@@ -81,7 +81,7 @@ class CPGroup:
     warned: set = field(default_factory=set)
 
     @classmethod
-    def from_mesh(cls, cp_mesh, mode: str) -> "CPGroup":
+    def from_mesh(cls, cp_mesh, mode: str) -> CPGroup:
         if mode not in CP_MODES:
             raise ValueError(f"--cp_mode {mode!r}: choose one of {', '.join(CP_MODES)}")
         group = cp_mesh.get_group()

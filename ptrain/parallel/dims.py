@@ -38,7 +38,7 @@ class ParallelDims:
     world_size: int
 
     @classmethod
-    def build(cls, dp_degree: int, dp_shards: int, cp_degree: int, world_size: int) -> "ParallelDims":
+    def build(cls, dp_degree: int, dp_shards: int, cp_degree: int, world_size: int) -> ParallelDims:
         desc = f"dp_degree={dp_degree} x dp_shards={dp_shards} x cp_degree={cp_degree}"
         if dp_degree < 1 or cp_degree < 1 or (dp_shards < 1 and dp_shards != -1):
             raise ParallelConfigError(f"invalid parallel degrees {desc}: each must be >= 1 (dp_shards may be -1)")
@@ -86,7 +86,7 @@ class ParallelDims:
             f"x cp {self.cp}"
         )
 
-    def build_mesh(self) -> "Meshes":
+    def build_mesh(self) -> Meshes:
         world = init_device_mesh(
             device_type(),
             (self.dp_replicate, self.dp_shard, self.cp),
