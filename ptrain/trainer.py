@@ -198,7 +198,7 @@ def build_parallel_transformer(transformer, cfg: Config, spec: ModelSpec, mesh, 
             for key, buf in module._buffers.items():
                 if buf is not None:
                     module._buffers[key] = buf.to(device)
-    else:
+    elif any(t.device != device for t in [*transformer.parameters(), *transformer.buffers()]):
         transformer.to(device)
     plan = apply_data_parallel(
         transformer, blocks, mesh, dims, DTYPES[m.transformer_dtype], spec.fp32_module_names(transformer),

@@ -51,6 +51,7 @@ class HunyuanVideoSpec(ModelSpec):
         attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"), text="suffix",
     )  # fmt: skip
     default_max_sequence_length = 256
+    block_count_keys = ("num_layers", "num_single_layers")
     fps = 24
 
     def check_shape(self, num_frames, height, width, components) -> None:
@@ -73,6 +74,12 @@ class HunyuanVideoSpec(ModelSpec):
 
     def encode_video(self, components, video, generators) -> torch.Tensor:
         return self.sample_latents(components, video, generators) * components.vae.config.scaling_factor
+
+    def simulated_conditioning(self, config, batch, seq_len, device, dtype) -> Conditioning:
+        cond = super().simulated_conditioning(config, batch, seq_len, device, dtype)
+        cond.tensors["encoder_attention_mask"] = torch.ones(batch, seq_len, device=device, dtype=torch.long)
+        cond.tensors["pooled_projections"] = torch.randn(batch, config["pooled_projection_dim"], device=device, dtype=dtype)
+        return cond
 
     def forward(self, transformer: nn.Module, noisy_latents, timesteps, cond) -> torch.Tensor:
         guidance = torch.full((noisy_latents.shape[0],), TRAIN_GUIDANCE * 1000.0, device=noisy_latents.device)

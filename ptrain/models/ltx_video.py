@@ -39,6 +39,7 @@ class LTXVideoSpec(ModelSpec):
         attention=("transformer_blocks.*.attn1",),
     )  # fmt: skip
     default_max_sequence_length = 128
+    text_dim_key = "caption_channels"
     #: LTXPipeline's default frame rate; sets the temporal RoPE interpolation scale.
     frame_rate = 25
     fps = 25
@@ -85,6 +86,11 @@ class LTXVideoSpec(ModelSpec):
             return_dict=False,
         )[0]
         return LTXPipeline._unpack_latents(out, f // pt, h // p, w // p, p, pt)
+
+    def simulated_conditioning(self, config, batch, seq_len, device, dtype) -> Conditioning:
+        cond = super().simulated_conditioning(config, batch, seq_len, device, dtype)
+        cond.tensors["encoder_attention_mask"] = torch.ones(batch, seq_len, device=device, dtype=dtype)
+        return cond
 
     def bind(self, components: Components) -> None:
         super().bind(components)

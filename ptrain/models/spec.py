@@ -76,6 +76,10 @@ class ModelSpec(ABC):
     #: Where context parallelism splits and gathers the video tokens (ptrain.parallel.context).
     cp_plan: CPPlan | None = None
     default_max_sequence_length: int = 128
+    #: Transformer config key holding the text embedding width (simulated conditioning for the memory planner).
+    text_dim_key: str = "text_embed_dim"
+    #: Transformer config keys holding the number of blocks in each of `block_attrs`.
+    block_count_keys: tuple[str, ...] = ("num_layers",)
     #: Frame rate of exported validation videos.
     fps: int = 16
 
@@ -144,6 +148,14 @@ class ModelSpec(ABC):
             device=components.text_encoder.device,
         )  # fmt: skip
         return embeds
+
+    def simulated_conditioning(
+        self, config, batch: int, seq_len: int, device: torch.device, dtype: torch.dtype
+    ) -> Conditioning:
+        """Text conditioning of the shapes encode_text returns, with random values (memory planner, fake tensors)."""
+        return Conditioning(
+            {"encoder_hidden_states": torch.randn(batch, seq_len, config[self.text_dim_key], device=device, dtype=dtype)}
+        )
 
     def make_objective(self, args: TrainArgs, components: Components):
         """Flow matching by default, with the scheduler's static shift unless --flow_shift is given."""

@@ -33,6 +33,7 @@ class WanSpec(ModelSpec):
     }
     default_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
     block_attrs = ("blocks",)
+    text_dim_key = "text_dim"
     #: The Conv3d patch embedding's grid output (flattened by the model); RoPE (1, N, 1, D) pairs; per-token
     #: timesteps (Wan 2.2 style) when given; attn2 is cross-attention to text/image (not split).
     cp_plan = CPPlan(

@@ -1,0 +1,177 @@
+"""Per-GPU peak memory of one ptrain training step, per model / training type / layout — simulated, no GPU needed.
+
+Every row runs ptrain's own set-up and step (ptrain.planner: fake tensors, a fake process group of the row's
+world size, torch.distributed._tools memory trackers) on the full-size configs in benchmarks/model_configs/,
+2 and 3 blocks per block list extrapolated to the real depth (tests/test_planner.py checks the extrapolation).
+Beside each row: published figures of other trainers for the same settings, where there are any
+(../shared/reference/published_numbers.md, sources named), and the lower bound
+(sharded parameters + gradients + optimizer state + one gathered block + the saved block inputs).
+
+    python benchmarks/memory.py                    # default matrix: every model, ~5-10 min on a 2-core CPU
+    python benchmarks/memory.py --only ltx-video   # rows of one variant
+    python benchmarks/memory.py --json out.json --markdown out.md
+
+Not modelled: CUDA context, caching-allocator slack (reserved > allocated), NCCL buffers, kernel workspaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ptrain.planner import GIB, encoder_bytes, plan  # noqa: E402
+
+CONFIGS = REPO / "benchmarks" / "model_configs"
+RESULTS = REPO / "benchmarks" / "results"
+
+RES = {
+    "cogvideox-2b": (49, 480, 720),
+    "cogvideox-5b": (49, 480, 720),
+    "cogvideox1.5-5b": (81, 768, 1360),
+    "ltx-video": (49, 512, 768),
+    "hunyuan-video": (49, 512, 768),
+    "wan2.1-1.3b": (81, 480, 832),
+    "wan2.1-14b": (81, 720, 1280),
+}
+
+
+@dataclass
+class Row:
+    variant: str
+    training_type: str  # lora | full-finetune
+    world: int
+    flags: list[str]
+    #: (source, GB, what) of other trainers for the same model / type / resolution / batch 1.
+    others: list[tuple[str, float, str]] = field(default_factory=list)
+    #: Goal from issue 8 for this row, in GB (None: report only).
+    goal_gb: float | None = None
+
+    def all_flags(self) -> list[str]:
+        f, h, w = RES[self.variant]
+        model = json.loads((CONFIGS / self.variant / "ptrain_variant.json").read_text())["model_name"]
+        base = ["--model_name", model, "--num_frames", str(f), "--height", str(h), "--width", str(w),
+                "--batch_size", "1", "--training_type", self.training_type, "--gradient_checkpointing",
+                "--ac_mode", "full"]  # fmt: skip
+        if self.training_type == "lora":
+            base += ["--rank", "128", "--lora_alpha", "128"]
+        return base + self.flags
+
+
+FT = "finetrainers v0.0.1 docs, A100, alloc"
+COGVIDEO = "CogVideo finetune README, reserved"
+FSDP8 = ["--dp_shards", "8"]
+
+DEFAULT_ROWS = [
+    Row("cogvideox-2b", "lora", 1, [], [(COGVIDEO, 16.0, "DDP fp16")]),
+    Row("cogvideox-2b", "full-finetune", 8, FSDP8, [(COGVIDEO, 36.0, "DDP fp16")]),
+    Row("cogvideox-5b", "lora", 1, [], [(FT, 11.145, "precomputed"), (COGVIDEO, 24.0, "DDP bf16")], 0.7 * 11.145),
+    Row("cogvideox-5b", "full-finetune", 1, [], [(FT, 31.160, "precomputed")], 0.7 * 31.160),
+    Row("cogvideox-5b", "full-finetune", 8, FSDP8, [(COGVIDEO, 42.0, "8-GPU ZeRO-2")], 15.0),
+    Row("cogvideox-5b", "full-finetune", 8, ["--dp_shards", "4", "--cp_degree", "2"]),
+    Row("cogvideox1.5-5b", "lora", 1, [], [(COGVIDEO, 35.0, "DDP bf16")]),
+    Row("cogvideox1.5-5b", "full-finetune", 8, FSDP8, [(COGVIDEO, 55.0, "8-GPU ZeRO-2")]),
+    Row("ltx-video", "lora", 1, [], [(FT, 4.26, "precomputed")], 0.7 * 4.26),
+    Row("ltx-video", "full-finetune", 1, [], [(FT, 10.769, "precomputed")], 0.7 * 10.769),
+    Row("hunyuan-video", "lora", 1, [], [(FT, 24.83, "precomputed")], 0.7 * 24.83),
+    Row("hunyuan-video", "full-finetune", 8, FSDP8, [("finetrainers README", math.inf, "OOM on 80 GB")], 40.0),
+    Row("hunyuan-video", "full-finetune", 8, ["--dp_shards", "4", "--cp_degree", "2"]),
+    Row("wan2.1-1.3b", "lora", 1, []),
+    Row("wan2.1-14b", "lora", 1, []),
+    Row("wan2.1-14b", "full-finetune", 8, FSDP8),
+]
+
+
+def lower_bound(res: dict, variant: str, training_type: str) -> int:
+    """Sharded states + one gathered block (compute dtype) + every block's saved input (full AC)."""
+    from ptrain.models.spec import get_spec
+
+    spec = get_spec(res["model"])
+    cls = spec.transformer_cls
+    config = cls.load_config(CONFIGS / variant, subfolder="transformer")
+    with torch.device("meta"):
+        small = cls.from_config({**config, **{k: 1 for k in spec.block_count_keys}})
+    block = max(sum(p.numel() for p in blocks[0].parameters()) for blocks in spec.blocks(small))
+    c = res["categories"]
+    states = c.get("Sharded Param", 0) + c.get("Sharded Grad", 0) + c.get("OptState", 0)
+    hidden = config.get("num_attention_heads", 1) * config.get("attention_head_dim", 1)
+    saved = sum(res["blocks"]) * res["tokens_per_rank"] * res["batch_size"] * hidden * 2
+    return int(states + block * 2 + saved)
+
+
+def run(rows: list[Row]) -> list[dict]:
+    out = []
+    for row in rows:
+        t0 = time.perf_counter()
+        res = plan(row.all_flags(), row.world, CONFIGS / row.variant)
+        res["variant"] = row.variant
+        res["lower_bound_bytes"] = lower_bound(res, row.variant, row.training_type)
+        spec_dtypes = {"vae": torch.bfloat16, "text_encoder": torch.bfloat16, "text_encoder_2": torch.bfloat16}
+        from ptrain.models.spec import get_spec
+
+        res["encoder_bytes"] = encoder_bytes(get_spec(res["model"]), CONFIGS / row.variant, spec_dtypes)
+        res["others"] = row.others
+        res["goal_gb"] = row.goal_gb
+        res["flags"] = row.all_flags()
+        res["wall_s"] = round(time.perf_counter() - t0, 1)
+        out.append(res)
+        print(f"  {row.variant} {row.training_type} world {row.world} {' '.join(row.flags)}: "
+              f"{res['peak_bytes'] / GIB:.2f} GiB ({res['wall_s']} s)", file=sys.stderr, flush=True)  # fmt: skip
+    return out
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "| model | type | F x H x W | layout | tokens/rank | ptrain step peak GiB | + resident encoders GiB "
+        "| lower bound GiB (ratio) | others (same settings) | goal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        peak = r["peak_bytes"] / GIB
+        enc = sum(r["encoder_bytes"].values()) / GIB
+        lb = r["lower_bound_bytes"] / GIB
+        others = "; ".join(f"{v if v != math.inf else 'OOM'} GB ({src}, {what})" for src, v, what in r["others"])
+        goal = "" if r["goal_gb"] is None else f"<= {r['goal_gb']:.1f}: {'met' if peak <= r['goal_gb'] else 'NOT met'}"
+        layout = r["layout"].split(":")[0] + f" {r['world_size']}" + (f", cp {r['cp']}" if r["cp"] > 1 else "")
+        f, h, w = r["frames_hw"]
+        lines.append(
+            f"| {r['variant']} | {r['training_type']} | {f}x{h}x{w} | {layout} | {r['tokens_per_rank']:,} "
+            f"| {peak:.2f} | {peak + enc:.2f} | {lb:.2f} ({peak / lb:.2f}x) | {others or '-'} | {goal} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="*", help="variants to run (default: all rows)")
+    ap.add_argument("--json", default=str(RESULTS / "memory.json"))
+    ap.add_argument("--markdown", default=str(RESULTS / "memory.md"))
+    args = ap.parse_args()
+    rows = [r for r in DEFAULT_ROWS if not args.only or r.variant in args.only]
+    t0 = time.perf_counter()
+    print(f"simulating {len(rows)} configurations (fake tensors, fake process group; bf16, batch 1, full AC)",
+          file=sys.stderr)  # fmt: skip
+    results = run(rows)
+    table = markdown(results)
+    print(table)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"rows": [asdict(r) for r in rows], "results": results}, indent=1,
+                                          default=str))  # fmt: skip
+    Path(args.markdown).write_text(
+        f"Simulated on {torch.__version__} CPU (no GPU) by `python benchmarks/memory.py`; "
+        f"{time.perf_counter() - t0:.0f} s.\n\n{table}\n"
+    )
+    print(f"\nwrote {args.json} and {args.markdown}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
