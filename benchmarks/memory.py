@@ -2,7 +2,7 @@
 
 Every row runs ptrain's own set-up and step (ptrain.planner: fake tensors, a fake process group of the row's
 world size, torch.distributed._tools memory trackers) on the full-size configs in benchmarks/model_configs/,
-2 and 3 blocks per block list extrapolated to the real depth (tests/test_planner.py checks the extrapolation).
+3 and 4 blocks per block list extrapolated to the real depth (tests/test_planner.py checks the extrapolation).
 Beside each row: published figures of other trainers for the same settings, where there are any
 (../shared/reference/published_numbers.md, sources named), and the lower bound
 (sharded parameters + gradients + optimizer state + one gathered block + the saved block inputs).

@@ -8,7 +8,7 @@ HSDP / replicate (`build_parallel_transformer`), the optimizer and EMA — runs 
 peak by category. Weights are never materialised: the transformer is built from its `config.json` on the
 meta device, so a 13B model costs nothing but shape propagation.
 
-Whole models with many blocks are slow to simulate on a CPU, so `plan()` simulates 2 and 3 blocks per block
+Whole models with many blocks are slow to simulate on a CPU, so `plan()` simulates 3 and 4 blocks per block
 list and extrapolates linearly (every block adds the same parameters, gradients, optimizer state and saved
 activations); tests/test_planner.py checks the extrapolation against a full simulation.
 
@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 GIB = 2**30
 
@@ -81,31 +80,47 @@ def encoder_bytes(spec, model_dir: Path, dtypes: dict[str, torch.dtype]) -> dict
 
 
 def simulate(
-    flags: list[str], world: int, model_dir: str | Path, num_blocks: tuple[int, ...] | None = None, steps: int = 2
+    flags: list[str], world: int, model_dir: str | Path, num_blocks: tuple[int, ...] | None = None,
+    fake: bool = True,
 ) -> dict:
     """Peak memory of rank 0 in one training step of `ptrain FLAGS` on `world` ranks (fake), in bytes by category.
 
-    `num_blocks` overrides the transformer's block counts (one per block list of the model).
+    `num_blocks` overrides the transformer's block counts (one per block list of the model). `fake=False`
+    runs the same code on real (uninitialised) tensors in an already initialised process group: the check that
+    the simulation counts what a real run allocates.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed._tools.mem_tracker import MemTracker
-    from torch.distributed.fsdp import FSDPModule
-
     from ptrain.config import parse_config
-    from ptrain.ema import EMA
-    from ptrain.models.spec import Components, get_spec
-    from ptrain.optim import build_optimizer
-    from ptrain.parallel import ParallelDims
-    from ptrain.trainer import DTYPES, build_parallel_transformer, make_trainable, param_groups, store_frozen_in_fp8
+    from ptrain.models.spec import get_spec
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     cfg = parse_config([*flags, "--pretrained_model_name_or_path", str(model_dir)])
     cfg.train.compile = False  # compile changes no memory the tracker sees; it would only cost time here
+    spec = get_spec(cfg.model.model_name)
+    if fake:
+        _fake_world(world)
+        try:
+            return _simulate(cfg, spec, world, model_dir, num_blocks, fake, t0)
+        finally:  # leave no fake default group behind for code that initialises a real one later
+            dist.destroy_process_group()
+    if dist.get_world_size() != world:
+        raise ValueError(f"fake=False needs the process group of {world} ranks to be initialised")
+    return _simulate(cfg, spec, world, model_dir, num_blocks, fake, t0)
+
+
+def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0: float) -> dict:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed.fsdp import FSDPModule
+
+    from ptrain.ema import EMA
+    from ptrain.models.spec import Components
+    from ptrain.optim import build_optimizer
+    from ptrain.parallel import ParallelDims
+    from ptrain.trainer import DTYPES, build_parallel_transformer, make_trainable, param_groups, store_frozen_in_fp8
+
     m, t, p, d = cfg.model, cfg.train, cfg.parallel, cfg.data
-    spec = get_spec(m.model_name)
-    _fake_world(world)
     dims = ParallelDims.build(p.dp_degree, p.dp_shards, p.cp_degree, world)
     mesh = dims.build_mesh()  # outside FakeTensorMode (inside it fails)
     device = torch.device("cpu")
@@ -130,7 +145,7 @@ def simulate(
     if "transformer" in (m.layerwise_upcasting_modules or []):
         fp8 = getattr(torch, m.layerwise_upcasting_storage_dtype)
         store_frozen_in_fp8(transformer, fp8, m.layerwise_upcasting_skip_modules_pattern)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         transformer = transformer.to_empty(device=device)
         vae = vae.to_empty(device=device)
         comps = Components(transformer=transformer, vae=vae, text_encoder=None, tokenizer=None, scheduler=scheduler)
@@ -150,25 +165,40 @@ def simulate(
         seq = d.max_sequence_length or spec.default_max_sequence_length
         cond = spec.simulated_conditioning(transformer.config, b, seq, device, DTYPES[m.text_encoder_dtype])
         timesteps = torch.full((b,), 500.0, device=device)
-        tracker = FSDPMemTracker(transformer, optimizer) if isinstance(transformer, FSDPModule) else MemTracker()
-        if isinstance(tracker, MemTracker) and not isinstance(tracker, FSDPMemTracker):
+        def new_tracker():
+            if isinstance(transformer, FSDPModule):
+                return FSDPMemTracker(transformer, optimizer)
+            tracker = MemTracker()
             tracker.track_external(transformer, optimizer)
-        with tracker:
-            for step in range(steps):
-                pred = spec.forward(transformer, latents, timesteps, cond)
-                loss = (pred.float() - latents).pow(2).mean()
-                (loss * dims.cp if dims.cp > 1 else loss).backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(step + 1)
-                if step == 0:
-                    tracker.reset_mod_stats()
-        snap = tracker.get_tracker_snapshot("peak")
-    per_dev = next(iter(snap.values()))
-    categories = {str(getattr(k, "value", k)): int(v) for k, v in per_dev.items() if str(k) != "Total"}
-    categories.pop("Total", None)
+            return tracker
+
+        def forward_backward():
+            pred = spec.forward(transformer, latents, timesteps, cond)
+            loss = (pred.float() - latents).pow(2).mean()
+            (loss * dims.cp if dims.cp > 1 else loss).backward()
+
+        def optimizer_step(step):
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(step)
+
+        # Step 1 creates the optimizer state lazily; step 2 is the steady state that is measured, its two
+        # phases separately (each phase's peak grows linearly with the block count; their max need not).
+        forward_backward()
+        optimizer_step(1)
+        phases = {}
+        for phase, fn in (("forward_backward", forward_backward), ("optimizer", lambda: optimizer_step(2))):
+            tracker = new_tracker()
+            with tracker:
+                fn()
+            per_dev = next(iter(tracker.get_tracker_snapshot("peak").values()))
+            phases[phase] = {
+                "peak_bytes": int(per_dev["Total"]),
+                "categories": {str(getattr(k, "value", k)): int(v) for k, v in per_dev.items() if str(k) != "Total"},
+            }
+    top = max(phases.values(), key=lambda ph: ph["peak_bytes"])
     tokens = spec.tokens_per_sample(tuple(latent_shape), comps) * b
     return {
         "model": m.model_name,
@@ -184,26 +214,35 @@ def simulate(
         "blocks": list(blocks_used),
         "params_total": n_total,
         "params_trainable": n_train,
-        "peak_bytes": int(per_dev["Total"]),
-        "categories": categories,
+        "peak_bytes": top["peak_bytes"],
+        "categories": top["categories"],
+        "phases": phases,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
 
 def _extrapolate(base: dict, bumps: list[dict], targets: tuple[int, ...]) -> dict:
-    """Linear in each block count: value(n) = base + sum_i (n_i - base_i) * (bump_i - base)."""
+    """Each phase linear in each block count: value(n) = base + sum_i (n_i - base_i) * (bump_i - base);
+    the step's peak is the larger phase peak."""
     out = dict(base)
 
     def lin(get):
         v = get(base)
         for i, bump in enumerate(bumps):
             v += (targets[i] - base["blocks"][i]) * (get(bump) - get(base))
-        return v
+        return int(v)
 
-    out["peak_bytes"] = int(lin(lambda r: r["peak_bytes"]))
-    out["params_total"] = int(lin(lambda r: r["params_total"]))
-    out["params_trainable"] = int(lin(lambda r: r["params_trainable"]))
-    out["categories"] = {k: int(lin(lambda r, k=k: r["categories"].get(k, 0))) for k in base["categories"]}
+    phases = {}
+    for name, ph in base["phases"].items():
+        phases[name] = {
+            "peak_bytes": lin(lambda r, n=name: r["phases"][n]["peak_bytes"]),
+            "categories": {k: lin(lambda r, n=name, k=k: r["phases"][n]["categories"].get(k, 0))
+                           for k in ph["categories"]},
+        }  # fmt: skip
+    top = max(phases.values(), key=lambda ph: ph["peak_bytes"])
+    out.update(phases=phases, peak_bytes=top["peak_bytes"], categories=top["categories"])
+    out["params_total"] = lin(lambda r: r["params_total"])
+    out["params_trainable"] = lin(lambda r: r["params_trainable"])
     out["blocks"] = list(targets)
     out["simulated_blocks"] = [base["blocks"], *[b["blocks"] for b in bumps]]
     out["seconds"] = round(base["seconds"] + sum(b["seconds"] for b in bumps), 1)
@@ -211,7 +250,7 @@ def _extrapolate(base: dict, bumps: list[dict], targets: tuple[int, ...]) -> dic
 
 
 def plan(flags: list[str], world: int, model_dir: str | Path, full: bool = False) -> dict:
-    """simulate() for the whole model: directly when `full` or the model is small, else 2 and 3 blocks per block
+    """simulate() for the whole model: directly when `full` or the model is small, else 3 and 4 blocks per block
     list, extrapolated to the real block counts."""
     from ptrain.config import parse_config
     from ptrain.models.spec import get_spec
@@ -221,15 +260,15 @@ def plan(flags: list[str], world: int, model_dir: str | Path, full: bool = False
     spec = get_spec(name)
     config = spec.transformer_cls.load_config(model_dir, subfolder="transformer")
     targets = tuple(int(config[k]) for k in spec.block_count_keys)
-    if full or all(n <= 3 for n in targets):
+    if full or all(n <= 4 for n in targets):
         res = simulate(flags, world, model_dir)
         res["simulated_blocks"] = [res["blocks"]]
         return res
-    base_blocks = tuple(2 for _ in targets)
+    base_blocks = tuple(3 for _ in targets)  # from 3 blocks on, FSDP's prefetch pattern no longer changes
     base = simulate(flags, world, model_dir, base_blocks)
     bumps = []
     for i in range(len(targets)):
-        blocks = tuple(3 if j == i else 2 for j in range(len(targets)))
+        blocks = tuple(4 if j == i else 3 for j in range(len(targets)))
         bumps.append(simulate(flags, world, model_dir, blocks))
     return _extrapolate(base, bumps, targets)
 

@@ -1,0 +1,90 @@
+"""The GPU memory planner (ptrain.planner): shipped full-size configs have the published sizes, the block
+extrapolation equals a full simulation, and the simulation counts what a real run on CPU allocates."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import first_error
+
+from ptrain.models.spec import get_spec
+from ptrain.planner import plan, simulate
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "benchmarks" / "model_configs"
+
+# Published parameter counts (transformer only): CogVideoX-5B 5.57B (platform notes / finetrainers docs),
+# LTX-Video 1.92B (finetrainers docs), CogVideoX-2B 1.69B, HunyuanVideo 12.8B, Wan 2.1 1.3B / 14B (model cards).
+PUBLISHED = {"cogvideox-2b": 1.69e9, "cogvideox-5b": 5.57e9, "ltx-video": 1.92e9, "hunyuan-video": 12.8e9,
+             "wan2.1-1.3b": 1.42e9, "wan2.1-14b": 14.29e9, "cogvideox1.5-5b": 5.57e9}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", sorted(PUBLISHED))
+def test_shipped_configs_have_published_sizes(variant):
+    model = json.loads((CONFIGS / variant / "ptrain_variant.json").read_text())["model_name"]
+    cls = get_spec(model).transformer_cls
+    with torch.device("meta"):
+        t = cls.from_config(cls.load_config(CONFIGS / variant, subfolder="transformer"))
+    n = sum(p.numel() for p in t.parameters())
+    assert n == pytest.approx(PUBLISHED[variant], rel=0.02), n
+
+
+def _mid_ltx(tmp_path: Path) -> Path:
+    """LTX-Video with 256-wide blocks and 6 of them: big enough to extrapolate, small enough to simulate fully."""
+    out = tmp_path / "ltx-mid"
+    shutil.copytree(CONFIGS / "ltx-video", out)
+    cfg_path = out / "transformer" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(num_attention_heads=4, attention_head_dim=64, cross_attention_dim=256, num_layers=6)
+    cfg_path.write_text(json.dumps(cfg))
+    return out
+
+
+MID_FLAGS = ["--model_name", "ltx_video", "--num_frames", "25", "--height", "256", "--width", "256"]
+
+
+@pytest.mark.parametrize(
+    "world,extra",
+    [
+        (1, ["--rank", "16"]),
+        (4, ["--training_type", "full-finetune", "--dp_shards", "4", "--gradient_checkpointing", "--ac_mode", "full"]),
+        (4, ["--training_type", "full-finetune", "--dp_shards", "2", "--cp_degree", "2"]),
+    ],
+)
+def test_block_extrapolation_equals_full_simulation(tmp_path, world, extra):
+    model_dir = _mid_ltx(tmp_path)
+    full = plan([*MID_FLAGS, *extra], world, model_dir, full=True)
+    scaled = plan([*MID_FLAGS, *extra], world, model_dir)
+    assert scaled["simulated_blocks"] == [[3], [4]] and full["blocks"] == scaled["blocks"] == [6]
+    assert scaled["params_total"] == full["params_total"]
+    for phase in ("forward_backward", "optimizer"):
+        assert scaled["phases"][phase]["peak_bytes"] == pytest.approx(full["phases"][phase]["peak_bytes"], rel=1e-3)
+    assert scaled["peak_bytes"] == pytest.approx(full["peak_bytes"], rel=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["--rank", "8"], ["--training_type", "full-finetune"]])
+def test_simulation_matches_a_real_run(tiny_ckpt, extra):
+    """2 fake ranks vs 2 real gloo processes on the tiny LTX checkpoint: the same bytes per rank."""
+    flags = ["--model_name", "ltx_video", "--num_frames", "9", "--height", "32", "--width", "32",
+             "--dp_shards", "2", "--transformer_dtype", "float32", "--vae_dtype", "float32", *extra]  # fmt: skip
+    simulated = simulate(flags, 2, tiny_ckpt)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).with_name("planner_worker.py")), str(tiny_ckpt), *flags]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, first_error(p.stderr)
+    real = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("PLANRESULT "))[11:])
+    for phase in ("forward_backward", "optimizer"):
+        s, r = simulated["phases"][phase]["categories"], real["phases"][phase]["categories"]
+        for key in ("Sharded Param", "Sharded Grad", "OptState"):
+            assert s.get(key, 0) == r.get(key, 0), (phase, key, s, r)
+        assert simulated["phases"][phase]["peak_bytes"] == pytest.approx(real["phases"][phase]["peak_bytes"], rel=0.1)
+    assert simulated["params_trainable"] == real["params_trainable"]
