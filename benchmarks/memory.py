@@ -37,7 +37,8 @@ RESULTS = REPO / "benchmarks" / "results"
 RES = {
     "cogvideox-2b": (49, 480, 720),
     "cogvideox-5b": (49, 480, 720),
-    "cogvideox1.5-5b": (81, 768, 1360),
+    # 85 frames = 22 latent frames: CogVideoX 1.5 needs an even count; CogVideo's scripts pad 81 frames (21) to 22.
+    "cogvideox1.5-5b": (85, 768, 1360),
     "ltx-video": (49, 512, 768),
     "hunyuan-video": (49, 512, 768),
     "wan2.1-1.3b": (81, 480, 832),

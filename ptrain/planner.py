@@ -148,8 +148,12 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         transformer = transformer.to_empty(device=device)
         vae = vae.to_empty(device=device)
-        comps = Components(transformer=transformer, vae=vae, text_encoder=None, tokenizer=None, scheduler=scheduler)
+        extra = {k: None for k in spec.component_classes if k not in ("transformer", "vae", "scheduler",
+                                                                       "text_encoder", "tokenizer")}  # fmt: skip
+        comps = Components(transformer=transformer, vae=vae, text_encoder=None, tokenizer=None, scheduler=scheduler,
+                           extra=extra)  # fmt: skip
         spec.bind(comps)
+        spec.check_shape(d.num_frames, d.height, d.width, comps)
         build_parallel_transformer(transformer, cfg, spec, mesh, dims, device)
         groups = param_groups(transformer, cfg)
         params = [q for g in groups for q in g["params"]]
