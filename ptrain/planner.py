@@ -80,7 +80,10 @@ def encoder_bytes(spec, model_dir: Path, dtypes: dict[str, torch.dtype]) -> dict
 
 
 def simulate(
-    flags: list[str], world: int, model_dir: str | Path, num_blocks: tuple[int, ...] | None = None,
+    flags: list[str],
+    world: int,
+    model_dir: str | Path,
+    num_blocks: tuple[int, ...] | None = None,
     fake: bool = True,
 ) -> dict:
     """Peak memory of rank 0 in one training step of `ptrain FLAGS` on `world` ranks (fake), in bytes by category.
@@ -169,6 +172,7 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
         seq = d.max_sequence_length or spec.default_max_sequence_length
         cond = spec.simulated_conditioning(transformer.config, b, seq, device, DTYPES[m.text_encoder_dtype])
         timesteps = torch.full((b,), 500.0, device=device)
+
         def new_tracker():
             if isinstance(transformer, FSDPModule):
                 return FSDPMemTracker(transformer, optimizer)

@@ -227,6 +227,11 @@ def print_dry_run(
         f"= {t.train_steps * global_batch / len(usable.records):.2f} epochs",
         f"  resume: {resume or 'none (fresh start)'}",
     ]
+    if dims.cp > 1:
+        lines.append(
+            f"  context parallel: {cfg.parallel.cp_mode} over {dims.cp} ranks; each holds ceil(1/{dims.cp}) of every "
+            f"sample's video tokens (block activations / {dims.cp}); per-GPU peak: python -m ptrain.planner"
+        )
     print("\n".join(lines), flush=True)
 
 
