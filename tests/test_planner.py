@@ -55,7 +55,9 @@ MID_FLAGS = ["--model_name", "ltx_video", "--num_frames", "25", "--height", "256
     [
         (1, ["--rank", "16"]),
         (4, ["--training_type", "full-finetune", "--dp_shards", "4", "--gradient_checkpointing", "--ac_mode", "full"]),
-        (4, ["--training_type", "full-finetune", "--dp_shards", "2", "--cp_degree", "2"]),
+        pytest.param(
+            4, ["--training_type", "full-finetune", "--dp_shards", "2", "--cp_degree", "2"], marks=pytest.mark.heavy
+        ),
     ],
 )
 def test_block_extrapolation_equals_full_simulation(tmp_path, world, extra):
@@ -70,7 +72,9 @@ def test_block_extrapolation_equals_full_simulation(tmp_path, world, extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [["--rank", "8"], ["--training_type", "full-finetune"]])
+@pytest.mark.parametrize(
+    "extra", [["--rank", "8"], pytest.param(["--training_type", "full-finetune"], marks=pytest.mark.heavy)]
+)
 def test_simulation_matches_a_real_run(tiny_ckpt, extra):
     """2 fake ranks vs 2 real gloo processes on the tiny LTX checkpoint: the same bytes per rank."""
     flags = ["--model_name", "ltx_video", "--num_frames", "9", "--height", "32", "--width", "32",
