@@ -229,7 +229,7 @@ def print_dry_run(
     ]
     if dims.cp > 1:
         lines.append(
-            f"  context parallel: {cfg.parallel.cp_mode} over {dims.cp} ranks; each holds ceil(1/{dims.cp}) of every "
+            f"  context parallel: {cfg.parallel.cp_mode} over {dims.cp} ranks; each holds 1/{dims.cp} (rounded up) of every "
             f"sample's video tokens (block activations / {dims.cp}); per-GPU peak: python -m ptrain.planner"
         )
     print("\n".join(lines), flush=True)
