@@ -110,6 +110,11 @@ class DataArgs:
     """Probability of training a sample with an empty caption (seeded per sample, layout-independent)."""
     dry_run: bool = False
     """Validate the config, parallel degrees and data, print a dataset summary, and exit without training."""
+    plan_gpu_memory_gb: float | None = None
+    """With --dry_run: simulate the per-GPU peak memory of this run (ptrain.planner, no GPU needed) and, if it
+    exceeds this many GB, suggest the cheapest layout / activation checkpointing that fits."""
+    plan_world_size: int | None = None
+    """With --plan_gpu_memory_gb: the number of GPUs to plan for (default: this run's world size)."""
     dataloader_num_workers: int = 2
     """Data loader worker processes per rank (0 = decode in the training process)."""
 

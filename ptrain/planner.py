@@ -17,7 +17,8 @@ the CUDA context (~0.5-1 GB), and kernel workspaces (cuBLAS, flash attention). F
 device, so attention runs through the CPU SDPA kernels, whose saved tensors (output + log-sum-exp) match the
 fused CUDA kernels'.
 
-CLI: python -m ptrain.planner --model_dir DIR --world_size 8 -- [ptrain flags]   (prints JSON)
+CLI: python -m ptrain.planner --model_dir DIR --world_size 8 [--budget_gb 80] -- [ptrain flags]   (prints JSON)
+From a run: python -m ptrain --dry_run --plan_gpu_memory_gb 80 --plan_world_size 8 [flags]
 """
 
 from __future__ import annotations
@@ -281,6 +282,50 @@ def plan(flags: list[str], world: int, model_dir: str | Path, full: bool = False
     return _extrapolate(base, bumps, targets)
 
 
+def candidates(world: int, training_type: str) -> list[tuple[str, list[str]]]:
+    """Layouts / AC modes to try, cheapest first (less recompute, then less communication per step)."""
+    out = []
+    for ac_name, ac in (("no AC", ["--no_gradient_checkpointing"]),
+                        ("selective AC (every 2nd block)", ["--gradient_checkpointing", "--ac_mode", "selective",
+                                                            "--ac_every_n_blocks", "2"]),
+                        ("full AC", ["--gradient_checkpointing", "--ac_mode", "full"])):  # fmt: skip
+        if training_type == "lora" and world > 1:
+            out.append((f"DDP {world}, {ac_name}", ["--dp_degree", str(world), "--dp_shards", "1", "--cp_degree", "1"]
+                        + ac))  # fmt: skip
+        out.append((f"FSDP {world}, {ac_name}", ["--dp_degree", "1", "--dp_shards", str(world), "--cp_degree", "1"]
+                    + ac))  # fmt: skip
+    for cp in (2, 4, 8):
+        if world % cp == 0 and world > cp:
+            out.append((f"FSDP {world // cp} x cp {cp}, full AC",
+                        ["--dp_degree", "1", "--dp_shards", str(world // cp), "--cp_degree", str(cp),
+                         "--gradient_checkpointing", "--ac_mode", "full"]))  # fmt: skip
+    return out
+
+
+def advise(flags: list[str], world: int, model_dir: str | Path, budget_gb: float, report=print) -> dict:
+    """Plan the run as configured; if its peak exceeds `budget_gb` (GB, 10^9), try `candidates()` in order and
+    return the first that fits (or None). `report` receives one line per simulated layout."""
+    from ptrain.config import parse_config
+
+    cfg = parse_config([*flags, "--pretrained_model_name_or_path", str(model_dir)])
+    as_configured = plan(flags, world, model_dir)
+    fits = as_configured["peak_bytes"] / 1e9 <= budget_gb
+    report(f"as configured ({as_configured['layout']}): {as_configured['peak_bytes'] / 1e9:.1f} GB per GPU "
+           f"{'fits in' if fits else 'exceeds'} {budget_gb:g} GB")  # fmt: skip
+    result = {"as_configured": as_configured, "fits": fits, "suggestion": None}
+    if fits:
+        return result
+    for name, extra in candidates(world, cfg.model.training_type):
+        res = plan([*flags, *extra], world, model_dir)
+        ok = res["peak_bytes"] / 1e9 <= budget_gb
+        report(f"  {name}: {res['peak_bytes'] / 1e9:.1f} GB {'fits' if ok else 'too big'}")
+        if ok:
+            result["suggestion"] = {"name": name, "flags": extra, "plan": res}
+            return result
+    report("  nothing tried fits: lower --num_frames / resolution, use LoRA, or plan more GPUs")
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -289,9 +334,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model_dir", required=True, help="diffusers checkpoint folder, or one with only config files")
     ap.add_argument("--world_size", type=int, default=1)
     ap.add_argument("--full", action="store_true", help="simulate every block (no extrapolation)")
+    ap.add_argument("--budget_gb", type=float, help="GPU memory to fit in: try cheaper-to-costlier layouts")
     args = ap.parse_args(own)
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON
-        res = plan(flags, args.world_size, args.model_dir, args.full)
+        if args.budget_gb:
+            res = advise(flags, args.world_size, args.model_dir, args.budget_gb,
+                         report=lambda line: print("PLAN " + line, file=sys.stderr, flush=True))  # fmt: skip
+        else:
+            res = plan(flags, args.world_size, args.model_dir, args.full)
     print(json.dumps(res))
 
 

@@ -235,6 +235,26 @@ def print_dry_run(
     print("\n".join(lines), flush=True)
 
 
+def plan_memory(cfg: Config, world: int) -> None:
+    """--dry_run --plan_gpu_memory_gb: the planner in a fresh process (it needs its own fake process group)."""
+    import subprocess
+    import sys
+
+    budget = cfg.data.plan_gpu_memory_gb
+    print(f"  memory plan for {world} GPUs of {budget:g} GB (simulated, no GPU used; about a minute per layout):",
+          flush=True)  # fmt: skip
+    cmd = [sys.executable, "-m", "ptrain.planner", "--model_dir", cfg.model.pretrained_model_name_or_path,
+           "--world_size", str(world), "--budget_gb", str(budget), "--", *sys.argv[1:]]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line[len("PLAN ") :] for line in p.stderr.splitlines() if line.startswith("PLAN ")]
+    print("\n".join(f"    {line}" for line in lines), flush=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"memory planner failed:\n{p.stderr[-3000:]}")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    if not res["fits"] and res["suggestion"]:
+        print(f"  suggestion: {res['suggestion']['name']}: add {' '.join(res['suggestion']['flags'])}", flush=True)
+
+
 def train(cfg: Config) -> TrainResult:
     cfg.validate()
     rank, world, device = init_distributed()
@@ -263,6 +283,8 @@ def train(cfg: Config) -> TrainResult:
         )  # fmt: skip
     if cfg.data.dry_run:
         print_dry_run(cfg, dims, usable, global_batch, steps_per_epoch, resume, sampling)
+        if cfg.data.plan_gpu_memory_gb and rank == 0:
+            plan_memory(cfg, cfg.data.plan_world_size or world)
         return TrainResult()
     v_every = cfg.validation.validation_steps
     if cfg.validation.validation_epochs:

@@ -15,7 +15,7 @@ import torch
 from conftest import first_error
 
 from ptrain.models.spec import get_spec
-from ptrain.planner import plan, simulate
+from ptrain.planner import advise, plan, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "benchmarks" / "model_configs"
@@ -92,3 +92,30 @@ def test_simulation_matches_a_real_run(tiny_ckpt, extra):
             assert s.get(key, 0) == r.get(key, 0), (phase, key, s, r)
         assert simulated["phases"][phase]["peak_bytes"] == pytest.approx(real["phases"][phase]["peak_bytes"], rel=0.1)
     assert simulated["params_trainable"] == real["params_trainable"]
+
+
+def test_advise_suggests_the_first_layout_that_fits(tmp_path):
+    """Full fine-tune on DDP 4 does not fit a budget that FSDP 4 (no AC), the cheapest candidate, meets."""
+    model_dir = _mid_ltx(tmp_path)
+    flags = [*MID_FLAGS, "--training_type", "full-finetune"]
+    fsdp = plan([*flags, "--dp_shards", "4", "--no_gradient_checkpointing"], 4, model_dir)
+    lines = []
+    res = advise([*flags, "--dp_degree", "4", "--dp_shards", "1"], 4, model_dir, fsdp["peak_bytes"] / 1e9 + 1e-6,
+                 report=lines.append)  # fmt: skip
+    assert not res["fits"] and res["as_configured"]["peak_bytes"] > fsdp["peak_bytes"]
+    assert res["suggestion"]["name"] == "FSDP 4, no AC"
+    assert res["suggestion"]["plan"]["peak_bytes"] == fsdp["peak_bytes"]
+    assert lines[0].startswith("as configured (DDP") and "exceeds" in lines[0]
+
+
+@pytest.mark.slow
+def test_dry_run_plans_memory(ptrain_run, tiny_ckpt, tiny_data, tmp_path):
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--dry_run",
+            "--height", "32", "--width", "32", "--num_frames", "9", "--plan_gpu_memory_gb", "0.000001",
+            "--plan_world_size", "2", "--training_type", "full-finetune"]  # fmt: skip
+    run = ptrain_run(1, args, tmp_path / "out")
+    assert run.returncode == 0, first_error(run.stderr)
+    out = run.stdout
+    assert "memory plan for 2 GPUs of 1e-06 GB" in out
+    assert "as configured (FSDP2: world 2" in out and "exceeds" in out
+    assert "FSDP 2, full AC:" in out and "nothing tried fits" in out
