@@ -157,22 +157,68 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Sweeps for the plot: peak vs frames (LTX-Video LoRA, 1 GPU) and vs world size (CogVideoX-5B full, FSDP).
+FRAME_SWEEP = ("ltx-video", "lora", (25, 49, 97, 121))
+WORLD_SWEEP = ("cogvideox-5b", "full-finetune", (2, 4, 8, 16))
+
+
+def sweeps() -> dict:
+    out = {"frames": [], "world": []}
+    variant, kind, frames = FRAME_SWEEP
+    for f in frames:
+        flags = [*Row(variant, kind, 1, []).all_flags(), "--num_frames", str(f)]
+        out["frames"].append((f, plan(flags, 1, CONFIGS / variant)["peak_bytes"]))
+    variant, kind, worlds = WORLD_SWEEP
+    for w in worlds:
+        flags = [*Row(variant, kind, w, []).all_flags(), "--dp_shards", str(w)]
+        out["world"].append((w, plan(flags, w, CONFIGS / variant)["peak_bytes"]))
+    return out
+
+
+def plot(sw: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no PNG: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    f, peaks = zip(*sw["frames"])
+    a.plot(f, [p / GIB for p in peaks], "o-")
+    a.set(xlabel="frames (512x768)", ylabel="simulated peak per GPU (GiB)", title="LTX-Video LoRA r128, 1 GPU, full AC")
+    w, peaks = zip(*sw["world"])
+    b.plot(w, [p / GIB for p in peaks], "o-")
+    b.set(xlabel="GPUs (FSDP)", xscale="log", title="CogVideoX-5B full fine-tune, 49x480x720, full AC")
+    b.set_xticks(w, [str(x) for x in w])
+    fig.suptitle("ptrain memory, simulated on CPU (python benchmarks/memory.py)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="*", help="variants to run (default: all rows)")
     ap.add_argument("--json", default=str(RESULTS / "memory.json"))
     ap.add_argument("--markdown", default=str(RESULTS / "memory.md"))
+    ap.add_argument("--png", default=str(RESULTS / "memory.png"))
+    ap.add_argument("--no_sweeps", action="store_true", help="skip the frames / world-size sweeps and the plot")
     args = ap.parse_args()
     rows = [r for r in DEFAULT_ROWS if not args.only or r.variant in args.only]
     t0 = time.perf_counter()
     print(f"simulating {len(rows)} configurations (fake tensors, fake process group; bf16, batch 1, full AC)",
           file=sys.stderr)  # fmt: skip
     results = run(rows)
+    sw = {} if args.no_sweeps else sweeps()
     table = markdown(results)
     print(table)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": [asdict(r) for r in rows], "results": results}, indent=1,
-                                          default=str))  # fmt: skip
+    Path(args.json).write_text(json.dumps({"rows": [asdict(r) for r in rows], "results": results, "sweeps": sw},
+                                          indent=1, default=str))  # fmt: skip
+    if sw and plot(sw, Path(args.png)):
+        print(f"wrote {args.png}", file=sys.stderr)
     Path(args.markdown).write_text(
         f"Simulated on {torch.__version__} CPU (no GPU) by `python benchmarks/memory.py`; "
         f"{time.perf_counter() - t0:.0f} s.\n\n{table}\n"

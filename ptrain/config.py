@@ -274,6 +274,11 @@ class LogArgs:
     """Also log to tensorboard under output_dir/logs."""
     log_level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
     """Log level of ptrain's own messages (rank 0 logs; other ranks only warnings)."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device, for the `mfu` metric (default: known for H100/H200 989, A100 312 bf16;
+    none on CPU). FLOPs per step are counted once, on the first step, with FlopCounterMode (without compile)."""
+    log_step_breakdown: bool = False
+    """Also log forward / backward / optimizer seconds per step (synchronises the device after each phase)."""
 
 
 @dataclass

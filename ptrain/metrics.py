@@ -10,6 +10,19 @@ from pathlib import Path
 
 import torch
 
+#: Dense bf16 TFLOP/s per device (published specs; see ../shared/reference/published_numbers.md).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def device_peak_tflops(device: torch.device, override: float | None) -> float | None:
+    """--peak_tflops, or the known peak of this GPU model, or None (no MFU)."""
+    if override:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None
+
 
 def peak_memory_gb(device: torch.device) -> tuple[float, float]:
     """(peak allocated, peak reserved) in GiB. On CPU both are the process's peak resident set size."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from ptrain.checkpoint import (
@@ -35,7 +36,7 @@ from ptrain.data import build_dataloader, scan_dataset
 from ptrain.data.video import FrameSampling
 from ptrain.ema import EMA
 from ptrain.export import export_full, export_lora
-from ptrain.metrics import MetricsWriter, peak_memory_gb
+from ptrain.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
 from ptrain.models.spec import Components, ModelSpec, get_spec
 from ptrain.objectives import sample_generators
 from ptrain.optim import build_optimizer, build_scheduler
@@ -393,6 +394,14 @@ def train(cfg: Config) -> TrainResult:
             export_fn=export if c.export_every_checkpoint else None, final=final, ema=ema,
         )  # fmt: skip
 
+    peak_tflops = device_peak_tflops(device, cfg.log.peak_tflops)
+    flops_per_step = None  # per rank, counted on the first step (FlopCounterMode; not under compile)
+    breakdown = cfg.log.log_step_breakdown
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     data_iter = iter(loader)
     bar = tqdm(total=t.train_steps, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
     nan_in_a_row = 0
@@ -404,6 +413,8 @@ def train(cfg: Config) -> TrainResult:
             data_time = 0.0
             step_loss = torch.zeros((), device=device)
             tokens = 0
+            phase = {"forward_s": 0.0, "backward_s": 0.0}
+            count = flops_per_step is None and peak_tflops is not None and not t.compile
             for micro in range(accum):
                 td = time.perf_counter()
                 batch = next(data_iter)
@@ -418,10 +429,24 @@ def train(cfg: Config) -> TrainResult:
                     pos = torch.as_tensor(batch["position"])
                     strata = ((pos - state.base_position) % sampler.global_batch_size, sampler.global_batch_size)
                 prepared = objective.prepare(latents, gens, strata)
-                pred = spec.forward(transformer, prepared.noisy, prepared.timesteps, cond)
-                loss = objective.loss(pred, prepared) / accum
-                # cp ranks' gradients sum to the sample's gradient and FSDP averages over dp_shard x cp.
-                (loss * dims.cp if dims.cp > 1 else loss).backward()
+                counter = FlopCounterMode(display=False) if count and micro == 0 else contextlib.nullcontext()
+                with counter:
+                    if breakdown:
+                        sync()
+                    tf = time.perf_counter()
+                    pred = spec.forward(transformer, prepared.noisy, prepared.timesteps, cond)
+                    loss = objective.loss(pred, prepared) / accum
+                    if breakdown:
+                        sync()
+                    tb = time.perf_counter()
+                    # cp ranks' gradients sum to the sample's gradient and FSDP averages over dp_shard x cp.
+                    (loss * dims.cp if dims.cp > 1 else loss).backward()
+                    if breakdown:
+                        sync()
+                    phase["forward_s"] += tb - tf
+                    phase["backward_s"] += time.perf_counter() - tb
+                if count and micro == 0:
+                    flops_per_step = counter.get_total_flops() * accum
                 step_loss += loss.detach()
                 tokens += spec.tokens_per_sample(latents.shape, comps) * latents.shape[0]
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -432,6 +457,7 @@ def train(cfg: Config) -> TrainResult:
             grad_norm = float(grad_norm)
             loss_value = _global_mean(step_loss, loss_group)  # same value on every rank: they all decide alike
             finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+            to = time.perf_counter()
             if finite:
                 optimizer.step()
                 nan_in_a_row = 0
@@ -446,6 +472,9 @@ def train(cfg: Config) -> TrainResult:
                 )  # fmt: skip
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if breakdown:
+                sync()
+                phase["optimizer_s"] = time.perf_counter() - to
 
             elapsed = time.perf_counter() - t0
             global_tokens = tokens * dp_size
@@ -471,6 +500,15 @@ def train(cfg: Config) -> TrainResult:
                         "skipped_step": not finite,
                         "peak_memory_gb": alloc,
                         "peak_reserved_gb": reserved,
+                        **(phase if breakdown else {}),
+                        **(
+                            {
+                                "tflops_per_step": flops_per_step / 1e12,
+                                "mfu": flops_per_step / elapsed / (peak_tflops * 1e12),
+                            }
+                            if flops_per_step and peak_tflops
+                            else {}
+                        ),  # fmt: skip
                     },
                 )
             if c.max_nan_steps and nan_in_a_row >= c.max_nan_steps:

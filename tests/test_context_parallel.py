@@ -51,7 +51,7 @@ def _parity(run, ref):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", [m if m == "ltx_video" else pytest.param(m, marks=pytest.mark.heavy) for m in MODELS])
-@pytest.mark.parametrize("mode", ["ring", "ulysses"])
+@pytest.mark.parametrize("mode", ["ring", pytest.param("ulysses", marks=pytest.mark.heavy)])
 def test_cp_training_matches_no_cp(launches, model, mode):
     """dp_shards 2 x cp 2 on 4 processes (ring with full AC, Ulysses with compile) = the same run without cp."""
     ref = launches("lora-single", model).run
@@ -68,6 +68,7 @@ def test_cp_training_matches_no_cp(launches, model, mode):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_cp_full_finetune_matches_single_process(launches):
     """cp 2 alone: FSDP shards over the 2 cp ranks, which read the same samples."""
     _parity(launches("full-cp2").run, launches("full-single").run)

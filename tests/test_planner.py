@@ -4,8 +4,8 @@ extrapolation equals a full simulation, and the simulation counts what a real ru
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
