@@ -93,6 +93,52 @@ DEFAULT_ROWS = [
 ]
 
 
+# Issue 9's memory options, each against the same row without it: (label, base row, extra flags).
+EFFECTS = [
+    ("EMA (--ema_decay 0.999)", Row("cogvideox-5b", "full-finetune", 8, FSDP8), ["--ema_decay", "0.999"]),
+    ("FP8 storage of frozen weights", Row("hunyuan-video", "lora", 1, []),
+     ["--layerwise_upcasting_modules", "transformer"]),
+    ("FSDP CPU offload (--fsdp_cpu_offload)", Row("cogvideox-5b", "full-finetune", 1, []), ["--fsdp_cpu_offload"]),
+]  # fmt: skip
+
+#: With CPU offload the sharded parameters, gradients and optimizer state stay in host memory: the GPU peak is
+#: the simulated peak without them (fake tensors all live on one device, so the tracker cannot tell them apart).
+HOST_WITH_OFFLOAD = ("Sharded Param", "Sharded Grad", "OptState")
+
+
+def gpu_peak(res: dict) -> int:
+    if "--fsdp_cpu_offload" in res["flags"]:
+        return res["peak_bytes"] - sum(res["categories"].get(k, 0) for k in HOST_WITH_OFFLOAD)
+    return res["peak_bytes"]
+
+
+def effects() -> list[dict]:
+    out = []
+    for label, row, extra in EFFECTS:
+        base = plan(row.all_flags(), row.world, CONFIGS / row.variant)
+        base["flags"] = row.all_flags()
+        flags = [*row.all_flags(), *extra]
+        res = plan(flags, row.world, CONFIGS / row.variant)
+        res["flags"] = flags
+        out.append({"effect": label, "variant": row.variant, "training_type": row.training_type,
+                    "layout": f"{base['layout'].split(':')[0]} {row.world}", "without_bytes": gpu_peak(base),
+                    "with_bytes": gpu_peak(res)})  # fmt: skip
+        print(f"  effect of {label}: {gpu_peak(base) / GIB:.2f} -> {gpu_peak(res) / GIB:.2f} GiB", file=sys.stderr)
+    return out
+
+
+def effects_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| option | model | type | layout | GPU peak without GiB | with GiB | change |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        a, b = r["without_bytes"] / GIB, r["with_bytes"] / GIB
+        lines.append(f"| {r['effect']} | {r['variant']} | {r['training_type']} | {r['layout']} | {a:.2f} | {b:.2f} "
+                     f"| {b - a:+.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def lower_bound(res: dict, variant: str, training_type: str) -> int:
     """Sharded states + one gathered block (compute dtype) + every block's saved input (full AC)."""
     from ptrain.models.spec import get_spec
@@ -204,7 +250,7 @@ def main() -> None:
     ap.add_argument("--json", default=str(RESULTS / "memory.json"))
     ap.add_argument("--markdown", default=str(RESULTS / "memory.md"))
     ap.add_argument("--png", default=str(RESULTS / "memory.png"))
-    ap.add_argument("--no_sweeps", action="store_true", help="skip the frames / world-size sweeps and the plot")
+    ap.add_argument("--no_sweeps", action="store_true", help="skip the sweeps, the plot and the options table")
     args = ap.parse_args()
     rows = [r for r in DEFAULT_ROWS if not args.only or r.variant in args.only]
     t0 = time.perf_counter()
@@ -212,10 +258,16 @@ def main() -> None:
           file=sys.stderr)  # fmt: skip
     results = run(rows)
     sw = {} if args.no_sweeps else sweeps()
+    eff = [] if args.no_sweeps else effects()
     table = markdown(results)
+    if eff:
+        table += "\n\nMemory options (issue 9), each against the same configuration without it:\n\n" + effects_markdown(
+            eff
+        )
     print(table)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": [asdict(r) for r in rows], "results": results, "sweeps": sw},
+    Path(args.json).write_text(json.dumps({"rows": [asdict(r) for r in rows], "results": results, "sweeps": sw,
+                                          "effects": eff},
                                           indent=1, default=str))  # fmt: skip
     if sw and plot(sw, Path(args.png)):
         print(f"wrote {args.png}", file=sys.stderr)

@@ -176,9 +176,12 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
 
         def new_tracker():
             if isinstance(transformer, FSDPModule):
-                return FSDPMemTracker(transformer, optimizer)
-            tracker = MemTracker()
-            tracker.track_external(transformer, optimizer)
+                tracker = FSDPMemTracker(transformer, optimizer)
+            else:
+                tracker = MemTracker()
+                tracker.track_external(transformer, optimizer)
+            if ema is not None:  # created before tracking: named here or it would not be counted ("Other")
+                tracker.track_external(*ema.shadow)
             return tracker
 
         def forward_backward():
