@@ -46,6 +46,8 @@ class TrainState:
     base_position: int = 0
     base_step: int = 0
     nan_steps_total: int = 0
+    #: Samples that failed to decode during training and were replaced (summed over data-parallel ranks).
+    data_replaced: int = 0
 
 
 @dataclass

@@ -77,13 +77,27 @@ class ModelArgs:
 @dataclass
 class DataArgs:
     data_root: Path | None = None
-    """Dataset folder in the CogVideoX layout (prompts.txt + videos.txt) or holding one metadata CSV/JSON."""
+    """Dataset folder: CogVideoX layout (prompts.txt + videos.txt), a metadata.{csv,json,jsonl,parquet}, or
+    video/image files with .txt captions beside them (searched recursively)."""
     dataset_file: Path | None = None
-    """CSV/JSON/JSONL file with caption and video-path columns (paths relative to the file or data_root)."""
-    caption_column: str = "caption"
-    """Caption column name in --dataset_file, or (CogVideoX scripts) a caption file in --data_root."""
-    video_column: str = "video"
-    """Video path column name in --dataset_file, or (CogVideoX scripts) a video-list file in --data_root."""
+    """CSV/JSON/JSONL/parquet table with caption and video and/or image path columns (VideoX-Fun's `file_path`,
+    `text`, `type` read as they are); paths relative to --data_root if given, else to the file's folder."""
+    dataset_config: Path | None = None
+    """JSON/TOML with a `datasets` list (data_root or dataset_file, optional columns, `repeats`): several
+    datasets at once, each repeated (fractional repeats take a fixed seeded subset)."""
+    caption_column: str | None = None
+    """Caption column of the table (default: the first of caption, text, prompt, ...), or (CogVideoX scripts) a
+    caption file in --data_root."""
+    video_column: str | None = None
+    """Video path column of the table (default: the first of video, file_path, path, ...), or (CogVideoX
+    scripts) a video-list file in --data_root."""
+    image_column: str | None = None
+    """Image path column of the table (default: image or image_path if present); an image trains as a 1-frame
+    video (needs --enable_bucket or --num_frames 1)."""
+    video_repeat: int = 1
+    """Count every video this many times per epoch (images once; VideoX-Fun)."""
+    strict_data: bool = False
+    """Stop with an error listing every unusable file instead of skipping them."""
     height: int = 480
     """Training height in pixels (videos are resized then center-cropped, never stretched)."""
     width: int = 720
@@ -108,6 +122,41 @@ class DataArgs:
     """Prepended to every caption (e.g. a trigger word: 'BW_STYLE')."""
     caption_dropout_p: float = 0.0
     """Probability of training a sample with an empty caption (seeded per sample, layout-independent)."""
+    random_frame_crop: bool = False
+    """Take the frames from a random start (seeded per sample) instead of the clip's start: with --fps /
+    --video_sample_stride that window moves; otherwise --num_frames consecutive frames replace the even spread."""
+    enable_bucket: bool = False
+    """Aspect-ratio and frame-count buckets: each sample keeps its aspect ratio (a bucket of about --height x
+    --width pixels, sides a multiple of the model's factor) and as many frames as it has (largest valid count
+    <= --num_frames); images are 1-frame samples. Every batch holds one bucket shape."""
+    video_resolution_buckets: list[str] | None = None
+    """Explicit buckets FxHxW (e.g. 49x480x720 1x512x512): each sample goes to the one with the nearest aspect
+    ratio among those it has frames for (implies --enable_bucket)."""
+    video_sample_size: int | None = None
+    """VideoX-Fun: bucket pixel area of videos = this squared (default: --height x --width)."""
+    image_sample_size: int | None = None
+    """VideoX-Fun: bucket pixel area of images = this squared (default: the video area)."""
+    random_hw_adapt: bool = False
+    """VideoX-Fun: each sample draws its bucket area from (1, 0.75, 0.5)^2 x the sample size (at least 256^2;
+    seeded per sample, fixed across epochs)."""
+    training_with_video_token_length: bool = False
+    """VideoX-Fun: a bucket's frame budget shrinks as its resolution grows, to about --token_sample_size^2 x
+    --num_frames pixels per sample (512^2 x 49 ~ 768^2 x 21)."""
+    token_sample_size: int = 512
+    """Side of the reference square for --training_with_video_token_length."""
+    enable_precomputation: bool = False
+    """Compute the VAE latent distributions and text embeddings once before training (sharded over ranks,
+    stored as safetensors), then train from them; the VAE and text encoders leave the GPU afterwards."""
+    precomputation_dir: Path | None = None
+    """Where precomputed tensors go (default: output_dir/precomputed); a folder per data/model/settings key."""
+    precomputation_reuse: bool = False
+    """Reuse a complete precomputation made with the same data, model and settings (else compute it again)."""
+    offload_encoders: bool = False
+    """Keep the VAE and text encoders in CPU memory between uses, moving them to the GPU only to encode."""
+    enable_tiling: bool = False
+    """Encode / decode videos with the VAE in spatial tiles (less memory for large frames)."""
+    enable_slicing: bool = False
+    """Run the VAE one sample of a batch at a time (less memory)."""
     dry_run: bool = False
     """Validate the config, parallel degrees and data, print a dataset summary, and exit without training."""
     plan_gpu_memory_gb: float | None = None
@@ -264,6 +313,9 @@ class CheckpointArgs:
     """A non-finite loss or grad norm skips the optimizer step; this many in a row stop the run (0 = never stop)."""
     export_every_checkpoint: bool = False
     """Also export the LoRA / transformer in diffusers format into each checkpoint folder (export/)."""
+    export_comfyui: bool = False
+    """LoRA only: next to each LoRA export also write pytorch_lora_weights_comfyui.safetensors with the key
+    names ComfyUI loads for the model (original-model module names, `diffusion_model.` prefix)."""
 
 
 @dataclass
@@ -313,8 +365,27 @@ class Config:
             raise ConfigError(
                 f"--pretrained_model_name_or_path {ckpt}: not a diffusers checkpoint (no model_index.json)"
             )
-        if d.data_root is None and d.dataset_file is None:
-            raise ConfigError("give --data_root or --dataset_file")
+        if d.data_root is None and d.dataset_file is None and d.dataset_config is None:
+            raise ConfigError("give --data_root, --dataset_file or --dataset_config")
+        if d.enable_precomputation and (d.reshape_mode == "random_crop" or d.random_frame_crop):
+            raise ConfigError(
+                "--enable_precomputation stores one crop and frame window per sample; --reshape_mode random_crop "
+                "and --random_frame_crop draw new ones every step: use center_crop / resize without "
+                "--random_frame_crop, or train without precomputation"
+            )
+        if d.dataset_config is not None and not Path(d.dataset_config).is_file():
+            raise ConfigError(f"--dataset_config {d.dataset_config}: no such file")
+        if d.video_repeat < 1 or d.token_sample_size < 16:
+            raise ConfigError(
+                f"--video_repeat must be >= 1 and --token_sample_size >= 16, got {d.video_repeat}, {d.token_sample_size}"
+            )
+        for flag, value in (("--video_sample_size", d.video_sample_size), ("--image_sample_size", d.image_sample_size)):
+            if value is not None and value < 16:
+                raise ConfigError(f"{flag} must be >= 16, got {value}")
+        for b in d.video_resolution_buckets or []:
+            parts = b.lower().split("x")
+            if len(parts) != 3 or not all(x.isdigit() and int(x) > 0 for x in parts):
+                raise ConfigError(f"--video_resolution_buckets {b!r}: write each bucket as FxHxW, e.g. 49x480x720")
         if d.data_root is not None and not Path(d.data_root).is_dir():
             raise ConfigError(f"--data_root {d.data_root}: no such folder")
         if d.dataset_file is not None and not Path(d.dataset_file).is_file():
@@ -372,6 +443,8 @@ class Config:
             raise ConfigError(
                 "--trainable_modules / --trainable_modules_low_learning_rate need --training_type full-finetune"
             )
+        if self.checkpoint.export_comfyui and m.training_type != "lora":
+            raise ConfigError("--export_comfyui writes a LoRA file: it needs --training_type lora")
         if m.layerwise_upcasting_modules and m.training_type != "lora":
             raise ConfigError(
                 "--layerwise_upcasting_modules stores frozen weights in FP8: it needs --training_type lora "

@@ -32,12 +32,14 @@ from ptrain.checkpoint import (
     resolve_resume,
 )
 from ptrain.config import Config, ConfigError, to_dict
-from ptrain.data import build_dataloader, scan_dataset
+from ptrain.data import VideoDataset, build_dataloader, make_sampler, scan_dataset, summary
+from ptrain.data.precompute import PrecomputedDataset, precompute
 from ptrain.data.video import FrameSampling
 from ptrain.ema import EMA
 from ptrain.export import export_full, export_lora
+from ptrain.export_comfyui import export_comfyui_lora
 from ptrain.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
-from ptrain.models.spec import Components, ModelSpec, get_spec
+from ptrain.models.spec import Components, Conditioning, ModelSpec, get_spec
 from ptrain.objectives import sample_generators
 from ptrain.optim import build_optimizer, build_scheduler
 from ptrain.parallel import ParallelDims, apply_ac, apply_compile, apply_data_parallel, init_distributed
@@ -143,6 +145,27 @@ def param_groups(transformer: torch.nn.Module, cfg: Config) -> list[dict]:
     return groups
 
 
+def encoder_modules(comps: Components) -> list[torch.nn.Module]:
+    """The frozen encoders: VAE, text encoder(s) (whatever else the spec loaded that is a module)."""
+    mods = [comps.vae, comps.text_encoder, *comps.extra.values()]
+    return [m for m in mods if isinstance(m, torch.nn.Module)]
+
+
+@contextlib.contextmanager
+def encoders_on(comps: Components, device: torch.device, offloaded: bool):
+    """With offloaded encoders: move them to `device` for the block, back to CPU memory after it."""
+    if not offloaded or device.type == "cpu":
+        yield
+        return
+    for m in encoder_modules(comps):
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in encoder_modules(comps):
+            m.to("cpu")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -209,9 +232,9 @@ def build_parallel_transformer(transformer, cfg: Config, spec: ModelSpec, mesh, 
 
 
 def print_dry_run(
-    cfg: Config, dims: ParallelDims, usable, global_batch: int, steps_per_epoch: int, resume, sampling
+    cfg: Config, dims: ParallelDims, usable, global_batch: int, steps_per_epoch: int, resume, sampling, rules
 ) -> None:
-    """--dry_run: what the run would do (rank 0 prints; nothing is loaded or written)."""
+    """--dry_run: what the run would do (rank 0 prints; no weights are loaded, nothing is written)."""
     if dist.get_rank() != 0:
         return
     d, t = cfg.data, cfg.train
@@ -219,11 +242,12 @@ def print_dry_run(
         "ptrain dry run: config, parallel degrees and data are valid",
         f"  layout: {dims.describe()}",
         f"  model: {cfg.model.model_name} ({cfg.model.training_type}) from {cfg.model.pretrained_model_name_or_path}",
-        f"  samples: {len(usable.records)} usable, {len(usable.skipped)} skipped",
     ]
-    lines += [f"    skipped {path}: {reason}" for path, reason in usable.skipped.items()]
+    lines += [f"  {line}" for line in summary(usable, global_batch, rules.tokens)]
+    if not usable.bucketed:
+        lines.append(f"  tokens/sample: {rules.tokens(d.num_frames, d.height, d.width):,}")
     lines += [
-        f"  sample: {sampling.describe()}, {d.height} x {d.width} ({d.reshape_mode})",
+        f"  frames: {sampling.describe()}, {d.reshape_mode}",
         f"  global batch {global_batch}: {steps_per_epoch} steps per epoch, {t.train_steps} steps "
         f"= {t.train_steps * global_batch / len(usable.records):.2f} epochs",
         f"  resume: {resume or 'none (fresh start)'}",
@@ -273,9 +297,15 @@ def train(cfg: Config) -> TrainResult:
     out = Path(t.output_dir)
     layout = Layout(world, dims.dp_replicate, dims.dp_shard, dims.cp, global_batch)
     resume, resharded = find_resume(cfg, out, layout)  # before any heavy work: a changed layout fails fast
+    spec = get_spec(m.model_name)
+    overrides = {
+        "transformer": m.transformer_id, "vae": m.vae_id, "text_encoder": m.text_encoder_id,
+        "tokenizer": m.tokenizer_id, "text_encoder_2": m.text_encoder_2_id, "tokenizer_2": m.tokenizer_2_id,
+    }  # fmt: skip
+    rules = spec.shape_rules(m.pretrained_model_name_or_path, overrides)  # from the configs, no weights
     sampling = FrameSampling.from_args(cfg.data)
-    usable = scan_dataset(cfg.data, sampling)  # probe the data before loading any model: bad data fails fast
-    steps_per_epoch = math.ceil(len(usable.records) / global_batch)
+    usable = scan_dataset(cfg.data, sampling, rules)  # probe the data before loading any model: bad data fails fast
+    steps_per_epoch = make_sampler(usable, t.batch_size, 0, dp_size, accum, t.seed).steps_per_epoch
     if t.num_train_epochs:
         t.train_steps = t.num_train_epochs * steps_per_epoch
         log.info(
@@ -283,7 +313,7 @@ def train(cfg: Config) -> TrainResult:
             t.num_train_epochs, t.train_steps, steps_per_epoch, len(usable.records), global_batch,
         )  # fmt: skip
     if cfg.data.dry_run:
-        print_dry_run(cfg, dims, usable, global_batch, steps_per_epoch, resume, sampling)
+        print_dry_run(cfg, dims, usable, global_batch, steps_per_epoch, resume, sampling, rules)
         if cfg.data.plan_gpu_memory_gb and rank == 0:
             plan_memory(cfg, cfg.data.plan_world_size or world)
         return TrainResult()
@@ -298,7 +328,6 @@ def train(cfg: Config) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
-    spec = get_spec(m.model_name)
     dtypes = {
         # Full fine-tuning keeps float32 master weights (FSDP2 computes in --transformer_dtype);
         # LoRA keeps the frozen base in --transformer_dtype to save memory.
@@ -307,14 +336,20 @@ def train(cfg: Config) -> TrainResult:
         "text_encoder": DTYPES[m.text_encoder_dtype],
         "text_encoder_2": DTYPES[m.text_encoder_2_dtype],
     }
-    overrides = {
-        "transformer": m.transformer_id, "vae": m.vae_id, "text_encoder": m.text_encoder_id,
-        "tokenizer": m.tokenizer_id, "text_encoder_2": m.text_encoder_2_id, "tokenizer_2": m.tokenizer_2_id,
-    }  # fmt: skip
     log.info("loading %s from %s", m.model_name, m.pretrained_model_name_or_path)
     comps = spec.load_components(m.pretrained_model_name_or_path, dtypes, device, overrides)
+    for flag, method in (("enable_tiling", "enable_tiling"), ("enable_slicing", "enable_slicing")):
+        if getattr(cfg.data, flag):
+            if not hasattr(comps.vae, method):
+                raise ConfigError(f"--{flag}: {type(comps.vae).__name__} has no {method}()")
+            getattr(comps.vae, method)()
+    offloaded = cfg.data.offload_encoders
+    if offloaded and device.type != "cpu":
+        for module in encoder_modules(comps):
+            module.to("cpu")
     spec.bind(comps)
-    spec.check_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width, comps)
+    for shape in sorted(set(usable.buckets)):  # every training shape (one without --enable_bucket)
+        spec.check_shape(shape.frames, shape.height, shape.width, comps)
     transformer = comps.transformer
     # Same seed on every rank before LoRA init: adapters start identical on all ranks and layouts.
     seed_everything(t.seed)
@@ -354,18 +389,31 @@ def train(cfg: Config) -> TrainResult:
         if not resharded and extra["sampler"] != sampler_state:
             raise RuntimeError(f"checkpoint {resume}: sampler state {extra['sampler']} != expected {sampler_state}")
 
+    max_seq = cfg.data.max_sequence_length or spec.max_sequence_length(comps)
+    dataset = None
+    if cfg.data.enable_precomputation:
+        with encoders_on(comps, device, offloaded):
+            folder = precompute(
+                cfg, usable, spec, comps, VideoDataset(usable.records, cfg.data, sampling, t.seed, usable.buckets),
+                max_seq, device,
+            )  # fmt: skip
+        dataset = PrecomputedDataset(usable, folder, cfg.data.caption_dropout_p, t.seed)
+        if device.type != "cpu":  # the encoders are needed again only for validation
+            offloaded = True
+            for module in encoder_modules(comps):
+                module.to("cpu")
+            torch.cuda.empty_cache()
     loader, sampler = build_dataloader(
-        usable, cfg.data, sampling, dp_rank, dp_size, t.batch_size, accum, t.seed, sampler_state
+        usable, cfg.data, sampling, dp_rank, dp_size, t.batch_size, accum, t.seed, sampler_state, dataset
     )
     log.info(
-        "data: %d usable videos (%d skipped); global batch %d = batch_size %d x dp %d x grad accum %d",
-        len(usable.records),
-        len(usable.skipped),
-        sampler.global_batch_size,
-        t.batch_size,
-        dp_size,
-        accum,
-    )
+        "data: %d usable samples (%d skipped); global batch %d = batch_size %d x dp %d x grad accum %d; %s",
+        len(usable.records), len(usable.skipped), sampler.global_batch_size, t.batch_size, dp_size, accum,
+        usable.plan.describe(),
+    )  # fmt: skip
+    if usable.bucketed:
+        for line in summary(usable, sampler.global_batch_size, rules.tokens)[1:]:
+            log.info("  %s", line)
     if resume is not None and read_marker(resume).get("num_samples") not in (None, len(usable.records)):
         log.warning(
             "the dataset changed since %s (%s usable samples then, %d now): the sample order differs from an "
@@ -373,7 +421,6 @@ def train(cfg: Config) -> TrainResult:
             resume, read_marker(resume)["num_samples"], len(usable.records),
         )  # fmt: skip
     objective = spec.make_objective(t, comps)
-    max_seq = cfg.data.max_sequence_length or spec.max_sequence_length(comps)
     validation_items = load_validation_items(cfg.validation, cfg.data)
     loss_group = mesh.dp_cp.get_group() if world > 1 else None
     metrics = MetricsWriter(
@@ -384,7 +431,10 @@ def train(cfg: Config) -> TrainResult:
 
     def export(target: Path) -> Path | None:
         if m.training_type == "lora":
-            return export_lora(transformer, spec.pipeline_cls, target)
+            path = export_lora(transformer, spec.pipeline_cls, target)
+            if c.export_comfyui and path is not None:  # rank 0: a second file with ComfyUI's key names
+                export_comfyui_lora(spec, path, transformer.config)
+            return path
         return export_full(transformer, target)
 
     def save_checkpoint(final: bool = False) -> None:
@@ -413,17 +463,23 @@ def train(cfg: Config) -> TrainResult:
             data_time = 0.0
             step_loss = torch.zeros((), device=device)
             tokens = 0
+            replaced = 0
             phase = {"forward_s": 0.0, "backward_s": 0.0}
             count = flops_per_step is None and peak_tflops is not None and not t.compile
             for micro in range(accum):
                 td = time.perf_counter()
                 batch = next(data_iter)
                 data_time += time.perf_counter() - td
+                replaced += int(batch["replaced"].sum())
                 transformer.set_requires_gradient_sync(micro == accum - 1)
                 gens = sample_generators(t.seed, batch["position"])
-                video = batch["video"].to(device, non_blocking=True)
-                latents = spec.encode_video(comps, video, gens)
-                cond = spec.encode_text(comps, list(batch["caption"]), max_seq)
+                if "latent_dist" in batch:  # precomputed
+                    latents = spec.latents_from_dist(comps, batch["latent_dist"].to(device), gens)
+                    cond = Conditioning({k[5:]: v.to(device) for k, v in batch.items() if k.startswith("text.")})
+                else:
+                    with encoders_on(comps, device, offloaded):
+                        latents = spec.encode_video(comps, batch["video"].to(device, non_blocking=True), gens)
+                        cond = spec.encode_text(comps, list(batch["caption"]), max_seq)
                 strata = None
                 if t.uniform_sampling:  # sample j of the global batch draws from slice j of G
                     pos = torch.as_tensor(batch["position"])
@@ -478,6 +534,13 @@ def train(cfg: Config) -> TrainResult:
 
             elapsed = time.perf_counter() - t0
             global_tokens = tokens * dp_size
+            if dp_size > 1:
+                rep = torch.tensor([replaced], device=device)
+                dist.all_reduce(rep, group=mesh.dp.get_group())
+                replaced = int(rep.item())
+            if replaced:
+                log.warning("step %d: %d sample(s) failed to decode and were replaced", step, replaced)
+            state.data_replaced += replaced
             state.step = step
             state.samples_seen += sampler.global_batch_size
             state.tokens_seen += global_tokens
@@ -497,6 +560,8 @@ def train(cfg: Config) -> TrainResult:
                         "data_time_s": data_time,
                         "tokens_per_s": global_tokens / elapsed,
                         "samples_seen": state.samples_seen,
+                        "data_skipped": len(usable.skipped),
+                        "data_replaced": state.data_replaced,
                         "skipped_step": not finite,
                         "peak_memory_gb": alloc,
                         "peak_reserved_gb": reserved,
@@ -519,7 +584,9 @@ def train(cfg: Config) -> TrainResult:
                     f"Last complete checkpoint: {good[-1][1] if good else 'none'}. Lower --lr or check the data."
                 )
             if validation_items and v_every and (step % v_every == 0 or step == t.train_steps):
-                with ema.swapped_in() if t.validate_with_ema else contextlib.nullcontext():
+                with ema.swapped_in() if t.validate_with_ema else contextlib.nullcontext(), encoders_on(
+                    comps, device, offloaded
+                ):
                     run_validation(spec, transformer, validation_items, cfg.validation, step, out, t.seed, metrics)
             if ckpt_every and step % ckpt_every == 0 and step < t.train_steps:
                 save_checkpoint()

@@ -193,9 +193,9 @@ def test_dry_run_reports_bad_files_and_exits_0(tiny_ckpt, tiny_data, tmp_path):
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "samples: 8 usable, 2 skipped" in p.stdout
-    assert "broken.mp4: video" in p.stdout and "cannot decode" in p.stdout
-    assert "nope.mp4: video" in p.stdout and "no such file" in p.stdout
+    assert "samples: 8 usable (8 videos, 0 images), 2 skipped" in p.stdout
+    assert "broken.mp4: cannot decode" in p.stdout
+    assert "nope.mp4: no such file" in p.stdout
     assert not out.exists()  # a dry run writes nothing
 
 

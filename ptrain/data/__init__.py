@@ -1,9 +1,10 @@
-"""Data path: sources -> probe/filter -> decode -> global-batch sampler -> StatefulDataLoader."""
+"""Data path: sources -> probe/filter -> buckets -> global-batch sampler -> decode -> StatefulDataLoader."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -12,81 +13,218 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ptrain.config import ConfigError, DataArgs
-from ptrain.data.sampler import GlobalBatchSampler
+from ptrain.data.buckets import Bucket, BucketPlan, ShapeRules, histogram
+from ptrain.data.sampler import BucketBatchSampler, GlobalBatchSampler
 from ptrain.data.sources import Record, load_records
-from ptrain.data.video import FrameSampling, load_clip, probe
+from ptrain.data.video import FrameSampling, load_clip, load_image, probe_media
 
 log = logging.getLogger("ptrain")
+
+#: A sample that fails to decode during training is replaced by another of its bucket; after this many failed
+#: replacements in a row the run stops (the data has gone bad, e.g. a lost mount).
+MAX_REPLACEMENTS = 8
 
 
 @dataclass
 class Usable:
     records: list[Record]
     skipped: dict[str, str]  # path -> reason
+    buckets: list[Bucket] = field(default_factory=list)  # the training shape of each usable record
+    plan: BucketPlan | None = None
+
+    @property
+    def bucketed(self) -> bool:
+        return self.plan is not None and self.plan.enabled
+
+    def skip_reasons(self) -> Counter:
+        """Skips counted by kind of reason (the part before any numbers / paths)."""
+        out: Counter = Counter()
+        for reason in self.skipped.values():
+            r = reason.split(": ", 1)[-1] if reason.startswith(("video ", "image ")) else reason
+            out[_reason_kind(r)] += 1
+        return out
 
 
-def filter_usable(records: list[Record], sampling: FrameSampling | int) -> Usable:
-    """Probe every video (split over ranks when distributed); drop and count the unusable ones."""
+def _reason_kind(reason: str) -> str:
+    for key in ("no such file", "empty file", "cannot decode", "too small", "extreme aspect", "megapixels",
+                "not valid UTF-8", "no caption file", "too short", "usable frames <", "image (1 frame)",
+                "no bucket", "1-frame", "< --num_frames"):  # fmt: skip
+        if key in reason:
+            return key
+    return "other"
+
+
+def filter_usable(
+    records: list[Record], sampling: FrameSampling | int, plan: BucketPlan | None = None
+) -> Usable:
+    """Probe every distinct file (split over ranks when distributed), give each usable record its bucket;
+    drop and name the unusable ones."""
     if isinstance(sampling, int):
         sampling = FrameSampling(sampling)
+    if plan is None:
+        plan = BucketPlan(DataArgs(num_frames=sampling.num_frames), None, sampling.num_frames)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = {}
-    for i in range(rank, len(records), world):
+    first: dict[tuple[str, str], int] = {}
+    for i, r in enumerate(records):
+        if r.error is None:
+            first.setdefault((str(r.video), r.kind), i)
+    distinct = sorted(first.values())
+    mine: dict[int, tuple] = {}
+    for i in distinct[rank::world]:
+        rec = records[i]
         try:
-            info = probe(records[i].video)
-            have = sampling.available(info.num_frames, info.fps)
-            if have < sampling.num_frames:
-                how = "" if have == info.num_frames else f" usable of {info.num_frames} ({sampling.describe()})"
-                mine[i] = f"{have} frames{how} < --num_frames {sampling.num_frames}"
+            info = probe_media(rec.video, rec.kind)
+            have = 1 if rec.kind == "image" else sampling.available(info.num_frames, info.fps)
+            mine[i] = ("ok", info.height, info.width, have, info.num_frames)
         except (OSError, ValueError) as e:
-            mine[i] = str(e)
+            mine[i] = ("bad", str(e))
     if world > 1:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, mine)
-        bad = {k: v for part in gathered for k, v in part.items()}
+        probed = {k: v for part in gathered for k, v in part.items()}
     else:
-        bad = mine
-    usable = [r for i, r in enumerate(records) if i not in bad]
-    return Usable(usable, {str(records[i].video): reason for i, reason in sorted(bad.items())})
+        probed = mine
+    usable, buckets, skipped = [], [], {}
+    for i, rec in enumerate(records):
+        key = str(rec.video)
+        if rec.error is not None:
+            skipped[key] = rec.error
+            continue
+        res = probed[first[(key, rec.kind)]]
+        if res[0] == "bad":
+            skipped[key] = res[1]
+            continue
+        _, h, w, have, total = res
+        try:
+            bucket = plan.assign(rec.kind, h, w, have, index=i)
+        except ValueError as e:
+            reason = str(e)
+            if not plan.enabled and rec.kind == "video" and have < plan.num_frames:
+                how = "" if have == total else f" usable of {total} ({sampling.describe()})"
+                reason = f"{have} frames{how} < --num_frames {plan.num_frames}"
+            skipped[key] = f"{rec.kind} {key}: {reason}" if not reason.startswith(rec.kind) else reason
+            continue
+        usable.append(rec)
+        buckets.append(bucket)
+    return Usable(usable, skipped, buckets, plan)
 
 
 class VideoDataset(Dataset):
-    def __init__(self, records: list[Record], args: DataArgs, sampling: FrameSampling, seed: int = 0):
+    """Item (index, stream position) -> the decoded sample at its bucket's shape.
+
+    Everything random about a sample (frame window, crop, caption dropout) is seeded by (seed, position), so
+    it is the same in every layout and after a resume. A file that fails to decode here (it passed the scan)
+    is replaced by another sample of the same bucket chosen by (seed, position, attempt): deterministic, and
+    counted in the batch's `replaced` field (logged as `data_replaced`).
+    """
+
+    def __init__(
+        self,
+        records: list[Record],
+        args: DataArgs,
+        sampling: FrameSampling,
+        seed: int = 0,
+        buckets: list[Bucket] | None = None,
+    ):
         self.records, self.args, self.sampling, self.seed = records, args, sampling, seed
+        default = Bucket(sampling.num_frames, args.height, args.width)
+        self.buckets = buckets or [default] * len(records)
+        self._same: dict[Bucket, list[int]] = {}
+        for i, b in enumerate(self.buckets):
+            self._same.setdefault(b, []).append(i)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, position = key
+    def caption_of(self, index: int) -> str:
+        """The record's caption as trained (with --id_token), before caption dropout."""
         rec = self.records[index]
+        return f"{self.args.id_token} {rec.caption}" if self.args.id_token else rec.caption
+
+    def _load(self, index: int, rng: np.random.Generator) -> torch.Tensor:
+        rec, b, a = self.records[index], self.buckets[index], self.args
+        if rec.kind == "image":
+            return load_image(rec.video, b.height, b.width, a.reshape_mode, rng)
+        sampling = replace(self.sampling, num_frames=b.frames)
+        return load_clip(rec.video, sampling, b.height, b.width, reshape_mode=a.reshape_mode, rng=rng)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, position = key[0], key[1]
         a = self.args
-        # Per-sample randomness (crop offset, caption dropout) from (seed, position): same in every layout.
-        rng = np.random.default_rng([self.seed, position, 0xDA7A])
-        caption = f"{a.id_token} {rec.caption}" if a.id_token else rec.caption
+        replaced, errors = 0, []
+        while True:
+            # Per-sample randomness (crop offset, caption dropout) from (seed, position): same in every layout.
+            rng = np.random.default_rng([self.seed, position, 0xDA7A])
+            try:
+                video = self._load(index, rng)
+                break
+            except Exception as e:  # decord / PIL raise their own types; the file is named in the log
+                errors.append(f"{self.records[index].video}: {type(e).__name__}: {e}")
+                log.warning("sample %s failed to decode (%s); replacing it", self.records[index].video, e)
+                if len(errors) > MAX_REPLACEMENTS:
+                    raise RuntimeError(
+                        f"{len(errors)} samples in a row failed to decode; the data has gone bad:\n" + "\n".join(errors)
+                    ) from e
+                pool = self._same[self.buckets[index]]
+                pick = np.random.default_rng([self.seed, position, 0xBAD, len(errors)])
+                index = pool[int(pick.integers(0, len(pool)))]
+                replaced += 1
+        caption = self.caption_of(index)
         if a.caption_dropout_p and rng.random() < a.caption_dropout_p:
             caption = ""
-        return {
-            "video": load_clip(rec.video, self.sampling, a.height, a.width, reshape_mode=a.reshape_mode, rng=rng),
-            "caption": caption,
-            "position": position,
-            "index": index,
-        }
+        return {"video": video, "caption": caption, "position": position, "index": index, "replaced": replaced}
 
 
-def scan_dataset(args: DataArgs, sampling: FrameSampling) -> Usable:
-    """Read the dataset description and probe every video; log and count what is skipped."""
+def scan_dataset(args: DataArgs, sampling: FrameSampling, rules: ShapeRules | None = None) -> Usable:
+    """Read the dataset description, probe every file and bucket the samples; log and count what is skipped
+    (or stop with every reason under --strict_data)."""
     records = load_records(args)
-    usable = filter_usable(records, sampling)
+    usable = filter_usable(records, sampling, BucketPlan(args, rules))
     if usable.skipped:
-        log.warning("skipping %d of %d videos:", len(usable.skipped), len(records))
+        if args.strict_data:
+            listing = "\n".join(f"  {path}: {reason}" for path, reason in usable.skipped.items())
+            raise ConfigError(
+                f"--strict_data: {len(usable.skipped)} of {len(records)} samples are unusable:\n{listing}"
+            )
+        log.warning("skipping %d of %d samples:", len(usable.skipped), len(records))
         for path, reason in list(usable.skipped.items())[:20]:
-            log.warning("  %s: %s", path, reason)
+            log.warning("  %s", reason if path in reason else f"{path}: {reason}")
         if len(usable.skipped) > 20:
             log.warning("  ... and %d more", len(usable.skipped) - 20)
     if not usable.records:
-        raise ConfigError(f"none of the {len(records)} videos is usable (see the reasons above)")
+        raise ConfigError(f"none of the {len(records)} samples is usable (see the reasons above)")
     return usable
+
+
+def make_sampler(usable: Usable, batch_size: int, dp_rank: int, dp_size: int, grad_accum: int, seed: int):
+    if usable.bucketed:
+        ids = {b: k for k, b in enumerate(sorted(set(usable.buckets)))}
+        return BucketBatchSampler([ids[b] for b in usable.buckets], batch_size, dp_rank, dp_size, grad_accum, seed)
+    return GlobalBatchSampler(len(usable.records), batch_size, dp_rank, dp_size, grad_accum, seed)
+
+
+def summary(usable: Usable, global_batch: int, tokens=None) -> list[str]:
+    """Dataset summary lines for --dry_run and the log: counts, skips by reason, bucket histogram."""
+    kinds = Counter(r.kind for r in usable.records)
+    lines = [
+        f"samples: {len(usable.records)} usable ({kinds.get('video', 0)} videos, {kinds.get('image', 0)} images), "
+        f"{len(usable.skipped)} skipped"
+    ]
+    if usable.skipped:
+        lines.append("  skipped by reason: " + ", ".join(f"{k} {n}" for k, n in usable.skip_reasons().most_common()))
+    lines += [f"    skipped {reason if path in reason else f'{path}: {reason}'}" for path, reason in usable.skipped.items()]
+    if usable.plan is not None:
+        lines.append(f"shapes: {usable.plan.describe()}")
+    hist = histogram(usable.buckets, [r.kind for r in usable.records])
+    if usable.bucketed:
+        lines.append(f"buckets ({len(hist)}; one shape per step, global batch {global_batch}):")
+        lines.append("    F x H x W        videos  images  tokens/sample  steps/epoch")
+        for b, n in hist.items():
+            total = sum(n.values())
+            tok = f"{tokens(b.frames, b.height, b.width):>13,}" if tokens else f"{'-':>13}"
+            pad = " (< global batch: repeats within a step)" if total < global_batch else ""
+            lines.append(f"    {str(b):<16} {n['video']:>6}  {n['image']:>6}  {tok}  {-(-total // global_batch):>11}{pad}")
+    return lines
 
 
 def build_dataloader(
@@ -99,13 +237,15 @@ def build_dataloader(
     grad_accum: int,
     seed: int,
     sampler_state: dict | None = None,
+    dataset: Dataset | None = None,
 ) -> tuple[StatefulDataLoader, GlobalBatchSampler]:
-    """The loader of one data-parallel rank; `sampler_state` positions it in the sample stream (resume)."""
-    sampler = GlobalBatchSampler(len(usable.records), batch_size, dp_rank, dp_size, grad_accum, seed)
+    """The loader of one data-parallel rank; `sampler_state` positions it in the sample stream (resume);
+    `dataset` replaces the decoding dataset (precomputed tensors)."""
+    sampler = make_sampler(usable, batch_size, dp_rank, dp_size, grad_accum, seed)
     if sampler_state:
         sampler.load_state_dict(sampler_state)
     loader = StatefulDataLoader(
-        VideoDataset(usable.records, args, sampling, seed),
+        dataset or VideoDataset(usable.records, args, sampling, seed, usable.buckets or None),
         batch_sampler=sampler,
         num_workers=args.dataloader_num_workers,
         pin_memory=torch.cuda.is_available(),

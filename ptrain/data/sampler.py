@@ -60,6 +60,10 @@ class GlobalBatchSampler:
         )
         return range(start, start + self.batch_size)
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.num_samples // self.global_batch_size)
+
     def index_at(self, position: int) -> int:
         epoch, i = divmod(position, self.num_samples)
         if epoch != self._perm_epoch:
@@ -78,3 +82,52 @@ class GlobalBatchSampler:
     def load_state_dict(self, state: dict) -> None:
         self.micro_batches_done = int(state["micro_batches_done"])
         self.base_position = int(state.get("base_position", 0))
+
+
+class BucketBatchSampler(GlobalBatchSampler):
+    """The bucketed variant: every global batch holds samples of one bucket shape.
+
+    Epoch e: the dataset permutation of (seed, e) is split by bucket (order kept), each bucket's list is cut
+    into global batches of G samples (the last one filled up by cycling that bucket's list from its start, so
+    no sample is dropped), and the batches are shuffled with (seed, e). Step s takes batch s mod S of epoch
+    s // S (S batches per epoch, fixed); its slot j has stream position s*G + j and is dealt to micro-batches
+    and ranks as in GlobalBatchSampler. So every rank of a step gets the same bucket, and the samples of
+    every step are the same whatever the layout for a seed and global batch size.
+    """
+
+    def __init__(self, bucket_ids: list[int], batch_size, dp_rank, dp_size, grad_accum, seed, base_position=0):
+        super().__init__(len(bucket_ids), batch_size, dp_rank, dp_size, grad_accum, seed, base_position)
+        self.bucket_ids = list(bucket_ids)
+        counts: dict[int, int] = {}
+        for b in self.bucket_ids:
+            counts[b] = counts.get(b, 0) + 1
+        g = self.global_batch_size
+        self._steps_per_epoch = sum(-(-n // g) for n in counts.values())
+        self._epoch_batches: tuple[int, list[list[int]]] = (-1, [])
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._steps_per_epoch
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch_batches[0] != epoch:
+            g = self.global_batch_size
+            by_bucket: dict[int, list[int]] = {}
+            for i in epoch_permutation(self.num_samples, self.seed, epoch):
+                by_bucket.setdefault(self.bucket_ids[i], []).append(i)
+            batches = []
+            for b in sorted(by_bucket):
+                items = by_bucket[b]
+                for start in range(0, len(items), g):
+                    chunk = items[start : start + g]
+                    chunk += [items[k % len(items)] for k in range(g - len(chunk))]
+                    batches.append(chunk)
+            state = np.random.SeedSequence([self.seed, 0xB0C7, epoch]).generate_state(1, dtype=np.uint32)
+            order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(int(state[0]))).tolist()
+            self._epoch_batches = (epoch, [batches[k] for k in order])
+        return self._epoch_batches[1]
+
+    def index_at(self, position: int) -> int:
+        step, slot = divmod(position, self.global_batch_size)
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return self._batches(epoch)[k][slot]

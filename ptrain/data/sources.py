@@ -1,34 +1,86 @@
-"""Dataset formats -> a list of (caption, video path) records.
+"""Dataset formats -> a list of (caption, media path, kind) records.
 
-Supported here: the CogVideoX folder layout (`prompts.txt` + `videos.txt`, one
-line per sample, paths relative to the folder) and a CSV / JSON / JSONL file
-with caption and video-path columns. Paths in a file are relative to
---data_root when given, else to the file's folder.
+Formats, detected under --data_root in this order, or given by --dataset_file:
+
+- the CogVideoX folder: `prompts.txt` + `videos.txt` (one line per sample, paths relative to the folder);
+  the CogVideoX scripts' `--caption_column prompts.txt --video_column videos.txt` name those files;
+- a metadata table in the folder: `metadata.{csv,jsonl,json,parquet}`;
+- caption-file pairs: `clip.mp4` + `clip.txt` (or `photo.jpg` + `photo.txt`), searched recursively;
+- a table (--dataset_file): CSV / JSON / JSONL / parquet with a caption column and a video and/or image path
+  column. VideoX-Fun's metadata (`file_path`, `text`, `type` = video|image) is read as it is. Paths are relative
+  to --data_root when given, else to the table's folder.
+
+Several datasets at once: --dataset_config FILE (JSON or TOML) with a `datasets` list whose entries take
+data_root / dataset_file / caption_column / video_column / image_column and `repeats` (a number; 1.5 = every
+sample once, a fixed seeded half of them twice).
+
+A record that is known bad before any decoding (a caption that is not UTF-8, a media file without a caption
+file) carries an `error` and is reported and skipped by the scan like an undecodable video.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import math
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ptrain.config import ConfigError, DataArgs
 
-METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.json")
+METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.json", "metadata.parquet")
+VIDEO_EXTS = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts"})
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+#: Column names tried, in order, when --caption_column / --video_column / --image_column are not given.
+CAPTION_COLUMNS = ("caption", "text", "prompt", "captions", "description")
+VIDEO_COLUMNS = ("video", "file_path", "video_path", "path", "file", "filename")
+IMAGE_COLUMNS = ("image", "image_path", "img")
 
 
 @dataclass(frozen=True)
 class Record:
     caption: str
-    video: Path
+    video: Path  # the media file: a video, or an image when kind == "image" (a 1-frame video)
+    kind: str = "video"
+    error: str | None = None  # known bad before decoding (reported and skipped by the scan)
+    dataset: int = 0  # index in --dataset_config (0 otherwise)
+
+    @property
+    def path(self) -> Path:
+        return self.video
+
+
+def media_kind(path: str | Path) -> str | None:
+    ext = Path(path).suffix.lower()
+    return "video" if ext in VIDEO_EXTS else "image" if ext in IMAGE_EXTS else None
+
+
+def _bad_utf8(text: str) -> bool:
+    """Text read with errors='surrogateescape' holds lone surrogates where the bytes were not UTF-8."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _utf8_error(text: str) -> str:
+    i = next(i for i, ch in enumerate(text) if "\udc80" <= ch <= "\udcff")
+    return f"caption is not valid UTF-8 (byte 0x{ord(text[i]) - 0xDC00:02x} at character {i}); re-save it as UTF-8"
 
 
 def _read_lines(path: Path) -> list[str]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     return [line.strip() for line in lines]
+
+
+def _record(caption: str, path: Path, kind: str | None = None, error: str | None = None) -> Record:
+    kind = kind or media_kind(path) or "video"
+    if error is None and _bad_utf8(caption):
+        error = _utf8_error(caption)
+    return Record(caption, path, kind, error)
 
 
 def _cogvideox_folder(root: Path, prompts_name: str = "prompts.txt", videos_name: str = "videos.txt") -> list[Record]:
@@ -39,14 +91,14 @@ def _cogvideox_folder(root: Path, prompts_name: str = "prompts.txt", videos_name
             f"--data_root {root}: {prompts.name} has {len(captions)} lines but {videos.name} has {len(paths)}; "
             "they must pair up line by line"
         )
-    return [Record(c, root / p) for c, p in zip(captions, paths) if p]
+    return [_record(c, root / p) for c, p in zip(captions, paths) if p]
 
 
 def read_table(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
+            with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
                 return list(csv.DictReader(f))
         if suffix == ".jsonl":
             return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -54,50 +106,165 @@ def read_table(path: Path) -> list[dict]:
             data = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(data, dict):  # {"data": [...]} style
                 data = next((v for v in data.values() if isinstance(v, list)), None)
-            if not isinstance(data, list):
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
                 raise ConfigError(f"dataset file {path}: expected a JSON list of objects")
             return data
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
     except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
         raise ConfigError(f"dataset file {path}: cannot parse: {e}") from e
-    raise ConfigError(f"dataset file {path}: unsupported extension {suffix!r} (use .csv, .json or .jsonl)")
+    except OSError as e:  # pyarrow's ArrowInvalid is an OSError / ValueError subclass
+        raise ConfigError(f"dataset file {path}: cannot read: {e}") from e
+    raise ConfigError(f"dataset file {path}: unsupported extension {suffix!r} (use .csv, .json, .jsonl or .parquet)")
 
 
-def _table(path: Path, root: Path, caption_column: str, video_column: str) -> list[Record]:
+def _pick_column(path: Path, columns: set[str], given: str | None, flag: str, candidates: tuple[str, ...]):
+    if given is not None:
+        if given not in columns:
+            raise ConfigError(f"dataset file {path}: no column {given!r} ({flag}); columns are {sorted(columns)}")
+        return given
+    return next((c for c in candidates if c in columns), None)
+
+
+def _table(path: Path, root: Path, args: DataArgs) -> list[Record]:
     rows = read_table(path)
     if not rows:
         raise ConfigError(f"dataset file {path}: no rows")
-    columns = set(rows[0])
-    for flag, col in (("--caption_column", caption_column), ("--video_column", video_column)):
-        if col not in columns:
-            raise ConfigError(f"dataset file {path}: no column {col!r} ({flag}); columns are {sorted(columns)}")
+    columns = set().union(*(r.keys() for r in rows))
+    cap = _pick_column(path, columns, args.caption_column, "--caption_column", CAPTION_COLUMNS)
+    vid = _pick_column(path, columns, args.video_column, "--video_column", VIDEO_COLUMNS)
+    img = _pick_column(path, columns, args.image_column, "--image_column", IMAGE_COLUMNS)
+    if cap is None:
+        raise ConfigError(
+            f"dataset file {path}: no caption column (tried {', '.join(CAPTION_COLUMNS)}); set --caption_column; "
+            f"columns are {sorted(columns)}"
+        )
+    if vid is None and img is None:
+        raise ConfigError(
+            f"dataset file {path}: no video or image path column (tried {', '.join(VIDEO_COLUMNS + IMAGE_COLUMNS)}); "
+            f"set --video_column or --image_column; columns are {sorted(columns)}"
+        )
     records = []
     for row in rows:
-        video = str(row.get(video_column) or "").strip()
+        caption = row.get(cap)
+        caption = "" if caption is None or (isinstance(caption, float) and math.isnan(caption)) else str(caption)
+        video = str(row.get(vid) or "").strip() if vid else ""
+        image = str(row.get(img) or "").strip() if img else ""
+        declared = str(row.get("type") or "").strip().lower()  # VideoX-Fun: video | image
         if video:
-            records.append(Record(str(row.get(caption_column) or "").strip(), root / video))
+            kind = declared if declared in ("video", "image") else None
+            records.append(_record(caption.strip(), root / video, kind))
+        elif image:
+            records.append(_record(caption.strip(), root / image, "image"))
     return records
 
 
-def load_records(args: DataArgs) -> list[Record]:
+def _caption_pairs(root: Path) -> list[Record]:
+    """`clip.mp4` + `clip.txt` pairs anywhere under root; media without a caption file are reported."""
+    records = []
+    for media in sorted(p for p in root.rglob("*") if p.is_file() and media_kind(p)):
+        txt = media.with_suffix(".txt")
+        if not txt.is_file():
+            records.append(_record("", media, error=f"no caption file {txt.name} beside it"))
+            continue
+        caption = txt.read_text(encoding="utf-8", errors="surrogateescape").strip()
+        error = f"{txt.name}: {_utf8_error(caption)}" if _bad_utf8(caption) else None
+        records.append(_record(caption, media, error=error))
+    return records
+
+
+def _load_one(args: DataArgs) -> list[Record]:
     if args.dataset_file is not None:
         path = Path(args.dataset_file)
         root = Path(args.data_root) if args.data_root is not None else path.parent
-        records = _table(path, root, args.caption_column, args.video_column)
-    else:
-        root = Path(args.data_root)
-        if (root / args.caption_column).is_file() and (root / args.video_column).is_file():
-            # the CogVideoX scripts' --caption_column prompts.txt --video_column videos.txt
-            records = _cogvideox_folder(root, args.caption_column, args.video_column)
-        elif (root / "prompts.txt").is_file() and (root / "videos.txt").is_file():
-            records = _cogvideox_folder(root)
-        else:
-            meta = next((root / n for n in METADATA_NAMES if (root / n).is_file()), None)
-            if meta is None:
-                raise ConfigError(
-                    f"--data_root {root}: found neither prompts.txt + videos.txt nor one of {list(METADATA_NAMES)}; "
-                    "or pass --dataset_file"
-                )
-            records = _table(meta, root, args.caption_column, args.video_column)
+        return _table(path, root, args)
+    root = Path(args.data_root)
+    if not root.is_dir():
+        raise ConfigError(f"--data_root {root}: no such folder")
+    cap, vid = args.caption_column, args.video_column
+    if cap and vid and (root / cap).is_file() and (root / vid).is_file():
+        return _cogvideox_folder(root, cap, vid)  # the CogVideoX scripts' --caption_column prompts.txt ...
+    if (root / "prompts.txt").is_file() and (root / "videos.txt").is_file():
+        return _cogvideox_folder(root)
+    meta = next((root / n for n in METADATA_NAMES if (root / n).is_file()), None)
+    if meta is not None:
+        return _table(meta, root, args)
+    records = _caption_pairs(root)
     if not records:
-        raise ConfigError(f"no samples found under --data_root {args.data_root} / --dataset_file {args.dataset_file}")
+        raise ConfigError(
+            f"--data_root {root}: found neither prompts.txt + videos.txt, one of {list(METADATA_NAMES)}, nor "
+            "video/image files with .txt captions beside them; or pass --dataset_file"
+        )
+    return records
+
+
+def repeat_records(records: list[Record], repeats: float, seed: int) -> list[Record]:
+    """Every record floor(repeats) times, plus a fixed seeded subset for the fractional part."""
+    if repeats <= 0:
+        raise ConfigError(f"repeats must be > 0, got {repeats}")
+    whole, frac = int(repeats), repeats - int(repeats)
+    out = [r for r in records for _ in range(whole)]
+    if frac > 1e-9:
+        extra = np.random.default_rng([seed, 0x7E9]).permutation(len(records))[: round(frac * len(records))]
+        out += [records[i] for i in sorted(extra)]
+    return out
+
+
+DATASET_KEYS = {"data_root", "dataset_file", "caption_column", "video_column", "image_column", "repeats", "weight"}
+
+
+def read_dataset_config(path: Path) -> list[dict]:
+    """The `datasets` list of a --dataset_config JSON/TOML file, paths resolved against the file's folder."""
+    try:
+        if path.suffix.lower() == ".toml":
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        else:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--dataset_config {path}: cannot parse: {e}") from e
+    entries = raw.get("datasets") if isinstance(raw, dict) else raw
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"--dataset_config {path}: expected a non-empty `datasets` list of tables/objects")
+    out = []
+    for i, entry in enumerate(entries):
+        unknown = set(entry) - DATASET_KEYS
+        if unknown:
+            raise ConfigError(f"--dataset_config {path}: dataset {i}: unknown keys {sorted(unknown)}")
+        if not entry.get("data_root") and not entry.get("dataset_file"):
+            raise ConfigError(f"--dataset_config {path}: dataset {i}: give data_root or dataset_file")
+        e = dict(entry)
+        for key in ("data_root", "dataset_file"):
+            if e.get(key):
+                e[key] = (path.parent / e[key]) if not Path(e[key]).is_absolute() else Path(e[key])
+                if (key == "data_root" and not e[key].is_dir()) or (key == "dataset_file" and not e[key].is_file()):
+                    raise ConfigError(f"--dataset_config {path}: dataset {i}: {key} {e[key]}: not found")
+        out.append(e)
+    return out
+
+
+def load_records(args: DataArgs) -> list[Record]:
+    if args.dataset_config is not None:
+        records = []
+        for i, entry in enumerate(read_dataset_config(Path(args.dataset_config))):
+            sub = dataclasses.replace(
+                args, data_root=entry.get("data_root"), dataset_file=entry.get("dataset_file"),
+                caption_column=entry.get("caption_column", args.caption_column),
+                video_column=entry.get("video_column", args.video_column),
+                image_column=entry.get("image_column", args.image_column),
+            )  # fmt: skip
+            repeats = float(entry.get("repeats", entry.get("weight", 1.0)))
+            part = [dataclasses.replace(r, dataset=i) for r in _load_one(sub)]
+            records += repeat_records(part, repeats, seed=i)
+    else:
+        records = _load_one(args)
+    if args.video_repeat > 1:  # VideoX-Fun: videos count N times per epoch, images once
+        records = [r for rec in records for r in ([rec] * (args.video_repeat if rec.kind == "video" else 1))]
+    if not records:
+        raise ConfigError(
+            f"no samples found under --data_root {args.data_root} / --dataset_file {args.dataset_file} / "
+            f"--dataset_config {args.dataset_config}"
+        )
     return records

@@ -1,4 +1,4 @@
-"""Video decoding with decord: probe, even frame sampling, aspect-preserving resize + center crop."""
+"""Decoding: videos with decord, images with PIL (a 1-frame video); probe, frame sampling, resize + crop."""
 
 from __future__ import annotations
 
@@ -38,10 +38,71 @@ def _reader(path: Path):
     return vr
 
 
+#: Sizes ptrain refuses as absurd (a decoding bug, a thumbnail, a panorama strip or a decompression bomb).
+MIN_SIDE, MAX_ASPECT, MAX_PIXELS = 16, 8.0, 64 * 2**20
+
+
+def check_size(kind: str, path: Path, height: int, width: int) -> None:
+    if min(height, width) < MIN_SIDE:
+        raise ValueError(f"{kind} {path}: {width}x{height} is too small (at least {MIN_SIDE} px a side)")
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise ValueError(f"{kind} {path}: {width}x{height} has an extreme aspect ratio (more than {MAX_ASPECT:g}:1)")
+    if height * width > MAX_PIXELS:
+        raise ValueError(f"{kind} {path}: {width}x{height} is over {MAX_PIXELS // 2**20} megapixels")
+
+
+def probe_image(path: Path) -> VideoInfo:
+    """Size of an image (after its EXIF rotation) as a 1-frame video, or an exception naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image {path}: no such file")
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"image {path}: empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.verify()  # structure check; must come first on a freshly opened file
+        with Image.open(path) as im:
+            w, h = im.size
+            rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, RuntimeError) as e:
+        raise ValueError(f"image {path}: cannot decode ({type(e).__name__}: {e})") from e
+    if rotated:
+        w, h = h, w
+    check_size("image", path, h, w)
+    return VideoInfo(1, h, w, 0.0)
+
+
+def load_image(
+    path: Path, height: int, width: int, reshape_mode: str = "center_crop", rng: np.random.Generator | None = None
+) -> torch.Tensor:
+    """-> (C, 1, H, W) float32 in [-1, 1]. EXIF rotation applied; alpha composited on white; grey -> RGB."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+        elif im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits before RGB
+            arr = np.asarray(im, dtype=np.float64)
+            im = Image.fromarray((arr * 255.0 / max(arr.max(), 1.0)).astype(np.uint8))
+        rgb = np.array(im.convert("RGB"))  # a writable copy
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    x = resize_crop(x, height, width, reshape_mode, rng).clamp(-1.0, 1.0)
+    return x.permute(1, 0, 2, 3).contiguous()
+
+
+def probe_media(path: Path, kind: str) -> VideoInfo:
+    return probe_image(path) if kind == "image" else probe(path)
+
+
 def probe(path: Path) -> VideoInfo:
     """Frame count and size, or an exception naming the file."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"video {path}: no such file")
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"video {path}: empty file (0 bytes)")
     try:
         vr = _reader(path)
         n = len(vr)
@@ -52,6 +113,7 @@ def probe(path: Path) -> VideoInfo:
         raise ValueError(f"video {path}: decoder returned frames of shape {tuple(shape)}, not (H, W, 3)")
     if n < 1:
         raise ValueError(f"video {path}: no frames")
+    check_size("video", path, int(shape[0]), int(shape[1]))
     return VideoInfo(n, int(shape[0]), int(shape[1]), float(vr.get_avg_fps() or 0.0))
 
 
@@ -108,6 +170,7 @@ class FrameSampling:
     stride: int | None = None
     skip_start: int = 0
     skip_end: int = 0
+    random_start: bool = False  # --random_frame_crop: consecutive frames from a random start (seeded)
 
     def _candidates(self, total: int, source_fps: float) -> list[int] | None:
         start, end = self.skip_start, total - self.skip_end
@@ -115,30 +178,38 @@ class FrameSampling:
             return []
         if self.fps and source_fps:
             return [start + i for i in fps_indices(end - start, source_fps, self.fps)]
-        if self.stride:
-            return list(range(start, end, self.stride))
+        if self.stride or self.random_start:
+            return list(range(start, end, self.stride or 1))
         return None  # spread evenly over the window
 
     @classmethod
     def from_args(cls, d) -> FrameSampling:
-        """From the data flags (--num_frames, --fps, --video_sample_stride, --skip_frames_start/end)."""
-        return cls(d.num_frames, d.fps, d.video_sample_stride, d.skip_frames_start, d.skip_frames_end)
+        """From the data flags (--num_frames, --fps, --video_sample_stride, --skip_frames_start/end,
+        --random_frame_crop)."""
+        return cls(
+            d.num_frames, d.fps, d.video_sample_stride, d.skip_frames_start, d.skip_frames_end, d.random_frame_crop
+        )
 
     def available(self, total: int, source_fps: float = 0.0) -> int:
         """How many frames the sampling can draw from a clip of `total` frames."""
         c = self._candidates(total, source_fps)
         return max(0, total - self.skip_start - self.skip_end) if c is None else len(c)
 
-    def indices(self, total: int, source_fps: float = 0.0) -> list[int]:
+    def indices(self, total: int, source_fps: float = 0.0, rng: np.random.Generator | None = None) -> list[int]:
         c = self._candidates(total, source_fps)
         if c is None:
             return [self.skip_start + i for i in even_indices(total - self.skip_start - self.skip_end, self.num_frames)]
         if len(c) < self.num_frames:
             raise ValueError(f"clip has {len(c)} usable frames, fewer than --num_frames {self.num_frames}")
-        return c[: self.num_frames]
+        first = 0
+        if self.random_start:
+            first = int((rng or np.random.default_rng()).integers(0, len(c) - self.num_frames + 1))
+        return c[first : first + self.num_frames]
 
     def describe(self) -> str:
         how = f"at {self.fps} fps" if self.fps else f"every {self.stride} frames" if self.stride else "spread evenly"
+        if self.random_start:
+            how = f"{how if (self.fps or self.stride) else 'consecutive'}, from a random start"
         skip = f", skipping {self.skip_start} first / {self.skip_end} last" if self.skip_start or self.skip_end else ""
         return f"{self.num_frames} frames {how}{skip}"
 
@@ -156,7 +227,7 @@ def load_clip(
     if isinstance(sampling, int):
         sampling = FrameSampling(sampling, fps)
     vr = _reader(path)
-    idx = sampling.indices(len(vr), float(vr.get_avg_fps() or 0.0))
+    idx = sampling.indices(len(vr), float(vr.get_avg_fps() or 0.0), rng)
     frames = vr.get_batch(idx).asnumpy()  # (F, h, w, 3) uint8
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     x = resize_crop(x, height, width, reshape_mode, rng).clamp(-1.0, 1.0)

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoTokenizer, T5EncoderModel
 
 from ptrain.config import ConfigError
+from ptrain.export_comfyui import Rule
 from ptrain.models.spec import Conditioning, ModelSpec, register
 from ptrain.parallel.context import CPPlan
 
@@ -70,8 +71,8 @@ class CogVideoXSpec(ModelSpec):
     def encode_text(self, components, captions, max_sequence_length) -> Conditioning:
         return Conditioning({"encoder_hidden_states": self.prompt_embeds(components, captions, max_sequence_length)})
 
-    def encode_video(self, components, video, generators) -> torch.Tensor:
-        return self.sample_latents(components, video, generators) * components.vae.config.scaling_factor
+    def normalize_latents(self, components, latents) -> torch.Tensor:
+        return latents * components.vae.config.scaling_factor
 
     def forward(self, transformer: nn.Module, noisy_latents, timesteps, cond) -> torch.Tensor:
         b, c, f, h, w = noisy_latents.shape
@@ -90,3 +91,17 @@ class CogVideoXSpec(ModelSpec):
 
     def validation_kwargs(self) -> dict:
         return {"max_sequence_length": int(self.pipe.transformer.config.max_text_seq_length)}
+
+    def comfyui_lora_rules(self, config) -> list[Rule]:
+        """ComfyUI's own CogVideoX model (comfy/ldm/cogvideo/model.py in comfyanonymous/ComfyUI): `blocks.N`
+        with q, k, v, attn_out, ff_proj, ff_out; `time_embedding_linear_1`; other modules as in diffusers."""
+        b = r"transformer_blocks\.(\d+)\."
+        return [
+            Rule(b + r"attn1\.to_(q|k|v)", r"blocks.\1.\2"),
+            Rule(b + r"attn1\.to_out\.0", r"blocks.\1.attn_out"),
+            Rule(b + r"ff\.net\.0\.proj", r"blocks.\1.ff_proj"),
+            Rule(b + r"ff\.net\.2", r"blocks.\1.ff_out"),
+            Rule(b + r"(norm[12]\.linear)", r"blocks.\1.\2"),
+            Rule(r"(time|ofs)_embedding\.linear_([12])", r"\1_embedding_linear_\2"),
+            Rule(r"patch_embed\.(proj|text_proj)|norm_out\.linear|proj_out", r"\g<0>"),
+        ]

@@ -10,6 +10,8 @@ Double-stream and single-stream blocks are sharded / checkpointed per block.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from diffusers import (
     AutoencoderKLHunyuanVideo,
@@ -21,6 +23,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
 
 from ptrain.config import ConfigError
+from ptrain.export_comfyui import Rule
 from ptrain.models.spec import Conditioning, ModelSpec, register
 from ptrain.parallel.context import CPPlan
 
@@ -72,8 +75,8 @@ class HunyuanVideoSpec(ModelSpec):
             {"encoder_hidden_states": embeds, "encoder_attention_mask": mask, "pooled_projections": pooled}
         )
 
-    def encode_video(self, components, video, generators) -> torch.Tensor:
-        return self.sample_latents(components, video, generators) * components.vae.config.scaling_factor
+    def normalize_latents(self, components, latents) -> torch.Tensor:
+        return latents * components.vae.config.scaling_factor
 
     def simulated_conditioning(self, config, batch, seq_len, device, dtype) -> Conditioning:
         cond = super().simulated_conditioning(config, batch, seq_len, device, dtype)
@@ -92,3 +95,54 @@ class HunyuanVideoSpec(ModelSpec):
             guidance=guidance,
             return_dict=False,
         )[0]
+
+    def comfyui_lora_rules(self, config) -> list[Rule]:
+        """Original HunyuanVideo names as ComfyUI's LoRA loader takes them for this model (comfy/lora.py
+        `model_lora_keys_unet`, HunyuanVideo branch: `diffusion_model.double_blocks.N.img_attn_qkv`, `img_mod.linear`,
+        `img_mlp.fc1`, `single_blocks.N.linear1`, `modulation.linear`, ...). q/k/v are one fused Linear in the
+        original model (and the MLP input joins them in `linear1`), so those LoRAs are fused exactly. The
+        timestep/guidance/text MLP embedders use ComfyUI's own `in_layer`/`out_layer`
+        (comfy/ldm/hunyuan_video/model.py), which its loader matches directly."""
+        inner = config["num_attention_heads"] * config["attention_head_dim"]
+        mlp = int(inner * config["mlp_ratio"])
+        qkv = ("to_q", "to_k", "to_v")
+        d, s = r"transformer_blocks\.(\d+)\.", r"single_transformer_blocks\.(\d+)\."
+        r = r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\."
+        rt = r"txt_in.individual_token_refiner.blocks.\1."
+        rules = [
+            Rule(d + r"attn\.(?P<part>to_q|to_k|to_v)", r"double_blocks.\1.img_attn_qkv", qkv, (inner,) * 3),
+            Rule(d + r"attn\.(?P<part>add_q_proj|add_k_proj|add_v_proj)", r"double_blocks.\1.txt_attn_qkv",
+                 ("add_q_proj", "add_k_proj", "add_v_proj"), (inner,) * 3),  # fmt: skip
+            Rule(d + r"attn\.to_out\.0", r"double_blocks.\1.img_attn_proj"),
+            Rule(d + r"attn\.to_add_out", r"double_blocks.\1.txt_attn_proj"),
+            Rule(d + r"norm1\.linear", r"double_blocks.\1.img_mod.linear"),
+            Rule(d + r"norm1_context\.linear", r"double_blocks.\1.txt_mod.linear"),
+            Rule(d + r"ff\.net\.0\.proj", r"double_blocks.\1.img_mlp.fc1"),
+            Rule(d + r"ff\.net\.2", r"double_blocks.\1.img_mlp.fc2"),
+            Rule(d + r"ff_context\.net\.0\.proj", r"double_blocks.\1.txt_mlp.fc1"),
+            Rule(d + r"ff_context\.net\.2", r"double_blocks.\1.txt_mlp.fc2"),
+            Rule(s + r"(?P<part>attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp)", r"single_blocks.\1.linear1",
+                 ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), (inner, inner, inner, mlp)),  # fmt: skip
+            Rule(s + r"proj_out", r"single_blocks.\1.linear2"),
+            Rule(s + r"norm\.linear", r"single_blocks.\1.modulation.linear"),
+            Rule(r + r"attn\.(?P<part>to_q|to_k|to_v)", rt + "self_attn_qkv", qkv, (inner,) * 3),
+            Rule(r + r"attn\.to_out\.0", rt + "self_attn_proj"),
+            Rule(r + r"ff\.net\.0\.proj", rt + "mlp.fc1"),
+            Rule(r + r"ff\.net\.2", rt + "mlp.fc2"),
+            Rule(r + r"norm_out\.linear", rt + "adaLN_modulation.1"),
+            Rule(r"context_embedder\.proj_in", "txt_in.input_embedder"),
+            Rule(r"x_embedder\.proj", "img_in.proj"),
+            # diffusers' AdaLayerNormContinuous gives (scale, shift), the original final layer (shift, scale).
+            Rule(r"norm_out\.linear", "final_layer.adaLN_modulation.1", swap_halves=True),
+            Rule(r"proj_out", "final_layer.linear"),
+        ]
+        for ours, theirs in (
+            ("context_embedder.time_text_embed.timestep_embedder", "txt_in.t_embedder"),
+            ("context_embedder.time_text_embed.text_embedder", "txt_in.c_embedder"),
+            ("time_text_embed.timestep_embedder", "time_in"),
+            ("time_text_embed.guidance_embedder", "guidance_in"),
+            ("time_text_embed.text_embedder", "vector_in"),
+        ):
+            rules += [Rule(re.escape(ours) + r"\.linear_1", theirs + ".in_layer"),
+                      Rule(re.escape(ours) + r"\.linear_2", theirs + ".out_layer")]  # fmt: skip
+        return rules

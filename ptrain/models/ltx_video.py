@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoTokenizer, T5EncoderModel
 
 from ptrain.config import ConfigError
+from ptrain.export_comfyui import Rule
 from ptrain.models.spec import Components, Conditioning, ModelSpec, register
 from ptrain.parallel.context import CPPlan
 
@@ -63,9 +64,8 @@ class LTXVideoSpec(ModelSpec):
         )  # fmt: skip
         return Conditioning({"encoder_hidden_states": embeds, "encoder_attention_mask": mask})
 
-    def encode_video(self, components, video, generators) -> torch.Tensor:
+    def normalize_latents(self, components, latents) -> torch.Tensor:
         vae = components.vae
-        latents = self.sample_latents(components, video, generators)
         return LTXPipeline._normalize_latents(latents, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
 
     def forward(self, transformer: nn.Module, noisy_latents, timesteps, cond) -> torch.Tensor:
@@ -95,3 +95,15 @@ class LTXVideoSpec(ModelSpec):
     def bind(self, components: Components) -> None:
         super().bind(components)
         self._vae_ratios = (components.vae.temporal_compression_ratio, components.vae.spatial_compression_ratio)
+
+    def comfyui_lora_rules(self, config) -> list[Rule]:
+        """ComfyUI's LTXV model (comfy/ldm/lightricks/model.py in Comfy-Org/ComfyUI) keeps the original LTX-Video
+        names: blocks as in diffusers, `patchify_proj` for proj_in and `adaln_single` for time_embed (the
+        renames diffusers' `convert_ltx_transformer_checkpoint_to_diffusers` undoes)."""
+        block = r"transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2)"
+        return [
+            Rule(block, r"\g<0>"),
+            Rule(r"proj_in", "patchify_proj"),
+            Rule(r"time_embed\.(emb\.timestep_embedder\.linear_[12]|linear)", r"adaln_single.\1"),
+            Rule(r"caption_projection\.linear_[12]|proj_out", r"\g<0>"),
+        ]

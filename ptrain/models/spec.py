@@ -107,6 +107,34 @@ class ModelSpec(ABC):
         core = {k: loaded.pop(k) for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
         return Components(**core, extra=loaded)
 
+    def shape_rules(self, path: str, overrides: dict[str, str | None]):
+        """The frame counts and sizes this checkpoint accepts (ptrain.data.buckets.ShapeRules), from its
+        transformer and VAE configs built on the meta device: no weights are read, so the data scan and
+        --dry_run know them before (or without) loading the model."""
+        from ptrain.data.buckets import ShapeRules
+
+        meta = {}
+        for name in ("transformer", "vae"):
+            cls = self.component_classes[name]
+            src, sub = component_source(path, overrides.get(name), name)
+            try:
+                config = cls.load_config(src, subfolder=sub) if sub else cls.load_config(src)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"cannot read the {name} config ({cls.__name__}) from {src}/{sub or ''}: {e}") from e
+            with torch.device("meta"):
+                meta[name] = cls.from_config(config)
+        comps = Components(meta["transformer"], meta["vae"], None, None, None)
+        rules = ShapeRules(lambda f, h, w: self.check_shape(f, h, w, comps), lambda f, h, w: 0)
+        cfg = comps.transformer.config
+        p = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[-1]
+        t, s = rules.shortest_video() - 1, rules.multiple // p  # VAE compression: time, space
+
+        def tokens(f: int, h: int, w: int) -> int:
+            return self.tokens_per_sample((1, (f - 1) // t + 1, h // s, w // s), comps)
+
+        rules.tokens = tokens
+        return rules
+
     def bind(self, components: Components) -> None:
         """Build the model's diffusers pipeline around the components (used to encode text and to validate)."""
         self.pipe = self.pipeline_cls(**components.as_pipeline_kwargs())
@@ -121,10 +149,25 @@ class ModelSpec(ABC):
     def encode_text(self, components: Components, captions: list[str], max_sequence_length: int) -> Conditioning: ...
 
     @abstractmethod
+    def normalize_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents (float32) -> the normalised latents the transformer is trained on (as the pipeline
+        undoes it before decoding)."""
+
     def encode_video(
         self, components: Components, video: torch.Tensor, generators: list[torch.Generator]
     ) -> torch.Tensor:
         """video: (B, C, F, H, W) in [-1, 1] -> normalised latents (B, C', F', H', W') in float32."""
+        return self.latents_from_dist(components, self.encode_latent_dist(components, video), generators)
+
+    def latents_from_dist(
+        self, components: Components, params: torch.Tensor, generators: list[torch.Generator]
+    ) -> torch.Tensor:
+        """A latent drawn (one generator per sample) from the VAE's latent distribution parameters (mean and
+        log-variance on channels, as encode_latent_dist returns or the precomputation cache stores), normalised."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        params = params.to(dtype=components.vae.dtype)
+        return self.normalize_latents(components, DiagonalGaussianDistribution(params).sample(generator=generators).float())
 
     @abstractmethod
     def forward(
@@ -134,12 +177,11 @@ class ModelSpec(ABC):
 
     # --- helpers shared by the specs ------------------------------------------------------------
     @staticmethod
-    def sample_latents(components: Components, video: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """VAE posterior sample (one generator per sample) in float32, before any model-specific scaling."""
+    def encode_latent_dist(components: Components, video: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior's parameters (B, 2C', F', H', W') in the VAE's dtype (what precomputation stores)."""
         vae = components.vae
         with torch.no_grad():
-            dist = vae.encode(video.to(vae.device, vae.dtype)).latent_dist
-            return dist.sample(generator=generators).float()
+            return vae.encode(video.to(vae.device, vae.dtype)).latent_dist.parameters
 
     def prompt_embeds(self, components: Components, captions: list[str], max_sequence_length: int) -> torch.Tensor:
         """Text states from pipelines whose encode_prompt returns (embeds, negative embeds): CogVideoX, Wan."""

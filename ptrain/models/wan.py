@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ptrain.config import ConfigError
+from ptrain.export_comfyui import Rule
 from ptrain.models.spec import Conditioning, ModelSpec, register
 from ptrain.parallel.context import CPPlan
 
@@ -60,8 +61,7 @@ class WanSpec(ModelSpec):
     def encode_text(self, components, captions, max_sequence_length) -> Conditioning:
         return Conditioning({"encoder_hidden_states": self.prompt_embeds(components, captions, max_sequence_length)})
 
-    def encode_video(self, components, video, generators) -> torch.Tensor:
-        latents = self.sample_latents(components, video, generators)
+    def normalize_latents(self, components, latents) -> torch.Tensor:
         vae = components.vae
         mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
         std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
@@ -74,3 +74,24 @@ class WanSpec(ModelSpec):
             encoder_hidden_states=cond.tensors["encoder_hidden_states"],
             return_dict=False,
         )[0]
+
+    def comfyui_lora_rules(self, config) -> list[Rule]:
+        """The original Wan 2.1 names ComfyUI's Wan model uses (comfy/ldm/wan/model.py; the renames of diffusers'
+        `convert_wan_transformer_to_diffusers` reversed): self_attn / cross_attn q, k, v, o, ffn.0 / ffn.2, ..."""
+        b = r"blocks\.(\d+)\."
+        return [
+            Rule(b + r"attn1\.to_(q|k|v)", r"blocks.\1.self_attn.\2"),
+            Rule(b + r"attn1\.to_out\.0", r"blocks.\1.self_attn.o"),
+            Rule(b + r"attn2\.to_(q|k|v)", r"blocks.\1.cross_attn.\2"),
+            Rule(b + r"attn2\.to_out\.0", r"blocks.\1.cross_attn.o"),
+            Rule(b + r"attn2\.add_(k|v)_proj", r"blocks.\1.cross_attn.\2_img"),
+            Rule(b + r"ffn\.net\.0\.proj", r"blocks.\1.ffn.0"),
+            Rule(b + r"ffn\.net\.2", r"blocks.\1.ffn.2"),
+            Rule(r"condition_embedder\.(time|text)_embedder\.linear_1", r"\1_embedding.0"),
+            Rule(r"condition_embedder\.(time|text)_embedder\.linear_2", r"\1_embedding.2"),
+            Rule(r"condition_embedder\.time_proj", "time_projection.1"),
+            Rule(r"condition_embedder\.image_embedder\.ff\.net\.0\.proj", "img_emb.proj.1"),
+            Rule(r"condition_embedder\.image_embedder\.ff\.net\.2", "img_emb.proj.3"),
+            Rule(r"proj_out", "head.head"),
+            Rule(r"patch_embedding", "patch_embedding"),
+        ]

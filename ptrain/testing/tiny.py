@@ -22,6 +22,8 @@ CLI:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import csv
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -718,6 +720,50 @@ def write_synthetic_videos(
     return output_dir
 
 
+def write_mixed_dataset(output_dir: str | Path, seed: int = 0) -> Path:
+    """A VideoX-Fun style dataset (metadata.json: file_path, text, type) mixing what users bring, good and bad.
+
+    Good: 6 videos in three aspect ratios (landscape 16:9, portrait 9:16, square), 25-40 frames at varied fps;
+    3 images (RGB JPEG, grayscale PNG, RGBA PNG with transparency). Bad: a corrupt .mp4 (random bytes), a
+    listed file that does not exist, a 3-frame video (too short for any video bucket), an empty .jpg.
+    """
+    from PIL import Image
+
+    out = Path(output_dir)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    sizes = [(96, 54), (64, 36), (54, 96), (36, 64), (64, 64), (48, 48)]  # (width, height)
+    for i, spec in enumerate(synthetic_video_specs(len(sizes), seed, sizes)):
+        spec = dataclasses.replace(spec, num_frames=int(rng.integers(25, 41)))
+        write_video(out / spec.path, render_frames(spec), spec.fps)
+        rows.append({"file_path": spec.path, "text": spec.caption, "type": "video"})
+    img = (rng.random((40, 72, 3)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(out / "images/rgb.jpg", quality=90)
+    Image.fromarray(img[..., 0]).save(out / "images/gray.png")
+    rgba = np.concatenate([img, np.full((40, 72, 1), 128, np.uint8)], axis=-1)
+    rgba[:, :20, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(out / "images/alpha.png")
+    rows += [
+        {"file_path": "images/rgb.jpg", "text": "a photo of noise", "type": "image"},
+        {"file_path": "images/gray.png", "text": "a grey photo of noise", "type": "image"},
+        {"file_path": "images/alpha.png", "text": "noise with a transparent band", "type": "image"},
+    ]
+    (out / "videos/corrupt.mp4").write_bytes(rng.bytes(4096))
+    short = dataclasses.replace(synthetic_video_specs(1, seed + 1)[0], path="videos/short.mp4", num_frames=3)
+    write_video(out / short.path, render_frames(short), short.fps)
+    (out / "images/empty.jpg").write_bytes(b"")
+    rows += [
+        {"file_path": "videos/corrupt.mp4", "text": "a corrupt file", "type": "video"},
+        {"file_path": "videos/missing.mp4", "text": "a file that is not there", "type": "video"},
+        {"file_path": "videos/short.mp4", "text": "a three-frame clip", "type": "video"},
+        {"file_path": "images/empty.jpg", "text": "an empty image", "type": "image"},
+    ]
+    (out / "metadata.json").write_text(json.dumps(rows, indent=1))
+    return out
+
+
 # --------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------
@@ -740,9 +786,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--videos", action="store_true", help="write the synthetic video dataset instead")
     parser.add_argument("--num_videos", type=int, default=8)
+    parser.add_argument(
+        "--mixed", action="store_true",
+        help="write a mixed dataset instead: videos of three aspect ratios, images, and bad files (metadata.json)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
-    if args.videos:
+    if args.mixed:
+        out = write_mixed_dataset(args.output_dir, seed=args.seed)
+        print(f"wrote a mixed dataset (metadata.json) to {out}")
+    elif args.videos:
         out = write_synthetic_videos(args.output_dir, num_videos=args.num_videos, seed=args.seed)
         print(f"wrote {args.num_videos} videos + prompts.txt, videos.txt, metadata.csv to {out}")
     else:

@@ -1,0 +1,353 @@
+"""Issue 5's data pipeline on real encoded files: formats, images, buckets, the bucketed sampler, loader state,
+bad input (skips, --strict_data, runtime replacement) and the mixed-data acceptance (dry run + 2-process run)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, first_error, run_ptrain
+from PIL import Image
+
+from ptrain.config import ConfigError, DataArgs
+from ptrain.data import VideoDataset, build_dataloader, filter_usable, make_sampler, scan_dataset
+from ptrain.data.buckets import Bucket, BucketPlan, ShapeRules, aspect_buckets
+from ptrain.data.sampler import BucketBatchSampler
+from ptrain.data.sources import load_records
+from ptrain.data.video import FrameSampling, load_image, probe_image
+from ptrain.testing.tiny import render_frames, synthetic_video_specs, write_mixed_dataset, write_video
+
+
+def ltx_like_rules() -> ShapeRules:
+    """LTX-Video's rules (8k+1 frames, sides multiple of 32) as its check_shape states them."""
+
+    def check(f, h, w):
+        if (f - 1) % 8 or h % 32 or w % 32:
+            raise ConfigError(f"bad shape {f}x{h}x{w}")
+
+    return ShapeRules(check, lambda f, h, w: ((f - 1) // 8 + 1) * (h // 32) * (w // 32))
+
+
+def four_k_rules(multiple: int = 16) -> ShapeRules:
+    def check(f, h, w):
+        if (f - 1) % 4 or h % multiple or w % multiple:
+            raise ConfigError(f"bad shape {f}x{h}x{w}")
+
+    return ShapeRules(check, lambda f, h, w: 1)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> Path:
+    return write_mixed_dataset(tmp_path_factory.mktemp("mixed") / "data", seed=0)
+
+
+def _video(path: Path, w: int, h: int, frames: int, fps: int = 12, seed: int = 0) -> Path:
+    spec = synthetic_video_specs(1, seed, [(w, h)])[0]
+    import dataclasses
+
+    write_video(path, render_frames(dataclasses.replace(spec, num_frames=frames, fps=fps)), fps)
+    return path
+
+
+# --- formats -------------------------------------------------------------------------------------------
+
+
+def test_caption_file_pairs_images_and_bad_captions(tmp_path):
+    _video(tmp_path / "a.mp4", 48, 32, 12)
+    (tmp_path / "a.txt").write_text("a clip\n")
+    sub = tmp_path / "more"
+    sub.mkdir()
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(sub / "b.png")
+    (sub / "b.txt").write_text("a picture")
+    _video(sub / "nocap.mp4", 48, 32, 12)
+    _video(sub / "latin1.mp4", 48, 32, 12)
+    (sub / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    recs = {r.video.name: r for r in load_records(DataArgs(data_root=tmp_path))}
+    assert recs["a.mp4"].caption == "a clip" and recs["a.mp4"].kind == "video" and recs["a.mp4"].error is None
+    assert recs["b.png"].kind == "image" and recs["b.png"].caption == "a picture"
+    assert "no caption file nocap.txt" in recs["nocap.mp4"].error
+    assert "not valid UTF-8 (byte 0xe9" in recs["latin1.mp4"].error
+    usable = filter_usable(list(recs.values()), FrameSampling(9), BucketPlan(
+        DataArgs(enable_bucket=True, height=32, width=48, num_frames=9), four_k_rules()))  # fmt: skip
+    assert sorted(r.video.name for r in usable.records) == ["a.mp4", "b.png"]
+    assert set(Path(p).name for p in usable.skipped) == {"nocap.mp4", "latin1.mp4"}
+
+
+def test_videox_fun_json_parquet_and_dataset_config(tmp_path, mixed):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fun = load_records(DataArgs(dataset_file=mixed / "metadata.json"))
+    assert Counter(r.kind for r in fun) == {"video": 9, "image": 4}  # `type` column read as it is
+    assert fun[0].video == mixed / "videos/000.mp4" and fun[0].caption.endswith("background")
+    # parquet with custom column names, relative to --data_root
+    table = pa.table({"desc": [r.caption for r in fun[:3]], "clip": [str(r.video.relative_to(mixed)) for r in fun[:3]]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    recs = load_records(DataArgs(dataset_file=tmp_path / "d.parquet", data_root=mixed, caption_column="desc",
+                                 video_column="clip"))  # fmt: skip
+    assert [r.video for r in recs] == [r.video for r in fun[:3]]
+    with pytest.raises(ConfigError, match=r"no caption column \(tried caption, text"):
+        load_records(DataArgs(dataset_file=tmp_path / "d.parquet", data_root=mixed))
+    # two datasets: the mixed one twice, a caption-pair folder 1.5 times; videos x2 with --video_repeat
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for i in range(4):
+        _video(pairs / f"{i}.mp4", 32, 32, 10, seed=i)
+        (pairs / f"{i}.txt").write_text(f"clip {i}")
+    (tmp_path / "ds.toml").write_text(
+        f'[[datasets]]\ndataset_file = "{mixed / "metadata.json"}"\nrepeats = 2\n\n'
+        '[[datasets]]\ndata_root = "pairs"\nrepeats = 1.5\n'
+    )
+    recs = load_records(DataArgs(dataset_config=tmp_path / "ds.toml"))
+    assert Counter(r.dataset for r in recs) == {0: 26, 1: 6}
+    assert len(recs) == len(load_records(DataArgs(dataset_config=tmp_path / "ds.toml")))  # fixed subset
+    recs = load_records(DataArgs(dataset_config=tmp_path / "ds.toml", video_repeat=2))
+    assert Counter(r.kind for r in recs) == {"video": 2 * (18 + 6), "image": 8}
+    (tmp_path / "bad.json").write_text(json.dumps({"datasets": [{"data_root": "pairs", "wieght": 2}]}))
+    with pytest.raises(ConfigError, match=r"unknown keys \['wieght'\]"):
+        load_records(DataArgs(dataset_config=tmp_path / "bad.json"))
+
+
+def test_images_alpha_grey_and_exif(mixed, tmp_path):
+    alpha = load_image(mixed / "images/alpha.png", 40, 72)
+    assert alpha.shape == (3, 1, 40, 72)
+    assert alpha[:, 0, :, :18].min() > 0.99  # the transparent band is composited on white
+    grey = load_image(mixed / "images/gray.png", 40, 72)
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    # an EXIF-rotated JPEG (orientation 6: 90 degrees) reports and loads its displayed size
+    img = Image.fromarray(np.zeros((20, 60, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    info = probe_image(tmp_path / "rot.jpg")
+    assert (info.height, info.width, info.num_frames) == (60, 20, 1)
+    with pytest.raises(ValueError, match="extreme aspect ratio"):
+        Image.fromarray(np.zeros((16, 200, 3), np.uint8)).save(tmp_path / "strip.png")
+        probe_image(tmp_path / "strip.png")
+
+
+# --- buckets -------------------------------------------------------------------------------------------
+
+
+def test_bucket_assignment_keeps_aspect_and_frames():
+    rules = ltx_like_rules()
+    assert rules.multiple == 32 and rules.shortest_video() == 9
+    assert all(h % 32 == 0 and w % 32 == 0 for h, w in aspect_buckets(512 * 512, 32))
+    plan = BucketPlan(DataArgs(enable_bucket=True, height=512, width=512, num_frames=49), rules)
+    land = plan.assign("video", 1080, 1920, frames_available=300)
+    assert land.frames == 49 and land.width > land.height and abs(land.width / land.height - 16 / 9) < 0.2
+    assert abs(land.width * land.height - 512 * 512) / (512 * 512) < 0.1
+    port = plan.assign("video", 1920, 1080, frames_available=30)
+    assert (port.height, port.width) == (land.width, land.height) and port.frames == 25  # largest 8k+1 <= 30
+    assert plan.assign("image", 600, 600, 1) == Bucket(1, 512, 512)
+    with pytest.raises(ValueError, match="too short: 5 usable frames, the shortest video bucket has 9"):
+        plan.assign("video", 512, 512, frames_available=5)
+    # without buckets: one shape; images need buckets
+    fixed = BucketPlan(DataArgs(height=64, width=96, num_frames=9), rules)
+    assert fixed.assign("video", 1080, 1920, 50) == Bucket(9, 64, 96)
+    with pytest.raises(ValueError, match="add --enable_bucket"):
+        fixed.assign("image", 64, 64, 1)
+
+
+def test_token_length_budget_and_explicit_buckets():
+    rules = four_k_rules()
+    args = DataArgs(enable_bucket=True, video_sample_size=768, num_frames=49, training_with_video_token_length=True,
+                    token_sample_size=512)  # fmt: skip
+    b = BucketPlan(args, rules).assign("video", 768, 768, frames_available=200)
+    assert (b.height, b.width, b.frames) == (768, 768, 21)  # 512^2 x 49 ~ 768^2 x 21
+    small = BucketPlan(DataArgs(**{**args.__dict__, "video_sample_size": 512}), rules).assign("video", 512, 512, 200)
+    assert small.frames == 49
+    explicit = BucketPlan(DataArgs(video_resolution_buckets=["49x480x720", "49x720x480", "25x480x720", "1x512x512"]),
+                          rules)  # fmt: skip
+    assert explicit.assign("video", 1080, 1920, 100) == Bucket(49, 480, 720)
+    assert explicit.assign("video", 1080, 1920, 30) == Bucket(25, 480, 720)
+    assert explicit.assign("video", 1920, 1080, 100) == Bucket(49, 720, 480)
+    assert explicit.assign("image", 100, 200, 1) == Bucket(1, 512, 512)
+    with pytest.raises(ValueError, match="no bucket in --video_resolution_buckets fits"):
+        explicit.assign("video", 480, 720, 20)
+    with pytest.raises(ConfigError, match="--video_resolution_buckets 48x480x720"):
+        BucketPlan(DataArgs(video_resolution_buckets=["48x480x720"]), rules)
+    # --random_hw_adapt: areas drawn per sample index, the same every time
+    hw = BucketPlan(DataArgs(enable_bucket=True, video_sample_size=1024, random_hw_adapt=True, num_frames=49), rules)
+    sizes = [hw.assign("video", 1000, 1000, 100, index=i) for i in range(30)]
+    assert sizes == [hw.assign("video", 1000, 1000, 100, index=i) for i in range(30)]
+    assert {s.height for s in sizes} == {1024, 768, 512}
+
+
+def _bucket_steps(ids, global_batch, dp, accum, steps, seed=5):
+    per_rank = global_batch // (dp * accum)
+    out: dict[int, list] = {}
+    for r in range(dp):
+        it = iter(BucketBatchSampler(ids, per_rank, r, dp, accum, seed))
+        for step in range(steps):
+            for _ in range(accum):
+                out.setdefault(step, []).extend(next(it))
+    return {s: sorted(v) for s, v in out.items()}
+
+
+def test_bucket_sampler_one_shape_per_step_and_layout_independent():
+    ids = [0] * 7 + [1] * 5 + [2] * 2 + [3] * 1
+    ref = _bucket_steps(ids, 4, dp=1, accum=1, steps=12)
+    for dp, accum in ((2, 1), (4, 1), (2, 2), (1, 4)):
+        assert _bucket_steps(ids, 4, dp, accum, 12) == ref, (dp, accum)
+    spe = BucketBatchSampler(ids, 4, 0, 1, 1, 5).steps_per_epoch
+    assert spe == 2 + 2 + 1 + 1
+    for step, items in ref.items():
+        assert len({ids[i] for i, _ in items}) == 1, f"step {step} mixes buckets"
+        assert sorted(p for _, p in items) == list(range(step * 4, step * 4 + 4))
+    # each epoch covers every sample
+    for e in range(2):
+        seen = {i for s in range(e * spe, (e + 1) * spe) for i, _ in ref[s]}
+        assert seen == set(range(len(ids)))
+    assert _bucket_steps(ids, 4, 1, 1, 6, seed=6) != _bucket_steps(ids, 4, 1, 1, 6, seed=5)
+
+
+def test_stateful_dataloader_round_trip_mid_epoch(mixed):
+    args = DataArgs(dataset_file=mixed / "metadata.json", enable_bucket=True, height=32, width=32, num_frames=17,
+                    dataloader_num_workers=1)  # fmt: skip
+    sampling = FrameSampling.from_args(args)
+    usable = scan_dataset(args, sampling, four_k_rules(8))
+
+    def take(loader_iter, n):
+        return [(b["index"].tolist(), b["video"].shape, b["video"].sum().item()) for b in
+                (next(loader_iter) for _ in range(n))]  # fmt: skip
+
+    loader, _ = build_dataloader(usable, args, sampling, 0, 2, 1, 1, seed=3)
+    it = iter(loader)
+    take(it, 5)
+    state = loader.state_dict()
+    expected = take(it, 6)
+    loader2, _ = build_dataloader(usable, args, sampling, 0, 2, 1, 1, seed=3)
+    loader2.load_state_dict(state)
+    assert take(iter(loader2), 6) == expected
+    assert len({shape for _, shape, _ in expected}) > 1  # several buckets were crossed
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+
+
+def test_strict_data_lists_every_bad_file(mixed):
+    args = DataArgs(data_root=mixed, enable_bucket=True, height=32, width=32, num_frames=17, strict_data=True)
+    with pytest.raises(ConfigError) as e:
+        scan_dataset(args, FrameSampling.from_args(args), four_k_rules(8))
+    msg = str(e.value)
+    assert "--strict_data: 4 of 13 samples are unusable" in msg
+    for name, why in (("corrupt.mp4", "cannot decode"), ("missing.mp4", "no such file"),
+                      ("short.mp4", "too short"), ("empty.jpg", "empty file")):  # fmt: skip
+        assert name in msg and why in msg
+
+
+def test_file_that_breaks_after_the_scan_is_replaced_deterministically(tmp_path):
+    for i in range(4):
+        _video(tmp_path / f"{i}.mp4", 32, 32, 12, seed=i)
+        (tmp_path / f"{i}.txt").write_text(f"clip {i}")
+    args = DataArgs(data_root=tmp_path, height=32, width=32, num_frames=9)
+    usable = scan_dataset(args, FrameSampling(9))
+    (tmp_path / "2.mp4").write_bytes(b"gone bad")
+    ds = VideoDataset(usable.records, args, FrameSampling(9), seed=1)
+    idx = [r.video.name for r in usable.records].index("2.mp4")
+    a, b = ds[(idx, 11)], ds[(idx, 11)]
+    assert a["replaced"] == 1 and a["index"] != idx and a["index"] == b["index"] and torch.equal(a["video"], b["video"])
+    assert ds[(idx, 12)]["replaced"] == 1 and ds[((idx + 1) % 4, 11)]["replaced"] == 0
+    for i in range(4):
+        (tmp_path / f"{i}.mp4").write_bytes(b"all gone")
+    with pytest.raises(RuntimeError, match="failed to decode; the data has gone bad"):
+        ds[(0, 0)]
+
+
+# --- acceptance: dry run and a 2-process run on the mixed folder --------------------------------------------
+
+
+def test_mixed_folder_dry_run_and_bucketed_training(tiny_ckpt, mixed, tmp_path):
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(mixed), "--enable_bucket",
+            "--height", "32", "--width", "32", "--num_frames", "17", "--transformer_dtype", "float32",
+            "--dataloader_num_workers", "0", "--report_to", "none"]  # fmt: skip
+    p = subprocess.run([sys.executable, "-m", "ptrain", *args, "--output_dir", str(tmp_path / "dry"), "--dry_run"],
+                       cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout
+    assert "samples: 9 usable (6 videos, 3 images), 4 skipped" in out
+    for name, why in (("corrupt.mp4", "cannot decode"), ("missing.mp4", "no such file"),
+                      ("short.mp4", "too short"), ("empty.jpg", "empty file")):  # fmt: skip
+        assert any(name in line and why in line for line in out.splitlines()), (name, out)
+    assert "F x H x W" in out and "tokens/sample" in out and "steps per epoch" in out
+    buckets = [line.split()[0] for line in out.splitlines() if line.strip()[:1].isdigit() and "x" in line.split()[0]]
+    assert len(set(b.split("x", 1)[1] for b in buckets)) >= 3 and any(b.startswith("1x") for b in buckets)
+
+    run = run_ptrain(2, [*args, "--train_steps", "4", "--dp_shards", "2", "--checkpointing_steps", "0"],
+                     tmp_path / "run")  # fmt: skip
+    assert run.returncode == 0, first_error(run.stderr)
+    assert len(run.losses) == 4 and all(np.isfinite(run.losses))
+    assert all(m["data_skipped"] == 4 and m["data_replaced"] == 0 for m in run.metrics)
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_bucketed_training_matches_across_layouts(tiny_ckpt, mixed, tmp_path):
+    """With buckets, 1 process x batch 2 and FSDP 2 x batch 1 see the same samples: same per-step losses."""
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(mixed), "--enable_bucket",
+            "--height", "32", "--width", "32", "--num_frames", "17", "--transformer_dtype", "float32",
+            "--vae_dtype", "float32", "--text_encoder_dtype", "float32", "--dataloader_num_workers", "0",
+            "--report_to", "none", "--train_steps", "3", "--checkpointing_steps", "0", "--seed", "3"]  # fmt: skip
+    one = run_ptrain(1, [*args, "--batch_size", "2"], tmp_path / "one")
+    two = run_ptrain(2, [*args, "--batch_size", "1", "--dp_shards", "2"], tmp_path / "two")
+    assert one.returncode == 0 and two.returncode == 0, first_error(one.stderr + two.stderr)
+    np.testing.assert_allclose(two.losses, one.losses, rtol=1e-4)
+
+
+# --- precomputation ----------------------------------------------------------------------------------------
+
+
+def test_precomputed_training_equals_on_the_fly_and_cache_is_keyed(tiny_ckpt, tiny_data, tmp_path):
+    """Latent distributions + text embeddings cached (sharded over 2 ranks) give the losses of on-the-fly
+    encoding for the same noise/timesteps (caption dropout included); a reuse run reads the same cache."""
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--height", "32",
+            "--width", "32", "--num_frames", "9", "--transformer_dtype", "float32", "--vae_dtype", "float32",
+            "--text_encoder_dtype", "float32", "--dataloader_num_workers", "0", "--report_to", "none",
+            "--train_steps", "3", "--checkpointing_steps", "0", "--caption_dropout_p", "0.5", "--seed", "4"]  # fmt: skip
+    cache = tmp_path / "cache"
+    fly = run_ptrain(1, [*args, "--batch_size", "2"], tmp_path / "fly")
+    pre = run_ptrain(2, [*args, "--batch_size", "1", "--dp_shards", "2", "--enable_precomputation",
+                         "--precomputation_dir", str(cache)], tmp_path / "pre")  # fmt: skip
+    assert fly.returncode == 0 and pre.returncode == 0, first_error(fly.stderr + pre.stderr)
+    np.testing.assert_allclose(pre.losses, fly.losses, rtol=1e-5)
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]
+    assert (folder / "complete").is_file() and len(list(folder.glob("0*.safetensors"))) == 8
+    stamp = (folder / "00000000.safetensors").stat().st_mtime_ns
+    again = run_ptrain(1, [*args, "--batch_size", "2", "--enable_precomputation", "--precomputation_dir", str(cache),
+                           "--precomputation_reuse"], tmp_path / "again")  # fmt: skip
+    assert again.returncode == 0, first_error(again.stderr)
+    assert "precomputation: reusing" in again.stderr
+    assert (folder / "00000000.safetensors").stat().st_mtime_ns == stamp
+    np.testing.assert_allclose(again.losses, fly.losses, rtol=1e-5)
+
+
+def test_cache_key_changes_with_data_and_settings(tiny_ckpt, tiny_data, tmp_path):
+    import os
+    import shutil
+
+    from ptrain.config import parse_config
+    from ptrain.data.precompute import cache_dir, manifest
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+
+    def key(*extra):
+        cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(data),
+                            "--height", "32", "--width", "32", "--num_frames", "9", *extra]).validate()  # fmt: skip
+        usable = scan_dataset(cfg.data, FrameSampling.from_args(cfg.data))
+        return cache_dir(cfg, manifest(cfg, usable, 128)).name
+
+    base = key()
+    assert key() == base
+    assert key("--height", "64") != base and key("--id_token", "TOK") != base and key("--vae_dtype", "float32") != base
+    video = next((data / "videos").iterdir())
+    os.utime(video, ns=(video.stat().st_atime_ns, video.stat().st_mtime_ns + 10**9))  # the file was replaced
+    assert key() != base
+    with pytest.raises(ConfigError, match="--enable_precomputation stores one crop"):
+        key("--enable_precomputation", "--reshape_mode", "random_crop")
