@@ -132,6 +132,34 @@ def test_images_alpha_grey_and_exif(mixed, tmp_path):
         probe_image(tmp_path / "strip.png")
 
 
+@pytest.mark.parametrize(
+    "name,codec,pixfmt",
+    [("a.avi", "mpeg4", "yuv420p"), ("b.mov", "libx264", "yuv444p"), ("c.webm", "libvpx-vp9", "yuv420p"),
+     ("d.mkv", "mjpeg", "yuvj420p")],
+)  # fmt: skip
+def test_containers_and_codecs_decode(tmp_path, name, codec, pixfmt):
+    """Not only H.264 mp4: MPEG-4 AVI, H.264 4:4:4 MOV, VP9 WebM and MJPEG MKV are found, probed and decoded."""
+    import imageio.v2 as imageio
+
+    from ptrain.data.video import load_clip, probe
+
+    frames = np.zeros((20, 48, 80, 3), np.uint8)
+    frames[:, :, :40] = 255
+    with imageio.get_writer(tmp_path / name, format="FFMPEG", fps=10, codec=codec, pixelformat=pixfmt,
+                            macro_block_size=1, ffmpeg_log_level="error") as w:  # fmt: skip
+        for f in frames:
+            w.append_data(f)
+    (tmp_path / name).with_suffix(".txt").write_text("half white")
+    (rec,) = load_records(DataArgs(data_root=tmp_path))
+    assert rec.kind == "video" and rec.caption == "half white"
+    info = probe(rec.video)
+    assert (info.num_frames, info.height, info.width) == (20, 48, 80) and abs(info.fps - 10) < 0.5
+    clip = load_clip(rec.video, 9, 32, 32)
+    assert clip.shape == (3, 9, 32, 32)
+    row = clip[:, 0, 16].mean(0)
+    assert row[:4].min() > 0.8 and row[-4:].max() < -0.8  # the white half stays left (centre crop of 80 -> 53 px)
+
+
 # --- buckets -------------------------------------------------------------------------------------------
 
 
