@@ -39,6 +39,18 @@ TINY_ARGS = [
 MODELS = ("ltx_video", "cogvideox", "hunyuan_video", "wan")
 
 
+@pytest.fixture
+def single_process_env(monkeypatch):
+    """In-process training as a world of one: no torchrun variables; the process group is torn down after."""
+    import torch.distributed as dist
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpts(tmp_path_factory):
     """model name -> tiny checkpoint folder (written once per session, on first use)."""

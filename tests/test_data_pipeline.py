@@ -16,7 +16,7 @@ from conftest import REPO, first_error, run_ptrain
 from PIL import Image
 
 from ptrain.config import ConfigError, DataArgs
-from ptrain.data import VideoDataset, build_dataloader, filter_usable, make_sampler, scan_dataset
+from ptrain.data import VideoDataset, build_dataloader, filter_usable, scan_dataset
 from ptrain.data.buckets import Bucket, BucketPlan, ShapeRules, aspect_buckets
 from ptrain.data.sampler import BucketBatchSampler
 from ptrain.data.sources import load_records

@@ -22,7 +22,6 @@ import textwrap
 
 import pytest
 import torch
-import torch.distributed as dist
 from conftest import MODELS, TINY_ARGS
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
@@ -269,15 +268,6 @@ def test_export_comfyui_is_lora_only(tiny_ckpt, tiny_data, tmp_path):
     assert parse_config(base).validate().checkpoint.export_comfyui
     with pytest.raises(ConfigError, match="--export_comfyui"):
         parse_config([*base, "--training_type", "full-finetune"]).validate()
-
-
-@pytest.fixture
-def single_process_env(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("model", MODELS)

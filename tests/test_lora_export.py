@@ -7,20 +7,10 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 from conftest import MODELS, TINY_ARGS
 
 from ptrain.config import parse_config
 from ptrain.trainer import train
-
-
-@pytest.fixture
-def single_process_env(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("model", MODELS)

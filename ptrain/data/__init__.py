@@ -54,9 +54,7 @@ def _reason_kind(reason: str) -> str:
     return "other"
 
 
-def filter_usable(
-    records: list[Record], sampling: FrameSampling | int, plan: BucketPlan | None = None
-) -> Usable:
+def filter_usable(records: list[Record], sampling: FrameSampling | int, plan: BucketPlan | None = None) -> Usable:
     """Probe every distinct file (split over ranks when distributed), give each usable record its bucket;
     drop and name the unusable ones."""
     if isinstance(sampling, int):
@@ -212,7 +210,9 @@ def summary(usable: Usable, global_batch: int, tokens=None) -> list[str]:
     ]
     if usable.skipped:
         lines.append("  skipped by reason: " + ", ".join(f"{k} {n}" for k, n in usable.skip_reasons().most_common()))
-    lines += [f"    skipped {reason if path in reason else f'{path}: {reason}'}" for path, reason in usable.skipped.items()]
+    lines += [
+        f"    skipped {reason if path in reason else f'{path}: {reason}'}" for path, reason in usable.skipped.items()
+    ]
     if usable.plan is not None:
         lines.append(f"shapes: {usable.plan.describe()}")
     hist = histogram(usable.buckets, [r.kind for r in usable.records])
@@ -223,7 +223,9 @@ def summary(usable: Usable, global_batch: int, tokens=None) -> list[str]:
             total = sum(n.values())
             tok = f"{tokens(b.frames, b.height, b.width):>13,}" if tokens else f"{'-':>13}"
             pad = " (< global batch: repeats within a step)" if total < global_batch else ""
-            lines.append(f"    {str(b):<16} {n['video']:>6}  {n['image']:>6}  {tok}  {-(-total // global_batch):>11}{pad}")
+            lines.append(
+                f"    {str(b):<16} {n['video']:>6}  {n['image']:>6}  {tok}  {-(-total // global_batch):>11}{pad}"
+            )
     return lines
 
 

@@ -161,7 +161,9 @@ class BucketPlan:
         if kind == "image" and not self.rules.frame_ok(1):
             raise ValueError("image: this model does not train 1-frame samples (1 frame is not a valid count)")
         if self.explicit:
-            fits = [b for b in self.explicit if (b.frames == 1 if kind == "image" else 1 < b.frames <= frames_available)]
+            fits = [
+                b for b in self.explicit if (b.frames == 1 if kind == "image" else 1 < b.frames <= frames_available)
+            ]
             if not fits:
                 have = "an image" if kind == "image" else f"{frames_available} usable frames"
                 raise ValueError(f"{have}: no bucket in --video_resolution_buckets fits")
@@ -182,7 +184,9 @@ class BucketPlan:
         f = self.rules.largest_frames(min(frames_available, self._frame_budget(h, w)), above=1)
         if f is None:
             if frames_available < shortest:
-                raise ValueError(f"too short: {frames_available} usable frames, the shortest video bucket has {shortest}")
+                raise ValueError(
+                    f"too short: {frames_available} usable frames, the shortest video bucket has {shortest}"
+                )
             raise ValueError(f"{h}x{w} leaves no frame budget (--training_with_video_token_length)")
         return Bucket(f, h, w)
 

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
@@ -76,10 +75,17 @@ def manifest(cfg: Config, usable: Usable, max_sequence_length: int) -> dict:
         "components": components,
         "dtypes": {"vae": m.vae_dtype, "text_encoder": m.text_encoder_dtype, "text_encoder_2": m.text_encoder_2_dtype},
         "preprocessing": {
-            "num_frames": d.num_frames, "height": d.height, "width": d.width, "fps": d.fps,
-            "video_sample_stride": d.video_sample_stride, "skip_frames_start": d.skip_frames_start,
-            "skip_frames_end": d.skip_frames_end, "reshape_mode": d.reshape_mode, "id_token": d.id_token,
-            "max_sequence_length": max_sequence_length, "enable_tiling": d.enable_tiling,
+            "num_frames": d.num_frames,
+            "height": d.height,
+            "width": d.width,
+            "fps": d.fps,
+            "video_sample_stride": d.video_sample_stride,
+            "skip_frames_start": d.skip_frames_start,
+            "skip_frames_end": d.skip_frames_end,
+            "reshape_mode": d.reshape_mode,
+            "id_token": d.id_token,
+            "max_sequence_length": max_sequence_length,
+            "enable_tiling": d.enable_tiling,
         },  # fmt: skip
         "samples": samples,
     }
