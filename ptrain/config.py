@@ -59,6 +59,9 @@ class ModelArgs:
         default_factory=lambda: ["pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$"]
     )
     """Regexes of module names kept in their dtype (diffusers' defaults: embeddings, norms, in/out projections)."""
+    train_mode: Literal["normal", "i2v"] = "normal"
+    """normal: text-to-video; i2v: image-to-video, conditioned on the clip's first frame as the model's diffusers
+    image-to-video pipeline conditions it (LTX-Video, CogVideoX so far)."""
     training_type: Literal["lora", "full-finetune"] = "lora"
     """LoRA adapters on a frozen base, or full fine-tuning of the transformer."""
     rank: int = 64
@@ -272,8 +275,11 @@ class ValidationArgs:
     """Prompts to sample during training, separated by --validation_prompt_separator."""
     validation_prompt_separator: str = ":::"
     """Separator between --validation_prompts."""
+    validation_images: str | None = None
+    """With --train_mode i2v: first-frame images for the validation prompts, separated like them (one image for
+    all prompts, or one per prompt)."""
     validation_dataset_file: Path | None = None
-    """CSV/JSON/JSONL with a `prompt` column and optional height, width, num_frames, num_inference_steps."""
+    """CSV/JSON/JSONL with a `prompt` column and optional image, height, width, num_frames, num_inference_steps."""
     validation_steps: int = 0
     """Sample the validation prompts every N optimizer steps (and at the end); 0 = never."""
     validation_epochs: int | None = None

@@ -38,6 +38,8 @@ class Prepared:
     timesteps: torch.Tensor
     target: torch.Tensor
     weight: torch.Tensor
+    #: 1 where the loss counts, 0 where it does not (e.g. a conditioning frame); broadcastable to the latents.
+    loss_mask: torch.Tensor | None = None
 
 
 def _noise_like(latents: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
@@ -51,9 +53,16 @@ def _stratified(generators: list[torch.Generator], strata) -> torch.Tensor:
     return (index.float() + r) / size
 
 
-def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Mean over elements per sample, weighted, then mean over the micro-batch."""
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+def _weighted_mse(
+    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over (unmasked) elements per sample, weighted, then mean over the micro-batch."""
+    sq = (pred.float() - target.float()).pow(2)
+    if mask is None:
+        per_sample = sq.flatten(1).mean(1)
+    else:
+        mask = mask.to(sq).expand_as(sq)
+        per_sample = (sq * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
     return (weight * per_sample).mean()
 
 
@@ -97,7 +106,7 @@ class FlowMatching:
         return Prepared(noisy, sigmas.to(latents.device) * 1000.0, noise - latents, weight.to(latents.device))
 
     def loss(self, pred: torch.Tensor, p: Prepared) -> torch.Tensor:
-        return _weighted_mse(pred, p.target, p.weight)
+        return _weighted_mse(pred, p.target, p.weight, p.loss_mask)
 
 
 class VPrediction:
@@ -123,4 +132,4 @@ class VPrediction:
 
     def loss(self, pred: torch.Tensor, p: Prepared) -> torch.Tensor:
         x0 = self.scheduler.get_velocity(pred.float(), p.noisy.float(), p.timesteps)
-        return _weighted_mse(x0, p.target, p.weight)
+        return _weighted_mse(x0, p.target, p.weight, p.loss_mask)

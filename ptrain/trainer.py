@@ -347,7 +347,8 @@ def train(cfg: Config) -> TrainResult:
     if offloaded and device.type != "cpu":
         for module in encoder_modules(comps):
             module.to("cpu")
-    spec.bind(comps)
+    spec.bind(comps, m.train_mode)
+    spec.check_mode(m.train_mode, comps, m.training_type)  # may expand the transformer's input channels
     for shape in sorted(set(usable.buckets)):  # every training shape (one without --enable_bucket)
         spec.check_shape(shape.frames, shape.height, shape.width, comps)
     transformer = comps.transformer
@@ -391,6 +392,11 @@ def train(cfg: Config) -> TrainResult:
 
     max_seq = cfg.data.max_sequence_length or spec.max_sequence_length(comps)
     dataset = None
+    if cfg.data.enable_precomputation and m.train_mode == "i2v" and spec.i2v_needs_pixels:
+        raise ConfigError(
+            f"--train_mode i2v for {spec.name} encodes a noised first frame every step: it cannot use "
+            "--enable_precomputation"
+        )
     if cfg.data.enable_precomputation:
         with encoders_on(comps, device, offloaded):
             folder = precompute(
@@ -421,7 +427,7 @@ def train(cfg: Config) -> TrainResult:
             resume, read_marker(resume)["num_samples"], len(usable.records),
         )  # fmt: skip
     objective = spec.make_objective(t, comps)
-    validation_items = load_validation_items(cfg.validation, cfg.data)
+    validation_items = load_validation_items(cfg.validation, cfg.data, m.train_mode)
     loss_group = mesh.dp_cp.get_group() if world > 1 else None
     metrics = MetricsWriter(
         out, rank == 0, cfg.log.report_to == "tensorboard", resume_step=state.step if resume else None
@@ -473,18 +479,23 @@ def train(cfg: Config) -> TrainResult:
                 replaced += int(batch["replaced"].sum())
                 transformer.set_requires_gradient_sync(micro == accum - 1)
                 gens = sample_generators(t.seed, batch["position"])
+                video = None
                 if "latent_dist" in batch:  # precomputed
                     latents = spec.latents_from_dist(comps, batch["latent_dist"].to(device), gens)
                     cond = Conditioning({k[5:]: v.to(device) for k, v in batch.items() if k.startswith("text.")})
                 else:
+                    video = batch["video"].to(device, non_blocking=True)
                     with encoders_on(comps, device, offloaded):
-                        latents = spec.encode_video(comps, batch["video"].to(device, non_blocking=True), gens)
+                        latents = spec.encode_video(comps, video, gens)
                         cond = spec.encode_text(comps, list(batch["caption"]), max_seq)
                 strata = None
                 if t.uniform_sampling:  # sample j of the global batch draws from slice j of G
                     pos = torch.as_tensor(batch["position"])
                     strata = ((pos - state.base_position) % sampler.global_batch_size, sampler.global_batch_size)
                 prepared = objective.prepare(latents, gens, strata)
+                if m.train_mode != "normal":
+                    with encoders_on(comps, device, offloaded):
+                        prepared, cond = spec.condition(m.train_mode, comps, video, latents, prepared, cond, gens)
                 counter = FlopCounterMode(display=False) if count and micro == 0 else contextlib.nullcontext()
                 with counter:
                     if breakdown:

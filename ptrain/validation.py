@@ -27,9 +27,10 @@ class ValidationItem:
     width: int
     num_frames: int
     num_inference_steps: int
+    image: Path | None = None  # first frame (--train_mode i2v)
 
 
-def load_validation_items(v: ValidationArgs, d: DataArgs) -> list[ValidationItem]:
+def load_validation_items(v: ValidationArgs, d: DataArgs, mode: str = "normal") -> list[ValidationItem]:
     def item(prompt: str, row: dict | None = None) -> ValidationItem:
         row = row or {}
 
@@ -48,6 +49,16 @@ def load_validation_items(v: ValidationArgs, d: DataArgs) -> list[ValidationItem
     items = []
     if v.validation_prompts:
         items += [item(p.strip()) for p in v.validation_prompts.split(v.validation_prompt_separator) if p.strip()]
+        images = [
+            Path(p.strip()) for p in (v.validation_images or "").split(v.validation_prompt_separator) if p.strip()
+        ]
+        if images:
+            if len(images) not in (1, len(items)):
+                raise ConfigError(
+                    f"--validation_images: {len(images)} images for {len(items)} prompts (give one, or one per prompt)"
+                )
+            for i, it in enumerate(items):
+                it.image = images[i if len(images) > 1 else 0]
     if v.validation_dataset_file is not None:
         from ptrain.data.sources import read_table
 
@@ -56,6 +67,17 @@ def load_validation_items(v: ValidationArgs, d: DataArgs) -> list[ValidationItem
             if not prompt:
                 raise ConfigError(f"--validation_dataset_file {v.validation_dataset_file}: a row has no prompt column")
             items.append(item(prompt, row))
+            image = str(row.get("image") or "").strip()
+            if image:
+                items[-1].image = Path(v.validation_dataset_file).parent / image
+    for it in items:
+        if it.image is not None and not it.image.is_file():
+            raise ConfigError(f"validation image {it.image}: no such file")
+    if mode == "i2v" and any(it.image is None for it in items):
+        raise ConfigError(
+            "--train_mode i2v samples validation videos from a first frame: give --validation_images (or an image "
+            "column in --validation_dataset_file)"
+        )
     return items
 
 
@@ -82,9 +104,15 @@ def run_validation(spec, transformer, items: list[ValidationItem], args: Validat
         for i, it in enumerate(items):
             for k in range(args.num_validation_videos):
                 gen = torch.Generator().manual_seed(seed + 1000 * i + k)
-                frames = spec.pipe(
+                image = {}
+                if it.image is not None:
+                    from PIL import Image
+
+                    with Image.open(it.image) as im:
+                        image = {"image": im.convert("RGB")}
+                frames = spec.sampling_pipe(
                     prompt=it.prompt, height=it.height, width=it.width, num_frames=it.num_frames,
-                    num_inference_steps=it.num_inference_steps, generator=gen, output_type="np", **extra,
+                    num_inference_steps=it.num_inference_steps, generator=gen, output_type="np", **image, **extra,
                 ).frames[0]  # fmt: skip
                 if rank0:
                     path = target / f"{i:02d}-{k}-{_slug(it.prompt)}.mp4"

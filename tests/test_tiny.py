@@ -227,19 +227,24 @@ def test_cogvideox_variants(checkpoint) -> None:
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
     from transformers import AutoTokenizer
 
-    assert tuple(COGVIDEOX_VARIANT_CONFIGS) == ("2b", "5b", "1.5")
-    expected = {  # rope, patch_size_t, vae scaling_factor, invert_scale_latents
-        "2b": (False, None, 1.15258426, False),
-        "5b": (True, None, 0.7, False),
-        "1.5": (True, 2, 0.7, True),
+    assert tuple(COGVIDEOX_VARIANT_CONFIGS) == ("2b", "5b", "1.5", "5b-i2v", "1.5-i2v")
+    expected = {  # rope, patch_size_t, vae scaling_factor, invert_scale_latents, in_channels, learned pos, ofs
+        "2b": (False, None, 1.15258426, False, 16, False, None),
+        "5b": (True, None, 0.7, False, 16, False, None),
+        "1.5": (True, 2, 0.7, True, 16, False, None),
+        "5b-i2v": (True, None, 0.7, False, 32, True, None),
+        "1.5-i2v": (True, 2, 0.7, True, 32, False, 32),
     }
-    for variant, (rope, patch_size_t, scaling, invert) in expected.items():
+    for variant, (rope, patch_size_t, scaling, invert, channels, learned, ofs) in expected.items():
         ckpt = checkpoint("cogvideox", variant)
         transformer = CogVideoXTransformer3DModel.from_pretrained(ckpt, subfolder="transformer")
         vae = AutoencoderKLCogVideoX.from_pretrained(ckpt, subfolder="vae")
         assert transformer.config.use_rotary_positional_embeddings is rope, variant
-        assert transformer.config.use_learned_positional_embeddings is False
-        assert transformer.config.patch_size_t == patch_size_t and transformer.config.ofs_embed_dim is None
+        assert (
+            transformer.config.use_learned_positional_embeddings is learned
+            and transformer.config.in_channels == channels
+        )
+        assert transformer.config.patch_size_t == patch_size_t and transformer.config.ofs_embed_dim == ofs
         assert transformer.config.max_text_seq_length == COGVIDEOX_TEXT_LEN
         assert (vae.config.scaling_factor, vae.config.invert_scale_latents) == (scaling, invert)
     assert AutoTokenizer.from_pretrained(ckpt / "tokenizer").model_max_length == COGVIDEOX_TEXT_LEN
@@ -294,9 +299,11 @@ def test_checkpoint_is_deterministic(checkpoint, tmp_path: Path, model_name: str
 def test_unknown_model_name_or_variant(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="ltx_video"):
         write_tiny_checkpoint(tmp_path, model_name="nope")
-    with pytest.raises(ValueError, match="valid: 2b, 5b, 1.5"):
+    with pytest.raises(ValueError, match="valid: 2b, 5b, 1.5, 5b-i2v, 1.5-i2v"):
         write_tiny_checkpoint(tmp_path, model_name="cogvideox", variant="7b")
-    for model_name in ("ltx_video", "hunyuan_video", "wan"):
+    with pytest.raises(ValueError, match="valid: t2v, i2v$"):
+        write_tiny_checkpoint(tmp_path, model_name="ltx_video", variant="2b")
+    for model_name in ("hunyuan_video", "wan"):
         with pytest.raises(ValueError, match="valid: t2v$"):
             write_tiny_checkpoint(tmp_path, model_name=model_name, variant="2b")
 

@@ -9,15 +9,26 @@ included) and the trainer's 1 / (1 - alpha_bar) loss weighting.
 
 from __future__ import annotations
 
+import logging
+
 import torch
-from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    CogVideoXDDIMScheduler,
+    CogVideoXImageToVideoPipeline,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+)
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 from transformers import AutoTokenizer, T5EncoderModel
 
 from ptrain.config import ConfigError
 from ptrain.export_comfyui import Rule
-from ptrain.models.spec import Conditioning, ModelSpec, register
+from ptrain.models.spec import Conditioning, ModelSpec, expand_input_channels, register
 from ptrain.parallel.context import CPPlan
+
+log = logging.getLogger("ptrain")
 
 
 @register
@@ -42,6 +53,58 @@ class CogVideoXSpec(ModelSpec):
     )  # fmt: skip
     default_max_sequence_length = 226
     fps = 8
+    train_modes = ("normal", "i2v")
+    i2v_pipeline_cls = CogVideoXImageToVideoPipeline
+    i2v_needs_pixels = True
+
+    def check_mode(self, mode, components, training_type) -> None:
+        """i2v needs 2x the latent channels at the input (noise + image latents, CogVideoX-5b-I2V: 32). A
+        text-to-video checkpoint gets the extra channels zero-initialised (step 0 = the T2V model), which then
+        must train: full fine-tune only. A checkpoint that has them trains only i2v."""
+        super().check_mode(mode, components, training_type)
+        tr, c = components.transformer, components.vae.config.latent_channels
+        have = tr.config.in_channels
+        if have not in (c, 2 * c):
+            raise ConfigError(
+                f"transformer in_channels {have}: neither text-to-video ({c}) nor image-to-video ({2 * c})"
+            )
+        if mode == "normal" and have == 2 * c:
+            raise ConfigError(
+                f"this CogVideoX transformer is image-to-video (in_channels {have} = noise + image latents): "
+                "train it with --train_mode i2v"
+            )
+        if mode == "i2v" and have == c:
+            if training_type == "lora":
+                raise ConfigError(
+                    f"--train_mode i2v from a text-to-video CogVideoX (in_channels {c}) adds {c} zero-initialised "
+                    "input channels for the image latents, and they must train: use --training_type full-finetune, "
+                    "or train LoRA from an image-to-video checkpoint (e.g. CogVideoX-5b-I2V)"
+                )
+            expand_input_channels(tr.patch_embed.proj, c, 2 * c)
+            tr.register_to_config(in_channels=2 * c)
+            log.info("--train_mode i2v: patch_embed expanded from %d to %d input channels (new ones zero)", c, 2 * c)
+
+    def condition(self, mode, components, video, latents, prepared, cond, generators):
+        """i2v as diffusers' CogVideoX image-to-video trainer and pipeline: the first frame, with a little noise
+        (sigma = exp(N(-3, 0.5)) per sample), encoded by the VAE and scaled as the pipeline does, then zero
+        latent frames after it; forward concatenates it to the noisy latents on channels. `ofs` = 2 where the
+        config has the embedding (1.5-I2V), as the pipeline passes it."""
+        if mode != "i2v":
+            return prepared, cond
+        b = video.shape[0]
+        image = video[:, :, :1].float()
+        sigma = torch.exp(torch.cat([torch.normal(-3.0, 0.5, (1,), generator=g) for g in generators]))
+        noise = torch.stack([torch.randn(image.shape[1:], generator=g) for g in generators]).to(image.device)
+        image = image + noise * sigma.to(image.device).view(-1, 1, 1, 1, 1)
+        params = self.encode_latent_dist(components, image)
+        z = DiagonalGaussianDistribution(params).sample(generator=generators).float()
+        vae = components.vae
+        z = z / vae.config.scaling_factor if vae.config.get("invert_scale_latents") else z * vae.config.scaling_factor
+        pad = z.new_zeros(b, z.shape[1], latents.shape[2] - 1, *z.shape[3:])
+        tensors = dict(cond.tensors, image_latents=torch.cat([z, pad], dim=2).to(latents))
+        if components.transformer.config.get("ofs_embed_dim"):
+            tensors["ofs"] = torch.full((b,), 2.0, device=latents.device)
+        return prepared, Conditioning(tensors)
 
     def check_shape(self, num_frames, height, width, components) -> None:
         t = components.vae.config.temporal_compression_ratio
@@ -80,11 +143,15 @@ class CogVideoXSpec(ModelSpec):
         if transformer.config.use_rotary_positional_embeddings:
             s = self.pipe.vae_scale_factor_spatial
             rotary = self.pipe._prepare_rotary_positional_embeddings(h * s, w * s, f, noisy_latents.device)
+        x = noisy_latents
+        if "image_latents" in cond.tensors:  # i2v: noise and image latents on channels, as the I2V pipeline
+            x = torch.cat([x, cond.tensors["image_latents"].to(x.dtype)], dim=1)
         out = transformer(
-            hidden_states=noisy_latents.permute(0, 2, 1, 3, 4),
+            hidden_states=x.permute(0, 2, 1, 3, 4),
             encoder_hidden_states=cond.tensors["encoder_hidden_states"],
             timestep=timesteps,
             image_rotary_emb=rotary,
+            ofs=cond.tensors.get("ofs"),
             return_dict=False,
         )[0]
         return out.permute(0, 2, 1, 3, 4)

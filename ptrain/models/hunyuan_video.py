@@ -81,7 +81,9 @@ class HunyuanVideoSpec(ModelSpec):
     def simulated_conditioning(self, config, batch, seq_len, device, dtype) -> Conditioning:
         cond = super().simulated_conditioning(config, batch, seq_len, device, dtype)
         cond.tensors["encoder_attention_mask"] = torch.ones(batch, seq_len, device=device, dtype=torch.long)
-        cond.tensors["pooled_projections"] = torch.randn(batch, config["pooled_projection_dim"], device=device, dtype=dtype)
+        cond.tensors["pooled_projections"] = torch.randn(
+            batch, config["pooled_projection_dim"], device=device, dtype=dtype
+        )
         return cond
 
     def forward(self, transformer: nn.Module, noisy_latents, timesteps, cond) -> torch.Tensor:
@@ -111,8 +113,12 @@ class HunyuanVideoSpec(ModelSpec):
         rt = r"txt_in.individual_token_refiner.blocks.\1."
         rules = [
             Rule(d + r"attn\.(?P<part>to_q|to_k|to_v)", r"double_blocks.\1.img_attn_qkv", qkv, (inner,) * 3),
-            Rule(d + r"attn\.(?P<part>add_q_proj|add_k_proj|add_v_proj)", r"double_blocks.\1.txt_attn_qkv",
-                 ("add_q_proj", "add_k_proj", "add_v_proj"), (inner,) * 3),  # fmt: skip
+            Rule(
+                d + r"attn\.(?P<part>add_q_proj|add_k_proj|add_v_proj)",
+                r"double_blocks.\1.txt_attn_qkv",
+                ("add_q_proj", "add_k_proj", "add_v_proj"),
+                (inner,) * 3,
+            ),  # fmt: skip
             Rule(d + r"attn\.to_out\.0", r"double_blocks.\1.img_attn_proj"),
             Rule(d + r"attn\.to_add_out", r"double_blocks.\1.txt_attn_proj"),
             Rule(d + r"norm1\.linear", r"double_blocks.\1.img_mod.linear"),
@@ -121,8 +127,12 @@ class HunyuanVideoSpec(ModelSpec):
             Rule(d + r"ff\.net\.2", r"double_blocks.\1.img_mlp.fc2"),
             Rule(d + r"ff_context\.net\.0\.proj", r"double_blocks.\1.txt_mlp.fc1"),
             Rule(d + r"ff_context\.net\.2", r"double_blocks.\1.txt_mlp.fc2"),
-            Rule(s + r"(?P<part>attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp)", r"single_blocks.\1.linear1",
-                 ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), (inner, inner, inner, mlp)),  # fmt: skip
+            Rule(
+                s + r"(?P<part>attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp)",
+                r"single_blocks.\1.linear1",
+                ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+                (inner, inner, inner, mlp),
+            ),  # fmt: skip
             Rule(s + r"proj_out", r"single_blocks.\1.linear2"),
             Rule(s + r"norm\.linear", r"single_blocks.\1.modulation.linear"),
             Rule(r + r"attn\.(?P<part>to_q|to_k|to_v)", rt + "self_attn_qkv", qkv, (inner,) * 3),

@@ -9,7 +9,15 @@ token sequence, RoPE interpolation scale from the VAE compression ratios.
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+from dataclasses import replace
+
+from diffusers import (
+    AutoencoderKLLTXVideo,
+    FlowMatchEulerDiscreteScheduler,
+    LTXImageToVideoPipeline,
+    LTXPipeline,
+    LTXVideoTransformer3DModel,
+)
 from torch import nn
 from transformers import AutoTokenizer, T5EncoderModel
 
@@ -44,6 +52,22 @@ class LTXVideoSpec(ModelSpec):
     #: LTXPipeline's default frame rate; sets the temporal RoPE interpolation scale.
     frame_rate = 25
     fps = 25
+    train_modes = ("normal", "i2v")
+    i2v_pipeline_cls = LTXImageToVideoPipeline
+
+    def condition(self, mode, components, video, latents, prepared, cond, generators):
+        """i2v as LTXImageToVideoPipeline samples: the first latent frame is clean (the clip's own first frame),
+        its tokens get timestep 0 (per-token timesteps t * (1 - mask)), and the loss leaves them out."""
+        if mode != "i2v":
+            return prepared, cond
+        b, _, f, h, w = latents.shape
+        first = torch.zeros(b, 1, f, h, w, device=latents.device, dtype=latents.dtype)
+        first[:, :, 0] = 1.0
+        noisy = prepared.noisy * (1 - first) + latents * first
+        cfg = components.transformer.config
+        token_mask = LTXPipeline._pack_latents(first, cfg.patch_size, cfg.patch_size_t).squeeze(-1)  # (B, N)
+        timesteps = prepared.timesteps.view(b, 1).to(token_mask) * (1 - token_mask)
+        return replace(prepared, noisy=noisy, timesteps=timesteps, loss_mask=1 - first), cond
 
     def check_shape(self, num_frames, height, width, components) -> None:
         vae = components.vae
@@ -92,8 +116,8 @@ class LTXVideoSpec(ModelSpec):
         cond.tensors["encoder_attention_mask"] = torch.ones(batch, seq_len, device=device, dtype=dtype)
         return cond
 
-    def bind(self, components: Components) -> None:
-        super().bind(components)
+    def bind(self, components: Components, mode: str = "normal") -> None:
+        super().bind(components, mode)
         self._vae_ratios = (components.vae.temporal_compression_ratio, components.vae.spatial_compression_ratio)
 
     def comfyui_lora_rules(self, config) -> list[Rule]:

@@ -82,6 +82,12 @@ class ModelSpec(ABC):
     block_count_keys: tuple[str, ...] = ("num_layers",)
     #: Frame rate of exported validation videos.
     fps: int = 16
+    #: --train_mode values this family trains (ptrain.models.<family>.condition implements them).
+    train_modes: tuple[str, ...] = ("normal",)
+    #: The diffusers pipeline that samples image-to-video (validation with --train_mode i2v).
+    i2v_pipeline_cls: type | None = None
+    #: --train_mode i2v needs the decoded first frame (not only the latents): no --enable_precomputation.
+    i2v_needs_pixels: bool = False
 
     def __init__(self) -> None:
         self.pipe = None
@@ -135,10 +141,32 @@ class ModelSpec(ABC):
         rules.tokens = tokens
         return rules
 
-    def bind(self, components: Components) -> None:
-        """Build the model's diffusers pipeline around the components (used to encode text and to validate)."""
+    def bind(self, components: Components, mode: str = "normal") -> None:
+        """Build the model's diffusers pipeline around the components (used to encode text and to validate;
+        with --train_mode i2v the image-to-video one samples validation videos)."""
         self.pipe = self.pipeline_cls(**components.as_pipeline_kwargs())
         self.pipe.set_progress_bar_config(disable=True)
+        self.sampling_pipe = self.pipe
+        if mode == "i2v" and self.i2v_pipeline_cls is not None:
+            self.sampling_pipe = self.i2v_pipeline_cls(**components.as_pipeline_kwargs())
+            self.sampling_pipe.set_progress_bar_config(disable=True)
+
+    # --- training modes (--train_mode) --------------------------------------------------------------
+    def check_mode(self, mode: str, components: Components, training_type: str) -> None:
+        """Prepare the transformer for `mode` (e.g. expand its input channels) or raise ConfigError saying why
+        the checkpoint cannot train it."""
+        if mode not in self.train_modes:
+            raise ConfigError(
+                f"--train_mode {mode}: not implemented for {self.name} yet (it trains {', '.join(self.train_modes)})"
+            )
+
+    def condition(
+        self, mode: str, components: Components, video: torch.Tensor | None, latents: torch.Tensor, prepared,
+        cond: Conditioning, generators: list[torch.Generator],
+    ):  # fmt: skip
+        """Add the mode's conditioning to one micro-batch: returns (prepared, cond), e.g. with a clean first frame,
+        per-token timesteps and a loss mask, or image latents in `cond` for forward to concatenate."""
+        return prepared, cond
 
     # --- what the loop calls ------------------------------------------------------------------
     @abstractmethod
@@ -167,7 +195,9 @@ class ModelSpec(ABC):
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         params = params.to(dtype=components.vae.dtype)
-        return self.normalize_latents(components, DiagonalGaussianDistribution(params).sample(generator=generators).float())
+        return self.normalize_latents(
+            components, DiagonalGaussianDistribution(params).sample(generator=generators).float()
+        )
 
     @abstractmethod
     def forward(
@@ -196,7 +226,11 @@ class ModelSpec(ABC):
     ) -> Conditioning:
         """Text conditioning of the shapes encode_text returns, with random values (memory planner, fake tensors)."""
         return Conditioning(
-            {"encoder_hidden_states": torch.randn(batch, seq_len, config[self.text_dim_key], device=device, dtype=dtype)}
+            {
+                "encoder_hidden_states": torch.randn(
+                    batch, seq_len, config[self.text_dim_key], device=device, dtype=dtype
+                )
+            }
         )
 
     def make_objective(self, args: TrainArgs, components: Components):
@@ -230,6 +264,24 @@ class ModelSpec(ABC):
     def fp32_module_names(self, transformer: nn.Module) -> list[str]:
         """Module name patterns diffusers keeps in float32 (`_keep_in_fp32_modules`)."""
         return list(getattr(transformer, "_keep_in_fp32_modules", None) or [])
+
+
+def expand_input_channels(layer: nn.Module, old: int, new: int) -> None:
+    """Give a patch-embedding layer `new - old` more input channels with zero weights (step 0 then equals the
+    model without them). Works for Conv (weight (out, C, *k)) and for a Linear over flattened patches whose
+    columns are channel-major (weight (out, C * k), as CogVideoX 1.5's patch embedding)."""
+    w = layer.weight
+    if isinstance(layer, nn.Linear):
+        if w.shape[1] % old:
+            raise ValueError(f"cannot expand {tuple(w.shape)} from {old} channels")
+        grouped = w.data.view(w.shape[0], old, w.shape[1] // old)
+        wider = torch.cat([grouped, grouped.new_zeros(w.shape[0], new - old, grouped.shape[2])], dim=1)
+        layer.weight = nn.Parameter(wider.reshape(w.shape[0], -1), requires_grad=w.requires_grad)
+        layer.in_features = layer.weight.shape[1]
+    else:
+        wider = torch.cat([w.data, w.data.new_zeros(w.shape[0], new - old, *w.shape[2:])], dim=1)
+        layer.weight = nn.Parameter(wider, requires_grad=w.requires_grad)
+        layer.in_channels = new
 
 
 _REGISTRY: dict[str, type[ModelSpec]] = {}

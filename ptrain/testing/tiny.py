@@ -269,7 +269,11 @@ def _build_ltx_video(seed: int, variant: str):
     torch.manual_seed(seed + 2)
     transformer = LTXVideoTransformer3DModel(**LTX_TRANSFORMER_CONFIG).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(**LTX_SCHEDULER_CONFIG)
-    return LTXPipeline(
+    # i2v: the same weights (LTX-Video conditions on a clean first latent frame), saved as LTXImageToVideoPipeline
+    cls = LTXPipeline
+    if variant == "i2v":
+        from diffusers import LTXImageToVideoPipeline as cls
+    return cls(
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
@@ -351,6 +355,23 @@ COGVIDEOX_VARIANT_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
         vae=dict(scaling_factor=0.7, invert_scale_latents=True),
         scheduler=dict(snr_shift_scale=1.0),
     ),
+    # Image-to-video (CogVideoXImageToVideoPipeline): noise + image latents on channels (in_channels 32).
+    # CogVideoX-5b-I2V also has learned positional embeddings (sampling only at its sample size, 32x32 here);
+    # CogVideoX1.5-5B-I2V an `ofs` embedding as wide as the time embedding.
+    "5b-i2v": dict(
+        transformer=dict(in_channels=32, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True),
+        vae=dict(scaling_factor=0.7),
+        scheduler=dict(snr_shift_scale=1.0),
+    ),
+    "1.5-i2v": dict(
+        transformer=dict(
+            in_channels=32, patch_size_t=2, use_rotary_positional_embeddings=True,
+            use_learned_positional_embeddings=False, ofs_embed_dim=32, patch_bias=False, sample_height=32,
+            sample_width=32,
+        ),  # fmt: skip
+        vae=dict(scaling_factor=0.7, invert_scale_latents=True),
+        scheduler=dict(snr_shift_scale=1.0),
+    ),
 }
 
 
@@ -371,7 +392,10 @@ def _build_cogvideox(seed: int, variant: str):
     torch.manual_seed(seed + 2)
     transformer = CogVideoXTransformer3DModel(**{**COGVIDEOX_TRANSFORMER_CONFIG, **overrides["transformer"]}).eval()
     scheduler = CogVideoXDDIMScheduler(**{**COGVIDEOX_SCHEDULER_CONFIG, **overrides["scheduler"]})
-    return CogVideoXPipeline(
+    cls = CogVideoXPipeline
+    if variant.endswith("i2v"):
+        from diffusers import CogVideoXImageToVideoPipeline as cls
+    return cls(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
 
@@ -539,7 +563,7 @@ CHECKPOINT_BUILDERS: dict[str, Callable[[int, str], Any]] = {
 }
 # Valid variants per model; the first is the default.
 CHECKPOINT_VARIANTS: dict[str, tuple[str, ...]] = {
-    "ltx_video": ("t2v",),
+    "ltx_video": ("t2v", "i2v"),
     "cogvideox": tuple(COGVIDEOX_VARIANT_CONFIGS),
     "hunyuan_video": ("t2v",),
     "wan": ("t2v",),
