@@ -180,8 +180,6 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
             else:
                 tracker = MemTracker()
                 tracker.track_external(transformer, optimizer)
-            if ema is not None:  # created before tracking: named here or it would not be counted ("Other")
-                tracker.track_external(*ema.shadow)
             return tracker
 
         def forward_backward():
@@ -210,6 +208,13 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
                 "peak_bytes": int(per_dev["Total"]),
                 "categories": {str(getattr(k, "value", k)): int(v) for k, v in per_dev.items() if str(k) != "Total"},
             }
+    if ema is not None:
+        # The EMA shadows (local shards, as the trainable parameters) are resident for the whole run; the trackers
+        # only see tensors of modules and optimizers, so they are added to every phase here.
+        ema_bytes = sum((s.to_local() if hasattr(s, "to_local") else s).untyped_storage().nbytes() for s in ema.shadow)
+        for ph in phases.values():
+            ph["peak_bytes"] += ema_bytes
+            ph["categories"]["EMA"] = ema_bytes
     top = max(phases.values(), key=lambda ph: ph["peak_bytes"])
     tokens = spec.tokens_per_sample(tuple(latent_shape), comps) * b
     return {

@@ -120,3 +120,13 @@ def test_dry_run_plans_memory(ptrain_run, tiny_ckpt, tiny_data, tmp_path):
     assert "memory plan for 2 GPUs of 80 GB" in out
     assert re.search(r"as configured \(FSDP2: world 2 [^)]*\): 0\.\d GB per GPU fits in 80 GB", out), out
     assert "suggestion" not in out
+
+
+def test_ema_shadows_are_counted(tiny_ckpt):
+    """EMA shadows are resident all run long: the planned peak grows by exactly the fp32 trainable bytes."""
+    flags = ["--model_name", "ltx_video", "--training_type", "full-finetune", "--num_frames", "9", "--height", "32",
+             "--width", "32", "--transformer_dtype", "float32"]  # fmt: skip
+    a = simulate(flags, 1, tiny_ckpt)
+    b = simulate([*flags, "--ema_decay", "0.99"], 1, tiny_ckpt)
+    assert b["categories"]["EMA"] == 4 * b["params_trainable"]
+    assert b["peak_bytes"] - a["peak_bytes"] == b["categories"]["EMA"]
