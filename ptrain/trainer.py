@@ -151,6 +151,12 @@ def encoder_modules(comps: Components) -> list[torch.nn.Module]:
     return [m for m in mods if isinstance(m, torch.nn.Module)]
 
 
+def offload_encoders(comps: Components) -> None:
+    """Move the frozen encoders to CPU memory (they come back to the device only inside `encoders_on`)."""
+    for m in encoder_modules(comps):
+        m.to("cpu")
+
+
 @contextlib.contextmanager
 def encoders_on(comps: Components, device: torch.device, offloaded: bool):
     """With offloaded encoders: move them to `device` for the block, back to CPU memory after it."""
@@ -162,8 +168,7 @@ def encoders_on(comps: Components, device: torch.device, offloaded: bool):
     try:
         yield
     finally:
-        for m in encoder_modules(comps):
-            m.to("cpu")
+        offload_encoders(comps)
 
 
 def seed_everything(seed: int) -> None:
@@ -345,8 +350,7 @@ def train(cfg: Config) -> TrainResult:
             getattr(comps.vae, method)()
     offloaded = cfg.data.offload_encoders
     if offloaded and device.type != "cpu":
-        for module in encoder_modules(comps):
-            module.to("cpu")
+        offload_encoders(comps)
     spec.bind(comps, m.train_mode)
     spec.check_mode(m.train_mode, comps, m.training_type)  # may expand the transformer's input channels
     for shape in sorted(set(usable.buckets)):  # every training shape (one without --enable_bucket)
@@ -406,8 +410,7 @@ def train(cfg: Config) -> TrainResult:
         dataset = PrecomputedDataset(usable, folder, cfg.data.caption_dropout_p, t.seed)
         if device.type != "cpu":  # the encoders are needed again only for validation
             offloaded = True
-            for module in encoder_modules(comps):
-                module.to("cpu")
+            offload_encoders(comps)
             torch.cuda.empty_cache()
     loader, sampler = build_dataloader(
         usable, cfg.data, sampling, dp_rank, dp_size, t.batch_size, accum, t.seed, sampler_state, dataset
@@ -479,22 +482,23 @@ def train(cfg: Config) -> TrainResult:
                 replaced += int(batch["replaced"].sum())
                 transformer.set_requires_gradient_sync(micro == accum - 1)
                 gens = sample_generators(t.seed, batch["position"])
-                video = None
-                if "latent_dist" in batch:  # precomputed
-                    latents = spec.latents_from_dist(comps, batch["latent_dist"].to(device), gens)
-                    cond = Conditioning({k[5:]: v.to(device) for k, v in batch.items() if k.startswith("text.")})
-                else:
-                    video = batch["video"].to(device, non_blocking=True)
-                    with encoders_on(comps, device, offloaded):
-                        latents = spec.encode_video(comps, video, gens)
-                        cond = spec.encode_text(comps, list(batch["caption"]), max_seq)
                 strata = None
                 if t.uniform_sampling:  # sample j of the global batch draws from slice j of G
                     pos = torch.as_tensor(batch["position"])
                     strata = ((pos - state.base_position) % sampler.global_batch_size, sampler.global_batch_size)
-                prepared = objective.prepare(latents, gens, strata)
-                if m.train_mode != "normal":
-                    with encoders_on(comps, device, offloaded):
+                # One trip of offloaded encoders to the device per micro-batch: encoding and the mode's conditioning.
+                needs_encoders = "latent_dist" not in batch or m.train_mode != "normal"
+                with encoders_on(comps, device, offloaded and needs_encoders):
+                    video = None
+                    if "latent_dist" in batch:  # precomputed
+                        latents = spec.latents_from_dist(comps, batch["latent_dist"].to(device), gens)
+                        cond = Conditioning({k[5:]: v.to(device) for k, v in batch.items() if k.startswith("text.")})
+                    else:
+                        video = batch["video"].to(device, non_blocking=True)
+                        latents = spec.encode_video(comps, video, gens)
+                        cond = spec.encode_text(comps, list(batch["caption"]), max_seq)
+                    prepared = objective.prepare(latents, gens, strata)
+                    if m.train_mode != "normal":
                         prepared, cond = spec.condition(m.train_mode, comps, video, latents, prepared, cond, gens)
                 counter = FlopCounterMode(display=False) if count and micro == 0 else contextlib.nullcontext()
                 with counter:
@@ -595,8 +599,9 @@ def train(cfg: Config) -> TrainResult:
                     f"Last complete checkpoint: {good[-1][1] if good else 'none'}. Lower --lr or check the data."
                 )
             if validation_items and v_every and (step % v_every == 0 or step == t.train_steps):
-                with ema.swapped_in() if t.validate_with_ema else contextlib.nullcontext(), encoders_on(
-                    comps, device, offloaded
+                with (
+                    ema.swapped_in() if t.validate_with_ema else contextlib.nullcontext(),
+                    encoders_on(comps, device, offloaded),
                 ):
                     run_validation(spec, transformer, validation_items, cfg.validation, step, out, t.seed, metrics)
             if ckpt_every and step % ckpt_every == 0 and step < t.train_steps:
