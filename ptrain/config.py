@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag and value."""
 
 
+#: --inpaint_mask_probs keys (ptrain.models.conditioning draws them).
+MASK_TYPES = ("block", "frames", "first_frame", "full")
+
+
 @dataclass
 class ModelArgs:
     model_name: Literal["ltx_video", "cogvideox", "hunyuan_video", "wan"] = "ltx_video"
@@ -59,15 +63,39 @@ class ModelArgs:
         default_factory=lambda: ["pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$"]
     )
     """Regexes of module names kept in their dtype (diffusers' defaults: embeddings, norms, in/out projections)."""
-    train_mode: Literal["normal", "i2v"] = "normal"
-    """normal: text-to-video; i2v: image-to-video, conditioned on the clip's first frame as the model's diffusers
-    image-to-video pipeline conditions it (LTX-Video, CogVideoX so far)."""
+    train_mode: Literal["normal", "i2v", "inpaint"] = "normal"
+    """normal: text-to-video. i2v: image-to-video, conditioned on the clip's first frame as the model's diffusers
+    image-to-video pipeline conditions it. inpaint: conditioned on the clip with a random part masked out
+    (VideoX-Fun InP style: mask and masked-video latents on the input channels; LTX-Video: clean given tokens).
+    A text-to-video checkpoint gets zero-initialised extra input channels where the mode needs them."""
+    inpaint_mask_probs: str = "block=0.3,frames=0.2,first_frame=0.4,full=0.1"
+    """--train_mode inpaint: relative probabilities of the mask types, as type=weight pairs: block (a rectangle
+    generated in every frame), frames (a range of frames generated), first_frame (only the first frame given),
+    full (nothing given). Types left out are not drawn."""
     training_type: Literal["lora", "full-finetune"] = "lora"
     """LoRA adapters on a frozen base, or full fine-tuning of the transformer."""
     rank: int = 64
     """LoRA rank."""
     lora_alpha: float = 64.0
     """LoRA alpha (scaling = alpha / rank); saved with the exported weights."""
+    def mask_probs(self) -> dict[str, float]:
+        """--inpaint_mask_probs as {mask type: weight}."""
+        out = {}
+        for part in filter(None, (p.strip() for p in self.inpaint_mask_probs.split(","))):
+            key, _, value = part.partition("=")
+            try:
+                out[key.strip()] = float(value)
+            except ValueError:
+                out[key.strip()] = -1.0
+        bad = sorted(set(out) - set(MASK_TYPES))
+        if bad or any(v < 0 for v in out.values()) or sum(out.values()) <= 0:
+            raise ConfigError(
+                f"--inpaint_mask_probs {self.inpaint_mask_probs!r}: give type=weight pairs with non-negative "
+                f"weights, not all zero, for {', '.join(MASK_TYPES)} (e.g. block=0.5,first_frame=0.5)"
+                + (f"; unknown: {', '.join(bad)}" if bad else "")
+            )
+        return out
+
     trainable_modules: list[str] | None = None
     """Full fine-tune only the parameters whose names contain one of these strings ('.' = all; VideoX-Fun)."""
     trainable_modules_low_learning_rate: list[str] | None = None
@@ -276,7 +304,7 @@ class ValidationArgs:
     validation_prompt_separator: str = ":::"
     """Separator between --validation_prompts."""
     validation_images: str | None = None
-    """With --train_mode i2v: first-frame images for the validation prompts, separated like them (one image for
+    """With --train_mode i2v / inpaint: first-frame images for the validation prompts, separated like them (one image for
     all prompts, or one per prompt)."""
     validation_dataset_file: Path | None = None
     """CSV/JSON/JSONL with a `prompt` column and optional image, height, width, num_frames, num_inference_steps."""
@@ -371,6 +399,7 @@ class Config:
             raise ConfigError(
                 f"--pretrained_model_name_or_path {ckpt}: not a diffusers checkpoint (no model_index.json)"
             )
+        m.mask_probs()  # raises on a malformed --inpaint_mask_probs
         if d.data_root is None and d.dataset_file is None and d.dataset_config is None:
             raise ConfigError("give --data_root, --dataset_file or --dataset_config")
         if d.enable_precomputation and (d.reshape_mode == "random_crop" or d.random_frame_crop):

@@ -36,8 +36,17 @@ def _gather(named: list[tuple[str, torch.Tensor]], keep: bool, dtype: torch.dtyp
     return out
 
 
-def export_lora(transformer: torch.nn.Module, pipeline_cls, output_dir: Path) -> Path | None:
-    """Trainable (LoRA) weights -> output_dir/pytorch_lora_weights.safetensors with lora_alpha metadata."""
+INPUT_LAYER_FILE = "input_layer.safetensors"
+
+
+def export_lora(
+    transformer: torch.nn.Module, pipeline_cls, output_dir: Path, expanded_input: str | None = None
+) -> Path | None:
+    """Trainable (LoRA) weights -> output_dir/pytorch_lora_weights.safetensors with lora_alpha metadata.
+
+    When --train_mode widened the input layer (`expanded_input`, trained fully beside the adapters), that layer
+    goes to output_dir/input_layer.safetensors with the module name and the new in_channels in its metadata:
+    `load_expanded_transformer` puts it into the base transformer before diffusers loads the LoRA."""
     rank0 = dist.get_rank() == 0
     named = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
     gathered = _gather(named, keep=rank0, dtype=torch.float32)
@@ -46,8 +55,44 @@ def export_lora(transformer: torch.nn.Module, pipeline_cls, output_dir: Path) ->
         lora = {k.replace(f".{ADAPTER}.", "."): v for k, v in gathered.items() if "lora_" in k}
         meta = transformer.peft_config[ADAPTER].to_dict()
         pipeline_cls.save_lora_weights(output_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=meta)
+        if expanded_input:
+            from safetensors.torch import save_file
+
+            layer = {k: v for k, v in gathered.items() if k.startswith(expanded_input + ".")}
+            info = {"module": expanded_input, "in_channels": str(transformer.config.in_channels)}
+            save_file(layer, str(output_dir / INPUT_LAYER_FILE), metadata={"format": "pt", **info})
     dist.barrier()
     return output_dir / "pytorch_lora_weights.safetensors" if rank0 else None
+
+
+def load_expanded_transformer(transformer_cls, pretrained: str | Path, lora_dir: str | Path, **kwargs):
+    """The base (text-to-video) transformer with the widened input layer a LoRA run saved beside its adapters
+    (input_layer.safetensors), ready for a diffusers image-to-video pipeline's `transformer=` and then
+    `load_lora_weights(lora_dir)`. `kwargs` go to from_pretrained (e.g. torch_dtype)."""
+    from safetensors import safe_open
+
+    from ptrain.models.spec import expand_input_channels
+
+    path = Path(lora_dir) / INPUT_LAYER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no widened input layer here (the run did not expand the transformer)")
+    transformer = transformer_cls.from_pretrained(pretrained, subfolder="transformer", **kwargs)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    module, new = meta["module"], int(meta["in_channels"])
+    old = int(transformer.config.in_channels)
+    if transformer.config.get("out_channels", 0) is None:
+        transformer.register_to_config(out_channels=old)
+    layer = transformer.get_submodule(module)
+    expand_input_channels(layer, old, new)
+    transformer.register_to_config(in_channels=new)
+    for name, value in tensors.items():
+        param = layer.get_parameter(name[len(module) + 1 :])
+        if param.shape != value.shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the transformer {tuple(param.shape)}")
+        param.data.copy_(value.to(param.dtype))
+    return transformer
 
 
 def export_full(transformer: torch.nn.Module, output_dir: Path, max_shard_size: str = "10GB") -> Path | None:

@@ -92,6 +92,8 @@ def make_trainable(transformer: torch.nn.Module, cfg: Config, spec: ModelSpec) -
             )
         except ValueError as e:
             raise ConfigError(f"--target_modules {targets}: {e}") from e
+        if spec.expanded_input:  # its new input channels start at zero: they must train, beside the adapters
+            transformer.get_submodule(spec.expanded_input).requires_grad_(True)
         for p in transformer.parameters():
             if p.requires_grad:  # LoRA weights train in float32 whatever the frozen base's dtype
                 p.data = p.data.float()
@@ -303,6 +305,12 @@ def train(cfg: Config) -> TrainResult:
     layout = Layout(world, dims.dp_replicate, dims.dp_shard, dims.cp, global_batch)
     resume, resharded = find_resume(cfg, out, layout)  # before any heavy work: a changed layout fails fast
     spec = get_spec(m.model_name)
+    wants_validation = cfg.validation.validation_prompts or cfg.validation.validation_dataset_file
+    if m.train_mode == "inpaint" and wants_validation and spec.inpaint_pipeline_cls is None:
+        raise ConfigError(
+            f"--train_mode inpaint: diffusers has no pipeline that samples {spec.name}'s inpaint layout, so ptrain "
+            "cannot validate it; leave out --validation_prompts / --validation_dataset_file"
+        )
     overrides = {
         "transformer": m.transformer_id, "vae": m.vae_id, "text_encoder": m.text_encoder_id,
         "tokenizer": m.tokenizer_id, "text_encoder_2": m.text_encoder_2_id, "tokenizer_2": m.tokenizer_2_id,
@@ -351,8 +359,15 @@ def train(cfg: Config) -> TrainResult:
     offloaded = cfg.data.offload_encoders
     if offloaded and device.type != "cpu":
         offload_encoders(comps)
+    spec.inpaint_mask_probs = m.mask_probs()
     spec.bind(comps, m.train_mode)
     spec.check_mode(m.train_mode, comps, m.training_type)  # may expand the transformer's input channels
+    if spec.expanded_input and m.training_type == "lora" and c.export_comfyui:
+        raise ConfigError(
+            f"--export_comfyui: this run widens {spec.expanded_input} for --train_mode {m.train_mode}, which a "
+            "ComfyUI LoRA file cannot carry; export without it (ptrain writes input_layer.safetensors beside the "
+            "LoRA) or train from a checkpoint that has the input channels"
+        )
     for shape in sorted(set(usable.buckets)):  # every training shape (one without --enable_bucket)
         spec.check_shape(shape.frames, shape.height, shape.width, comps)
     transformer = comps.transformer
@@ -396,10 +411,10 @@ def train(cfg: Config) -> TrainResult:
 
     max_seq = cfg.data.max_sequence_length or spec.max_sequence_length(comps)
     dataset = None
-    if cfg.data.enable_precomputation and m.train_mode == "i2v" and spec.i2v_needs_pixels:
+    if cfg.data.enable_precomputation and spec.needs_pixels(m.train_mode):
         raise ConfigError(
-            f"--train_mode i2v for {spec.name} encodes a noised first frame every step: it cannot use "
-            "--enable_precomputation"
+            f"--train_mode {m.train_mode} for {spec.name} encodes conditioning frames (masked or noised) every step: "
+            "it cannot use --enable_precomputation"
         )
     if cfg.data.enable_precomputation:
         with encoders_on(comps, device, offloaded):
@@ -440,7 +455,7 @@ def train(cfg: Config) -> TrainResult:
 
     def export(target: Path) -> Path | None:
         if m.training_type == "lora":
-            path = export_lora(transformer, spec.pipeline_cls, target)
+            path = export_lora(transformer, spec.pipeline_cls, target, spec.expanded_input)
             if c.export_comfyui and path is not None:  # rank 0: a second file with ComfyUI's key names
                 export_comfyui_lora(spec, path, transformer.config)
             return path

@@ -27,7 +27,7 @@ class ValidationItem:
     width: int
     num_frames: int
     num_inference_steps: int
-    image: Path | None = None  # first frame (--train_mode i2v)
+    image: Path | None = None  # first frame (--train_mode i2v / inpaint)
 
 
 def load_validation_items(v: ValidationArgs, d: DataArgs, mode: str = "normal") -> list[ValidationItem]:
@@ -73,10 +73,10 @@ def load_validation_items(v: ValidationArgs, d: DataArgs, mode: str = "normal") 
     for it in items:
         if it.image is not None and not it.image.is_file():
             raise ConfigError(f"validation image {it.image}: no such file")
-    if mode == "i2v" and any(it.image is None for it in items):
+    if mode in ("i2v", "inpaint") and any(it.image is None for it in items):
         raise ConfigError(
-            "--train_mode i2v samples validation videos from a first frame: give --validation_images (or an image "
-            "column in --validation_dataset_file)"
+            f"--train_mode {mode} samples validation videos from a first frame: give --validation_images (or an "
+            "image column in --validation_dataset_file)"
         )
     return items
 

@@ -9,8 +9,6 @@ included) and the trainer's 1 / (1 - alpha_bar) loss weighting.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from diffusers import (
     AutoencoderKLCogVideoX,
@@ -25,10 +23,8 @@ from transformers import AutoTokenizer, T5EncoderModel
 
 from ptrain.config import ConfigError
 from ptrain.export_comfyui import Rule
-from ptrain.models.spec import Conditioning, ModelSpec, expand_input_channels, register
+from ptrain.models.spec import Conditioning, ModelSpec, register
 from ptrain.parallel.context import CPPlan
-
-log = logging.getLogger("ptrain")
 
 
 @register
@@ -53,55 +49,42 @@ class CogVideoXSpec(ModelSpec):
     )  # fmt: skip
     default_max_sequence_length = 226
     fps = 8
-    train_modes = ("normal", "i2v")
+    train_modes = ("normal", "i2v", "inpaint")
     i2v_pipeline_cls = CogVideoXImageToVideoPipeline
     i2v_needs_pixels = True
+    input_layer = "patch_embed.proj"
 
-    def check_mode(self, mode, components, training_type) -> None:
-        """i2v needs 2x the latent channels at the input (noise + image latents, CogVideoX-5b-I2V: 32). A
-        text-to-video checkpoint gets the extra channels zero-initialised (step 0 = the T2V model), which then
-        must train: full fine-tune only. A checkpoint that has them trains only i2v."""
-        super().check_mode(mode, components, training_type)
-        tr, c = components.transformer, components.vae.config.latent_channels
-        have = tr.config.in_channels
-        if have not in (c, 2 * c):
-            raise ConfigError(
-                f"transformer in_channels {have}: neither text-to-video ({c}) nor image-to-video ({2 * c})"
-            )
-        if mode == "normal" and have == 2 * c:
-            raise ConfigError(
-                f"this CogVideoX transformer is image-to-video (in_channels {have} = noise + image latents): "
-                "train it with --train_mode i2v"
-            )
-        if mode == "i2v" and have == c:
-            if training_type == "lora":
-                raise ConfigError(
-                    f"--train_mode i2v from a text-to-video CogVideoX (in_channels {c}) adds {c} zero-initialised "
-                    "input channels for the image latents, and they must train: use --training_type full-finetune, "
-                    "or train LoRA from an image-to-video checkpoint (e.g. CogVideoX-5b-I2V)"
-                )
-            expand_input_channels(tr.patch_embed.proj, c, 2 * c)
-            tr.register_to_config(in_channels=2 * c)
-            log.info("--train_mode i2v: patch_embed expanded from %d to %d input channels (new ones zero)", c, 2 * c)
+    def mode_in_channels(self, mode, components) -> int:
+        """i2v: noise + image latents (CogVideoX-5b-I2V: 32). inpaint: noise + mask + masked-video latents
+        (CogVideoX-Fun InP: 33)."""
+        c = self.latent_channels(components)
+        return {"normal": c, "i2v": 2 * c, "inpaint": 2 * c + 1}[mode]
 
     def condition(self, mode, components, video, latents, prepared, cond, generators):
         """i2v as diffusers' CogVideoX image-to-video trainer and pipeline: the first frame, with a little noise
         (sigma = exp(N(-3, 0.5)) per sample), encoded by the VAE and scaled as the pipeline does, then zero
-        latent frames after it; forward concatenates it to the noisy latents on channels. `ofs` = 2 where the
-        config has the embedding (1.5-I2V), as the pipeline passes it."""
-        if mode != "i2v":
+        latent frames after it. `ofs` = 2 where the config has the embedding (1.5-I2V), as the pipeline passes it.
+        inpaint (VideoX-Fun InP layout): the latent keep mask, then the latents of the video with its generated
+        part zeroed. forward concatenates them to the noisy latents on channels."""
+        if mode == "normal":
             return prepared, cond
         b = video.shape[0]
-        image = video[:, :, :1].float()
-        sigma = torch.exp(torch.cat([torch.normal(-3.0, 0.5, (1,), generator=g) for g in generators]))
-        noise = torch.stack([torch.randn(image.shape[1:], generator=g) for g in generators]).to(image.device)
-        image = image + noise * sigma.to(image.device).view(-1, 1, 1, 1, 1)
-        params = self.encode_latent_dist(components, image)
-        z = DiagonalGaussianDistribution(params).sample(generator=generators).float()
-        vae = components.vae
-        z = z / vae.config.scaling_factor if vae.config.get("invert_scale_latents") else z * vae.config.scaling_factor
-        pad = z.new_zeros(b, z.shape[1], latents.shape[2] - 1, *z.shape[3:])
-        tensors = dict(cond.tensors, image_latents=torch.cat([z, pad], dim=2).to(latents))
+        if mode == "inpaint":
+            keep, latent_keep = self.keep_masks(mode, components, video, latents, generators)
+            given = self.condition_latents(components, video.float() * keep)
+            extra = torch.cat([latent_keep, given], dim=1)
+        else:
+            image = video[:, :, :1].float()
+            sigma = torch.exp(torch.cat([torch.normal(-3.0, 0.5, (1,), generator=g) for g in generators]))
+            noise = torch.stack([torch.randn(image.shape[1:], generator=g) for g in generators]).to(image.device)
+            image = image + noise * sigma.to(image.device).view(-1, 1, 1, 1, 1)
+            params = self.encode_latent_dist(components, image)
+            z = DiagonalGaussianDistribution(params).sample(generator=generators).float()
+            vae = components.vae
+            scale = vae.config.scaling_factor
+            z = z / scale if vae.config.get("invert_scale_latents") else z * scale
+            extra = torch.cat([z, z.new_zeros(b, z.shape[1], latents.shape[2] - 1, *z.shape[3:])], dim=2)
+        tensors = dict(cond.tensors, concat_latents=extra.to(latents))
         if components.transformer.config.get("ofs_embed_dim"):
             tensors["ofs"] = torch.full((b,), 2.0, device=latents.device)
         return prepared, Conditioning(tensors)
@@ -144,8 +127,8 @@ class CogVideoXSpec(ModelSpec):
             s = self.pipe.vae_scale_factor_spatial
             rotary = self.pipe._prepare_rotary_positional_embeddings(h * s, w * s, f, noisy_latents.device)
         x = noisy_latents
-        if "image_latents" in cond.tensors:  # i2v: noise and image latents on channels, as the I2V pipeline
-            x = torch.cat([x, cond.tensors["image_latents"].to(x.dtype)], dim=1)
+        if "concat_latents" in cond.tensors:  # i2v / inpaint: conditioning on channels after the noisy latents
+            x = torch.cat([x, cond.tensors["concat_latents"].to(x.dtype)], dim=1)
         out = transformer(
             hidden_states=x.permute(0, 2, 1, 3, 4),
             encoder_hidden_states=cond.tensors["encoder_hidden_states"],

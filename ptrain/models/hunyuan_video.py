@@ -6,6 +6,9 @@ VAE scaling factor, the guidance embedding gets 1000 x TRAIN_GUIDANCE as at
 inference with guidance 1, and the objective is flow matching with the
 scheduler's shift (7.0 for the released model) unless --flow_shift is given.
 Double-stream and single-stream blocks are sharded / checkpointed per block.
+
+--train_mode inpaint uses the input layout of HunyuanVideo-I2V's `latent_concat` (HunyuanVideoImageToVideoPipeline):
+noisy latents, conditioning latents, then a 1-channel keep mask (16 + 16 + 1 = 33 channels).
 """
 
 from __future__ import annotations
@@ -56,6 +59,30 @@ class HunyuanVideoSpec(ModelSpec):
     default_max_sequence_length = 256
     block_count_keys = ("num_layers", "num_single_layers")
     fps = 24
+    train_modes = ("normal", "inpaint")
+    input_layer = "x_embedder.proj"
+
+    def mode_in_channels(self, mode, components) -> int:
+        c = self.latent_channels(components)
+        return c if mode == "normal" else 2 * c + 1
+
+    def check_mode(self, mode, components, training_type) -> None:
+        kind = components.transformer.config.get("image_condition_type")
+        if kind == "token_replace":
+            raise ConfigError(
+                "this HunyuanVideo transformer is image-to-video with image_condition_type token_replace, which "
+                "ptrain does not train yet (latent_concat checkpoints train with --train_mode inpaint)"
+            )
+        super().check_mode(mode, components, training_type)
+
+    def condition(self, mode, components, video, latents, prepared, cond, generators):
+        """inpaint: [noisy latents, latents of the video with the generated pixels zeroed, keep mask] on
+        channels, in the order of the I2V pipeline's latent_concat input."""
+        if mode == "normal":
+            return prepared, cond
+        keep, latent_keep = self.keep_masks(mode, components, video, latents, generators)
+        given = self.condition_latents(components, video.float() * keep).to(latents)
+        return prepared, Conditioning(dict(cond.tensors, concat_latents=torch.cat([given, latent_keep], dim=1)))
 
     def check_shape(self, num_frames, height, width, components) -> None:
         t = components.vae.temporal_compression_ratio
@@ -88,8 +115,11 @@ class HunyuanVideoSpec(ModelSpec):
 
     def forward(self, transformer: nn.Module, noisy_latents, timesteps, cond) -> torch.Tensor:
         guidance = torch.full((noisy_latents.shape[0],), TRAIN_GUIDANCE * 1000.0, device=noisy_latents.device)
+        x = noisy_latents
+        if "concat_latents" in cond.tensors:  # inpaint: conditioning on channels after the noisy latents
+            x = torch.cat([x, cond.tensors["concat_latents"].to(x.dtype)], dim=1)
         return transformer(
-            hidden_states=noisy_latents,
+            hidden_states=x,
             timestep=timesteps,
             encoder_hidden_states=cond.tensors["encoder_hidden_states"],
             encoder_attention_mask=cond.tensors["encoder_attention_mask"],

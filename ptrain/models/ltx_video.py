@@ -52,22 +52,34 @@ class LTXVideoSpec(ModelSpec):
     #: LTXPipeline's default frame rate; sets the temporal RoPE interpolation scale.
     frame_rate = 25
     fps = 25
-    train_modes = ("normal", "i2v")
+    train_modes = ("normal", "i2v", "inpaint")
     i2v_pipeline_cls = LTXImageToVideoPipeline
+    #: LTX conditions by clean tokens, not by channels: an inpaint model samples from a first frame with the
+    #: image-to-video pipeline.
+    inpaint_pipeline_cls = LTXImageToVideoPipeline
+    input_layer = "proj_in"
 
     def condition(self, mode, components, video, latents, prepared, cond, generators):
-        """i2v as LTXImageToVideoPipeline samples: the first latent frame is clean (the clip's own first frame),
-        its tokens get timestep 0 (per-token timesteps t * (1 - mask)), and the loss leaves them out."""
-        if mode != "i2v":
+        """LTX-Video's own conditioning (LTXImageToVideoPipeline, LTXConditionPipeline): given latent cells are
+        clean, their tokens get timestep 0 (per-token timesteps t * (1 - mask)), and the loss leaves them out.
+        i2v gives the first latent frame (the clip's own). inpaint gives the cells a random keep mask covers
+        entirely, from the latents of the video with its generated part zeroed (what the pipeline would encode);
+        no input channels are added, so the model keeps working in LTX's pipelines."""
+        if mode == "normal":
             return prepared, cond
         b, _, f, h, w = latents.shape
-        first = torch.zeros(b, 1, f, h, w, device=latents.device, dtype=latents.dtype)
-        first[:, :, 0] = 1.0
-        noisy = prepared.noisy * (1 - first) + latents * first
+        if mode == "i2v":
+            keep = torch.zeros(b, 1, f, h, w, device=latents.device, dtype=latents.dtype)
+            keep[:, :, 0] = 1.0
+            given = latents
+        else:
+            pixels, keep = self.keep_masks(mode, components, video, latents, generators)
+            given = self.condition_latents(components, video.float() * pixels).to(latents)
+        noisy = prepared.noisy * (1 - keep) + given * keep
         cfg = components.transformer.config
-        token_mask = LTXPipeline._pack_latents(first, cfg.patch_size, cfg.patch_size_t).squeeze(-1)  # (B, N)
-        timesteps = prepared.timesteps.view(b, 1).to(token_mask) * (1 - token_mask)
-        return replace(prepared, noisy=noisy, timesteps=timesteps, loss_mask=1 - first), cond
+        token_keep = LTXPipeline._pack_latents(keep, cfg.patch_size, cfg.patch_size_t).squeeze(-1)  # (B, N)
+        timesteps = prepared.timesteps.view(b, 1).to(token_keep) * (1 - token_keep)
+        return replace(prepared, noisy=noisy, timesteps=timesteps, loss_mask=1 - keep), cond
 
     def check_shape(self, num_frames, height, width, components) -> None:
         vae = components.vae

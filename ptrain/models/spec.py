@@ -11,6 +11,8 @@ and to export / reload LoRA weights.
 
 from __future__ import annotations
 
+import inspect
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptrain.config import ConfigError, TrainArgs
+from ptrain.config import ConfigError, ModelArgs, TrainArgs
 from ptrain.parallel.context import CPPlan
+
+log = logging.getLogger("ptrain")
 
 #: Components that hold weights in a dtype chosen by a `--<name>_dtype` flag.
 DTYPE_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
@@ -69,6 +73,8 @@ class ModelSpec(ABC):
     transformer_cls: type
     #: component name -> class whose from_pretrained loads it (tokenizers: AutoTokenizer).
     component_classes: dict[str, type]
+    #: Components loaded when the checkpoint has their subfolder (e.g. Wan 2.1 I2V's CLIP image encoder).
+    optional_components: dict[str, type] = {}
     #: LoRA targets when --target_modules is not given.
     default_target_modules: list[str]
     #: Attribute names of the nn.ModuleLists holding the repeated transformer blocks.
@@ -82,26 +88,38 @@ class ModelSpec(ABC):
     block_count_keys: tuple[str, ...] = ("num_layers",)
     #: Frame rate of exported validation videos.
     fps: int = 16
-    #: --train_mode values this family trains (ptrain.models.<family>.condition implements them).
+    #: --train_mode values this family trains (see condition()).
     train_modes: tuple[str, ...] = ("normal",)
     #: The diffusers pipeline that samples image-to-video (validation with --train_mode i2v).
     i2v_pipeline_cls: type | None = None
+    #: The pipeline that samples from the inpaint layout given a first frame (validation with --train_mode
+    #: inpaint); None where diffusers has none for this family's inpaint layout.
+    inpaint_pipeline_cls: type | None = None
     #: --train_mode i2v needs the decoded first frame (not only the latents): no --enable_precomputation.
     i2v_needs_pixels: bool = False
+    #: Module path of the transformer's input (patch embedding) layer: expanded when a mode needs more channels.
+    input_layer: str = ""
 
     def __init__(self) -> None:
         self.pipe = None
+        #: Set by check_mode when it widened the input layer of a text-to-video checkpoint (LoRA trains it too).
+        self.expanded_input: str | None = None
+        #: --inpaint_mask_probs (the trainer sets the run's).
+        self.inpaint_mask_probs: dict[str, float] = ModelArgs().mask_probs()
 
     # --- loading -------------------------------------------------------------------------------
     def load_components(
         self, path: str, dtypes: dict[str, torch.dtype], device: torch.device, overrides: dict[str, str | None]
     ) -> Components:
         loaded = {}
-        for name, cls in self.component_classes.items():
+        present = {n: c for n, c in self.optional_components.items() if (Path(path) / n).is_dir()}
+        for name, cls in {**self.component_classes, **present}.items():
             src, sub = component_source(path, overrides.get(name), name)
             kwargs: dict[str, Any] = {"subfolder": sub} if sub else {}
             if name in DTYPE_COMPONENTS:
                 kwargs["dtype"] = dtypes[name]
+            elif name == "image_encoder":
+                kwargs["dtype"] = dtypes["text_encoder"]
             try:
                 loaded[name] = cls.from_pretrained(src, **kwargs)
             except (OSError, ValueError) as e:
@@ -143,30 +161,98 @@ class ModelSpec(ABC):
 
     def bind(self, components: Components, mode: str = "normal") -> None:
         """Build the model's diffusers pipeline around the components (used to encode text and to validate;
-        with --train_mode i2v the image-to-video one samples validation videos)."""
-        self.pipe = self.pipeline_cls(**components.as_pipeline_kwargs())
-        self.pipe.set_progress_bar_config(disable=True)
+        with --train_mode i2v / inpaint the image-to-video one samples validation videos)."""
+        self.pipe = self.make_pipeline(self.pipeline_cls, components)
         self.sampling_pipe = self.pipe
-        if mode == "i2v" and self.i2v_pipeline_cls is not None:
-            self.sampling_pipe = self.i2v_pipeline_cls(**components.as_pipeline_kwargs())
-            self.sampling_pipe.set_progress_bar_config(disable=True)
+        sampler = {"i2v": self.i2v_pipeline_cls, "inpaint": self.inpaint_pipeline_cls}.get(mode)
+        if sampler is not None:
+            self.sampling_pipe = self.make_pipeline(sampler, components)
+
+    @staticmethod
+    def make_pipeline(cls: type, components: Components):
+        """`cls` built from the components it takes (e.g. WanPipeline leaves out the I2V image encoder)."""
+        accepted = set(inspect.signature(cls.__init__).parameters)
+        pipe = cls(**{k: v for k, v in components.as_pipeline_kwargs().items() if k in accepted})
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     # --- training modes (--train_mode) --------------------------------------------------------------
+    def latent_channels(self, components: Components) -> int:
+        cfg = components.vae.config
+        return int(cfg.get("latent_channels") or cfg["z_dim"])
+
+    def temporal_ratio(self, components: Components) -> int:
+        """Pixel frames per latent frame (after the first) of the causal video VAE."""
+        vae = components.vae
+        return int(vae.config.get("temporal_compression_ratio") or vae.temporal_compression_ratio)
+
+    def mode_in_channels(self, mode: str, components: Components) -> int:
+        """Transformer input channels `mode` needs (noise latents plus what condition() concatenates)."""
+        return self.latent_channels(components)
+
+    def needs_pixels(self, mode: str) -> bool:
+        """Whether `mode` conditions on decoded frames every step (then no --enable_precomputation)."""
+        return mode == "inpaint" or (mode == "i2v" and self.i2v_needs_pixels)
+
     def check_mode(self, mode: str, components: Components, training_type: str) -> None:
-        """Prepare the transformer for `mode` (e.g. expand its input channels) or raise ConfigError saying why
-        the checkpoint cannot train it."""
+        """Prepare the transformer for `mode` or raise ConfigError saying why the checkpoint cannot train it.
+
+        A text-to-video checkpoint whose input is narrower than the mode needs gets the extra input channels
+        with zero weights (step 0 equals the text-to-video model) and the new `in_channels` in its config; with
+        LoRA the widened input layer trains fully beside the adapters and is exported with them. A checkpoint
+        already built for another layout is refused with the mode it suits."""
         if mode not in self.train_modes:
             raise ConfigError(
                 f"--train_mode {mode}: not implemented for {self.name} yet (it trains {', '.join(self.train_modes)})"
             )
+        tr = components.transformer
+        c, have = self.latent_channels(components), int(tr.config.in_channels)
+        need = self.mode_in_channels(mode, components)
+        if have == need:
+            return
+        suits = [m for m in self.train_modes if self.mode_in_channels(m, components) == have]
+        if have != c or need < have:
+            hint = f"train it with --train_mode {' or '.join(suits)}" if suits else "no --train_mode uses that layout"
+            raise ConfigError(
+                f"this {self.name} transformer takes {have} input channels (latents {c} + conditioning "
+                f"{have - c}); --train_mode {mode} needs {need}: {hint}"
+            )
+        if tr.config.get("out_channels", 0) is None:  # the output width followed in_channels: pin it
+            tr.register_to_config(out_channels=have)
+        expand_input_channels(tr.get_submodule(self.input_layer), have, need)
+        tr.register_to_config(in_channels=need)
+        self.expanded_input = self.input_layer
+        log.info(
+            "--train_mode %s: %s expanded from %d to %d input channels (new ones zero; step 0 = the text-to-video "
+            "model)%s", mode, self.input_layer, have, need,
+            "; LoRA trains this layer fully beside the adapters" if training_type == "lora" else "",
+        )  # fmt: skip
 
     def condition(
         self, mode: str, components: Components, video: torch.Tensor | None, latents: torch.Tensor, prepared,
         cond: Conditioning, generators: list[torch.Generator],
     ):  # fmt: skip
         """Add the mode's conditioning to one micro-batch: returns (prepared, cond), e.g. with a clean first frame,
-        per-token timesteps and a loss mask, or image latents in `cond` for forward to concatenate."""
+        per-token timesteps and a loss mask, or conditioning latents in `cond` for forward to concatenate."""
         return prepared, cond
+
+    def condition_latents(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised latents of conditioning pixels (e.g. the video with its generated part zeroed): the mode of
+        the VAE posterior, as the diffusers image-to-video pipelines encode their conditions."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        params = self.encode_latent_dist(components, pixels)
+        return self.normalize_latents(components, DiagonalGaussianDistribution(params).mode().float())
+
+    def keep_masks(self, mode: str, components: Components, video: torch.Tensor, latents: torch.Tensor,
+                   generators: list[torch.Generator], packed: bool = False):  # fmt: skip
+        """(pixel keep mask (B, 1, F, H, W), latent keep mask (B, 1 or temporal ratio, F', h, w)) for one batch."""
+        from ptrain.models.conditioning import latent_keep_mask, sample_keep_mask
+
+        keep, _ = sample_keep_mask(mode, self.inpaint_mask_probs, tuple(video.shape), generators)
+        keep = keep.to(video.device)
+        t = self.temporal_ratio(components)
+        return keep, latent_keep_mask(keep, tuple(latents.shape), t, packed).to(latents)
 
     # --- what the loop calls ------------------------------------------------------------------
     @abstractmethod

@@ -1,18 +1,29 @@
-"""Wan 2.1 text-to-video: WanTransformer3DModel + AutoencoderKLWan + UMT5, flow matching.
+"""Wan 2.1: WanTransformer3DModel + AutoencoderKLWan + UMT5 (+ CLIP vision for I2V), flow matching.
 
 Latents are normalised with the VAE's latents_mean / latents_std exactly as
 WanPipeline undoes it; text goes through the pipeline's encode_prompt (zero-padded
 UMT5 states). The default flow shift is the scheduler's `flow_shift` (3.0 for
 the released 1.3B / 14B T2V configs). Modules diffusers keeps in float32
 (`_keep_in_fp32_modules`) keep a float32 compute dtype under FSDP2.
+
+Image-to-video and inpaint use WanImageToVideoPipeline's layout: noisy latents, a 4-channel keep mask (the
+pixel frames behind each latent frame) and the latents of the conditioning video, 16 + 4 + 16 = 36 input
+channels; a transformer with `image_dim` (Wan 2.1 I2V) also gets the CLIP image embeddings of the first frame.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+import numpy as np
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 from torch import nn
-from transformers import AutoTokenizer, UMT5EncoderModel
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
 from ptrain.config import ConfigError
 from ptrain.export_comfyui import Rule
@@ -32,6 +43,7 @@ class WanSpec(ModelSpec):
         "tokenizer": AutoTokenizer,
         "scheduler": UniPCMultistepScheduler,
     }
+    optional_components = {"image_encoder": CLIPVisionModel, "image_processor": CLIPImageProcessor}
     default_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
     block_attrs = ("blocks",)
     text_dim_key = "text_dim"
@@ -42,6 +54,43 @@ class WanSpec(ModelSpec):
         attention=("blocks.*.attn1",),
     )  # fmt: skip
     default_max_sequence_length = 512
+    train_modes = ("normal", "i2v", "inpaint")
+    i2v_pipeline_cls = WanImageToVideoPipeline
+    inpaint_pipeline_cls = WanImageToVideoPipeline
+    i2v_needs_pixels = True
+    input_layer = "patch_embedding"
+
+    def temporal_ratio(self, components) -> int:
+        return 2 ** sum(components.vae.config.temperal_downsample)
+
+    def mode_in_channels(self, mode, components) -> int:
+        c = self.latent_channels(components)
+        return c if mode == "normal" else 2 * c + self.temporal_ratio(components)
+
+    def check_mode(self, mode, components, training_type) -> None:
+        super().check_mode(mode, components, training_type)
+        image_dim = components.transformer.config.get("image_dim")
+        if mode != "normal" and image_dim and "image_encoder" not in components.extra:
+            raise ConfigError(
+                f"this Wan transformer takes CLIP image embeddings (image_dim={image_dim}) but the checkpoint has "
+                "no image_encoder/ and image_processor/ folders (a Wan 2.1 I2V checkpoint has them)"
+            )
+
+    def condition(self, mode, components, video, latents, prepared, cond, generators):
+        """i2v / inpaint as WanImageToVideoPipeline prepares its input: the keep mask packed 4 pixel frames per
+        latent frame, and the latents (posterior mode, normalised) of the video with the generated pixels zeroed
+        (i2v: the first frame, then zeros). With `image_dim`, CLIP embeddings of the given first-frame pixels."""
+        if mode == "normal":
+            return prepared, cond
+        keep, latent_keep = self.keep_masks(mode, components, video, latents, generators, packed=True)
+        pixels = video.float() * keep
+        given = self.condition_latents(components, pixels)
+        tensors = dict(cond.tensors, concat_latents=torch.cat([latent_keep, given.to(latents)], dim=1))
+        if components.transformer.config.get("image_dim"):
+            first = ((pixels[:, :, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+            images = list(first.cpu().numpy().astype(np.uint8))
+            tensors["encoder_hidden_states_image"] = self.sampling_pipe.encode_image(images, latents.device)
+        return prepared, Conditioning(tensors)
 
     def check_shape(self, num_frames, height, width, components) -> None:
         t = 2 ** sum(components.vae.config.temperal_downsample)
@@ -68,10 +117,14 @@ class WanSpec(ModelSpec):
         return (latents - mean) / std
 
     def forward(self, transformer: nn.Module, noisy_latents, timesteps, cond) -> torch.Tensor:
+        x = noisy_latents
+        if "concat_latents" in cond.tensors:  # i2v / inpaint: [noisy, mask, condition latents] on channels
+            x = torch.cat([x, cond.tensors["concat_latents"].to(x.dtype)], dim=1)
         return transformer(
-            hidden_states=noisy_latents,
+            hidden_states=x,
             timestep=timesteps,
             encoder_hidden_states=cond.tensors["encoder_hidden_states"],
+            encoder_hidden_states_image=cond.tensors.get("encoder_hidden_states_image"),
             return_dict=False,
         )[0]
 

@@ -7,7 +7,7 @@ This module owns the offline fixtures every test and smoke run uses:
   folder layout of the real checkpoint (model_index.json, transformer/, vae/,
   text_encoder/, tokenizer/, scheduler/, ...), so loading code is exercised
   unchanged. Families (`CHECKPOINT_VARIANTS`; the first variant is the default):
-  ltx_video (t2v), cogvideox (2b, 5b, 1.5), hunyuan_video (t2v), wan (t2v).
+  ltx_video (t2v, i2v), cogvideox (2b, 5b, 1.5, 5b-i2v, 1.5-i2v), hunyuan_video (t2v), wan (t2v, i2v).
   Tokenizers (T5, Llama, CLIP) are built locally from small word lists;
   nothing is downloaded.
 * `write_synthetic_videos` writes H.264 mp4 files of moving coloured shapes in
@@ -522,6 +522,9 @@ WAN_TRANSFORMER_CONFIG: dict[str, Any] = dict(
     rope_max_seq_len=1024,
 )
 
+#: Width of the tiny I2V variant's CLIP vision tower (the transformer's image_dim; 1280 in Wan 2.1 I2V).
+WAN_CLIP_DIM = 32
+
 WAN_VAE_CONFIG: dict[str, Any] = dict(
     base_dim=8,
     z_dim=16,
@@ -539,7 +542,13 @@ WAN_SCHEDULER_CONFIG: dict[str, Any] = dict(
 
 
 def _build_wan(seed: int, variant: str):
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanImageToVideoPipeline,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
 
     tokenizer = build_tokenizer(model_max_length=WAN_TEXT_LEN)
     torch.manual_seed(seed)
@@ -547,11 +556,27 @@ def _build_wan(seed: int, variant: str):
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLWan(**WAN_VAE_CONFIG).eval()
     torch.manual_seed(seed + 2)
-    transformer = WanTransformer3DModel(**WAN_TRANSFORMER_CONFIG).eval()
     scheduler = UniPCMultistepScheduler(**WAN_SCHEDULER_CONFIG)
-    return WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
-    )
+    parts = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler)
+    if variant == "i2v":
+        # Wan 2.1 I2V: 36 input channels (noise 16 + mask 4 + condition latents 16), CLIP vision embeddings
+        # (penultimate hidden states, image_dim) through added key/value projections in cross-attention.
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+        inner = WAN_TRANSFORMER_CONFIG["num_attention_heads"] * WAN_TRANSFORMER_CONFIG["attention_head_dim"]
+        config = dict(WAN_TRANSFORMER_CONFIG, in_channels=36, image_dim=WAN_CLIP_DIM, added_kv_proj_dim=inner)
+        transformer = WanTransformer3DModel(**config).eval()
+        torch.manual_seed(seed + 3)
+        image_encoder = CLIPVisionModel(
+            CLIPVisionConfig(hidden_size=WAN_CLIP_DIM, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, image_size=32, patch_size=8)  # fmt: skip
+        ).eval()
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        return WanImageToVideoPipeline(
+            transformer=transformer, image_encoder=image_encoder, image_processor=processor, **parts
+        )
+    transformer = WanTransformer3DModel(**WAN_TRANSFORMER_CONFIG).eval()
+    return WanPipeline(transformer=transformer, **parts)
 
 
 # builder(seed, variant) -> pipeline
@@ -566,7 +591,7 @@ CHECKPOINT_VARIANTS: dict[str, tuple[str, ...]] = {
     "ltx_video": ("t2v", "i2v"),
     "cogvideox": tuple(COGVIDEOX_VARIANT_CONFIGS),
     "hunyuan_video": ("t2v",),
-    "wan": ("t2v",),
+    "wan": ("t2v", "i2v"),
 }
 
 
