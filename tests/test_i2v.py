@@ -57,8 +57,6 @@ def test_cogvideox_expansion_step0_equals_t2v_and_mode_errors():
     spec = get_spec("cogvideox")
     comps = _components(pipe)
     t2v = build_tiny_pipeline("cogvideox", seed=0, variant="2b").transformer
-    with pytest.raises(ConfigError, match="use --training_type full-finetune"):
-        spec.check_mode("i2v", comps, "lora")
     spec.bind(comps, "i2v")
     spec.check_mode("i2v", comps, "full-finetune")
     assert comps.transformer.config.in_channels == 32 and comps.transformer.patch_embed.proj.weight.shape[1] == 32
@@ -67,17 +65,19 @@ def test_cogvideox_expansion_step0_equals_t2v_and_mode_errors():
     video = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
     gens = sample_generators(0, [0])
     _, cond_i2v = spec.condition("i2v", comps, video, noisy, None, cond, gens)
-    assert cond_i2v.tensors["image_latents"].shape == noisy.shape
-    assert cond_i2v.tensors["image_latents"][:, :, 1:].abs().max() == 0  # zero latent frames after the image
+    assert cond_i2v.tensors["concat_latents"].shape == noisy.shape
+    assert cond_i2v.tensors["concat_latents"][:, :, 1:].abs().max() == 0  # zero latent frames after the image
     t = torch.tensor([500])
     with torch.no_grad():
         expanded = spec.forward(comps.transformer, noisy, t, cond_i2v)
         plain = spec.forward(t2v, noisy, t, cond)
     torch.testing.assert_close(expanded, plain)  # the new channels start at zero: step 0 is the T2V model
-    with pytest.raises(ConfigError, match="image-to-video .* train it with --train_mode i2v"):
+    with pytest.raises(ConfigError, match=r"takes 32 input channels .* train it with --train_mode i2v"):
         spec.check_mode("normal", comps, "lora")
-    with pytest.raises(ConfigError, match="--train_mode i2v: not implemented for wan"):
-        get_spec("wan").check_mode("i2v", None, "lora")
+    with pytest.raises(ConfigError, match=r"--train_mode inpaint needs 33: train it with --train_mode i2v"):
+        spec.check_mode("inpaint", comps, "lora")
+    with pytest.raises(ConfigError, match="--train_mode i2v: not implemented for hunyuan_video"):
+        get_spec("hunyuan_video").check_mode("i2v", None, "lora")
 
 
 def test_ltx_i2v_lora_parity_and_pipeline(tiny_data, first_frame, tmp_path):

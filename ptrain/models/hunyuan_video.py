@@ -67,8 +67,9 @@ class HunyuanVideoSpec(ModelSpec):
         return c if mode == "normal" else 2 * c + 1
 
     def check_mode(self, mode, components, training_type) -> None:
-        kind = components.transformer.config.get("image_condition_type")
-        if kind == "token_replace":
+        if mode not in self.train_modes:
+            return super().check_mode(mode, components, training_type)  # names the modes it trains
+        if components.transformer.config.get("image_condition_type") == "token_replace":
             raise ConfigError(
                 "this HunyuanVideo transformer is image-to-video with image_condition_type token_replace, which "
                 "ptrain does not train yet (latent_concat checkpoints train with --train_mode inpaint)"

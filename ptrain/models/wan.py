@@ -89,7 +89,8 @@ class WanSpec(ModelSpec):
         if components.transformer.config.get("image_dim"):
             first = ((pixels[:, :, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
             images = list(first.cpu().numpy().astype(np.uint8))
-            tensors["encoder_hidden_states_image"] = self.sampling_pipe.encode_image(images, latents.device)
+            with torch.no_grad():
+                tensors["encoder_hidden_states_image"] = self.sampling_pipe.encode_image(images, latents.device)
         return prepared, Conditioning(tensors)
 
     def check_shape(self, num_frames, height, width, components) -> None:
