@@ -411,6 +411,11 @@ def train(cfg: Config) -> TrainResult:
 
     max_seq = cfg.data.max_sequence_length or spec.max_sequence_length(comps)
     dataset = None
+    if cfg.data.enable_precomputation and m.train_mode != "normal" and any(r.first_frame for r in usable.records):
+        raise ConfigError(
+            f"--train_mode {m.train_mode} with first-frame images in the dataset (an image column beside the video "
+            "column) conditions on those images every step: it cannot use --enable_precomputation"
+        )
     if cfg.data.enable_precomputation and spec.needs_pixels(m.train_mode):
         raise ConfigError(
             f"--train_mode {m.train_mode} for {spec.name} encodes conditioning frames (masked or noised) every step: "
@@ -514,6 +519,9 @@ def train(cfg: Config) -> TrainResult:
                         cond = spec.encode_text(comps, list(batch["caption"]), max_seq)
                     prepared = objective.prepare(latents, gens, strata)
                     if m.train_mode != "normal":
+                        if "first_frame" in batch:  # the dataset's first-frame images condition, the clip trains
+                            video = video.clone()
+                            video[:, :, 0] = batch["first_frame"].to(video)
                         prepared, cond = spec.condition(m.train_mode, comps, video, latents, prepared, cond, gens)
                 counter = FlopCounterMode(display=False) if count and micro == 0 else contextlib.nullcontext()
                 with counter:

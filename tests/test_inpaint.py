@@ -207,3 +207,40 @@ def test_inpaint_errors(tiny_ckpts, tiny_data, tmp_path):
     for extra, message in cases:
         run = run_ptrain(1, _args(ckpt, tiny_data, "cogvideox", "inpaint", *extra), tmp_path / "err")
         assert run.returncode != 0 and message in run.stderr, (extra, first_error(run.stderr))
+
+
+def test_first_frame_images_from_the_dataset(tiny_data, tiny_ckpt, tmp_path):
+    """A row's image beside its video is the first frame i2v conditions on; a missing one is a named skip; the
+    run trains with them, and refuses precomputation (which would drop them)."""
+    import csv
+
+    from ptrain.config import DataArgs
+    from ptrain.data import VideoDataset, scan_dataset
+    from ptrain.data.video import FrameSampling
+
+    rows = list(csv.DictReader((tiny_data / "metadata.csv").open()))
+    Image.fromarray(np.full((40, 40, 3), 255, np.uint8)).save(tiny_data / "white.png")
+    table = tmp_path / "table.csv"
+    with table.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["caption", "video", "image"])
+        for i, r in enumerate(rows):
+            w.writerow([r["caption"], r["video"], "white.png" if i % 2 == 0 else ("gone.png" if i == 1 else "")])
+    args = DataArgs(dataset_file=table, data_root=tiny_data, height=32, width=32, num_frames=9)
+    sampling = FrameSampling.from_args(args)
+    usable = scan_dataset(args, sampling)
+    assert len(usable.records) == len(rows) - 1 and any("gone.png" in why for why in usable.skipped.values())
+    ds = VideoDataset(usable.records, args, sampling, seed=0)
+    with_image = next(i for i, r in enumerate(usable.records) if r.first_frame is not None)
+    without = next(i for i, r in enumerate(usable.records) if r.first_frame is None)
+    torch.testing.assert_close(ds[with_image, 0]["first_frame"], torch.ones(3, 32, 32))  # white, bucket size
+    item = ds[without, 0]
+    assert torch.equal(item["first_frame"], item["video"][:, 0])  # the clip's own first frame
+
+    base = ["--model_name", "ltx_video", "--pretrained_model_name_or_path", str(tiny_ckpt), "--dataset_file",
+            str(table), "--data_root", str(tiny_data), "--train_steps", "2", "--train_mode", "i2v",
+            "--checkpointing_steps", "0", *TINY_ARGS]  # fmt: skip
+    run = run_ptrain(1, base, tmp_path / "run")
+    assert run.returncode == 0 and len(run.losses) == 2 and all(np.isfinite(run.losses)), first_error(run.stderr)
+    run = run_ptrain(1, [*base, "--enable_precomputation"], tmp_path / "pre")
+    assert run.returncode != 0 and "first-frame images in the dataset" in run.stderr

@@ -127,6 +127,8 @@ class VideoDataset(Dataset):
         self.records, self.args, self.sampling, self.seed = records, args, sampling, seed
         default = Bucket(sampling.num_frames, args.height, args.width)
         self.buckets = buckets or [default] * len(records)
+        #: Some rows give a first-frame image: every item then carries `first_frame` (the clip's own otherwise).
+        self.first_frames = any(r.first_frame is not None for r in records)
         self._same: dict[Bucket, list[int]] = {}
         for i, b in enumerate(self.buckets):
             self._same.setdefault(b, []).append(i)
@@ -155,6 +157,12 @@ class VideoDataset(Dataset):
             rng = np.random.default_rng([self.seed, position, 0xDA7A])
             try:
                 video = self._load(index, rng)
+                first = self.records[index].first_frame
+                if first is not None:
+                    b = self.buckets[index]
+                    first_frame = load_image(first, b.height, b.width, a.reshape_mode, rng)[:, 0]
+                elif self.first_frames:
+                    first_frame = video[:, 0].clone()
                 break
             except Exception as e:  # decord / PIL raise their own types; the file is named in the log
                 errors.append(f"{self.records[index].video}: {type(e).__name__}: {e}")
@@ -170,7 +178,10 @@ class VideoDataset(Dataset):
         caption = self.caption_of(index)
         if a.caption_dropout_p and rng.random() < a.caption_dropout_p:
             caption = ""
-        return {"video": video, "caption": caption, "position": position, "index": index, "replaced": replaced}
+        item = {"video": video, "caption": caption, "position": position, "index": index, "replaced": replaced}
+        if self.first_frames:
+            item["first_frame"] = first_frame
+        return item
 
 
 def scan_dataset(args: DataArgs, sampling: FrameSampling, rules: ShapeRules | None = None) -> Usable:

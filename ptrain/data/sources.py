@@ -48,6 +48,9 @@ class Record:
     kind: str = "video"
     error: str | None = None  # known bad before decoding (reported and skipped by the scan)
     dataset: int = 0  # index in --dataset_config (0 otherwise)
+    #: A row's image beside its video: the first frame --train_mode i2v / inpaint conditions on (default: the
+    #: clip's own first frame).
+    first_frame: Path | None = None
 
     @property
     def path(self) -> Path:
@@ -155,7 +158,12 @@ def _table(path: Path, root: Path, args: DataArgs) -> list[Record]:
         declared = str(row.get("type") or "").strip().lower()  # VideoX-Fun: video | image
         if video:
             kind = declared if declared in ("video", "image") else None
-            records.append(_record(caption.strip(), root / video, kind))
+            rec = _record(caption.strip(), root / video, kind)
+            if image:  # an image beside the video: its first frame for i2v / inpaint
+                first = root / image
+                missing = None if first.is_file() else f"first-frame image {first} not found"
+                rec = dataclasses.replace(rec, first_frame=first, error=rec.error or missing)
+            records.append(rec)
         elif image:
             records.append(_record(caption.strip(), root / image, "image"))
     return records

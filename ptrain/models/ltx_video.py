@@ -62,7 +62,7 @@ class LTXVideoSpec(ModelSpec):
     def condition(self, mode, components, video, latents, prepared, cond, generators):
         """LTX-Video's own conditioning (LTXImageToVideoPipeline, LTXConditionPipeline): given latent cells are
         clean, their tokens get timestep 0 (per-token timesteps t * (1 - mask)), and the loss leaves them out.
-        i2v gives the first latent frame (the clip's own). inpaint gives the cells a random keep mask covers
+        i2v gives the first latent frame (of the first frame encoded alone). inpaint gives the cells a random keep mask covers
         entirely, from the latents of the video with its generated part zeroed (what the pipeline would encode);
         no input channels are added, so the model keeps working in LTX's pipelines."""
         if mode == "normal":
@@ -71,7 +71,10 @@ class LTXVideoSpec(ModelSpec):
         if mode == "i2v":
             keep = torch.zeros(b, 1, f, h, w, device=latents.device, dtype=latents.dtype)
             keep[:, :, 0] = 1.0
-            given = latents
+            given = latents  # precomputed: the clip's own first latent frame
+            if video is not None:  # the first frame alone (the causal VAE's first latent frame), maybe a dataset image
+                first = self.condition_latents(components, video[:, :, :1].float()).to(latents)
+                given = torch.cat([first, latents[:, :, 1:]], dim=2)
         else:
             pixels, keep = self.keep_masks(mode, components, video, latents, generators)
             given = self.condition_latents(components, video.float() * pixels).to(latents)
