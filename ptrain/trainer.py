@@ -179,12 +179,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _global_mean(value: torch.Tensor, group) -> float:
-    t = value.detach().float().reshape(1).clone()
-    if group is not None:
-        dist.all_reduce(t, group=group)
-        t /= dist.get_world_size(group)
-    return t.item()
+def _global_step_stats(loss: torch.Tensor, replaced: int, group, cp: int) -> tuple[float, int]:
+    """(mean loss over the dp x cp ranks, samples replaced in the global batch) in one all-reduce: every rank
+    gets the same values, so they all decide alike (NaN guard, logging). A cp group shares its samples, so
+    their replacement count is divided back out."""
+    t = torch.stack([loss.detach().float().reshape(()), loss.new_tensor(float(replaced), dtype=torch.float32)])
+    if group is None:
+        return t[0].item(), replaced
+    dist.all_reduce(t, group=group)
+    return (t[0] / dist.get_world_size(group)).item(), round(t[1].item() / cp)
 
 
 def find_resume(cfg: Config, out: Path, layout: Layout) -> tuple[Path | None, bool]:
@@ -549,7 +552,7 @@ def train(cfg: Config) -> TrainResult:
             if isinstance(grad_norm, DTensor):
                 grad_norm = grad_norm.full_tensor()
             grad_norm = float(grad_norm)
-            loss_value = _global_mean(step_loss, loss_group)  # same value on every rank: they all decide alike
+            loss_value, replaced = _global_step_stats(step_loss, replaced, loss_group, dims.cp)
             finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
             to = time.perf_counter()
             if finite:
@@ -572,10 +575,6 @@ def train(cfg: Config) -> TrainResult:
 
             elapsed = time.perf_counter() - t0
             global_tokens = tokens * dp_size
-            if dp_size > 1:
-                rep = torch.tensor([replaced], device=device)
-                dist.all_reduce(rep, group=mesh.dp.get_group())
-                replaced = int(rep.item())
             if replaced:
                 log.warning("step %d: %d sample(s) failed to decode and were replaced", step, replaced)
             state.data_replaced += replaced
