@@ -519,12 +519,13 @@ def train(cfg: Config) -> TrainResult:
                     else:
                         video = batch["video"].to(device, non_blocking=True)
                         latents = spec.encode_video(comps, video, gens)
-                        cond = spec.encode_text(comps, list(batch["caption"]), max_seq)
+                        if "first_frame" in batch and m.train_mode != "normal":
+                            video = video.clone()  # the dataset's first-frame images condition, the clip trains
+                            video[:, :, 0] = batch["first_frame"].to(video)
+                        images = {"images": video[:, :, 0]} if spec.text_needs_image(m.train_mode) else {}
+                        cond = spec.encode_text(comps, list(batch["caption"]), max_seq, **images)
                     prepared = objective.prepare(latents, gens, strata)
                     if m.train_mode != "normal":
-                        if "first_frame" in batch:  # the dataset's first-frame images condition, the clip trains
-                            video = video.clone()
-                            video[:, :, 0] = batch["first_frame"].to(video)
                         prepared, cond = spec.condition(m.train_mode, comps, video, latents, prepared, cond, gens)
                 counter = FlopCounterMode(display=False) if count and micro == 0 else contextlib.nullcontext()
                 with counter:

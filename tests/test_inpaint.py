@@ -244,3 +244,58 @@ def test_first_frame_images_from_the_dataset(tiny_data, tiny_ckpt, tmp_path):
     assert run.returncode == 0 and len(run.losses) == 2 and all(np.isfinite(run.losses)), first_error(run.stderr)
     run = run_ptrain(1, [*base, "--enable_precomputation"], tmp_path / "pre")
     assert run.returncode != 0 and "first-frame images in the dataset" in run.stderr
+
+
+def test_hunyuan_i2v_conditioning_equals_the_pipeline_and_mode_errors():
+    """HunyuanVideo-I2V (latent_concat): the Llava prompt embeddings with the image, the image latents and the
+    mask equal what HunyuanVideoImageToVideoPipeline builds; a Llama (T2V) checkpoint cannot train i2v and a Llava
+    one trains only i2v."""
+    spec, comps = get_spec("hunyuan_video"), _components(build_tiny_pipeline("hunyuan_video", seed=0, variant="i2v"))
+    spec.bind(comps, "i2v")
+    spec.check_mode("i2v", comps, "lora")
+    img = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    video = _video(batch=1)
+    video[0, :, 0] = torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1
+    gens = sample_generators(0, [0])
+    latents = spec.encode_video(comps, video, gens)
+    assert spec.text_needs_image("i2v") and not spec.text_needs_image("inpaint")
+    cond = spec.encode_text(comps, ["a red ball"], 256, images=video[:, :, 0])
+    _, cond = spec.condition("i2v", comps, video, latents, None, cond, gens)
+    pipe = spec.sampling_pipe
+    image = pipe.video_processor.preprocess(Image.fromarray(img), 32, 32)
+    with torch.no_grad():
+        _, image_latents = pipe.prepare_latents(image, 1, 16, 32, 32, 9, torch.float32, torch.device("cpu"), None)
+        embeds, pooled, mask = pipe.encode_prompt(image=Image.fromarray(img), prompt="a red ball",
+                                                  device=torch.device("cpu"), max_sequence_length=256)  # fmt: skip
+    image_latents[:, :, 1:] = 0  # as the pipeline's latent_concat input
+    keep = torch.zeros_like(image_latents[:, :1])
+    keep[:, :, 0] = 1
+    torch.testing.assert_close(cond.tensors["concat_latents"], torch.cat([image_latents, keep], dim=1))
+    torch.testing.assert_close(cond.tensors["encoder_hidden_states"], embeds)
+    torch.testing.assert_close(cond.tensors["pooled_projections"], pooled)
+    assert torch.equal(cond.tensors["encoder_attention_mask"], mask)
+    with pytest.raises(ConfigError, match="train it with --train_mode i2v, not inpaint"):
+        spec.check_mode("inpaint", comps, "lora")
+    t2v = _components(build_tiny_pipeline("hunyuan_video", seed=0))
+    with pytest.raises(ConfigError, match="needs HunyuanVideo-I2V's text encoder"):
+        get_spec("hunyuan_video").check_mode("i2v", t2v, "lora")
+
+
+@pytest.mark.heavy
+def test_hunyuan_i2v_lora_parity_validation_and_pipeline(tiny_data, tmp_path):
+    """HunyuanVideo-I2V from its (tiny) I2V checkpoint: FSDP 2 = 1 process, validation through
+    HunyuanVideoImageToVideoPipeline, and the LoRA loads there and generates."""
+    ckpt = write_tiny_checkpoint(tmp_path / "hy-i2v", "hunyuan_video", variant="i2v")
+    image = tmp_path / "first.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)).save(image)
+    val = ["--validation_prompts", "a red ball", "--validation_images", str(image), "--validation_steps", "3",
+           "--validation_num_inference_steps", "2"]  # fmt: skip
+    _parity(ckpt, tiny_data, "hunyuan_video", "i2v", tmp_path, *val)
+    assert len(list((tmp_path / "two" / "validation" / "step-3").glob("*.mp4"))) == 1
+
+    from diffusers import HunyuanVideoImageToVideoPipeline
+
+    pipe = HunyuanVideoImageToVideoPipeline.from_pretrained(ckpt, dtype=torch.float32)
+    pipe.load_lora_weights(tmp_path / "two")
+    frames = _generate(pipe, Image.open(image).convert("RGB"))
+    assert frames.shape[1:] == (32, 32, 3)  # the pipeline drops the conditioning latent frame's 4 frames

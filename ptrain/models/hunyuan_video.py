@@ -7,23 +7,30 @@ inference with guidance 1, and the objective is flow matching with the
 scheduler's shift (7.0 for the released model) unless --flow_shift is given.
 Double-stream and single-stream blocks are sharded / checkpointed per block.
 
---train_mode inpaint uses the input layout of HunyuanVideo-I2V's `latent_concat` (HunyuanVideoImageToVideoPipeline):
-noisy latents, conditioning latents, then a 1-channel keep mask (16 + 16 + 1 = 33 channels).
+--train_mode i2v trains HunyuanVideo-I2V (`image_condition_type` latent_concat) as HunyuanVideoImageToVideoPipeline
+samples it: the text encoder is a Llava that reads the first frame into the prompt, and the input is the noisy
+latents, the first frame's latents (zero after it), then a 1-channel keep mask (16 + 16 + 1 = 33 channels).
+--train_mode inpaint uses the same input layout with a random mask and the Llama text encoder.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
+
+import numpy as np
 
 import torch
 from diffusers import (
     AutoencoderKLHunyuanVideo,
     FlowMatchEulerDiscreteScheduler,
+    HunyuanVideoImageToVideoPipeline,
     HunyuanVideoPipeline,
     HunyuanVideoTransformer3DModel,
 )
 from torch import nn
-from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModel, LlamaModel, LlavaForConditionalGeneration
 
 from ptrain.config import ConfigError
 from ptrain.export_comfyui import Rule
@@ -59,12 +66,26 @@ class HunyuanVideoSpec(ModelSpec):
     default_max_sequence_length = 256
     block_count_keys = ("num_layers", "num_single_layers")
     fps = 24
-    train_modes = ("normal", "inpaint")
+    train_modes = ("normal", "i2v", "inpaint")
+    i2v_pipeline_cls = HunyuanVideoImageToVideoPipeline
+    i2v_needs_pixels = True
+    optional_components = {"image_processor": CLIPImageProcessor}
     input_layer = "x_embedder.proj"
+
+    def load_components(self, path, dtypes, device, overrides):
+        """A HunyuanVideo-I2V checkpoint's text encoder is a LlavaForConditionalGeneration (model_index.json)."""
+        index = Path(path) / "model_index.json"
+        listed = json.loads(index.read_text()).get("text_encoder", [None, None]) if index.is_file() else [None, None]
+        if listed[-1] == LlavaForConditionalGeneration.__name__:
+            self.component_classes = {**type(self).component_classes, "text_encoder": LlavaForConditionalGeneration}
+        return super().load_components(path, dtypes, device, overrides)
 
     def mode_in_channels(self, mode, components) -> int:
         c = self.latent_channels(components)
         return c if mode == "normal" else 2 * c + 1
+
+    def text_needs_image(self, mode: str) -> bool:
+        return mode == "i2v"
 
     def check_mode(self, mode, components, training_type) -> None:
         if mode not in self.train_modes:
@@ -72,17 +93,36 @@ class HunyuanVideoSpec(ModelSpec):
         if components.transformer.config.get("image_condition_type") == "token_replace":
             raise ConfigError(
                 "this HunyuanVideo transformer is image-to-video with image_condition_type token_replace, which "
-                "ptrain does not train yet (latent_concat checkpoints train with --train_mode inpaint)"
+                "ptrain does not train yet (latent_concat checkpoints train with --train_mode i2v)"
+            )
+        llava = isinstance(components.text_encoder, LlavaForConditionalGeneration)
+        if mode == "i2v" and not (llava and "image_processor" in components.extra):
+            raise ConfigError(
+                "--train_mode i2v for HunyuanVideo needs HunyuanVideo-I2V's text encoder, a Llava that reads the "
+                "first frame into the prompt (text_encoder: LlavaForConditionalGeneration, plus image_processor/); "
+                "this checkpoint has a Llama text encoder: train --train_mode inpaint from it instead"
+            )
+        if mode != "i2v" and llava:
+            raise ConfigError(
+                f"this HunyuanVideo checkpoint's text encoder reads an image with the prompt (HunyuanVideo-I2V): "
+                f"train it with --train_mode i2v, not {mode}"
             )
         super().check_mode(mode, components, training_type)
 
     def condition(self, mode, components, video, latents, prepared, cond, generators):
-        """inpaint: [noisy latents, latents of the video with the generated pixels zeroed, keep mask] on
-        channels, in the order of the I2V pipeline's latent_concat input."""
+        """[noisy latents, conditioning latents, keep mask] on channels, the I2V pipeline's latent_concat input.
+        i2v: the first frame's latents then zeros, mask 1 on the first latent frame. inpaint: the latents of the
+        video with the generated pixels zeroed, and the random keep mask."""
         if mode == "normal":
             return prepared, cond
-        keep, latent_keep = self.keep_masks(mode, components, video, latents, generators)
-        given = self.condition_latents(components, video.float() * keep).to(latents)
+        if mode == "i2v":  # as the I2V pipeline: the first frame encoded alone (mode), zero latent frames after it
+            first = self.condition_latents(components, video[:, :, :1].float()).to(latents)
+            given = torch.cat([first, first.new_zeros(*first.shape[:2], latents.shape[2] - 1, *first.shape[3:])], 2)
+            latent_keep = torch.zeros_like(latents[:, :1])
+            latent_keep[:, :, 0] = 1
+        else:
+            keep, latent_keep = self.keep_masks(mode, components, video, latents, generators)
+            given = self.condition_latents(components, video.float() * keep).to(latents)
         return prepared, Conditioning(dict(cond.tensors, concat_latents=torch.cat([given, latent_keep], dim=1)))
 
     def check_shape(self, num_frames, height, width, components) -> None:
@@ -94,7 +134,21 @@ class HunyuanVideoSpec(ModelSpec):
             if v % s:
                 raise ConfigError(f"{flag} {v}: HunyuanVideo needs a multiple of {s}")
 
-    def encode_text(self, components, captions, max_sequence_length) -> Conditioning:
+    def encode_text(self, components, captions, max_sequence_length, images=None) -> Conditioning:
+        """Llama states with the prompt template cropped, CLIP pooled projection. With `images` (i2v: first frames
+        (B, 3, H, W) in [-1, 1]), the I2V pipeline's Llava reads each image into its prompt."""
+        if images is not None:
+            pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+            interleave = 2 if components.transformer.config.image_condition_type == "latent_concat" else 4
+            with torch.no_grad():
+                embeds, pooled, mask = self.sampling_pipe.encode_prompt(
+                    image=list(pixels.cpu().numpy().astype(np.uint8)), prompt=captions,
+                    device=components.text_encoder.device, max_sequence_length=max_sequence_length,
+                    image_embed_interleave=interleave,
+                )  # fmt: skip
+            return Conditioning(
+                {"encoder_hidden_states": embeds, "encoder_attention_mask": mask, "pooled_projections": pooled}
+            )
         embeds, pooled, mask = self.pipe.encode_prompt(
             prompt=captions, prompt_2=None, device=components.text_encoder.device,
             max_sequence_length=max_sequence_length,

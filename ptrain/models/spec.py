@@ -190,6 +190,10 @@ class ModelSpec(ABC):
         """Transformer input channels `mode` needs (noise latents plus what condition() concatenates)."""
         return self.latent_channels(components)
 
+    def text_needs_image(self, mode: str) -> bool:
+        """Whether `mode` encodes the prompt with the first frame (encode_text gets `images`; HunyuanVideo-I2V)."""
+        return False
+
     def needs_pixels(self, mode: str) -> bool:
         """Whether `mode` conditions on decoded frames every step (then no --enable_precomputation)."""
         return mode == "inpaint" or (mode == "i2v" and self.i2v_needs_pixels)

@@ -7,7 +7,7 @@ This module owns the offline fixtures every test and smoke run uses:
   folder layout of the real checkpoint (model_index.json, transformer/, vae/,
   text_encoder/, tokenizer/, scheduler/, ...), so loading code is exercised
   unchanged. Families (`CHECKPOINT_VARIANTS`; the first variant is the default):
-  ltx_video (t2v, i2v), cogvideox (2b, 5b, 1.5, 5b-i2v, 1.5-i2v), hunyuan_video (t2v), wan (t2v, i2v).
+  ltx_video (t2v, i2v), cogvideox (2b, 5b, 1.5, 5b-i2v, 1.5-i2v), hunyuan_video (t2v, i2v), wan (t2v, i2v).
   Tokenizers (T5, Llama, CLIP) are built locally from small word lists;
   nothing is downloaded.
 * `write_synthetic_videos` writes H.264 mp4 files of moving coloured shapes in
@@ -106,7 +106,7 @@ LLAMA_HEADER_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 _LLAMA_CHARS = _CHARS + ':;"()/'
 
 
-def build_llama_tokenizer(model_max_length: int = 512):
+def build_llama_tokenizer(model_max_length: int = 512, image: bool = False):
     """A Llama-3-like BPE tokenizer (`LlamaTokenizerFast`) covering `WORDS` and HunyuanVideo's prompt template.
 
     transformers 5 rebuilds a LlamaTokenizerFast from tokenizer.json with its own Metaspace
@@ -115,13 +115,17 @@ def build_llama_tokenizer(model_max_length: int = 512):
     template's system part tokenises to exactly its `crop_start` (95) tokens, BOS included, as with
     Llama 3, and cropping leaves just the prompt. Other text falls back to characters, then bytes.
     Padding is on the right (the pipeline crops the template from the left).
+
+    `image=True`: the same for HunyuanVideo-I2V's template (`crop_start` 103) with an `<image>` token at
+    position 5, where the pipeline splices in the image tokens.
     """
     import re
 
-    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from diffusers.pipelines.hunyuan_video import pipeline_hunyuan_video, pipeline_hunyuan_video_image2video
     from transformers import LlamaTokenizerFast  # alias of LlamaTokenizer in transformers 5
 
-    template = re.sub(r"<\|\w+\|>", "|", DEFAULT_PROMPT_TEMPLATE["template"])
+    source = pipeline_hunyuan_video_image2video if image else pipeline_hunyuan_video
+    template = re.sub(r"<\|\w+\|>|<image>", "|", source.DEFAULT_PROMPT_TEMPLATE["template"])
     words = list(dict.fromkeys([*WORDS, *re.findall(r"[A-Za-z]+", template)]))
     spaced, spaced_merges = _bpe_chains(["\u2581", *w] for w in words)
     # Bare (unanchored) chains rank after all '\u2581' ones; the template's come first so they always complete.
@@ -149,7 +153,9 @@ def build_llama_tokenizer(model_max_length: int = 512):
         padding_side="right",
         model_max_length=model_max_length,
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(LLAMA_HEADER_TOKENS)})
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [*LLAMA_HEADER_TOKENS, *(["<image>"] if image else [])]}
+    )
     return tokenizer
 
 
@@ -446,30 +452,48 @@ def _build_hunyuan_video(seed: int, variant: str):
     from diffusers import (
         AutoencoderKLHunyuanVideo,
         FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoImageToVideoPipeline,
         HunyuanVideoPipeline,
         HunyuanVideoTransformer3DModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
-    tokenizer = build_llama_tokenizer()
+    i2v = variant == "i2v"
+    tokenizer = build_llama_tokenizer(image=i2v)
     tokenizer_2 = build_clip_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = LlamaModel(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=LLAMA_HIDDEN_SIZE,
-            intermediate_size=64,
-            num_hidden_layers=3,  # the pipeline takes hidden_states[-3]
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=tokenizer.model_max_length,
-            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-            rms_norm_eps=1e-5,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    ).eval()
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=LLAMA_HIDDEN_SIZE,
+        intermediate_size=64,
+        num_hidden_layers=3,  # the pipeline takes hidden_states[-3]
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024 if i2v else tokenizer.model_max_length,  # + 576 image tokens
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    image_processor = None
+    if i2v:
+        # HunyuanVideo-I2V's text encoder is a Llava (llava-llama-3-8b): a CLIP ViT-L/14 at 336 px gives the 576
+        # image tokens the pipeline's template splices in at <image>.
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+        vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=336, patch_size=14)  # fmt: skip
+        text_encoder = LlavaForConditionalGeneration(
+            LlavaConfig(
+                vision_config=vision, text_config=llama, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                vision_feature_select_strategy="default", vision_feature_layer=-2, image_seq_length=576,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+        ).eval()
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    else:
+        text_encoder = LlamaModel(llama).eval()
     torch.manual_seed(seed + 1)
     text_encoder_2 = CLIPTextModel(
         CLIPTextConfig(
@@ -489,17 +513,16 @@ def _build_hunyuan_video(seed: int, variant: str):
     torch.manual_seed(seed + 2)
     vae = AutoencoderKLHunyuanVideo(**HUNYUAN_VAE_CONFIG).eval()
     torch.manual_seed(seed + 3)
-    transformer = HunyuanVideoTransformer3DModel(**HUNYUAN_TRANSFORMER_CONFIG).eval()
+    config = dict(HUNYUAN_TRANSFORMER_CONFIG)
+    if i2v:  # HunyuanVideo-I2V (33 channels): [noise, image latents, mask]
+        config.update(in_channels=33, image_condition_type="latent_concat")
+    transformer = HunyuanVideoTransformer3DModel(**config).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(**HUNYUAN_SCHEDULER_CONFIG)
-    return HunyuanVideoPipeline(
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-        vae=vae,
-        scheduler=scheduler,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-    )
+    parts = dict(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae, scheduler=scheduler,
+                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)  # fmt: skip
+    if i2v:
+        return HunyuanVideoImageToVideoPipeline(image_processor=image_processor, **parts)
+    return HunyuanVideoPipeline(**parts)
 
 
 # Wan 2.1 (Wan-AI/Wan2.1-T2V-1.3B-Diffusers). VAE: spatial 8x, temporal 4x (frames 4k+1), z_dim 16
@@ -590,9 +613,13 @@ CHECKPOINT_BUILDERS: dict[str, Callable[[int, str], Any]] = {
 CHECKPOINT_VARIANTS: dict[str, tuple[str, ...]] = {
     "ltx_video": ("t2v", "i2v"),
     "cogvideox": tuple(COGVIDEOX_VARIANT_CONFIGS),
-    "hunyuan_video": ("t2v",),
+    "hunyuan_video": ("t2v", "i2v"),
     "wan": ("t2v", "i2v"),
 }
+
+
+#: `--variant i2v` for every model: CogVideoX's default image-to-video variant is the 5B one.
+VARIANT_ALIASES: dict[str, dict[str, str]] = {"cogvideox": {"i2v": "5b-i2v"}}
 
 
 def resolve_variant(model_name: str, variant: str | None = None) -> str:
@@ -602,6 +629,7 @@ def resolve_variant(model_name: str, variant: str | None = None) -> str:
     valid = CHECKPOINT_VARIANTS[model_name]
     if variant is None:
         return valid[0]
+    variant = VARIANT_ALIASES.get(model_name, {}).get(variant, variant)
     if variant not in valid:
         raise ValueError(f"unknown variant {variant!r} for {model_name}; valid: {', '.join(valid)}")
     return variant
