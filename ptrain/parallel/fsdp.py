@@ -31,7 +31,10 @@ def apply_data_parallel(
     embedder) become their own FSDP units that compute in float32 whatever --transformer_dtype is.
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    mp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    # Inputs keep their dtype, as in diffusers: the fp32 modules upcast themselves (FP32LayerNorm computes in float32
+    # and returns the input's dtype; Wan casts the timestep to the time embedder's dtype). Casting the inputs up
+    # would hand float32 activations to the next bf16 layer (Wan I2V's image embedder: norm1 -> ff).
+    mp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
     keep32 = _fp32_submodules(model, fp32_modules or []) if param_dtype != torch.float32 else []
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     if dims.ddp_enabled:
