@@ -76,8 +76,6 @@ def test_cogvideox_expansion_step0_equals_t2v_and_mode_errors():
         spec.check_mode("normal", comps, "lora")
     with pytest.raises(ConfigError, match=r"--train_mode inpaint needs 33: train it with --train_mode i2v"):
         spec.check_mode("inpaint", comps, "lora")
-    with pytest.raises(ConfigError, match="--train_mode i2v: not implemented for hunyuan_video"):
-        get_spec("hunyuan_video").check_mode("i2v", None, "lora")
 
 
 def test_ltx_i2v_lora_parity_and_pipeline(tiny_data, first_frame, tmp_path):
