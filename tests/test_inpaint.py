@@ -177,22 +177,24 @@ def test_inpaint_lora_from_t2v_parity_and_export(model, tiny_ckpts, tiny_data, t
             assert spec.forward(pipe.transformer, prepared.noisy, prepared.timesteps, cond).shape == latents.shape
 
 
-def test_wan_i2v_lora_parity_validation_and_pipeline(tiny_data, tmp_path):
-    """Wan 2.1 I2V (CLIP image embeddings + mask + condition latents): FSDP 2 = 1 process, validation samples
-    through WanImageToVideoPipeline, and the LoRA loads there and generates."""
-    ckpt = write_tiny_checkpoint(tmp_path / "wan-i2v", "wan", variant="i2v")
+@pytest.mark.parametrize("model", ["wan", pytest.param("hunyuan_video", marks=pytest.mark.heavy)])
+def test_i2v_lora_parity_validation_and_pipeline(model, tiny_data, tmp_path):
+    """Wan 2.1 I2V (CLIP image embeddings + mask + condition latents) and HunyuanVideo-I2V (Llava prompt with the
+    image, latent_concat), each from its tiny I2V checkpoint: FSDP 2 = 1 process, validation through the model's
+    image-to-video pipeline, and the LoRA loads there and generates."""
+    ckpt = write_tiny_checkpoint(tmp_path / "i2v", model, variant="i2v")
     image = tmp_path / "first.png"
     Image.fromarray((np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)).save(image)
     val = ["--validation_prompts", "a red ball", "--validation_images", str(image), "--validation_steps", "3",
            "--validation_num_inference_steps", "2"]  # fmt: skip
-    _parity(ckpt, tiny_data, "wan", "i2v", tmp_path, *val)
+    _parity(ckpt, tiny_data, model, "i2v", tmp_path, *val)
     assert len(list((tmp_path / "two" / "validation" / "step-3").glob("*.mp4"))) == 1
 
-    from diffusers import WanImageToVideoPipeline
-
-    pipe = WanImageToVideoPipeline.from_pretrained(ckpt, dtype=torch.float32)
+    pipe = get_spec(model).i2v_pipeline_cls.from_pretrained(ckpt, dtype=torch.float32)
     pipe.load_lora_weights(tmp_path / "two")
-    assert _generate(pipe, Image.open(image).convert("RGB")).shape == (9, 32, 32, 3)
+    frames = _generate(pipe, Image.open(image).convert("RGB"))
+    # HunyuanVideo's I2V pipeline drops the conditioning latent frame's 4 frames
+    assert frames.shape == ((5 if model == "hunyuan_video" else 9), 32, 32, 3)
 
 
 def test_inpaint_errors(tiny_ckpts, tiny_data, tmp_path):
@@ -279,23 +281,3 @@ def test_hunyuan_i2v_conditioning_equals_the_pipeline_and_mode_errors():
     t2v = _components(build_tiny_pipeline("hunyuan_video", seed=0))
     with pytest.raises(ConfigError, match="needs HunyuanVideo-I2V's text encoder"):
         get_spec("hunyuan_video").check_mode("i2v", t2v, "lora")
-
-
-@pytest.mark.heavy
-def test_hunyuan_i2v_lora_parity_validation_and_pipeline(tiny_data, tmp_path):
-    """HunyuanVideo-I2V from its (tiny) I2V checkpoint: FSDP 2 = 1 process, validation through
-    HunyuanVideoImageToVideoPipeline, and the LoRA loads there and generates."""
-    ckpt = write_tiny_checkpoint(tmp_path / "hy-i2v", "hunyuan_video", variant="i2v")
-    image = tmp_path / "first.png"
-    Image.fromarray((np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)).save(image)
-    val = ["--validation_prompts", "a red ball", "--validation_images", str(image), "--validation_steps", "3",
-           "--validation_num_inference_steps", "2"]  # fmt: skip
-    _parity(ckpt, tiny_data, "hunyuan_video", "i2v", tmp_path, *val)
-    assert len(list((tmp_path / "two" / "validation" / "step-3").glob("*.mp4"))) == 1
-
-    from diffusers import HunyuanVideoImageToVideoPipeline
-
-    pipe = HunyuanVideoImageToVideoPipeline.from_pretrained(ckpt, dtype=torch.float32)
-    pipe.load_lora_weights(tmp_path / "two")
-    frames = _generate(pipe, Image.open(image).convert("RGB"))
-    assert frames.shape[1:] == (32, 32, 3)  # the pipeline drops the conditioning latent frame's 4 frames

@@ -126,9 +126,7 @@ class CogVideoXSpec(ModelSpec):
         if transformer.config.use_rotary_positional_embeddings:
             s = self.pipe.vae_scale_factor_spatial
             rotary = self.pipe._prepare_rotary_positional_embeddings(h * s, w * s, f, noisy_latents.device)
-        x = noisy_latents
-        if "concat_latents" in cond.tensors:  # i2v / inpaint: conditioning on channels after the noisy latents
-            x = torch.cat([x, cond.tensors["concat_latents"].to(x.dtype)], dim=1)
+        x = self.model_input(noisy_latents, cond)
         out = transformer(
             hidden_states=x.permute(0, 2, 1, 3, 4),
             encoder_hidden_states=cond.tensors["encoder_hidden_states"],

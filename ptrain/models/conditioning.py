@@ -15,6 +15,7 @@ do not depend on the parallel layout), with the probabilities of --inpaint_mask_
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -83,3 +84,9 @@ def latent_keep_mask(keep: torch.Tensor, latent_shape: tuple[int, ...], temporal
     cells = -F.max_pool2d(-grouped.reshape(b, t * f, h, w), kernel_size=(h // lh, w // lw))
     cells = cells.view(b, t, f, lh, lw)
     return cells if packed else cells.amin(dim=1, keepdim=True)
+
+
+def uint8_images(frames: torch.Tensor) -> list[np.ndarray]:
+    """Frames (B, 3, H, W) in [-1, 1] -> B uint8 HWC arrays, the input the pipelines' image processors take."""
+    pixels = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return list(pixels.cpu().numpy())

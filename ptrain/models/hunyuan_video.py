@@ -19,7 +19,6 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 
 import torch
 from diffusers import (
@@ -34,6 +33,7 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModel, Llama
 
 from ptrain.config import ConfigError
 from ptrain.export_comfyui import Rule
+from ptrain.models.conditioning import uint8_images
 from ptrain.models.spec import Conditioning, ModelSpec, register
 from ptrain.parallel.context import CPPlan
 
@@ -138,11 +138,10 @@ class HunyuanVideoSpec(ModelSpec):
         """Llama states with the prompt template cropped, CLIP pooled projection. With `images` (i2v: first frames
         (B, 3, H, W) in [-1, 1]), the I2V pipeline's Llava reads each image into its prompt."""
         if images is not None:
-            pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
             interleave = 2 if components.transformer.config.image_condition_type == "latent_concat" else 4
             with torch.no_grad():
                 embeds, pooled, mask = self.sampling_pipe.encode_prompt(
-                    image=list(pixels.cpu().numpy().astype(np.uint8)), prompt=captions,
+                    image=uint8_images(images), prompt=captions,
                     device=components.text_encoder.device, max_sequence_length=max_sequence_length,
                     image_embed_interleave=interleave,
                 )  # fmt: skip
@@ -170,9 +169,7 @@ class HunyuanVideoSpec(ModelSpec):
 
     def forward(self, transformer: nn.Module, noisy_latents, timesteps, cond) -> torch.Tensor:
         guidance = torch.full((noisy_latents.shape[0],), TRAIN_GUIDANCE * 1000.0, device=noisy_latents.device)
-        x = noisy_latents
-        if "concat_latents" in cond.tensors:  # inpaint: conditioning on channels after the noisy latents
-            x = torch.cat([x, cond.tensors["concat_latents"].to(x.dtype)], dim=1)
+        x = self.model_input(noisy_latents, cond)
         return transformer(
             hidden_states=x,
             timestep=timesteps,

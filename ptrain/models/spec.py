@@ -240,6 +240,13 @@ class ModelSpec(ABC):
         per-token timesteps and a loss mask, or conditioning latents in `cond` for forward to concatenate."""
         return prepared, cond
 
+    @staticmethod
+    def model_input(noisy_latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The transformer's input: the noisy latents, then (i2v / inpaint) condition()'s `concat_latents` on
+        channels."""
+        extra = cond.tensors.get("concat_latents")
+        return noisy_latents if extra is None else torch.cat([noisy_latents, extra.to(noisy_latents.dtype)], dim=1)
+
     def condition_latents(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised latents of conditioning pixels (e.g. the video with its generated part zeroed): the mode of
         the VAE posterior, as the diffusers image-to-video pipelines encode their conditions."""

@@ -14,7 +14,6 @@ channels; a transformer with `image_dim` (Wan 2.1 I2V) also gets the CLIP image 
 from __future__ import annotations
 
 import torch
-import numpy as np
 from diffusers import (
     AutoencoderKLWan,
     UniPCMultistepScheduler,
@@ -27,6 +26,7 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT
 
 from ptrain.config import ConfigError
 from ptrain.export_comfyui import Rule
+from ptrain.models.conditioning import uint8_images
 from ptrain.models.spec import Conditioning, ModelSpec, register
 from ptrain.parallel.context import CPPlan
 
@@ -87,8 +87,7 @@ class WanSpec(ModelSpec):
         given = self.condition_latents(components, pixels)
         tensors = dict(cond.tensors, concat_latents=torch.cat([latent_keep, given.to(latents)], dim=1))
         if components.transformer.config.get("image_dim"):
-            first = ((pixels[:, :, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-            images = list(first.cpu().numpy().astype(np.uint8))
+            images = uint8_images(pixels[:, :, 0])
             with torch.no_grad():
                 tensors["encoder_hidden_states_image"] = self.sampling_pipe.encode_image(images, latents.device)
         return prepared, Conditioning(tensors)
@@ -118,9 +117,7 @@ class WanSpec(ModelSpec):
         return (latents - mean) / std
 
     def forward(self, transformer: nn.Module, noisy_latents, timesteps, cond) -> torch.Tensor:
-        x = noisy_latents
-        if "concat_latents" in cond.tensors:  # i2v / inpaint: [noisy, mask, condition latents] on channels
-            x = torch.cat([x, cond.tensors["concat_latents"].to(x.dtype)], dim=1)
+        x = self.model_input(noisy_latents, cond)
         return transformer(
             hidden_states=x,
             timestep=timesteps,
