@@ -6,6 +6,7 @@ import sys
 
 import torch.distributed as dist
 
+from ptrain.checkpoint import CheckpointSaveError
 from ptrain.config import ConfigError, parse_config
 from ptrain.parallel.dims import ParallelConfigError
 
@@ -20,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:  # the same message on every rank: print it once
             print(f"ptrain: error: {e}", file=sys.stderr)
         return 2
+    except CheckpointSaveError as e:  # raised on every rank alike; older checkpoints are intact
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"ptrain: error: {e}", file=sys.stderr)
+        return 4
     except FloatingPointError as e:  # the NaN guard stopped the run (every rank decides alike)
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"ptrain: stopped: {e}", file=sys.stderr)

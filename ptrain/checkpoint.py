@@ -8,14 +8,24 @@ folder to `step-N`. So a `step-N` folder is always complete, a crash mid-save
 leaves only a `.tmp-*` folder (removed at the next start), and rotation never
 touches anything but complete, older checkpoints.
 
+The marker lists every file of the checkpoint with its size. Resume checks them
+before loading: a checkpoint with a missing or truncated file, or an unreadable
+marker, is skipped with a warning and the previous one is used; one that fails
+to load is renamed `damaged-step-N` (kept for inspection, never picked again),
+so a bad checkpoint cannot cause a crash loop.
+
 The data order needs no loader state: the sampler is a pure function of the
-stream position (see data/sampler.py), which the marker records.
+stream position (see data/sampler.py), which follows from the train state the
+marker records (micro-batches consumed by training, not the prefetching
+sampler's counter).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import pickle
 import random
 import re
 import shutil
@@ -29,12 +39,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from ptrain.collective import PeerFailed, all_max, raise_if_any_failed
 from ptrain.config import ConfigError
 
 log = logging.getLogger("ptrain")
 
 MARKER = "ptrain_checkpoint.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_DAMAGED_DIR = re.compile(r"^damaged-step-\d+")
 
 
 @dataclass
@@ -64,7 +76,7 @@ def checkpoint_root(output_dir: Path) -> Path:
 
 
 def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every committed checkpoint, oldest first."""
+    """(step, path) of every committed checkpoint (a `step-N` folder with its marker), oldest first."""
     root = checkpoint_root(output_dir)
     found = []
     if root.is_dir():
@@ -75,14 +87,61 @@ def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed (None if its marker and every file it lists are intact)."""
+    try:
+        marker = read_marker(path)
+    except FileNotFoundError:
+        return f"no {MARKER}"
+    except (OSError, ValueError) as e:
+        return f"unreadable {MARKER} ({e})"
+    if not isinstance(marker, dict) or not {"step", "train_state", "layout", "trainable_only"} <= marker.keys():
+        return f"{MARKER} lacks step/train_state/layout"
+    files = marker.get("files")
+    if files is None:  # written before the file list existed: at least DCP's metadata must be there
+        return None if (path / ".metadata").is_file() else "no DCP .metadata file"
+    for name, size in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            return f"missing file {name}"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written (truncated or damaged)"
+    return None
+
+
+def usable_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Committed checkpoints that pass `checkpoint_problem`, oldest first; each one skipped is logged by name."""
+    good = []
+    for step, path in complete_checkpoints(output_dir):
+        problem = checkpoint_problem(path)
+        if problem:
+            log.warning("skipping damaged checkpoint %s: %s", path, problem)
+        else:
+            good.append((step, path))
+    return good
+
+
 def resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
-    """--resume_from_checkpoint: auto | latest | none | N | PATH -> checkpoint folder or None."""
+    """--resume_from_checkpoint: auto | latest | none | N | PATH -> checkpoint folder or None.
+
+    auto/latest take the newest checkpoint that is intact, skipping damaged ones with a warning; if there are
+    checkpoints but none is intact, that is an error (starting over silently would discard the run)."""
     if spec is None or spec == "none":
         return None
-    done = complete_checkpoints(output_dir)
     if spec in ("auto", "latest"):
+        found = complete_checkpoints(output_dir)
+        done = usable_checkpoints(output_dir)
         if done:
             return done[-1][1]
+        root = checkpoint_root(output_dir)
+        damaged = [f"{p.name}: {checkpoint_problem(p)}" for _, p in found]
+        if root.is_dir():
+            damaged += [f"{p.name}: failed to load" for p in sorted(root.iterdir()) if _DAMAGED_DIR.match(p.name)]
+        if damaged:
+            raise ConfigError(
+                f"--resume_from_checkpoint {spec}: no intact checkpoint in {root} (damaged: {'; '.join(damaged)}). "
+                "Pass --resume_from_checkpoint none to start over (or --resume_from_checkpoint PATH)."
+            )
         if spec == "latest":
             log.warning(
                 "--resume_from_checkpoint latest: no complete checkpoint in %s; starting fresh",
@@ -90,16 +149,22 @@ def resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
             )
         return None
     if spec.isdigit():
+        done = complete_checkpoints(output_dir)
         for step, path in done:
             if step == int(spec):
-                return path
-        raise ConfigError(
-            f"--resume_from_checkpoint {spec}: no complete checkpoint for step {spec} in {checkpoint_root(output_dir)} "
-            f"(complete: {[s for s, _ in done] or 'none'})"
-        )
-    path = Path(spec)
-    if not (path / MARKER).is_file():
-        raise ConfigError(f"--resume_from_checkpoint {path}: not a complete ptrain checkpoint (no {MARKER})")
+                break
+        else:
+            raise ConfigError(
+                f"--resume_from_checkpoint {spec}: no complete checkpoint for step {spec} in "
+                f"{checkpoint_root(output_dir)} (complete: {[s for s, _ in done] or 'none'})"
+            )
+    else:
+        path = Path(spec)
+        if not (path / MARKER).is_file():
+            raise ConfigError(f"--resume_from_checkpoint {path}: not a complete ptrain checkpoint (no {MARKER})")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ConfigError(f"--resume_from_checkpoint {spec}: checkpoint {path} is damaged: {problem}")
     return path
 
 
@@ -154,6 +219,39 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, unwritable folder, ...); older ones are intact."""
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _state_bytes(obj) -> int:
+    """Bytes of the tensors this rank writes (local shards of DTensors)."""
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(v) for v in obj)
+    if isinstance(obj, torch.Tensor):
+        t = obj.to_local() if hasattr(obj, "to_local") else obj
+        return t.numel() * t.element_size()
+    return 0
+
+
+def _find_os_error(e: BaseException | None, depth: int = 0) -> OSError | None:
+    """The OSError behind an exception (DCP wraps per-rank failures in CheckpointException.failures)."""
+    if e is None or depth > 8:
+        return None
+    if isinstance(e, OSError):
+        return e
+    for inner in getattr(e, "failures", {}).values():
+        found = _find_os_error(inner, depth + 1)
+        if found:
+            return found
+    return _find_os_error(e.__cause__ or e.__context__, depth + 1)
+
+
 class Checkpointer:
     """Saves and loads training state; all ranks call every method (they are collective)."""
 
@@ -190,19 +288,13 @@ class Checkpointer:
         final: bool = False,
         ema=None,
     ) -> Path:
+        """Write checkpoint step-N (collective). A failed write raises CheckpointSaveError on every rank: the
+        partial folder is removed and every older checkpoint is left as it was."""
         self.wait()  # one save in flight at most; commits the previous async save
         step = train_state.step
         final_dir = self.root / f"step-{step}"
         tmp = self.root / f".tmp-step-{step}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
         state, _ = _model_optim_state(model, optimizer, self.trainable_only, ema)
-        torch.save(
-            {"rng": _rng_state(), "lr_scheduler": lr_scheduler.state_dict(), **rank_extra},
-            tmp / f"rank-{self.rank}.pt",
-        )
         marker = {
             "step": step,
             "train_state": asdict(train_state),
@@ -212,13 +304,32 @@ class Checkpointer:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **meta,
         }
-        if export_fn is not None:
-            export_fn(tmp / "export")
-        if self.async_save and not final:
-            fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
-            self._pending = (fut, tmp, final_dir, marker)
-            return final_dir
-        dcp.save(state, checkpoint_id=str(tmp))
+        try:
+            err = None
+            if self.rank == 0:
+                try:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
+                except OSError as e:
+                    err = e
+            raise_if_any_failed(err, f"creating {tmp}")
+            try:
+                torch.save(
+                    {"rng": _rng_state(), "lr_scheduler": lr_scheduler.state_dict(), **rank_extra},
+                    tmp / f"rank-{self.rank}.pt",
+                )
+            except OSError as e:
+                err = e
+            raise_if_any_failed(err, f"writing {tmp}/rank-*.pt")
+            if export_fn is not None:
+                export_fn(tmp / "export")
+            if self.async_save and not final:
+                fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
+                self._pending = (fut, tmp, final_dir, marker, _state_bytes(state))
+                return final_dir
+            dcp.save(state, checkpoint_id=str(tmp))
+        except Exception as e:
+            raise self._save_failed(tmp, e, _state_bytes(state)) from e
         self._commit(tmp, final_dir, marker)
         return final_dir
 
@@ -226,18 +337,58 @@ class Checkpointer:
         """Finish and commit an async save in flight (no-op otherwise)."""
         if self._pending is None:
             return
-        fut, tmp, final_dir, marker = self._pending
+        fut, tmp, final_dir, marker, nbytes = self._pending
         self._pending = None
-        fut.result()
+        try:
+            fut.result()
+        except Exception as e:
+            raise self._save_failed(tmp, e, nbytes) from e
         self._commit(tmp, final_dir, marker)
+
+    def _save_failed(self, tmp: Path, e: BaseException, local_bytes: int) -> CheckpointSaveError:
+        """Remove the partial folder; an error naming the path, the cause and the space it needs."""
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        os_err = _find_os_error(e)
+        cause = f"{os_err.strerror or os_err} ({os_err.filename or tmp})" if os_err else f"{type(e).__name__}: {e}"
+        world = dist.get_world_size()
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            free = None
+        space = "" if free is None else f"; {_gb(free)} free on that filesystem"
+        older = [p.name for _, p in complete_checkpoints(self.output_dir)]
+        hint = (
+            "Free disk space (or lower --checkpointing_limit), then run the same command to resume."
+            if os_err is not None and os_err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            else "Fix the cause, then run the same command to resume."
+        )
+        return CheckpointSaveError(
+            f"saving checkpoint {tmp.name[len('.tmp-'):]} to {self.root} failed: {cause}. It needs about "
+            f"{_gb(local_bytes * world)} ({_gb(local_bytes)} from rank {self.rank} of {world}){space}. The partial "
+            f"checkpoint was removed; older checkpoints are intact ({', '.join(older) or 'none'}). {hint}"
+        )
 
     def _commit(self, tmp: Path, final_dir: Path, marker: dict) -> None:
         dist.barrier()  # every rank has finished writing its shards
+        err = None
         if self.rank == 0:
-            (tmp / MARKER).write_text(json.dumps(marker, indent=2))
-            if final_dir.exists():  # an older save of the same step (e.g. a run restarted with "none")
-                shutil.rmtree(final_dir)
-            tmp.rename(final_dir)
+            try:
+                # Every file with its size: resume refuses a checkpoint whose files are missing or truncated.
+                marker = {**marker, "files": {
+                    str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()
+                }}  # fmt: skip
+                (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+                if final_dir.exists():  # an older save of the same step (e.g. a run restarted with "none")
+                    shutil.rmtree(final_dir)
+                tmp.rename(final_dir)
+            except OSError as e:
+                err = e
+        try:
+            raise_if_any_failed(err, f"committing {final_dir}")
+        except Exception as e:
+            raise self._save_failed(tmp, e, 0) from e
+        if self.rank == 0:
             log.info("checkpoint saved: %s", final_dir)
             self._rotate(keep=final_dir)
         dist.barrier()
@@ -252,7 +403,37 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
     def load(self, path: Path, model, optimizer, lr_scheduler, resharded: bool, ema=None) -> dict:
-        """Restore model/optimizer/EMA (DCP, reshards as needed) and, unless resharded, this rank's extras."""
+        """Restore model/optimizer/EMA (DCP, reshards as needed) and, unless resharded, this rank's extras.
+
+        Collective: if any rank fails, all raise. A failure that shows damaged files (unreadable, truncated,
+        corrupt) renames the folder to damaged-step-N, so no restart picks it again, and raises
+        CheckpointDamaged (the caller falls back to an older checkpoint)."""
+        err, extra = None, None
+        try:
+            extra = self._load(path, model, optimizer, lr_scheduler, resharded, ema)
+        except Exception as e:
+            err = e
+        outcome = all_max(0 if err is None else 2 if _is_damage(err) else 1)  # every rank decides alike
+        if outcome == 2:
+            reason = f"{type(err).__name__}: {err}" if err is not None else "another rank could not read its part"
+            raise CheckpointDamaged(path, reason) from err
+        if outcome == 1:
+            raise err if err is not None else PeerFailed(f"loading checkpoint {path} failed on another rank")
+        return extra
+
+    def mark_damaged(self, path: Path, reason: str) -> Path:
+        """Rename a checkpoint that failed to load to damaged-step-N (collective); returns the new path."""
+        target = path.with_name(f"damaged-{path.name}")
+        if self.rank == 0 and path.exists():
+            k = 1
+            while target.exists():
+                target, k = path.with_name(f"damaged-{path.name}.{k}"), k + 1
+            path.rename(target)
+            log.warning("checkpoint %s could not be loaded (%s): renamed to %s", path, reason, target.name)
+        dist.barrier()
+        return target
+
+    def _load(self, path: Path, model, optimizer, lr_scheduler, resharded: bool, ema=None) -> dict:
         marker = read_marker(path)
         with_ema = ema is not None and marker.get("ema", False)
         state, opts = _model_optim_state(model, optimizer, marker["trainable_only"], ema if with_ema else None)
@@ -270,3 +451,23 @@ class Checkpointer:
         if not resharded:
             _set_rng_state(extra["rng"])
         return extra
+
+
+class CheckpointDamaged(RuntimeError):
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"checkpoint {path} is damaged: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _is_damage(e: BaseException, depth: int = 0) -> bool:
+    """Whether a load failure comes from the files (I/O, truncation, corrupt data), not from this run's config."""
+    if e is None or depth > 8:
+        return False
+    if isinstance(e, (OSError, EOFError, pickle.UnpicklingError)):
+        return True
+    text = str(e)
+    if isinstance(e, RuntimeError) and any(k in text for k in ("PytorchStreamReader", "zip archive", "unexpected EOF")):
+        return True
+    if any(_is_damage(inner, depth + 1) for inner in getattr(e, "failures", {}).values()):
+        return True
+    return _is_damage(e.__cause__ or e.__context__, depth + 1)

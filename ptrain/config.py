@@ -295,6 +295,9 @@ class ParallelArgs:
     fsdp_cpu_offload: bool = False
     """Keep sharded parameters, gradients and optimizer state in CPU memory (FSDP2 CPUOffloadPolicy); the
     optimizer step runs on the CPU. For full fine-tuning of models that do not fit on the GPUs otherwise."""
+    dist_timeout_s: int = 1800
+    """Seconds the ranks wait for one another (rendezvous and every collective) before the run fails with a
+    timeout; raise it when one rank does long work alone (e.g. precomputation, a large checkpoint load)."""
 
 
 @dataclass
@@ -518,6 +521,8 @@ class Config:
                 f"parallel degrees must be >= 1 (dp_shards may be -1): "
                 f"dp_degree={p.dp_degree} dp_shards={p.dp_shards} cp_degree={p.cp_degree}"
             )
+        if p.dist_timeout_s <= 0:
+            raise ConfigError(f"--dist_timeout_s must be > 0 (seconds), got {p.dist_timeout_s}")
         return self
 
 

@@ -6,12 +6,44 @@ only rank 0 keeps a CPU copy, so no rank other than 0 ever holds the full model.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import struct
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from huggingface_hub import save_torch_state_dict
 from torch.distributed.tensor import DTensor
+
+from ptrain.collective import raise_if_any_failed
+
+def sort_safetensors_metadata(path: str | Path) -> None:
+    """Rewrite a safetensors file's header with its metadata keys sorted.
+
+    safetensors writes the metadata map in hash order, which changes from process to process; sorted, the same
+    weights give the same bytes, so a file hash can prove two trainings (e.g. an uninterrupted and a resumed one)
+    equal. The tensors and their offsets are untouched."""
+    path = Path(path)
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n), object_pairs_hook=dict)
+        meta = header.pop("__metadata__", None)
+        if not meta:
+            return
+        new = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"))
+        raw = new.encode()
+        if len(raw) <= n:  # same content, so normally the same length: pad with spaces as safetensors does
+            f.seek(8)
+            f.write(raw + b" " * (n - len(raw)))
+            return
+        data = f.read()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    os.replace(tmp, path)
+
 
 ADAPTER = "default"  # the adapter name diffusers' add_adapter uses
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
@@ -53,15 +85,24 @@ def export_lora(
     if rank0:
         # peft names adapter weights `...lora_A.<adapter>.weight`; the diffusers file format drops the adapter name.
         lora = {k.replace(f".{ADAPTER}.", "."): v for k, v in gathered.items() if "lora_" in k}
-        meta = transformer.peft_config[ADAPTER].to_dict()
-        pipeline_cls.save_lora_weights(output_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=meta)
-        if expanded_input:
-            from safetensors.torch import save_file
+        # Sets (target_modules) sorted: the same training writes the same bytes in every process.
+        meta = {k: sorted(v) if isinstance(v, set) else v for k, v in transformer.peft_config[ADAPTER].to_dict().items()}
+        err = None
+        try:
+            pipeline_cls.save_lora_weights(
+                output_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=meta
+            )
+            if expanded_input:
+                from safetensors.torch import save_file
 
-            layer = {k: v for k, v in gathered.items() if k.startswith(expanded_input + ".")}
-            info = {"module": expanded_input, "in_channels": str(transformer.config.in_channels)}
-            save_file(layer, str(output_dir / INPUT_LAYER_FILE), metadata={"format": "pt", **info})
-    dist.barrier()
+                layer = {k: v for k, v in gathered.items() if k.startswith(expanded_input + ".")}
+                info = {"module": expanded_input, "in_channels": str(transformer.config.in_channels)}
+                save_file(layer, str(output_dir / INPUT_LAYER_FILE), metadata={"format": "pt", **info})
+                sort_safetensors_metadata(output_dir / INPUT_LAYER_FILE)
+            sort_safetensors_metadata(output_dir / "pytorch_lora_weights.safetensors")
+        except OSError as e:
+            err = e
+    raise_if_any_failed(err if rank0 else None, f"writing the LoRA export to {output_dir}")
     return output_dir / "pytorch_lora_weights.safetensors" if rank0 else None
 
 
@@ -104,15 +145,69 @@ def export_full(transformer: torch.nn.Module, output_dir: Path, max_shard_size: 
     target = output_dir / "transformer"
     state = transformer.state_dict()
     gathered = _gather(list(state.items()), keep=rank0, dtype=torch.float32)
+    err = None
     if rank0:
-        target.mkdir(parents=True, exist_ok=True)
-        transformer.save_config(target)
-        save_torch_state_dict(
-            gathered,
-            target,
-            filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
-            max_shard_size=max_shard_size,
-            metadata={"format": "pt"},
-        )
-    dist.barrier()
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            transformer.save_config(target)
+            save_torch_state_dict(
+                gathered,
+                target,
+                filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                max_shard_size=max_shard_size,
+                metadata={"format": "pt"},
+            )
+        except OSError as e:
+            err = e
+    raise_if_any_failed(err, f"writing the transformer export to {target}")
     return target if rank0 else None
+
+
+EXPORT_MARKER = "ptrain_export.json"
+
+
+def begin_export(output_dir: Path) -> Path:
+    """Collective: a fresh staging folder output_dir/.export-tmp for `publish_export`."""
+    staging = Path(output_dir) / ".export-tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    return staging
+
+
+def publish_export(staging: Path, output_dir: Path, step: int) -> None:
+    """Collective: move what was exported into `staging` to output_dir (each file or folder replaced whole), then
+    write EXPORT_MARKER listing the files and sizes. The old marker goes first, so an export cut off half-way is
+    never taken for complete (`export_complete`), and a re-run exports again."""
+    err = None
+    if dist.get_rank() == 0:
+        try:
+            (output_dir / EXPORT_MARKER).unlink(missing_ok=True)
+            files = {}
+            for entry in sorted(staging.iterdir()):
+                dest = output_dir / entry.name
+                if dest.is_dir() and not dest.is_symlink():
+                    shutil.rmtree(dest)
+                os.replace(entry, dest)
+                found = [dest] if dest.is_file() else sorted(f for f in dest.rglob("*") if f.is_file())
+                files.update({str(f.relative_to(output_dir)): f.stat().st_size for f in found})
+            tmp = output_dir / (EXPORT_MARKER + ".tmp")
+            tmp.write_text(json.dumps({"step": step, "files": files}, indent=2))
+            os.replace(tmp, output_dir / EXPORT_MARKER)
+            staging.rmdir()
+        except OSError as e:
+            err = e
+    raise_if_any_failed(err, f"publishing the export in {output_dir}")
+
+
+def export_complete(output_dir: Path, step: int) -> bool:
+    """Whether output_dir holds a complete export of `step` (its marker and every file it lists, same sizes)."""
+    try:
+        marker = json.loads((Path(output_dir) / EXPORT_MARKER).read_text())
+        files = marker["files"]
+        return marker["step"] == step and bool(files) and all(
+            (Path(output_dir) / f).is_file() and (Path(output_dir) / f).stat().st_size == n for f, n in files.items()
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

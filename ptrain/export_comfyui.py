@@ -33,6 +33,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ptrain.export import sort_safetensors_metadata
+
 COMFYUI_LORA_FILE = "pytorch_lora_weights_comfyui.safetensors"
 COMFYUI_PREFIX = "diffusion_model."
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight")
@@ -171,4 +173,5 @@ def export_comfyui_lora(spec, lora_file: str | Path, transformer_config, output:
         "alpha": "lora_alpha / rank is folded into each lora_B (no .alpha keys: scale 1)",
     }
     save_file(converted, str(output), metadata={"format": "pt", "ptrain_comfyui": json.dumps(info)})
+    sort_safetensors_metadata(output)
     return output

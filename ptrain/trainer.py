@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from ptrain.checkpoint import (
+    CheckpointDamaged,
     Checkpointer,
     Layout,
     TrainState,
@@ -36,7 +37,7 @@ from ptrain.data import VideoDataset, build_dataloader, make_sampler, scan_datas
 from ptrain.data.precompute import PrecomputedDataset, precompute
 from ptrain.data.video import FrameSampling
 from ptrain.ema import EMA
-from ptrain.export import export_full, export_lora
+from ptrain.export import begin_export, export_complete, export_full, export_lora, publish_export
 from ptrain.export_comfyui import export_comfyui_lora
 from ptrain.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
 from ptrain.models.spec import Components, Conditioning, ModelSpec, get_spec
@@ -292,7 +293,7 @@ def plan_memory(cfg: Config, world: int) -> None:
 
 def train(cfg: Config) -> TrainResult:
     cfg.validate()
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.parallel.dist_timeout_s)
     setup_logging(rank, cfg.log.log_level)
     p, t, m, c = cfg.parallel, cfg.train, cfg.model, cfg.checkpoint
     dims = ParallelDims.build(p.dp_degree, p.dp_shards, p.cp_degree, world)
@@ -328,6 +329,21 @@ def train(cfg: Config) -> TrainResult:
             "--num_train_epochs %d: %d steps (%d per epoch of %d samples, global batch %d)",
             t.num_train_epochs, t.train_steps, steps_per_epoch, len(usable.records), global_batch,
         )  # fmt: skip
+    if resume is not None and not cfg.data.dry_run:
+        done_step = read_marker(resume)["step"]
+        if done_step > t.train_steps:
+            raise ConfigError(
+                f"checkpoint {resume} is at step {done_step}, past --train_steps {t.train_steps}: raise --train_steps, "
+                f"or pick an earlier checkpoint with --resume_from_checkpoint N"
+            )
+        if done_step == t.train_steps:
+            if export_complete(out, done_step):
+                log.info(
+                    "run is complete: checkpoint %s is at --train_steps %d and the weights are exported in %s; "
+                    "nothing to do (raise --train_steps to train further)", resume, t.train_steps, out,
+                )  # fmt: skip
+                return TrainResult(exported=out)
+            log.info("run is complete at step %d but its export is missing or partial: exporting again", done_step)
     if cfg.data.dry_run:
         print_dry_run(cfg, dims, usable, global_batch, steps_per_epoch, resume, sampling, rules)
         if cfg.data.plan_gpu_memory_gb and rank == 0:
@@ -400,17 +416,27 @@ def train(cfg: Config) -> TrainResult:
     checkpointer.clean_partial()
     state = TrainState()
     sampler_state = None
+    while resume is not None:
+        try:
+            checkpointer.load(resume, transformer, optimizer, lr_scheduler, resharded, ema)
+            break
+        except CheckpointDamaged as e:
+            checkpointer.mark_damaged(resume, e.reason)
+            if c.resume_from_checkpoint not in ("auto", "latest"):
+                raise ConfigError(f"--resume_from_checkpoint {c.resume_from_checkpoint}: {e}") from e
+            resume, resharded = find_resume(cfg, out, layout)  # the previous intact one (or an error if none)
+            if resume is None:
+                raise ConfigError(f"{e}, and there is no older checkpoint; --resume_from_checkpoint none starts over")
     if resume is not None:
-        extra = checkpointer.load(resume, transformer, optimizer, lr_scheduler, resharded, ema)
         state = TrainState(**read_marker(resume)["train_state"])
         if resharded:  # same samples from here on: restart the stream where the old layout stopped
             state.base_position, state.base_step = state.samples_seen, state.step
+        # The micro-batches training consumed (not the loader's sampler counter, which runs ahead by the
+        # workers' prefetch).
         sampler_state = {
             "micro_batches_done": (state.step - state.base_step) * accum,
             "base_position": state.base_position,
         }
-        if not resharded and extra["sampler"] != sampler_state:
-            raise RuntimeError(f"checkpoint {resume}: sampler state {extra['sampler']} != expected {sampler_state}")
 
     max_seq = cfg.data.max_sequence_length or spec.max_sequence_length(comps)
     dataset = None
@@ -472,7 +498,10 @@ def train(cfg: Config) -> TrainResult:
     def save_checkpoint(final: bool = False) -> None:
         checkpointer.save(
             transformer, optimizer, lr_scheduler, state, layout, meta,
-            rank_extra={"sampler": sampler.state_dict()},
+            rank_extra={
+                "sampler": {"micro_batches_done": (state.step - state.base_step) * accum,
+                            "base_position": state.base_position}
+            },
             export_fn=export if c.export_every_checkpoint else None, final=final, ema=ema,
         )  # fmt: skip
 
@@ -637,10 +666,13 @@ def train(cfg: Config) -> TrainResult:
         bar.close()
         metrics.close()
 
-    result.exported = export(out)
+    staging = begin_export(out)  # exports appear whole, with a marker, or not at all (see publish_export)
+    exported = export(staging)
     if ema is not None and t.export_ema:
         with ema.swapped_in():
-            export(out / "ema")
+            export(staging / "ema")
+    publish_export(staging, out, state.step)
+    result.exported = out / exported.relative_to(staging) if exported is not None else None
     if rank == 0:
         final = f"final loss {result.losses[-1]:.5f}, " if result.losses else ""
         log.info("done: %d steps, %sweights in %s", state.step, final, result.exported)

@@ -5,7 +5,14 @@ Order (fixed): activation checkpointing -> compile per block -> fully_shard / re
 
 from ptrain.parallel.activation import apply_ac
 from ptrain.parallel.compile import apply_compile
-from ptrain.parallel.dims import ParallelConfigError, ParallelDims, backend, device_type, init_distributed
+from ptrain.parallel.dims import (
+    ParallelConfigError,
+    ParallelDims,
+    backend,
+    device_type,
+    init_distributed,
+    select_device,
+)
 from ptrain.parallel.fsdp import apply_data_parallel
 
 __all__ = [
@@ -17,4 +24,5 @@ __all__ = [
     "backend",
     "device_type",
     "init_distributed",
+    "select_device",
 ]

@@ -10,6 +10,9 @@ gradient mean.
 from __future__ import annotations
 
 import os
+import socket
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -113,22 +116,63 @@ class Meshes:
     hsdp: DeviceMesh  # 2-D (dp_replicate, dp_shard_cp) for HSDP / replicate
 
 
+def select_device(env: Mapping[str, str], device_type: str, device_count: int) -> torch.device:
+    """The device this process trains on, from torchrun's environment; pure, so it is testable without a GPU.
+
+    With every GPU visible to every process the index is LOCAL_RANK; with one GPU per process
+    (CUDA_VISIBLE_DEVICES set per process, as SLURM and some launchers do) the only index is 0.
+    Anything else (e.g. LOCAL_RANK 3 with two visible GPUs) is an error naming the values.
+    """
+    if device_type != "cuda":
+        return torch.device(device_type)
+    raw = env.get("LOCAL_RANK", "0")
+    visible = env.get("CUDA_VISIBLE_DEVICES", "<unset>")
+    try:
+        local_rank = int(raw)
+    except ValueError:
+        raise ParallelConfigError(f"LOCAL_RANK={raw!r} is not an integer (CUDA_VISIBLE_DEVICES={visible})") from None
+    if 0 <= local_rank < device_count:
+        return torch.device("cuda", local_rank)
+    if device_count == 1 and local_rank >= 0:
+        return torch.device("cuda", 0)
+    raise ParallelConfigError(
+        f"cannot choose a GPU: LOCAL_RANK={local_rank} but this process sees {device_count} CUDA device(s) "
+        f"(CUDA_VISIBLE_DEVICES={visible}); start at most as many processes per node as visible GPUs "
+        "(torchrun --nproc_per_node), and give each process either all of the node's GPUs or exactly one"
+    )
+
+
 def init_distributed(timeout_s: int = 1800) -> tuple[int, int, torch.device]:
-    """Initialise the default process group from torchrun's environment (or a single process)."""
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python -m ptrain`: a world of one
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if device_type() == "cuda":
-            torch.cuda.set_device(local_rank)
+    """Initialise the default process group from torchrun's environment (or a single process).
+
+    Returns (rank, world size, device). On first initialisation each rank prints one line to stderr
+    naming host, rank, local rank and device; `timeout_s` (--dist_timeout_s) bounds rendezvous and
+    every collective.
+    """
+    kind = device_type()
+    first = not dist.is_initialized()
+    if first and "RANK" not in os.environ:  # plain `python -m ptrain`: a world of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    device = select_device(os.environ, kind, torch.cuda.device_count() if kind == "cuda" else 0)
+    if first:
+        if kind == "cuda":
+            torch.cuda.set_device(device)
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        # Before the rendezvous, so a rank that hangs there has still said where it runs.
+        print(
+            f"ptrain start: host={socket.gethostname()} rank={rank}/{world} "
+            f"local_rank={os.environ.get('LOCAL_RANK', '0')} device={device} backend={backend()} "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')} dist_timeout_s={timeout_s}",
+            file=sys.stderr,
+            flush=True,
+        )
         timeout = timedelta(seconds=timeout_s)
+        # device_id binds the NCCL communicators to this GPU eagerly; gloo on CPU takes none.
         dist.init_process_group(backend(), store=_rendezvous_store(rank, world, timeout), rank=rank,
-                                world_size=world, timeout=timeout)  # fmt: skip
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if device_type() == "cuda" else torch.device("cpu")
+                                world_size=world, timeout=timeout,
+                                device_id=device if kind == "cuda" else None)  # fmt: skip
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -152,8 +196,6 @@ def _rendezvous_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

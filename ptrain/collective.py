@@ -1,0 +1,31 @@
+"""Agreeing on a local failure before the next collective, so no rank is left waiting on one that raised."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class PeerFailed(RuntimeError):
+    """Raised on the ranks that did not fail themselves when another rank did."""
+
+
+def all_max(value: int) -> int:
+    """Collective: the largest of the ranks' integers (the value itself in a world of one)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def raise_if_any_failed(err: BaseException | None, what: str) -> None:
+    """Collective: every rank passes its own exception (or None); if any rank failed, all raise.
+
+    The failing rank re-raises its own exception; the others raise PeerFailed naming `what`."""
+    failed = all_max(0 if err is None else 1)
+    if err is not None:
+        raise err
+    if failed:
+        raise PeerFailed(f"{what} failed on another rank (its log has the error)")

@@ -1,0 +1,65 @@
+"""Multi-GPU start-up: device choice from torchrun's environment, --dist_timeout_s, the per-rank start line."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from ptrain.config import ConfigError, parse_config
+from ptrain.parallel.dims import ParallelConfigError, select_device
+
+
+def test_all_gpus_visible_uses_local_rank():
+    assert select_device({"LOCAL_RANK": "3"}, "cuda", 8) == torch.device("cuda", 3)
+
+
+def test_one_gpu_per_process_uses_index_0():
+    env = {"LOCAL_RANK": "3", "CUDA_VISIBLE_DEVICES": "5"}
+    assert select_device(env, "cuda", 1) == torch.device("cuda", 0)
+
+
+def test_local_rank_beyond_visible_gpus_is_an_error():
+    env = {"LOCAL_RANK": "3", "CUDA_VISIBLE_DEVICES": "0,1"}
+    with pytest.raises(ParallelConfigError, match=r"LOCAL_RANK=3 .*sees 2 CUDA device.*CUDA_VISIBLE_DEVICES=0,1"):
+        select_device(env, "cuda", 2)
+
+
+def test_cpu_ignores_local_rank():
+    assert select_device({"LOCAL_RANK": "3"}, "cpu", 0) == torch.device("cpu")
+
+
+def test_dist_timeout_must_be_positive(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    args = ["--pretrained_model_name_or_path", str(tmp_path), "--data_root", str(tmp_path)]
+    assert parse_config([*args, "--dist_timeout_s", "60"]).validate().parallel.dist_timeout_s == 60
+    assert parse_config(args).parallel.dist_timeout_s == 1800
+    with pytest.raises(ConfigError, match="--dist_timeout_s must be > 0.*got 0"):
+        parse_config([*args, "--dist_timeout_s", "0"]).validate()
+
+
+def test_init_distributed_prints_one_start_line():
+    code = (
+        "from ptrain.parallel.dims import init_distributed\n"
+        "import torch.distributed as dist\n"
+        "print(init_distributed(60))\n"
+        "dist.destroy_process_group()\n"
+    )
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")  # CPU + gloo even on a GPU machine
+    cmd = [sys.executable, "-c", code]
+    p = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [line for line in p.stderr.splitlines() if line.startswith("ptrain start:")]
+    expected = (
+        f"ptrain start: host={socket.gethostname()} rank=0/1 local_rank=0 device=cpu backend=gloo "
+        "CUDA_VISIBLE_DEVICES= dist_timeout_s=60"
+    )
+    assert lines == [expected], p.stderr
+    assert p.stdout.strip() == "(0, 1, device(type='cpu'))"
