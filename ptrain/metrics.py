@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 from pathlib import Path
@@ -47,9 +48,17 @@ class MetricsWriter:
         path = output_dir / "metrics.jsonl"
         kept = []
         if resume_step is not None and path.exists():  # drop rows of steps that the resumed run redoes
-            kept = [row for row in path.read_text().splitlines() if row and json.loads(row)["step"] <= resume_step]
-        self._file = open(path, "w", encoding="utf-8")
-        self._file.writelines(row + "\n" for row in kept)
+            for row in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(row)["step"] <= resume_step:
+                        kept.append(row)
+                except (ValueError, KeyError, TypeError):  # a row cut off by a kill mid-write
+                    continue
+        # Replaced whole (a kill here leaves the old file or the new one, never a truncated one), then appended to.
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(row + "\n" for row in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        self._file = open(path, "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
