@@ -37,10 +37,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ptrain.collective import PeerFailed, all_max, raise_if_any_failed
 from ptrain.config import ConfigError
+from ptrain.safe_load import UnreadableFileError, dcp_load, load_rank_state
 
 log = logging.getLogger("ptrain")
 
@@ -112,6 +114,11 @@ def checkpoint_problem(path: Path) -> str | None:
 def usable_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """Committed checkpoints that pass `checkpoint_problem`, oldest first; each one skipped is logged by name."""
     good = []
+    root = checkpoint_root(output_dir)
+    if root.is_dir():  # ptrain writes the marker before the rename, so a step-N folder without one is damaged
+        for p in sorted(root.iterdir()):
+            if _STEP_DIR.match(p.name) and not (p / MARKER).is_file():
+                log.warning("skipping damaged checkpoint %s: no %s", p, MARKER)
     for step, path in complete_checkpoints(output_dir):
         problem = checkpoint_problem(path)
         if problem:
@@ -241,6 +248,8 @@ def _state_bytes(obj) -> int:
 
 def _find_os_error(e: BaseException | None, depth: int = 0) -> OSError | None:
     """The OSError behind an exception (DCP wraps per-rank failures in CheckpointException.failures)."""
+    if isinstance(e, tuple):  # CheckpointException.failures values are (exception, traceback)
+        e = e[0] if e else None
     if e is None or depth > 8:
         return None
     if isinstance(e, OSError):
@@ -328,7 +337,7 @@ class Checkpointer:
                 self._pending = (fut, tmp, final_dir, marker, _state_bytes(state))
                 return final_dir
             dcp.save(state, checkpoint_id=str(tmp))
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             raise self._save_failed(tmp, e, _state_bytes(state)) from e
         self._commit(tmp, final_dir, marker)
         return final_dir
@@ -341,7 +350,7 @@ class Checkpointer:
         self._pending = None
         try:
             fut.result()
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             raise self._save_failed(tmp, e, nbytes) from e
         self._commit(tmp, final_dir, marker)
 
@@ -386,7 +395,7 @@ class Checkpointer:
                 err = e
         try:
             raise_if_any_failed(err, f"committing {final_dir}")
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             raise self._save_failed(tmp, e, 0) from e
         if self.rank == 0:
             log.info("checkpoint saved: %s", final_dir)
@@ -411,7 +420,7 @@ class Checkpointer:
         err, extra = None, None
         try:
             extra = self._load(path, model, optimizer, lr_scheduler, resharded, ema)
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             err = e
         outcome = all_max(0 if err is None else 2 if _is_damage(err) else 1)  # every rank decides alike
         if outcome == 2:
@@ -437,7 +446,7 @@ class Checkpointer:
         marker = read_marker(path)
         with_ema = ema is not None and marker.get("ema", False)
         state, opts = _model_optim_state(model, optimizer, marker["trainable_only"], ema if with_ema else None)
-        dcp.load(state, checkpoint_id=str(path))
+        dcp_load(state, path)  # no unrestricted unpickling (see safe_load.py)
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
             options=StateDictOptions(ignore_frozen_params=opts.ignore_frozen_params, strict=False),
@@ -446,7 +455,7 @@ class Checkpointer:
             log.warning("checkpoint %s has no EMA: the EMA starts from the resumed weights", path)
             ema.reset()
         extra_path = path / ("rank-0.pt" if resharded else f"rank-{self.rank}.pt")
-        extra = torch.load(extra_path, weights_only=True)
+        extra = load_rank_state(extra_path)
         lr_scheduler.load_state_dict(extra["lr_scheduler"])
         if not resharded:
             _set_rng_state(extra["rng"])
@@ -461,9 +470,11 @@ class CheckpointDamaged(RuntimeError):
 
 def _is_damage(e: BaseException, depth: int = 0) -> bool:
     """Whether a load failure comes from the files (I/O, truncation, corrupt data), not from this run's config."""
+    if isinstance(e, tuple):  # CheckpointException.failures values are (exception, traceback)
+        e = e[0] if e else None
     if e is None or depth > 8:
         return False
-    if isinstance(e, (OSError, EOFError, pickle.UnpicklingError)):
+    if isinstance(e, (OSError, EOFError, pickle.UnpicklingError, UnreadableFileError)):
         return True
     text = str(e)
     if isinstance(e, RuntimeError) and any(k in text for k in ("PytorchStreamReader", "zip archive", "unexpected EOF")):

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ptrain.config import Config
 from ptrain.data import Usable, VideoDataset
+from ptrain.safe_load import UnsafeFileError, load_safetensors
 
 log = logging.getLogger("ptrain")
 
@@ -156,6 +157,9 @@ class PrecomputedDataset(Dataset):
         self.folder, self.p, self.seed = Path(folder), caption_dropout_p, seed
         files = json.loads((self.folder / "manifest.json").read_text())["files"]
         self.files = [files[sample_key(usable, i)] for i in range(len(usable.records))]
+        for name in self.files:  # file names inside the cache folder, nothing elsewhere
+            if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+                raise UnsafeFileError(f"{self.folder / 'manifest.json'}: invalid cache file name {name!r}")
         self._empty: dict | None = None
 
     def __len__(self) -> int:
@@ -164,9 +168,9 @@ class PrecomputedDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, position = key[0], key[1]
         rng = np.random.default_rng([self.seed, position, 0xDA7A])
-        item = load_file(self.folder / self.files[index])
+        item = load_safetensors(self.folder / self.files[index])
         if self.p and rng.random() < self.p:
             if self._empty is None:
-                self._empty = load_file(self.folder / EMPTY)
+                self._empty = load_safetensors(self.folder / EMPTY)
             item.update(self._empty)
         return {**item, "position": position, "index": index, "replaced": 0}

@@ -120,11 +120,18 @@ class ModelSpec(ABC):
                 kwargs["dtype"] = dtypes[name]
             elif name == "image_encoder":
                 kwargs["dtype"] = dtypes["text_encoder"]
+            if issubclass(cls, nn.Module):  # weights from safetensors only, never a pickled .bin (README)
+                kwargs["use_safetensors"] = True
+            if cls.__module__.startswith("transformers.models.auto"):  # AutoTokenizer: never a checkpoint's code
+                kwargs["trust_remote_code"] = False
             try:
                 loaded[name] = cls.from_pretrained(src, **kwargs)
             except (OSError, ValueError) as e:
                 where = f"{src}/{sub}" if sub else src
-                raise ConfigError(f"cannot load {name} ({cls.__name__}) from {where}: {e}") from e
+                hint = ""
+                if any(Path(where).glob("*.bin")):
+                    hint = " (ptrain loads weights from .safetensors only: a .bin file is a pickle; convert it)"
+                raise ConfigError(f"cannot load {name} ({cls.__name__}) from {where}: {e}{hint}") from e
         for name, module in loaded.items():
             if name != "transformer" and isinstance(module, nn.Module):
                 module.requires_grad_(False).eval().to(device)

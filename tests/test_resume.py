@@ -1,0 +1,200 @@
+"""Resume in the users' conditions (issue 17): data-loader workers on (the default 2, and 0, 1, 4), a
+warmup + cosine schedule, EMA, a dataset that the global batch does not divide, --num_train_epochs; a
+checkpoint at every step, each resumed to a byte-identical export. Finished runs re-run as a no-op; damaged
+checkpoints are skipped or renamed with a fallback; a failing save (a real EFBIG write error) stops with a
+named error and leaves older checkpoints usable. Real torchrun processes on gloo."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_ARGS, first_error, run_ptrain
+
+from ptrain.checkpoint import MARKER, checkpoint_problem, complete_checkpoints, resolve_resume
+from ptrain.config import ConfigError
+from ptrain.export import EXPORT_MARKER
+
+pytestmark = pytest.mark.slow
+
+EXPORTS = ("pytorch_lora_weights.safetensors", "ema/pytorch_lora_weights.safetensors")
+
+
+def _args(ckpt: Path, data: Path, workers: int) -> list[str]:
+    # 8 videos, global batch 3: epochs end mid-batch; 2 epochs = 6 steps; a checkpoint after every step.
+    base = [a for a in TINY_ARGS]
+    base[base.index("--dataloader_num_workers") + 1] = str(workers)
+    return [
+        "--pretrained_model_name_or_path", str(ckpt), "--data_root", str(data), "--num_train_epochs", "2",
+        "--batch_size", "3", "--seed", "3", "--lr", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2",
+        "--ema_decay", "0.9", "--export_ema", "--checkpointing_steps", "1", *base,
+    ]  # fmt: skip
+
+
+def _hashes(out: Path) -> dict[str, str]:
+    return {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in EXPORTS}
+
+
+def _restart_copy(src: Path, dest: Path, keep_step: int) -> Path:
+    """src's output as if the run had been killed right after checkpoint `keep_step` committed."""
+    shutil.copytree(src, dest)
+    for step, path in complete_checkpoints(dest):
+        if step > keep_step:
+            shutil.rmtree(path)
+    for name in (*EXPORTS, EXPORT_MARKER):
+        (dest / name).unlink()
+    return dest
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt, tiny_data, tmp_path_factory):
+    """One uninterrupted run with the default 2 loader workers."""
+    out = tmp_path_factory.mktemp("resume-ref")
+    run = run_ptrain(1, _args(tiny_ckpt, tiny_data, workers=2), out)
+    assert run.returncode == 0, first_error(run.stderr)
+    assert "--num_train_epochs 2: 6 steps (3 per epoch of 8 samples, global batch 3)" in run.stderr
+    assert [s for s, _ in complete_checkpoints(out)] == [1, 2, 3, 4, 5, 6]
+    lrs = [m["lr"] for m in run.metrics]
+    assert len(set(lrs)) == 5 and lrs[1] == 1e-3, lrs  # warmup then cosine: a resume that lost the scheduler's state would show
+    return run
+
+
+@pytest.mark.parametrize("keep_step, workers", [(1, 0), (2, 1), (3, 4), (4, 2), (5, 0)])
+def test_resume_from_every_step_is_byte_identical(reference, tiny_ckpt, tiny_data, tmp_path, keep_step, workers):
+    out = _restart_copy(reference.output_dir, tmp_path / "o", keep_step)
+    run = run_ptrain(1, _args(tiny_ckpt, tiny_data, workers), out)
+    assert run.returncode == 0, first_error(run.stderr)
+    assert f"resuming from {out / 'checkpoints' / f'step-{keep_step}'} at step {keep_step}" in run.stderr
+    assert _hashes(out) == _hashes(reference.output_dir)  # LoRA and EMA files, byte for byte
+    keys = ("step", "loss", "lr", "grad_norm", "samples_seen")
+    assert [{k: m[k] for k in keys} for m in run.metrics] == [{k: m[k] for k in keys} for m in reference.metrics]
+
+
+def test_rerunning_a_finished_run_is_a_no_op(reference, tiny_ckpt, tiny_data, tmp_path):
+    out = tmp_path / "o"
+    shutil.copytree(reference.output_dir, out)
+    before = {name: (out / name).stat().st_mtime_ns for name in EXPORTS}
+    run = run_ptrain(1, _args(tiny_ckpt, tiny_data, workers=2), out)
+    assert run.returncode == 0, first_error(run.stderr)
+    assert "run is complete: checkpoint" in run.stderr and "nothing to do" in run.stderr
+    assert {name: (out / name).stat().st_mtime_ns for name in EXPORTS} == before  # not written again
+    assert [m["step"] for m in run.metrics] == [1, 2, 3, 4, 5, 6]
+
+    # The export lost (e.g. a kill during it): the re-run exports again, the same bytes.
+    (out / EXPORTS[0]).unlink()
+    run = run_ptrain(1, _args(tiny_ckpt, tiny_data, workers=2), out)
+    assert run.returncode == 0, first_error(run.stderr)
+    assert "its export is missing or partial: exporting again" in run.stderr
+    assert _hashes(out) == _hashes(reference.output_dir)
+
+    # More steps: training continues from step 6.
+    args = _args(tiny_ckpt, tiny_data, workers=2)
+    i = args.index("--num_train_epochs")
+    args[i : i + 2] = ["--train_steps", "8"]
+    run = run_ptrain(1, args, out)
+    assert run.returncode == 0, first_error(run.stderr)
+    assert "at step 6" in run.stderr
+    assert [m["step"] for m in run.metrics] == list(range(1, 9))
+    assert [s for s, _ in complete_checkpoints(out)][-1] == 8
+
+    # Fewer steps than the newest checkpoint: a named error (exit 2), nothing touched.
+    args[i + 1] = "4"
+    p = _direct(args, out)
+    assert p.returncode == 2, first_error(p.stderr)
+    assert "is at step 8, past --train_steps 4" in p.stderr and "Traceback" not in p.stderr
+
+
+def _damage(out: Path, step: int, how: str) -> None:
+    path = out / "checkpoints" / f"step-{step}"
+    shard = next(path.glob("*.distcp"))
+    if how == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif how == "missing shard":
+        shard.unlink()
+    elif how == "missing rank state":
+        (path / "rank-0.pt").unlink()
+    elif how == "missing marker":
+        (path / MARKER).unlink()
+    elif how == "unreadable marker":
+        (path / MARKER).write_text('{"step": 6, "train_st')
+    elif how == "corrupt metadata":  # same size, garbage: only loading finds it
+        meta = path / ".metadata"
+        meta.write_bytes(b"\x80" + os.urandom(meta.stat().st_size - 1))
+
+
+@pytest.mark.parametrize(
+    "how", ["truncated shard", "missing shard", "missing rank state", "missing marker", "unreadable marker"]
+)
+def test_damaged_checkpoint_is_skipped_with_a_warning(reference, tmp_path, how, caplog):
+    out = tmp_path / "o"
+    shutil.copytree(reference.output_dir, out)
+    _damage(out, 6, how)
+    with caplog.at_level("WARNING", logger="ptrain"):
+        assert resolve_resume("auto", out) == out / "checkpoints" / "step-5"
+    assert "step-6" in caplog.text and "skipping" in caplog.text
+    if how != "missing marker":
+        assert checkpoint_problem(out / "checkpoints" / "step-6")
+    with pytest.raises(ConfigError, match="step-6 is damaged|no complete checkpoint for step 6"):
+        resolve_resume("6", out)
+    # None intact: a clear error, not a silent fresh start.
+    for step in range(1, 6):
+        _damage(out, step, "truncated shard")
+    with pytest.raises(ConfigError, match=r"no intact checkpoint in .*damaged: .*step-1: .*truncated"):
+        resolve_resume("auto", out)
+
+
+def test_checkpoint_that_fails_to_load_is_set_aside_and_the_previous_one_used(
+    reference, tiny_ckpt, tiny_data, tmp_path
+):
+    out = _restart_copy(reference.output_dir, tmp_path / "o", keep_step=4)
+    _damage(out, 4, "corrupt metadata")
+    run = run_ptrain(1, _args(tiny_ckpt, tiny_data, workers=2), out)
+    assert run.returncode == 0, first_error(run.stderr)
+    assert "could not be loaded" in run.stderr and "renamed to damaged-step-4" in run.stderr
+    assert "at step 3" in run.stderr  # fell back
+    assert (out / "checkpoints" / "damaged-step-4").is_dir()  # kept for inspection, never picked again
+    assert _hashes(out) == _hashes(reference.output_dir)
+
+
+def _direct(args: list[str], out: Path, preexec_fn=None) -> subprocess.CompletedProcess:
+    """`python -m ptrain ARGS` without torchrun (whose exit code is 1 for any failure): ptrain's own exit code."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "ptrain", *args, "--output_dir", str(out)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, preexec_fn=preexec_fn)
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:  # in the child: writes past `limit` bytes fail with EFBIG instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_failing_save_names_the_path_and_keeps_older_checkpoints(reference, tiny_ckpt, tiny_data, tmp_path):
+    out = _restart_copy(reference.output_dir, tmp_path / "o", keep_step=2)
+    older = {p.name: sorted((f.name, f.stat().st_size) for f in p.iterdir()) for _, p in complete_checkpoints(out)}
+    shard = next((out / "checkpoints" / "step-2").glob("*.distcp")).stat().st_size
+    lora = (reference.output_dir / EXPORTS[0]).stat().st_size
+    assert shard > lora + 4096  # a limit between them fails the checkpoint shard only
+    p = _direct(_args(tiny_ckpt, tiny_data, workers=0), out, preexec_fn=_limit_file_size((shard + lora) // 2))
+    assert p.returncode == 4, first_error(p.stderr)
+    assert f"saving checkpoint step-3 to {out / 'checkpoints'} failed: File too large" in p.stderr
+    assert "It needs about" in p.stderr and "older checkpoints are intact (step-1, step-2)" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (out / "checkpoints" / ".tmp-step-3").exists() and not (out / "checkpoints" / "step-3").exists()
+    now = {p.name: sorted((f.name, f.stat().st_size) for f in p.iterdir()) for _, p in complete_checkpoints(out)}
+    assert now == older
+    # With room again the same command resumes from step 2 and ends as the uninterrupted run.
+    run = run_ptrain(1, _args(tiny_ckpt, tiny_data, workers=0), out)
+    assert run.returncode == 0, first_error(run.stderr)
+    assert "at step 2" in run.stderr
+    assert _hashes(out) == _hashes(reference.output_dir)
