@@ -60,6 +60,7 @@ class TrainResult:
     transformer: torch.nn.Module | None = None
     components: Components | None = None
     spec: ModelSpec | None = None
+    optimizer: torch.optim.Optimizer | None = None
 
 
 def setup_logging(rank: int, level: str) -> None:
@@ -484,7 +485,7 @@ def train(cfg: Config) -> TrainResult:
     metrics = MetricsWriter(
         out, rank == 0, cfg.log.report_to == "tensorboard", resume_step=state.step if resume else None
     )
-    result = TrainResult(spec=spec, components=comps, transformer=transformer)
+    result = TrainResult(spec=spec, components=comps, transformer=transformer, optimizer=optimizer)
     meta = {"model_name": m.model_name, "training_type": m.training_type, "num_samples": len(usable.records)}
 
     def export(target: Path) -> Path | None:
@@ -651,6 +652,8 @@ def train(cfg: Config) -> TrainResult:
                     f"Last complete checkpoint: {good[-1][1] if good else 'none'}. Lower --lr or check the data."
                 )
             if validation_items and v_every and (step % v_every == 0 or step == t.train_steps):
+                if t.validate_with_ema:
+                    log.info("validation at step %d samples with the EMA weights (--validate_with_ema)", step)
                 with (
                     ema.swapped_in() if t.validate_with_ema else contextlib.nullcontext(),
                     encoders_on(comps, device, offloaded),
