@@ -342,6 +342,16 @@ class Checkpointer:
         self._commit(tmp, final_dir, marker)
         return final_dir
 
+    def poll(self) -> None:
+        """Commit an async save as soon as every rank has written its part (collective; call once per step).
+
+        Without it a finished async save would stay uncommitted until the next save, and a crash in between
+        would lose it. The check is one small all-reduce on the CPU (gloo) group: no device sync."""
+        if self._pending is None:
+            return
+        if all_max(0 if self._pending[0].done() else 1, group=self._group) == 0:
+            self.wait()
+
     def wait(self) -> None:
         """Finish and commit an async save in flight (no-op otherwise)."""
         if self._pending is None:

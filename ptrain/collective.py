@@ -10,13 +10,13 @@ class PeerFailed(RuntimeError):
     """Raised on the ranks that did not fail themselves when another rank did."""
 
 
-def all_max(value: int) -> int:
-    """Collective: the largest of the ranks' integers (the value itself in a world of one)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+def all_max(value: int, group=None) -> int:
+    """Collective over `group` (default: the world): the largest of the ranks' integers."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([value], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    nccl = dist.get_backend(group) == "nccl"
+    t = torch.tensor([value], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return int(t.item())
 
 

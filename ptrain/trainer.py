@@ -659,6 +659,7 @@ def train(cfg: Config) -> TrainResult:
                     encoders_on(comps, device, offloaded),
                 ):
                     run_validation(spec, transformer, validation_items, cfg.validation, step, out, t.seed, metrics)
+            checkpointer.poll()  # commits a finished async save
             if ckpt_every and step % ckpt_every == 0 and step < t.train_steps:
                 save_checkpoint()
                 last_saved = step
