@@ -383,7 +383,7 @@ class Checkpointer:
             else "Fix the cause, then run the same command to resume."
         )
         return CheckpointSaveError(
-            f"saving checkpoint {tmp.name[len('.tmp-'):]} to {self.root} failed: {cause}. It needs about "
+            f"saving checkpoint {tmp.name[len('.tmp-') :]} to {self.root} failed: {cause}. It needs about "
             f"{_gb(local_bytes * world)} ({_gb(local_bytes)} from rank {self.rank} of {world}){space}. The partial "
             f"checkpoint was removed; older checkpoints are intact ({', '.join(older) or 'none'}). {hint}"
         )

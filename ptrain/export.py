@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from ptrain.collective import raise_if_any_failed
 
+
 def sort_safetensors_metadata(path: str | Path) -> None:
     """Rewrite a safetensors file's header with its metadata keys sorted.
 
@@ -86,7 +87,9 @@ def export_lora(
         # peft names adapter weights `...lora_A.<adapter>.weight`; the diffusers file format drops the adapter name.
         lora = {k.replace(f".{ADAPTER}.", "."): v for k, v in gathered.items() if "lora_" in k}
         # Sets (target_modules) sorted: the same training writes the same bytes in every process.
-        meta = {k: sorted(v) if isinstance(v, set) else v for k, v in transformer.peft_config[ADAPTER].to_dict().items()}
+        meta = {
+            k: sorted(v) if isinstance(v, set) else v for k, v in transformer.peft_config[ADAPTER].to_dict().items()
+        }
         err = None
         try:
             pipeline_cls.save_lora_weights(
@@ -206,8 +209,13 @@ def export_complete(output_dir: Path, step: int) -> bool:
     try:
         marker = json.loads((Path(output_dir) / EXPORT_MARKER).read_text())
         files = marker["files"]
-        return marker["step"] == step and bool(files) and all(
-            (Path(output_dir) / f).is_file() and (Path(output_dir) / f).stat().st_size == n for f, n in files.items()
+        return (
+            marker["step"] == step
+            and bool(files)
+            and all(
+                (Path(output_dir) / f).is_file() and (Path(output_dir) / f).stat().st_size == n
+                for f, n in files.items()
+            )
         )
     except (OSError, ValueError, KeyError, TypeError):
         return False

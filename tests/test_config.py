@@ -143,11 +143,7 @@ def test_optimizer_errors_are_clear():
         build_optimizer(p, OptimArgs(optimizer="adamw-8bit"), torch.device("cpu"))
     with pytest.raises(ConfigError, match="no trainable parameters"):
         build_optimizer([], OptimArgs(), torch.device("cpu"))
-    for name in ("adamw", "adam", "came"):
-        opt = build_optimizer(p, OptimArgs(optimizer=name, lr=1e-3), torch.device("cpu"))
-        p[0].grad = torch.ones(2, 2)
-        opt.step()
-    assert not torch.equal(p[0].detach(), torch.zeros(2, 2))
+    # Each optimizer's update is checked against a reference in tests/test_kernels_optim.py.
 
 
 def test_component_overrides_load_from_other_folders(tiny_ckpt, tmp_path):

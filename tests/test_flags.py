@@ -87,7 +87,9 @@ def test_frame_sampling_flags_on_a_decoded_clip(tiny_data):
     path = sorted((tiny_data / "videos").glob("*.mp4"))[0]
     vr = decord.VideoReader(str(path))
     h, w = vr[0].shape[:2]
-    s = FrameSampling.from_args(_cfg("--num_frames", "3", "--video_sample_stride", "2", "--skip_frames_start", "1").data)
+    s = FrameSampling.from_args(
+        _cfg("--num_frames", "3", "--video_sample_stride", "2", "--skip_frames_start", "1").data
+    )
     clip = load_clip(path, s, h, w)
     want = torch.from_numpy(vr.get_batch([1, 3, 5]).asnumpy()).permute(3, 0, 1, 2).float() / 127.5 - 1
     torch.testing.assert_close(clip, want)

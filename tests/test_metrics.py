@@ -31,3 +31,51 @@ def test_no_mfu_without_a_known_peak(tmp_path):
 
     assert device_peak_tflops(torch.device("cpu"), None) is None
     assert device_peak_tflops(torch.device("cpu"), 1.5) == 1.5
+
+
+def test_flop_count_of_a_training_step_matches_the_formula():
+    """What the trainer counts for MFU (FlopCounterMode around forward, loss and backward), on the tiny LTX
+    transformer, against arithmetic from the layer sizes: 2*rows*in*out per Linear in forward, the same again in
+    backward for the input gradient (where the input needs one) and for the weight gradient; attention
+    4*B*H*Lq*Lk*D in forward (q k^T and p v) and twice that in backward. SDPA's math kernel is forced: torch's
+    counter has no formula for the CPU flash kernel, so on CPU the logged tflops leave attention out."""
+    import torch
+    from diffusers import LTXVideoTransformer3DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ptrain.config import TrainArgs
+    from ptrain.models.spec import get_spec
+    from ptrain.objectives import FlowMatching, sample_generators
+    from ptrain.testing.tiny import LTX_TRANSFORMER_CONFIG
+
+    cfg = LTX_TRANSFORMER_CONFIG
+    model = LTXVideoTransformer3DModel(**cfg)
+    spec = get_spec("ltx_video")
+    spec._vae_ratios = (8, 32)
+    b, f, h, w, text = 2, 2, 4, 4, 6
+    latents = torch.randn(b, cfg["in_channels"], f, h, w)
+    cond = spec.simulated_conditioning(cfg, b, text, torch.device("cpu"), torch.float32)
+    objective = FlowMatching(TrainArgs(), 1.0)
+    prepared = objective.prepare(latents, sample_generators(0, range(b)))
+
+    linears = []
+    hooks = [
+        m.register_forward_hook(
+            lambda m, a, out: linears.append((a[0].numel() // m.in_features, m, a[0].requires_grad))
+        )
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        loss = objective.loss(spec.forward(model, prepared.noisy, prepared.timesteps, cond), prepared)
+        loss.backward()
+    for hook in hooks:
+        hook.remove()
+
+    linear = sum(2 * rows * m.in_features * m.out_features * (2 + needs_input_grad)
+                 for rows, m, needs_input_grad in linears)  # fmt: skip
+    n, heads, d = f * h * w, cfg["num_attention_heads"], cfg["attention_head_dim"]
+    attention = cfg["num_layers"] * 3 * 4 * b * heads * d * (n * n + n * text)  # self + cross attention
+    assert len(linears) > 10 and any(not g for _, _, g in linears)  # proj_in's input (latents) needs no grad
+    assert counter.get_total_flops() == linear + attention

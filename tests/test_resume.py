@@ -62,7 +62,9 @@ def reference(tiny_ckpt, tiny_data, tmp_path_factory):
     assert "--num_train_epochs 2: 6 steps (3 per epoch of 8 samples, global batch 3)" in run.stderr
     assert [s for s, _ in complete_checkpoints(out)] == [1, 2, 3, 4, 5, 6]
     lrs = [m["lr"] for m in run.metrics]
-    assert len(set(lrs)) == 5 and lrs[1] == 1e-3, lrs  # warmup then cosine: a resume that lost the scheduler's state would show
+    assert len(set(lrs)) == 5 and lrs[1] == 1e-3, (
+        lrs
+    )  # warmup then cosine: a resume that lost the scheduler's state would show
     return run
 
 

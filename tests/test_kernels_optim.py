@@ -1,0 +1,188 @@
+"""Ring attention's math kernel (the one used off CPU) against torch's SDPA, and each optimizer's update
+against a reference written out (AdamW, Adam) or came-pytorch's own CAME with the same flags."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ptrain.config import OptimArgs
+from ptrain.optim import build_optimizer
+from ptrain.parallel import context
+from ptrain.parallel.context import CPGroup, _Layout, _math_bwd, _math_fwd
+
+TOL = {torch.float32: {"rtol": 2e-5, "atol": 2e-6}, torch.float64: {"rtol": 1e-10, "atol": 1e-12}}
+# (batch, heads, query tokens, key blocks): uneven key blocks, as the ring visits them (the last rank's block is
+# shorter when the video tokens do not divide by cp; the first one holds the text tokens too).
+SHAPES = [(1, 2, 7, (7,)), (2, 3, 5, (4, 4)), (1, 2, 9, (6, 1, 4))]
+HEAD_DIM, SCALE = 8, 0.27  # not 1/sqrt(head_dim): a kernel that ignores `scale` fails
+
+
+def _inputs(b, h, lq, sizes, dtype, masked, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lk = sum(sizes)
+    q, k, v = (torch.randn(b, h, n, HEAD_DIM, generator=g, dtype=dtype) for n in (lq, lk, lk))
+    keep = None
+    if masked:  # key padding as text padding masks arrive, (B, 1, 1, Lk); each block keeps its first key
+        keep = torch.rand(b, 1, 1, lk, generator=g) > 0.4
+        starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+        keep[..., starts] = True
+    return q, k, v, keep
+
+
+def _additive(keep, dtype):
+    return None if keep is None else context._additive(keep, dtype)
+
+
+def _blocks(x, sizes, dim=2):
+    return list(torch.split(x, list(sizes), dim=dim))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("b, h, lq, sizes", SHAPES)
+def test_ring_math_kernel_forward_lse_merge_and_gradients_match_sdpa(b, h, lq, sizes, dtype, masked):
+    q, k, v, keep = _inputs(b, h, lq, sizes, dtype, masked)
+    mask = _additive(keep, dtype)
+
+    # Reference: SDPA with autograd, and the log-sum-exp of the scaled, masked scores in float64.
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    ref = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=keep, scale=SCALE)
+    dout = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    ref.backward(dout)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * SCALE
+    if mask is not None:
+        scores = scores + mask.double()
+    ref_lse = torch.logsumexp(scores, dim=-1)
+
+    # Whole key range in one block.
+    out, lse = _math_fwd(q, k, v, mask, SCALE)
+    assert out.dtype == dtype and lse.dtype == torch.promote_types(dtype, torch.float32)
+    torch.testing.assert_close(out, ref.detach(), **TOL[dtype])
+    torch.testing.assert_close(lse.double(), ref_lse, **TOL[dtype])
+
+    # Key blocks visited one at a time and merged by log-sum-exp, as _RingAttention.forward does.
+    kb, vb = _blocks(k, sizes), _blocks(v, sizes)
+    mb = [None] * len(sizes) if mask is None else _blocks(mask, sizes, dim=-1)
+    acc = torch.promote_types(dtype, torch.float32)
+    m_out = m_lse = None
+    for kk, vv, mm in zip(kb, vb, mb):
+        o, lse_b = _math_fwd(q, kk, vv, mm, SCALE)
+        if m_out is None:
+            m_out, m_lse = o.to(acc), lse_b
+        else:
+            new = torch.logaddexp(m_lse, lse_b)
+            m_out = m_out * torch.exp(m_lse - new).unsqueeze(-1) + o.to(acc) * torch.exp(lse_b - new).unsqueeze(-1)
+            m_lse = new
+    torch.testing.assert_close(m_out.to(dtype), ref.detach(), **TOL[dtype])
+    torch.testing.assert_close(m_lse.double(), ref_lse, **TOL[dtype])
+
+    # Backward per block from the merged output and lse (flash-attention identity): dq sums, dk/dv concatenate.
+    dq = torch.zeros(q.shape, dtype=acc)
+    dks, dvs = [], []
+    for kk, vv, mm in zip(kb, vb, mb):
+        gq, gk, gv = _math_bwd(dout, q, kk, vv, m_out.to(dtype), m_lse, mm, SCALE)
+        dq += gq
+        dks.append(gk)
+        dvs.append(gv)
+    torch.testing.assert_close(dq.to(dtype), qr.grad, **TOL[dtype])
+    torch.testing.assert_close(torch.cat(dks, 2).to(dtype), kr.grad, **TOL[dtype])
+    torch.testing.assert_close(torch.cat(dvs, 2).to(dtype), vr.grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("text_first", [True, False], ids=["text_prefix", "text_suffix"])
+def test_ring_attention_with_the_math_kernel_matches_sdpa(monkeypatch, dtype, text_first):
+    """The whole ring autograd Function (one rank) with the off-CPU kernel: text + video keys, text padding mask."""
+    monkeypatch.setattr(context, "_block_fwd", _math_fwd)
+    monkeypatch.setattr(context, "_block_bwd", _math_bwd)
+    b, h, t, n = 2, 3, 4, 6
+    q, k, v, _ = _inputs(b, h, t + n, (t + n,), dtype, masked=False, seed=2)
+    text_keep = torch.tensor([[True, True, True, False], [True, False, False, False]]).view(b, 1, 1, t)
+    keep = torch.cat([text_keep, torch.ones(b, 1, 1, n, dtype=torch.bool)] if text_first else
+                     [torch.ones(b, 1, 1, n, dtype=torch.bool), text_keep], dim=-1)  # fmt: skip
+    cpg = CPGroup(group=None, rank=0, size=1, global_ranks=[0], mode="ring")
+    lay = _Layout(text_len=t, text_first=text_first, n_local=n, n_valid=n)
+
+    qa, ka, va = (x.clone().requires_grad_() for x in (q, k, v))
+    out = context._RingAttention.apply(qa, ka, va, text_keep, lay, cpg, SCALE)
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    ref = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=keep, scale=SCALE)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    dout = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    out.backward(dout)
+    ref.backward(dout)
+    for got, want in ((qa, qr), (ka, kr), (va, vr)):
+        torch.testing.assert_close(got.grad, want.grad, **TOL[dtype])
+
+
+# --- optimizers -----------------------------------------------------------------------------------------------------------
+# Every hyperparameter away from its default, so that a flag not passed on changes the update.
+LR, B1, B2, B3, WD, EPS = 0.01, 0.8, 0.9, 0.7, 0.1, 1e-3
+GRADS = [torch.tensor([[0.5, -1.0, 2.0], [0.1, 0.0, -0.3]]), torch.tensor([[-0.2, 0.4, 1.0], [0.3, -0.6, 0.05]])]
+P0 = torch.tensor([[1.0, -2.0, 0.5], [0.25, 3.0, -1.0]])
+
+
+def _optim_args(name: str) -> OptimArgs:
+    return OptimArgs(optimizer=name, lr=LR, beta1=B1, beta2=B2, beta3=B3, weight_decay=WD, epsilon=EPS)
+
+
+def _adam_reference(decoupled: bool, lr: float = LR) -> torch.Tensor:
+    """Two steps of Adam (L2 penalty in the gradient) or AdamW (decoupled decay), written out in float64."""
+    p = P0.double().clone()
+    m = torch.zeros_like(p)
+    v = torch.zeros_like(p)
+    for t, g in enumerate(GRADS, start=1):
+        g = g.double()
+        if decoupled:
+            p = p * (1 - lr * WD)
+        else:
+            g = g + WD * p
+        m = B1 * m + (1 - B1) * g
+        v = B2 * v + (1 - B2) * g * g
+        p = p - lr * (m / (1 - B1**t)) / ((v / (1 - B2**t)).sqrt() + EPS)
+    return p
+
+
+def _step_twice(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], grads: list[list[torch.Tensor]]):
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam"])
+def test_adam_family_update_matches_the_formula(name):
+    p = torch.nn.Parameter(P0.clone())
+    slow = torch.nn.Parameter(P0.clone())  # a param group with its own learning rate (--*_low_learning_rate)
+    opt = build_optimizer([{"params": [p]}, {"params": [slow], "lr": LR / 10}], _optim_args(name), torch.device("cpu"))
+    _step_twice(opt, [p, slow], [[g, g] for g in GRADS])
+    want = _adam_reference(decoupled=name == "adamw")
+    torch.testing.assert_close(p.detach().double(), want, rtol=1e-6, atol=1e-7)
+    assert (p.detach() - P0).abs().min() > 1e-3  # every entry moved
+    torch.testing.assert_close(slow.detach().double(), _adam_reference(name == "adamw", LR / 10), rtol=1e-6, atol=1e-7)
+
+
+def test_came_update_is_came_pytorchs_with_every_flag_passed():
+    from came_pytorch import CAME
+
+    def run(opt_factory):
+        w = torch.nn.Parameter(P0.clone())  # factored (row/column) moments
+        bias = torch.nn.Parameter(P0[0].clone())  # unfactored
+        opt = opt_factory([w, bias])
+        _step_twice(opt, [w, bias], [[g, g[0]] for g in GRADS])
+        return w.detach(), bias.detach(), opt
+
+    got_w, got_b, opt = run(lambda ps: build_optimizer(ps, _optim_args("came"), torch.device("cpu")))
+    g = opt.param_groups[0]
+    assert (g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (LR, (B1, B2, B3), (EPS, 1e-16), WD)
+    ref_w, ref_b, _ = run(lambda ps: CAME(ps, lr=LR, betas=(B1, B2, B3), eps=(EPS, 1e-16), weight_decay=WD))
+    torch.testing.assert_close(got_w, ref_w, rtol=0, atol=0)
+    torch.testing.assert_close(got_b, ref_b, rtol=0, atol=0)
+    assert (got_w - P0).abs().min() > 1e-4 and (got_b - P0[0]).abs().min() > 1e-4
+    # The reference is sensitive to each flag: a wrong beta3 / eps / weight decay would not match it.
+    for other in ({"betas": (B1, B2, 0.9999)}, {"eps": (1e-30, 1e-16)}, {"weight_decay": 0.0}):
+        kw = {"lr": LR, "betas": (B1, B2, B3), "eps": (EPS, 1e-16), "weight_decay": WD} | other
+        w, _, _ = run(lambda ps, kw=kw: CAME(ps, **kw))
+        assert not torch.allclose(w, got_w, rtol=1e-6, atol=1e-7), other
