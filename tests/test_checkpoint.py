@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_ARGS, first_error, run_ptrain
+from conftest import REPO, TINY_ARGS, Run, first_error, run_ptrain
 from safetensors.torch import load_file
 
 from ptrain.checkpoint import MARKER, complete_checkpoints, resolve_resume
@@ -131,8 +131,11 @@ def test_nan_guard_skips_counts_and_stops(tiny_ckpt, tiny_data, tmp_path):
     args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--train_steps", "10",
             "--lr", "1e30", "--lr_scheduler", "constant", "--max_nan_steps", "3", "--checkpointing_steps", "1",
             *TINY_ARGS]  # fmt: skip
-    run = run_ptrain(1, args, tmp_path)
-    assert run.returncode != 0
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    p = subprocess.run([sys.executable, "-m", "ptrain", *args, "--output_dir", str(tmp_path)], cwd=REPO,
+                       env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)  # fmt: skip
+    run = Run(p.returncode, p.stdout, p.stderr, tmp_path)
+    assert run.returncode == 3, first_error(run.stderr)  # ptrain's own exit code (torchrun would report 1)
     assert "3 non-finite steps in a row (--max_nan_steps 3); stopping" in run.stderr
     assert "optimizer step skipped (1 in a row, 1 in total)" in run.stderr
     rows = run.metrics
@@ -158,7 +161,8 @@ def test_sigkill_at_random_moment_restarts_and_ends_bit_identical(tiny_ckpt, tin
     del tiny[tiny.index("--dataloader_num_workers") : tiny.index("--dataloader_num_workers") + 2]
     args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--train_steps", "8",
             "--checkpointing_steps", "2", "--checkpointing_limit", "2", "--dp_degree", "2", "--dp_shards", "2",
-            "--seed", "11", "--lr", "1e-3", *tiny]  # fmt: skip
+            "--seed", "11", "--lr", "1e-3", "--lr_scheduler", "polynomial", "--lr_power", "2", "--lr_warmup_steps", "2",
+            *tiny]  # fmt: skip
     ref = run_ptrain(4, args, tmp_path / "ref")
     assert ref.returncode == 0, first_error(ref.stderr)
 
@@ -194,4 +198,6 @@ def test_sigkill_at_random_moment_restarts_and_ends_bit_identical(tiny_ckpt, tin
     _assert_bit_identical(out, ref.output_dir)
     assert _sha(out / "pytorch_lora_weights.safetensors") == _sha(ref.output_dir / "pytorch_lora_weights.safetensors")
     assert [s for s, _ in complete_checkpoints(out)] == [6, 8]  # rotation kept exactly 2
-    assert [json.loads(r)["step"] for r in metrics.read_text().splitlines()] == list(range(1, 9))
+    rows = [json.loads(r) for r in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [(r["loss"], r["lr"], r["grad_norm"]) for r in rows] == [(r["loss"], r["lr"], r["grad_norm"]) for r in ref.metrics]

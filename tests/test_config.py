@@ -6,6 +6,8 @@ import dataclasses
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 from conftest import REPO
 
@@ -54,7 +56,25 @@ def test_toml_unknown_key_is_named(tmp_path):
 
 @pytest.mark.parametrize("preset", sorted((REPO / "configs").rglob("*.toml")), ids=lambda p: p.name)
 def test_shipped_presets_parse(preset):
-    parse_config(["--config", str(preset)])
+    import tomllib
+
+    from ptrain.config import _field_owner
+
+    cfg = parse_config(["--config", str(preset)])
+    raw = tomllib.loads(preset.read_text())
+    flat = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+    for table in (v for v in raw.values() if isinstance(v, dict)):
+        flat.update(table)
+    assert flat, f"{preset} sets nothing"
+    owner = _field_owner()
+    for key, value in flat.items():  # every key of the file took effect, with its value
+        got = getattr(getattr(cfg, owner[key]), key)
+        got = [str(x) for x in got] if isinstance(got, (list, tuple)) else got
+        want = [str(x) for x in value] if isinstance(value, list) else value
+        assert (str(got) if isinstance(got, Path) else got) == want, f"{preset.name}: {key} = {got!r}, file {value!r}"
+    if preset.parent.name != "configs":  # configs/<model>/<lora|full>.toml
+        assert cfg.model.model_name == preset.parent.name
+        assert cfg.model.training_type == {"lora": "lora", "full": "full-finetune"}[preset.stem]
 
 
 def test_help_documents_every_flag():
