@@ -73,6 +73,27 @@ def test_cpu_offload_gives_the_same_losses(launches):
     assert run.losses == pytest.approx(ref.losses, rel=1e-5)
 
 
+def test_cpu_offload_policy_reaches_every_unit(single_process_env):
+    """On CPU offloading changes no number (the losses above), so check that every FSDP2 unit (blocks, float32
+    submodules, root) holds its parameters with FSDP2's CPU offload policy, and that without the flag none does."""
+    from torch import nn
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    from ptrain.parallel import ParallelDims, apply_data_parallel, init_distributed
+
+    init_distributed(60)
+    dims = ParallelDims.build(1, 1, 1, 1)
+    mesh = dims.build_mesh()
+    for offload in (True, False):
+        m = nn.Module()
+        m.blocks, m.norm, m.out = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]), nn.LayerNorm(4), nn.Linear(4, 2)
+        apply_data_parallel(m, [m.blocks], mesh, dims, torch.bfloat16, ["norm"], cpu_offload=offload)
+        units = [*m.blocks, m.norm, m]
+        groups = [u._get_fsdp_state()._fsdp_param_group for u in units]
+        assert all(isinstance(g.offload_policy, CPUOffloadPolicy) == offload for g in groups), offload
+        assert all(fp.offload_to_cpu == offload for g in groups for fp in g.fsdp_params), offload
+
+
 def test_ema_under_fsdp2_equals_single_process_ema(launches):
     ref, run = launches("lora-single").run, launches("lora-fsdp2").run
     a = load_file(run.output_dir / "ema" / "pytorch_lora_weights.safetensors")
