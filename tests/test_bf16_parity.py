@@ -1,11 +1,12 @@
 """Parity at the default precision: bfloat16 transformer, VAE and text encoders (the defaults), with the modules
 diffusers keeps in float32 as their own float32 FSDP units (Wan's norms and time embedder), LoRA weights and
-optimizer in float32. One process vs HSDP 2x2 vs dp_shards 2 x cp 2 (ring), for every model.
+optimizer in float32. One process vs HSDP 2x2 and dp_shards 2 x cp 2 (ring) for every model, and FSDP2
+(batch 1 x accumulation 2, compiled blocks) for LTX-Video.
 
 Tolerance: bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4%); the layouts differ in reduction order
 (gradient reduce-scatter across ranks, attention split over cp ranks), so per-step losses agree within 2% and
-the exported LoRA weights within 1% (relative norm of the difference; seen: 5e-4 for LTX HSDP), where the same runs in float32 agree
-within 1e-4 (losses) and 1e-3 (weights)."""
+the exported LoRA weights within 1% (relative norm of the difference; seen on this CPU: 4e-4 to 4.1e-3, the
+largest for Wan with cp ring), where the same runs in float32 agree within 1e-4 (losses) and 1e-3 (weights)."""
 
 from __future__ import annotations
 
@@ -24,12 +25,15 @@ LOSS_RTOL = 2e-2
 WEIGHT_RTOL = 1e-2
 
 
-def _models(*default):
-    return [m if m in default else pytest.param(m, marks=pytest.mark.heavy) for m in MODELS]
+CASES = [
+    ("ltx_video", "lora-hsdp2x2"),
+    pytest.param("ltx_video", "lora-fsdp2", marks=pytest.mark.heavy),  # FSDP2 with accumulation and compile
+    *(pytest.param(m, "lora-hsdp2x2", marks=pytest.mark.heavy) for m in MODELS if m != "ltx_video"),
+    *(pytest.param(m, "lora-cp2-ring", marks=pytest.mark.heavy) for m in MODELS),
+]
 
 
-@pytest.mark.parametrize("layout", ["lora-hsdp2x2", pytest.param("lora-cp2-ring", marks=pytest.mark.heavy)])
-@pytest.mark.parametrize("model", _models("ltx_video"))
+@pytest.mark.parametrize("model, layout", CASES)
 def test_bf16_layouts_match_single_process(launches, model, layout):
     ref, run = launches("lora-single", model, *BF16).run, launches(layout, model, *BF16).run
     for r in (ref, run):
