@@ -273,6 +273,9 @@ class Checkpointer:
         self.rank = dist.get_rank()
         # A separate gloo group keeps async saves' collectives off the training stream (and works on CPU).
         self._group = dist.new_group(backend="gloo") if async_save else None
+        # poll()'s all-reduce needs a group of its own: the upload thread runs its collectives on _group
+        # concurrently, and two threads' collectives on one group would pair up wrongly across ranks.
+        self._poll_group = dist.new_group(backend="gloo") if async_save else None
         self._pending: tuple | None = None  # (future, tmp, final, marker) of an async save not yet committed
 
     def clean_partial(self) -> None:
@@ -349,7 +352,7 @@ class Checkpointer:
         would lose it. The check is one small all-reduce on the CPU (gloo) group: no device sync."""
         if self._pending is None:
             return
-        if all_max(0 if self._pending[0].done() else 1, group=self._group) == 0:
+        if all_max(0 if self._pending[0].done() else 1, group=self._poll_group) == 0:
             self.wait()
 
     def wait(self) -> None:
