@@ -422,9 +422,9 @@ def train(cfg: Config) -> TrainResult:
             checkpointer.load(resume, transformer, optimizer, lr_scheduler, resharded, ema)
             break
         except CheckpointDamaged as e:
-            checkpointer.mark_damaged(resume, e.reason)
-            if c.resume_from_checkpoint not in ("auto", "latest"):
+            if c.resume_from_checkpoint not in ("auto", "latest"):  # the one asked for: say so, touch nothing
                 raise ConfigError(f"--resume_from_checkpoint {c.resume_from_checkpoint}: {e}") from e
+            checkpointer.mark_damaged(resume, e.reason)  # never picked again: no crash loop
             resume, resharded = find_resume(cfg, out, layout)  # the previous intact one (or an error if none)
             if resume is None:
                 raise ConfigError(f"{e}, and there is no older checkpoint; --resume_from_checkpoint none starts over")
