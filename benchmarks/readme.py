@@ -101,22 +101,30 @@ def gpu_h200() -> str:
     return "\n".join(lines + ["", f"Where measured and planned differ: {gpu['finding']}."])
 
 
-def chaos() -> str:
-    """The summary lines of benchmarks/chaos.py's report ('**lora: 20/20 identical** (...)')."""
-    text = (RESULTS / "chaos.md").read_text()
+def _chaos_summary(name: str) -> str:
+    """'DATE, MACHINE, commit C; from `benchmarks/results/NAME`): lora 20/20 identical (...); full ...' of a report."""
+    text = (RESULTS / name).read_text()
     head = re.search(r"\(seed \d+\) on (.+?), (\d{4}-\d\d-\d\d)", text)
     trials = re.search(r"--trials (\d+)", text)
+    commit = re.search(r"ptrain at commit (\w+)", text)
     runs = []
     for m in re.finditer(r"\*\*(\w+): (\d+)/(\d+) identical\*\* \((.*?)\)", text):
         so_far = f", {m[3]} of {trials[1]} trials so far" if trials and int(m[3]) < int(trials[1]) else ""
         runs.append(f"{m[1]} {m[2]}/{m[3]} identical ({m[4].split('; 0 with failures')[0]}{so_far})")
     if not head or not runs:
-        sys.exit("benchmarks/results/chaos.md: no header line or no '**MODE: N/M identical**' summary line")
-    return (
-        f"Last run ({head[2]}, {head[1]}; from `benchmarks/results/chaos.md`): "
-        + "; ".join(runs)
-        + ("" if len(runs) > 1 else "; the other training type had not run yet")
-    )
+        sys.exit(f"benchmarks/results/{name}: no header line or no '**MODE: N/M identical**' summary line")
+    at = f", commit {commit[1]}" if commit else ""
+    return f"{head[2]}, {head[1]}{at}; from `benchmarks/results/{name}`): " + "; ".join(runs)
+
+
+def chaos() -> str:
+    """The summary lines of benchmarks/chaos.py's reports: the whole-run window, and the training window if run."""
+    out = "Last run (" + _chaos_summary("chaos.md")
+    if (RESULTS / "chaos_training.md").is_file():
+        out += ". With the kill drawn between step 1 and the end (`--window training`; " + _chaos_summary(
+            "chaos_training.md"
+        ).replace("; from", "; from", 1)
+    return out
 
 
 def ci() -> str:
