@@ -190,3 +190,24 @@ def first_error(stderr: str, context: int = 3000) -> str:
     """The first rank traceback in a torchrun log (the interesting part), else the tail."""
     i = stderr.find("Traceback")
     return stderr[max(0, i - 200) : i + context] if i >= 0 else stderr[-context:]
+
+
+#: Mean absolute difference a trained LoRA must make to a tiny pipeline's sample (seen: 1.5e-4 to 1.4e-2).
+LORA_MIN_DIFF = 2e-5
+
+
+def lora_changes_the_sample(pipe, sample):
+    """Sample twice with the same seed and inputs, the loaded LoRA enabled then disabled: the frames have the same
+    shape and differ (a LoRA that loads but changes nothing, e.g. exported untrained, fails). Returns the first."""
+    import numpy as np
+
+    with_lora = sample()
+    pipe.disable_lora()
+    try:
+        without = sample()
+    finally:
+        pipe.enable_lora()
+    assert with_lora.shape == without.shape
+    diff = float(np.abs(with_lora - without).mean())
+    assert diff > LORA_MIN_DIFF, diff
+    return with_lora

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ARGS, first_error, run_ptrain
+from conftest import TINY_ARGS, first_error, lora_changes_the_sample, run_ptrain
 from PIL import Image
 
 from ptrain.config import ConfigError, TrainArgs
@@ -17,28 +17,12 @@ from ptrain.testing.tiny import build_tiny_pipeline, write_tiny_checkpoint
 
 # Mean absolute difference (frames in [0, 1]) that a LoRA trained 3 steps must make to a 2-step sample. Measured:
 # 1.5e-4 (Wan inpaint) to 1.4e-2 (LTX-Video i2v); the same seed twice gives identical frames (difference 0).
-LORA_MIN_DIFF = 2e-5
 
 
 def _components(pipe) -> Components:
     comps = dict(pipe.components)
     core = {k: comps.pop(k) for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
     return Components(**core, extra={k: v for k, v in comps.items() if v is not None})
-
-
-def _lora_changes_the_sample(pipe, sample):
-    """Sample twice with the same seed and inputs, the loaded LoRA enabled then disabled: the frames have the same
-    shape and differ (a LoRA that loads but changes nothing, e.g. exported untrained, fails). Returns the first."""
-    with_lora = sample()
-    pipe.disable_lora()
-    try:
-        without = sample()
-    finally:
-        pipe.enable_lora()
-    assert with_lora.shape == without.shape
-    diff = float(np.abs(with_lora - without).mean())
-    assert diff > LORA_MIN_DIFF, diff
-    return with_lora
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +96,7 @@ def test_ltx_i2v_lora_parity_and_pipeline(tiny_data, first_frame, tmp_path):
 
     pipe = LTXImageToVideoPipeline.from_pretrained(ckpt, dtype=torch.float32)
     pipe.load_lora_weights(tmp_path / "two")
-    frames = _lora_changes_the_sample(pipe, lambda: pipe(
+    frames = lora_changes_the_sample(pipe, lambda: pipe(
         image=Image.open(first_frame).convert("RGB"), prompt="a red ball", height=32, width=64, num_frames=9,
         num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).frames[0])  # fmt: skip
     assert frames.shape == (9, 32, 64, 3)
@@ -152,7 +136,7 @@ def test_cogvideox15_i2v_lora_loads_in_pipeline(tiny_data, first_frame, tmp_path
     pipe = CogVideoXImageToVideoPipeline.from_pretrained(ckpt, dtype=torch.float32)
     pipe.load_lora_weights(tmp_path / "run")
     assert next(iter(pipe.transformer.peft_config.values())).lora_alpha == 8
-    frames = _lora_changes_the_sample(pipe, lambda: pipe(
+    frames = lora_changes_the_sample(pipe, lambda: pipe(
         image=Image.open(first_frame).convert("RGB"), prompt="a dog", height=32, width=32, num_frames=13,
         num_inference_steps=2, max_sequence_length=pipe.transformer.config.max_text_seq_length, output_type="np",
         generator=torch.Generator().manual_seed(0)).frames[0])  # fmt: skip

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import MODELS, TINY_ARGS, first_error, run_ptrain
+from conftest import MODELS, TINY_ARGS, first_error, lora_changes_the_sample, run_ptrain
 from PIL import Image
 
 from ptrain.config import ConfigError, ModelArgs, TrainArgs
@@ -20,28 +20,12 @@ from ptrain.testing.tiny import build_tiny_pipeline, write_tiny_checkpoint
 # Mean absolute difference of the frames in [0, 1] (or of the prediction where diffusers has no pipeline) that a
 # LoRA trained 3 steps must make to a 2-step sample. Measured:
 # 1.5e-4 (Wan inpaint) to 1.4e-2 (LTX-Video i2v); the same seed twice gives identical frames (difference 0).
-LORA_MIN_DIFF = 2e-5
 
 
 def _components(pipe) -> Components:
     comps = dict(pipe.components)
     core = {k: comps.pop(k) for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
     return Components(**core, extra={k: v for k, v in comps.items() if v is not None})
-
-
-def _lora_changes_the_sample(pipe, sample):
-    """Sample twice with the same seed and inputs, the loaded LoRA enabled then disabled: the frames have the same
-    shape and differ (a LoRA that loads but changes nothing, e.g. exported untrained, fails). Returns the first."""
-    with_lora = sample()
-    pipe.disable_lora()
-    try:
-        without = sample()
-    finally:
-        pipe.enable_lora()
-    assert with_lora.shape == without.shape
-    diff = float(np.abs(with_lora - without).mean())
-    assert diff > LORA_MIN_DIFF, diff
-    return with_lora
 
 
 def _video(seed: int = 2, batch: int = 2) -> torch.Tensor:
@@ -153,7 +137,7 @@ def _parity(ckpt, data, model, mode, tmp_path, *extra):
 
 def _generate(pipe, image, frames=9):
     """2 steps from a fixed seed, the frames with the loaded LoRA, checked to differ from those without it."""
-    return _lora_changes_the_sample(pipe, lambda: pipe(
+    return lora_changes_the_sample(pipe, lambda: pipe(
         image=image, prompt="a red ball", height=32, width=32, num_frames=frames, num_inference_steps=2,
         output_type="np", generator=torch.Generator().manual_seed(0),
         **({"max_sequence_length": pipe.transformer.config.max_text_seq_length}
@@ -197,7 +181,7 @@ def test_inpaint_lora_from_t2v_parity_and_export(model, tiny_ckpts, tiny_data, t
         prepared = spec.make_objective(TrainArgs(), comps).prepare(latents, gens)
         _, cond = spec.condition("inpaint", comps, video, latents, prepared, cond, gens)
         with torch.no_grad():
-            pred = _lora_changes_the_sample(pipe, lambda: spec.forward(pipe.transformer, prepared.noisy,
+            pred = lora_changes_the_sample(pipe, lambda: spec.forward(pipe.transformer, prepared.noisy,
                                                                        prepared.timesteps, cond).numpy())  # fmt: skip
         assert pred.shape == latents.shape
 
