@@ -343,6 +343,9 @@ def train(cfg: Config) -> TrainResult:
                     "run is complete: checkpoint %s is at --train_steps %d and the weights are exported in %s; "
                     "nothing to do (raise --train_steps to train further)", resume, t.train_steps, out,
                 )  # fmt: skip
+                # Every rank leaves together: one that tore its process group down while another was still setting
+                # up its own aborted ("terminate called without an active exception", seen in the chaos run).
+                dist.barrier()
                 return TrainResult(exported=out)
             log.info("run is complete at step %d but its export is missing or partial: exporting again", done_step)
     if cfg.data.dry_run:
