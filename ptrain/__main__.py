@@ -17,6 +17,10 @@ def main(argv: list[str] | None = None) -> int:
         from ptrain.trainer import train
 
         train(cfg)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Leave together: a rank that tears its process group down while a peer is still finishing the last
+            # collective can abort at exit (seen rarely with gloo).
+            dist.barrier()
     except (ConfigError, ParallelConfigError) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:  # the same message on every rank: print it once
             print(f"ptrain: error: {e}", file=sys.stderr)
