@@ -246,19 +246,22 @@ def _state_bytes(obj) -> int:
     return 0
 
 
-def _find_os_error(e: BaseException | None, depth: int = 0) -> OSError | None:
-    """The OSError behind an exception (DCP wraps per-rank failures in CheckpointException.failures)."""
-    if isinstance(e, tuple):  # CheckpointException.failures values are (exception, traceback)
+def _causes(e: BaseException | None, depth: int = 0):
+    """The exception, the per-rank failures DCP wraps in CheckpointException.failures ((exception, traceback)
+    pairs), and their causes/contexts, depth first."""
+    if isinstance(e, tuple):
         e = e[0] if e else None
     if e is None or depth > 8:
-        return None
-    if isinstance(e, OSError):
-        return e
+        return
+    yield e
     for inner in getattr(e, "failures", {}).values():
-        found = _find_os_error(inner, depth + 1)
-        if found:
-            return found
-    return _find_os_error(e.__cause__ or e.__context__, depth + 1)
+        yield from _causes(inner, depth + 1)
+    yield from _causes(e.__cause__ or e.__context__, depth + 1)
+
+
+def _find_os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind an exception."""
+    return next((c for c in _causes(e) if isinstance(c, OSError)), None)
 
 
 class Checkpointer:
@@ -295,7 +298,7 @@ class Checkpointer:
         train_state: TrainState,
         layout: Layout,
         meta: dict,
-        rank_extra: dict,
+        rank_extra: dict | None = None,
         export_fn=None,
         final: bool = False,
         ema=None,
@@ -327,7 +330,7 @@ class Checkpointer:
             raise_if_any_failed(err, f"creating {tmp}")
             try:
                 torch.save(
-                    {"rng": _rng_state(), "lr_scheduler": lr_scheduler.state_dict(), **rank_extra},
+                    {"rng": _rng_state(), "lr_scheduler": lr_scheduler.state_dict(), **(rank_extra or {})},
                     tmp / f"rank-{self.rank}.pt",
                 )
             except OSError as e:
@@ -481,17 +484,13 @@ class CheckpointDamaged(RuntimeError):
         self.path, self.reason = path, reason
 
 
-def _is_damage(e: BaseException, depth: int = 0) -> bool:
+def _is_damage(e: BaseException) -> bool:
     """Whether a load failure comes from the files (I/O, truncation, corrupt data), not from this run's config."""
-    if isinstance(e, tuple):  # CheckpointException.failures values are (exception, traceback)
-        e = e[0] if e else None
-    if e is None or depth > 8:
-        return False
-    if isinstance(e, (OSError, EOFError, pickle.UnpicklingError, UnreadableFileError)):
-        return True
-    text = str(e)
-    if isinstance(e, RuntimeError) and any(k in text for k in ("PytorchStreamReader", "zip archive", "unexpected EOF")):
-        return True
-    if any(_is_damage(inner, depth + 1) for inner in getattr(e, "failures", {}).values()):
-        return True
-    return _is_damage(e.__cause__ or e.__context__, depth + 1)
+    for c in _causes(e):
+        if isinstance(c, (OSError, EOFError, pickle.UnpicklingError, UnreadableFileError)):
+            return True
+        if isinstance(c, RuntimeError) and any(
+            k in str(c) for k in ("PytorchStreamReader", "zip archive", "unexpected EOF")
+        ):
+            return True
+    return False

@@ -502,10 +502,6 @@ def train(cfg: Config) -> TrainResult:
     def save_checkpoint(final: bool = False) -> None:
         checkpointer.save(
             transformer, optimizer, lr_scheduler, state, layout, meta,
-            rank_extra={
-                "sampler": {"micro_batches_done": (state.step - state.base_step) * accum,
-                            "base_position": state.base_position}
-            },
             export_fn=export if c.export_every_checkpoint else None, final=final, ema=ema,
         )  # fmt: skip
 
