@@ -38,7 +38,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from ptrain.collective import PeerFailed, all_max, raise_if_any_failed
 from ptrain.config import ConfigError
@@ -196,34 +202,58 @@ def check_layout(marker: dict, now: Layout, path: Path, allow_reshard: bool) -> 
     )
 
 
-def _model_optim_state(model, optimizer, trainable_only: bool, ema=None):
-    opts = StateDictOptions(ignore_frozen_params=trainable_only)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-    state = {"model": model_sd, "optim": optim_sd}
-    if ema is not None:
-        state["ema"] = ema.state_dict()  # sharded like the parameters
-    return state, opts
+class ModelState:
+    """The model's (sharded) state dict as a DCP `Stateful` (get/set_model_state_dict). `trainable_only` leaves
+    out frozen parameters (LoRA's base)."""
+
+    def __init__(self, model: torch.nn.Module, trainable_only: bool):
+        self.model, self.trainable_only = model, trainable_only
+
+    def _options(self, **kw) -> StateDictOptions:
+        return StateDictOptions(ignore_frozen_params=self.trainable_only, **kw)
+
+    def state_dict(self) -> dict:
+        return get_model_state_dict(self.model, options=self._options())
+
+    def load_state_dict(self, state: dict) -> None:
+        set_model_state_dict(self.model, state, options=self._options(strict=False))
 
 
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+class OptimizerState(ModelState):
+    """The optimizer's (sharded) state dict as a DCP `Stateful` (get/set_optimizer_state_dict)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool):
+        super().__init__(model, trainable_only)
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict:
+        return get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
+
+    def load_state_dict(self, state: dict) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=self._options(strict=False))
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+class RNGState:
+    """This rank's Python, NumPy and torch (CPU and CUDA) generator states as a `Stateful`."""
+
+    def state_dict(self) -> dict:
+        np_state = np.random.get_state()
+        state = {
+            "python": random.getstate(),
+            "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        random.setstate(state["python"])
+        kind, keys, *rest = state["numpy"]
+        np.random.set_state((kind, keys.numpy(), *rest))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 class CheckpointSaveError(RuntimeError):
@@ -265,14 +295,32 @@ def _find_os_error(e: BaseException | None) -> OSError | None:
 
 
 class Checkpointer:
-    """Saves and loads training state; all ranks call every method (they are collective)."""
+    """Saves and loads the run's `Stateful` objects; all ranks call every method (they are collective).
 
-    def __init__(self, output_dir: Path, limit: int | None, trainable_only: bool, async_save: bool):
+    Built once from:
+    - `sharded`: objects whose state dicts hold the (sharded) tensors, written with DCP (model, optimizer, EMA);
+      a name whose state a checkpoint lacks (e.g. "ema" in one written without it) is reset if it has reset();
+    - `per_rank`: small objects written per rank with torch.save (learning-rate schedule, RNG states); on a
+      resharded resume only the schedule is taken (from rank 0), RNG states start anew;
+    - `train_state`: the counters recorded in the commit marker. The data order needs no state of its own: the
+      sampler position follows from them (see data/sampler.py).
+    `save(step, last_step)` decides itself whether the step is due (--checkpointing_steps; the last step always
+    when checkpointing is on) and writes synchronously at the last step.
+    """
+
+    def __init__(
+        self, output_dir: Path, *, sharded: dict, per_rank: dict, train_state: TrainState, layout: Layout,
+        meta: dict, every: int, limit: int | None, trainable_only: bool, async_save: bool, export_fn=None,
+        saved_step: int = -1,
+    ):  # fmt: skip
         self.output_dir = Path(output_dir)
         self.root = checkpoint_root(self.output_dir)
-        self.limit = limit
+        self.sharded, self.per_rank, self.train_state = sharded, per_rank, train_state
+        self.layout, self.meta, self.every, self.limit = layout, meta, every, limit
         self.trainable_only = trainable_only
         self.async_save = async_save
+        self.export_fn = export_fn
+        self.saved_step = saved_step  # the step of the newest checkpoint (-1: none yet)
         self.rank = dist.get_rank()
         # A separate gloo group keeps async saves' collectives off the training stream (and works on CPU).
         self._group = dist.new_group(backend="gloo") if async_save else None
@@ -290,35 +338,32 @@ class Checkpointer:
                     shutil.rmtree(p, ignore_errors=True)
         dist.barrier()
 
-    def save(
-        self,
-        model,
-        optimizer,
-        lr_scheduler,
-        train_state: TrainState,
-        layout: Layout,
-        meta: dict,
-        rank_extra: dict | None = None,
-        export_fn=None,
-        final: bool = False,
-        ema=None,
-    ) -> Path:
-        """Write checkpoint step-N (collective). A failed write raises CheckpointSaveError on every rank: the
-        partial folder is removed and every older checkpoint is left as it was."""
+    def _sharded_state(self, names=None) -> dict:
+        for obj in self.sharded.values():
+            if isinstance(obj, ModelState):
+                obj.trainable_only = self.trainable_only
+        return {k: v for k, v in self.sharded.items() if v is not None and (names is None or k in names)}
+
+    def save(self, step: int, last_step: bool = False) -> Path | None:
+        """Write checkpoint step-N when it is due (collective); None when it is not. A failed write raises
+        CheckpointSaveError on every rank: the partial folder is removed and every older checkpoint is left as
+        it was."""
+        if not self.every or step == self.saved_step or not (last_step or step % self.every == 0):
+            return None
         self.wait()  # one save in flight at most; commits the previous async save
-        step = train_state.step
         final_dir = self.root / f"step-{step}"
         tmp = self.root / f".tmp-step-{step}"
-        state, _ = _model_optim_state(model, optimizer, self.trainable_only, ema)
+        state = {k: v.state_dict() for k, v in self._sharded_state().items()}
         marker = {
             "step": step,
-            "train_state": asdict(train_state),
-            "layout": asdict(layout),
+            "train_state": asdict(self.train_state),
+            "layout": asdict(self.layout),
             "trainable_only": self.trainable_only,
-            "ema": ema is not None,
+            "ema": self.sharded.get("ema") is not None,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            **meta,
+            **self.meta,
         }
+        self.saved_step = step
         try:
             err = None
             if self.rank == 0:
@@ -329,16 +374,13 @@ class Checkpointer:
                     err = e
             raise_if_any_failed(err, f"creating {tmp}")
             try:
-                torch.save(
-                    {"rng": _rng_state(), "lr_scheduler": lr_scheduler.state_dict(), **(rank_extra or {})},
-                    tmp / f"rank-{self.rank}.pt",
-                )
+                torch.save({k: v.state_dict() for k, v in self.per_rank.items()}, tmp / f"rank-{self.rank}.pt")
             except OSError as e:
                 err = e
             raise_if_any_failed(err, f"writing {tmp}/rank-*.pt")
-            if export_fn is not None:
-                export_fn(tmp / "export")
-            if self.async_save and not final:
+            if self.export_fn is not None:
+                self.export_fn(tmp / "export")
+            if self.async_save and not last_step:
                 fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
                 self._pending = (fut, tmp, final_dir, marker, _state_bytes(state))
                 return final_dir
@@ -427,15 +469,15 @@ class Checkpointer:
                 log.info("checkpoint rotation (--checkpointing_limit %d): removing %s", self.limit, path)
                 shutil.rmtree(path, ignore_errors=True)
 
-    def load(self, path: Path, model, optimizer, lr_scheduler, resharded: bool, ema=None) -> dict:
-        """Restore model/optimizer/EMA (DCP, reshards as needed) and, unless resharded, this rank's extras.
+    def load(self, path: Path, resharded: bool) -> None:
+        """Restore the sharded state (DCP, reshards as needed) and, unless resharded, this rank's per-rank state.
 
         Collective: if any rank fails, all raise. A failure that shows damaged files (unreadable, truncated,
-        corrupt) renames the folder to damaged-step-N, so no restart picks it again, and raises
-        CheckpointDamaged (the caller falls back to an older checkpoint)."""
-        err, extra = None, None
+        corrupt) raises CheckpointDamaged on every rank (the caller renames the folder with mark_damaged, so no
+        restart picks it again, and falls back to an older checkpoint)."""
+        err = None
         try:
-            extra = self._load(path, model, optimizer, lr_scheduler, resharded, ema)
+            self._load(path, resharded)
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             err = e
         outcome = all_max(0 if err is None else 2 if _is_damage(err) else 1)  # every rank decides alike
@@ -444,7 +486,7 @@ class Checkpointer:
             raise CheckpointDamaged(path, reason) from err
         if outcome == 1:
             raise err if err is not None else PeerFailed(f"loading checkpoint {path} failed on another rank")
-        return extra
+        self.saved_step = self.train_state.step
 
     def mark_damaged(self, path: Path, reason: str) -> Path:
         """Rename a checkpoint that failed to load to damaged-step-N (collective); returns the new path."""
@@ -458,24 +500,30 @@ class Checkpointer:
         dist.barrier()
         return target
 
-    def _load(self, path: Path, model, optimizer, lr_scheduler, resharded: bool, ema=None) -> dict:
+    def _load(self, path: Path, resharded: bool) -> None:
         marker = read_marker(path)
-        with_ema = ema is not None and marker.get("ema", False)
-        state, opts = _model_optim_state(model, optimizer, marker["trainable_only"], ema if with_ema else None)
-        dcp_load(state, path)  # no unrestricted unpickling (see safe_load.py)
-        set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-            options=StateDictOptions(ignore_frozen_params=opts.ignore_frozen_params, strict=False),
-        )  # fmt: skip
-        if ema is not None and not with_ema:
-            log.warning("checkpoint %s has no EMA: the EMA starts from the resumed weights", path)
-            ema.reset()
-        extra_path = path / ("rank-0.pt" if resharded else f"rank-{self.rank}.pt")
-        extra = load_rank_state(extra_path)
-        lr_scheduler.load_state_dict(extra["lr_scheduler"])
-        if not resharded:
-            _set_rng_state(extra["rng"])
-        return extra
+        names = [k for k in self.sharded if k != "ema" or marker.get("ema", False)]
+        for obj in self.sharded.values():  # read as the checkpoint was written (with or without the frozen base)
+            if isinstance(obj, ModelState):
+                obj.trainable_only = marker["trainable_only"]
+        try:
+            # DCP calls each object's state_dict() and load_state_dict(); no unrestricted unpickling (safe_load.py)
+            dcp_load({k: v for k, v in self.sharded.items() if k in names and v is not None}, path)
+        finally:
+            for obj in self.sharded.values():
+                if isinstance(obj, ModelState):
+                    obj.trainable_only = self.trainable_only
+        for name in set(self.sharded) - set(names):
+            if self.sharded[name] is not None:
+                log.warning(
+                    "checkpoint %s has no %s: the %s starts from the resumed weights", path, *[name.upper()] * 2
+                )
+                self.sharded[name].reset()
+        extra = load_rank_state(path / ("rank-0.pt" if resharded else f"rank-{self.rank}.pt"))
+        for name, obj in self.per_rank.items():
+            if not (resharded and isinstance(obj, RNGState)):
+                obj.load_state_dict(extra[name])
+        self.train_state.__dict__.update(marker["train_state"])
 
 
 class CheckpointDamaged(RuntimeError):

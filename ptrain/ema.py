@@ -47,6 +47,13 @@ class EMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.shadow))
 
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Take the averages of `state` (DCP loads into state_dict()'s own tensors, so usually nothing moves)."""
+        for name, shadow in zip(self.names, self.shadow):
+            if state[name] is not shadow:
+                _local(shadow).copy_(_local(state[name]))
+
     @contextmanager
     @torch.no_grad()
     def swapped_in(self):

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ptrain.objectives import sample_generators
+
 GIB = 2**30
 
 
@@ -118,11 +120,10 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.distributed.fsdp import FSDPModule
 
-    from ptrain.ema import EMA
     from ptrain.models.spec import Components
-    from ptrain.optim import build_optimizer
     from ptrain.parallel import ParallelDims
-    from ptrain.trainer import DTYPES, build_parallel_transformer, make_trainable, param_groups, store_frozen_in_fp8
+    from ptrain.parallelize import DTYPES, build_trainable, make_trainable_model
+    from ptrain.step import SimulatedInputs, TrainStep, clip_gradients
 
     m, t, p, d = cfg.model, cfg.train, cfg.parallel, cfg.data
     dims = ParallelDims.build(p.dp_degree, p.dp_shards, p.cp_degree, world)
@@ -142,37 +143,29 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
         if (model_dir / "scheduler").is_dir()
         else sched_cls()
     )
+    extra = {k: None for k in spec.component_classes if k not in ("transformer", "vae", "scheduler",
+                                                                   "text_encoder", "tokenizer")}  # fmt: skip
+    comps = Components(transformer=transformer, vae=vae, text_encoder=None, tokenizer=None, scheduler=scheduler,
+                       extra=extra)  # fmt: skip
+    # The trainer's set-up on the meta model (the mode's input widening, LoRA, FP8 storage: fake tensors cannot
+    # be swapped in place by Module.to, which peft uses), materialised as fake tensors afterwards.
+    spec = spec.bind(comps, m.train_mode, m.mask_probs(), m.training_type)
+    spec.check_shape(d.num_frames, d.height, d.width, comps)
     n_total = sum(q.numel() for q in transformer.parameters())
-    # LoRA and FP8 storage on the meta model (fake tensors cannot be swapped in place by Module.to, which
-    # peft uses); materialised as fake tensors afterwards.
-    make_trainable(transformer, cfg, spec)
-    if "transformer" in (m.layerwise_upcasting_modules or []):
-        fp8 = getattr(torch, m.layerwise_upcasting_storage_dtype)
-        store_frozen_in_fp8(transformer, fp8, m.layerwise_upcasting_skip_modules_pattern)
+    make_trainable_model(transformer, cfg, spec)
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
-        transformer = transformer.to_empty(device=device)
-        vae = vae.to_empty(device=device)
-        extra = {k: None for k in spec.component_classes if k not in ("transformer", "vae", "scheduler",
-                                                                       "text_encoder", "tokenizer")}  # fmt: skip
-        comps = Components(transformer=transformer, vae=vae, text_encoder=None, tokenizer=None, scheduler=scheduler,
-                           extra=extra)  # fmt: skip
-        spec.bind(comps)
-        spec.check_shape(d.num_frames, d.height, d.width, comps)
-        build_parallel_transformer(transformer, cfg, spec, mesh, dims, device)
-        groups = param_groups(transformer, cfg)
-        params = [q for g in groups for q in g["params"]]
-        n_train = sum(q.numel() for q in params)
-        optimizer = build_optimizer(groups, cfg.optim, device)
-        ema = EMA(transformer, t.ema_decay, 0, 1) if t.ema_decay else None
-
+        transformer.to_empty(device=device)
+        vae.to_empty(device=device)
+        model = build_trainable(transformer, cfg, spec, mesh, dims, device, t.train_steps)
+        optimizer, ema = model.optimizer, model.ema
+        n_train = sum(q.numel() for q in model.params)
         b = t.batch_size
-        video = torch.zeros(b, 3, d.num_frames, d.height, d.width, device=device, dtype=DTYPES[m.vae_dtype])
-        with torch.no_grad():
-            latent_shape = vae.encode(video).latent_dist.mean.shape
-        latents = torch.randn(latent_shape, device=device, dtype=torch.float32)
-        seq = d.max_sequence_length or spec.default_max_sequence_length
-        cond = spec.simulated_conditioning(transformer.config, b, seq, device, DTYPES[m.text_encoder_dtype])
-        timesteps = torch.full((b,), 500.0, device=device)
+        inputs = SimulatedInputs(spec, comps, device, (b, 3, d.num_frames, d.height, d.width),
+                                 d.max_sequence_length or spec.default_max_sequence_length,
+                                 DTYPES[m.text_encoder_dtype])  # fmt: skip
+        # The trainer's micro-batch (objective, the mode's conditioning, loss, backward) on one micro-batch.
+        step = TrainStep(spec, comps, transformer, spec.make_objective(t, comps), inputs, dims.cp)
+        batch = {"position": list(range(b))}
 
         def new_tracker():
             if isinstance(transformer, FSDPModule):
@@ -183,20 +176,21 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
             return tracker
 
         def forward_backward():
-            pred = spec.forward(transformer, latents, timesteps, cond)
-            loss = (pred.float() - latents).pow(2).mean()
-            (loss * dims.cp if dims.cp > 1 else loss).backward()
+            prepared = step.prepare(batch, sample_generators(t.seed, batch["position"]))
+            step.backward(step.loss(prepared))
+            return prepared
 
-        def optimizer_step(step):
-            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        def optimizer_step(step_number):
+            clip_gradients(model.params, cfg.optim.max_grad_norm)
             optimizer.step()
+            model.lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.update(step)
+                ema.update(step_number)
 
         # Step 1 creates the optimizer state lazily; step 2 is the steady state that is measured, its two
         # phases separately (each phase's peak grows linearly with the block count; their max need not).
-        forward_backward()
+        prepared = forward_backward()
         optimizer_step(1)
         phases = {}
         for phase, fn in (("forward_backward", forward_backward), ("optimizer", lambda: optimizer_step(2))):
@@ -208,6 +202,7 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
                 "peak_bytes": int(per_dev["Total"]),
                 "categories": {str(getattr(k, "value", k)): int(v) for k, v in per_dev.items() if str(k) != "Total"},
             }
+        latent_shape = tuple(prepared.sample.target.shape)
     if ema is not None:
         # The EMA shadows (local shards, as the trainable parameters) are resident for the whole run; the trackers
         # only see tensors of modules and optimizers, so they are added to every phase here.
@@ -216,7 +211,7 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
             ph["peak_bytes"] += ema_bytes
             ph["categories"]["EMA"] = ema_bytes
     top = max(phases.values(), key=lambda ph: ph["peak_bytes"])
-    tokens = spec.tokens_per_sample(tuple(latent_shape), comps) * b
+    tokens = prepared.tokens
     return {
         "model": m.model_name,
         "training_type": m.training_type,

@@ -1,6 +1,11 @@
-"""The training loop: build everything from the config, then step, accumulate, clip, log, export.
+"""The training loop.
 
-One loop for every model: all model-specific work goes through the ModelSpec.
+`train(cfg)` plans the run before loading any weights (`plan_run`: process group, mesh, resume point, data
+scan, step counts), hands a dry run to ptrain/dry_run.py, and otherwise builds a `Trainer` and runs its loop:
+`train_step` (micro-batches through `forward_backward`, then `optimizer_step`), `log_step`, `maybe_validate`,
+`maybe_checkpoint`; at the end `export`. One loop for every model: all model-specific work goes through the
+bound ModelSpec (ptrain/models/), the model set-up through ptrain/parallelize.py and the micro-batch through
+ptrain/step.py, which the memory planner runs too.
 """
 
 from __future__ import annotations
@@ -9,16 +14,13 @@ import contextlib
 import json
 import logging
 import math
-import random
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
@@ -26,6 +28,9 @@ from ptrain.checkpoint import (
     CheckpointDamaged,
     Checkpointer,
     Layout,
+    ModelState,
+    OptimizerState,
+    RNGState,
     TrainState,
     check_layout,
     complete_checkpoints,
@@ -33,23 +38,20 @@ from ptrain.checkpoint import (
     resolve_resume,
 )
 from ptrain.config import Config, ConfigError, to_dict
-from ptrain.data import VideoDataset, build_dataloader, make_sampler, scan_dataset, summary
+from ptrain.data import Usable, VideoDataset, build_dataloader, make_sampler, scan_dataset, summary
 from ptrain.data.precompute import PrecomputedDataset, precompute
 from ptrain.data.video import FrameSampling
-from ptrain.ema import EMA
 from ptrain.export import begin_export, export_complete, export_full, export_lora, publish_export
 from ptrain.export_comfyui import export_comfyui_lora
 from ptrain.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
-from ptrain.models.spec import Components, Conditioning, ModelSpec, get_spec
+from ptrain.models.spec import Components, ModelSpec, get_spec
 from ptrain.objectives import sample_generators
-from ptrain.optim import build_optimizer, build_scheduler
-from ptrain.parallel import ParallelDims, apply_ac, apply_compile, apply_data_parallel, init_distributed
-from ptrain.parallel.context import apply_context_parallel
+from ptrain.parallel import ParallelDims, init_distributed
+from ptrain.parallelize import DTYPES, build_trainable, make_trainable_model
+from ptrain.step import TrainStep, clip_gradients, make_inputs
 from ptrain.validation import load_validation_items, run_validation
 
 log = logging.getLogger("ptrain")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -79,76 +81,6 @@ def setup_logging(rank: int, level: str) -> None:
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
 
 
-def make_trainable(transformer: torch.nn.Module, cfg: Config, spec: ModelSpec) -> None:
-    m = cfg.model
-    if m.training_type == "lora":
-        from peft import LoraConfig
-
-        transformer.requires_grad_(False)
-        targets = m.target_modules or spec.default_target_modules
-        if len(targets) == 1 and any(c in targets[0] for c in "*|()[]^$+?\\"):
-            targets = targets[0]  # one regex: peft full-matches it against module names
-        try:
-            transformer.add_adapter(
-                LoraConfig(r=m.rank, lora_alpha=m.lora_alpha, init_lora_weights=True, target_modules=targets)
-            )
-        except ValueError as e:
-            raise ConfigError(f"--target_modules {targets}: {e}") from e
-        if spec.expanded_input:  # its new input channels start at zero: they must train, beside the adapters
-            transformer.get_submodule(spec.expanded_input).requires_grad_(True)
-        for p in transformer.parameters():
-            if p.requires_grad:  # LoRA weights train in float32 whatever the frozen base's dtype
-                p.data = p.data.float()
-    elif m.trainable_modules:
-        transformer.requires_grad_(False)
-        matched = 0
-        for name, p in transformer.named_parameters():
-            if any(pattern in name for pattern in m.trainable_modules):
-                p.requires_grad_(True)
-                matched += 1
-        if not matched:
-            raise ConfigError(f"--trainable_modules {m.trainable_modules}: no parameter name contains any of them")
-    else:
-        transformer.requires_grad_(True)
-    transformer.train()
-
-
-def store_frozen_in_fp8(transformer: torch.nn.Module, dtype: torch.dtype, skip_patterns: list[str]) -> int:
-    """Cast the frozen weights of Linear/Conv layers to an FP8 storage dtype (not matching `skip_patterns`).
-
-    Compute stays in --transformer_dtype: FSDP2's mixed-precision policy casts each shard up before the
-    all-gather, so only the stored shards are FP8 (finetrainers' "layerwise upcasting", sharded).
-    Returns the number of parameters cast.
-    """
-    import re
-
-    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-    cast = 0
-    for name, module in transformer.named_modules():
-        if not isinstance(module, layers) or any(re.search(pat, name) for pat in skip_patterns):
-            continue
-        if any(re.search(pat, name.replace(".base_layer", "")) for pat in skip_patterns):
-            continue
-        for p in module.parameters(recurse=False):
-            if not p.requires_grad and p.is_floating_point():
-                p.data = p.data.to(dtype)
-                cast += p.numel()
-    return cast
-
-
-def param_groups(transformer: torch.nn.Module, cfg: Config) -> list[dict]:
-    """Trainable parameters, split off a half-learning-rate group for --trainable_modules_low_learning_rate."""
-    low = cfg.model.trainable_modules_low_learning_rate or []
-    normal, slow = [], []
-    for name, p in transformer.named_parameters():
-        if p.requires_grad:
-            (slow if any(pattern in name for pattern in low) else normal).append(p)
-    groups = [{"params": normal}] if normal else []
-    if slow:
-        groups.append({"params": slow, "lr": cfg.optim.lr / 2})
-    return groups
-
-
 def encoder_modules(comps: Components) -> list[torch.nn.Module]:
     """The frozen encoders: VAE, text encoder(s) (whatever else the spec loaded that is a module)."""
     mods = [comps.vae, comps.text_encoder, *comps.extra.values()]
@@ -173,12 +105,6 @@ def encoders_on(comps: Components, device: torch.device, offloaded: bool):
         yield
     finally:
         offload_encoders(comps)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _global_step_stats(loss: torch.Tensor, replaced: int, group, cp: int) -> tuple[float, int]:
@@ -215,100 +141,50 @@ def find_resume(cfg: Config, out: Path, layout: Layout) -> tuple[Path | None, bo
     return resume, resharded
 
 
-def build_parallel_transformer(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims, device) -> None:
-    """The parallel plan, in its fixed order: AC -> compile per block -> placement -> fully_shard / replicate."""
-    t, p, m = cfg.train, cfg.parallel, cfg.model
-    if dims.cp > 1:
-        if spec.cp_plan is None:
-            raise ConfigError(f"--cp_degree {dims.cp}: {spec.name} has no context-parallel plan")
-        apply_context_parallel(transformer, spec.cp_plan, mesh.world["cp"], p.cp_mode)
-    blocks = spec.blocks(transformer)
-    if t.gradient_checkpointing:
-        n = apply_ac(blocks, t.ac_mode, t.ac_every_n_blocks)
-        log.info("activation checkpointing (%s): %d blocks", t.ac_mode, n)
-    if t.compile:
-        n = apply_compile(blocks, t.compile_backend)
-        log.info("torch.compile (%s): %d blocks", t.compile_backend, n)
-    if p.fsdp_cpu_offload:  # parameters stay in CPU memory (FSDP2 copies shards in as needed); buffers move
-        for module in transformer.modules():
-            for key, buf in module._buffers.items():
-                if buf is not None:
-                    module._buffers[key] = buf.to(device)
-    elif any(t.device != device for t in [*transformer.parameters(), *transformer.buffers()]):
-        transformer.to(device)
-    plan = apply_data_parallel(
-        transformer, blocks, mesh, dims, DTYPES[m.transformer_dtype], spec.fp32_module_names(transformer),
-        cpu_offload=p.fsdp_cpu_offload,
-    )  # fmt: skip
-    log.info(plan)
+@dataclass
+class RunPlan:
+    """What a run will do, known before any weights are loaded: layout, resume point, usable data, steps."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    dims: ParallelDims
+    mesh: object
+    out: Path
+    layout: Layout
+    spec: ModelSpec
+    overrides: dict
+    rules: object
+    sampling: FrameSampling
+    usable: Usable
+    steps_per_epoch: int
+    resume: Path | None = None
+    resharded: bool = False
+    #: The newest checkpoint is at --train_steps and its export is complete: nothing to do.
+    finished: bool = False
+
+    @property
+    def global_batch(self) -> int:
+        t = self.cfg.train
+        return t.batch_size * self.dims.dp * t.gradient_accumulation_steps
 
 
-def print_dry_run(
-    cfg: Config, dims: ParallelDims, usable, global_batch: int, steps_per_epoch: int, resume, sampling, rules
-) -> None:
-    """--dry_run: what the run would do (rank 0 prints; no weights are loaded, nothing is written)."""
-    if dist.get_rank() != 0:
-        return
-    d, t = cfg.data, cfg.train
-    lines = [
-        "ptrain dry run: config, parallel degrees and data are valid",
-        f"  layout: {dims.describe()}",
-        f"  model: {cfg.model.model_name} ({cfg.model.training_type}) from {cfg.model.pretrained_model_name_or_path}",
-    ]
-    lines += [f"  {line}" for line in summary(usable, global_batch, rules.tokens)]
-    if not usable.bucketed:
-        lines.append(f"  tokens/sample: {rules.tokens(d.num_frames, d.height, d.width):,}")
-    lines += [
-        f"  frames: {sampling.describe()}, {d.reshape_mode}",
-        f"  global batch {global_batch}: {steps_per_epoch} steps per epoch, {t.train_steps} steps "
-        f"= {t.train_steps * global_batch / len(usable.records):.2f} epochs",
-        f"  resume: {resume or 'none (fresh start)'}",
-    ]
-    if dims.cp > 1:
-        lines.append(
-            f"  context parallel: {cfg.parallel.cp_mode} over {dims.cp} ranks; each holds 1/{dims.cp} (rounded up) of every "
-            f"sample's video tokens (block activations / {dims.cp}); per-GPU peak: python -m ptrain.planner"
-        )
-    print("\n".join(lines), flush=True)
-
-
-def plan_memory(cfg: Config, world: int) -> None:
-    """--dry_run --plan_gpu_memory_gb: the planner in a fresh process (it needs its own fake process group)."""
-    import subprocess
-    import sys
-
-    budget = cfg.data.plan_gpu_memory_gb
-    print(f"  memory plan for {world} GPUs of {budget:g} GB (simulated, no GPU used; about a minute per layout):",
-          flush=True)  # fmt: skip
-    cmd = [sys.executable, "-m", "ptrain.planner", "--model_dir", cfg.model.pretrained_model_name_or_path,
-           "--world_size", str(world), "--budget_gb", str(budget), "--", *sys.argv[1:]]  # fmt: skip
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [line[len("PLAN ") :] for line in p.stderr.splitlines() if line.startswith("PLAN ")]
-    print("\n".join(f"    {line}" for line in lines), flush=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"memory planner failed:\n{p.stderr[-3000:]}")
-    res = json.loads(p.stdout.strip().splitlines()[-1])
-    if not res["fits"] and res["suggestion"]:
-        print(f"  suggestion: {res['suggestion']['name']}: add {' '.join(res['suggestion']['flags'])}", flush=True)
-
-
-def train(cfg: Config) -> TrainResult:
-    cfg.validate()
+def plan_run(cfg: Config) -> RunPlan:
+    """Process group and mesh, the resume point (a changed layout fails fast), the model's shape rules from its
+    configs and the data scan (bad data fails fast), and the step count; no weights are read."""
     rank, world, device = init_distributed(cfg.parallel.dist_timeout_s)
     setup_logging(rank, cfg.log.log_level)
-    p, t, m, c = cfg.parallel, cfg.train, cfg.model, cfg.checkpoint
+    p, t, m = cfg.parallel, cfg.train, cfg.model
     dims = ParallelDims.build(p.dp_degree, p.dp_shards, p.cp_degree, world)
     mesh = dims.build_mesh()
-    dp_rank, dp_size = mesh.dp.get_local_rank(), dims.dp
-    accum = t.gradient_accumulation_steps
     log.info("ptrain: %s on %s (%s)", dims.describe(), device, dist.get_backend())
     for note in cfg.compat_notes:
         log.info("flag from another trainer: %s", note)
-
-    global_batch = t.batch_size * dp_size * accum
     out = Path(t.output_dir)
+    global_batch = t.batch_size * dims.dp * t.gradient_accumulation_steps
     layout = Layout(world, dims.dp_replicate, dims.dp_shard, dims.cp, global_batch)
-    resume, resharded = find_resume(cfg, out, layout)  # before any heavy work: a changed layout fails fast
+    resume, resharded = find_resume(cfg, out, layout)
     spec = get_spec(m.model_name)
     wants_validation = cfg.validation.validation_prompts or cfg.validation.validation_dataset_file
     if m.train_mode == "inpaint" and wants_validation and spec.inpaint_pipeline_cls is None:
@@ -322,361 +198,411 @@ def train(cfg: Config) -> TrainResult:
     }  # fmt: skip
     rules = spec.shape_rules(m.pretrained_model_name_or_path, overrides)  # from the configs, no weights
     sampling = FrameSampling.from_args(cfg.data)
-    usable = scan_dataset(cfg.data, sampling, rules)  # probe the data before loading any model: bad data fails fast
-    steps_per_epoch = make_sampler(usable, t.batch_size, 0, dp_size, accum, t.seed).steps_per_epoch
+    usable = scan_dataset(cfg.data, sampling, rules)
+    steps_per_epoch = make_sampler(
+        usable, t.batch_size, 0, dims.dp, t.gradient_accumulation_steps, t.seed
+    ).steps_per_epoch
     if t.num_train_epochs:
         t.train_steps = t.num_train_epochs * steps_per_epoch
         log.info(
             "--num_train_epochs %d: %d steps (%d per epoch of %d samples, global batch %d)",
             t.num_train_epochs, t.train_steps, steps_per_epoch, len(usable.records), global_batch,
         )  # fmt: skip
+    run = RunPlan(cfg, rank, world, device, dims, mesh, out, layout, spec, overrides, rules, sampling, usable,
+                  steps_per_epoch, resume, resharded)  # fmt: skip
     if resume is not None and not cfg.data.dry_run:
-        done_step = read_marker(resume)["step"]
-        if done_step > t.train_steps:
-            raise ConfigError(
-                f"checkpoint {resume} is at step {done_step}, past --train_steps {t.train_steps}: raise --train_steps, "
-                f"or pick an earlier checkpoint with --resume_from_checkpoint N"
-            )
-        if done_step == t.train_steps:
-            if export_complete(out, done_step):
-                log.info(
-                    "run is complete: checkpoint %s is at --train_steps %d and the weights are exported in %s; "
-                    "nothing to do (raise --train_steps to train further)", resume, t.train_steps, out,
-                )  # fmt: skip
-                # Every rank leaves together: one that tore its process group down while another was still setting
-                # up its own aborted ("terminate called without an active exception", seen in the chaos run).
-                dist.barrier()
-                return TrainResult(exported=out)
-            log.info("run is complete at step %d but its export is missing or partial: exporting again", done_step)
+        run.finished = _resume_is_finished(run)
+    return run
+
+
+def _resume_is_finished(run: RunPlan) -> bool:
+    """Whether the resume checkpoint already ends the run (then its export decides whether anything is left)."""
+    t, done_step = run.cfg.train, read_marker(run.resume)["step"]
+    if done_step > t.train_steps:
+        raise ConfigError(
+            f"checkpoint {run.resume} is at step {done_step}, past --train_steps {t.train_steps}: raise --train_steps, "
+            f"or pick an earlier checkpoint with --resume_from_checkpoint N"
+        )
+    if done_step < t.train_steps:
+        return False
+    if export_complete(run.out, done_step):
+        log.info(
+            "run is complete: checkpoint %s is at --train_steps %d and the weights are exported in %s; "
+            "nothing to do (raise --train_steps to train further)", run.resume, t.train_steps, run.out,
+        )  # fmt: skip
+        return True
+    log.info("run is complete at step %d but its export is missing or partial: exporting again", done_step)
+    return False
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run ptrain as configured (every rank calls it)."""
+    cfg.validate()
+    run = plan_run(cfg)
     if cfg.data.dry_run:
-        print_dry_run(cfg, dims, usable, global_batch, steps_per_epoch, resume, sampling, rules)
-        if cfg.data.plan_gpu_memory_gb and rank == 0:
-            plan_memory(cfg, cfg.data.plan_world_size or world)
+        from ptrain.dry_run import dry_run
+
+        dry_run(run)
         return TrainResult()
-    v_every = cfg.validation.validation_steps
-    if cfg.validation.validation_epochs:
-        v_every = cfg.validation.validation_epochs * steps_per_epoch
-    ckpt_every = c.checkpointing_steps
-    if c.checkpointing_epochs:
-        ckpt_every = c.checkpointing_epochs * steps_per_epoch
+    if run.finished:
+        # Every rank leaves together: one that tore its process group down while another was still setting
+        # up its own aborted ("terminate called without an active exception", seen in the chaos run).
+        dist.barrier()
+        return TrainResult(exported=run.out)
+    return Trainer(run).train()
 
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
-    dtypes = {
-        # Full fine-tuning keeps float32 master weights (FSDP2 computes in --transformer_dtype);
-        # LoRA keeps the frozen base in --transformer_dtype to save memory.
-        "transformer": DTYPES[m.transformer_dtype] if m.training_type == "lora" else torch.float32,
-        "vae": DTYPES[m.vae_dtype],
-        "text_encoder": DTYPES[m.text_encoder_dtype],
-        "text_encoder_2": DTYPES[m.text_encoder_2_dtype],
-    }
-    log.info("loading %s from %s", m.model_name, m.pretrained_model_name_or_path)
-    comps = spec.load_components(m.pretrained_model_name_or_path, dtypes, device, overrides)
-    for flag, method in (("enable_tiling", "enable_tiling"), ("enable_slicing", "enable_slicing")):
-        if getattr(cfg.data, flag):
-            if not hasattr(comps.vae, method):
-                raise ConfigError(f"--{flag}: {type(comps.vae).__name__} has no {method}()")
-            getattr(comps.vae, method)()
-    offloaded = cfg.data.offload_encoders
-    if offloaded and device.type != "cpu":
-        offload_encoders(comps)
-    spec.inpaint_mask_probs = m.mask_probs()
-    spec.bind(comps, m.train_mode)
-    spec.check_mode(m.train_mode, comps, m.training_type)  # may expand the transformer's input channels
-    if spec.expanded_input and m.training_type == "lora" and c.export_comfyui:
-        raise ConfigError(
-            f"--export_comfyui: this run widens {spec.expanded_input} for --train_mode {m.train_mode}, which a "
-            "ComfyUI LoRA file cannot carry; export without it (ptrain writes input_layer.safetensors beside the "
-            "LoRA) or train from a checkpoint that has the input channels"
-        )
-    for shape in sorted(set(usable.buckets)):  # every training shape (one without --enable_bucket)
-        spec.check_shape(shape.frames, shape.height, shape.width, comps)
-    transformer = comps.transformer
-    # Same seed on every rank before LoRA init: adapters start identical on all ranks and layouts.
-    seed_everything(t.seed)
-    make_trainable(transformer, cfg, spec)
-    if "transformer" in (m.layerwise_upcasting_modules or []):
-        fp8 = getattr(torch, m.layerwise_upcasting_storage_dtype)
-        n = store_frozen_in_fp8(transformer, fp8, m.layerwise_upcasting_skip_modules_pattern)
-        log.info("layerwise upcasting: %s frozen transformer weights stored in %s", f"{n:,}", fp8)
+@dataclass
+class StepStats:
+    """What one optimizer step measured (loss and replaced samples summed over the global batch)."""
 
-    build_parallel_transformer(transformer, cfg, spec, mesh, dims, device)
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    finite: bool = True
+    elapsed: float = 0.0
+    data_time: float = 0.0
+    tokens: int = 0
+    replaced: int = 0
+    phase: dict = field(default_factory=lambda: {"forward_s": 0.0, "backward_s": 0.0})
 
-    groups = param_groups(transformer, cfg)
-    params = [q for g in groups for q in g["params"]]
-    n_train = sum(q.numel() for q in params)
-    n_total = sum(q.numel() for q in transformer.parameters())
-    log.info("trainable parameters: %s of %s (%s)", f"{n_train:,}", f"{n_total:,}", m.training_type)
-    optimizer = build_optimizer(groups, cfg.optim, device)
-    lr_scheduler = build_scheduler(optimizer, cfg.optim, t.train_steps)
 
-    ema = EMA(transformer, t.ema_decay, t.ema_start_step, t.ema_update_every) if t.ema_decay else None
-    checkpointer = Checkpointer(
-        out, c.checkpointing_limit, trainable_only=m.training_type == "lora" and not c.checkpoint_full_model,
-        async_save=c.async_checkpoint,
-    )  # fmt: skip
-    checkpointer.clean_partial()
-    state = TrainState()
-    sampler_state = None
-    while resume is not None:
-        try:
-            checkpointer.load(resume, transformer, optimizer, lr_scheduler, resharded, ema)
-            break
-        except CheckpointDamaged as e:
-            if c.resume_from_checkpoint not in ("auto", "latest"):  # the one asked for: say so, touch nothing
-                raise ConfigError(f"--resume_from_checkpoint {c.resume_from_checkpoint}: {e}") from e
-            checkpointer.mark_damaged(resume, e.reason)  # never picked again: no crash loop
-            resume, resharded = find_resume(cfg, out, layout)  # the previous intact one (or an error if none)
-            if resume is None:
-                raise ConfigError(f"{e}, and there is no older checkpoint; --resume_from_checkpoint none starts over")
-    if resume is not None:
-        state = TrainState(**read_marker(resume)["train_state"])
-        if resharded:  # same samples from here on: restart the stream where the old layout stopped
-            state.base_position, state.base_step = state.samples_seen, state.step
-        # The micro-batches training consumed (not the loader's sampler counter, which runs ahead by the
-        # workers' prefetch).
-        sampler_state = {
-            "micro_batches_done": (state.step - state.base_step) * accum,
-            "base_position": state.base_position,
+class Trainer:
+    """Builds the model, checkpointer and data path of a planned run (`build_*`), then runs the loop."""
+
+    def __init__(self, run: RunPlan):
+        self.run, self.cfg, self.device = run, run.cfg, run.device
+        self.state = TrainState()
+        self.accum = self.cfg.train.gradient_accumulation_steps
+        self.v_every = self.cfg.validation.validation_steps
+        if self.cfg.validation.validation_epochs:
+            self.v_every = self.cfg.validation.validation_epochs * run.steps_per_epoch
+        if run.rank == 0:
+            run.out.mkdir(parents=True, exist_ok=True)
+            (run.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+        self.build_model()
+        self.build_checkpointer()
+        self.resume()
+        self.build_data()
+        self.build_step()
+
+    # --- set-up ------------------------------------------------------------------------------------
+    def build_model(self) -> None:
+        """Load the components, bind the spec to them and the train mode, build the trainable parallel model."""
+        cfg, run, m = self.cfg, self.run, self.cfg.model
+        dtypes = {
+            # Full fine-tuning keeps float32 master weights (FSDP2 computes in --transformer_dtype);
+            # LoRA keeps the frozen base in --transformer_dtype to save memory.
+            "transformer": DTYPES[m.transformer_dtype] if m.training_type == "lora" else torch.float32,
+            "vae": DTYPES[m.vae_dtype],
+            "text_encoder": DTYPES[m.text_encoder_dtype],
+            "text_encoder_2": DTYPES[m.text_encoder_2_dtype],
         }
-
-    max_seq = cfg.data.max_sequence_length or spec.max_sequence_length(comps)
-    dataset = None
-    if cfg.data.enable_precomputation and m.train_mode != "normal" and any(r.first_frame for r in usable.records):
-        raise ConfigError(
-            f"--train_mode {m.train_mode} with first-frame images in the dataset (an image column beside the video "
-            "column) conditions on those images every step: it cannot use --enable_precomputation"
-        )
-    if cfg.data.enable_precomputation and spec.needs_pixels(m.train_mode):
-        raise ConfigError(
-            f"--train_mode {m.train_mode} for {spec.name} encodes conditioning frames (masked or noised) every step: "
-            "it cannot use --enable_precomputation"
-        )
-    if cfg.data.enable_precomputation:
-        with encoders_on(comps, device, offloaded):
-            folder = precompute(
-                cfg, usable, spec, comps, VideoDataset(usable.records, cfg.data, sampling, t.seed, usable.buckets),
-                max_seq, device,
-            )  # fmt: skip
-        dataset = PrecomputedDataset(usable, folder, cfg.data.caption_dropout_p, t.seed)
-        if device.type != "cpu":  # the encoders are needed again only for validation
-            offloaded = True
+        log.info("loading %s from %s", m.model_name, m.pretrained_model_name_or_path)
+        comps = run.spec.load_components(m.pretrained_model_name_or_path, dtypes, self.device, run.overrides)
+        for flag in ("enable_tiling", "enable_slicing"):
+            if getattr(cfg.data, flag):
+                if not hasattr(comps.vae, flag):
+                    raise ConfigError(f"--{flag}: {type(comps.vae).__name__} has no {flag}()")
+                getattr(comps.vae, flag)()
+        self.offloaded = cfg.data.offload_encoders and self.device.type != "cpu"
+        if self.offloaded:
             offload_encoders(comps)
-            torch.cuda.empty_cache()
-    loader, sampler = build_dataloader(
-        usable, cfg.data, sampling, dp_rank, dp_size, t.batch_size, accum, t.seed, sampler_state, dataset
-    )
-    log.info(
-        "data: %d usable samples (%d skipped); global batch %d = batch_size %d x dp %d x grad accum %d; %s",
-        len(usable.records), len(usable.skipped), sampler.global_batch_size, t.batch_size, dp_size, accum,
-        usable.plan.describe(),
-    )  # fmt: skip
-    if usable.bucketed:
-        for line in summary(usable, sampler.global_batch_size, rules.tokens)[1:]:
-            log.info("  %s", line)
-    if resume is not None and read_marker(resume).get("num_samples") not in (None, len(usable.records)):
-        log.warning(
-            "the dataset changed since %s (%s usable samples then, %d now): the sample order differs from an "
-            "uninterrupted run",
-            resume, read_marker(resume)["num_samples"], len(usable.records),
-        )  # fmt: skip
-    objective = spec.make_objective(t, comps)
-    validation_items = load_validation_items(cfg.validation, cfg.data, m.train_mode)
-    loss_group = mesh.dp_cp.get_group() if world > 1 else None
-    metrics = MetricsWriter(
-        out, rank == 0, cfg.log.report_to == "tensorboard", resume_step=state.step if resume else None
-    )
-    result = TrainResult(spec=spec, components=comps, transformer=transformer, optimizer=optimizer)
-    meta = {"model_name": m.model_name, "training_type": m.training_type, "num_samples": len(usable.records)}
-
-    def export(target: Path) -> Path | None:
-        if m.training_type == "lora":
-            path = export_lora(transformer, spec.pipeline_cls, target, spec.expanded_input)
-            if c.export_comfyui and path is not None:  # rank 0: a second file with ComfyUI's key names
-                export_comfyui_lora(spec, path, transformer.config)
-            return path
-        return export_full(transformer, target)
-
-    def save_checkpoint(final: bool = False) -> None:
-        checkpointer.save(
-            transformer, optimizer, lr_scheduler, state, layout, meta,
-            export_fn=export if c.export_every_checkpoint else None, final=final, ema=ema,
-        )  # fmt: skip
-
-    peak_tflops = device_peak_tflops(device, cfg.log.peak_tflops)
-    flops_per_step = None  # per rank, counted on the first step (FlopCounterMode; not under compile)
-    breakdown = cfg.log.log_step_breakdown
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    data_iter = iter(loader)
-    bar = tqdm(total=t.train_steps, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    nan_in_a_row = 0
-    last_saved = state.step if resume else -1
-    try:
-        while state.step < t.train_steps:
-            step = state.step + 1
-            t0 = time.perf_counter()
-            data_time = 0.0
-            step_loss = torch.zeros((), device=device)
-            tokens = 0
-            replaced = 0
-            phase = {"forward_s": 0.0, "backward_s": 0.0}
-            count = flops_per_step is None and peak_tflops is not None and not t.compile
-            for micro in range(accum):
-                td = time.perf_counter()
-                batch = next(data_iter)
-                data_time += time.perf_counter() - td
-                replaced += int(batch["replaced"].sum())
-                transformer.set_requires_gradient_sync(micro == accum - 1)
-                gens = sample_generators(t.seed, batch["position"])
-                strata = None
-                if t.uniform_sampling:  # sample j of the global batch draws from slice j of G
-                    pos = torch.as_tensor(batch["position"])
-                    strata = ((pos - state.base_position) % sampler.global_batch_size, sampler.global_batch_size)
-                # One trip of offloaded encoders to the device per micro-batch: encoding and the mode's conditioning.
-                needs_encoders = "latent_dist" not in batch or m.train_mode != "normal"
-                with encoders_on(comps, device, offloaded and needs_encoders):
-                    video = None
-                    if "latent_dist" in batch:  # precomputed
-                        latents = spec.latents_from_dist(comps, batch["latent_dist"].to(device), gens)
-                        cond = Conditioning({k[5:]: v.to(device) for k, v in batch.items() if k.startswith("text.")})
-                    else:
-                        video = batch["video"].to(device, non_blocking=True)
-                        latents = spec.encode_video(comps, video, gens)
-                        if "first_frame" in batch and m.train_mode != "normal":
-                            video = video.clone()  # the dataset's first-frame images condition, the clip trains
-                            video[:, :, 0] = batch["first_frame"].to(video)
-                        images = {"images": video[:, :, 0]} if spec.text_needs_image(m.train_mode) else {}
-                        cond = spec.encode_text(comps, list(batch["caption"]), max_seq, **images)
-                    prepared = objective.prepare(latents, gens, strata)
-                    if m.train_mode != "normal":
-                        prepared, cond = spec.condition(m.train_mode, comps, video, latents, prepared, cond, gens)
-                counter = FlopCounterMode(display=False) if count and micro == 0 else contextlib.nullcontext()
-                with counter:
-                    if breakdown:
-                        sync()
-                    tf = time.perf_counter()
-                    pred = spec.forward(transformer, prepared.noisy, prepared.timesteps, cond)
-                    loss = objective.loss(pred, prepared) / accum
-                    if breakdown:
-                        sync()
-                    tb = time.perf_counter()
-                    # cp ranks' gradients sum to the sample's gradient and FSDP averages over dp_shard x cp.
-                    (loss * dims.cp if dims.cp > 1 else loss).backward()
-                    if breakdown:
-                        sync()
-                    phase["forward_s"] += tb - tf
-                    phase["backward_s"] += time.perf_counter() - tb
-                if count and micro == 0:
-                    flops_per_step = counter.get_total_flops() * accum
-                step_loss += loss.detach()
-                tokens += spec.tokens_per_sample(latents.shape, comps) * latents.shape[0]
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, t_max if (t_max := cfg.optim.max_grad_norm) > 0 else float("inf"), foreach=True
+        # may widen the transformer's input channels for the mode
+        spec = run.spec.bind(comps, m.train_mode, m.mask_probs(), m.training_type)
+        if spec.expanded_input and m.training_type == "lora" and cfg.checkpoint.export_comfyui:
+            raise ConfigError(
+                f"--export_comfyui: this run widens {spec.expanded_input} for --train_mode {m.train_mode}, which a "
+                "ComfyUI LoRA file cannot carry; export without it (ptrain writes input_layer.safetensors beside "
+                "the LoRA) or train from a checkpoint that has the input channels"
             )
-            if isinstance(grad_norm, DTensor):
-                grad_norm = grad_norm.full_tensor()
-            grad_norm = float(grad_norm)
-            loss_value, replaced = _global_step_stats(step_loss, replaced, loss_group, dims.cp)
-            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-            to = time.perf_counter()
-            if finite:
-                optimizer.step()
-                nan_in_a_row = 0
-                if ema is not None:
-                    ema.update(step)
-            else:
-                nan_in_a_row += 1
-                state.nan_steps_total += 1
-                log.warning(
-                    "step %d: non-finite loss %s / grad norm %s: optimizer step skipped (%d in a row, %d in total)",
-                    step, loss_value, grad_norm, nan_in_a_row, state.nan_steps_total,
-                )  # fmt: skip
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if breakdown:
-                sync()
-                phase["optimizer_s"] = time.perf_counter() - to
+        for shape in sorted(set(run.usable.buckets)):  # every training shape (one without --enable_bucket)
+            spec.check_shape(shape.frames, shape.height, shape.width, comps)
+        make_trainable_model(comps.transformer, cfg, spec)
+        self.model = build_trainable(comps.transformer, cfg, spec, run.mesh, run.dims, self.device,
+                                     cfg.train.train_steps)  # fmt: skip
+        self.spec, self.comps, self.transformer = spec, comps, comps.transformer
 
-            elapsed = time.perf_counter() - t0
-            global_tokens = tokens * dp_size
-            if replaced:
-                log.warning("step %d: %d sample(s) failed to decode and were replaced", step, replaced)
-            state.data_replaced += replaced
-            state.step = step
-            state.samples_seen += sampler.global_batch_size
-            state.tokens_seen += global_tokens
-            result.losses.append(loss_value)
-            result.grad_norms.append(grad_norm)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{global_tokens / elapsed:,.0f}")
-            if step % cfg.log.logging_steps == 0 or step == t.train_steps:
-                alloc, reserved = peak_memory_gb(device)
-                metrics.log(
-                    step,
-                    {
-                        "loss": loss_value,
-                        "lr": lr_scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm,
-                        "step_time_s": elapsed,
-                        "data_time_s": data_time,
-                        "tokens_per_s": global_tokens / elapsed,
-                        "samples_seen": state.samples_seen,
-                        "data_skipped": len(usable.skipped),
-                        "data_replaced": state.data_replaced,
-                        "skipped_step": not finite,
-                        "peak_memory_gb": alloc,
-                        "peak_reserved_gb": reserved,
-                        **(phase if breakdown else {}),
-                        **(
-                            {
-                                "tflops_per_step": flops_per_step / 1e12,
-                                "mfu": flops_per_step / elapsed / (peak_tflops * 1e12),
-                            }
-                            if flops_per_step and peak_tflops
-                            else {}
-                        ),  # fmt: skip
-                    },
-                )
-            if c.max_nan_steps and nan_in_a_row >= c.max_nan_steps:
-                checkpointer.wait()
-                good = complete_checkpoints(out)
-                raise FloatingPointError(
-                    f"{nan_in_a_row} non-finite steps in a row (--max_nan_steps {c.max_nan_steps}); stopping. "
-                    f"Last complete checkpoint: {good[-1][1] if good else 'none'}. Lower --lr or check the data."
-                )
-            if validation_items and v_every and (step % v_every == 0 or step == t.train_steps):
-                if t.validate_with_ema:
-                    log.info("validation at step %d samples with the EMA weights (--validate_with_ema)", step)
-                with (
-                    ema.swapped_in() if t.validate_with_ema else contextlib.nullcontext(),
-                    encoders_on(comps, device, offloaded),
-                ):
-                    run_validation(spec, transformer, validation_items, cfg.validation, step, out, t.seed, metrics)
-            checkpointer.poll()  # commits a finished async save
-            if ckpt_every and step % ckpt_every == 0 and step < t.train_steps:
-                save_checkpoint()
-                last_saved = step
-        if ckpt_every and last_saved != state.step:
-            save_checkpoint(final=True)
-        checkpointer.wait()
-    finally:
-        bar.close()
-        metrics.close()
+    def build_checkpointer(self) -> None:
+        run, c, m = self.run, self.cfg.checkpoint, self.cfg.model
+        every = c.checkpointing_steps
+        if c.checkpointing_epochs:
+            every = c.checkpointing_epochs * run.steps_per_epoch
+        trainable_only = m.training_type == "lora" and not c.checkpoint_full_model
+        mod = self.model
+        self.checkpointer = Checkpointer(
+            run.out,
+            sharded={"model": ModelState(mod.transformer, trainable_only),
+                     "optim": OptimizerState(mod.transformer, mod.optimizer, trainable_only), "ema": mod.ema},
+            per_rank={"rng": RNGState(), "lr_scheduler": mod.lr_scheduler},
+            train_state=self.state, layout=run.layout, every=every, limit=c.checkpointing_limit,
+            meta={"model_name": m.model_name, "training_type": m.training_type, "num_samples": len(run.usable.records)},
+            trainable_only=trainable_only, async_save=c.async_checkpoint,
+            export_fn=self.export if c.export_every_checkpoint else None,
+        )  # fmt: skip
+        self.checkpointer.clean_partial()
 
-    staging = begin_export(out)  # exports appear whole, with a marker, or not at all (see publish_export)
-    exported = export(staging)
-    if ema is not None and t.export_ema:
-        with ema.swapped_in():
-            export(staging / "ema")
-    publish_export(staging, out, state.step)
-    result.exported = out / exported.relative_to(staging) if exported is not None else None
-    if rank == 0:
-        final = f"final loss {result.losses[-1]:.5f}, " if result.losses else ""
-        log.info("done: %d steps, %sweights in %s", state.step, final, result.exported)
-    return result
+    def resume(self) -> None:
+        """Load the resume checkpoint; a damaged one (auto / latest) is renamed and the previous one tried."""
+        run, c = self.run, self.cfg.checkpoint
+        while run.resume is not None:
+            try:
+                self.checkpointer.load(run.resume, run.resharded)
+                break
+            except CheckpointDamaged as e:
+                if c.resume_from_checkpoint not in ("auto", "latest"):  # the one asked for: say so, touch nothing
+                    raise ConfigError(f"--resume_from_checkpoint {c.resume_from_checkpoint}: {e}") from e
+                self.checkpointer.mark_damaged(run.resume, e.reason)  # never picked again: no crash loop
+                run.resume, run.resharded = find_resume(self.cfg, run.out, run.layout)
+                if run.resume is None:
+                    raise ConfigError(
+                        f"{e}, and there is no older checkpoint; --resume_from_checkpoint none starts over"
+                    )
+        if run.resume is not None and run.resharded:  # same samples from here on: restart where the old layout stopped
+            self.state.base_position, self.state.base_step = self.state.samples_seen, self.state.step
+
+    def build_data(self) -> None:
+        """The latent source (chosen once: precomputed or encoded every step) and this rank's loader."""
+        cfg, run, spec, comps = self.cfg, self.run, self.spec, self.comps
+        t, usable = cfg.train, run.usable
+        max_seq = cfg.data.max_sequence_length or spec.max_sequence_length(comps)
+        dataset = self.precompute(max_seq) if cfg.data.enable_precomputation else None
+        self.inputs = make_inputs(dataset is not None, spec, comps, self.device, max_seq)
+        # The micro-batches training consumed (not the loader's sampler counter, which runs ahead by the workers'
+        # prefetch) give the stream position.
+        sampler_state = {
+            "micro_batches_done": (self.state.step - self.state.base_step) * self.accum,
+            "base_position": self.state.base_position,
+        } if run.resume is not None else None  # fmt: skip
+        self.loader, self.sampler = build_dataloader(
+            usable, cfg.data, run.sampling, run.mesh.dp.get_local_rank(), run.dims.dp, t.batch_size, self.accum,
+            t.seed, sampler_state, dataset,
+        )  # fmt: skip
+        log.info(
+            "data: %d usable samples (%d skipped); global batch %d = batch_size %d x dp %d x grad accum %d; %s",
+            len(usable.records), len(usable.skipped), self.sampler.global_batch_size, t.batch_size, run.dims.dp,
+            self.accum, usable.plan.describe(),
+        )  # fmt: skip
+        if usable.bucketed:
+            for line in summary(usable, self.sampler.global_batch_size, run.rules.tokens)[1:]:
+                log.info("  %s", line)
+        if run.resume is not None and read_marker(run.resume).get("num_samples") not in (None, len(usable.records)):
+            log.warning(
+                "the dataset changed since %s (%s usable samples then, %d now): the sample order differs from an "
+                "uninterrupted run",
+                run.resume, read_marker(run.resume)["num_samples"], len(usable.records),
+            )  # fmt: skip
+
+    def precompute(self, max_seq: int) -> PrecomputedDataset:
+        """--enable_precomputation: encode every sample once (sharded over ranks); the encoders then leave the GPU."""
+        cfg, run, spec, m = self.cfg, self.run, self.spec, self.cfg.model
+        if m.train_mode != "normal" and any(r.first_frame for r in run.usable.records):
+            raise ConfigError(
+                f"--train_mode {m.train_mode} with first-frame images in the dataset (an image column beside the "
+                "video column) conditions on those images every step: it cannot use --enable_precomputation"
+            )
+        if spec.needs_pixels(m.train_mode):
+            raise ConfigError(
+                f"--train_mode {m.train_mode} for {spec.name} encodes conditioning frames (masked or noised) every "
+                "step: it cannot use --enable_precomputation"
+            )
+        videos = VideoDataset(run.usable.records, cfg.data, run.sampling, cfg.train.seed, run.usable.buckets)
+        with encoders_on(self.comps, self.device, self.offloaded):
+            folder = precompute(cfg, run.usable, spec, self.comps, videos, max_seq, self.device)
+        if self.device.type != "cpu":  # the encoders are needed again only for validation
+            self.offloaded = True
+            offload_encoders(self.comps)
+            torch.cuda.empty_cache()
+        return PrecomputedDataset(run.usable, folder, cfg.data.caption_dropout_p, cfg.train.seed)
+
+    def build_step(self) -> None:
+        """The micro-batch step, validation prompts, metrics and the loop's counters."""
+        cfg, run = self.cfg, self.run
+        objective = self.spec.make_objective(cfg.train, self.comps)
+        self.step = TrainStep(self.spec, self.comps, self.transformer, objective, self.inputs, run.dims.cp, self.accum)
+        self.validation_items = load_validation_items(cfg.validation, cfg.data, cfg.model.train_mode)
+        self.loss_group = run.mesh.dp_cp.get_group() if run.world > 1 else None
+        self.metrics = MetricsWriter(run.out, run.rank == 0, cfg.log.report_to == "tensorboard",
+                                     resume_step=self.state.step if run.resume else None)  # fmt: skip
+        self.result = TrainResult(spec=self.spec, components=self.comps, transformer=self.transformer,
+                                  optimizer=self.model.optimizer)  # fmt: skip
+        self.peak_tflops = device_peak_tflops(self.device, cfg.log.peak_tflops)
+        self.flops_per_step = None  # per rank, counted on the first step (FlopCounterMode; not under compile)
+        self.nan_in_a_row = 0
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        train_steps = self.cfg.train.train_steps
+        self.data_iter = iter(self.loader)
+        bar = tqdm(total=train_steps, initial=self.state.step, disable=self.run.rank != 0, desc="train",
+                   dynamic_ncols=True)  # fmt: skip
+        try:
+            while self.state.step < train_steps:
+                step = self.state.step + 1
+                stats = self.train_step(step)
+                self.log_step(step, stats, bar)
+                self.check_nan_guard()
+                self.maybe_validate(step)
+                self.maybe_checkpoint(step, last_step=step == train_steps)
+            self.checkpointer.wait()
+        finally:
+            bar.close()
+            self.metrics.close()
+        self.export_final()
+        return self.result
+
+    def train_step(self, step: int) -> StepStats:
+        """One optimizer step: every micro-batch of the accumulation, then the (guarded) optimizer update."""
+        stats, t0 = StepStats(), time.perf_counter()
+        step_loss = torch.zeros((), device=self.device)
+        count = self.flops_per_step is None and self.peak_tflops is not None and not self.cfg.train.compile
+        for micro in range(self.accum):
+            td = time.perf_counter()
+            batch = next(self.data_iter)
+            stats.data_time += time.perf_counter() - td
+            stats.replaced += int(batch["replaced"].sum())
+            self.transformer.set_requires_gradient_sync(micro == self.accum - 1)
+            loss, tokens = self.forward_backward(batch, stats.phase, count and micro == 0)
+            step_loss += loss
+            stats.tokens += tokens
+        self.optimizer_step(step, step_loss, stats)
+        stats.elapsed = time.perf_counter() - t0
+        return stats
+
+    def forward_backward(self, batch: dict, phase: dict, count_flops: bool = False) -> tuple[torch.Tensor, int]:
+        """One micro-batch: inputs and conditioning (offloaded encoders visit the device once), forward, backward.
+        Returns the loss (divided by the accumulation steps) and the micro-batch's tokens."""
+        t, breakdown = self.cfg.train, self.cfg.log.log_step_breakdown
+        gens = sample_generators(t.seed, batch["position"])
+        strata = None
+        if t.uniform_sampling:  # sample j of the global batch draws from slice j of G
+            g = self.sampler.global_batch_size
+            strata = ((torch.as_tensor(batch["position"]) - self.state.base_position) % g, g)
+        with encoders_on(self.comps, self.device, self.offloaded and self.inputs.needs_encoders):
+            prepared = self.step.prepare(batch, gens, strata)
+        counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+        with counter:
+            self.sync(breakdown)
+            tf = time.perf_counter()
+            loss = self.step.loss(prepared)
+            self.sync(breakdown)
+            tb = time.perf_counter()
+            self.step.backward(loss)
+            self.sync(breakdown)
+        phase["forward_s"] += tb - tf
+        phase["backward_s"] += time.perf_counter() - tb
+        if count_flops:
+            self.flops_per_step = counter.get_total_flops() * self.accum
+        return loss.detach(), prepared.tokens
+
+    def optimizer_step(self, step: int, step_loss: torch.Tensor, stats: StepStats) -> None:
+        """Clip, agree on the step's loss across ranks, and step unless the loss or norm is not finite."""
+        mod, dims = self.model, self.run.dims
+        stats.grad_norm = float(clip_gradients(mod.params, self.cfg.optim.max_grad_norm))
+        stats.loss, stats.replaced = _global_step_stats(step_loss, stats.replaced, self.loss_group, dims.cp)
+        stats.finite = math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)
+        to = time.perf_counter()
+        if stats.finite:
+            mod.optimizer.step()
+            self.nan_in_a_row = 0
+            if mod.ema is not None:
+                mod.ema.update(step)
+        else:
+            self.nan_in_a_row += 1
+            self.state.nan_steps_total += 1
+            log.warning(
+                "step %d: non-finite loss %s / grad norm %s: optimizer step skipped (%d in a row, %d in total)",
+                step, stats.loss, stats.grad_norm, self.nan_in_a_row, self.state.nan_steps_total,
+            )  # fmt: skip
+        mod.lr_scheduler.step()
+        mod.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.log.log_step_breakdown:
+            self.sync(True)
+            stats.phase["optimizer_s"] = time.perf_counter() - to
+
+    def sync(self, enabled: bool) -> None:
+        """Wait for the device (only for --log_step_breakdown's phase times)."""
+        if enabled and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def log_step(self, step: int, stats: StepStats, bar) -> None:
+        """Advance the train state, the progress bar and (every --logging_steps) the metrics."""
+        state, run = self.state, self.run
+        global_tokens = stats.tokens * run.dims.dp
+        if stats.replaced:
+            log.warning("step %d: %d sample(s) failed to decode and were replaced", step, stats.replaced)
+        state.data_replaced += stats.replaced
+        state.step = step
+        state.samples_seen += self.sampler.global_batch_size
+        state.tokens_seen += global_tokens
+        self.result.losses.append(stats.loss)
+        self.result.grad_norms.append(stats.grad_norm)
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{global_tokens / stats.elapsed:,.0f}")
+        if step % self.cfg.log.logging_steps and step != self.cfg.train.train_steps:
+            return
+        alloc, reserved = peak_memory_gb(self.device)
+        values = {
+            "loss": stats.loss, "lr": self.model.lr_scheduler.get_last_lr()[0], "grad_norm": stats.grad_norm,
+            "step_time_s": stats.elapsed, "data_time_s": stats.data_time, "tokens_per_s": global_tokens / stats.elapsed,
+            "samples_seen": state.samples_seen, "data_skipped": len(run.usable.skipped),
+            "data_replaced": state.data_replaced, "skipped_step": not stats.finite, "peak_memory_gb": alloc,
+            "peak_reserved_gb": reserved, **(stats.phase if self.cfg.log.log_step_breakdown else {}),
+        }  # fmt: skip
+        if self.flops_per_step and self.peak_tflops:
+            values["tflops_per_step"] = self.flops_per_step / 1e12
+            values["mfu"] = self.flops_per_step / stats.elapsed / (self.peak_tflops * 1e12)
+        self.metrics.log(step, values)
+
+    def check_nan_guard(self) -> None:
+        limit = self.cfg.checkpoint.max_nan_steps
+        if limit and self.nan_in_a_row >= limit:
+            self.checkpointer.wait()
+            good = complete_checkpoints(self.run.out)
+            raise FloatingPointError(
+                f"{self.nan_in_a_row} non-finite steps in a row (--max_nan_steps {limit}); stopping. "
+                f"Last complete checkpoint: {good[-1][1] if good else 'none'}. Lower --lr or check the data."
+            )
+
+    def maybe_validate(self, step: int) -> None:
+        if not (self.validation_items and self.v_every):
+            return
+        if step % self.v_every and step != self.cfg.train.train_steps:
+            return
+        ema = self.model.ema
+        with_ema = self.cfg.train.validate_with_ema
+        if with_ema:
+            log.info("validation at step %d samples with the EMA weights (--validate_with_ema)", step)
+        with (
+            ema.swapped_in() if with_ema else contextlib.nullcontext(),
+            encoders_on(self.comps, self.device, self.offloaded),
+        ):
+            run_validation(self.spec, self.transformer, self.validation_items, self.cfg.validation, step,
+                           self.run.out, self.cfg.train.seed, self.metrics)  # fmt: skip
+
+    def maybe_checkpoint(self, step: int, last_step: bool) -> None:
+        self.checkpointer.poll()  # commits a finished async save
+        self.checkpointer.save(step, last_step=last_step)
+
+    # --- export ------------------------------------------------------------------------------------
+    def export(self, target: Path) -> Path | None:
+        """The trained weights in diffusers format into `target` (LoRA file, or the full transformer)."""
+        if self.cfg.model.training_type == "lora":
+            path = export_lora(self.transformer, self.spec.pipeline_cls, target, self.spec.expanded_input)
+            if self.cfg.checkpoint.export_comfyui and path is not None:  # rank 0: ComfyUI's key names beside it
+                export_comfyui_lora(self.spec, path, self.transformer.config)
+            return path
+        return export_full(self.transformer, target)
+
+    def export_final(self) -> None:
+        """Staged: the export (and --export_ema's) appears whole, with a marker, or not at all."""
+        out, ema = self.run.out, self.model.ema
+        staging = begin_export(out)
+        exported = self.export(staging)
+        if ema is not None and self.cfg.train.export_ema:
+            with ema.swapped_in():
+                self.export(staging / "ema")
+        publish_export(staging, out, self.state.step)
+        self.result.exported = out / exported.relative_to(staging) if exported is not None else None
+        if self.run.rank == 0:
+            final = f"final loss {self.result.losses[-1]:.5f}, " if self.result.losses else ""
+            log.info("done: %d steps, %sweights in %s", self.state.step, final, self.result.exported)

@@ -47,7 +47,7 @@ def run_case(model, variant, fhw, per_token, ac, mode, cp_mesh, device) -> dict:
     pipe = build_tiny_pipeline(model, seed=0, variant=variant)
     spec = get_spec(model)
     comps = components(pipe)
-    spec.bind(comps)
+    spec = spec.bind(comps)
     base = comps.transformer.to(DTYPE).train()
     with torch.no_grad():
         cond = spec.encode_text(comps, CAPTIONS, spec.max_sequence_length(comps))

@@ -136,8 +136,7 @@ def bind_spec(model: str, pipe):
     spec = get_spec(model)
     core = {k: pipe.components[k] for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
     extra = {k: v for k, v in pipe.components.items() if k not in core}
-    spec.bind(Components(**core, extra=extra))
-    return spec
+    return spec.bind(Components(**core, extra=extra))
 
 
 def transformer_output(model: str, pipe) -> torch.Tensor:

@@ -41,7 +41,7 @@ def _args(ckpt, data, model, *extra):
 def test_ltx_i2v_condition_first_frame_clean_timestep_zero_and_unscored():
     pipe = build_tiny_pipeline("ltx_video", seed=0)
     spec, comps = get_spec("ltx_video"), _components(pipe)
-    spec.bind(comps, "i2v")
+    spec = spec.bind(comps, "i2v")
     latents = torch.randn(2, 8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     gens = sample_generators(0, [0, 1])
     fm = FlowMatching(TrainArgs(), 1.0)
@@ -60,8 +60,7 @@ def test_cogvideox_expansion_step0_equals_t2v_and_mode_errors():
     spec = get_spec("cogvideox")
     comps = _components(pipe)
     t2v = build_tiny_pipeline("cogvideox", seed=0, variant="2b").transformer
-    spec.bind(comps, "i2v")
-    spec.check_mode("i2v", comps, "full-finetune")
+    spec = spec.bind(comps, "i2v", training_type="full-finetune")
     assert comps.transformer.config.in_channels == 32 and comps.transformer.patch_embed.proj.weight.shape[1] == 32
     noisy = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     cond = spec.encode_text(comps, ["a red ball"], spec.max_sequence_length(comps))

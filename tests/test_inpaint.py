@@ -69,9 +69,7 @@ def test_inpaint_step0_equals_text_to_video(model):
     conditions by clean tokens (no widening): its given tokens are clean, at timestep 0 and out of the loss."""
     spec, comps = get_spec(model), _components(build_tiny_pipeline(model, seed=0))
     t2v = build_tiny_pipeline(model, seed=0).transformer
-    spec.inpaint_mask_probs = {"block": 1.0}
-    spec.bind(comps, "inpaint")
-    spec.check_mode("inpaint", comps, "lora")
+    spec = spec.bind(comps, "inpaint", {"block": 1.0}, "lora")
     c = comps.vae.config.get("latent_channels") or comps.vae.config.z_dim
     expected = {"ltx_video": c, "cogvideox": 2 * c + 1, "hunyuan_video": 2 * c + 1, "wan": 2 * c + 4}[model]
     assert comps.transformer.config.in_channels == expected
@@ -98,8 +96,7 @@ def test_inpaint_step0_equals_text_to_video(model):
 def test_wan_i2v_conditioning_equals_the_pipeline():
     """Mask, condition latents and CLIP image embeddings equal what WanImageToVideoPipeline builds for the image."""
     spec, comps = get_spec("wan"), _components(build_tiny_pipeline("wan", seed=0, variant="i2v"))
-    spec.bind(comps, "i2v")
-    spec.check_mode("i2v", comps, "lora")
+    spec = spec.bind(comps, "i2v", training_type="lora")
     assert spec.expanded_input is None  # the I2V checkpoint has the 36 channels
     img = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
     video = _video(batch=1)
@@ -174,7 +171,7 @@ def test_inpaint_lora_from_t2v_parity_and_export(model, tiny_ckpts, tiny_data, t
         pipe = spec.pipeline_cls.from_pretrained(ckpt, transformer=transformer, dtype=torch.float32)
         pipe.load_lora_weights(out)
         comps = _components(pipe)
-        spec.bind(comps, "inpaint")
+        spec = spec.bind(comps, "inpaint")
         video, gens = _video(batch=1), sample_generators(0, [0])
         latents = spec.encode_video(comps, video, gens)
         cond = spec.encode_text(comps, ["a red ball"], spec.max_sequence_length(comps))
@@ -262,8 +259,7 @@ def test_hunyuan_i2v_conditioning_equals_the_pipeline_and_mode_errors():
     mask equal what HunyuanVideoImageToVideoPipeline builds; a Llama (T2V) checkpoint cannot train i2v and a Llava
     one trains only i2v."""
     spec, comps = get_spec("hunyuan_video"), _components(build_tiny_pipeline("hunyuan_video", seed=0, variant="i2v"))
-    spec.bind(comps, "i2v")
-    spec.check_mode("i2v", comps, "lora")
+    spec = spec.bind(comps, "i2v", training_type="lora")
     img = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
     video = _video(batch=1)
     video[0, :, 0] = torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1

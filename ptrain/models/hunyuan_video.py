@@ -72,13 +72,13 @@ class HunyuanVideoSpec(ModelSpec):
     optional_components = {"image_processor": CLIPImageProcessor}
     input_layer = "x_embedder.proj"
 
-    def load_components(self, path, dtypes, device, overrides):
+    def load_components(self, path, dtypes, device, overrides, classes=None):
         """A HunyuanVideo-I2V checkpoint's text encoder is a LlavaForConditionalGeneration (model_index.json)."""
         index = Path(path) / "model_index.json"
         listed = json.loads(index.read_text()).get("text_encoder", [None, None]) if index.is_file() else [None, None]
         if listed[-1] == LlavaForConditionalGeneration.__name__:
-            self.component_classes = {**type(self).component_classes, "text_encoder": LlavaForConditionalGeneration}
-        return super().load_components(path, dtypes, device, overrides)
+            classes = {**self.component_classes, "text_encoder": LlavaForConditionalGeneration}
+        return super().load_components(path, dtypes, device, overrides, classes)
 
     def mode_in_channels(self, mode, components) -> int:
         c = self.latent_channels(components)
@@ -87,7 +87,7 @@ class HunyuanVideoSpec(ModelSpec):
     def text_needs_image(self, mode: str) -> bool:
         return mode == "i2v"
 
-    def check_mode(self, mode, components, training_type) -> None:
+    def check_mode(self, mode, components, training_type) -> str | None:
         if mode not in self.train_modes:
             return super().check_mode(mode, components, training_type)  # names the modes it trains
         if components.transformer.config.get("image_condition_type") == "token_replace":
@@ -107,7 +107,7 @@ class HunyuanVideoSpec(ModelSpec):
                 f"this HunyuanVideo checkpoint's text encoder reads an image with the prompt (HunyuanVideo-I2V): "
                 f"train it with --train_mode i2v, not {mode}"
             )
-        super().check_mode(mode, components, training_type)
+        return super().check_mode(mode, components, training_type)
 
     def condition(self, mode, components, video, latents, prepared, cond, generators):
         """[noisy latents, conditioning latents, keep mask] on channels, the I2V pipeline's latent_concat input.

@@ -131,8 +131,7 @@ class LTXVideoSpec(ModelSpec):
         cond.tensors["encoder_attention_mask"] = torch.ones(batch, seq_len, device=device, dtype=dtype)
         return cond
 
-    def bind(self, components: Components, mode: str = "normal") -> None:
-        super().bind(components, mode)
+    def on_bind(self, components: Components) -> None:
         self._vae_ratios = (components.vae.temporal_compression_ratio, components.vae.spatial_compression_ratio)
 
     def comfyui_lora_rules(self, config) -> list[Rule]:

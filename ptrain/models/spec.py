@@ -11,6 +11,7 @@ and to export / reload LoRA weights.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from abc import ABC, abstractmethod
@@ -100,20 +101,29 @@ class ModelSpec(ABC):
     #: Module path of the transformer's input (patch embedding) layer: expanded when a mode needs more channels.
     input_layer: str = ""
 
-    def __init__(self) -> None:
-        self.pipe = None
-        #: Set by check_mode when it widened the input layer of a text-to-video checkpoint (LoRA trains it too).
-        self.expanded_input: str | None = None
-        #: --inpaint_mask_probs (the trainer sets the run's).
-        self.inpaint_mask_probs: dict[str, float] = ModelArgs().mask_probs()
+    # A spec from get_spec() is stateless; bind() returns a bound copy that holds the run's pipeline, mode and
+    # mask settings (these class defaults are what an unbound spec reads).
+    pipe = None
+    sampling_pipe = None
+    mode: str = "normal"
+    #: The input layer bind() widened for the mode on a text-to-video checkpoint (LoRA trains it too), or None.
+    expanded_input: str | None = None
+    #: --inpaint_mask_probs of the run (bind() sets it; the flag's default otherwise).
+    inpaint_mask_probs: dict[str, float] = ModelArgs().mask_probs()
 
     # --- loading -------------------------------------------------------------------------------
     def load_components(
-        self, path: str, dtypes: dict[str, torch.dtype], device: torch.device, overrides: dict[str, str | None]
+        self,
+        path: str,
+        dtypes: dict[str, torch.dtype],
+        device: torch.device,
+        overrides: dict[str, str | None],
+        classes: dict[str, type] | None = None,
     ) -> Components:
+        """Every component from the checkpoint (or its override folder); `classes` replaces component_classes."""
         loaded = {}
         present = {n: c for n, c in self.optional_components.items() if (Path(path) / n).is_dir()}
-        for name, cls in {**self.component_classes, **present}.items():
+        for name, cls in {**(classes or self.component_classes), **present}.items():
             src, sub = component_source(path, overrides.get(name), name)
             kwargs: dict[str, Any] = {"subfolder": sub} if sub else {}
             if name in DTYPE_COMPONENTS:
@@ -166,14 +176,31 @@ class ModelSpec(ABC):
         rules.tokens = tokens
         return rules
 
-    def bind(self, components: Components, mode: str = "normal") -> None:
-        """Build the model's diffusers pipeline around the components (used to encode text and to validate;
-        with --train_mode i2v / inpaint the image-to-video one samples validation videos)."""
-        self.pipe = self.make_pipeline(self.pipeline_cls, components)
-        self.sampling_pipe = self.pipe
+    def bind(
+        self, components: Components, mode: str = "normal", mask_probs: dict[str, float] | None = None,
+        training_type: str | None = None,
+    ) -> ModelSpec:  # fmt: skip
+        """A copy of this spec bound to loaded components: the model's diffusers pipeline around them (used to
+        encode text and to validate; with --train_mode i2v / inpaint the image-to-video one samples validation
+        videos), the mode and its inpaint mask probabilities. With `training_type` the transformer is also made
+        ready for the mode (check_mode; may widen its input layer, recorded as `expanded_input`).
+        This spec is left as it was."""
+        bound = copy.copy(self)
+        bound.mode = mode
+        if mask_probs is not None:
+            bound.inpaint_mask_probs = dict(mask_probs)
+        bound.pipe = self.make_pipeline(self.pipeline_cls, components)
+        bound.sampling_pipe = bound.pipe
         sampler = {"i2v": self.i2v_pipeline_cls, "inpaint": self.inpaint_pipeline_cls}.get(mode)
         if sampler is not None:
-            self.sampling_pipe = self.make_pipeline(sampler, components)
+            bound.sampling_pipe = self.make_pipeline(sampler, components)
+        bound.on_bind(components)
+        if training_type is not None:
+            bound.expanded_input = bound.check_mode(mode, components, training_type)
+        return bound
+
+    def on_bind(self, components: Components) -> None:
+        """Hook for a spec to keep facts of the bound components (called on the bound copy)."""
 
     @staticmethod
     def make_pipeline(cls: type, components: Components):
@@ -205,8 +232,9 @@ class ModelSpec(ABC):
         """Whether `mode` conditions on decoded frames every step (then no --enable_precomputation)."""
         return mode == "inpaint" or (mode == "i2v" and self.i2v_needs_pixels)
 
-    def check_mode(self, mode: str, components: Components, training_type: str) -> None:
+    def check_mode(self, mode: str, components: Components, training_type: str) -> str | None:
         """Prepare the transformer for `mode` or raise ConfigError saying why the checkpoint cannot train it.
+        Returns the input layer it widened (None if the checkpoint already had the mode's channels).
 
         A text-to-video checkpoint whose input is narrower than the mode needs gets the extra input channels
         with zero weights (step 0 equals the text-to-video model) and the new `in_channels` in its config; with
@@ -220,7 +248,7 @@ class ModelSpec(ABC):
         c, have = self.latent_channels(components), int(tr.config.in_channels)
         need = self.mode_in_channels(mode, components)
         if have == need:
-            return
+            return None
         suits = [m for m in self.train_modes if self.mode_in_channels(m, components) == have]
         if have != c or need < have:
             hint = f"train it with --train_mode {' or '.join(suits)}" if suits else "no --train_mode uses that layout"
@@ -232,12 +260,12 @@ class ModelSpec(ABC):
             tr.register_to_config(out_channels=have)
         expand_input_channels(tr.get_submodule(self.input_layer), have, need)
         tr.register_to_config(in_channels=need)
-        self.expanded_input = self.input_layer
         log.info(
             "--train_mode %s: %s expanded from %d to %d input channels (new ones zero; step 0 = the text-to-video "
             "model)%s", mode, self.input_layer, have, need,
             "; LoRA trains this layer fully beside the adapters" if training_type == "lora" else "",
         )  # fmt: skip
+        return self.input_layer
 
     def condition(
         self, mode: str, components: Components, video: torch.Tensor | None, latents: torch.Tensor, prepared,

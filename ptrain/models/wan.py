@@ -67,14 +67,15 @@ class WanSpec(ModelSpec):
         c = self.latent_channels(components)
         return c if mode == "normal" else 2 * c + self.temporal_ratio(components)
 
-    def check_mode(self, mode, components, training_type) -> None:
-        super().check_mode(mode, components, training_type)
+    def check_mode(self, mode, components, training_type) -> str | None:
+        expanded = super().check_mode(mode, components, training_type)
         image_dim = components.transformer.config.get("image_dim")
         if mode != "normal" and image_dim and "image_encoder" not in components.extra:
             raise ConfigError(
                 f"this Wan transformer takes CLIP image embeddings (image_dim={image_dim}) but the checkpoint has "
                 "no image_encoder/ and image_processor/ folders (a Wan 2.1 I2V checkpoint has them)"
             )
+        return expanded
 
     def condition(self, mode, components, video, latents, prepared, cond, generators):
         """i2v / inpaint as WanImageToVideoPipeline prepares its input: the keep mask packed 4 pixel frames per

@@ -1,0 +1,62 @@
+"""--dry_run: what a planned run would do, printed by rank 0; no weights are loaded, nothing is written.
+
+With --plan_gpu_memory_gb the memory planner (ptrain/planner.py) also simulates the run's per-GPU peak, in a
+fresh process (it needs its own fake process group), and suggests a layout that fits if this one does not.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch.distributed as dist
+
+from ptrain.data import summary
+
+
+def dry_run(run) -> None:
+    """Print the summary of `run` (a ptrain.trainer.RunPlan) and, if asked, the memory plan (rank 0 only)."""
+    if dist.get_rank() != 0:
+        return
+    cfg, usable, dims = run.cfg, run.usable, run.dims
+    d, t = cfg.data, cfg.train
+    lines = [
+        "ptrain dry run: config, parallel degrees and data are valid",
+        f"  layout: {dims.describe()}",
+        f"  model: {cfg.model.model_name} ({cfg.model.training_type}) from {cfg.model.pretrained_model_name_or_path}",
+    ]
+    lines += [f"  {line}" for line in summary(usable, run.global_batch, run.rules.tokens)]
+    if not usable.bucketed:
+        lines.append(f"  tokens/sample: {run.rules.tokens(d.num_frames, d.height, d.width):,}")
+    lines += [
+        f"  frames: {run.sampling.describe()}, {d.reshape_mode}",
+        f"  global batch {run.global_batch}: {run.steps_per_epoch} steps per epoch, {t.train_steps} steps "
+        f"= {t.train_steps * run.global_batch / len(usable.records):.2f} epochs",
+        f"  resume: {run.resume or 'none (fresh start)'}",
+    ]
+    if dims.cp > 1:
+        lines.append(
+            f"  context parallel: {cfg.parallel.cp_mode} over {dims.cp} ranks; each holds 1/{dims.cp} (rounded up) of "
+            f"every sample's video tokens (block activations / {dims.cp}); per-GPU peak: python -m ptrain.planner"
+        )
+    print("\n".join(lines), flush=True)
+    if cfg.data.plan_gpu_memory_gb:
+        plan_memory(cfg, cfg.data.plan_world_size or run.world)
+
+
+def plan_memory(cfg, world: int) -> None:
+    """--plan_gpu_memory_gb: the planner's lines and its suggestion, if the configured layout does not fit."""
+    budget = cfg.data.plan_gpu_memory_gb
+    print(f"  memory plan for {world} GPUs of {budget:g} GB (simulated, no GPU used; about a minute per layout):",
+          flush=True)  # fmt: skip
+    cmd = [sys.executable, "-m", "ptrain.planner", "--model_dir", cfg.model.pretrained_model_name_or_path,
+           "--world_size", str(world), "--budget_gb", str(budget), "--", *sys.argv[1:]]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line[len("PLAN ") :] for line in p.stderr.splitlines() if line.startswith("PLAN ")]
+    print("\n".join(f"    {line}" for line in lines), flush=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"memory planner failed:\n{p.stderr[-3000:]}")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    if not res["fits"] and res["suggestion"]:
+        print(f"  suggestion: {res['suggestion']['name']}: add {' '.join(res['suggestion']['flags'])}", flush=True)

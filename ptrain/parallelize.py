@@ -1,0 +1,178 @@
+"""(config, bound spec, mesh) -> the trainable, parallelized transformer and its optimizer.
+
+The one model set-up that both the trainer and the memory planner (ptrain/planner.py) run, in the role of
+torchtitan's `parallelize_fn`:
+
+1. `make_trainable_model`: LoRA adapters (or the trainable subset of a full fine-tune) on the loaded
+   transformer, seeded alike on every rank, and FP8 storage of frozen weights (--layerwise_upcasting_modules).
+   The planner runs it on the meta device.
+2. `parallelize`: the parallel plan in its fixed order: context parallelism -> activation checkpointing ->
+   compile per block -> placement on the device -> fully_shard / replicate (ptrain/parallel/).
+3. `build_trainable`: `parallelize`, then the parameter groups, the optimizer, the learning-rate schedule and
+   the EMA, returned together as a `TrainableModel`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ptrain.config import Config, ConfigError
+from ptrain.ema import EMA
+from ptrain.models.spec import ModelSpec
+from ptrain.optim import build_optimizer, build_scheduler
+from ptrain.parallel import ParallelDims, apply_ac, apply_compile, apply_data_parallel
+from ptrain.parallel.context import apply_context_parallel
+
+log = logging.getLogger("ptrain")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_trainable(transformer: torch.nn.Module, cfg: Config, spec: ModelSpec) -> None:
+    """LoRA adapters on the frozen base (--training_type lora), the --trainable_modules subset, or everything."""
+    m = cfg.model
+    if m.training_type == "lora":
+        from peft import LoraConfig
+
+        transformer.requires_grad_(False)
+        targets = m.target_modules or spec.default_target_modules
+        if len(targets) == 1 and any(c in targets[0] for c in "*|()[]^$+?\\"):
+            targets = targets[0]  # one regex: peft full-matches it against module names
+        try:
+            transformer.add_adapter(
+                LoraConfig(r=m.rank, lora_alpha=m.lora_alpha, init_lora_weights=True, target_modules=targets)
+            )
+        except ValueError as e:
+            raise ConfigError(f"--target_modules {targets}: {e}") from e
+        if spec.expanded_input:  # its new input channels start at zero: they must train, beside the adapters
+            transformer.get_submodule(spec.expanded_input).requires_grad_(True)
+        for p in transformer.parameters():
+            if p.requires_grad:  # LoRA weights train in float32 whatever the frozen base's dtype
+                p.data = p.data.float()
+    elif m.trainable_modules:
+        transformer.requires_grad_(False)
+        matched = 0
+        for name, p in transformer.named_parameters():
+            if any(pattern in name for pattern in m.trainable_modules):
+                p.requires_grad_(True)
+                matched += 1
+        if not matched:
+            raise ConfigError(f"--trainable_modules {m.trainable_modules}: no parameter name contains any of them")
+    else:
+        transformer.requires_grad_(True)
+    transformer.train()
+
+
+def store_frozen_in_fp8(transformer: torch.nn.Module, dtype: torch.dtype, skip_patterns: list[str]) -> int:
+    """Cast the frozen weights of Linear/Conv layers to an FP8 storage dtype (not matching `skip_patterns`).
+
+    Compute stays in --transformer_dtype: FSDP2's mixed-precision policy casts each shard up before the
+    all-gather, so only the stored shards are FP8 (finetrainers' "layerwise upcasting", sharded).
+    Returns the number of parameters cast.
+    """
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    cast = 0
+    for name, module in transformer.named_modules():
+        if not isinstance(module, layers) or any(re.search(pat, name) for pat in skip_patterns):
+            continue
+        if any(re.search(pat, name.replace(".base_layer", "")) for pat in skip_patterns):
+            continue
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(dtype)
+                cast += p.numel()
+    return cast
+
+
+def make_trainable_model(transformer: torch.nn.Module, cfg: Config, spec: ModelSpec) -> None:
+    """Step 1: what trains (the same seed on every rank first: adapters start identical on all ranks and
+    layouts), then FP8 storage of the frozen weights if asked."""
+    m = cfg.model
+    seed_everything(cfg.train.seed)
+    make_trainable(transformer, cfg, spec)
+    if "transformer" in (m.layerwise_upcasting_modules or []):
+        fp8 = getattr(torch, m.layerwise_upcasting_storage_dtype)
+        n = store_frozen_in_fp8(transformer, fp8, m.layerwise_upcasting_skip_modules_pattern)
+        log.info("layerwise upcasting: %s frozen transformer weights stored in %s", f"{n:,}", fp8)
+
+
+def param_groups(transformer: torch.nn.Module, cfg: Config) -> list[dict]:
+    """Trainable parameters, split off a half-learning-rate group for --trainable_modules_low_learning_rate."""
+    low = cfg.model.trainable_modules_low_learning_rate or []
+    normal, slow = [], []
+    for name, p in transformer.named_parameters():
+        if p.requires_grad:
+            (slow if any(pattern in name for pattern in low) else normal).append(p)
+    groups = [{"params": normal}] if normal else []
+    if slow:
+        groups.append({"params": slow, "lr": cfg.optim.lr / 2})
+    return groups
+
+
+def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims, device) -> None:
+    """Step 2, the parallel plan in its fixed order: context parallelism -> AC -> compile per block -> placement
+    -> fully_shard / replicate."""
+    t, p, m = cfg.train, cfg.parallel, cfg.model
+    if dims.cp > 1:
+        if spec.cp_plan is None:
+            raise ConfigError(f"--cp_degree {dims.cp}: {spec.name} has no context-parallel plan")
+        apply_context_parallel(transformer, spec.cp_plan, mesh.world["cp"], p.cp_mode)
+    blocks = spec.blocks(transformer)
+    if t.gradient_checkpointing:
+        n = apply_ac(blocks, t.ac_mode, t.ac_every_n_blocks)
+        log.info("activation checkpointing (%s): %d blocks", t.ac_mode, n)
+    if t.compile:
+        n = apply_compile(blocks, t.compile_backend)
+        log.info("torch.compile (%s): %d blocks", t.compile_backend, n)
+    if p.fsdp_cpu_offload:  # parameters stay in CPU memory (FSDP2 copies shards in as needed); buffers move
+        for module in transformer.modules():
+            for key, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[key] = buf.to(device)
+    elif any(x.device != device for x in [*transformer.parameters(), *transformer.buffers()]):
+        transformer.to(device)
+    plan = apply_data_parallel(
+        transformer, blocks, mesh, dims, DTYPES[m.transformer_dtype], spec.fp32_module_names(transformer),
+        cpu_offload=p.fsdp_cpu_offload,
+    )  # fmt: skip
+    log.info(plan)
+
+
+@dataclass
+class TrainableModel:
+    """The parallelized transformer and what updates it."""
+
+    transformer: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: EMA | None
+
+
+def build_trainable(
+    transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims, device, train_steps: int
+) -> TrainableModel:
+    """Step 3: `parallelize`, then parameter groups, optimizer, learning-rate schedule over `train_steps`, EMA."""
+    t = cfg.train
+    parallelize(transformer, cfg, spec, mesh, dims, device)
+    groups = param_groups(transformer, cfg)
+    params = [q for g in groups for q in g["params"]]
+    n_train = sum(q.numel() for q in params)
+    n_total = sum(q.numel() for q in transformer.parameters())
+    log.info("trainable parameters: %s of %s (%s)", f"{n_train:,}", f"{n_total:,}", cfg.model.training_type)
+    optimizer = build_optimizer(groups, cfg.optim, device)
+    lr_scheduler = build_scheduler(optimizer, cfg.optim, train_steps)
+    ema = EMA(transformer, t.ema_decay, t.ema_start_step, t.ema_update_every) if t.ema_decay else None
+    return TrainableModel(transformer, params, optimizer, lr_scheduler, ema)
