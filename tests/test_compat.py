@@ -162,7 +162,7 @@ def test_low_learning_rate_group_and_strata():
     from ptrain.config import TrainArgs
     from ptrain.objectives import FlowMatching, sample_generators
     from ptrain.testing.tiny import LTX_TRANSFORMER_CONFIG
-    from ptrain.trainer import param_groups
+    from ptrain.parallelize import param_groups
 
     model = LTXVideoTransformer3DModel(**LTX_TRANSFORMER_CONFIG)
     model.requires_grad_(False)
@@ -203,7 +203,7 @@ def test_fp8_storage_casts_only_frozen_linear_weights_outside_skips():
 
     from ptrain.config import ModelArgs
     from ptrain.testing.tiny import LTX_TRANSFORMER_CONFIG
-    from ptrain.trainer import store_frozen_in_fp8
+    from ptrain.parallelize import store_frozen_in_fp8
 
     model = LTXVideoTransformer3DModel(**LTX_TRANSFORMER_CONFIG)
     model.requires_grad_(False)
