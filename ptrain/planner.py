@@ -1,8 +1,9 @@
 """GPU memory planner that needs no GPU.
 
-One training step of the *real* ptrain code path — the Config parsed from ptrain's own flags, LoRA / full
-fine-tune set-up (`make_trainable`), FP8 storage, context parallelism, activation checkpointing and FSDP2 /
-HSDP / replicate (`build_parallel_transformer`), the optimizer and EMA — runs on fake tensors
+One training step of the *real* ptrain code path — the Config parsed from ptrain's own flags, the spec bound
+to the --train_mode (input widening), the model set-up the trainer runs (ptrain/parallelize.py: LoRA / full
+fine-tune, FP8 storage, context parallelism, activation checkpointing, FSDP2 / HSDP / replicate, optimizer,
+EMA) and the trainer's micro-batch (ptrain/step.py: objective, the mode's conditioning, loss) — runs on fake tensors
 (`FakeTensorMode`) in one process that plays rank 0 of a fake process group of the requested world size.
 `torch.distributed._tools`' memory trackers (FSDPMemTracker, or MemTracker without FSDP) record the per-rank
 peak by category. Weights are never materialised: the transformer is built from its `config.json` on the
@@ -114,28 +115,17 @@ def simulate(
     return _simulate(cfg, spec, world, model_dir, num_blocks, fake, t0)
 
 
-def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0: float) -> dict:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed._tools.mem_tracker import MemTracker
-    from torch.distributed.fsdp import FSDPModule
-
+def _meta_components(cfg, spec, model_dir: Path, num_blocks):
+    """The transformer (with `num_blocks` per block list if given), VAE and scheduler on the meta device."""
     from ptrain.models.spec import Components
-    from ptrain.parallel import ParallelDims
-    from ptrain.parallelize import DTYPES, build_trainable, make_trainable_model
-    from ptrain.step import SimulatedInputs, TrainStep, clip_gradients
+    from ptrain.parallelize import DTYPES
 
-    m, t, p, d = cfg.model, cfg.train, cfg.parallel, cfg.data
-    dims = ParallelDims.build(p.dp_degree, p.dp_shards, p.cp_degree, world)
-    mesh = dims.build_mesh()  # outside FakeTensorMode (inside it fails)
-    device = torch.device("cpu")
-    param_dtype = DTYPES[m.transformer_dtype]
+    m = cfg.model
     overrides = dict(zip(spec.block_count_keys, num_blocks)) if num_blocks else {}
     transformer = _meta_model(
         spec.transformer_cls, model_dir, "transformer", overrides,
-        param_dtype if m.training_type == "lora" else torch.float32,
+        DTYPES[m.transformer_dtype] if m.training_type == "lora" else torch.float32,
     )  # fmt: skip
-    blocks_used = tuple(int(transformer.config[k]) for k in spec.block_count_keys)
     vae = _meta_model(spec.component_classes["vae"], model_dir, "vae", dtype=DTYPES[m.vae_dtype])
     sched_cls = spec.component_classes["scheduler"]
     scheduler = (
@@ -145,8 +135,87 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
     )
     extra = {k: None for k in spec.component_classes if k not in ("transformer", "vae", "scheduler",
                                                                    "text_encoder", "tokenizer")}  # fmt: skip
-    comps = Components(transformer=transformer, vae=vae, text_encoder=None, tokenizer=None, scheduler=scheduler,
-                       extra=extra)  # fmt: skip
+    return Components(transformer=transformer, vae=vae, text_encoder=None, tokenizer=None, scheduler=scheduler,
+                      extra=extra)  # fmt: skip
+
+
+def _measure_step(cfg, spec, comps, model, cp: int, device) -> tuple[dict, object]:
+    """Peak bytes by category of the trainer's micro-batch (objective, the mode's conditioning, loss, backward)
+    and of its optimizer step, each tracked on its own in the steady state; also returns the prepared batch."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed.fsdp import FSDPModule
+
+    from ptrain.parallelize import DTYPES
+    from ptrain.step import SimulatedInputs, TrainStep, clip_gradients
+
+    t, d, transformer, optimizer = cfg.train, cfg.data, model.transformer, model.optimizer
+    b = t.batch_size
+    inputs = SimulatedInputs(spec, comps, device, (b, 3, d.num_frames, d.height, d.width),
+                             d.max_sequence_length or spec.default_max_sequence_length,
+                             DTYPES[cfg.model.text_encoder_dtype])  # fmt: skip
+    step = TrainStep(spec, comps, transformer, spec.make_objective(t, comps), inputs, cp)
+    batch = {"position": list(range(b))}
+
+    def new_tracker():
+        if isinstance(transformer, FSDPModule):
+            return FSDPMemTracker(transformer, optimizer)
+        tracker = MemTracker()
+        tracker.track_external(transformer, optimizer)
+        return tracker
+
+    def forward_backward():
+        prepared = step.prepare(batch, sample_generators(t.seed, batch["position"]))
+        step.backward(step.loss(prepared))
+        return prepared
+
+    def optimizer_step(step_number):
+        clip_gradients(model.params, cfg.optim.max_grad_norm)
+        optimizer.step()
+        model.lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if model.ema is not None:
+            model.ema.update(step_number)
+
+    # Step 1 creates the optimizer state lazily; step 2 is the steady state that is measured, its two
+    # phases separately (each phase's peak grows linearly with the block count; their max need not).
+    prepared = forward_backward()
+    optimizer_step(1)
+    phases = {}
+    for phase, fn in (("forward_backward", forward_backward), ("optimizer", lambda: optimizer_step(2))):
+        tracker = new_tracker()
+        with tracker:
+            fn()
+        per_dev = next(iter(tracker.get_tracker_snapshot("peak").values()))
+        phases[phase] = {
+            "peak_bytes": int(per_dev["Total"]),
+            "categories": {str(getattr(k, "value", k)): int(v) for k, v in per_dev.items() if str(k) != "Total"},
+        }
+    ema = model.ema
+    if ema is not None:
+        # The EMA shadows (local shards, as the trainable parameters) are resident for the whole run; the trackers
+        # only see tensors of modules and optimizers, so they are added to every phase here.
+        ema_bytes = sum((s.to_local() if hasattr(s, "to_local") else s).untyped_storage().nbytes() for s in ema.shadow)
+        for ph in phases.values():
+            ph["peak_bytes"] += ema_bytes
+            ph["categories"]["EMA"] = ema_bytes
+    return phases, prepared
+
+
+def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0: float) -> dict:
+    """The trainer's set-up (ptrain.parallelize) and step (ptrain.step) on fake tensors, measured."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ptrain.parallel import ParallelDims
+    from ptrain.parallelize import build_trainable, make_trainable_model
+
+    m, t, p, d = cfg.model, cfg.train, cfg.parallel, cfg.data
+    dims = ParallelDims.build(p.dp_degree, p.dp_shards, p.cp_degree, world)
+    mesh = dims.build_mesh()  # outside FakeTensorMode (inside it fails)
+    device = torch.device("cpu")
+    comps = _meta_components(cfg, spec, model_dir, num_blocks)
+    transformer = comps.transformer
+    blocks_used = tuple(int(transformer.config[k]) for k in spec.block_count_keys)
     # The trainer's set-up on the meta model (the mode's input widening, LoRA, FP8 storage: fake tensors cannot
     # be swapped in place by Module.to, which peft uses), materialised as fake tensors afterwards.
     spec = spec.bind(comps, m.train_mode, m.mask_probs(), m.training_type)
@@ -155,63 +224,11 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
     make_trainable_model(transformer, cfg, spec)
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         transformer.to_empty(device=device)
-        vae.to_empty(device=device)
+        comps.vae.to_empty(device=device)
         model = build_trainable(transformer, cfg, spec, mesh, dims, device, t.train_steps)
-        optimizer, ema = model.optimizer, model.ema
-        n_train = sum(q.numel() for q in model.params)
-        b = t.batch_size
-        inputs = SimulatedInputs(spec, comps, device, (b, 3, d.num_frames, d.height, d.width),
-                                 d.max_sequence_length or spec.default_max_sequence_length,
-                                 DTYPES[m.text_encoder_dtype])  # fmt: skip
-        # The trainer's micro-batch (objective, the mode's conditioning, loss, backward) on one micro-batch.
-        step = TrainStep(spec, comps, transformer, spec.make_objective(t, comps), inputs, dims.cp)
-        batch = {"position": list(range(b))}
-
-        def new_tracker():
-            if isinstance(transformer, FSDPModule):
-                tracker = FSDPMemTracker(transformer, optimizer)
-            else:
-                tracker = MemTracker()
-                tracker.track_external(transformer, optimizer)
-            return tracker
-
-        def forward_backward():
-            prepared = step.prepare(batch, sample_generators(t.seed, batch["position"]))
-            step.backward(step.loss(prepared))
-            return prepared
-
-        def optimizer_step(step_number):
-            clip_gradients(model.params, cfg.optim.max_grad_norm)
-            optimizer.step()
-            model.lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(step_number)
-
-        # Step 1 creates the optimizer state lazily; step 2 is the steady state that is measured, its two
-        # phases separately (each phase's peak grows linearly with the block count; their max need not).
-        prepared = forward_backward()
-        optimizer_step(1)
-        phases = {}
-        for phase, fn in (("forward_backward", forward_backward), ("optimizer", lambda: optimizer_step(2))):
-            tracker = new_tracker()
-            with tracker:
-                fn()
-            per_dev = next(iter(tracker.get_tracker_snapshot("peak").values()))
-            phases[phase] = {
-                "peak_bytes": int(per_dev["Total"]),
-                "categories": {str(getattr(k, "value", k)): int(v) for k, v in per_dev.items() if str(k) != "Total"},
-            }
+        phases, prepared = _measure_step(cfg, spec, comps, model, dims.cp, device)
         latent_shape = tuple(prepared.sample.target.shape)
-    if ema is not None:
-        # The EMA shadows (local shards, as the trainable parameters) are resident for the whole run; the trackers
-        # only see tensors of modules and optimizers, so they are added to every phase here.
-        ema_bytes = sum((s.to_local() if hasattr(s, "to_local") else s).untyped_storage().nbytes() for s in ema.shadow)
-        for ph in phases.values():
-            ph["peak_bytes"] += ema_bytes
-            ph["categories"]["EMA"] = ema_bytes
     top = max(phases.values(), key=lambda ph: ph["peak_bytes"])
-    tokens = prepared.tokens
     return {
         "model": m.model_name,
         "training_type": m.training_type,
@@ -219,13 +236,13 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
         "layout": dims.describe(),
         "cp": dims.cp,
         "frames_hw": [d.num_frames, d.height, d.width],
-        "batch_size": b,
-        "tokens": tokens,
-        "tokens_per_rank": math.ceil(tokens / dims.cp),
+        "batch_size": t.batch_size,
+        "tokens": prepared.tokens,
+        "tokens_per_rank": math.ceil(prepared.tokens / dims.cp),
         "latent_shape": list(latent_shape),
         "blocks": list(blocks_used),
         "params_total": n_total,
-        "params_trainable": n_train,
+        "params_trainable": sum(q.numel() for q in model.params),
         "peak_bytes": top["peak_bytes"],
         "categories": top["categories"],
         "phases": phases,
