@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from ptrain.config import ConfigError
+from ptrain.errors import ConfigError
 
 log = logging.getLogger("ptrain")
 

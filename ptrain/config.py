@@ -17,11 +17,13 @@ from typing import Annotated, Literal
 
 import tyro
 
+from ptrain.compat import translate_argv
+from ptrain.errors import ConfigError  # re-exported: `from ptrain.config import ConfigError` keeps working
+from ptrain.models.registry import MODEL_NAMES
+
 DTYPES = Literal["float32", "bfloat16", "float16"]
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the flag and value."""
+#: --model_name choices: the model registry's names.
+MODEL_NAME = Literal[MODEL_NAMES]
 
 
 #: --inpaint_mask_probs keys (ptrain.models.conditioning draws them).
@@ -30,7 +32,7 @@ MASK_TYPES = ("block", "frames", "first_frame", "full")
 
 @dataclass
 class ModelArgs:
-    model_name: Literal["ltx_video", "cogvideox", "hunyuan_video", "wan"] = "ltx_video"
+    model_name: MODEL_NAME = "ltx_video"
     """Model family to train."""
     pretrained_model_name_or_path: str | None = None
     """Local diffusers-format checkpoint folder (model_index.json, transformer/, vae/, ...)."""
@@ -78,6 +80,7 @@ class ModelArgs:
     """LoRA rank."""
     lora_alpha: float = 64.0
     """LoRA alpha (scaling = alpha / rank); saved with the exported weights."""
+
     def mask_probs(self) -> dict[str, float]:
         """--inpaint_mask_probs as {mask type: weight}."""
         out = {}
@@ -585,8 +588,6 @@ def _config_path_from_argv(argv: list[str]) -> Path | None:
 
 def parse_config(argv: list[str] | None = None) -> Config:
     """Defaults < TOML preset (--config) < command-line flags (other trainers' names translated first)."""
-    from ptrain.compat import translate_argv
-
     argv, notes = translate_argv(list(sys.argv[1:] if argv is None else argv))
     default = Config()
     preset = _config_path_from_argv(argv)

@@ -11,6 +11,7 @@ and to export / reload LoRA weights.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 from abc import ABC, abstractmethod
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ptrain.config import ConfigError, ModelArgs, TrainArgs
+from ptrain.models.registry import MODELS
 from ptrain.parallel.context import CPPlan
 
 log = logging.getLogger("ptrain")
@@ -397,8 +399,7 @@ def register(cls: type[ModelSpec]) -> type[ModelSpec]:
 
 
 def get_spec(name: str) -> ModelSpec:
-    from ptrain.models import cogvideox, hunyuan_video, ltx_video, wan  # noqa: F401  (they register themselves)
-
-    if name not in _REGISTRY:
-        raise ConfigError(f"--model_name {name!r} is not supported; choose one of {sorted(_REGISTRY)}")
+    if name not in MODELS:
+        raise ConfigError(f"--model_name {name!r} is not supported; choose one of {sorted(MODELS)}")
+    importlib.import_module(MODELS[name])  # the module registers its spec
     return _REGISTRY[name]()
