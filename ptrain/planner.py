@@ -99,7 +99,7 @@ def simulate(
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     cfg = parse_config([*flags, "--pretrained_model_name_or_path", str(model_dir)])
-    cfg.train.compile = False  # compile changes no memory the tracker sees; it would only cost time here
+    cfg.compile.compile = False  # compile changes no memory the tracker sees; it would only cost time here
     spec = get_spec(cfg.model.model_name)
     if fake:
         _fake_world(world)
@@ -163,7 +163,7 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
         params = [q for g in groups for q in g["params"]]
         n_train = sum(q.numel() for q in params)
         optimizer = build_optimizer(groups, cfg.optim, device)
-        ema = EMA(transformer, t.ema_decay, 0, 1) if t.ema_decay else None
+        ema = EMA(transformer, cfg.ema.ema_decay, 0, 1) if cfg.ema.ema_decay else None
 
         b = t.batch_size
         video = torch.zeros(b, 3, d.num_frames, d.height, d.width, device=device, dtype=DTYPES[m.vae_dtype])

@@ -217,18 +217,18 @@ def find_resume(cfg: Config, out: Path, layout: Layout) -> tuple[Path | None, bo
 
 def build_parallel_transformer(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims, device) -> None:
     """The parallel plan, in its fixed order: AC -> compile per block -> placement -> fully_shard / replicate."""
-    t, p, m = cfg.train, cfg.parallel, cfg.model
+    ac, p, m = cfg.activation_checkpoint, cfg.parallel, cfg.model
     if dims.cp > 1:
         if spec.cp_plan is None:
             raise ConfigError(f"--cp_degree {dims.cp}: {spec.name} has no context-parallel plan")
         apply_context_parallel(transformer, spec.cp_plan, mesh.world["cp"], p.cp_mode)
     blocks = spec.blocks(transformer)
-    if t.gradient_checkpointing:
-        n = apply_ac(blocks, t.ac_mode, t.ac_every_n_blocks)
-        log.info("activation checkpointing (%s): %d blocks", t.ac_mode, n)
-    if t.compile:
-        n = apply_compile(blocks, t.compile_backend)
-        log.info("torch.compile (%s): %d blocks", t.compile_backend, n)
+    if ac.gradient_checkpointing:
+        n = apply_ac(blocks, ac.ac_mode, ac.ac_every_n_blocks)
+        log.info("activation checkpointing (%s): %d blocks", ac.ac_mode, n)
+    if cfg.compile.compile:
+        n = apply_compile(blocks, cfg.compile.compile_backend)
+        log.info("torch.compile (%s): %d blocks", cfg.compile.compile_backend, n)
     if p.fsdp_cpu_offload:  # parameters stay in CPU memory (FSDP2 copies shards in as needed); buffers move
         for module in transformer.modules():
             for key, buf in module._buffers.items():
@@ -277,7 +277,7 @@ def plan_memory(cfg: Config, world: int) -> None:
     import subprocess
     import sys
 
-    budget = cfg.data.plan_gpu_memory_gb
+    budget = cfg.plan.plan_gpu_memory_gb
     print(f"  memory plan for {world} GPUs of {budget:g} GB (simulated, no GPU used; about a minute per layout):",
           flush=True)  # fmt: skip
     cmd = [sys.executable, "-m", "ptrain.planner", "--model_dir", cfg.model.pretrained_model_name_or_path,
@@ -330,7 +330,7 @@ def train(cfg: Config) -> TrainResult:
             "--num_train_epochs %d: %d steps (%d per epoch of %d samples, global batch %d)",
             t.num_train_epochs, t.train_steps, steps_per_epoch, len(usable.records), global_batch,
         )  # fmt: skip
-    if resume is not None and not cfg.data.dry_run:
+    if resume is not None and not cfg.plan.dry_run:
         done_step = read_marker(resume)["step"]
         if done_step > t.train_steps:
             raise ConfigError(
@@ -348,10 +348,10 @@ def train(cfg: Config) -> TrainResult:
                 dist.barrier()
                 return TrainResult(exported=out)
             log.info("run is complete at step %d but its export is missing or partial: exporting again", done_step)
-    if cfg.data.dry_run:
+    if cfg.plan.dry_run:
         print_dry_run(cfg, dims, usable, global_batch, steps_per_epoch, resume, sampling, rules)
-        if cfg.data.plan_gpu_memory_gb and rank == 0:
-            plan_memory(cfg, cfg.data.plan_world_size or world)
+        if cfg.plan.plan_gpu_memory_gb and rank == 0:
+            plan_memory(cfg, cfg.plan.plan_world_size or world)
         return TrainResult()
     v_every = cfg.validation.validation_steps
     if cfg.validation.validation_epochs:
@@ -375,11 +375,11 @@ def train(cfg: Config) -> TrainResult:
     log.info("loading %s from %s", m.model_name, m.pretrained_model_name_or_path)
     comps = spec.load_components(m.pretrained_model_name_or_path, dtypes, device, overrides)
     for flag, method in (("enable_tiling", "enable_tiling"), ("enable_slicing", "enable_slicing")):
-        if getattr(cfg.data, flag):
+        if getattr(m, flag):
             if not hasattr(comps.vae, method):
                 raise ConfigError(f"--{flag}: {type(comps.vae).__name__} has no {method}()")
             getattr(comps.vae, method)()
-    offloaded = cfg.data.offload_encoders
+    offloaded = m.offload_encoders
     if offloaded and device.type != "cpu":
         offload_encoders(comps)
     spec.inpaint_mask_probs = m.mask_probs()
@@ -412,7 +412,12 @@ def train(cfg: Config) -> TrainResult:
     optimizer = build_optimizer(groups, cfg.optim, device)
     lr_scheduler = build_scheduler(optimizer, cfg.optim, t.train_steps)
 
-    ema = EMA(transformer, t.ema_decay, t.ema_start_step, t.ema_update_every) if t.ema_decay else None
+    ema_args = cfg.ema
+    ema = (
+        EMA(transformer, ema_args.ema_decay, ema_args.ema_start_step, ema_args.ema_update_every)
+        if ema_args.ema_decay
+        else None
+    )
     checkpointer = Checkpointer(
         out, c.checkpointing_limit, trainable_only=m.training_type == "lora" and not c.checkpoint_full_model,
         async_save=c.async_checkpoint,
@@ -482,7 +487,7 @@ def train(cfg: Config) -> TrainResult:
             "uninterrupted run",
             resume, read_marker(resume)["num_samples"], len(usable.records),
         )  # fmt: skip
-    objective = spec.make_objective(t, comps)
+    objective = spec.make_objective(cfg.objective, comps)
     validation_items = load_validation_items(cfg.validation, cfg.data, m.train_mode)
     loss_group = mesh.dp_cp.get_group() if world > 1 else None
     metrics = MetricsWriter(
@@ -526,7 +531,7 @@ def train(cfg: Config) -> TrainResult:
             tokens = 0
             replaced = 0
             phase = {"forward_s": 0.0, "backward_s": 0.0}
-            count = flops_per_step is None and peak_tflops is not None and not t.compile
+            count = flops_per_step is None and peak_tflops is not None and not cfg.compile.compile
             for micro in range(accum):
                 td = time.perf_counter()
                 batch = next(data_iter)
@@ -535,7 +540,7 @@ def train(cfg: Config) -> TrainResult:
                 transformer.set_requires_gradient_sync(micro == accum - 1)
                 gens = sample_generators(t.seed, batch["position"])
                 strata = None
-                if t.uniform_sampling:  # sample j of the global batch draws from slice j of G
+                if cfg.objective.uniform_sampling:  # sample j of the global batch draws from slice j of G
                     pos = torch.as_tensor(batch["position"])
                     strata = ((pos - state.base_position) % sampler.global_batch_size, sampler.global_batch_size)
                 # One trip of offloaded encoders to the device per micro-batch: encoding and the mode's conditioning.
@@ -651,10 +656,10 @@ def train(cfg: Config) -> TrainResult:
                     f"Last complete checkpoint: {good[-1][1] if good else 'none'}. Lower --lr or check the data."
                 )
             if validation_items and v_every and (step % v_every == 0 or step == t.train_steps):
-                if t.validate_with_ema:
+                if ema_args.validate_with_ema:
                     log.info("validation at step %d samples with the EMA weights (--validate_with_ema)", step)
                 with (
-                    ema.swapped_in() if t.validate_with_ema else contextlib.nullcontext(),
+                    ema.swapped_in() if ema_args.validate_with_ema else contextlib.nullcontext(),
                     encoders_on(comps, device, offloaded),
                 ):
                     run_validation(spec, transformer, validation_items, cfg.validation, step, out, t.seed, metrics)
@@ -671,7 +676,7 @@ def train(cfg: Config) -> TrainResult:
 
     staging = begin_export(out)  # exports appear whole, with a marker, or not at all (see publish_export)
     exported = export(staging)
-    if ema is not None and t.export_ema:
+    if ema is not None and ema_args.export_ema:
         with ema.swapped_in():
             export(staging / "ema")
     publish_export(staging, out, state.step)

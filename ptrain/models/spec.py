@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptrain.config import ConfigError, ModelArgs, TrainArgs
+from ptrain.config import ConfigError, ModelArgs, ObjectiveArgs
 from ptrain.models.registry import MODELS
 from ptrain.parallel.context import CPPlan
 
@@ -339,7 +339,7 @@ class ModelSpec(ABC):
             }
         )
 
-    def make_objective(self, args: TrainArgs, components: Components):
+    def make_objective(self, args: ObjectiveArgs, components: Components):
         """Flow matching by default, with the scheduler's static shift unless --flow_shift is given."""
         from ptrain.objectives import FlowMatching
 
