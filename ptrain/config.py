@@ -13,7 +13,7 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_type_hints
 
 import tyro
 
@@ -28,6 +28,12 @@ MODEL_NAME = Literal[MODEL_NAMES]
 
 #: --inpaint_mask_probs keys (ptrain.models.conditioning draws them).
 MASK_TYPES = ("block", "frames", "first_frame", "full")
+
+
+def _alias(*names: str) -> Any:
+    """Other trainers' names for a flag (same meaning, same values): tyro accepts them and `--help` lists them;
+    ptrain.compat notes each use (see alias_targets)."""
+    return tyro.conf.arg(aliases=names)
 
 
 def _check_min(minimum: int, *flags: tuple[str, float | None]) -> None:
@@ -156,10 +162,10 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
-    data_root: Path | None = None
+    data_root: Annotated[Path | None, _alias("--instance_data_root", "--train_data_dir")] = None
     """Dataset folder: CogVideoX layout (prompts.txt + videos.txt), a metadata.{csv,json,jsonl,parquet}, or
     video/image files with .txt captions beside them (searched recursively)."""
-    dataset_file: Path | None = None
+    dataset_file: Annotated[Path | None, _alias("--train_data_meta")] = None
     """CSV/JSON/JSONL/parquet table with caption and video and/or image path columns (VideoX-Fun's `file_path`,
     `text`, `type` read as they are); paths relative to --data_root if given, else to the file's folder."""
     dataset_config: Path | None = None
@@ -182,7 +188,7 @@ class DataArgs:
     """Training height in pixels (videos are resized then center-cropped, never stretched)."""
     width: int = 720
     """Training width in pixels."""
-    num_frames: int = 49
+    num_frames: Annotated[int, _alias("--max_num_frames", "--video_sample_n_frames")] = 49
     """Frames per sample, taken evenly over the clip; must suit the VAE (LTX: 8k+1)."""
     fps: float | None = None
     """Resample each video to this frame rate first and take --num_frames consecutive frames from its start
@@ -282,15 +288,15 @@ class DataArgs:
 class TrainArgs:
     output_dir: Path = Path("ptrain-output")
     """Where metrics, logs and the exported weights go."""
-    train_steps: int = 1000
+    train_steps: Annotated[int, _alias("--max_train_steps")] = 1000
     """Number of optimizer steps."""
     num_train_epochs: int | None = None
     """Train for this many passes over the usable samples instead (sets --train_steps = epochs x steps per epoch)."""
-    batch_size: int = 1
+    batch_size: Annotated[int, _alias("--train_batch_size")] = 1
     """Samples per data-parallel rank per micro-batch."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step (gradient sync happens on the last one only)."""
-    seed: int = 42
+    seed: Annotated[int, _alias("--seed_everything")] = 42
     """Seed for data order, noise and timesteps (same samples whatever the parallel layout)."""
 
     def validate(self) -> None:
@@ -378,7 +384,7 @@ class ObjectiveArgs:
 class OptimArgs:
     optimizer: Literal["adamw", "adam", "came", "adamw-8bit"] = "adamw"
     """Optimizer (came needs came-pytorch; adamw-8bit needs bitsandbytes and CUDA)."""
-    lr: float = 1e-4
+    lr: Annotated[float, _alias("--learning_rate")] = 1e-4
     """Peak learning rate."""
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
@@ -390,15 +396,15 @@ class OptimArgs:
     """Cycles for cosine_with_restarts."""
     lr_power: float = 1.0
     """Power for the polynomial schedule."""
-    beta1: float = 0.9
+    beta1: Annotated[float, _alias("--adam_beta1")] = 0.9
     """First Adam beta."""
-    beta2: float = 0.95
+    beta2: Annotated[float, _alias("--adam_beta2")] = 0.95
     """Second Adam beta."""
     beta3: float = 0.999
     """Third beta, used by CAME only."""
-    weight_decay: float = 1e-4
+    weight_decay: Annotated[float, _alias("--adam_weight_decay")] = 1e-4
     """Decoupled weight decay (AdamW/CAME) or L2 penalty (Adam)."""
-    epsilon: float = 1e-8
+    epsilon: Annotated[float, _alias("--adam_epsilon")] = 1e-8
     """Optimizer epsilon (CAME uses it as its first epsilon)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
@@ -443,7 +449,7 @@ class ParallelArgs:
 
 @dataclass
 class ValidationArgs:
-    validation_prompts: str | None = None
+    validation_prompts: Annotated[str | None, _alias("--validation_prompt")] = None
     """Prompts to sample during training, separated by --validation_prompt_separator."""
     validation_prompt_separator: str = ":::"
     """Separator between --validation_prompts."""
@@ -491,7 +497,7 @@ class CheckpointArgs:
     """Save a resumable DCP checkpoint every N optimizer steps under output_dir/checkpoints/step-N (and at the end); 0 = no checkpoints."""
     checkpointing_epochs: int | None = None
     """Or every N epochs (overrides --checkpointing_steps)."""
-    checkpointing_limit: int | None = None
+    checkpointing_limit: Annotated[int | None, _alias("--checkpoints_total_limit")] = None
     """Keep only the newest K complete checkpoints (default: keep all)."""
     resume_from_checkpoint: str = "auto"
     """auto: resume from the newest complete checkpoint in output_dir if there is one; latest: the same, but say so
@@ -608,6 +614,18 @@ def _load_toml(path: Path) -> dict:
 _GROUPS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("config", "compat_notes")}
 
 
+def alias_targets() -> dict[str, str]:
+    """Other trainers' flag names -> ptrain's (`--train_batch_size` -> `--batch_size`): the fields' tyro aliases."""
+    out = {}
+    defaults = Config()
+    for group in _GROUPS:
+        for name, hint in get_type_hints(type(getattr(defaults, group)), include_extras=True).items():
+            for meta in getattr(hint, "__metadata__", ()):
+                for alias in getattr(meta, "aliases", None) or ():
+                    out[alias] = f"--{name}"
+    return out
+
+
 def _field_owner() -> dict[str, str]:
     owner = {}
     defaults = Config()
@@ -618,10 +636,13 @@ def _field_owner() -> dict[str, str]:
 
 
 def _apply_preset(cfg: Config, values: dict, source: Path) -> Config:
-    owner = _field_owner()
+    owner, aliases = _field_owner(), alias_targets()
     groups = {g: {} for g in _GROUPS}
     for key, value in values.items():
         if key not in owner:
+            target = aliases.get(f"--{key}")
+            if target:  # presets are written in ptrain's names
+                raise ConfigError(f"--config {source}: {key!r} is another trainer's name: write {target[2:]!r}")
             raise ConfigError(f"--config {source}: unknown key {key!r} (not a ptrain flag)")
         groups[owner[key]][key] = value
     kwargs = {"config": source, "compat_notes": cfg.compat_notes}
@@ -646,7 +667,7 @@ def _config_path_from_argv(argv: list[str]) -> Path | None:
 
 def parse_config(argv: list[str] | None = None) -> Config:
     """Defaults < TOML preset (--config) < command-line flags (other trainers' names translated first)."""
-    argv, notes = translate_argv(list(sys.argv[1:] if argv is None else argv))
+    argv, notes = translate_argv(list(sys.argv[1:] if argv is None else argv), alias_targets())
     default = Config()
     preset = _config_path_from_argv(argv)
     if preset is not None:
