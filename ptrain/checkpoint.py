@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ptrain.collective import PeerFailed, all_max, raise_if_any_failed
-from ptrain.config import ConfigError
+from ptrain.errors import ConfigError
 from ptrain.safe_load import UnreadableFileError, dcp_load, load_rank_state
 
 log = logging.getLogger("ptrain")

@@ -1,38 +1,23 @@
 """Command lines from other trainers: their flag names mapped onto ptrain's, before parsing.
 
 finetrainers, VideoX-Fun (scripts/*/train.py) and the CogVideoX diffusers scripts
-name the same settings differently. Known aliases are rewritten to ptrain's
-flag (with value translation where the vocabularies differ, e.g.
-`--mixed_precision bf16` -> `--transformer_dtype bfloat16`); flags that have no
-meaning here are rejected with what replaces them — never silently ignored.
+name the same settings differently. A pure rename (`--train_batch_size` for
+`--batch_size`) is a tyro alias on the field in ptrain.config, which parses it
+(and `--help` lists it); here it only gets its log note. What an alias cannot
+do is done here: value translation where the vocabularies differ (e.g.
+`--mixed_precision bf16` -> `--transformer_dtype bfloat16`), switches that
+select a value, and flags that have no meaning here, rejected with what
+replaces them — never silently ignored.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
-from ptrain.config import ConfigError
+from ptrain.errors import ConfigError
 
 log = logging.getLogger("ptrain")
-
-#: Same meaning, other name.
-RENAMES = {
-    "--train_batch_size": "--batch_size",
-    "--learning_rate": "--lr",
-    "--max_train_steps": "--train_steps",
-    "--adam_beta1": "--beta1",
-    "--adam_beta2": "--beta2",
-    "--adam_weight_decay": "--weight_decay",
-    "--adam_epsilon": "--epsilon",
-    "--instance_data_root": "--data_root",
-    "--train_data_dir": "--data_root",
-    "--train_data_meta": "--dataset_file",
-    "--max_num_frames": "--num_frames",
-    "--video_sample_n_frames": "--num_frames",
-    "--checkpoints_total_limit": "--checkpointing_limit",
-    "--validation_prompt": "--validation_prompts",
-    "--seed_everything": "--seed",
-}
 
 #: A value-less switch that selects a ptrain flag value.
 SWITCHES = {
@@ -66,7 +51,8 @@ REJECTED = {
     "--tracker_name": "tensorboard logs go to --output_dir/logs",
 }
 
-#: Accepted for compatibility and mapped by hand below.
+#: Renamed here rather than a tyro alias of --transformer_dtype: its values (no, fp16, bf16) go through
+#: VALUE_MAPS first, which tyro's choices would reject; it also gets a note on what it does not set.
 _MIXED_PRECISION = "--mixed_precision"
 
 
@@ -77,8 +63,11 @@ def _split(arg: str) -> tuple[str, str | None]:
     return arg, None
 
 
-def translate_argv(argv: list[str]) -> tuple[list[str], list[str]]:
-    """-> (argv in ptrain's names, notes on what was translated). Raises ConfigError for rejected flags."""
+def translate_argv(argv: list[str], aliases: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """-> (argv for tyro, notes on what was translated). Raises ConfigError for rejected flags.
+
+    `aliases` (ptrain.config.alias_targets: other trainer's name -> ptrain flag) are left for tyro to parse; each
+    use gets a note."""
     out: list[str] = []
     notes: list[str] = []
     i = 0
@@ -92,9 +81,9 @@ def translate_argv(argv: list[str]) -> tuple[list[str], list[str]]:
             notes.append(f"{name} -> {flag} {value}")
             i += 1
             continue
-        target = RENAMES.get(name, name)
-        if name == _MIXED_PRECISION:
-            target = "--transformer_dtype"
+        if name in aliases:
+            notes.append(f"{name} -> {aliases[name]}")
+        target = "--transformer_dtype" if name == _MIXED_PRECISION else name
         if target != name:
             notes.append(f"{name} -> {target}")
         out.append(target if inline is None else f"{target}={inline}")

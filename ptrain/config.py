@@ -13,24 +13,39 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_type_hints
 
 import tyro
 
+from ptrain.compat import translate_argv
+from ptrain.errors import ConfigError  # re-exported: `from ptrain.config import ConfigError` keeps working
+from ptrain.models.registry import MODEL_NAMES
+
 DTYPES = Literal["float32", "bfloat16", "float16"]
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the flag and value."""
+#: --model_name choices: the model registry's names.
+MODEL_NAME = Literal[MODEL_NAMES]
 
 
 #: --inpaint_mask_probs keys (ptrain.models.conditioning draws them).
 MASK_TYPES = ("block", "frames", "first_frame", "full")
 
 
+def _alias(*names: str) -> Any:
+    """Other trainers' names for a flag (same meaning, same values): tyro accepts them and `--help` lists them;
+    ptrain.compat notes each use (see alias_targets)."""
+    return tyro.conf.arg(aliases=names)
+
+
+def _check_min(minimum: int, *flags: tuple[str, float | None]) -> None:
+    """ConfigError for the first (flag, value) below minimum; None means not set."""
+    for flag, value in flags:
+        if value is not None and value < minimum:
+            raise ConfigError(f"{flag} must be >= {minimum}, got {value}")
+
+
 @dataclass
 class ModelArgs:
-    model_name: Literal["ltx_video", "cogvideox", "hunyuan_video", "wan"] = "ltx_video"
+    model_name: MODEL_NAME = "ltx_video"
     """Model family to train."""
     pretrained_model_name_or_path: str | None = None
     """Local diffusers-format checkpoint folder (model_index.json, transformer/, vae/, ...)."""
@@ -78,6 +93,21 @@ class ModelArgs:
     """LoRA rank."""
     lora_alpha: float = 64.0
     """LoRA alpha (scaling = alpha / rank); saved with the exported weights."""
+
+    trainable_modules: list[str] | None = None
+    """Full fine-tune only the parameters whose names contain one of these strings ('.' = all; VideoX-Fun)."""
+    trainable_modules_low_learning_rate: list[str] | None = None
+    """Of the trainable parameters, those whose names contain one of these strings train at half --lr."""
+    target_modules: list[str] | None = None
+    """Module name suffixes that get LoRA adapters, or one regex (e.g. 'transformer_blocks.*attn1.to_(q|k)').
+    Default: the model's attention projections."""
+    offload_encoders: bool = False
+    """Keep the VAE and text encoders in CPU memory between uses, moving them to the GPU only to encode."""
+    enable_tiling: bool = False
+    """Encode / decode videos with the VAE in spatial tiles (less memory for large frames)."""
+    enable_slicing: bool = False
+    """Run the VAE one sample of a batch at a time (less memory)."""
+
     def mask_probs(self) -> dict[str, float]:
         """--inpaint_mask_probs as {mask type: weight}."""
         out = {}
@@ -96,21 +126,46 @@ class ModelArgs:
             )
         return out
 
-    trainable_modules: list[str] | None = None
-    """Full fine-tune only the parameters whose names contain one of these strings ('.' = all; VideoX-Fun)."""
-    trainable_modules_low_learning_rate: list[str] | None = None
-    """Of the trainable parameters, those whose names contain one of these strings train at half --lr."""
-    target_modules: list[str] | None = None
-    """Module name suffixes that get LoRA adapters, or one regex (e.g. 'transformer_blocks.*attn1.to_(q|k)').
-    Default: the model's attention projections."""
+    def validate(self) -> None:
+        if not self.pretrained_model_name_or_path:
+            raise ConfigError("--pretrained_model_name_or_path is required (a local diffusers checkpoint folder)")
+        ckpt = Path(self.pretrained_model_name_or_path)
+        if not ckpt.is_dir():
+            raise ConfigError(
+                f"--pretrained_model_name_or_path {ckpt}: no such folder. ptrain loads local checkpoints only; "
+                "download one first or write a tiny one with `python -m ptrain.testing.tiny`."
+            )
+        if not (ckpt / "model_index.json").is_file() and not (ckpt / "transformer").is_dir():
+            raise ConfigError(
+                f"--pretrained_model_name_or_path {ckpt}: not a diffusers checkpoint (no model_index.json)"
+            )
+        self.mask_probs()  # raises on a malformed --inpaint_mask_probs
+        _check_min(1, ("--rank", self.rank))
+        for flag, value in (
+            ("--transformer_id", self.transformer_id), ("--vae_id", self.vae_id),
+            ("--text_encoder_id", self.text_encoder_id), ("--tokenizer_id", self.tokenizer_id),
+            ("--text_encoder_2_id", self.text_encoder_2_id), ("--tokenizer_2_id", self.tokenizer_2_id),
+        ):  # fmt: skip
+            if value is not None and not Path(value).is_dir():
+                raise ConfigError(f"{flag} {value}: no such folder (ptrain loads local checkpoints only)")
+        trainable = self.trainable_modules or self.trainable_modules_low_learning_rate
+        if trainable and self.training_type != "full-finetune":
+            raise ConfigError(
+                "--trainable_modules / --trainable_modules_low_learning_rate need --training_type full-finetune"
+            )
+        if self.layerwise_upcasting_modules and self.training_type != "lora":
+            raise ConfigError(
+                "--layerwise_upcasting_modules stores frozen weights in FP8: it needs --training_type lora "
+                "(full fine-tuning trains every weight)"
+            )
 
 
 @dataclass
 class DataArgs:
-    data_root: Path | None = None
+    data_root: Annotated[Path | None, _alias("--instance_data_root", "--train_data_dir")] = None
     """Dataset folder: CogVideoX layout (prompts.txt + videos.txt), a metadata.{csv,json,jsonl,parquet}, or
     video/image files with .txt captions beside them (searched recursively)."""
-    dataset_file: Path | None = None
+    dataset_file: Annotated[Path | None, _alias("--train_data_meta")] = None
     """CSV/JSON/JSONL/parquet table with caption and video and/or image path columns (VideoX-Fun's `file_path`,
     `text`, `type` read as they are); paths relative to --data_root if given, else to the file's folder."""
     dataset_config: Path | None = None
@@ -133,7 +188,7 @@ class DataArgs:
     """Training height in pixels (videos are resized then center-cropped, never stretched)."""
     width: int = 720
     """Training width in pixels."""
-    num_frames: int = 49
+    num_frames: Annotated[int, _alias("--max_num_frames", "--video_sample_n_frames")] = 49
     """Frames per sample, taken evenly over the clip; must suit the VAE (LTX: 8k+1)."""
     fps: float | None = None
     """Resample each video to this frame rate first and take --num_frames consecutive frames from its start
@@ -182,47 +237,104 @@ class DataArgs:
     """Where precomputed tensors go (default: output_dir/precomputed); a folder per data/model/settings key."""
     precomputation_reuse: bool = False
     """Reuse a complete precomputation made with the same data, model and settings (else compute it again)."""
-    offload_encoders: bool = False
-    """Keep the VAE and text encoders in CPU memory between uses, moving them to the GPU only to encode."""
-    enable_tiling: bool = False
-    """Encode / decode videos with the VAE in spatial tiles (less memory for large frames)."""
-    enable_slicing: bool = False
-    """Run the VAE one sample of a batch at a time (less memory)."""
-    dry_run: bool = False
-    """Validate the config, parallel degrees and data, print a dataset summary, and exit without training."""
-    plan_gpu_memory_gb: float | None = None
-    """With --dry_run: simulate the per-GPU peak memory of this run (ptrain.planner, no GPU needed) and, if it
-    exceeds this many GB, suggest the cheapest layout / activation checkpointing that fits."""
-    plan_world_size: int | None = None
-    """With --plan_gpu_memory_gb: the number of GPUs to plan for (default: this run's world size)."""
     dataloader_num_workers: int = 2
     """Data loader worker processes per rank (0 = decode in the training process)."""
+
+    def validate(self) -> None:
+        if self.data_root is None and self.dataset_file is None and self.dataset_config is None:
+            raise ConfigError("give --data_root, --dataset_file or --dataset_config")
+        if self.enable_precomputation and (self.reshape_mode == "random_crop" or self.random_frame_crop):
+            raise ConfigError(
+                "--enable_precomputation stores one crop and frame window per sample; --reshape_mode random_crop "
+                "and --random_frame_crop draw new ones every step: use center_crop / resize without "
+                "--random_frame_crop, or train without precomputation"
+            )
+        if self.dataset_config is not None and not Path(self.dataset_config).is_file():
+            raise ConfigError(f"--dataset_config {self.dataset_config}: no such file")
+        if self.video_repeat < 1 or self.token_sample_size < 16:
+            raise ConfigError(
+                f"--video_repeat must be >= 1 and --token_sample_size >= 16, got {self.video_repeat}, "
+                f"{self.token_sample_size}"
+            )
+        _check_min(16, ("--video_sample_size", self.video_sample_size), ("--image_sample_size", self.image_sample_size))
+        for b in self.video_resolution_buckets or []:
+            parts = b.lower().split("x")
+            if len(parts) != 3 or not all(x.isdigit() and int(x) > 0 for x in parts):
+                raise ConfigError(f"--video_resolution_buckets {b!r}: write each bucket as FxHxW, e.g. 49x480x720")
+        if self.data_root is not None and not Path(self.data_root).is_dir():
+            raise ConfigError(f"--data_root {self.data_root}: no such folder")
+        if self.dataset_file is not None and not Path(self.dataset_file).is_file():
+            raise ConfigError(f"--dataset_file {self.dataset_file}: no such file")
+        _check_min(1, ("--height", self.height), ("--width", self.width), ("--num_frames", self.num_frames))
+        self._validate_frames()
+        if not 0.0 <= self.caption_dropout_p <= 1.0:
+            raise ConfigError(f"--caption_dropout_p must be in [0, 1], got {self.caption_dropout_p}")
+        _check_min(0, ("--dataloader_num_workers", self.dataloader_num_workers))
+
+    def _validate_frames(self) -> None:
+        _check_min(1, ("--video_sample_stride", self.video_sample_stride))
+        if self.video_sample_stride and self.fps:
+            raise ConfigError("use either --fps or --video_sample_stride, not both")
+        if self.skip_frames_start < 0 or self.skip_frames_end < 0:
+            raise ConfigError(
+                f"--skip_frames_start/--skip_frames_end must be >= 0, got {self.skip_frames_start}, "
+                f"{self.skip_frames_end}"
+            )
+        if self.fps is not None and self.fps <= 0:
+            raise ConfigError(f"--fps must be > 0, got {self.fps}")
 
 
 @dataclass
 class TrainArgs:
     output_dir: Path = Path("ptrain-output")
     """Where metrics, logs and the exported weights go."""
-    train_steps: int = 1000
+    train_steps: Annotated[int, _alias("--max_train_steps")] = 1000
     """Number of optimizer steps."""
     num_train_epochs: int | None = None
     """Train for this many passes over the usable samples instead (sets --train_steps = epochs x steps per epoch)."""
-    batch_size: int = 1
+    batch_size: Annotated[int, _alias("--train_batch_size")] = 1
     """Samples per data-parallel rank per micro-batch."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step (gradient sync happens on the last one only)."""
-    seed: int = 42
+    seed: Annotated[int, _alias("--seed_everything")] = 42
     """Seed for data order, noise and timesteps (same samples whatever the parallel layout)."""
+
+    def validate(self) -> None:
+        _check_min(
+            1,
+            ("--train_steps", self.train_steps),
+            ("--batch_size", self.batch_size),
+            ("--gradient_accumulation_steps", self.gradient_accumulation_steps),
+            ("--num_train_epochs", self.num_train_epochs),
+        )
+
+
+@dataclass
+class ActivationCheckpointArgs:
     gradient_checkpointing: bool = False
     """Recompute block activations in backward (see --ac_mode)."""
     ac_mode: Literal["full", "selective"] = "full"
     """full: checkpoint every block; selective: every --ac_every_n_blocks-th block."""
     ac_every_n_blocks: int = 2
     """With --ac_mode selective, checkpoint one block in this many."""
+
+    def validate(self) -> None:
+        _check_min(1, ("--ac_every_n_blocks", self.ac_every_n_blocks))
+
+
+@dataclass
+class CompileArgs:
     compile: bool = False
     """torch.compile each transformer block (regional compilation)."""
     compile_backend: str = "inductor"
     """torch.compile backend (inductor; aot_eager or eager for cheap checks)."""
+
+    def validate(self) -> None:
+        """Nothing to check beyond the types (the backend is checked by torch.compile)."""
+
+
+@dataclass
+class EMAArgs:
     ema_decay: float | None = None
     """Keep an exponential moving average of the trainable weights with this decay (e.g. 0.999); off by default."""
     ema_start_step: int = 0
@@ -233,6 +345,21 @@ class TrainArgs:
     """At the end also export the EMA weights (output_dir/ema/, same format as the regular export)."""
     validate_with_ema: bool = False
     """Sample validation videos with the EMA weights swapped in."""
+
+    def validate(self) -> None:
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.ema_update_every < 1 or self.ema_start_step < 0:
+            raise ConfigError(
+                f"--ema_update_every must be >= 1 and --ema_start_step >= 0, got {self.ema_update_every}, "
+                f"{self.ema_start_step}"
+            )
+        if (self.export_ema or self.validate_with_ema) and self.ema_decay is None:
+            raise ConfigError("--export_ema / --validate_with_ema need --ema_decay")
+
+
+@dataclass
+class ObjectiveArgs:
     uniform_sampling: bool = False
     """Stratify timesteps over the global batch (sample j of G draws from the j-th of G equal slices of the
     noise range), so every step covers all noise levels whatever the parallel layout (VideoX-Fun)."""
@@ -248,12 +375,16 @@ class TrainArgs:
     """Shift applied to sampled sigmas: s*t / (1 + (s-1)*t); > 1 favours high noise. Default: the
     checkpoint scheduler's static `shift` (e.g. HunyuanVideo 7, Wan 3), else 1."""
 
+    def validate(self) -> None:
+        if self.flow_shift is not None and self.flow_shift <= 0:
+            raise ConfigError(f"--flow_shift must be > 0, got {self.flow_shift}")
+
 
 @dataclass
 class OptimArgs:
     optimizer: Literal["adamw", "adam", "came", "adamw-8bit"] = "adamw"
     """Optimizer (came needs came-pytorch; adamw-8bit needs bitsandbytes and CUDA)."""
-    lr: float = 1e-4
+    lr: Annotated[float, _alias("--learning_rate")] = 1e-4
     """Peak learning rate."""
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
@@ -265,18 +396,24 @@ class OptimArgs:
     """Cycles for cosine_with_restarts."""
     lr_power: float = 1.0
     """Power for the polynomial schedule."""
-    beta1: float = 0.9
+    beta1: Annotated[float, _alias("--adam_beta1")] = 0.9
     """First Adam beta."""
-    beta2: float = 0.95
+    beta2: Annotated[float, _alias("--adam_beta2")] = 0.95
     """Second Adam beta."""
     beta3: float = 0.999
     """Third beta, used by CAME only."""
-    weight_decay: float = 1e-4
+    weight_decay: Annotated[float, _alias("--adam_weight_decay")] = 1e-4
     """Decoupled weight decay (AdamW/CAME) or L2 penalty (Adam)."""
-    epsilon: float = 1e-8
+    epsilon: Annotated[float, _alias("--adam_epsilon")] = 1e-8
     """Optimizer epsilon (CAME uses it as its first epsilon)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"--max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
 
 
 @dataclass
@@ -299,10 +436,20 @@ class ParallelArgs:
     """Seconds the ranks wait for one another (rendezvous and every collective) before the run fails with a
     timeout; raise it when one rank does long work alone (e.g. precomputation, a large checkpoint load)."""
 
+    def validate(self) -> None:
+        """Also the degree check of ptrain.parallel.ParallelDims.build (the one place it is written)."""
+        if self.dp_degree < 1 or self.cp_degree < 1 or (self.dp_shards < 1 and self.dp_shards != -1):
+            raise ConfigError(
+                f"parallel degrees must be >= 1 (dp_shards may be -1): "
+                f"dp_degree={self.dp_degree} dp_shards={self.dp_shards} cp_degree={self.cp_degree}"
+            )
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"--dist_timeout_s must be > 0 (seconds), got {self.dist_timeout_s}")
+
 
 @dataclass
 class ValidationArgs:
-    validation_prompts: str | None = None
+    validation_prompts: Annotated[str | None, _alias("--validation_prompt")] = None
     """Prompts to sample during training, separated by --validation_prompt_separator."""
     validation_prompt_separator: str = ":::"
     """Separator between --validation_prompts."""
@@ -328,6 +475,21 @@ class ValidationArgs:
     validation_guidance_scale: float | None = None
     """Classifier-free guidance scale (default: the pipeline's)."""
 
+    def validate(self) -> None:
+        if self.validation_steps < 0 or self.num_validation_videos < 1 or self.validation_num_inference_steps < 1:
+            raise ConfigError(
+                f"--validation_steps {self.validation_steps} must be >= 0, --num_validation_videos "
+                f"{self.num_validation_videos} and --validation_num_inference_steps "
+                f"{self.validation_num_inference_steps} >= 1"
+            )
+        if self.validation_dataset_file is not None and not Path(self.validation_dataset_file).is_file():
+            raise ConfigError(f"--validation_dataset_file {self.validation_dataset_file}: no such file")
+        _check_min(1, ("--validation_epochs", self.validation_epochs))
+        if (self.validation_steps or self.validation_epochs) and not (
+            self.validation_prompts or self.validation_dataset_file
+        ):
+            raise ConfigError("--validation_steps needs --validation_prompts or --validation_dataset_file")
+
 
 @dataclass
 class CheckpointArgs:
@@ -335,7 +497,7 @@ class CheckpointArgs:
     """Save a resumable DCP checkpoint every N optimizer steps under output_dir/checkpoints/step-N (and at the end); 0 = no checkpoints."""
     checkpointing_epochs: int | None = None
     """Or every N epochs (overrides --checkpointing_steps)."""
-    checkpointing_limit: int | None = None
+    checkpointing_limit: Annotated[int | None, _alias("--checkpoints_total_limit")] = None
     """Keep only the newest K complete checkpoints (default: keep all)."""
     resume_from_checkpoint: str = "auto"
     """auto: resume from the newest complete checkpoint in output_dir if there is one; latest: the same, but say so
@@ -354,6 +516,16 @@ class CheckpointArgs:
     """LoRA only: next to each LoRA export also write pytorch_lora_weights_comfyui.safetensors with the key
     names ComfyUI loads for the model (original-model module names, `diffusion_model.` prefix)."""
 
+    def validate(self) -> None:
+        _check_min(1, ("--checkpointing_limit", self.checkpointing_limit or 1))  # 0 = None: keep all
+        _check_min(0, ("--checkpointing_steps", self.checkpointing_steps), ("--max_nan_steps", self.max_nan_steps))
+        _check_min(1, ("--checkpointing_epochs", self.checkpointing_epochs))
+        r = self.resume_from_checkpoint
+        if r not in ("auto", "latest", "none") and not r.isdigit() and not Path(r).is_dir():
+            raise ConfigError(
+                f"--resume_from_checkpoint {r}: use auto, latest, none, a step number or a checkpoint folder"
+            )
+
 
 @dataclass
 class LogArgs:
@@ -369,6 +541,23 @@ class LogArgs:
     log_step_breakdown: bool = False
     """Also log forward / backward / optimizer seconds per step (synchronises the device after each phase)."""
 
+    def validate(self) -> None:
+        _check_min(1, ("--logging_steps", self.logging_steps))
+
+
+@dataclass
+class PlanArgs:
+    dry_run: bool = False
+    """Validate the config, parallel degrees and data, print a dataset summary, and exit without training."""
+    plan_gpu_memory_gb: float | None = None
+    """With --dry_run: simulate the per-GPU peak memory of this run (ptrain.planner, no GPU needed) and, if it
+    exceeds this many GB, suggest the cheapest layout / activation checkpointing that fits."""
+    plan_world_size: int | None = None
+    """With --plan_gpu_memory_gb: the number of GPUs to plan for (default: this run's world size)."""
+
+    def validate(self) -> None:
+        """Nothing to check beyond the types (the planner reports what does not fit)."""
+
 
 @dataclass
 class Config:
@@ -379,150 +568,28 @@ class Config:
     model: Annotated[ModelArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=ModelArgs)
     data: Annotated[DataArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=DataArgs)
     train: Annotated[TrainArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=TrainArgs)
+    activation_checkpoint: Annotated[ActivationCheckpointArgs, tyro.conf.OmitArgPrefixes] = field(
+        default_factory=ActivationCheckpointArgs
+    )
+    compile: Annotated[CompileArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=CompileArgs)
+    ema: Annotated[EMAArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=EMAArgs)
+    objective: Annotated[ObjectiveArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=ObjectiveArgs)
     optim: Annotated[OptimArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=OptimArgs)
     parallel: Annotated[ParallelArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=ParallelArgs)
     checkpoint: Annotated[CheckpointArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=CheckpointArgs)
     validation: Annotated[ValidationArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=ValidationArgs)
     log: Annotated[LogArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=LogArgs)
+    plan: Annotated[PlanArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=PlanArgs)
 
     #: What ptrain.compat translated from other trainers' flag names (logged at start).
     compat_notes: Annotated[list[str], tyro.conf.Suppress] = field(default_factory=list)
 
     def validate(self) -> Config:
-        m, d, t, o, p = self.model, self.data, self.train, self.optim, self.parallel
-        if not m.pretrained_model_name_or_path:
-            raise ConfigError("--pretrained_model_name_or_path is required (a local diffusers checkpoint folder)")
-        ckpt = Path(m.pretrained_model_name_or_path)
-        if not ckpt.is_dir():
-            raise ConfigError(
-                f"--pretrained_model_name_or_path {ckpt}: no such folder. ptrain loads local checkpoints only; "
-                "download one first or write a tiny one with `python -m ptrain.testing.tiny`."
-            )
-        if not (ckpt / "model_index.json").is_file() and not (ckpt / "transformer").is_dir():
-            raise ConfigError(
-                f"--pretrained_model_name_or_path {ckpt}: not a diffusers checkpoint (no model_index.json)"
-            )
-        m.mask_probs()  # raises on a malformed --inpaint_mask_probs
-        if d.data_root is None and d.dataset_file is None and d.dataset_config is None:
-            raise ConfigError("give --data_root, --dataset_file or --dataset_config")
-        if d.enable_precomputation and (d.reshape_mode == "random_crop" or d.random_frame_crop):
-            raise ConfigError(
-                "--enable_precomputation stores one crop and frame window per sample; --reshape_mode random_crop "
-                "and --random_frame_crop draw new ones every step: use center_crop / resize without "
-                "--random_frame_crop, or train without precomputation"
-            )
-        if d.dataset_config is not None and not Path(d.dataset_config).is_file():
-            raise ConfigError(f"--dataset_config {d.dataset_config}: no such file")
-        if d.video_repeat < 1 or d.token_sample_size < 16:
-            raise ConfigError(
-                f"--video_repeat must be >= 1 and --token_sample_size >= 16, got {d.video_repeat}, {d.token_sample_size}"
-            )
-        for flag, value in (("--video_sample_size", d.video_sample_size), ("--image_sample_size", d.image_sample_size)):
-            if value is not None and value < 16:
-                raise ConfigError(f"{flag} must be >= 16, got {value}")
-        for b in d.video_resolution_buckets or []:
-            parts = b.lower().split("x")
-            if len(parts) != 3 or not all(x.isdigit() and int(x) > 0 for x in parts):
-                raise ConfigError(f"--video_resolution_buckets {b!r}: write each bucket as FxHxW, e.g. 49x480x720")
-        if d.data_root is not None and not Path(d.data_root).is_dir():
-            raise ConfigError(f"--data_root {d.data_root}: no such folder")
-        if d.dataset_file is not None and not Path(d.dataset_file).is_file():
-            raise ConfigError(f"--dataset_file {d.dataset_file}: no such file")
-        for name, value in (
-            ("--height", d.height),
-            ("--width", d.width),
-            ("--num_frames", d.num_frames),
-            ("--train_steps", t.train_steps),
-            ("--batch_size", t.batch_size),
-            ("--gradient_accumulation_steps", t.gradient_accumulation_steps),
-            ("--logging_steps", self.log.logging_steps),
-            ("--ac_every_n_blocks", t.ac_every_n_blocks),
-            ("--rank", m.rank),
-            ("--checkpointing_limit", self.checkpoint.checkpointing_limit or 1),
-        ):
-            if value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}")
-        for name, value in (
-            ("--checkpointing_steps", self.checkpoint.checkpointing_steps),
-            ("--max_nan_steps", self.checkpoint.max_nan_steps),
-        ):
-            if value < 0:
-                raise ConfigError(f"{name} must be >= 0, got {value}")
-        v = self.validation
-        if v.validation_steps < 0 or v.num_validation_videos < 1 or v.validation_num_inference_steps < 1:
-            raise ConfigError(
-                f"--validation_steps {v.validation_steps} must be >= 0, --num_validation_videos "
-                f"{v.num_validation_videos} and --validation_num_inference_steps {v.validation_num_inference_steps} >= 1"
-            )
-        if v.validation_dataset_file is not None and not Path(v.validation_dataset_file).is_file():
-            raise ConfigError(f"--validation_dataset_file {v.validation_dataset_file}: no such file")
-        for flag, value in (
-            ("--num_train_epochs", t.num_train_epochs),
-            ("--validation_epochs", v.validation_epochs),
-            ("--checkpointing_epochs", self.checkpoint.checkpointing_epochs),
-        ):
-            if value is not None and value < 1:
-                raise ConfigError(f"{flag} must be >= 1, got {value}")
-        if (v.validation_steps or v.validation_epochs) and not (v.validation_prompts or v.validation_dataset_file):
-            raise ConfigError("--validation_steps needs --validation_prompts or --validation_dataset_file")
-        for flag, value in (
-            ("--transformer_id", m.transformer_id), ("--vae_id", m.vae_id), ("--text_encoder_id", m.text_encoder_id),
-            ("--tokenizer_id", m.tokenizer_id), ("--text_encoder_2_id", m.text_encoder_2_id),
-            ("--tokenizer_2_id", m.tokenizer_2_id),
-        ):  # fmt: skip
-            if value is not None and not Path(value).is_dir():
-                raise ConfigError(f"{flag} {value}: no such folder (ptrain loads local checkpoints only)")
-        r = self.checkpoint.resume_from_checkpoint
-        if r not in ("auto", "latest", "none") and not r.isdigit() and not Path(r).is_dir():
-            raise ConfigError(
-                f"--resume_from_checkpoint {r}: use auto, latest, none, a step number or a checkpoint folder"
-            )
-        if (m.trainable_modules or m.trainable_modules_low_learning_rate) and m.training_type != "full-finetune":
-            raise ConfigError(
-                "--trainable_modules / --trainable_modules_low_learning_rate need --training_type full-finetune"
-            )
-        if self.checkpoint.export_comfyui and m.training_type != "lora":
+        """Each group's own checks (in the order of the groups), then the checks that span groups."""
+        for group in _GROUPS:
+            getattr(self, group).validate()
+        if self.checkpoint.export_comfyui and self.model.training_type != "lora":
             raise ConfigError("--export_comfyui writes a LoRA file: it needs --training_type lora")
-        if m.layerwise_upcasting_modules and m.training_type != "lora":
-            raise ConfigError(
-                "--layerwise_upcasting_modules stores frozen weights in FP8: it needs --training_type lora "
-                "(full fine-tuning trains every weight)"
-            )
-        if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
-            raise ConfigError(f"--ema_decay must be in (0, 1), got {t.ema_decay}")
-        if t.ema_update_every < 1 or t.ema_start_step < 0:
-            raise ConfigError(
-                f"--ema_update_every must be >= 1 and --ema_start_step >= 0, got {t.ema_update_every}, {t.ema_start_step}"
-            )
-        if (t.export_ema or t.validate_with_ema) and t.ema_decay is None:
-            raise ConfigError("--export_ema / --validate_with_ema need --ema_decay")
-        if d.video_sample_stride is not None and d.video_sample_stride < 1:
-            raise ConfigError(f"--video_sample_stride must be >= 1, got {d.video_sample_stride}")
-        if d.video_sample_stride and d.fps:
-            raise ConfigError("use either --fps or --video_sample_stride, not both")
-        if d.skip_frames_start < 0 or d.skip_frames_end < 0:
-            raise ConfigError(
-                f"--skip_frames_start/--skip_frames_end must be >= 0, got {d.skip_frames_start}, {d.skip_frames_end}"
-            )
-        if not 0.0 <= d.caption_dropout_p <= 1.0:
-            raise ConfigError(f"--caption_dropout_p must be in [0, 1], got {d.caption_dropout_p}")
-        if d.fps is not None and d.fps <= 0:
-            raise ConfigError(f"--fps must be > 0, got {d.fps}")
-        if d.dataloader_num_workers < 0:
-            raise ConfigError(f"--dataloader_num_workers must be >= 0, got {d.dataloader_num_workers}")
-        if o.lr <= 0:
-            raise ConfigError(f"--lr must be > 0, got {o.lr}")
-        if o.max_grad_norm < 0:
-            raise ConfigError(f"--max_grad_norm must be >= 0 (0 disables clipping), got {o.max_grad_norm}")
-        if t.flow_shift is not None and t.flow_shift <= 0:
-            raise ConfigError(f"--flow_shift must be > 0, got {t.flow_shift}")
-        if p.dp_degree < 1 or p.cp_degree < 1 or (p.dp_shards < 1 and p.dp_shards != -1):
-            raise ConfigError(
-                f"parallel degrees must be >= 1 (dp_shards may be -1): "
-                f"dp_degree={p.dp_degree} dp_shards={p.dp_shards} cp_degree={p.cp_degree}"
-            )
-        if p.dist_timeout_s <= 0:
-            raise ConfigError(f"--dist_timeout_s must be > 0 (seconds), got {p.dist_timeout_s}")
         return self
 
 
@@ -547,6 +614,18 @@ def _load_toml(path: Path) -> dict:
 _GROUPS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("config", "compat_notes")}
 
 
+def alias_targets() -> dict[str, str]:
+    """Other trainers' flag names -> ptrain's (`--train_batch_size` -> `--batch_size`): the fields' tyro aliases."""
+    out = {}
+    defaults = Config()
+    for group in _GROUPS:
+        for name, hint in get_type_hints(type(getattr(defaults, group)), include_extras=True).items():
+            for meta in getattr(hint, "__metadata__", ()):
+                for alias in getattr(meta, "aliases", None) or ():
+                    out[alias] = f"--{name}"
+    return out
+
+
 def _field_owner() -> dict[str, str]:
     owner = {}
     defaults = Config()
@@ -557,10 +636,13 @@ def _field_owner() -> dict[str, str]:
 
 
 def _apply_preset(cfg: Config, values: dict, source: Path) -> Config:
-    owner = _field_owner()
+    owner, aliases = _field_owner(), alias_targets()
     groups = {g: {} for g in _GROUPS}
     for key, value in values.items():
         if key not in owner:
+            target = aliases.get(f"--{key}")
+            if target:  # presets are written in ptrain's names
+                raise ConfigError(f"--config {source}: {key!r} is another trainer's name: write {target[2:]!r}")
             raise ConfigError(f"--config {source}: unknown key {key!r} (not a ptrain flag)")
         groups[owner[key]][key] = value
     kwargs = {"config": source, "compat_notes": cfg.compat_notes}
@@ -585,9 +667,7 @@ def _config_path_from_argv(argv: list[str]) -> Path | None:
 
 def parse_config(argv: list[str] | None = None) -> Config:
     """Defaults < TOML preset (--config) < command-line flags (other trainers' names translated first)."""
-    from ptrain.compat import translate_argv
-
-    argv, notes = translate_argv(list(sys.argv[1:] if argv is None else argv))
+    argv, notes = translate_argv(list(sys.argv[1:] if argv is None else argv), alias_targets())
     default = Config()
     preset = _config_path_from_argv(argv)
     if preset is not None:

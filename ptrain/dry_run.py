@@ -41,13 +41,13 @@ def dry_run(run) -> None:
             f"every sample's video tokens (block activations / {dims.cp}); per-GPU peak: python -m ptrain.planner"
         )
     print("\n".join(lines), flush=True)
-    if cfg.data.plan_gpu_memory_gb:
-        plan_memory(cfg, cfg.data.plan_world_size or run.world)
+    if cfg.plan.plan_gpu_memory_gb:
+        plan_memory(cfg, cfg.plan.plan_world_size or run.world)
 
 
 def plan_memory(cfg, world: int) -> None:
     """--plan_gpu_memory_gb: the planner's lines and its suggestion, if the configured layout does not fit."""
-    budget = cfg.data.plan_gpu_memory_gb
+    budget = cfg.plan.plan_gpu_memory_gb
     print(f"  memory plan for {world} GPUs of {budget:g} GB (simulated, no GPU used; about a minute per layout):",
           flush=True)  # fmt: skip
     cmd = [sys.executable, "-m", "ptrain.planner", "--model_dir", cfg.model.pretrained_model_name_or_path,

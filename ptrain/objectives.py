@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from ptrain.config import TrainArgs
+from ptrain.config import ObjectiveArgs
 
 
 def sample_generators(seed: int, positions: list[int] | torch.Tensor) -> list[torch.Generator]:
@@ -69,7 +69,7 @@ def _weighted_mse(
 class FlowMatching:
     """Rectified flow: x_t = (1 - s) x_0 + s * noise, target = noise - x_0, timestep = 1000 s."""
 
-    def __init__(self, args: TrainArgs, shift: float = 1.0):
+    def __init__(self, args: ObjectiveArgs, shift: float = 1.0):
         self.args, self.shift = args, shift
 
     def sample_sigmas(self, generators: list[torch.Generator], strata=None) -> torch.Tensor:

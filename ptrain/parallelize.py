@@ -124,18 +124,18 @@ def param_groups(transformer: torch.nn.Module, cfg: Config) -> list[dict]:
 def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims, device) -> None:
     """Step 2, the parallel plan in its fixed order: context parallelism -> AC -> compile per block -> placement
     -> fully_shard / replicate."""
-    t, p, m = cfg.train, cfg.parallel, cfg.model
+    ac, p, m = cfg.activation_checkpoint, cfg.parallel, cfg.model
     if dims.cp > 1:
         if spec.cp_plan is None:
             raise ConfigError(f"--cp_degree {dims.cp}: {spec.name} has no context-parallel plan")
         apply_context_parallel(transformer, spec.cp_plan, mesh.world["cp"], p.cp_mode)
     blocks = spec.blocks(transformer)
-    if t.gradient_checkpointing:
-        n = apply_ac(blocks, t.ac_mode, t.ac_every_n_blocks)
-        log.info("activation checkpointing (%s): %d blocks", t.ac_mode, n)
-    if t.compile:
-        n = apply_compile(blocks, t.compile_backend)
-        log.info("torch.compile (%s): %d blocks", t.compile_backend, n)
+    if ac.gradient_checkpointing:
+        n = apply_ac(blocks, ac.ac_mode, ac.ac_every_n_blocks)
+        log.info("activation checkpointing (%s): %d blocks", ac.ac_mode, n)
+    if cfg.compile.compile:
+        n = apply_compile(blocks, cfg.compile.compile_backend)
+        log.info("torch.compile (%s): %d blocks", cfg.compile.compile_backend, n)
     if p.fsdp_cpu_offload:  # parameters stay in CPU memory (FSDP2 copies shards in as needed); buffers move
         for module in transformer.modules():
             for key, buf in module._buffers.items():
@@ -165,7 +165,7 @@ def build_trainable(
     transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims, device, train_steps: int
 ) -> TrainableModel:
     """Step 3: `parallelize`, then parameter groups, optimizer, learning-rate schedule over `train_steps`, EMA."""
-    t = cfg.train
+    e = cfg.ema
     parallelize(transformer, cfg, spec, mesh, dims, device)
     groups = param_groups(transformer, cfg)
     params = [q for g in groups for q in g["params"]]
@@ -174,5 +174,5 @@ def build_trainable(
     log.info("trainable parameters: %s of %s (%s)", f"{n_train:,}", f"{n_total:,}", cfg.model.training_type)
     optimizer = build_optimizer(groups, cfg.optim, device)
     lr_scheduler = build_scheduler(optimizer, cfg.optim, train_steps)
-    ema = EMA(transformer, t.ema_decay, t.ema_start_step, t.ema_update_every) if t.ema_decay else None
+    ema = EMA(transformer, e.ema_decay, e.ema_start_step, e.ema_update_every) if e.ema_decay else None
     return TrainableModel(transformer, params, optimizer, lr_scheduler, ema)

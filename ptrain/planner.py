@@ -102,7 +102,7 @@ def simulate(
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     cfg = parse_config([*flags, "--pretrained_model_name_or_path", str(model_dir)])
-    cfg.train.compile = False  # compile changes no memory the tracker sees; it would only cost time here
+    cfg.compile.compile = False  # compile changes no memory the tracker sees; it would only cost time here
     spec = get_spec(cfg.model.model_name)
     if fake:
         _fake_world(world)
@@ -154,7 +154,7 @@ def _measure_step(cfg, spec, comps, model, cp: int, device) -> tuple[dict, objec
     inputs = SimulatedInputs(spec, comps, device, (b, 3, d.num_frames, d.height, d.width),
                              d.max_sequence_length or spec.default_max_sequence_length,
                              DTYPES[cfg.model.text_encoder_dtype])  # fmt: skip
-    step = TrainStep(spec, comps, transformer, spec.make_objective(t, comps), inputs, cp)
+    step = TrainStep(spec, comps, transformer, spec.make_objective(cfg.objective, comps), inputs, cp)
     batch = {"position": list(range(b))}
 
     def new_tracker():

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
 
-from ptrain.config import ConfigError
+from ptrain.errors import ConfigError
 
 
 class UnsafeFileError(ConfigError):

@@ -210,7 +210,7 @@ def plan_run(cfg: Config) -> RunPlan:
         )  # fmt: skip
     run = RunPlan(cfg, rank, world, device, dims, mesh, out, layout, spec, overrides, rules, sampling, usable,
                   steps_per_epoch, resume, resharded)  # fmt: skip
-    if resume is not None and not cfg.data.dry_run:
+    if resume is not None and not cfg.plan.dry_run:
         run.finished = _resume_is_finished(run)
     return run
 
@@ -239,7 +239,7 @@ def train(cfg: Config) -> TrainResult:
     """Run ptrain as configured (every rank calls it)."""
     cfg.validate()
     run = plan_run(cfg)
-    if cfg.data.dry_run:
+    if cfg.plan.dry_run:
         from ptrain.dry_run import dry_run
 
         dry_run(run)
@@ -300,11 +300,11 @@ class Trainer:
         log.info("loading %s from %s", m.model_name, m.pretrained_model_name_or_path)
         comps = run.spec.load_components(m.pretrained_model_name_or_path, dtypes, self.device, run.overrides)
         for flag in ("enable_tiling", "enable_slicing"):
-            if getattr(cfg.data, flag):
+            if getattr(m, flag):
                 if not hasattr(comps.vae, flag):
                     raise ConfigError(f"--{flag}: {type(comps.vae).__name__} has no {flag}()")
                 getattr(comps.vae, flag)()
-        self.offloaded = cfg.data.offload_encoders and self.device.type != "cpu"
+        self.offloaded = m.offload_encoders and self.device.type != "cpu"
         if self.offloaded:
             offload_encoders(comps)
         # may widen the transformer's input channels for the mode
@@ -417,7 +417,7 @@ class Trainer:
     def build_step(self) -> None:
         """The micro-batch step, validation prompts, metrics and the loop's counters."""
         cfg, run = self.cfg, self.run
-        objective = self.spec.make_objective(cfg.train, self.comps)
+        objective = self.spec.make_objective(cfg.objective, self.comps)
         self.step = TrainStep(self.spec, self.comps, self.transformer, objective, self.inputs, run.dims.cp, self.accum)
         self.validation_items = load_validation_items(cfg.validation, cfg.data, cfg.model.train_mode)
         self.loss_group = run.mesh.dp_cp.get_group() if run.world > 1 else None
@@ -454,7 +454,7 @@ class Trainer:
         """One optimizer step: every micro-batch of the accumulation, then the (guarded) optimizer update."""
         stats, t0 = StepStats(), time.perf_counter()
         step_loss = torch.zeros((), device=self.device)
-        count = self.flops_per_step is None and self.peak_tflops is not None and not self.cfg.train.compile
+        count = self.flops_per_step is None and self.peak_tflops is not None and not self.cfg.compile.compile
         for micro in range(self.accum):
             td = time.perf_counter()
             batch = next(self.data_iter)
@@ -474,7 +474,7 @@ class Trainer:
         t, breakdown = self.cfg.train, self.cfg.log.log_step_breakdown
         gens = sample_generators(t.seed, batch["position"])
         strata = None
-        if t.uniform_sampling:  # sample j of the global batch draws from slice j of G
+        if self.cfg.objective.uniform_sampling:  # sample j of the global batch draws from slice j of G
             g = self.sampler.global_batch_size
             strata = ((torch.as_tensor(batch["position"]) - self.state.base_position) % g, g)
         with encoders_on(self.comps, self.device, self.offloaded and self.inputs.needs_encoders):
@@ -569,7 +569,7 @@ class Trainer:
         if step % self.v_every and step != self.cfg.train.train_steps:
             return
         ema = self.model.ema
-        with_ema = self.cfg.train.validate_with_ema
+        with_ema = self.cfg.ema.validate_with_ema
         if with_ema:
             log.info("validation at step %d samples with the EMA weights (--validate_with_ema)", step)
         with (
@@ -598,7 +598,7 @@ class Trainer:
         out, ema = self.run.out, self.model.ema
         staging = begin_export(out)
         exported = self.export(staging)
-        if ema is not None and self.cfg.train.export_ema:
+        if ema is not None and self.cfg.ema.export_ema:
             with ema.swapped_in():
                 self.export(staging / "ema")
         publish_export(staging, out, self.state.step)

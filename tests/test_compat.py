@@ -77,14 +77,14 @@ def test_cogvideox_command_maps_onto_ptrain(tmp_path):
     assert (c.train.batch_size, c.train.num_train_epochs, c.optim.lr) == (1, 10, 1e-4)
     assert (c.optim.optimizer, c.optim.beta1, c.optim.beta2) == ("adamw", 0.9, 0.95)
     assert c.model.transformer_dtype == "bfloat16" and c.model.rank == 128 and c.model.lora_alpha == 64
-    assert c.validation.validation_prompts == "a red ball:::a dog" and c.train.gradient_checkpointing
+    assert c.validation.validation_prompts == "a red ball:::a dog" and c.activation_checkpoint.gradient_checkpointing
     assert any("--mixed_precision" in n for n in c.compat_notes)
 
 
 def test_finetrainers_and_videox_fun_commands(tmp_path):
     f = _parse(FINETRAINERS_SEED, tmp_path)
     assert f.model.target_modules == ["to_q", "to_k", "to_v", "to_out.0"] and f.train.gradient_accumulation_steps == 4
-    assert f.train.flow_weighting_scheme == "logit_normal" and f.optim.lr == 3e-5
+    assert f.objective.flow_weighting_scheme == "logit_normal" and f.optim.lr == 3e-5
     v = _parse(VIDEOX_FUN_SEED, tmp_path)
     assert v.data.dataset_file == tmp_path / "metadata.csv" and v.data.num_frames == 81
     assert (v.optim.optimizer, v.optim.weight_decay, v.optim.epsilon, v.optim.max_grad_norm) == (
@@ -159,7 +159,7 @@ def test_trainable_modules_and_uniform_sampling_on_fsdp2(launches, tiny_ckpt):
 def test_low_learning_rate_group_and_strata():
     from diffusers import LTXVideoTransformer3DModel
 
-    from ptrain.config import TrainArgs
+    from ptrain.config import ObjectiveArgs
     from ptrain.objectives import FlowMatching, sample_generators
     from ptrain.testing.tiny import LTX_TRANSFORMER_CONFIG
     from ptrain.parallelize import param_groups
@@ -175,7 +175,7 @@ def test_low_learning_rate_group_and_strata():
     assert all("attn1.to_q" in names[id(p)] for p in slow["params"]) and slow["params"]
     assert not any("to_q" in names[id(p)] for p in normal["params"])
     # Stratified sigmas: sample j of G lands in the j-th slice of the (uniform) noise range.
-    fm = FlowMatching(TrainArgs(uniform_sampling=True), shift=1.0)
+    fm = FlowMatching(ObjectiveArgs(uniform_sampling=True), shift=1.0)
     sig = fm.sample_sigmas(sample_generators(3, range(16)), (torch.arange(16), 16))
     assert all(j / 16 <= s < (j + 1) / 16 for j, s in enumerate(sig.tolist()))
 

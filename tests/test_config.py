@@ -32,8 +32,9 @@ def test_flags_are_flat_with_underscores():
     )  # fmt: skip
     assert (cfg.parallel.dp_degree, cfg.parallel.dp_shards) == (2, 4)
     assert cfg.model.training_type == "full-finetune" and cfg.model.target_modules == ["to_q", "to_k"]
-    assert cfg.train.gradient_checkpointing and cfg.train.ac_mode == "selective" and cfg.train.ac_every_n_blocks == 3
-    assert cfg.optim.lr == 3e-5 and cfg.optim.optimizer == "came" and cfg.train.compile
+    ac = cfg.activation_checkpoint
+    assert ac.gradient_checkpointing and ac.ac_mode == "selective" and ac.ac_every_n_blocks == 3
+    assert cfg.optim.lr == 3e-5 and cfg.optim.optimizer == "came" and cfg.compile.compile
 
 
 def test_toml_preset_precedence(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ptrain.config import ConfigError, DataArgs, TrainArgs
+from ptrain.config import ConfigError, DataArgs, ObjectiveArgs
 from ptrain.data import VideoDataset, filter_usable
 from ptrain.data.sampler import GlobalBatchSampler
 from ptrain.data.sources import load_records
@@ -135,7 +135,7 @@ def test_sampler_state_resumes():
 
 
 def test_noise_and_timesteps_depend_only_on_seed_and_position():
-    fm = FlowMatching(TrainArgs(flow_weighting_scheme="logit_normal"), shift=3.0)
+    fm = FlowMatching(ObjectiveArgs(flow_weighting_scheme="logit_normal"), shift=3.0)
     lat = torch.zeros(3, 4, 2, 2, 2)
     a = fm.prepare(lat, sample_generators(1, [10, 11, 12]))
     b = fm.prepare(lat[:1], sample_generators(1, [11]))

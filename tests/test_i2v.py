@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_ARGS, first_error, lora_changes_the_sample, run_ptrain
 from PIL import Image
 
-from ptrain.config import ConfigError, TrainArgs
+from ptrain.config import ConfigError, ObjectiveArgs
 from ptrain.models.spec import Components, get_spec
 from ptrain.objectives import FlowMatching, sample_generators
 from ptrain.testing.tiny import build_tiny_pipeline, write_tiny_checkpoint
@@ -44,7 +44,7 @@ def test_ltx_i2v_condition_first_frame_clean_timestep_zero_and_unscored():
     spec = spec.bind(comps, "i2v")
     latents = torch.randn(2, 8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     gens = sample_generators(0, [0, 1])
-    fm = FlowMatching(TrainArgs(), 1.0)
+    fm = FlowMatching(ObjectiveArgs(), 1.0)
     prepared, cond = spec.condition("i2v", comps, None, latents, fm.prepare(latents, gens), None, gens)
     assert torch.equal(prepared.noisy[:, :, 0], latents[:, :, 0])
     assert not torch.equal(prepared.noisy[:, :, 1], latents[:, :, 1])

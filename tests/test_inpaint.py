@@ -11,7 +11,7 @@ import torch
 from conftest import MODELS, TINY_ARGS, first_error, lora_changes_the_sample, run_ptrain
 from PIL import Image
 
-from ptrain.config import ConfigError, ModelArgs, TrainArgs
+from ptrain.config import ConfigError, ModelArgs, ObjectiveArgs
 from ptrain.models.conditioning import latent_keep_mask, sample_keep_mask
 from ptrain.models.spec import Components, get_spec
 from ptrain.objectives import sample_generators
@@ -76,7 +76,7 @@ def test_inpaint_step0_equals_text_to_video(model):
     assert spec.expanded_input == (None if model == "ltx_video" else spec.input_layer)
     video, gens = _video(), sample_generators(0, [0, 1])
     latents = spec.encode_video(comps, video, gens)
-    prepared = spec.make_objective(TrainArgs(), comps).prepare(latents, gens)
+    prepared = spec.make_objective(ObjectiveArgs(), comps).prepare(latents, gens)
     cond = spec.encode_text(comps, ["a red ball", "a cat"], spec.max_sequence_length(comps))
     p2, c2 = spec.condition("inpaint", comps, video, latents, prepared, cond, gens)
     with torch.no_grad():
@@ -141,9 +141,7 @@ def _generate(pipe, image, frames=9):
            if "CogVideoX" in type(pipe).__name__ else {})).frames[0])  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "model", [pytest.param(m, marks=() if m == "wan" else pytest.mark.heavy) for m in MODELS]
-)
+@pytest.mark.parametrize("model", [pytest.param(m, marks=() if m == "wan" else pytest.mark.heavy) for m in MODELS])
 def test_inpaint_lora_from_t2v_parity_and_export(model, tiny_ckpts, tiny_data, tmp_path):
     """LoRA inpaint from the text-to-video checkpoint: FSDP 2 = 1 process; the widened input layer is exported
     beside the LoRA, goes back into the base transformer, and the result samples (in the image-to-video pipeline
@@ -175,7 +173,7 @@ def test_inpaint_lora_from_t2v_parity_and_export(model, tiny_ckpts, tiny_data, t
         video, gens = _video(batch=1), sample_generators(0, [0])
         latents = spec.encode_video(comps, video, gens)
         cond = spec.encode_text(comps, ["a red ball"], spec.max_sequence_length(comps))
-        prepared = spec.make_objective(TrainArgs(), comps).prepare(latents, gens)
+        prepared = spec.make_objective(ObjectiveArgs(), comps).prepare(latents, gens)
         _, cond = spec.condition("inpaint", comps, video, latents, prepared, cond, gens)
         with torch.no_grad():
             pred = lora_changes_the_sample(pipe, lambda: spec.forward(pipe.transformer, prepared.noisy,

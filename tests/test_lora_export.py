@@ -48,7 +48,7 @@ def test_lora_trains_only_adapters_and_exports_to_pipeline(model, tiny_ckpts, ti
     video = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     latents = spec.encode_video(comps, video, gens)
     cond = spec.encode_text(comps, ["a red square moving left"], spec.max_sequence_length(comps))
-    prepared = spec.make_objective(cfg.train, comps).prepare(latents, gens)
+    prepared = spec.make_objective(cfg.objective, comps).prepare(latents, gens)
     transformer.eval()
     with torch.no_grad():
         ours = spec.forward(transformer, prepared.noisy, prepared.timesteps, cond)

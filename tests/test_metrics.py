@@ -44,7 +44,7 @@ def test_flop_count_of_a_training_step_matches_the_formula():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ptrain.config import TrainArgs
+    from ptrain.config import ObjectiveArgs
     from ptrain.models.spec import get_spec
     from ptrain.objectives import FlowMatching, sample_generators
     from ptrain.testing.tiny import LTX_TRANSFORMER_CONFIG
@@ -56,7 +56,7 @@ def test_flop_count_of_a_training_step_matches_the_formula():
     b, f, h, w, text = 2, 2, 4, 4, 6
     latents = torch.randn(b, cfg["in_channels"], f, h, w)
     cond = spec.simulated_conditioning(cfg, b, text, torch.device("cpu"), torch.float32)
-    objective = FlowMatching(TrainArgs(), 1.0)
+    objective = FlowMatching(ObjectiveArgs(), 1.0)
     prepared = objective.prepare(latents, sample_generators(0, range(b)))
 
     linears = []

@@ -19,7 +19,7 @@ import torch
 from diffusers import CogVideoXDDIMScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from ptrain.config import TrainArgs, parse_config
+from ptrain.config import ObjectiveArgs, parse_config
 from ptrain.models.spec import Components, get_spec
 from ptrain.objectives import FlowMatching, VPrediction, sample_generators, shift_sigmas
 from ptrain.testing.tiny import (
@@ -35,11 +35,11 @@ MEAN, STD, MODE_SCALE = 0.3, 0.7, 0.8
 N_DRAWS = 4000
 
 
-def flow_args(scheme: str, *extra: str) -> TrainArgs:
-    """TrainArgs as the command line gives them (so the flag -> objective path is covered too)."""
+def flow_args(scheme: str, *extra: str) -> ObjectiveArgs:
+    """ObjectiveArgs as the command line gives them (so the flag -> objective path is covered too)."""
     argv = ["--flow_weighting_scheme", scheme, "--flow_logit_mean", str(MEAN), "--flow_logit_std", str(STD),
             "--flow_mode_scale", str(MODE_SCALE), *extra]  # fmt: skip
-    return parse_config(argv).train
+    return parse_config(argv).objective
 
 
 def closed_form_weight(scheme: str, sigma: torch.Tensor) -> torch.Tensor:
@@ -205,7 +205,7 @@ def test_v_prediction_matches_the_cogvideox_scheduler(snr_shift_scale):
     sched = CogVideoXDDIMScheduler.from_config(cfg)
     ab = alphas_cumprod_from_config(cfg)
     torch.testing.assert_close(sched.alphas_cumprod.double(), ab, rtol=1e-6, atol=1e-9)
-    vp = get_spec("cogvideox").make_objective(TrainArgs(), Components(None, None, None, None, sched))
+    vp = get_spec("cogvideox").make_objective(ObjectiveArgs(), Components(None, None, None, None, sched))
     assert isinstance(vp, VPrediction)
 
     positions = list(range(64))

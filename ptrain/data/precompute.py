@@ -86,7 +86,7 @@ def manifest(cfg: Config, usable: Usable, max_sequence_length: int) -> dict:
             "reshape_mode": d.reshape_mode,
             "id_token": d.id_token,
             "max_sequence_length": max_sequence_length,
-            "enable_tiling": d.enable_tiling,
+            "enable_tiling": m.enable_tiling,
         },  # fmt: skip
         "samples": samples,
     }

@@ -31,7 +31,7 @@ from diffusers import (
 from torch import nn
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModel, LlamaModel, LlavaForConditionalGeneration
 
-from ptrain.config import ConfigError
+from ptrain.errors import ConfigError
 from ptrain.export_comfyui import Rule
 from ptrain.models.conditioning import uint8_images
 from ptrain.models.spec import Conditioning, ModelSpec, register

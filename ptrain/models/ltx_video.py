@@ -21,7 +21,7 @@ from diffusers import (
 from torch import nn
 from transformers import AutoTokenizer, T5EncoderModel
 
-from ptrain.config import ConfigError
+from ptrain.errors import ConfigError
 from ptrain.export_comfyui import Rule
 from ptrain.models.spec import Components, Conditioning, ModelSpec, register
 from ptrain.parallel.context import CPPlan

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptrain.config import ConfigError, ModelArgs, TrainArgs
+from ptrain.config import ConfigError, ModelArgs, ObjectiveArgs
+from ptrain.models.registry import get_spec, register  # noqa: F401  (re-exported: the specs' entry points)
 from ptrain.parallel.context import CPPlan
 
 log = logging.getLogger("ptrain")
@@ -365,7 +366,7 @@ class ModelSpec(ABC):
             }
         )
 
-    def make_objective(self, args: TrainArgs, components: Components):
+    def make_objective(self, args: ObjectiveArgs, components: Components):
         """Flow matching by default, with the scheduler's static shift unless --flow_shift is given."""
         from ptrain.objectives import FlowMatching
 
@@ -414,19 +415,3 @@ def expand_input_channels(layer: nn.Module, old: int, new: int) -> None:
         wider = torch.cat([w.data, w.data.new_zeros(w.shape[0], new - old, *w.shape[2:])], dim=1)
         layer.weight = nn.Parameter(wider, requires_grad=w.requires_grad)
         layer.in_channels = new
-
-
-_REGISTRY: dict[str, type[ModelSpec]] = {}
-
-
-def register(cls: type[ModelSpec]) -> type[ModelSpec]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def get_spec(name: str) -> ModelSpec:
-    from ptrain.models import cogvideox, hunyuan_video, ltx_video, wan  # noqa: F401  (they register themselves)
-
-    if name not in _REGISTRY:
-        raise ConfigError(f"--model_name {name!r} is not supported; choose one of {sorted(_REGISTRY)}")
-    return _REGISTRY[name]()

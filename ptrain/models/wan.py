@@ -24,7 +24,7 @@ from diffusers import (
 from torch import nn
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
-from ptrain.config import ConfigError
+from ptrain.errors import ConfigError
 from ptrain.export_comfyui import Rule
 from ptrain.models.conditioning import uint8_images
 from ptrain.models.spec import Conditioning, ModelSpec, register

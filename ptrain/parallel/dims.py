@@ -20,6 +20,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from ptrain.config import ParallelArgs
+from ptrain.errors import ConfigError
+
 
 class ParallelConfigError(ValueError):
     """Degrees that do not fit the world size; the message names every value."""
@@ -42,9 +45,10 @@ class ParallelDims:
 
     @classmethod
     def build(cls, dp_degree: int, dp_shards: int, cp_degree: int, world_size: int) -> ParallelDims:
-        desc = f"dp_degree={dp_degree} x dp_shards={dp_shards} x cp_degree={cp_degree}"
-        if dp_degree < 1 or cp_degree < 1 or (dp_shards < 1 and dp_shards != -1):
-            raise ParallelConfigError(f"invalid parallel degrees {desc}: each must be >= 1 (dp_shards may be -1)")
+        try:  # the degree check is written once, in ParallelArgs.validate
+            ParallelArgs(dp_degree=dp_degree, dp_shards=dp_shards, cp_degree=cp_degree).validate()
+        except ConfigError as e:
+            raise ParallelConfigError(str(e)) from None
         if dp_shards == -1:
             rest = dp_degree * cp_degree
             if world_size % rest:
