@@ -114,7 +114,7 @@ class CogVideoXSpec(ModelSpec):
 
         return VPrediction(components.scheduler)
 
-    def encode_text(self, components, captions, max_sequence_length) -> Conditioning:
+    def encode_text(self, components, captions, max_sequence_length, images=None) -> Conditioning:
         return Conditioning({"encoder_hidden_states": self.prompt_embeds(components, captions, max_sequence_length)})
 
     def normalize_latents(self, components, latents) -> torch.Tensor:

@@ -96,7 +96,7 @@ class LTXVideoSpec(ModelSpec):
             if v % (s * p):
                 raise ConfigError(f"{flag} {v}: LTX-Video needs a multiple of {s * p} (VAE x patch size)")
 
-    def encode_text(self, components, captions, max_sequence_length) -> Conditioning:
+    def encode_text(self, components, captions, max_sequence_length, images=None) -> Conditioning:
         embeds, mask, _, _ = self.pipe.encode_prompt(
             captions, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
             device=components.text_encoder.device,

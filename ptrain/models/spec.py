@@ -307,7 +307,11 @@ class ModelSpec(ABC):
         """Raise ConfigError naming the flag when the video shape does not suit the model."""
 
     @abstractmethod
-    def encode_text(self, components: Components, captions: list[str], max_sequence_length: int) -> Conditioning: ...
+    def encode_text(
+        self, components: Components, captions: list[str], max_sequence_length: int, images: torch.Tensor | None = None
+    ) -> Conditioning:
+        """Text conditioning on the training device; `images` (B, C, H, W) in [-1, 1]: the first frames, for modes
+        whose prompt encoding reads the image (text_needs_image, e.g. HunyuanVideo-I2V)."""
 
     @abstractmethod
     def normalize_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:

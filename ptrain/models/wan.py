@@ -108,7 +108,7 @@ class WanSpec(ModelSpec):
         shift = args.flow_shift if args.flow_shift is not None else components.scheduler.config.get("flow_shift", 1.0)
         return FlowMatching(args, float(shift))
 
-    def encode_text(self, components, captions, max_sequence_length) -> Conditioning:
+    def encode_text(self, components, captions, max_sequence_length, images=None) -> Conditioning:
         return Conditioning({"encoder_hidden_states": self.prompt_embeds(components, captions, max_sequence_length)})
 
     def normalize_latents(self, components, latents) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Parallelism: mesh construction and the parallel plan applied to the transformer.
 
-Order (fixed): activation checkpointing -> compile per block -> fully_shard / replicate.
+Order (fixed, applied by ptrain/parallelize.py): context parallelism -> activation checkpointing -> compile per
+block -> placement on the device -> fully_shard / replicate.
 """
 
 from ptrain.parallel.activation import apply_ac
