@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch.distributed.tensor import DTensor
 
-from ptrain.export import clean_name
+from ptrain.parallel.names import clean_name
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

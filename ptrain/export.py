@@ -1,7 +1,9 @@
 """Export trained weights in diffusers format from a sharded (FSDP2 / replicate) transformer.
 
-Tensors are gathered one at a time (`DTensor.full_tensor()` on every rank) and
-only rank 0 keeps a CPU copy, so no rank other than 0 ever holds the full model.
+The full state dict comes from torch.distributed.checkpoint's `get_model_state_dict` (full_state_dict with
+cpu_offload): a collective that gathers the tensors one at a time, and only rank 0 keeps CPU copies, so no rank
+other than 0 ever holds the full model. The LoRA file's keys are peft's (`get_peft_model_state_dict`), the format
+diffusers' `save_lora_weights` takes.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from huggingface_hub import save_torch_state_dict
-from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from ptrain.collective import raise_if_any_failed
+from ptrain.parallel.names import clean_name
 
 
 def sort_safetensors_metadata(path: str | Path) -> None:
@@ -47,26 +50,36 @@ def sort_safetensors_metadata(path: str | Path) -> None:
 
 
 ADAPTER = "default"  # the adapter name diffusers' add_adapter uses
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
-def clean_name(name: str) -> str:
-    for p in _WRAPPER_PREFIXES:
-        name = name.replace(p, "")
-    return name
+def _full_state_dict(transformer: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Collective: the transformer's full state dict (only its trainable parameters with `trainable_only`), keys
+    as in a diffusers checkpoint, every tensor float32, contiguous and with its own storage (as safetensors needs)
+    on rank 0; {} on the other ranks."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(transformer, options=options)
+    for name, t in state.items():  # in place, one at a time: at most one extra copy while converting
+        t = t.detach().to(torch.float32).contiguous()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # a view into a larger (e.g. padded) buffer
+        state[name] = t
+    return state
 
 
-def _gather(named: list[tuple[str, torch.Tensor]], keep: bool, dtype: torch.dtype | None = None) -> dict:
-    out = {}
-    for name, t in named:
-        full = t.full_tensor() if isinstance(t, DTensor) else t
-        if keep:
-            full = full.detach().to("cpu", dtype=dtype or full.dtype).contiguous()
-            if full.untyped_storage().nbytes() != full.numel() * full.element_size():
-                full = full.clone()  # a view into a larger (e.g. padded) buffer: safetensors needs its own storage
-            out[clean_name(name)] = full
-        del full
-    return out
+def _lora_state_dict(transformer: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter weights of `state` (a full state dict) in diffusers' LoRA key format: peft's
+    `get_peft_model_state_dict`, which drops the adapter name (`...lora_A.default.weight` -> `...lora_A.weight`).
+
+    peft finds the adapter weights by the module names the model has; activation checkpointing puts a wrapper
+    module into those names (`blocks.0._checkpoint_wrapped_module.attn1...`) that state dict keys do not have, so
+    peft gets the trainable parameters under their module names and the wrappers are dropped afterwards."""
+    from peft import get_peft_model_state_dict
+
+    by_module_name = {n: state[clean_name(n)] for n, p in transformer.named_parameters() if p.requires_grad}
+    lora = get_peft_model_state_dict(
+        transformer, state_dict=by_module_name, adapter_name=ADAPTER, save_embedding_layers=False
+    )
+    return {clean_name(k): v for k, v in lora.items()}
 
 
 INPUT_LAYER_FILE = "input_layer.safetensors"
@@ -81,11 +94,9 @@ def export_lora(
     goes to output_dir/input_layer.safetensors with the module name and the new in_channels in its metadata:
     `load_expanded_transformer` puts it into the base transformer before diffusers loads the LoRA."""
     rank0 = dist.get_rank() == 0
-    named = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
-    gathered = _gather(named, keep=rank0, dtype=torch.float32)
+    gathered = _full_state_dict(transformer, trainable_only=True)
     if rank0:
-        # peft names adapter weights `...lora_A.<adapter>.weight`; the diffusers file format drops the adapter name.
-        lora = {k.replace(f".{ADAPTER}.", "."): v for k, v in gathered.items() if "lora_" in k}
+        lora = _lora_state_dict(transformer, gathered)
         # Sets (target_modules) sorted: the same training writes the same bytes in every process.
         meta = {
             k: sorted(v) if isinstance(v, set) else v for k, v in transformer.peft_config[ADAPTER].to_dict().items()
@@ -146,8 +157,7 @@ def export_full(transformer: torch.nn.Module, output_dir: Path, max_shard_size: 
     """
     rank0 = dist.get_rank() == 0
     target = output_dir / "transformer"
-    state = transformer.state_dict()
-    gathered = _gather(list(state.items()), keep=rank0, dtype=torch.float32)
+    gathered = _full_state_dict(transformer)
     err = None
     if rank0:
         try:
