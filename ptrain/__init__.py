@@ -9,7 +9,8 @@ trainers' value-less switches, value spellings and rejected flags), `collective.
 rank), `safe_load.py` (DCP and per-rank files without unrestricted unpickling), `metrics.py`.
 
 Parallelism, `parallel/`. `dims.py` (ParallelDims -> DeviceMesh; cuda+nccl or cpu+gloo), `fsdp.py`
-(fully_shard / replicate), `activation.py`, `compile.py`, `context.py` (Ulysses and ring attention).
+(fully_shard / replicate), `activation.py`, `compile.py`, `context.py` (Ulysses and ring attention),
+`names.py` (parameter names without wrapper prefixes).
 
 Data, `data/`. `sources.py` (dataset formats -> records), `video.py` (decode, frame sampling, resize/crop),
 `buckets.py` (shape buckets), `sampler.py` (the global batch order, independent of the layout),
