@@ -152,7 +152,7 @@ def _measure_step(cfg, spec, comps, model, cp: int, device) -> tuple[dict, objec
     t, d, transformer, optimizer = cfg.train, cfg.data, model.transformer, model.optimizer
     b = t.batch_size
     inputs = SimulatedInputs(spec, comps, device, (b, 3, d.num_frames, d.height, d.width),
-                             d.max_sequence_length or spec.default_max_sequence_length,
+                             d.max_sequence_length or spec.max_sequence_length(comps),
                              DTYPES[cfg.model.text_encoder_dtype])  # fmt: skip
     step = TrainStep(spec, comps, transformer, spec.make_objective(cfg.objective, comps), inputs, cp)
     batch = {"position": list(range(b))}

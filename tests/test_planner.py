@@ -182,3 +182,23 @@ def test_ema_shadows_are_counted(tiny_ckpt):
     b = simulate([*flags, "--ema_decay", "0.99"], 1, tiny_ckpt)
     assert b["categories"]["EMA"] == 4 * b["params_trainable"]
     assert b["peak_bytes"] - a["peak_bytes"] == b["categories"]["EMA"]
+
+
+def test_planner_runs_the_train_mode(tiny_ckpts):
+    """The planner's step is the trainer's: with --train_mode i2v on a text-to-video CogVideoX checkpoint the input
+    layer is widened and (LoRA) trains fully beside the adapters, as in a real run of that mode."""
+    from ptrain.models.spec import Components
+    from ptrain.testing.tiny import build_tiny_pipeline
+
+    ckpt = tiny_ckpts("cogvideox")
+    flags = ["--model_name", "cogvideox", "--num_frames", "9", "--height", "32", "--width", "32",
+             "--transformer_dtype", "float32", "--vae_dtype", "float32"]  # fmt: skip
+    normal = simulate(flags, 1, ckpt)
+    i2v = simulate([*flags, "--train_mode", "i2v"], 1, ckpt)
+    pipe = build_tiny_pipeline("cogvideox", seed=0)
+    core = {k: pipe.components[k] for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
+    spec = get_spec("cogvideox").bind(Components(**core), "i2v", training_type="lora")
+    layer = pipe.transformer.get_submodule(spec.expanded_input)
+    widened = sum(p.numel() for p in layer.parameters())
+    assert spec.expanded_input and i2v["params_trainable"] - normal["params_trainable"] == widened
+    assert i2v["params_total"] > normal["params_total"]
