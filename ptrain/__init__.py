@@ -6,7 +6,8 @@ cycle):
 Foundations. `errors.py` (ConfigError), `config.py` (every flag: dataclass groups validated where they are
 defined, parsed by tyro, TOML presets; other trainers' flag names are tyro aliases), `compat.py` (other
 trainers' value-less switches, value spellings and rejected flags), `collective.py` (one decision on every
-rank), `safe_load.py` (DCP and per-rank files without unrestricted unpickling), `metrics.py`.
+rank), `safe_load.py` (DCP and per-rank files without unrestricted unpickling), `metrics.py`, `flops.py`
+(model and hardware FLOPs per training shape, counted on fake tensors, for mfu / hfu).
 
 Parallelism, `parallel/`. `dims.py` (ParallelDims -> DeviceMesh; cuda+nccl or cpu+gloo), `fsdp.py`
 (fully_shard / replicate), `activation.py`, `compile.py`, `context.py` (Ulysses and ring attention),

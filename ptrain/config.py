@@ -536,8 +536,9 @@ class LogArgs:
     log_level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
     """Log level of ptrain's own messages (rank 0 logs; other ranks only warnings)."""
     peak_tflops: float | None = None
-    """Peak dense TFLOP/s of one device, for the `mfu` metric (default: known for H100/H200 989, A100 312 bf16;
-    none on CPU). FLOPs per step are counted once, on the first step, with FlopCounterMode (without compile)."""
+    """Peak dense TFLOP/s of one device, for the `mfu` / `hfu` metrics (default: known for H100/H200 989, A100 312
+    bf16; none on CPU). FLOPs are counted once per training shape at start-up on fake tensors (ptrain/flops.py):
+    `mfu` from the model's FLOPs, `hfu` with activation-checkpoint recompute; both hold under --compile."""
     log_step_breakdown: bool = False
     """Also log forward / backward / optimizer seconds per step (synchronises the device after each phase)."""
 

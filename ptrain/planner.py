@@ -115,7 +115,7 @@ def simulate(
     return _simulate(cfg, spec, world, model_dir, num_blocks, fake, t0)
 
 
-def _meta_components(cfg, spec, model_dir: Path, num_blocks):
+def meta_components(cfg, spec, model_dir: Path, num_blocks):
     """The transformer (with `num_blocks` per block list if given), VAE and scheduler on the meta device."""
     from ptrain.models.spec import Components
     from ptrain.parallelize import DTYPES
@@ -213,7 +213,7 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
     dims = ParallelDims.build(p.dp_degree, p.dp_shards, p.cp_degree, world)
     mesh = dims.build_mesh()  # outside FakeTensorMode (inside it fails)
     device = torch.device("cpu")
-    comps = _meta_components(cfg, spec, model_dir, num_blocks)
+    comps = meta_components(cfg, spec, model_dir, num_blocks)
     transformer = comps.transformer
     blocks_used = tuple(int(transformer.config[k]) for k in spec.block_count_keys)
     # The trainer's set-up on the meta model (the mode's input widening, LoRA, FP8 storage: fake tensors cannot
@@ -225,7 +225,8 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         transformer.to_empty(device=device)
         comps.vae.to_empty(device=device)
-        model = build_trainable(transformer, cfg, spec, mesh, dims, device, t.train_steps)
+        # fused=True: the optimizer the GPU runs (foreach, the CPU default, keeps a temporary 4 B per parameter)
+        model = build_trainable(transformer, cfg, spec, mesh, dims, device, t.train_steps, fused=True)
         phases, prepared = _measure_step(cfg, spec, comps, model, dims.cp, device)
         latent_shape = tuple(prepared.sample.target.shape)
     top = max(phases.values(), key=lambda ph: ph["peak_bytes"])

@@ -92,11 +92,14 @@ def make_inputs(precomputed: bool, spec: ModelSpec, comps: Components, device, m
 @dataclass
 class Prepared:
     """A micro-batch ready for the transformer: the objective's sample (noisy input, timesteps, target, weights,
-    loss mask) and the conditioning; `tokens` is its transformer sequence length summed over the batch."""
+    loss mask) and the conditioning; `tokens` is its transformer sequence length summed over the batch; `key`
+    the target's shape without the batch dimension (ptrain/flops.py counts FLOPs per key)."""
 
     sample: object
     cond: Conditioning
     tokens: int
+    batch: int = 1
+    key: tuple = ()
 
 
 class TrainStep:
@@ -115,8 +118,9 @@ class TrainStep:
         cond = x.cond
         if self.spec.mode != "normal":
             sample, cond = self.spec.condition(self.spec.mode, self.comps, x.video, x.latents, sample, cond, generators)
-        tokens = self.spec.tokens_per_sample(x.latents.shape, self.comps) * x.latents.shape[0]
-        return Prepared(sample, cond, tokens)
+        b = x.latents.shape[0]
+        tokens = self.spec.tokens_per_sample(x.latents.shape, self.comps) * b
+        return Prepared(sample, cond, tokens, b, tuple(sample.target.shape[1:]))
 
     def loss(self, p: Prepared) -> torch.Tensor:
         """Forward and loss, divided by the accumulation steps."""

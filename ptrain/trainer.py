@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from ptrain.checkpoint import (
@@ -48,7 +47,7 @@ from ptrain.models.spec import Components, ModelSpec, get_spec
 from ptrain.objectives import sample_generators
 from ptrain.parallel import ParallelDims, init_distributed
 from ptrain.parallelize import DTYPES, build_trainable, make_trainable_model
-from ptrain.step import TrainStep, clip_gradients, make_inputs
+from ptrain.step import Prepared, TrainStep, clip_gradients, make_inputs
 from ptrain.validation import load_validation_items, run_validation
 
 log = logging.getLogger("ptrain")
@@ -264,6 +263,8 @@ class StepStats:
     tokens: int = 0
     replaced: int = 0
     phase: dict = field(default_factory=lambda: {"forward_s": 0.0, "backward_s": 0.0})
+    #: (model, hardware) FLOPs of this rank's micro-batches (0 when not counted)
+    flops: tuple[float, float] = (0.0, 0.0)
 
 
 class Trainer:
@@ -356,7 +357,7 @@ class Trainer:
                 if run.resume is None:
                     raise ConfigError(
                         f"{e}, and there is no older checkpoint; --resume_from_checkpoint none starts over"
-                    )
+                    ) from e
         if run.resume is not None and run.resharded:  # same samples from here on: restart where the old layout stopped
             self.state.base_position, self.state.base_step = self.state.samples_seen, self.state.step
 
@@ -426,8 +427,27 @@ class Trainer:
         self.result = TrainResult(spec=self.spec, components=self.comps, transformer=self.transformer,
                                   optimizer=self.model.optimizer)  # fmt: skip
         self.peak_tflops = device_peak_tflops(self.device, cfg.log.peak_tflops)
-        self.flops_per_step = None  # per rank, counted on the first step (FlopCounterMode; not under compile)
+        self.flops = self.count_flops() if self.peak_tflops else {}
         self.nan_in_a_row = 0
+
+    def count_flops(self) -> dict[tuple, tuple[int, int]]:
+        """Model and hardware (with recompute) FLOPs per sample of every training shape, for mfu / hfu: counted
+        once on fake tensors by ptrain/flops.py, so they hold under --compile too."""
+        from ptrain.flops import step_flops
+
+        m = self.cfg.model
+        if m.transformer_id:
+            log.warning("--transformer_id: no mfu / hfu (FLOPs are counted from the checkpoint's transformer config)")
+            return {}
+        out = {}
+        for shape in sorted(set(self.run.usable.buckets)):
+            key, model, hardware = step_flops(
+                self.cfg, self.run.spec, m.pretrained_model_name_or_path, shape.frames, shape.height, shape.width
+            )
+            out[key] = (model, hardware)
+            log.info("FLOPs per sample at %dx%dx%d: %.4g model, %.4g with recompute", shape.frames, shape.height,
+                     shape.width, model, hardware)  # fmt: skip
+        return out
 
     # --- the loop ----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -454,23 +474,25 @@ class Trainer:
         """One optimizer step: every micro-batch of the accumulation, then the (guarded) optimizer update."""
         stats, t0 = StepStats(), time.perf_counter()
         step_loss = torch.zeros((), device=self.device)
-        count = self.flops_per_step is None and self.peak_tflops is not None and not self.cfg.compile.compile
         for micro in range(self.accum):
             td = time.perf_counter()
             batch = next(self.data_iter)
             stats.data_time += time.perf_counter() - td
             stats.replaced += int(batch["replaced"].sum())
             self.transformer.set_requires_gradient_sync(micro == self.accum - 1)
-            loss, tokens = self.forward_backward(batch, stats.phase, count and micro == 0)
+            loss, prepared = self.forward_backward(batch, stats.phase)
             step_loss += loss
-            stats.tokens += tokens
+            stats.tokens += prepared.tokens
+            model, hardware = self.flops.get(prepared.key, (0, 0))  # per sample; a cp rank does 1/cp of it
+            stats.flops = (stats.flops[0] + model * prepared.batch / self.run.dims.cp,
+                           stats.flops[1] + hardware * prepared.batch / self.run.dims.cp)  # fmt: skip
         self.optimizer_step(step, step_loss, stats)
         stats.elapsed = time.perf_counter() - t0
         return stats
 
-    def forward_backward(self, batch: dict, phase: dict, count_flops: bool = False) -> tuple[torch.Tensor, int]:
+    def forward_backward(self, batch: dict, phase: dict) -> tuple[torch.Tensor, Prepared]:
         """One micro-batch: inputs and conditioning (offloaded encoders visit the device once), forward, backward.
-        Returns the loss (divided by the accumulation steps) and the micro-batch's tokens."""
+        Returns the loss (divided by the accumulation steps) and the prepared micro-batch (tokens, FLOPs key)."""
         t, breakdown = self.cfg.train, self.cfg.log.log_step_breakdown
         gens = sample_generators(t.seed, batch["position"])
         strata = None
@@ -479,20 +501,16 @@ class Trainer:
             strata = ((torch.as_tensor(batch["position"]) - self.state.base_position) % g, g)
         with encoders_on(self.comps, self.device, self.offloaded and self.inputs.needs_encoders):
             prepared = self.step.prepare(batch, gens, strata)
-        counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
-        with counter:
-            self.sync(breakdown)
-            tf = time.perf_counter()
-            loss = self.step.loss(prepared)
-            self.sync(breakdown)
-            tb = time.perf_counter()
-            self.step.backward(loss)
-            self.sync(breakdown)
+        self.sync(breakdown)
+        tf = time.perf_counter()
+        loss = self.step.loss(prepared)
+        self.sync(breakdown)
+        tb = time.perf_counter()
+        self.step.backward(loss)
+        self.sync(breakdown)
         phase["forward_s"] += tb - tf
         phase["backward_s"] += time.perf_counter() - tb
-        if count_flops:
-            self.flops_per_step = counter.get_total_flops() * self.accum
-        return loss.detach(), prepared.tokens
+        return loss.detach(), prepared
 
     def optimizer_step(self, step: int, step_loss: torch.Tensor, stats: StepStats) -> None:
         """Clip, agree on the step's loss across ranks, and step unless the loss or norm is not finite."""
@@ -548,9 +566,10 @@ class Trainer:
             "data_replaced": state.data_replaced, "skipped_step": not stats.finite, "peak_memory_gb": alloc,
             "peak_reserved_gb": reserved, **(stats.phase if self.cfg.log.log_step_breakdown else {}),
         }  # fmt: skip
-        if self.flops_per_step and self.peak_tflops:
-            values["tflops_per_step"] = self.flops_per_step / 1e12
-            values["mfu"] = self.flops_per_step / stats.elapsed / (self.peak_tflops * 1e12)
+        if stats.flops[0] and self.peak_tflops:  # model FLOPs (mfu) and with AC recompute (hfu), per rank
+            values["tflops_per_step"] = stats.flops[0] / 1e12
+            values["mfu"] = stats.flops[0] / stats.elapsed / (self.peak_tflops * 1e12)
+            values["hfu"] = stats.flops[1] / stats.elapsed / (self.peak_tflops * 1e12)
         self.metrics.log(step, values)
 
     def check_nan_guard(self) -> None:

@@ -1,4 +1,5 @@
-"""Training metrics: MFU from FLOPs counted on the first step, and the per-phase step breakdown on request."""
+"""Training metrics: MFU / HFU from FLOPs counted per training shape at start-up (ptrain/flops.py), and the
+per-phase step breakdown on request."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def test_flop_count_of_a_training_step_matches_the_formula():
     transformer, against arithmetic from the layer sizes: 2*rows*in*out per Linear in forward, the same again in
     backward for the input gradient (where the input needs one) and for the weight gradient; attention
     4*B*H*Lq*Lk*D in forward (q k^T and p v) and twice that in backward. SDPA's math kernel is forced: torch's
-    counter has no formula for the CPU flash kernel, so on CPU the logged tflops leave attention out."""
+    counter has no formula for the CPU flash kernel (ptrain.flops registers one; see the test below)."""
     import torch
     from diffusers import LTXVideoTransformer3DModel
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -79,3 +80,40 @@ def test_flop_count_of_a_training_step_matches_the_formula():
     attention = cfg["num_layers"] * 3 * 4 * b * heads * d * (n * n + n * text)  # self + cross attention
     assert len(linears) > 10 and any(not g for _, _, g in linears)  # proj_in's input (latents) needs no grad
     assert counter.get_total_flops() == linear + attention
+
+
+def test_cpu_flash_attention_is_counted_like_the_math_kernel():
+    """torch's FlopCounterMode counts 0 for the CPU flash SDPA kernel; ptrain.flops registers its formula, so the
+    fused kernel's forward and backward count what the math kernel's matmuls do (4*B*H*L*L*D forward)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import ptrain.flops  # noqa: F401  (registers the formula)
+
+    b, h, n, d = 2, 3, 16, 8
+    counts = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+        with sdpa_kernel(backend), FlopCounterMode(display=False) as counter:
+            F.scaled_dot_product_attention(q, k, v).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 4 * b * h * n * n * d * 3  # forward + backward (twice the forward)
+
+
+def test_model_flops_do_not_count_recompute(tiny_ckpt, tiny_data):
+    """Model FLOPs (mfu) are the same with and without activation checkpointing; hardware FLOPs (hfu) add the
+    recomputed forward with it; the block extrapolation equals counting every block."""
+    from ptrain.config import parse_config
+    from ptrain.flops import _count, step_flops
+    from ptrain.models.spec import get_spec
+
+    flags = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data)]
+    spec = get_spec("ltx_video")
+    key, model, hardware = step_flops(parse_config(flags), spec, tiny_ckpt, 9, 32, 32)
+    key_ac, model_ac, hardware_ac = step_flops(parse_config([*flags, "--gradient_checkpointing"]), spec, tiny_ckpt,
+                                               9, 32, 32)  # fmt: skip
+    assert key == key_ac and model == hardware == model_ac and hardware_ac > model_ac
+    blocks = int(spec.transformer_cls.load_config(tiny_ckpt, subfolder="transformer")["num_layers"])
+    assert _count(parse_config(flags), spec, tiny_ckpt, (1, 3, 9, 32, 32), (blocks,), False)[0] == model
