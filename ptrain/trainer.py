@@ -479,7 +479,8 @@ class Trainer:
             batch = next(self.data_iter)
             stats.data_time += time.perf_counter() - td
             stats.replaced += int(batch["replaced"].sum())
-            self.transformer.set_requires_gradient_sync(micro == self.accum - 1)
+            if hasattr(self.transformer, "set_requires_gradient_sync"):  # FSDP2 (one process: a plain module)
+                self.transformer.set_requires_gradient_sync(micro == self.accum - 1)
             loss, prepared = self.forward_backward(batch, stats.phase)
             step_loss += loss
             stats.tokens += prepared.tokens

@@ -39,6 +39,11 @@ TINY_ARGS = [
 MODELS = ("ltx_video", "cogvideox", "hunyuan_video", "wan")
 
 
+def full(t):
+    """A parameter's whole value: a DTensor (FSDP2) gathered, a plain tensor (one process) as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 @pytest.fixture
 def single_process_env(monkeypatch):
     """In-process training as a world of one: no torchrun variables; the process group is torn down after."""

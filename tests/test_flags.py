@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ARGS
+from conftest import TINY_ARGS, full
 from safetensors.torch import load_file
 
 from ptrain.config import Config, parse_config
@@ -255,7 +255,7 @@ def test_tour_component_overrides_and_vae_flags(tour):
     assert all(torch.equal(v, theirs[k]) for k, v in comps.text_encoder.state_dict().items())
     base = LTXVideoTransformer3DModel.from_pretrained(tour.other, subfolder="transformer").state_dict()
     ours = {k.replace("base_layer.", ""): v for k, v in tour.result.transformer.state_dict().items()}
-    assert torch.equal(ours["proj_in.weight"].full_tensor(), base["proj_in.weight"])  # frozen, kept in float32
+    assert torch.equal(full(ours["proj_in.weight"]), base["proj_in.weight"])  # frozen, kept in float32
     assert comps.vae.use_tiling and comps.vae.use_slicing
     assert tour.texts and all(t == (16, 16) for t in tour.texts)  # --max_sequence_length: 16 text tokens
 

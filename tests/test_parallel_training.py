@@ -1,4 +1,5 @@
-"""Loss parity across parallel layouts with real torchrun processes on gloo (fp32).
+"""Loss parity across parallel layouts with real torchrun processes on gloo (fp32); the reference is one process
+with no FSDP wrapper (a plain module).
 
 For a seed and a global batch, every step must see the same samples, noise and
 timesteps whatever the layout, so per-step losses of 1 process, DDP 2, FSDP 2 and
@@ -103,3 +104,10 @@ def test_ema_under_fsdp2_equals_single_process_ema(launches):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
     assert any((a[k] - w[k]).abs().max() > 1e-5 for k in a), "EMA equals the raw weights"
+
+
+def test_one_process_runs_without_fsdp(launches):
+    """A world of one trains the plain module (no FSDP2 wrapper, plain tensors); the layouts above match its losses."""
+    for name in ("lora-single", "full-single"):
+        stderr = launches(name).run.stderr
+        assert "one process: plain module (no FSDP), float32" in stderr and "FSDP2 over" not in stderr

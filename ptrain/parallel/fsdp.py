@@ -1,12 +1,18 @@
-"""Data parallelism with FSDP2: fully_shard (FSDP / HSDP) or FSDP2-style replicate (DDP).
+"""Data parallelism with FSDP2: fully_shard (FSDP / HSDP) or FSDP2-style replicate (DDP); one process: none.
 
 Every repeated block becomes its own communication group, then the root takes
 the remaining parameters. Parameters are held in float32 (or the loaded dtype
 for frozen weights), computed in --transformer_dtype, and gradients are reduced
 in float32.
+
+A world of one process (without --fsdp_cpu_offload) gets no wrapper at all: FSDP2 would only add parameter
+copies at every unshard and DTensor dispatch in clipping and the optimizer. The module stays plain and computes
+in --transformer_dtype under torch.autocast; the float32-kept submodules run with autocast off.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -36,6 +42,8 @@ def apply_data_parallel(
     # would hand float32 activations to the next bf16 layer (Wan I2V's image embedder: norm1 -> ff).
     mp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
     keep32 = _fp32_submodules(model, fp32_modules or []) if param_dtype != torch.float32 else []
+    if dims.dp_replicate * dims.dp_shard * dims.cp == 1 and not cpu_offload:
+        return single_process(model, param_dtype, keep32)
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     if dims.ddp_enabled:
         dp_mesh = mesh.hsdp["dp_replicate"]
@@ -63,6 +71,38 @@ def apply_data_parallel(
     if cpu_offload:
         what += ", parameters/gradients/optimizer state offloaded to CPU"
     return what
+
+
+def single_process(model: nn.Module, param_dtype: torch.dtype, keep32: list[nn.Module]) -> str:
+    """One process: the plain module; below float32, its forward runs under autocast to `param_dtype` (master
+    and trainable weights keep their dtype, as FSDP2's mixed precision keeps them) and `keep32` submodules run
+    in float32 with autocast off."""
+    if param_dtype == torch.float32:
+        return "one process: plain module (no FSDP), float32"
+    model.forward = _autocast_forward(model.forward, param_dtype)
+    for sub in keep32:
+        sub.forward = _autocast_forward(sub.forward, None)
+    dtype = str(param_dtype).removeprefix("torch.")
+    return f"one process: plain module (no FSDP), autocast to {dtype}; {len(keep32)} submodules kept in float32"
+
+
+def _autocast_forward(forward, dtype: torch.dtype | None):
+    """`forward` under autocast to `dtype`, or (None) with autocast off and floating inputs cast to float32."""
+
+    def up(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), "cpu")
+        if dtype is not None:
+            with torch.autocast(device, dtype=dtype):
+                return forward(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            args, kwargs = torch.utils._pytree.tree_map(up, (args, kwargs))
+            return forward(*args, **kwargs)
+
+    return run
 
 
 def _fp32_submodules(model: nn.Module, names: list[str]) -> list[nn.Module]:
