@@ -152,3 +152,43 @@ def test_rank0_resolves_before_the_others(hub_cache, tmp_path):
     assert r0["start"] > r1["called"] + 0.5  # rank 0 really came late
     assert r1["resolved"] > r0["resolved"]  # and rank 1 still waited for it
     assert r0["folder"] == r1["folder"] and Path(r0["folder"]).name == hub_cache["commits"]["main"]
+
+
+@pytest.mark.slow
+def test_hub_id_training_and_validation_split_over_two_ranks(offline, tiny_data, ptrain_run, tmp_path):
+    """Train from the hub id (offline cache) in 1 and 2 processes, validating 3 prompts: with 2 ranks each prompt's
+    video is written once, by rank i % 2, and the files equal the 1-process run's (same seed per prompt; lr 1e-12
+    leaves the weights as they were, so the samples must match bit for bit). Tensorboard gets one frame strip each."""
+    from conftest import TINY_ARGS
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["--pretrained_model_name_or_path", REPO_ID, "--data_root", str(tiny_data), "--train_steps", "1",
+            "--batch_size", "1", "--lr", "1e-12", "--checkpointing_steps", "0", "--seed", "3",
+            "--validation_prompts", "a red square:::a blue circle:::a green cross", "--validation_steps", "1",
+            "--validation_num_inference_steps", "2", "--validation_height", "32", "--validation_width", "32",
+            "--validation_num_frames", "9", *TINY_ARGS, "--report_to", "tensorboard"]  # fmt: skip
+    runs = {n: ptrain_run(n, args, tmp_path / f"n{n}") for n in (1, 2)}
+    videos = {}
+    for n, run in runs.items():
+        assert run.returncode == 0, first_error(run.stderr)
+        assert f"--pretrained_model_name_or_path {REPO_ID} -> " in run.stderr
+        videos[n] = sorted((run.output_dir / "validation" / "step-1").glob("*.mp4"))
+        assert [v.name[:4] for v in videos[n]] == ["00-0", "01-0", "02-0"]
+        images = EventAccumulator(str(run.output_dir / "logs"), size_guidance={"images": 0}).Reload()
+        tags = sorted(t for t in images.Tags()["images"] if t.startswith("validation/"))
+        assert tags == ["validation/00-0", "validation/01-0", "validation/02-0"]
+        assert images.Images(tags[0])[0].width == 4 * 32  # 4 frames side by side
+    assert [v.read_bytes() for v in videos[1]] == [v.read_bytes() for v in videos[2]]
+    by_rank = ", ".join(f"{v.name} by rank {i % 2}" for i, v in enumerate(videos[2]))
+    assert f"validation: 3 videos in {runs[2].output_dir / 'validation' / 'step-1'} ({by_rank})" in runs[2].stderr
+
+
+def test_validation_plan_keeps_ranks_in_step():
+    from ptrain.validation import ValidationItem, validation_plan
+
+    items = [ValidationItem(p, 32, 32, 9, 2) for p in "abc"]
+    assert validation_plan(items, 1, 2, 0) == [(0, 0, True), (2, 0, True)]
+    assert validation_plan(items, 1, 2, 1) == [(1, 0, True), (2, 0, False)]  # same count: a dropped repeat
+    assert validation_plan(items, 2, 4, 3) == [(1, 1, True), (2, 1, True)]
+    items[1].num_inference_steps = 5  # step counts differ: everyone samples everything, keeps its own
+    assert validation_plan(items, 1, 2, 1) == [(0, 0, False), (1, 0, True), (2, 0, False)]
