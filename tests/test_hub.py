@@ -189,6 +189,6 @@ def test_validation_plan_keeps_ranks_in_step():
     items = [ValidationItem(p, 32, 32, 9, 2) for p in "abc"]
     assert validation_plan(items, 1, 2, 0) == [(0, 0, True), (2, 0, True)]
     assert validation_plan(items, 1, 2, 1) == [(1, 0, True), (2, 0, False)]  # same count: a dropped repeat
-    assert validation_plan(items, 2, 4, 3) == [(1, 1, True), (2, 1, True)]
+    assert validation_plan(items, 2, 4, 3) == [(1, 1, True), (2, 0, False)]  # 6 videos over 4 ranks
     items[1].num_inference_steps = 5  # step counts differ: everyone samples everything, keeps its own
     assert validation_plan(items, 1, 2, 1) == [(0, 0, False), (1, 0, True), (2, 0, False)]
