@@ -59,6 +59,11 @@ def test_installed_console_script(tmp_path):
                          (["dry-run", "--help"], "--dry_run")):  # fmt: skip
         p = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0 and expect in p.stdout, p.stderr
+    # torchrun starts the script itself (the README's `torchrun ... --no-python ptrain`).
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "--no-python"]
+    p = subprocess.run([*run, str(script), "--help"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert p.returncode == 0 and "ptrain plan" in p.stdout, p.stderr
     p = subprocess.run([sys.executable, "-c", "import ptrain; print(ptrain.__file__)"], env=env, cwd=tmp_path,
                        capture_output=True, text=True)  # fmt: skip
     assert p.stdout.startswith(str(target)), p.stdout  # the installed copy ran, not a checkout
