@@ -31,6 +31,8 @@ its optimizer, schedule and EMA; `step.py` runs one micro-batch (inputs -> objec
 -> loss -> backward). Both the trainer and the memory planner call exactly these.
 
 Entry points. `trainer.py` (`train(cfg)`: plan_run, then a Trainer's build_* and its loop), `dry_run.py`,
-`planner.py` (peak memory on fake tensors, no GPU), `__main__.py` (`torchrun -m ptrain`; exit codes);
-`testing/tiny.py` writes tiny checkpoints and synthetic videos for tests and the demo.
+`planner.py` (peak memory on fake tensors, no GPU), `__main__.py` (`torchrun -m ptrain`; exit codes), `cli.py`
+(the `ptrain` command); `hub.py` turns hub ids into snapshot folders of the Hugging Face cache before anything
+reads them; `testing/tiny.py` writes tiny checkpoints and synthetic videos for tests and the demo,
+`testing/hub_cache.py` a hub cache filled from local folders.
 """

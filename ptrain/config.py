@@ -9,6 +9,7 @@ Validation that needs no process group happens here, once, in `validate()`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import tyro
 
 from ptrain.compat import translate_argv
 from ptrain.errors import ConfigError  # re-exported: `from ptrain.config import ConfigError` keeps working
+from ptrain.hub import is_hub_id, split_id
 from ptrain.models.registry import MODEL_NAMES
 
 DTYPES = Literal["float32", "bfloat16", "float16"]
@@ -48,19 +50,27 @@ class ModelArgs:
     model_name: MODEL_NAME = "ltx_video"
     """Model family to train."""
     pretrained_model_name_or_path: str | None = None
-    """Local diffusers-format checkpoint folder (model_index.json, transformer/, vae/, ...)."""
+    """Diffusers-format checkpoint: a local folder (model_index.json, transformer/, vae/, ...) or a hub id
+    (org/name, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) fetched into the Hugging Face cache (HF_HOME / HF_HUB_CACHE;
+    HF_HUB_OFFLINE=1 reads the cache only)."""
+    revision: str | None = None
+    """Branch, tag or commit of the --pretrained_model_name_or_path hub id (default: main); an --*_id hub id takes
+    its own as org/name@REVISION."""
+    variant: str | None = None
+    """Load the weight files of this variant (e.g. fp16, bf16: diffusion_pytorch_model.fp16.safetensors) of every
+    component with weights, from a hub id or a local folder; hub downloads fetch only those files."""
     transformer_id: str | None = None
-    """Load the transformer from this folder instead (its transformer/ subfolder if it has one)."""
+    """Load the transformer from this folder or hub id instead (its transformer/ subfolder if it has one)."""
     vae_id: str | None = None
-    """Load the VAE from this folder instead (its vae/ subfolder if it has one)."""
+    """Load the VAE from this folder or hub id instead (its vae/ subfolder if it has one)."""
     text_encoder_id: str | None = None
-    """Load the text encoder from this folder instead (its text_encoder/ subfolder if it has one)."""
+    """Load the text encoder from this folder or hub id instead (its text_encoder/ subfolder if it has one)."""
     tokenizer_id: str | None = None
-    """Load the tokenizer from this folder instead (its tokenizer/ subfolder if it has one)."""
+    """Load the tokenizer from this folder or hub id instead (its tokenizer/ subfolder if it has one)."""
     text_encoder_2_id: str | None = None
-    """Load the second text encoder (HunyuanVideo's CLIP) from this folder instead."""
+    """Load the second text encoder (HunyuanVideo's CLIP) from this folder or hub id instead."""
     tokenizer_2_id: str | None = None
-    """Load the second tokenizer (HunyuanVideo's CLIP) from this folder instead."""
+    """Load the second tokenizer (HunyuanVideo's CLIP) from this folder or hub id instead."""
     transformer_dtype: DTYPES = "bfloat16"
     """dtype of the trainable transformer's compute (FSDP2 param dtype); master weights stay float32."""
     text_encoder_dtype: DTYPES = "bfloat16"
@@ -126,28 +136,37 @@ class ModelArgs:
             )
         return out
 
-    def validate(self) -> None:
-        if not self.pretrained_model_name_or_path:
-            raise ConfigError("--pretrained_model_name_or_path is required (a local diffusers checkpoint folder)")
-        ckpt = Path(self.pretrained_model_name_or_path)
-        if not ckpt.is_dir():
+    def _check_sources(self) -> None:
+        """Local folders exist and hold a checkpoint; hub ids (org/name) are left to ptrain.hub, which resolves them."""
+        ckpt = self.pretrained_model_name_or_path
+        if is_hub_id(ckpt):
+            if self.revision and split_id(ckpt)[1]:
+                raise ConfigError(f"--pretrained_model_name_or_path {ckpt} names a revision; leave out --revision")
+        elif not Path(ckpt).is_dir():
             raise ConfigError(
-                f"--pretrained_model_name_or_path {ckpt}: no such folder. ptrain loads local checkpoints only; "
-                "download one first or write a tiny one with `python -m ptrain.testing.tiny`."
+                f"--pretrained_model_name_or_path {ckpt}: no such folder, and not a hub id (org/name). Download one "
+                "(`hf download org/name`), name the hub id, or write a tiny one with `python -m ptrain.testing.tiny`."
             )
-        if not (ckpt / "model_index.json").is_file() and not (ckpt / "transformer").is_dir():
+        elif not (Path(ckpt) / "model_index.json").is_file() and not (Path(ckpt) / "transformer").is_dir():
             raise ConfigError(
                 f"--pretrained_model_name_or_path {ckpt}: not a diffusers checkpoint (no model_index.json)"
             )
-        self.mask_probs()  # raises on a malformed --inpaint_mask_probs
-        _check_min(1, ("--rank", self.rank))
+        elif self.revision:
+            raise ConfigError(f"--revision {self.revision}: applies to a hub id; {ckpt} is a local folder")
         for flag, value in (
             ("--transformer_id", self.transformer_id), ("--vae_id", self.vae_id),
             ("--text_encoder_id", self.text_encoder_id), ("--tokenizer_id", self.tokenizer_id),
             ("--text_encoder_2_id", self.text_encoder_2_id), ("--tokenizer_2_id", self.tokenizer_2_id),
         ):  # fmt: skip
-            if value is not None and not Path(value).is_dir():
-                raise ConfigError(f"{flag} {value}: no such folder (ptrain loads local checkpoints only)")
+            if value is not None and not Path(value).is_dir() and not is_hub_id(value):
+                raise ConfigError(f"{flag} {value}: no such folder, and not a hub id (org/name or org/name@REVISION)")
+
+    def validate(self) -> None:
+        if not self.pretrained_model_name_or_path:
+            raise ConfigError("--pretrained_model_name_or_path is required (a diffusers checkpoint folder or hub id)")
+        self._check_sources()
+        self.mask_probs()  # raises on a malformed --inpaint_mask_probs
+        _check_min(1, ("--rank", self.rank))
         trainable = self.trainable_modules or self.trainable_modules_low_learning_rate
         if trainable and self.training_type != "full-finetune":
             raise ConfigError(
@@ -531,8 +550,10 @@ class CheckpointArgs:
 class LogArgs:
     logging_steps: int = 1
     """Write metrics every N optimizer steps."""
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
-    """Also log to tensorboard under output_dir/logs."""
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"
+    """Also log the metrics and validation frame strips to tensorboard (output_dir/logs), Weights & Biases
+    (`pip install ptrain[wandb]`; project from WANDB_PROJECT, default ptrain; WANDB_MODE=offline writes
+    output_dir/wandb only), or both (all)."""
     log_level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
     """Log level of ptrain's own messages (rank 0 logs; other ranks only warnings)."""
     peak_tflops: float | None = None
@@ -544,6 +565,11 @@ class LogArgs:
 
     def validate(self) -> None:
         _check_min(1, ("--logging_steps", self.logging_steps))
+        if self.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                f"--report_to {self.report_to}: wandb is not installed: pip install 'ptrain[wandb]' (or pip install "
+                "wandb), or use --report_to tensorboard"
+            )
 
 
 @dataclass

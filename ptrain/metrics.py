@@ -37,13 +37,18 @@ def peak_memory_gb(device: torch.device) -> tuple[float, float]:
 class MetricsWriter:
     """Only the process that owns it writes (rank 0); every call is a no-op elsewhere."""
 
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None = None):
-        """resume_step: keep the rows (and tensorboard events) up to this step and continue after it."""
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None = None,
+                 wandb_config: dict | None = None):  # fmt: skip
+        """resume_step: keep the rows (and tensorboard events) up to this step and continue after it.
+        wandb_config: the run's flags; given, the metrics also go to a Weights & Biases run (--report_to wandb)."""
         self.enabled = enabled
         self._file = None
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
+        if wandb_config is not None:
+            self._wandb = _start_wandb(output_dir, wandb_config)
         output_dir.mkdir(parents=True, exist_ok=True)
         path = output_dir / "metrics.jsonl"
         kept = []
@@ -75,17 +80,37 @@ class MetricsWriter:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self._tb.add_scalar(f"train/{k}", v, step)
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
 
     def log_image(self, tag: str, image_hwc, step: int) -> None:
         """An (H, W, 3) float image in [0, 1] (e.g. a validation frame) to tensorboard."""
         if self.enabled and self._tb is not None:
             self._tb.add_image(tag, image_hwc, step, dataformats="HWC")
+        if self.enabled and self._wandb is not None:
+            import wandb
+
+            self._wandb.log({tag: wandb.Image(image_hwc)}, step=step)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _start_wandb(output_dir: Path, config: dict):
+    """A wandb run in output_dir/wandb (project WANDB_PROJECT or ptrain; WANDB_MODE=offline is wandb's own)."""
+    try:
+        import wandb
+    except ImportError as e:
+        from ptrain.errors import ConfigError
+
+        raise ConfigError("--report_to wandb: wandb is not installed: pip install 'ptrain[wandb]'") from e
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "ptrain"), dir=str(output_dir), config=config,
+                      name=output_dir.name)  # fmt: skip
 
 
 def _jsonable(v):

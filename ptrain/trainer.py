@@ -42,6 +42,7 @@ from ptrain.data.precompute import PrecomputedDataset, precompute
 from ptrain.data.video import FrameSampling
 from ptrain.export import begin_export, export_complete, export_full, export_lora, publish_export
 from ptrain.export_comfyui import export_comfyui_lora
+from ptrain.hub import resolve_model_sources
 from ptrain.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
 from ptrain.models.spec import Components, ModelSpec, get_spec
 from ptrain.objectives import sample_generators
@@ -195,6 +196,8 @@ def plan_run(cfg: Config) -> RunPlan:
         "transformer": m.transformer_id, "vae": m.vae_id, "text_encoder": m.text_encoder_id,
         "tokenizer": m.tokenizer_id, "text_encoder_2": m.text_encoder_2_id, "tokenizer_2": m.tokenizer_2_id,
     }  # fmt: skip
+    if resolve_model_sources(m, list(spec.component_classes), list(spec.optional_components)):  # hub ids -> folders
+        overrides = {name: getattr(m, f"{name}_id") for name in overrides}
     rules = spec.shape_rules(m.pretrained_model_name_or_path, overrides)  # from the configs, no weights
     sampling = FrameSampling.from_args(cfg.data)
     usable = scan_dataset(cfg.data, sampling, rules)
@@ -299,7 +302,7 @@ class Trainer:
             "text_encoder_2": DTYPES[m.text_encoder_2_dtype],
         }
         log.info("loading %s from %s", m.model_name, m.pretrained_model_name_or_path)
-        comps = run.spec.load_components(m.pretrained_model_name_or_path, dtypes, self.device, run.overrides)
+        comps = run.spec.load_components(m.pretrained_model_name_or_path, dtypes, self.device, run.overrides, m.variant)
         for flag in ("enable_tiling", "enable_slicing"):
             if getattr(m, flag):
                 if not hasattr(comps.vae, flag):
@@ -422,8 +425,10 @@ class Trainer:
         self.step = TrainStep(self.spec, self.comps, self.transformer, objective, self.inputs, run.dims.cp, self.accum)
         self.validation_items = load_validation_items(cfg.validation, cfg.data, cfg.model.train_mode)
         self.loss_group = run.mesh.dp_cp.get_group() if run.world > 1 else None
-        self.metrics = MetricsWriter(run.out, run.rank == 0, cfg.log.report_to == "tensorboard",
-                                     resume_step=self.state.step if run.resume else None)  # fmt: skip
+        to = cfg.log.report_to
+        self.metrics = MetricsWriter(run.out, run.rank == 0, to in ("tensorboard", "all"),
+                                     resume_step=self.state.step if run.resume else None,
+                                     wandb_config=to_dict(cfg) if to in ("wandb", "all") else None)  # fmt: skip
         self.result = TrainResult(spec=self.spec, components=self.comps, transformer=self.transformer,
                                   optimizer=self.model.optimizer)  # fmt: skip
         self.peak_tflops = device_peak_tflops(self.device, cfg.log.peak_tflops)
@@ -596,8 +601,10 @@ class Trainer:
             ema.swapped_in() if with_ema else contextlib.nullcontext(),
             encoders_on(self.comps, self.device, self.offloaded),
         ):
+            mesh = self.run.mesh
             run_validation(self.spec, self.transformer, self.validation_items, self.cfg.validation, step,
-                           self.run.out, self.cfg.train.seed, self.metrics)  # fmt: skip
+                           self.run.out, self.cfg.train.seed, self.metrics, self.run.dims.dp,
+                           mesh.dp.get_local_rank(), mesh.world["cp"].get_local_rank() == 0)  # fmt: skip
 
     def maybe_checkpoint(self, step: int, last_step: bool) -> None:
         self.checkpointer.poll()  # commits a finished async save

@@ -1,8 +1,10 @@
 """Validation sampling during training with the model's diffusers pipeline and the *training* transformer.
 
-Every rank runs the same pipeline call (FSDP gathers the sharded weights as the
-transformer runs; LoRA stays active); rank 0 writes the mp4 files under
-output_dir/validation/step-N/ and logs a frame to tensorboard.
+The (prompt, video) list is split over the data-parallel ranks: each samples its share with the same seeds
+a single process would use (FSDP gathers the sharded weights as the transformer runs, so every rank makes the
+same number of pipeline calls; LoRA stays active; the context-parallel ranks of one share sample together) and
+writes the mp4 files under output_dir/validation/step-N/; rank 0 gathers the list and logs a frame strip of each
+video to tensorboard.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -85,15 +88,40 @@ def _slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:n] or "prompt"
 
 
+def validation_plan(items: list[ValidationItem], videos: int, dp: int, dp_rank: int) -> list[tuple[int, int, bool]]:
+    """What one data-parallel rank samples: (prompt index, video index, kept) in order.
+
+    Video j of the (prompt, video) list is kept by dp rank j % dp; every rank samples the same number of videos
+    (one with fewer repeats its round's first video, then drops it), so a sharded transformer's collectives stay
+    in step. If the prompts' step counts differ (--validation_dataset_file), every rank samples every video
+    (same reason) and keeps its own."""
+    pairs = [(i, k) for i in range(len(items)) for k in range(videos)]
+    if dp > 1 and len({items[i].num_inference_steps for i, _ in pairs}) > 1:
+        return [(i, k, j % dp == dp_rank) for j, (i, k) in enumerate(pairs)]
+    plan = []
+    for first in range(0, len(pairs), dp):
+        j = first + dp_rank
+        plan.append((*pairs[j], True) if j < len(pairs) else (*pairs[first], False))
+    return plan
+
+
+def frame_strip(frames: np.ndarray, count: int = 4) -> np.ndarray:
+    """`count` frames spread over the video, side by side: (H, count x W, 3) (one tensorboard image per video)."""
+    idx = np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)
+    return np.concatenate([np.asarray(frames[t]) for t in idx], axis=1)
+
+
 @torch.no_grad()
 def run_validation(spec, transformer, items: list[ValidationItem], args: ValidationArgs, step: int,
-                   output_dir: Path, seed: int, metrics=None) -> list[Path]:  # fmt: skip
+                   output_dir: Path, seed: int, metrics=None, dp: int = 1, dp_rank: int = 0,
+                   writes: bool = True) -> list[Path]:  # fmt: skip
+    """Sample the validation videos, split over the `dp` data-parallel ranks (validation_plan; the context-parallel
+    ranks of one dp rank sample together and only the one with `writes` writes). Video k of prompt i is seeded
+    seed + 1000 i + k whatever the layout. Rank 0 gathers the written files and logs a frame strip of each to
+    tensorboard; it returns them all (the other ranks: []). Collective when several processes run."""
     from diffusers.utils import export_to_video
 
-    rank0 = dist.get_rank() == 0
     target = Path(output_dir) / "validation" / f"step-{step}"
-    if rank0:
-        target.mkdir(parents=True, exist_ok=True)
     was_training = transformer.training
     transformer.eval()
     written = []
@@ -101,28 +129,44 @@ def run_validation(spec, transformer, items: list[ValidationItem], args: Validat
     if args.validation_guidance_scale is not None:
         extra["guidance_scale"] = args.validation_guidance_scale
     try:
-        for i, it in enumerate(items):
-            for k in range(args.num_validation_videos):
-                gen = torch.Generator().manual_seed(seed + 1000 * i + k)
-                image = {}
-                if it.image is not None:
-                    from PIL import Image
+        for i, k, kept in validation_plan(items, args.num_validation_videos, dp, dp_rank):
+            it = items[i]
+            gen = torch.Generator().manual_seed(seed + 1000 * i + k)
+            image = {}
+            if it.image is not None:
+                from PIL import Image
 
-                    with Image.open(it.image) as im:
-                        image = {"image": im.convert("RGB")}
-                frames = spec.sampling_pipe(
-                    prompt=it.prompt, height=it.height, width=it.width, num_frames=it.num_frames,
-                    num_inference_steps=it.num_inference_steps, generator=gen, output_type="np", **image, **extra,
-                ).frames[0]  # fmt: skip
-                if rank0:
-                    path = target / f"{i:02d}-{k}-{_slug(it.prompt)}.mp4"
-                    export_to_video(list(frames), str(path), fps=spec.fps)
-                    written.append(path)
-                    if metrics is not None:
-                        metrics.log_image(f"validation/{i:02d}-{k}", frames[0], step)
+                with Image.open(it.image) as im:
+                    image = {"image": im.convert("RGB")}
+            frames = spec.sampling_pipe(
+                prompt=it.prompt, height=it.height, width=it.width, num_frames=it.num_frames,
+                num_inference_steps=it.num_inference_steps, generator=gen, output_type="np", **image, **extra,
+            ).frames[0]  # fmt: skip
+            if kept and writes:
+                target.mkdir(parents=True, exist_ok=True)
+                path = target / f"{i:02d}-{k}-{_slug(it.prompt)}.mp4"
+                export_to_video(list(frames), str(path), fps=spec.fps)
+                written.append((str(path), f"{i:02d}-{k}", frame_strip(frames)))
     finally:
         transformer.train(was_training)
-    if rank0:
-        log.info("validation: %d videos in %s", len(written), target)
-    dist.barrier()
-    return written
+    return _gather_written(written, target, step, metrics)
+
+
+def _gather_written(written: list, target: Path, step: int, metrics) -> list[Path]:
+    """Rank 0 collects every rank's (path, tag, frame strip), logs the strips and the file list."""
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if multi else 0
+    gathered = [None] * dist.get_world_size() if multi and rank == 0 else None
+    if multi:
+        dist.gather_object([(rank, *w) for w in written], gathered, dst=0)
+    else:
+        gathered = [[(0, *w) for w in written]]
+    if rank != 0:
+        return []
+    rows = sorted((row for part in gathered for row in part), key=lambda row: row[2])
+    for _, _, tag, strip in rows:
+        if metrics is not None:
+            metrics.log_image(f"validation/{tag}", strip, step)
+    log.info("validation: %d videos in %s (%s)", len(rows), target,
+             ", ".join(f"{Path(p).name} by rank {r}" for r, p, _, _ in rows))  # fmt: skip
+    return [Path(p) for _, p, _, _ in rows]

@@ -72,13 +72,13 @@ class HunyuanVideoSpec(ModelSpec):
     optional_components = {"image_processor": CLIPImageProcessor}
     input_layer = "x_embedder.proj"
 
-    def load_components(self, path, dtypes, device, overrides, classes=None):
+    def load_components(self, path, dtypes, device, overrides, variant=None, classes=None):
         """A HunyuanVideo-I2V checkpoint's text encoder is a LlavaForConditionalGeneration (model_index.json)."""
         index = Path(path) / "model_index.json"
         listed = json.loads(index.read_text()).get("text_encoder", [None, None]) if index.is_file() else [None, None]
         if listed[-1] == LlavaForConditionalGeneration.__name__:
             classes = {**self.component_classes, "text_encoder": LlavaForConditionalGeneration}
-        return super().load_components(path, dtypes, device, overrides, classes)
+        return super().load_components(path, dtypes, device, overrides, variant, classes)
 
     def mode_in_channels(self, mode, components) -> int:
         c = self.latent_channels(components)

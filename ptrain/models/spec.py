@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ptrain.config import ConfigError, ModelArgs, ObjectiveArgs
+from ptrain.hub import origin
 from ptrain.models.registry import get_spec, register  # noqa: F401  (re-exported: the specs' entry points)
 from ptrain.parallel.context import CPPlan
 
@@ -119,9 +120,11 @@ class ModelSpec(ABC):
         dtypes: dict[str, torch.dtype],
         device: torch.device,
         overrides: dict[str, str | None],
+        variant: str | None = None,
         classes: dict[str, type] | None = None,
     ) -> Components:
-        """Every component from the checkpoint (or its override folder); `classes` replaces component_classes."""
+        """Every component from the checkpoint (or its override folder); `variant` (--variant) picks the weight
+        files (`*.fp16.safetensors`); `classes` replaces component_classes."""
         loaded = {}
         present = {n: c for n, c in self.optional_components.items() if (Path(path) / n).is_dir()}
         for name, cls in {**(classes or self.component_classes), **present}.items():
@@ -133,6 +136,8 @@ class ModelSpec(ABC):
                 kwargs["dtype"] = dtypes["text_encoder"]
             if issubclass(cls, nn.Module):  # weights from safetensors only, never a pickled .bin (README)
                 kwargs["use_safetensors"] = True
+                if variant:
+                    kwargs["variant"] = variant
             if cls.__module__.startswith("transformers.models.auto"):  # AutoTokenizer: never a checkpoint's code
                 kwargs["trust_remote_code"] = False
             try:
@@ -142,7 +147,7 @@ class ModelSpec(ABC):
                 hint = ""
                 if any(Path(where).glob("*.bin")):
                     hint = " (ptrain loads weights from .safetensors only: a .bin file is a pickle; convert it)"
-                raise ConfigError(f"cannot load {name} ({cls.__name__}) from {where}: {e}{hint}") from e
+                raise ConfigError(f"cannot load {name} ({cls.__name__}) from {where}{origin(src)}: {e}{hint}") from e
         for name, module in loaded.items():
             if name != "transformer" and isinstance(module, nn.Module):
                 module.requires_grad_(False).eval().to(device)
