@@ -163,6 +163,8 @@ class RunPlan:
     resharded: bool = False
     #: The newest checkpoint is at --train_steps and its export is complete: nothing to do.
     finished: bool = False
+    #: flag -> the hub id it named (the config now holds the snapshot folder)
+    hub_ids: dict = field(default_factory=dict)
 
     @property
     def global_batch(self) -> int:
@@ -196,7 +198,8 @@ def plan_run(cfg: Config) -> RunPlan:
         "transformer": m.transformer_id, "vae": m.vae_id, "text_encoder": m.text_encoder_id,
         "tokenizer": m.tokenizer_id, "text_encoder_2": m.text_encoder_2_id, "tokenizer_2": m.tokenizer_2_id,
     }  # fmt: skip
-    if resolve_model_sources(m, list(spec.component_classes), list(spec.optional_components)):  # hub ids -> folders
+    hub_ids = resolve_model_sources(m, list(spec.component_classes), list(spec.optional_components))
+    if hub_ids:  # hub ids -> snapshot folders
         overrides = {name: getattr(m, f"{name}_id") for name in overrides}
     rules = spec.shape_rules(m.pretrained_model_name_or_path, overrides)  # from the configs, no weights
     sampling = FrameSampling.from_args(cfg.data)
@@ -211,7 +214,7 @@ def plan_run(cfg: Config) -> RunPlan:
             t.num_train_epochs, t.train_steps, steps_per_epoch, len(usable.records), global_batch,
         )  # fmt: skip
     run = RunPlan(cfg, rank, world, device, dims, mesh, out, layout, spec, overrides, rules, sampling, usable,
-                  steps_per_epoch, resume, resharded)  # fmt: skip
+                  steps_per_epoch, resume, resharded, hub_ids=hub_ids)  # fmt: skip
     if resume is not None and not cfg.plan.dry_run:
         run.finished = _resume_is_finished(run)
     return run
@@ -282,7 +285,8 @@ class Trainer:
             self.v_every = self.cfg.validation.validation_epochs * run.steps_per_epoch
         if run.rank == 0:
             run.out.mkdir(parents=True, exist_ok=True)
-            (run.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+            config = {**to_dict(self.cfg), **({"hub_ids": run.hub_ids} if run.hub_ids else {})}
+            (run.out / "config.json").write_text(json.dumps(config, indent=2))
         self.build_model()
         self.build_checkpointer()
         self.resume()

@@ -172,6 +172,8 @@ def test_hub_id_training_and_validation_split_over_two_ranks(offline, tiny_data,
     for n, run in runs.items():
         assert run.returncode == 0, first_error(run.stderr)
         assert f"--pretrained_model_name_or_path {REPO_ID} -> " in run.stderr
+        config = json.loads((run.output_dir / "config.json").read_text())
+        assert config["hub_ids"] == {"--pretrained_model_name_or_path": REPO_ID}  # the id, beside the folder it gave
         videos[n] = sorted((run.output_dir / "validation" / "step-1").glob("*.mp4"))
         assert [v.name[:4] for v in videos[n]] == ["00-0", "01-0", "02-0"]
         images = EventAccumulator(str(run.output_dir / "logs"), size_guidance={"images": 0}).Reload()
