@@ -462,6 +462,10 @@ class Trainer:
     def train(self) -> TrainResult:
         train_steps = self.cfg.train.train_steps
         self.data_iter = iter(self.loader)
+        if self.device.type == "cuda":  # the step's peak from here on, not load / precompute's
+            log.info("peak memory before step 1 (load, precompute): %.2f GiB allocated, %.2f GiB reserved",
+                     *peak_memory_gb(self.device))  # fmt: skip
+            torch.cuda.reset_peak_memory_stats(self.device)
         bar = tqdm(total=train_steps, initial=self.state.step, disable=self.run.rank != 0, desc="train",
                    dynamic_ncols=True)  # fmt: skip
         try:
@@ -488,8 +492,7 @@ class Trainer:
             batch = next(self.data_iter)
             stats.data_time += time.perf_counter() - td
             stats.replaced += int(batch["replaced"].sum())
-            if hasattr(self.transformer, "set_requires_gradient_sync"):  # FSDP2 (one process: a plain module)
-                self.transformer.set_requires_gradient_sync(micro == self.accum - 1)
+            self.set_gradient_sync(last=micro == self.accum - 1)
             loss, prepared = self.forward_backward(batch, stats.phase)
             step_loss += loss
             stats.tokens += prepared.tokens
@@ -499,6 +502,18 @@ class Trainer:
         self.optimizer_step(step, step_loss, stats)
         stats.elapsed = time.perf_counter() - t0
         return stats
+
+    def set_gradient_sync(self, last: bool) -> None:
+        """Gradient accumulation: sharded gradients (FSDP, HSDP) are reduce-scattered on every micro-batch, so they
+        stay sharded (FSDP2 without sync would keep whole float32 gradients on every rank); HSDP skips only the
+        all-reduce across replicas until the last one. DDP (replicate) syncs on the last micro-batch only."""
+        t, dims = self.transformer, self.run.dims
+        if not hasattr(t, "set_requires_gradient_sync"):  # one process: a plain module
+            return
+        if dims.dp_shard * dims.cp > 1:
+            t.set_requires_all_reduce(last)
+        else:
+            t.set_requires_gradient_sync(last)
 
     def forward_backward(self, batch: dict, phase: dict) -> tuple[torch.Tensor, Prepared]:
         """One micro-batch: inputs and conditioning (offloaded encoders visit the device once), forward, backward.
