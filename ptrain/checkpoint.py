@@ -344,11 +344,15 @@ class Checkpointer:
                 obj.trainable_only = self.trainable_only
         return {k: v for k, v in self.sharded.items() if v is not None and (names is None or k in names)}
 
+    def due(self, step: int, last_step: bool = False) -> bool:
+        """Whether `save(step, last_step)` would write a checkpoint."""
+        return bool(self.every) and step != self.saved_step and (last_step or step % self.every == 0)
+
     def save(self, step: int, last_step: bool = False) -> Path | None:
         """Write checkpoint step-N when it is due (collective); None when it is not. A failed write raises
         CheckpointSaveError on every rank: the partial folder is removed and every older checkpoint is left as
         it was."""
-        if not self.every or step == self.saved_step or not (last_step or step % self.every == 0):
+        if not self.due(step, last_step):
             return None
         self.wait()  # one save in flight at most; commits the previous async save
         final_dir = self.root / f"step-{step}"

@@ -29,15 +29,24 @@ class EMA:
         self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
-        """Call after the optimizer step of `step`. Until start_step the EMA just follows the weights."""
+    def update(self, step: int, finite: torch.Tensor | None = None) -> None:
+        """Call after the optimizer step of `step`. Until start_step the EMA just follows the weights. `finite`: a
+        device bool of whether the step updated the weights; a skipped step leaves the EMA as it was (decided on
+        the device: no host sync)."""
         if step % self.update_every:
             return
         shadow, params = [_local(s) for s in self.shadow], [_local(p.detach()) for p in self.params]
-        if step <= self.start_step:
-            torch._foreach_copy_(shadow, params)
-        else:  # shadow += (1 - decay) * (param - shadow)
-            torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
+        if not shadow:
+            return
+        weight = 1.0 if step <= self.start_step else 1.0 - self.decay  # shadow += weight * (param - shadow)
+        if finite is None:
+            if weight == 1.0:
+                torch._foreach_copy_(shadow, params)
+            else:
+                torch._foreach_lerp_(shadow, params, weight)
+            return
+        w = torch.where(finite, weight, 0.0).to(device=shadow[0].device, dtype=shadow[0].dtype)
+        torch._foreach_lerp_(shadow, params, [w] * len(shadow))
 
     @torch.no_grad()
     def reset(self) -> None:

@@ -169,11 +169,10 @@ def build_trainable(
     dims: ParallelDims,
     device,
     train_steps: int,
-    fused: bool | None = None,
+    fused: bool = True,
 ) -> TrainableModel:
     """Step 3: `parallelize`, then parameter groups, optimizer, learning-rate schedule over `train_steps`, EMA.
-    `fused`: the fused AdamW / Adam kernel (default: on CUDA, and on the CPU where --fsdp_cpu_offload keeps the
-    parameters; the memory planner passes True, planning the GPU's optimizer)."""
+    `fused`: the fused AdamW / Adam kernel (ptrain.optim.build_optimizer)."""
     e = cfg.ema
     parallelize(transformer, cfg, spec, mesh, dims, device)
     groups = param_groups(transformer, cfg)
@@ -181,8 +180,6 @@ def build_trainable(
     n_train = sum(q.numel() for q in params)
     n_total = sum(q.numel() for q in transformer.parameters())
     log.info("trainable parameters: %s of %s (%s)", f"{n_train:,}", f"{n_total:,}", cfg.model.training_type)
-    if fused is None:
-        fused = device.type == "cuda" or cfg.parallel.fsdp_cpu_offload
     optimizer = build_optimizer(groups, cfg.optim, device, fused)
     lr_scheduler = build_scheduler(optimizer, cfg.optim, train_steps)
     ema = EMA(transformer, e.ema_decay, e.ema_start_step, e.ema_update_every) if e.ema_decay else None

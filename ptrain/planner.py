@@ -225,8 +225,7 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         transformer.to_empty(device=device)
         comps.vae.to_empty(device=device)
-        # fused=True: the optimizer the GPU runs (foreach, the CPU default, keeps a temporary 4 B per parameter)
-        model = build_trainable(transformer, cfg, spec, mesh, dims, device, t.train_steps, fused=True)
+        model = build_trainable(transformer, cfg, spec, mesh, dims, device, t.train_steps)  # fused AdamW as trained
         phases, prepared = _measure_step(cfg, spec, comps, model, dims.cp, device)
         latent_shape = tuple(prepared.sample.target.shape)
     top = max(phases.values(), key=lambda ph: ph["peak_bytes"])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor.experimental import implicit_replication
 from tqdm import tqdm
 
 from ptrain.checkpoint import (
@@ -107,15 +107,15 @@ def encoders_on(comps: Components, device: torch.device, offloaded: bool):
         offload_encoders(comps)
 
 
-def _global_step_stats(loss: torch.Tensor, replaced: int, group, cp: int) -> tuple[float, int]:
-    """(mean loss over the dp x cp ranks, samples replaced in the global batch) in one all-reduce: every rank
-    gets the same values, so they all decide alike (NaN guard, logging). A cp group shares its samples, so
-    their replacement count is divided back out."""
-    t = torch.stack([loss.detach().float().reshape(()), loss.new_tensor(float(replaced), dtype=torch.float32)])
+def _global_step_stats(loss: torch.Tensor, replaced: torch.Tensor, group, cp: int) -> torch.Tensor:
+    """[mean loss over the dp x cp ranks, samples replaced in the global batch] in one all-reduce, on the device
+    (no host sync): every rank gets the same values, so they all decide alike (NaN guard, logging). A cp group
+    shares its samples, so their replacement count is divided back out."""
+    t = torch.stack([loss.detach().float().reshape(()), replaced.to(loss.device, torch.float32).reshape(())])
     if group is None:
-        return t[0].item(), replaced
+        return t
     dist.all_reduce(t, group=group)
-    return (t[0] / dist.get_world_size(group)).item(), round(t[1].item() / cp)
+    return t / torch.tensor([dist.get_world_size(group), cp], device=t.device, dtype=t.dtype)
 
 
 def find_resume(cfg: Config, out: Path, layout: Layout) -> tuple[Path | None, bool]:
@@ -259,15 +259,16 @@ def train(cfg: Config) -> TrainResult:
 
 @dataclass
 class StepStats:
-    """What one optimizer step measured (loss and replaced samples summed over the global batch)."""
+    """What one optimizer step measured (loss: the global batch's mean; replaced samples: summed over it)."""
 
-    loss: float = 0.0
-    grad_norm: float = 0.0
-    finite: bool = True
+    #: On the device until a logging step reads them (no host sync in other steps).
+    loss: torch.Tensor | float = 0.0
+    grad_norm: torch.Tensor | float = 0.0
+    finite: torch.Tensor | bool = True
+    replaced: torch.Tensor | int = 0
     elapsed: float = 0.0
     data_time: float = 0.0
     tokens: int = 0
-    replaced: int = 0
     phase: dict = field(default_factory=lambda: {"forward_s": 0.0, "backward_s": 0.0})
     #: (model, hardware) FLOPs of this rank's micro-batches (0 when not counted)
     flops: tuple[float, float] = (0.0, 0.0)
@@ -437,7 +438,8 @@ class Trainer:
                                   optimizer=self.model.optimizer)  # fmt: skip
         self.peak_tflops = device_peak_tflops(self.device, cfg.log.peak_tflops)
         self.flops = self.count_flops() if self.peak_tflops else {}
-        self.nan_in_a_row = 0
+        self.nan_in_a_row, self.nan_total, self.replaced_since_log = 0, 0, 0  # on the device during the loop
+        self.losses: list[tuple] = []  # (loss, grad norm) per step, read from the device at the end
 
     def count_flops(self) -> dict[tuple, tuple[int, int]]:
         """Model and hardware (with recompute) FLOPs per sample of every training shape, for mfu / hfu: counted
@@ -473,13 +475,15 @@ class Trainer:
                 step = self.state.step + 1
                 stats = self.train_step(step)
                 self.log_step(step, stats, bar)
-                self.check_nan_guard()
+                self.check_nan_guard(step)
                 self.maybe_validate(step)
                 self.maybe_checkpoint(step, last_step=step == train_steps)
             self.checkpointer.wait()
         finally:
             bar.close()
             self.metrics.close()
+        self.result.losses = [float(loss) for loss, _ in self.losses]
+        self.result.grad_norms = [float(norm) for _, norm in self.losses]
         self.export_final()
         return self.result
 
@@ -491,7 +495,7 @@ class Trainer:
             td = time.perf_counter()
             batch = next(self.data_iter)
             stats.data_time += time.perf_counter() - td
-            stats.replaced += int(batch["replaced"].sum())
+            stats.replaced = stats.replaced + batch["replaced"].sum()  # a tensor: no int() per step
             self.set_gradient_sync(last=micro == self.accum - 1)
             loss, prepared = self.forward_backward(batch, stats.phase)
             step_loss += loss
@@ -538,24 +542,24 @@ class Trainer:
         return loss.detach(), prepared
 
     def optimizer_step(self, step: int, step_loss: torch.Tensor, stats: StepStats) -> None:
-        """Clip, agree on the step's loss across ranks, and step unless the loss or norm is not finite."""
+        """Clip, agree on the step's loss across ranks, and step unless the loss or norm is not finite. The
+        decision stays on the device with the fused optimizers (their `found_inf` skips the update and the step
+        count); others (CAME, 8-bit AdamW) decide on the host."""
         mod, dims = self.model, self.run.dims
-        stats.grad_norm = float(clip_gradients(mod.params, self.cfg.optim.max_grad_norm))
+        stats.grad_norm = clip_gradients(mod.params, self.cfg.optim.max_grad_norm)
         stats.loss, stats.replaced = _global_step_stats(step_loss, stats.replaced, self.loss_group, dims.cp)
-        stats.finite = math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)
+        stats.finite = torch.isfinite(stats.loss) & torch.isfinite(stats.grad_norm)
         to = time.perf_counter()
-        if stats.finite:
+        if mod.optimizer.defaults.get("fused"):
+            mod.optimizer.found_inf = (~stats.finite).float()
+            with implicit_replication():  # found_inf is a plain tensor beside DTensor parameters
+                mod.optimizer.step()
+        elif bool(stats.finite):
             mod.optimizer.step()
-            self.nan_in_a_row = 0
-            if mod.ema is not None:
-                mod.ema.update(step)
-        else:
-            self.nan_in_a_row += 1
-            self.state.nan_steps_total += 1
-            log.warning(
-                "step %d: non-finite loss %s / grad norm %s: optimizer step skipped (%d in a row, %d in total)",
-                step, stats.loss, stats.grad_norm, self.nan_in_a_row, self.state.nan_steps_total,
-            )  # fmt: skip
+        if mod.ema is not None:
+            mod.ema.update(step, stats.finite)
+        self.nan_in_a_row = torch.where(stats.finite, 0, self.nan_in_a_row + 1)
+        self.nan_total = self.nan_total + (~stats.finite).int()
         mod.lr_scheduler.step()
         mod.optimizer.zero_grad(set_to_none=True)
         if self.cfg.log.log_step_breakdown:
@@ -568,27 +572,32 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def log_step(self, step: int, stats: StepStats, bar) -> None:
-        """Advance the train state, the progress bar and (every --logging_steps) the metrics."""
+        """Advance the train state and the progress bar; every --logging_steps (and the last step) read the step's
+        values from the device, warn about skipped steps and replaced samples, and write the metrics."""
         state, run = self.state, self.run
         global_tokens = stats.tokens * run.dims.dp
-        if stats.replaced:
-            log.warning("step %d: %d sample(s) failed to decode and were replaced", step, stats.replaced)
-        state.data_replaced += stats.replaced
         state.step = step
         state.samples_seen += self.sampler.global_batch_size
         state.tokens_seen += global_tokens
-        self.result.losses.append(stats.loss)
-        self.result.grad_norms.append(stats.grad_norm)
+        self.losses.append((stats.loss, stats.grad_norm))
+        self.replaced_since_log = self.replaced_since_log + stats.replaced
         bar.update(1)
-        bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{global_tokens / stats.elapsed:,.0f}")
         if step % self.cfg.log.logging_steps and step != self.cfg.train.train_steps:
             return
+        loss, grad_norm, finite = float(stats.loss), float(stats.grad_norm), bool(stats.finite)  # host sync
+        self.sync_counters()
+        if not finite:
+            log.warning(
+                "step %d: non-finite loss %s / grad norm %s: optimizer step skipped (%d in a row, %d in total)",
+                step, loss, grad_norm, self.nan_in_a_row, state.nan_steps_total,
+            )  # fmt: skip
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{global_tokens / stats.elapsed:,.0f}")
         alloc, reserved = peak_memory_gb(self.device)
         values = {
-            "loss": stats.loss, "lr": self.model.lr_scheduler.get_last_lr()[0], "grad_norm": stats.grad_norm,
+            "loss": loss, "lr": self.model.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
             "step_time_s": stats.elapsed, "data_time_s": stats.data_time, "tokens_per_s": global_tokens / stats.elapsed,
             "samples_seen": state.samples_seen, "data_skipped": len(run.usable.skipped),
-            "data_replaced": state.data_replaced, "skipped_step": not stats.finite, "peak_memory_gb": alloc,
+            "data_replaced": state.data_replaced, "skipped_step": not finite, "peak_memory_gb": alloc,
             "peak_reserved_gb": reserved, **(stats.phase if self.cfg.log.log_step_breakdown else {}),
         }  # fmt: skip
         if stats.flops[0] and self.peak_tflops:  # model FLOPs (mfu) and with AC recompute (hfu), per rank
@@ -597,8 +606,23 @@ class Trainer:
             values["hfu"] = stats.flops[1] / stats.elapsed / (self.peak_tflops * 1e12)
         self.metrics.log(step, values)
 
-    def check_nan_guard(self) -> None:
+    def sync_counters(self) -> None:
+        """Bring the device-side counters to the host (logging steps, checkpoints, the end): replaced samples
+        (warned about), non-finite steps in a row and in total."""
+        replaced = round(float(self.replaced_since_log))
+        if replaced:
+            log.warning("step %d: %d sample(s) failed to decode and were replaced", self.state.step, replaced)
+        self.state.data_replaced += replaced
+        self.replaced_since_log = 0
+        self.nan_in_a_row = int(self.nan_in_a_row)
+        self.state.nan_steps_total += int(self.nan_total)
+        self.nan_total = 0
+
+    def check_nan_guard(self, step: int) -> None:
+        """--max_nan_steps, checked where the counters reach the host (logging steps and the last step)."""
         limit = self.cfg.checkpoint.max_nan_steps
+        if step % self.cfg.log.logging_steps and step != self.cfg.train.train_steps:
+            return
         if limit and self.nan_in_a_row >= limit:
             self.checkpointer.wait()
             good = complete_checkpoints(self.run.out)
@@ -627,7 +651,9 @@ class Trainer:
 
     def maybe_checkpoint(self, step: int, last_step: bool) -> None:
         self.checkpointer.poll()  # commits a finished async save
-        self.checkpointer.save(step, last_step=last_step)
+        if self.checkpointer.due(step, last_step):
+            self.sync_counters()  # the marker records the train state's counters
+            self.checkpointer.save(step, last_step=last_step)
 
     # --- export ------------------------------------------------------------------------------------
     def export(self, target: Path) -> Path | None:

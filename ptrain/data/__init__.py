@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ptrain.config import ConfigError, DataArgs
@@ -240,6 +240,14 @@ def summary(usable: Usable, global_batch: int, tokens=None) -> list[str]:
     return lines
 
 
+def collate(items: list[dict]) -> dict:
+    """torch's default collation, but stream positions stay a list of ints: they seed per-sample generators
+    on the host, and a tensor would cost a conversion per sample in the training step."""
+    batch = default_collate(items)
+    batch["position"] = [int(item["position"]) for item in items]
+    return batch
+
+
 def build_dataloader(
     usable: Usable,
     args: DataArgs,
@@ -260,6 +268,7 @@ def build_dataloader(
     loader = StatefulDataLoader(
         dataset or VideoDataset(usable.records, args, sampling, seed, usable.buckets or None),
         batch_sampler=sampler,
+        collate_fn=collate,
         num_workers=args.dataloader_num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=args.dataloader_num_workers > 0,
