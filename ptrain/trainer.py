@@ -288,6 +288,11 @@ class Trainer:
             run.out.mkdir(parents=True, exist_ok=True)
             config = {**to_dict(self.cfg), **({"hub_ids": run.hub_ids} if run.hub_ids else {})}
             (run.out / "config.json").write_text(json.dumps(config, indent=2))
+        self.load_model()
+        # Precomputation runs before the transformer is placed on the device: its peak (VAE and text encoders)
+        # never adds to the training state's.
+        self.max_seq = self.cfg.data.max_sequence_length or self.spec.max_sequence_length(self.comps)
+        self.dataset = self.precompute() if self.cfg.data.enable_precomputation else None
         self.build_model()
         self.build_checkpointer()
         self.resume()
@@ -295,8 +300,8 @@ class Trainer:
         self.build_step()
 
     # --- set-up ------------------------------------------------------------------------------------
-    def build_model(self) -> None:
-        """Load the components, bind the spec to them and the train mode, build the trainable parallel model."""
+    def load_model(self) -> None:
+        """Load the components and bind the spec to them and the train mode (the transformer stays unplaced)."""
         cfg, run, m = self.cfg, self.run, self.cfg.model
         dtypes = {
             # Full fine-tuning keeps float32 master weights (FSDP2 computes in --transformer_dtype);
@@ -326,10 +331,14 @@ class Trainer:
             )
         for shape in sorted(set(run.usable.buckets)):  # every training shape (one without --enable_bucket)
             spec.check_shape(shape.frames, shape.height, shape.width, comps)
-        make_trainable_model(comps.transformer, cfg, spec)
-        self.model = build_trainable(comps.transformer, cfg, spec, run.mesh, run.dims, self.device,
-                                     cfg.train.train_steps)  # fmt: skip
         self.spec, self.comps, self.transformer = spec, comps, comps.transformer
+
+    def build_model(self) -> None:
+        """The trainable, parallelized transformer with its optimizer, schedule and EMA (ptrain/parallelize.py)."""
+        cfg, run = self.cfg, self.run
+        make_trainable_model(self.transformer, cfg, self.spec)
+        self.model = build_trainable(self.transformer, cfg, self.spec, run.mesh, run.dims, self.device,
+                                     cfg.train.train_steps)  # fmt: skip
 
     def build_checkpointer(self) -> None:
         run, c, m = self.run, self.cfg.checkpoint, self.cfg.model
@@ -373,9 +382,8 @@ class Trainer:
         """The latent source (chosen once: precomputed or encoded every step) and this rank's loader."""
         cfg, run, spec, comps = self.cfg, self.run, self.spec, self.comps
         t, usable = cfg.train, run.usable
-        max_seq = cfg.data.max_sequence_length or spec.max_sequence_length(comps)
-        dataset = self.precompute(max_seq) if cfg.data.enable_precomputation else None
-        self.inputs = make_inputs(dataset is not None, spec, comps, self.device, max_seq)
+        dataset = self.dataset
+        self.inputs = make_inputs(dataset is not None, spec, comps, self.device, self.max_seq)
         # The micro-batches training consumed (not the loader's sampler counter, which runs ahead by the workers'
         # prefetch) give the stream position.
         sampler_state = {
@@ -401,7 +409,7 @@ class Trainer:
                 run.resume, read_marker(run.resume)["num_samples"], len(usable.records),
             )  # fmt: skip
 
-    def precompute(self, max_seq: int) -> PrecomputedDataset:
+    def precompute(self) -> PrecomputedDataset:
         """--enable_precomputation: encode every sample once (sharded over ranks); the encoders then leave the GPU."""
         cfg, run, spec, m = self.cfg, self.run, self.spec, self.cfg.model
         if m.train_mode != "normal" and any(r.first_frame for r in run.usable.records):
@@ -416,7 +424,7 @@ class Trainer:
             )
         videos = VideoDataset(run.usable.records, cfg.data, run.sampling, cfg.train.seed, run.usable.buckets)
         with encoders_on(self.comps, self.device, self.offloaded):
-            folder = precompute(cfg, run.usable, spec, self.comps, videos, max_seq, self.device)
+            folder = precompute(cfg, run.usable, spec, self.comps, videos, self.max_seq, self.device)
         if self.device.type != "cpu":  # the encoders are needed again only for validation
             self.offloaded = True
             offload_encoders(self.comps)
