@@ -139,22 +139,24 @@ def meta_components(cfg, spec, model_dir: Path, num_blocks):
                       extra=extra)  # fmt: skip
 
 
-def _measure_step(cfg, spec, comps, model, cp: int, device) -> tuple[dict, object]:
-    """Peak bytes by category of the trainer's micro-batch (objective, the mode's conditioning, loss, backward)
-    and of its optimizer step, each tracked on its own in the steady state; also returns the prepared batch."""
+def _measure_step(cfg, spec, comps, model, dims, device) -> tuple[dict, object]:
+    """Peak bytes by category of the trainer's micro-batches (every one of --gradient_accumulation_steps:
+    objective, the mode's conditioning, loss, backward) and of its optimizer step, each tracked on its own in the
+    steady state; also returns the prepared batch."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.distributed.fsdp import FSDPModule
 
     from ptrain.parallelize import DTYPES
-    from ptrain.step import SimulatedInputs, TrainStep, clip_gradients
+    from ptrain.step import SimulatedInputs, TrainStep, clip_gradients, set_gradient_sync
 
     t, d, transformer, optimizer = cfg.train, cfg.data, model.transformer, model.optimizer
     b = t.batch_size
     inputs = SimulatedInputs(spec, comps, device, (b, 3, d.num_frames, d.height, d.width),
                              d.max_sequence_length or spec.max_sequence_length(comps),
                              DTYPES[cfg.model.text_encoder_dtype])  # fmt: skip
-    step = TrainStep(spec, comps, transformer, spec.make_objective(cfg.objective, comps), inputs, cp)
+    accum = t.gradient_accumulation_steps
+    step = TrainStep(spec, comps, transformer, spec.make_objective(cfg.objective, comps), inputs, dims.cp, accum)
     batch = {"position": list(range(b))}
 
     def new_tracker():
@@ -164,9 +166,15 @@ def _measure_step(cfg, spec, comps, model, cp: int, device) -> tuple[dict, objec
         tracker.track_external(transformer, optimizer)
         return tracker
 
-    def forward_backward():
+    def micro_batch(micro: int):  # with the trainer's gradient sync for accumulation
+        set_gradient_sync(transformer, dims, last=micro == accum - 1)
         prepared = step.prepare(batch, sample_generators(t.seed, batch["position"]))
         step.backward(step.loss(prepared))
+        return prepared
+
+    def forward_backward():
+        for micro in range(accum):
+            prepared = micro_batch(micro)
         return prepared
 
     def optimizer_step(step_number):
@@ -182,7 +190,13 @@ def _measure_step(cfg, spec, comps, model, cp: int, device) -> tuple[dict, objec
     prepared = forward_backward()
     optimizer_step(1)
     phases = {}
-    for phase, fn in (("forward_backward", forward_backward), ("optimizer", lambda: optimizer_step(2))):
+    # The trackers follow one forward each: the micro-batches before the last run untracked, and the last one (whose
+    # peak holds the gradients the earlier ones accumulated) is measured.
+    last = lambda: micro_batch(accum - 1)  # noqa: E731
+    for phase, fn in (("forward_backward", last), ("optimizer", lambda: optimizer_step(2))):
+        if phase == "forward_backward":
+            for micro in range(accum - 1):
+                micro_batch(micro)
         tracker = new_tracker()
         with tracker:
             fn()
@@ -226,7 +240,7 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
         transformer.to_empty(device=device)
         comps.vae.to_empty(device=device)
         model = build_trainable(transformer, cfg, spec, mesh, dims, device, t.train_steps)  # fused AdamW as trained
-        phases, prepared = _measure_step(cfg, spec, comps, model, dims.cp, device)
+        phases, prepared = _measure_step(cfg, spec, comps, model, dims, device)
         latent_shape = tuple(prepared.sample.target.shape)
     top = max(phases.values(), key=lambda ph: ph["peak_bytes"])
     return {

@@ -137,3 +137,15 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
 
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def set_gradient_sync(transformer, dims, last: bool) -> None:
+    """Gradient accumulation: sharded gradients (FSDP, HSDP) are reduce-scattered on every micro-batch, so they
+    stay sharded (FSDP2 without sync would keep whole float32 gradients on every rank); HSDP skips only the
+    all-reduce across replicas until the last one. DDP (replicate) syncs on the last micro-batch only."""
+    if not hasattr(transformer, "set_requires_gradient_sync"):  # one process: a plain module
+        return
+    if dims.dp_shard * dims.cp > 1:
+        transformer.set_requires_all_reduce(last)
+    else:
+        transformer.set_requires_gradient_sync(last)

@@ -48,7 +48,7 @@ from ptrain.models.spec import Components, ModelSpec, get_spec
 from ptrain.objectives import sample_generators
 from ptrain.parallel import ParallelDims, init_distributed
 from ptrain.parallelize import DTYPES, build_trainable, make_trainable_model
-from ptrain.step import Prepared, TrainStep, clip_gradients, make_inputs
+from ptrain.step import Prepared, TrainStep, clip_gradients, make_inputs, set_gradient_sync
 from ptrain.validation import load_validation_items, run_validation
 
 log = logging.getLogger("ptrain")
@@ -504,7 +504,7 @@ class Trainer:
             batch = next(self.data_iter)
             stats.data_time += time.perf_counter() - td
             stats.replaced = stats.replaced + batch["replaced"].sum()  # a tensor: no int() per step
-            self.set_gradient_sync(last=micro == self.accum - 1)
+            set_gradient_sync(self.transformer, self.run.dims, last=micro == self.accum - 1)
             loss, prepared = self.forward_backward(batch, stats.phase)
             step_loss += loss
             stats.tokens += prepared.tokens
@@ -514,18 +514,6 @@ class Trainer:
         self.optimizer_step(step, step_loss, stats)
         stats.elapsed = time.perf_counter() - t0
         return stats
-
-    def set_gradient_sync(self, last: bool) -> None:
-        """Gradient accumulation: sharded gradients (FSDP, HSDP) are reduce-scattered on every micro-batch, so they
-        stay sharded (FSDP2 without sync would keep whole float32 gradients on every rank); HSDP skips only the
-        all-reduce across replicas until the last one. DDP (replicate) syncs on the last micro-batch only."""
-        t, dims = self.transformer, self.run.dims
-        if not hasattr(t, "set_requires_gradient_sync"):  # one process: a plain module
-            return
-        if dims.dp_shard * dims.cp > 1:
-            t.set_requires_all_reduce(last)
-        else:
-            t.set_requires_gradient_sync(last)
 
     def forward_backward(self, batch: dict, phase: dict) -> tuple[torch.Tensor, Prepared]:
         """One micro-batch: inputs and conditioning (offloaded encoders visit the device once), forward, backward.

@@ -202,3 +202,16 @@ def test_planner_runs_the_train_mode(tiny_ckpts):
     widened = sum(p.numel() for p in layer.parameters())
     assert spec.expanded_input and i2v["params_trainable"] - normal["params_trainable"] == widened
     assert i2v["params_total"] > normal["params_total"]
+
+
+def test_gradient_accumulation_keeps_gradients_sharded(tiny_ckpt):
+    """The planner runs every micro-batch with the trainer's gradient sync: under FSDP the gradients of earlier
+    micro-batches stay sharded (reduce-scattered each time), so accumulation adds exactly the sharded gradient bytes
+    to the forward/backward peak, and never whole (unsharded) gradients."""
+    flags = ["--model_name", "ltx_video", "--num_frames", "9", "--height", "32", "--width", "32", "--dp_shards", "2",
+             "--training_type", "full-finetune"]  # fmt: skip
+    one = simulate([*flags, "--gradient_accumulation_steps", "1"], 2, tiny_ckpt)["phases"]["forward_backward"]
+    three = simulate([*flags, "--gradient_accumulation_steps", "3"], 2, tiny_ckpt)["phases"]["forward_backward"]
+    grads = three["categories"]["Sharded Grad"]
+    assert grads > 0 and one["categories"]["Sharded Grad"] == 0 and three["categories"]["Unsharded Grad"] == 0
+    assert three["peak_bytes"] - one["peak_bytes"] == grads
