@@ -115,6 +115,13 @@ def simulate(
     return _simulate(cfg, spec, world, model_dir, num_blocks, fake, t0)
 
 
+class _NoHook:
+    """A stand-in hook handle for parameters that need none (see _measure_step)."""
+
+    def remove(self) -> None:
+        pass
+
+
 def meta_components(cfg, spec, model_dir: Path, num_blocks):
     """The transformer (with `num_blocks` per block list if given), VAE and scheduler on the meta device."""
     from ptrain.models.spec import Components
@@ -163,6 +170,11 @@ def _measure_step(cfg, spec, comps, model, dims, device) -> tuple[dict, object]:
         if isinstance(transformer, FSDPModule):
             return FSDPMemTracker(transformer, optimizer)
         tracker = MemTracker()
+        # One process trains the plain module; MemTracker hooks every parameter's gradient and a frozen one (LoRA's
+        # base) cannot take a hook: mark those as hooked already (they never get a gradient).
+        for p in transformer.parameters():
+            if not p.requires_grad:
+                tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
         tracker.track_external(transformer, optimizer)
         return tracker
 
