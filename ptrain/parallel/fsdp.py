@@ -5,9 +5,11 @@ the remaining parameters. Parameters are held in float32 (or the loaded dtype
 for frozen weights), computed in --transformer_dtype, and gradients are reduced
 in float32.
 
-A world of one process (without --fsdp_cpu_offload) gets no wrapper at all: FSDP2 would only add parameter
-copies at every unshard and DTensor dispatch in clipping and the optimizer. The module stays plain and computes
-in --transformer_dtype under torch.autocast; the float32-kept submodules run with autocast off.
+A world of one process gets no wrapper at all: FSDP2 would only add parameter copies at every unshard and
+DTensor dispatch in clipping and the optimizer. The module stays plain and computes in --transformer_dtype under
+torch.autocast; the float32-kept submodules run with autocast off. Two cases keep FSDP2 in one process, for what
+it does there: --fsdp_cpu_offload (it moves the parameters in and out) and FP8-stored frozen weights
+(--layerwise_upcasting_modules: its mixed-precision policy upcasts them to the compute dtype per block).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def apply_data_parallel(
     # would hand float32 activations to the next bf16 layer (Wan I2V's image embedder: norm1 -> ff).
     mp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
     keep32 = _fp32_submodules(model, fp32_modules or []) if param_dtype != torch.float32 else []
-    if dims.dp_replicate * dims.dp_shard * dims.cp == 1 and not cpu_offload:
+    fp8 = any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in model.parameters())
+    if dims.dp_replicate * dims.dp_shard * dims.cp == 1 and not cpu_offload and not fp8:
         return single_process(model, param_dtype, keep32)
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     if dims.ddp_enabled:
