@@ -546,6 +546,14 @@ class CheckpointArgs:
             )
 
 
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
 @dataclass
 class LogArgs:
     logging_steps: int = 1
@@ -565,7 +573,7 @@ class LogArgs:
 
     def validate(self) -> None:
         _check_min(1, ("--logging_steps", self.logging_steps))
-        if self.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        if self.report_to in ("wandb", "all") and not _importable("wandb"):
             raise ConfigError(
                 f"--report_to {self.report_to}: wandb is not installed: pip install 'ptrain[wandb]' (or pip install "
                 "wandb), or use --report_to tensorboard"

@@ -131,8 +131,8 @@ def test_setup_offline_options_fail_clearly(tmp_path):
     assert "include-system-site-packages = true" in (repo / ".venv" / "pyvenv.cfg").read_text()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
-def test_report_to_wandb_without_wandb_names_the_extra(tiny_ckpt, tiny_data):
+def test_report_to_wandb_without_wandb_names_the_extra(tiny_ckpt, tiny_data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # Python's own way to make an import fail: as if not installed
     for to in ("wandb", "all"):
         cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data),
                             "--report_to", to])  # fmt: skip
@@ -140,3 +140,30 @@ def test_report_to_wandb_without_wandb_names_the_extra(tiny_ckpt, tiny_data):
             ConfigError, match=rf"--report_to {to}: wandb is not installed: pip install 'ptrain\[wandb\]'"
         ):
             cfg.validate()
+
+
+def test_report_to_wandb_offline_logs_the_metrics(tiny_ckpt, tiny_data, tmp_path, monkeypatch, single_process_env):
+    """--report_to wandb with WANDB_MODE=offline: a wandb run under output_dir/wandb that logged every step's loss,
+    as metrics.jsonl has it (wandb is in the test extra)."""
+    import json
+
+    from conftest import TINY_ARGS
+
+    from ptrain.trainer import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data),
+                        "--output_dir", str(tmp_path), "--train_steps", "2", "--checkpointing_steps", "0",
+                        *TINY_ARGS, "--report_to", "wandb"])  # fmt: skip
+    train(cfg)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, list((tmp_path / "wandb").rglob("*"))
+    # The run file holds protobuf history and summary records; an item is a key and its value as JSON (field 16):
+    # `\n <len> train/loss \x82\x01 <len> <json>`.
+    data = runs[0].read_bytes()
+    logged = [
+        float(data[m.end() + 1 : m.end() + 1 + data[m.end()]]) for m in re.finditer(rb"\ntrain/loss\x82\x01", data)
+    ]
+    assert sorted(set(logged)) == pytest.approx(sorted(losses)) and len(losses) == 2  # history (+ summary) records
