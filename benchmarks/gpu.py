@@ -4,7 +4,8 @@ For each row (a model, training type, resolution, activation checkpointing (AC),
   1. full-size random checkpoints built on the GPU from benchmarks/model_configs/ (the real transformer and VAE
      configs via from_config, bf16, save_pretrained as safetensors; the VAE encoder's last conv scaled by 0.01 so
      random latents stay small). The text encoders are SHORTENED: one layer at the real width, with the tiny
-     tokenizer(s) of ptrain.testing.tiny; the scheduler is the real config. Two synthetic H.264 videos cover
+     tokenizer(s) of ptrain.testing.tiny (HunyuanVideo's Llama: two layers, as its pipeline reads
+     hidden_states[-3]); the scheduler is the real config. Two synthetic H.264 videos cover
      every row's frames and size. Built once per model, deleted after its last row (disk);
   2. a precompute pass of ptrain (`--enable_precomputation --train_steps 1`, no compile), once per model;
   3. the timed ptrain run: `torchrun --standalone --nproc_per_node 1 -m ptrain ... --enable_precomputation
@@ -31,26 +32,32 @@ The default set fits about 8 minutes (estimates in --dry_run); the other rows ru
     python benchmarks/gpu.py [--only ROW ...] [--set default|all] [--out DIR] [--peak_tflops 989]
     python benchmarks/gpu.py --cpu --out /tmp/x     # the same path on tiny checkpoints on the CPU (tests)
 
-On a lent GPU machine (the device tool: /work/.library/device/README.md; diffusers, tyro, decord, torchdata,
-imageio-ffmpeg and ftfy are absent there and nothing can be downloaded). Once, here, in the repo root:
+On a lent GPU machine (the device tool: /work/.library/device/README.md): its image (KINDS.md) lacks diffusers,
+tyro, decord, torchdata, imageio-ffmpeg and ftfy, and nothing can be downloaded there. Once, here, in the repo
+root, fetch py3.12 wheels of the venv's versions (`.venv/bin/pip show NAME`; these are as of 2026-11-27):
 
     echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
-        --platform manylinux1_x86_64 -d .whl diffusers==<venv's> tyro==<venv's> decord==0.6.0 \\
-        torchdata==<venv's> imageio-ffmpeg==0.5.1 ftfy==<venv's> docstring-parser typeguard shtab wcwidth
-        # (versions: .venv/bin/pip list; add any Requires-Dist the image lacks; imageio-ffmpeg 0.5.1 is 27 MB,
-        #  0.8.1 is 68 MB: the carried tree must stay under 64 MiB)
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux1_x86_64 -d .whl diffusers==0.42.1 tyro==1.0.17 decord==0.6.0 torchdata==0.11.0 \
+        imageio-ffmpeg==0.5.1 ftfy==6.3.1 docstring-parser==0.18.0 typeguard==4.6.1 wcwidth==0.9.4
+    # imageio-ffmpeg 0.5.1 (27 MB), not 0.8.1 (68 MB): the carried tree must stay under 64 MiB (`du -sh .whl`)
 
-then the device tool's `run` with carry [".whl"], timeout_s 540 and the command
+then one call of the device tool's `run` with carry [".whl"], timeout_s 560 and the command
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \\
-      && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && timeout 480 python3 benchmarks/gpu.py --out $OUT
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 \
+      && timeout 480 python3 benchmarks/gpu.py --out $OUT --work /tmp/gpu-suite
 
-Afterwards, here: copy gpu.json and gpu.md from the run's files_at into benchmarks/results/, record where and
-when (`python benchmarks/readme.py --stamp benchmarks/results/gpu.json --kind measured --command
-"python benchmarks/gpu.py"`, then edit the provenance's machine to the GPU's name as gpu.json's rows give it,
-with torch / CUDA from the rows), and regenerate the README: `python benchmarks/readme.py`.
+(gpu.json and gpu.md come back from $OUT; a run cut short leaves the rows done so far.) The rows outside the
+default set: `--dry_run --set all` prints them packed into further ~8-minute calls (`--only ROW ...`); the
+HunyuanVideo and CogVideoX-5B no-AC / full fine-tune rows want nvidia-h200 (their min_gib). Afterwards, here:
+copy gpu.json and gpu.md from the run's files_at into benchmarks/results/ (merge the rows of several calls into
+one gpu.json and re-render gpu.md with `python -c "import json, benchmarks.gpu as g;
+print(g.markdown(json.load(open('benchmarks/results/gpu.json'))), end='')" > benchmarks/results/gpu.md`), record
+where and when: `python benchmarks/readme.py --stamp benchmarks/results/gpu.json --kind measured --command
+"python benchmarks/gpu.py"`, then set the provenance's machine to the GPU as the rows name it (the stamp records
+this machine) and its torch to the rows' torch / CUDA; regenerate the README: `python benchmarks/readme.py`.
 """
 
 from __future__ import annotations
@@ -212,14 +219,15 @@ def split_calls(rows: list[Row]) -> list[list[Row]]:
 
 
 def _text_encoder(cls, real: dict, tiny_config: dict, dtype, device):
-    """The real text encoder config cut to one layer, with the tiny tokenizer's vocabulary and special ids."""
+    """The real text encoder config cut to one layer (a Llama to two: HunyuanVideo's pipeline reads
+    hidden_states[-3]), with the tiny tokenizer's vocabulary and special ids."""
     config = dict(real)
     for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
         if key in tiny_config:
             config[key] = tiny_config[key]
     for key in ("num_layers", "num_hidden_layers", "num_decoder_layers"):
         if key in config:
-            config[key] = 1
+            config[key] = 2 if config.get("model_type") == "llama" else 1
     config_cls = cls.config_class
     config = config_cls.from_dict({k: v for k, v in config.items() if k not in ("architectures", "_name_or_path")})
     with torch_device(device), default_dtype(dtype):
@@ -248,7 +256,7 @@ class default_dtype:
         torch.set_default_dtype(self.old)
 
 
-def build_full_checkpoint(variant: str, dest: Path) -> Path:
+def build_full_checkpoint(variant: str, dest: Path, dev: str = "cuda") -> Path:
     """A full-size random checkpoint of `variant` (see the module docstring), built on the GPU in bf16."""
     import torch
 
@@ -259,7 +267,7 @@ def build_full_checkpoint(variant: str, dest: Path) -> Path:
     spec, src = get_spec(name), CONFIGS / variant
     tiny = build_tiny_pipeline(name)
     parts = dict(tiny.components)
-    bf16, dev = torch.bfloat16, "cuda"
+    bf16 = torch.bfloat16
     with torch.device(dev), default_dtype(bf16):
         for part in ("transformer", "vae"):
             cls = spec.component_classes[part]
@@ -277,8 +285,6 @@ def build_full_checkpoint(variant: str, dest: Path) -> Path:
     sched = parts["scheduler"]
     parts["scheduler"] = type(sched).from_config(type(sched).load_config(src, subfolder="scheduler"))
     type(tiny)(**parts).save_pretrained(dest, safe_serialization=True)
-    del parts, tiny
-    torch.cuda.empty_cache()
     return dest
 
 
@@ -286,7 +292,7 @@ def write_videos(dest: Path, frames: int, height: int, width: int) -> Path:
     """Two synthetic H.264 videos of at least `frames` frames at (at least) height x width."""
     from ptrain.testing import tiny
 
-    specs = tiny.synthetic_video_specs(2, seed=0, sizes=[(width, height), (width + 16, height + 16)])
+    specs = tiny.synthetic_video_specs(2, seed=0, sizes=[(width, height), (width + 32, height + 32)])
     dest.joinpath("videos").mkdir(parents=True, exist_ok=True)
     specs = [dataclasses.replace(s, num_frames=frames + 4, fps=24) for s in specs]
     for s in specs:
@@ -633,7 +639,7 @@ class Suite:
             if rc != 0:
                 raise RuntimeError(f"building {variant} failed:\n{log_tail(self.work / f'build-{variant}.log')}")
         first = rows[0]
-        pre = dataclasses.replace(first, compile=False)
+        pre = dataclasses.replace(first, compile=False, ac=True)  # only the cache matters: a small, quick step
         flags = run_flags(pre, self.cpu, ckpt, data, cache, self.work / f"pre-{variant}", 1)
         flags.remove("--precomputation_reuse")
         log = self.work / f"pre-{variant}.log"
@@ -673,12 +679,12 @@ class Suite:
         return {**json.loads(result.read_text()), "wall_s": secs}
 
     def run_row(self, row: Row, ckpt: Path, data: Path, cache: Path) -> dict:
-        limit = min(budget_s(row), self.left())
-        t0 = time.perf_counter()
-        self.say(f"{row.name}: timed ptrain run (limit {limit:.0f} s)")
-        trainer = self.trainer(row, ckpt, data, cache, limit)
+        """The timed ptrain run (at most 60% of the row's budget), then the bare loop (the rest)."""
+        end = time.perf_counter() + min(budget_s(row), self.left())
+        self.say(f"{row.name}: timed ptrain run (limit {0.6 * (end - time.perf_counter()):.0f} s)")
+        trainer = self.trainer(row, ckpt, data, cache, 0.6 * (end - time.perf_counter()))
         self.say(f"{row.name}: ptrain {trainer['step_s']:.3f} s/step; bare loop")
-        bare = self.bare(row, ckpt, cache, min(budget_s(row), self.left()) - (time.perf_counter() - t0) + limit / 2)
+        bare = self.bare(row, ckpt, cache, end - time.perf_counter())
         self.say(f"{row.name}: bare {bare['step_s']:.3f} s/step")
         return {"trainer": trainer, "bare": bare}
 
