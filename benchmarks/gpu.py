@@ -563,6 +563,7 @@ def plan_all(job: dict) -> None:
     """ptrain.planner.plan for every row's flags, one world; out file rewritten after every row."""
     from ptrain.planner import plan
 
+    os.nice(10)
     out, done = Path(job["out"]), {}
     for name, flags, model_dir in job["rows"]:
         t0 = time.perf_counter()
@@ -607,8 +608,8 @@ class Suite:
                 for r in self.rows]  # fmt: skip
         job = self.work / "plan_job.json"
         job.write_text(json.dumps({"rows": rows, "out": str(self.work / "plans.json")}))
-        env = child_env(True)
-        env.pop("OMP_NUM_THREADS")
+        env = child_env(True)  # no CUDA; few threads, niced: it must not slow the timed runs' host side
+        env["OMP_NUM_THREADS"] = "1" if self.cpu else "2"
         self.planner = spawn([sys.executable, str(Path(__file__).resolve()), "--_plan", str(job)], env,
                              self.work / "plan.log")  # fmt: skip
 
@@ -864,10 +865,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = select(all_rows, args.only, args.which)
     if args.dry_run:
         return dry_run(rows, all_rows, args.cpu)
+    if not args.cpu and gpu_name_and_memory()[0] is None:
+        sys.exit("no NVIDIA GPU found (nvidia-smi): run with --cpu for the tiny CPU mode, or --dry_run")
     suite = Suite(args, rows)
     suite.say(f"GPU suite: {len(rows)} rows; work folder {suite.work}; results to {suite.out}")
-    if not args.cpu and suite.device[0] is None:
-        sys.exit("no NVIDIA GPU found (nvidia-smi): run with --cpu for the tiny CPU mode, or --dry_run")
     suite.run()
     suite.say(f"wrote {suite.out / 'gpu.json'} and {suite.out / 'gpu.md'}")
     if not args.work:

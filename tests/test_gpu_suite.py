@@ -79,9 +79,10 @@ def test_list_and_only():
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine")
-def test_without_a_gpu_it_says_so():
-    run = suite("--out", "/nonexistent-never-written", "--only", "ltx-lora-ac")
+def test_without_a_gpu_it_says_so(tmp_path):
+    run = suite("--out", str(tmp_path / "out"), "--only", "ltx-lora-ac")
     assert run.returncode != 0 and "no NVIDIA GPU" in run.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 @pytest.mark.slow
