@@ -7,7 +7,8 @@ For each row (a model, training type, resolution, activation checkpointing (AC),
      tokenizer(s) of ptrain.testing.tiny (HunyuanVideo's Llama: two layers, as its pipeline reads
      hidden_states[-3]); the scheduler is the real config. Two synthetic H.264 videos cover
      every row's frames and size. Built once per model, deleted after its last row (disk);
-  2. a precompute pass of ptrain (`--enable_precomputation --train_steps 1`, no compile), once per model;
+  2. a precompute pass of ptrain (`--enable_precomputation --train_steps 1`, AC, no compile, no memory cap), once
+     per model;
   3. the timed ptrain run: `torchrun --standalone --nproc_per_node 1 -m ptrain ... --enable_precomputation
      --precomputation_reuse --log_step_breakdown`, read from its metrics.jsonl;
   4. a bare PyTorch loop (a subprocess of this file) on the same transformer, shapes and precomputed inputs:
@@ -645,8 +646,9 @@ class Suite:
         flags = run_flags(pre, self.cpu, ckpt, data, cache, self.work / f"pre-{variant}", 1)
         flags.remove("--precomputation_reuse")
         log = self.work / f"pre-{variant}.log"
-        rc, secs = run_proc(ptrain_cmd(flags, first.cap_gib), child_env(self.cpu, first.cap_gib),
-                            min(self.left(), 4 * SETUP_EST_S[variant]), log)  # fmt: skip
+        # without the row's memory cap: the cache is the same, and the cap is about the training step
+        rc, secs = run_proc(ptrain_cmd(flags, None), child_env(self.cpu), min(self.left(), 4 * SETUP_EST_S[variant]),
+                            log)  # fmt: skip
         if rc != 0:
             raise RuntimeError(f"precompute pass of {variant} failed (rc {rc}, {secs:.0f} s):\n{log_tail(log)}")
         what = "tiny checkpoint" if self.cpu else "full-size checkpoint (text encoders SHORTENED to one layer)"
