@@ -101,6 +101,18 @@ def gpu_h200() -> str:
     return "\n".join(lines + ["", f"Where measured and planned differ: {gpu['finding']}."])
 
 
+def gpu_suite() -> str:
+    """benchmarks/gpu.py's table (gpu.md under gpu.json's where/when) once measured; until then, says so."""
+    if (RESULTS / "gpu.json").is_file() and (RESULTS / "gpu.md").is_file():
+        return with_md("gpu")
+    h200 = load("gpu_h200.json")["provenance"]["date"]
+    return (
+        "Not measured yet: no GPU has run `python benchmarks/gpu.py` (one GPU, the default rows in about 8 "
+        "minutes; it writes `benchmarks/results/gpu.json` and `gpu.md`). Until then the only GPU figures are the "
+        f"hand-measured ones above ({h200}, `benchmarks/results/gpu_h200.json`)."
+    )
+
+
 def _chaos_summary(name: str) -> str:
     """'DATE, MACHINE, commit C; from `benchmarks/results/NAME`): lora 20/20 identical (...); full ...' of a report."""
     text = (RESULTS / name).read_text()
@@ -154,6 +166,7 @@ BLOCKS = {
     "memory": lambda: with_md("memory"),
     "memory-effects": memory_effects,
     "gpu-h200": gpu_h200,
+    "gpu": gpu_suite,
     "throughput": lambda: with_md("throughput"),
     "data-throughput": lambda: with_md("data_throughput"),
     "chaos": chaos,

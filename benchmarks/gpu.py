@@ -1,0 +1,903 @@
+"""The GPU suite: every GPU figure of the README from one command on one GPU, no internet (issue 15, item 1).
+
+For each row (a model, training type, resolution, activation checkpointing (AC), compile, memory cap):
+  1. full-size random checkpoints built on the GPU from benchmarks/model_configs/ (the real transformer and VAE
+     configs via from_config, bf16, save_pretrained as safetensors; the VAE encoder's last conv scaled by 0.01 so
+     random latents stay small). The text encoders are SHORTENED: one layer at the real width, with the tiny
+     tokenizer(s) of ptrain.testing.tiny (HunyuanVideo's Llama: two layers, as its pipeline reads
+     hidden_states[-3]); the scheduler is the real config. Two synthetic H.264 videos cover
+     every row's frames and size. Built once per model, deleted after its last row (disk);
+  2. a precompute pass of ptrain (`--enable_precomputation --train_steps 1`, AC, no compile, no memory cap), once
+     per model;
+  3. the timed ptrain run: `torchrun --standalone --nproc_per_node 1 -m ptrain ... --enable_precomputation
+     --precomputation_reuse --log_step_breakdown`, read from its metrics.jsonl;
+  4. a bare PyTorch loop (a subprocess of this file) on the same transformer, shapes and precomputed inputs:
+     the same LoRA (ptrain.parallelize.make_trainable) or full fine-tune, the same AC (apply_ac) and compile
+     (apply_compile) on the plain module, fused AdamW, gradient clipping, flow-matching MSE. Its first step is
+     uncompiled and counted with FlopCounterMode: model FLOPs (without AC recompute) and hardware FLOPs (with);
+  5. the planner's prediction for the same flags (ptrain.planner.plan on the configs, on the CPU, in a
+     background process while the GPU works).
+Per row it records the device, torch / CUDA versions, peak allocated and reserved (ptrain's peak_memory_gb /
+peak_reserved_gb; ptrain does not reset the peak statistics before step 1, so its peak covers start-up, i.e.
+model loading, too: the precompute pass is a separate process so that VAE encoding is not in it), the median
+step time after warm-up, MFU (model FLOPs) and HFU (with recompute) of trainer and bare loop against the
+device's dense bf16 peak (ptrain.metrics, or --peak_tflops), ptrain's own logged `mfu` where it logs one (it
+counts AC recompute and is not logged under --compile), the planner's peak and its error, trainer / bare, and
+the compile time (first step minus the median). Every phase has its own subprocess timeout; gpu.json and
+gpu.md are rewritten after every row, so a run cut short leaves what it measured.
+
+The default set fits about 8 minutes (estimates in --dry_run); the other rows run with --set all or --only:
+
+    python benchmarks/gpu.py --dry_run              # the plan: rows, flags, budgets, estimated minutes (CPU, CI)
+    python benchmarks/gpu.py --list                 # row names
+    python benchmarks/gpu.py [--only ROW ...] [--set default|all] [--out DIR] [--peak_tflops 989]
+    python benchmarks/gpu.py --cpu --out /tmp/x     # the same path on tiny checkpoints on the CPU (tests)
+
+On a lent GPU machine (the device tool: /work/.library/device/README.md): its image (KINDS.md) lacks diffusers,
+tyro, decord, torchdata, imageio-ffmpeg and ftfy, and nothing can be downloaded there. Once, here, in the repo
+root, fetch py3.12 wheels of the venv's versions (`.venv/bin/pip show NAME`; these are as of 2026-11-27):
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux1_x86_64 -d .whl diffusers==0.42.1 tyro==1.0.17 decord==0.6.0 torchdata==0.11.0 \
+        imageio-ffmpeg==0.5.1 ftfy==6.3.1 docstring-parser==0.18.0 typeguard==4.6.1 wcwidth==0.9.4
+    # imageio-ffmpeg 0.5.1 (27 MB), not 0.8.1 (68 MB): the carried tree must stay under 64 MiB (`du -sh .whl`)
+
+then one call of the device tool's `run` with carry [".whl"], timeout_s 560 and the command
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 \
+      && timeout 480 python3 benchmarks/gpu.py --out $OUT --work /tmp/gpu-suite
+
+(gpu.json and gpu.md come back from $OUT; a run cut short leaves the rows done so far.) The rows outside the
+default set: `--dry_run --set all` prints them packed into further ~8-minute calls (`--only ROW ...`); the
+HunyuanVideo and CogVideoX-5B no-AC / full fine-tune rows want nvidia-h200 (their min_gib). Afterwards, here:
+copy gpu.json and gpu.md from the run's files_at into benchmarks/results/ (merge the rows of several calls into
+one gpu.json and re-render gpu.md with `python -c "import json, benchmarks.gpu as g;
+print(g.markdown(json.load(open('benchmarks/results/gpu.json'))), end='')" > benchmarks/results/gpu.md`), record
+where and when: `python benchmarks/readme.py --stamp benchmarks/results/gpu.json --kind measured --command
+"python benchmarks/gpu.py"`, then set the provenance's machine to the GPU as the rows name it (the stamp records
+this machine) and its torch to the rows' torch / CUDA; regenerate the README: `python benchmarks/readme.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CONFIGS = REPO / "benchmarks" / "model_configs"
+RESULTS = REPO / "benchmarks" / "results"
+GIB = 2**30
+DEADLINE_S = 480  # the whole default run, as the device tool's `timeout 480` allows
+WARMUP, STEPS = 2, 5  # timed ptrain run: steps 1..WARMUP are warm-up (compile), the median is over the rest
+
+
+@dataclass
+class Row:
+    name: str
+    variant: str  # a folder of benchmarks/model_configs/ (or, with --cpu, a tiny model name)
+    training_type: str  # lora | full-finetune
+    ac: bool
+    compile: bool
+    frames_hw: tuple[int, int, int]
+    extra: list[str] = field(default_factory=list)
+    cap_gib: float | None = None  # torch.cuda.set_per_process_memory_fraction, in GiB
+    min_gib: float = 0.0  # skipped on a device with less memory
+    est_s: int = 60  # estimated wall time of the row itself (timed run + bare loop)
+    default: bool = True  # in the default set (the ~8-minute run)
+    note: str = ""
+
+
+#: Per model: estimated seconds to build its checkpoint (+ videos, alongside) and run the precompute pass. From
+#: the H200 notes (../shared/reference/platform_notes.md): ~25 s start-up per process, ~30 s first compiled step.
+SETUP_EST_S = {"ltx-video": 50, "cogvideox-5b": 75, "wan2.1-1.3b": 60, "hunyuan-video": 130, "ltx_video": 25}
+FP8 = ["--layerwise_upcasting_modules", "transformer"]
+ROWS = [
+    Row("ltx-lora-ac", "ltx-video", "lora", True, True, (49, 512, 768), est_s=105),
+    Row("cogvideox5b-lora-ac", "cogvideox-5b", "lora", True, True, (49, 480, 720), est_s=160),
+    Row("ltx-lora-noac", "ltx-video", "lora", False, True, (49, 512, 768), est_s=95, default=False,
+        note="planned 12.8 GiB"),
+    Row("cogvideox5b-lora-noac", "cogvideox-5b", "lora", False, True, (49, 480, 720), min_gib=100, est_s=150,
+        default=False, note="planned 73.9 GiB: an H200, not an 80 GB card"),
+    Row("cogvideox5b-full-ac", "cogvideox-5b", "full-finetune", True, False, (49, 480, 720), min_gib=120,
+        est_s=170, default=False, note="~104 GiB measured with foreach AdamW: an H200; no AC does not fit"),
+    Row("wan1.3b-lora-ac", "wan2.1-1.3b", "lora", True, True, (81, 480, 832), est_s=120, default=False),
+    Row("wan1.3b-lora-noac", "wan2.1-1.3b", "lora", False, True, (81, 480, 832), est_s=110, default=False),
+    Row("hunyuan-lora-ac-fp8-24g", "hunyuan-video", "lora", True, False, (49, 512, 768), FP8, cap_gib=24,
+        est_s=200, default=False, note="24 GiB cap, FP8 storage of frozen weights; no AC does not fit 24 GiB"),
+]  # fmt: skip
+#: --cpu: the same path on the tiny LTX-Video checkpoint (ptrain.testing.tiny), float32, gloo.
+CPU_ROWS = [
+    Row("cpu-ltx-lora-ac", "ltx_video", "lora", True, False, (9, 32, 32), est_s=30),
+    Row("cpu-ltx-lora-noac", "ltx_video", "lora", False, False, (9, 32, 32), est_s=30, default=False),
+]
+
+
+def model_name(row: Row, cpu: bool) -> str:
+    if cpu:
+        return row.variant
+    return json.loads((CONFIGS / row.variant / "ptrain_variant.json").read_text())["model_name"]
+
+
+def model_flags(row: Row, cpu: bool) -> list[str]:
+    """The flags that fix the step (shared by the trainer's runs, the bare loop and the planner)."""
+    f, h, w = row.frames_hw
+    flags = ["--model_name", model_name(row, cpu), "--num_frames", str(f), "--height", str(h), "--width", str(w),
+             "--batch_size", "1", "--training_type", row.training_type]  # fmt: skip
+    if row.training_type == "lora":
+        flags += ["--rank", "128" if not cpu else "8", "--lora_alpha", "128" if not cpu else "8"]
+    if row.ac:
+        flags += ["--gradient_checkpointing", "--ac_mode", "full"]
+    if row.compile:
+        flags.append("--compile")
+    dtype = "float32" if cpu else "bfloat16"
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        flags += [f"--{part}_dtype", dtype]
+    return flags + row.extra
+
+
+def run_flags(row: Row, cpu: bool, ckpt: Path, data: Path, cache: Path, out: Path, steps: int) -> list[str]:
+    return [*model_flags(row, cpu), "--pretrained_model_name_or_path", str(ckpt), "--data_root", str(data),
+            "--output_dir", str(out), "--train_steps", str(steps), "--enable_precomputation",
+            "--precomputation_dir", str(cache), "--precomputation_reuse", "--log_step_breakdown",
+            "--report_to", "none", "--checkpointing_steps", "0", "--resume_from_checkpoint", "none",
+            "--dataloader_num_workers", "0" if cpu else "2", "--seed", "0"]  # fmt: skip
+
+
+def select(rows: list[Row], only: list[str] | None, which: str) -> list[Row]:
+    names = [r.name for r in rows]
+    for name in only or []:
+        if name not in names:
+            sys.exit(f"--only {name}: no such row; rows: {', '.join(names)}")
+    if only:
+        return [r for r in rows if r.name in only]
+    return [r for r in rows if which == "all" or r.default]
+
+
+def estimate_s(rows: list[Row]) -> int:
+    """Set-up per model (once) plus every row's own estimate, plus ~10 s of imports and the planner's wait."""
+    return 10 + sum(SETUP_EST_S[v] for v in dict.fromkeys(r.variant for r in rows)) + sum(r.est_s for r in rows)
+
+
+def budget_s(row: Row) -> int:
+    """A row's own time limit (timed run + bare loop): twice its estimate."""
+    return 2 * row.est_s
+
+
+def dry_run(rows: list[Row], all_rows: list[Row], cpu: bool) -> None:
+    print(f"GPU suite plan ({'CPU mode, tiny checkpoints' if cpu else 'one GPU'}); deadline {DEADLINE_S} s:")
+    for r in all_rows:
+        mark = "run " if r in rows else "skip"
+        cap = f", cap {r.cap_gib:g} GiB" if r.cap_gib else ""
+        need = f", needs >= {r.min_gib:g} GiB" if r.min_gib else ""
+        print(f"  [{mark}] {r.name}: estimated {r.est_s} s, budget {budget_s(r)} s{cap}{need}"
+              f"{f' ({r.note})' if r.note else ''}")  # fmt: skip
+        print(f"         ptrain {' '.join(model_flags(r, cpu))}")
+    setups = ", ".join(f"{v} {SETUP_EST_S[v]} s" for v in dict.fromkeys(r.variant for r in rows))
+    total = estimate_s(rows)
+    print(f"set-up per model (checkpoint build, videos, precompute pass): {setups}")
+    print(f"estimated total: {total} s = {total / 60:.1f} min for {len(rows)} rows "
+          f"({'within' if total <= DEADLINE_S else 'OVER'} the {DEADLINE_S / 60:.0f}-minute limit)")  # fmt: skip
+    rest = [r for r in all_rows if r not in rows]
+    if rest:
+        print(f"the other rows, in calls of at most {DEADLINE_S / 60:.0f} minutes each (by estimate):")
+        for group in split_calls(rest):
+            only = " ".join(f"--only {r.name}" for r in group)
+            print(f"  {estimate_s(group)} s: python benchmarks/gpu.py {'--cpu ' if cpu else ''}{only}")
+
+
+def split_calls(rows: list[Row]) -> list[list[Row]]:
+    """Rows packed into runs that each fit DEADLINE_S by estimate, one model's rows together where they fit."""
+    calls: list[list[Row]] = []
+    for variant in dict.fromkeys(r.variant for r in rows):
+        for row in (r for r in rows if r.variant == variant):
+            fitting = [c for c in calls if estimate_s([*c, row]) <= DEADLINE_S]
+            home = next((c for c in fitting if any(r.variant == variant for r in c)), fitting[0] if fitting else None)
+            if home is None:
+                calls.append([row])
+            else:
+                home.append(row)
+    return calls
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checkpoints and videos
+# --------------------------------------------------------------------------------------------------------
+
+
+def _text_encoder(cls, real: dict, tiny_config: dict, dtype, device):
+    """The real text encoder config cut to one layer (a Llama to two: HunyuanVideo's pipeline reads
+    hidden_states[-3]), with the tiny tokenizer's vocabulary and special ids."""
+    config = dict(real)
+    for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+        if key in tiny_config:
+            config[key] = tiny_config[key]
+    for key in ("num_layers", "num_hidden_layers", "num_decoder_layers"):
+        if key in config:
+            config[key] = 2 if config.get("model_type") == "llama" else 1
+    config_cls = cls.config_class
+    config = config_cls.from_dict({k: v for k, v in config.items() if k not in ("architectures", "_name_or_path")})
+    with torch_device(device), default_dtype(dtype):
+        return cls(config).eval()
+
+
+def torch_device(device):
+    import torch
+
+    return torch.device(device)
+
+
+class default_dtype:
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __enter__(self):
+        import torch
+
+        self.old = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_default_dtype(self.old)
+
+
+def build_full_checkpoint(variant: str, dest: Path, dev: str = "cuda") -> Path:
+    """A full-size random checkpoint of `variant` (see the module docstring), built on the GPU in bf16."""
+    import torch
+
+    from ptrain.models.registry import get_spec
+    from ptrain.testing.tiny import build_tiny_pipeline, build_tokenizer
+
+    name = json.loads((CONFIGS / variant / "ptrain_variant.json").read_text())["model_name"]
+    spec, src = get_spec(name), CONFIGS / variant
+    tiny = build_tiny_pipeline(name)
+    parts = dict(tiny.components)
+    bf16 = torch.bfloat16
+    with torch.device(dev), default_dtype(bf16):
+        for part in ("transformer", "vae"):
+            cls = spec.component_classes[part]
+            parts[part] = cls.from_config(cls.load_config(src, subfolder=part)).eval()
+    convs = [m for m in parts["vae"].encoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    with torch.no_grad():
+        for p in convs[-1].parameters():
+            p.mul_(0.01)
+    for part in ("text_encoder", "text_encoder_2"):
+        if part in parts and (src / part / "config.json").is_file():
+            real = json.loads((src / part / "config.json").read_text())
+            parts[part] = _text_encoder(type(parts[part]), real, parts[part].config.to_dict(), bf16, dev)
+    if name == "cogvideox":  # the tokenizer's length is the transformer's max_text_seq_length (226)
+        parts["tokenizer"] = build_tokenizer(model_max_length=int(parts["transformer"].config.max_text_seq_length))
+    sched = parts["scheduler"]
+    parts["scheduler"] = type(sched).from_config(type(sched).load_config(src, subfolder="scheduler"))
+    type(tiny)(**parts).save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+def write_videos(dest: Path, frames: int, height: int, width: int) -> Path:
+    """Two synthetic H.264 videos of at least `frames` frames at (at least) height x width."""
+    from ptrain.testing import tiny
+
+    specs = tiny.synthetic_video_specs(2, seed=0, sizes=[(width, height), (width + 32, height + 32)])
+    dest.joinpath("videos").mkdir(parents=True, exist_ok=True)
+    specs = [dataclasses.replace(s, num_frames=frames + 4, fps=24) for s in specs]
+    for s in specs:
+        tiny.write_video(dest / s.path, tiny.render_frames(s), s.fps)
+    (dest / "prompts.txt").write_text("".join(s.caption + "\n" for s in specs))
+    (dest / "videos.txt").write_text("".join(s.path + "\n" for s in specs))
+    return dest
+
+
+# --------------------------------------------------------------------------------------------------------
+# Subprocesses: every phase in its own process, with its own timeout
+# --------------------------------------------------------------------------------------------------------
+
+
+def child_env(cpu: bool, cap_gib: float | None = None) -> dict:
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        env["OMP_NUM_THREADS"] = "1"
+    if cap_gib:
+        env["PTRAIN_BENCH_CAP_GIB"] = str(cap_gib)
+    return env
+
+
+def spawn(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """Start `cmd` in its own process group, stdout+stderr to `log` (the child keeps the file open)."""
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def run_proc(cmd: list[str], env: dict, timeout: float, log: Path) -> tuple[int, float]:
+    """Run `cmd` in its own process group with stdout+stderr to `log`; on timeout kill that group. (rc, seconds);
+    rc 124 on timeout."""
+    import signal
+
+    t0 = time.perf_counter()
+    p = spawn(cmd, env, log)
+    try:
+        rc = p.wait(timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        rc = 124
+    return rc, time.perf_counter() - t0
+
+
+def log_tail(log: Path, n: int = 1500) -> str:
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    tb = text.rfind("Traceback (most recent call last)")
+    return (text[tb:] if tb >= 0 else text)[-n:]
+
+
+def ptrain_cmd(flags: list[str], cap_gib: float | None) -> list[str]:
+    """torchrun -m ptrain; under a memory cap the worker is this file, which sets the cap and calls ptrain."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    if cap_gib:
+        return [*cmd, str(Path(__file__).resolve()), "--_capped_ptrain", *flags]
+    return [*cmd, "-m", "ptrain", *flags]
+
+
+def apply_cap() -> None:
+    """torch.cuda.set_per_process_memory_fraction from $PTRAIN_BENCH_CAP_GIB (rows with a memory cap)."""
+    cap = os.environ.get("PTRAIN_BENCH_CAP_GIB")
+    if cap:
+        import torch
+
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) * GIB / total), 0)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize_trainer(rows: list[dict], compiled: bool) -> dict:
+    """Median step time after the warm-up steps, compile time, phases, peaks, ptrain's own mfu if it logged one."""
+    timed = rows[WARMUP:] or rows[-1:]
+    med = statistics.median(r["step_time_s"] for r in timed)
+    first = rows[0]["step_time_s"]
+    out = {"step_s": med, "first_step_s": first, "compile_s": first - med if compiled else None,
+           "steps_timed": len(timed), "loss_last": rows[-1]["loss"],
+           "peak_allocated_gib": rows[-1]["peak_memory_gb"], "peak_reserved_gib": rows[-1]["peak_reserved_gb"]}  # fmt: skip
+    for k in ("forward_s", "backward_s", "optimizer_s", "data_time_s"):
+        if k in timed[0]:
+            out[k] = statistics.median(r[k] for r in timed)
+    out["mfu_logged"] = rows[-1].get("mfu")
+    out["tflops_per_step_logged"] = rows[-1].get("tflops_per_step")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# The bare loop (a subprocess: python benchmarks/gpu.py --_bare JOB.json)
+# --------------------------------------------------------------------------------------------------------
+
+
+def load_bare_model(row: Row, cpu: bool, ckpt: str):
+    """The transformer as ptrain trains it (same LoRA / full fine-tune), on a plain module; FP8 storage through
+    diffusers' layerwise casting (ptrain does it through FSDP2's mixed precision)."""
+    import torch
+
+    from ptrain.config import parse_config
+    from ptrain.models.registry import get_spec
+    from ptrain.models.spec import Components
+    from ptrain.parallelize import make_trainable, seed_everything
+
+    cfg = parse_config([*model_flags(row, cpu), "--pretrained_model_name_or_path", ckpt])
+    spec = get_spec(cfg.model.model_name)
+    dtype = torch.float32 if cpu else torch.bfloat16
+    kw = {"torch_dtype": dtype, "use_safetensors": True}
+    t = spec.transformer_cls.from_pretrained(ckpt, subfolder="transformer", **kw)
+    vae = spec.component_classes["vae"].from_pretrained(ckpt, subfolder="vae", **kw)  # CPU: latents only
+    sched = spec.component_classes["scheduler"].from_pretrained(ckpt, subfolder="scheduler")
+    extra = {k: None for k in spec.component_classes
+             if k not in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}  # fmt: skip
+    comps = Components(t, vae, None, None, sched, extra)
+    spec = spec.bind(comps)
+    if cfg.model.layerwise_upcasting_modules:
+        storage = getattr(torch, cfg.model.layerwise_upcasting_storage_dtype)
+        pattern = tuple(cfg.model.layerwise_upcasting_skip_modules_pattern)
+        t.enable_layerwise_casting(storage_dtype=storage, compute_dtype=dtype, skip_modules_pattern=pattern)
+    seed_everything(0)
+    make_trainable(t, cfg, spec)
+    return t, comps, spec
+
+
+def bare_inputs(spec, comps, cache: str, device):
+    """The first precomputed sample of ptrain's cache: a latent drawn from its distribution, its text states."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ptrain.models.spec import Conditioning
+
+    files = sorted(p for p in Path(cache).rglob("*.safetensors") if p.name != "empty_caption.safetensors")
+    if not files:
+        raise FileNotFoundError(f"no precomputed sample under {cache}: did the precompute pass run?")
+    item = load_file(files[0])
+    latents = spec.latents_from_dist(comps, item["latent_dist"][None], [torch.Generator().manual_seed(0)])
+    cond = Conditioning({k[5:]: v[None].to(device) for k, v in item.items() if k.startswith("text.")})
+    return latents.to(device), cond
+
+
+def count_step_flops(step, blocks_wrapped: list) -> dict:
+    """One uncompiled step under FlopCounterMode: forward, backward (with AC recompute) and the forward FLOPs of
+    the checkpointed blocks (what the backward recomputes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fwd, bwd = FlopCounterMode(display=False), FlopCounterMode(display=False)
+    in_blocks = [0]
+
+    def total() -> int:
+        return sum(fwd.flop_counts["Global"].values())
+
+    def pre(module, args):
+        module._bench_start = total()
+
+    def post(module, args, output):
+        in_blocks[0] += total() - module._bench_start
+
+    hooks = [b.register_forward_pre_hook(pre) for b in blocks_wrapped]
+    hooks += [b.register_forward_hook(post) for b in blocks_wrapped]
+    with fwd:
+        loss = step("forward")
+    for h in hooks:
+        h.remove()
+    with bwd:
+        step("backward", loss)
+    step("optimizer")
+    f, b = fwd.get_total_flops(), bwd.get_total_flops()
+    return {"forward_flops": f, "backward_flops": b, "recompute_flops": in_blocks[0], "hw_flops": f + b,
+            "model_flops": f + b - in_blocks[0]}  # fmt: skip
+
+
+def bare_loop(job: dict) -> dict:
+    import torch
+
+    from ptrain.metrics import peak_memory_gb
+    from ptrain.parallel.activation import apply_ac
+    from ptrain.parallel.compile import apply_compile
+
+    row, cpu = Row(**job["row"]), job["cpu"]
+    device = torch.device("cpu" if cpu else "cuda")
+    apply_cap()
+    t, comps, spec = load_bare_model(row, cpu, job["ckpt"])
+    t.to(device)
+    latents, cond = bare_inputs(spec, comps, job["cache"], device)
+    blocks = spec.blocks(t)
+    wrapped = [b for bl in blocks for b in bl]
+    if row.ac:
+        apply_ac(blocks, "full")
+        wrapped = [b for bl in blocks for b in bl]
+    params = [p for p in t.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    noisy, target = 0.5 * latents + 0.5 * noise, noise - latents
+    ts = torch.full((1,), 500.0, device=device)
+
+    def step(phase: str, loss=None):
+        if phase == "forward":
+            return (spec.forward(t, noisy, ts, cond).float() - target).pow(2).mean()
+        if phase == "backward":
+            return loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    flops = count_step_flops(step, wrapped if row.ac else [])
+    if row.compile:
+        apply_compile(blocks)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = [timed_step(step, device) for _ in range(WARMUP + STEPS)]
+    alloc, reserved = peak_memory_gb(device)
+    timed = times[WARMUP:]
+    med = {k: statistics.median(x[k] for x in timed) for k in timed[0]}
+    return {**flops, "step_s": med["step_s"], "forward_s": med["forward_s"], "backward_s": med["backward_s"],
+            "optimizer_s": med["optimizer_s"], "first_step_s": times[0]["step_s"],
+            "compile_s": times[0]["step_s"] - med["step_s"] if row.compile else None, "peak_allocated_gib": alloc,
+            "peak_reserved_gib": reserved, "tokens": spec.tokens_per_sample(tuple(latents.shape), comps),
+            **device_info(device)}  # fmt: skip
+
+
+def timed_step(step, device) -> dict:
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
+    t0 = time.perf_counter()
+    loss = step("forward")
+    sync()
+    t1 = time.perf_counter()
+    step("backward", loss)
+    sync()
+    t2 = time.perf_counter()
+    step("optimizer")
+    sync()
+    t3 = time.perf_counter()
+    return {"step_s": t3 - t0, "forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2}
+
+
+def device_info(device) -> dict:
+    import torch
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name, mem = props.name, props.total_memory / GIB
+    else:
+        import platform
+
+        name, mem = f"CPU ({platform.machine()}, {os.cpu_count()} cores)", None
+    return {"device": name, "device_memory_gib": mem, "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The planner (a background subprocess on the CPU: python benchmarks/gpu.py --_plan JOB.json)
+# --------------------------------------------------------------------------------------------------------
+
+
+def plan_all(job: dict) -> None:
+    """ptrain.planner.plan for every row's flags, one world; out file rewritten after every row."""
+    from ptrain.planner import plan
+
+    os.nice(10)
+    out, done = Path(job["out"]), {}
+    for name, flags, model_dir in job["rows"]:
+        t0 = time.perf_counter()
+        try:
+            res = plan(flags, 1, model_dir)
+            done[name] = {"peak_gib": res["peak_bytes"] / GIB, "layout": res["layout"],
+                          "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - recorded per row, the other rows still plan
+            done[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        out.write_text(json.dumps(done, indent=1))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The suite
+# --------------------------------------------------------------------------------------------------------
+
+
+class Suite:
+    def __init__(self, args, rows: list[Row]):
+        self.args, self.rows, self.cpu = args, rows, args.cpu
+        self.t0 = time.perf_counter()
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work = Path(args.work or tempfile.mkdtemp(prefix="ptrain-gpu-suite-"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.records: list[dict] = []
+        self.device = gpu_name_and_memory() if not self.cpu else (None, None)
+        self.planner: subprocess.Popen | None = None
+
+    def left(self) -> float:
+        return self.args.deadline_s - (time.perf_counter() - self.t0)
+
+    def say(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:6.1f} s] {msg}", flush=True)
+
+    def ckpt_dir(self, variant: str) -> Path:
+        return self.work / "ckpt" / variant
+
+    def start_planner(self) -> None:
+        """The planner for every row, on the CPU, while the GPU works (no CUDA in that process)."""
+        rows = [(r.name, model_flags(r, self.cpu), str(self.ckpt_dir(r.variant) if self.cpu else CONFIGS / r.variant))
+                for r in self.rows]  # fmt: skip
+        job = self.work / "plan_job.json"
+        job.write_text(json.dumps({"rows": rows, "out": str(self.work / "plans.json")}))
+        env = child_env(True)  # no CUDA; few threads, niced: it must not slow the timed runs' host side
+        env["OMP_NUM_THREADS"] = "1" if self.cpu else "2"
+        self.planner = spawn([sys.executable, str(Path(__file__).resolve()), "--_plan", str(job)], env,
+                             self.work / "plan.log")  # fmt: skip
+
+    def plans(self) -> dict:
+        path = self.work / "plans.json"
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except json.JSONDecodeError:  # being rewritten: the next write picks it up
+            return {}
+
+    def setup(self, variant: str, rows: list[Row]) -> tuple[Path, Path, Path]:
+        """Checkpoint (a subprocess on the GPU; tiny on the CPU), videos, the precompute pass of the first row."""
+        ckpt, data, cache = self.ckpt_dir(variant), self.work / "data" / variant, self.work / "cache" / variant
+        frames = max(r.frames_hw[0] for r in rows)
+        h, w = max(r.frames_hw[1] for r in rows), max(r.frames_hw[2] for r in rows)
+        build = None
+        if not ckpt.is_dir():
+            if self.cpu:
+                from ptrain.testing.tiny import write_tiny_checkpoint
+
+                write_tiny_checkpoint(ckpt, variant)
+            else:
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--_build", variant, str(ckpt)]
+                build = spawn(cmd, child_env(False), self.work / f"build-{variant}.log")
+        write_videos(data, frames, h, w)  # on the CPU while the GPU builds the checkpoint
+        if build is not None:
+            rc = build.wait(timeout=max(self.left(), 1))
+            if rc != 0:
+                raise RuntimeError(f"building {variant} failed:\n{log_tail(self.work / f'build-{variant}.log')}")
+        first = rows[0]
+        pre = dataclasses.replace(first, compile=False, ac=True)  # only the cache matters: a small, quick step
+        flags = run_flags(pre, self.cpu, ckpt, data, cache, self.work / f"pre-{variant}", 1)
+        flags.remove("--precomputation_reuse")
+        log = self.work / f"pre-{variant}.log"
+        # without the row's memory cap: the cache is the same, and the cap is about the training step
+        rc, secs = run_proc(ptrain_cmd(flags, None), child_env(self.cpu), min(self.left(), 4 * SETUP_EST_S[variant]),
+                            log)  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"precompute pass of {variant} failed (rc {rc}, {secs:.0f} s):\n{log_tail(log)}")
+        what = "tiny checkpoint" if self.cpu else "full-size checkpoint (text encoders SHORTENED to one layer)"
+        self.say(f"{variant}: {what}, videos and precompute pass ready")
+        return ckpt, data, cache
+
+    def trainer(self, row: Row, ckpt: Path, data: Path, cache: Path, limit: float) -> dict:
+        out = self.work / f"run-{row.name}"
+        shutil.rmtree(out, ignore_errors=True)
+        flags = run_flags(row, self.cpu, ckpt, data, cache, out, WARMUP + STEPS)
+        if self.args.peak_tflops:
+            flags += ["--peak_tflops", str(self.args.peak_tflops)]
+        log = self.work / f"run-{row.name}.log"
+        rc, secs = run_proc(ptrain_cmd(flags, row.cap_gib), child_env(self.cpu, row.cap_gib), limit, log)
+        metrics = read_metrics(out)
+        if rc != 0 or len(metrics) < WARMUP + 1:
+            raise RuntimeError(f"ptrain run failed (rc {rc}, {secs:.0f} s, {len(metrics)} steps logged):\n"
+                               f"{log_tail(log)}")  # fmt: skip
+        res = summarize_trainer(metrics, row.compile)
+        res["wall_s"] = secs
+        res["cache_reused"] = "precomputation: reusing" in log.read_text(errors="replace")
+        return res
+
+    def bare(self, row: Row, ckpt: Path, cache: Path, limit: float) -> dict:
+        job, result = self.work / f"bare-{row.name}.json", self.work / f"bare-{row.name}.out.json"
+        job.write_text(json.dumps({"row": asdict(row), "cpu": self.cpu, "ckpt": str(ckpt), "cache": str(cache),
+                                   "out": str(result)}))  # fmt: skip
+        log = self.work / f"bare-{row.name}.log"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_bare", str(job)]
+        rc, secs = run_proc(cmd, child_env(self.cpu, row.cap_gib), limit, log)
+        if rc != 0 or not result.is_file():
+            raise RuntimeError(f"bare loop failed (rc {rc}, {secs:.0f} s):\n{log_tail(log)}")
+        return {**json.loads(result.read_text()), "wall_s": secs}
+
+    def run_row(self, row: Row, ckpt: Path, data: Path, cache: Path) -> dict:
+        """The timed ptrain run (at most 60% of the row's budget), then the bare loop (the rest)."""
+        end = time.perf_counter() + min(budget_s(row), self.left())
+        self.say(f"{row.name}: timed ptrain run (limit {0.6 * (end - time.perf_counter()):.0f} s)")
+        trainer = self.trainer(row, ckpt, data, cache, 0.6 * (end - time.perf_counter()))
+        self.say(f"{row.name}: ptrain {trainer['step_s']:.3f} s/step; bare loop")
+        bare = self.bare(row, ckpt, cache, end - time.perf_counter())
+        self.say(f"{row.name}: bare {bare['step_s']:.3f} s/step")
+        return {"trainer": trainer, "bare": bare}
+
+    def run(self) -> None:
+        if self.cpu:
+            for variant in dict.fromkeys(r.variant for r in self.rows):
+                from ptrain.testing.tiny import write_tiny_checkpoint
+
+                write_tiny_checkpoint(self.ckpt_dir(variant), variant)
+        self.start_planner()
+        for variant in dict.fromkeys(r.variant for r in self.rows):
+            rows = [r for r in self.rows if r.variant == variant]
+            runnable = [r for r in rows if self.fits(r)]
+            if not runnable:
+                continue
+            try:
+                ckpt, data, cache = self.setup(variant, runnable)
+            except Exception as e:  # noqa: BLE001 - the rows say why, the other models still run
+                for r in runnable:
+                    self.record(r, status=f"failed in set-up: {e}")
+                continue
+            for row in runnable:
+                if self.left() < row.est_s:
+                    self.record(
+                        row, status=f"not run: {self.left():.0f} s left of the deadline, estimate {row.est_s} s"
+                    )
+                    continue
+                try:
+                    self.record(row, **self.run_row(row, ckpt, data, cache))
+                except Exception as e:  # noqa: BLE001
+                    self.record(row, status=f"failed: {e}")
+            if not self.cpu:
+                shutil.rmtree(ckpt, ignore_errors=True)  # disk: Hunyuan alone is 26 GB
+        self.finish_planner()
+
+    def fits(self, row: Row) -> bool:
+        _, mem = self.device
+        if mem is not None and row.min_gib > mem:
+            self.record(row, status=f"skipped: needs >= {row.min_gib:g} GiB, this device has {mem:.0f} GiB")
+            return False
+        if self.left() < SETUP_EST_S[row.variant] + row.est_s:
+            self.record(row, status=f"not run: {self.left():.0f} s left of the {self.args.deadline_s} s deadline")
+            return False
+        return True
+
+    def finish_planner(self) -> None:
+        if self.planner is not None:
+            try:
+                self.planner.wait(timeout=max(self.left(), 5))
+            except subprocess.TimeoutExpired:
+                import signal
+
+                os.killpg(self.planner.pid, signal.SIGKILL)
+                self.planner.wait()
+        for rec in self.records:
+            self.add_plan(rec)
+        self.write()
+
+    def add_plan(self, rec: dict) -> None:
+        p = self.plans().get(rec["row"])
+        if p is None:
+            return
+        rec["planner"] = p
+        peak = (rec.get("trainer") or {}).get("peak_allocated_gib")
+        if "peak_gib" in p and peak:  # on the CPU ptrain's "peak" is the process's resident set: no comparison
+            rec["planner_error_pct"] = None if self.cpu else 100 * (p["peak_gib"] - peak) / peak
+
+    def record(self, row: Row, status: str = "ok", trainer: dict | None = None, bare: dict | None = None) -> None:
+        rec = {"row": row.name, "variant": row.variant, "training_type": row.training_type, "ac": row.ac,
+               "compile": row.compile, "frames_hw": list(row.frames_hw), "cap_gib": row.cap_gib,
+               "flags": model_flags(row, self.cpu), "note": row.note, "status": status}  # fmt: skip
+        if trainer and bare:
+            rec.update(derived(trainer, bare, self.args.peak_tflops))
+            rec.update(trainer=trainer, bare=bare)
+        self.add_plan(rec)
+        self.records = [r for r in self.records if r["row"] != row.name] + [rec]
+        self.say(f"{row.name}: {status}")
+        self.write()
+
+    def write(self) -> None:
+        data = {"about": "benchmarks/gpu.py: full-size random checkpoints (text encoders SHORTENED: one layer at the real "
+                "width, HunyuanVideo's Llama two) "
+                "on one GPU; ptrain (precomputed inputs) against a bare PyTorch loop and the planner",
+                "mode": "cpu (tiny checkpoints)" if self.cpu else "gpu", "warmup_steps": WARMUP, "timed_steps": STEPS,
+                "peak_note": PEAK_NOTE, "flops_note": FLOPS_NOTE, "elapsed_s": round(time.perf_counter() - self.t0, 1),
+                "date": time.strftime("%Y-%m-%d"), "rows": self.records}  # fmt: skip
+        (self.out / "gpu.json").write_text(json.dumps(data, indent=1) + "\n")
+        (self.out / "gpu.md").write_text(markdown(data))
+
+
+PEAK_NOTE = ("ptrain does not reset the CUDA peak statistics before step 1: its peaks cover start-up (model loading) "
+             "too; the precompute pass is a separate process. The bare loop resets them before its timed steps.")  # fmt: skip
+FLOPS_NOTE = ("FLOPs counted with FlopCounterMode on the bare loop's first (uncompiled) step: model FLOPs without "
+              "the AC recompute (MFU), hardware FLOPs with it (HFU). ptrain's own `mfu` (mfu_logged) counts the "
+              "recompute and is not logged under --compile. On the CPU, the flash SDPA kernel counts 0 FLOPs.")  # fmt: skip
+
+
+def derived(trainer: dict, bare: dict, peak_override: float | None) -> dict:
+    from ptrain.metrics import PEAK_TFLOPS
+
+    peak = peak_override or next((v for k, v in PEAK_TFLOPS.items() if k in (bare.get("device") or "")), None)
+    out = {"device": bare.get("device"), "torch": bare.get("torch"), "cuda": bare.get("cuda"),
+           "trainer_over_bare": trainer["step_s"] / bare["step_s"], "peak_tflops": peak,
+           "model_tflop_per_step": bare["model_flops"] / 1e12, "hw_tflop_per_step": bare["hw_flops"] / 1e12}  # fmt: skip
+    for who, res in (("trainer", trainer), ("bare", bare)):
+        out[f"mfu_{who}"] = bare["model_flops"] / res["step_s"] / (peak * 1e12) if peak else None
+        out[f"hfu_{who}"] = bare["hw_flops"] / res["step_s"] / (peak * 1e12) if peak else None
+    return out
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def markdown(data: dict) -> str:
+    rows = data["rows"]
+    dev = next((r["device"] for r in rows if r.get("device")), "no row measured")
+    ver = next((f"torch {r['torch']}, CUDA {r['cuda']}" for r in rows if r.get("torch")), "")
+    head = (
+        f"`python benchmarks/gpu.py` ({data['mode']}) on {dev}; {ver}; {data['date']}; {data['elapsed_s']:.0f} s. "
+        f"{'float32' if data['mode'].startswith('cpu') else 'bf16'}, batch 1, precomputed inputs, text encoders "
+        f"shortened (one layer; HunyuanVideo's Llama two); median of {data['timed_steps']} steps after {data['warmup_steps']} warm-up."
+    )
+    cols = (
+        "| row | AC | compile | peak alloc / reserved GiB | planned GiB (error) | ptrain s/step (fwd / bwd / opt) "
+        "| bare s/step | ptrain / bare | model TFLOP/step | MFU / HFU (ptrain) | compile s | status |"
+    )
+    lines = [head, "", cols, "|---" * 12 + "|"]  # fmt: skip
+    for r in rows:
+        t, p = r.get("trainer"), r.get("planner") or {}
+        plan = f"{p['peak_gib']:.2f}" if "peak_gib" in p else ("error" if "error" in p else "-")
+        if r.get("planner_error_pct") is not None:
+            plan += f" ({r['planner_error_pct']:+.0f}%)"
+        cells = ["-"] * 7
+        if t:
+            b = r["bare"]
+            split = " / ".join(f"{t[k]:.3f}" for k in ("forward_s", "backward_s", "optimizer_s") if k in t)
+            cells = [f"{t['peak_allocated_gib']:.2f} / {t['peak_reserved_gib']:.2f}", plan, f"{t['step_s']:.3f} ({split})",
+                     f"{b['step_s']:.3f}", f"{r['trainer_over_bare']:.2f}", f"{r['model_tflop_per_step']:.3g}",
+                     f"{_pct(r['mfu_trainer'])} / {_pct(r['hfu_trainer'])}"]  # fmt: skip
+        else:
+            cells[1] = plan
+        comp = f"{t['compile_s']:.0f}" if t and r["compile"] else "-"
+        lines.append(f"| {r['row']} | {'yes' if r['ac'] else 'no'} | {'yes' if r['compile'] else 'no'} | "
+                     + " | ".join(cells) + f" | {comp} | {r['status'].splitlines()[0][:120]} |")  # fmt: skip
+    return "\n".join(lines + ["", data["peak_note"], data["flops_note"]]) + "\n"
+
+
+def gpu_name_and_memory() -> tuple[str | None, float | None]:
+    """(name, GiB) of GPU 0 from nvidia-smi, without a CUDA context in this process; (None, None) if unknown."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()[0]  # fmt: skip
+        name, mib = out.rsplit(",", 1)
+        return name.strip(), float(mib) / 1024
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return None, None
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", action="append", help="run this row (repeatable); see --list")
+    ap.add_argument("--set", dest="which", choices=("default", "all"), default="default",
+                    help="default: the rows that fit about 8 minutes; all: every row")  # fmt: skip
+    ap.add_argument("--list", action="store_true", help="print the row names and exit")
+    ap.add_argument("--dry_run", action="store_true", help="print the plan (rows, flags, budgets, minutes) and exit")
+    ap.add_argument("--cpu", action="store_true", help="tiny checkpoints on the CPU (gloo, float32): the test mode")
+    ap.add_argument("--out", default=str(RESULTS), help="where gpu.json and gpu.md go (default benchmarks/results)")
+    ap.add_argument("--work", help="scratch folder for checkpoints, videos, caches, runs (default: a temp dir)")
+    ap.add_argument("--peak_tflops", type=float, help="dense peak of the device (default: ptrain.metrics' table)")
+    ap.add_argument("--deadline_s", type=int, default=DEADLINE_S, help="rows not started past this are skipped")
+    args = ap.parse_args(argv)
+    all_rows = CPU_ROWS if args.cpu else ROWS
+    if args.list:
+        for r in all_rows:
+            print(f"{r.name}{'' if r.default else '  (--set all)'}")
+        return
+    rows = select(all_rows, args.only, args.which)
+    if args.dry_run:
+        return dry_run(rows, all_rows, args.cpu)
+    if not args.cpu and gpu_name_and_memory()[0] is None:
+        sys.exit("no NVIDIA GPU found (nvidia-smi): run with --cpu for the tiny CPU mode, or --dry_run")
+    suite = Suite(args, rows)
+    suite.say(f"GPU suite: {len(rows)} rows; work folder {suite.work}; results to {suite.out}")
+    suite.run()
+    suite.say(f"wrote {suite.out / 'gpu.json'} and {suite.out / 'gpu.md'}")
+    if not args.work:
+        shutil.rmtree(suite.work, ignore_errors=True)
+
+
+def _entry() -> None:
+    """Internal modes of the subprocesses this file starts, else the command line."""
+    mode = sys.argv[1] if len(sys.argv) > 1 else ""
+    if mode == "--_capped_ptrain":  # torchrun worker under a memory cap
+        apply_cap()
+        from ptrain.__main__ import main as ptrain_main
+
+        sys.exit(ptrain_main(sys.argv[2:]))
+    if mode == "--_bare":
+        job = json.loads(Path(sys.argv[2]).read_text())
+        Path(job["out"]).write_text(json.dumps(bare_loop(job), indent=1))
+    elif mode == "--_plan":
+        plan_all(json.loads(Path(sys.argv[2]).read_text()))
+    elif mode == "--_build":
+        build_full_checkpoint(sys.argv[2], Path(sys.argv[3]))
+    else:
+        main()
+
+
+if __name__ == "__main__":
+    _entry()

@@ -1,0 +1,131 @@
+"""benchmarks/gpu.py (issue 15 item 1): the plan on the CPU (--dry_run, --list, --only), and the whole suite
+end to end in its CPU mode on tiny checkpoints (precompute pass, timed ptrain run, bare loop, planner, results)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import gpu
+from benchmarks.memory import RES
+
+
+def suite(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", *args],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_dry_run_lists_every_row_with_its_budget_within_8_minutes():
+    t0 = time.perf_counter()
+    run = suite("--dry_run")
+    assert run.returncode == 0, run.stderr
+    assert time.perf_counter() - t0 < 30  # no model is built
+    for row in gpu.ROWS:
+        line = next(x for x in run.stdout.splitlines() if f"] {row.name}:" in x)
+        assert f"budget {gpu.budget_s(row)} s" in line and f"estimated {row.est_s} s" in line
+        assert ("[run ]" in line) == row.default
+    total = int(re.search(r"estimated total: (\d+) s", run.stdout)[1])
+    assert total == gpu.estimate_s([r for r in gpu.ROWS if r.default]) <= 8 * 60
+    assert "within the 8-minute limit" in run.stdout
+    assert "--model_name cogvideox" in run.stdout and "--layerwise_upcasting_modules transformer" in run.stdout
+    # the rows outside the default run are packed into further calls that each fit the limit
+    calls = [int(m) for m in re.findall(r"^  (\d+) s: python benchmarks/gpu.py", run.stdout, re.MULTILINE)]
+    assert calls and all(c <= 8 * 60 for c in calls)
+    assert sum(len(c) for c in gpu.split_calls([r for r in gpu.ROWS if not r.default])) == sum(
+        not r.default for r in gpu.ROWS
+    )
+
+
+def test_rows_cover_the_issue():
+    names = {r.name for r in gpu.ROWS}
+    assert {"cogvideox5b-lora-ac", "ltx-lora-ac", "wan1.3b-lora-ac", "cogvideox5b-full-ac"} <= names
+    assert {"ltx-lora-noac", "wan1.3b-lora-noac", "cogvideox5b-lora-noac"} <= names
+    hunyuan = next(r for r in gpu.ROWS if r.variant == "hunyuan-video")
+    assert hunyuan.cap_gib == 24 and "--layerwise_upcasting_modules" in hunyuan.extra
+    for r in gpu.ROWS:
+        assert (gpu.CONFIGS / r.variant / "transformer" / "config.json").is_file(), r.name
+        assert r.frames_hw == RES[r.variant], r.name  # the resolutions of benchmarks/memory.py
+
+
+def test_list_and_only():
+    run = suite("--list")
+    assert run.returncode == 0, run.stderr
+    assert [line.split()[0] for line in run.stdout.splitlines()] == [r.name for r in gpu.ROWS]
+    run = suite("--dry_run", "--only", "wan1.3b-lora-noac", "--only", "ltx-lora-ac")
+    assert run.returncode == 0, run.stderr
+    ran = re.findall(r"\[run \] (\S+):", run.stdout)
+    assert ran == ["ltx-lora-ac", "wan1.3b-lora-noac"]  # in the suite's order
+    assert f"for {len(ran)} rows" in run.stdout
+    run = suite("--dry_run", "--only", "no-such-row")
+    assert run.returncode != 0 and "no such row" in run.stderr and "ltx-lora-ac" in run.stderr
+    run = suite("--dry_run", "--set", "all")
+    assert len(re.findall(r"\[run \]", run.stdout)) == len(gpu.ROWS)
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine")
+def test_without_a_gpu_it_says_so(tmp_path):
+    run = suite("--out", str(tmp_path / "out"), "--only", "ltx-lora-ac")
+    assert run.returncode != 0 and "no NVIDIA GPU" in run.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_cpu_mode_end_to_end(tmp_path):
+    """The suite's whole path on the tiny LTX-Video checkpoint: results files with every recorded field."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    t0 = time.perf_counter()
+    run = suite("--cpu", "--out", str(out), "--work", str(work), "--peak_tflops", "0.05", timeout=300)
+    wall = time.perf_counter() - t0
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    data = json.loads((out / "gpu.json").read_text())
+    assert data["mode"].startswith("cpu") and data["warmup_steps"] == gpu.WARMUP
+    (row,) = data["rows"]
+    assert row["row"] == "cpu-ltx-lora-ac" and row["status"] == "ok", row["status"]
+    t, b = row["trainer"], row["bare"]
+    assert t["cache_reused"], "the timed run must reuse the precompute pass's cache"
+    for k in ("step_s", "first_step_s", "peak_allocated_gib", "peak_reserved_gib", "forward_s", "optimizer_s"):
+        assert isinstance(t[k], float), k
+    assert t["compile_s"] is None and b["compile_s"] is None  # not compiled
+    # ptrain's own `mfu` (last step's time) counts the AC recompute: its FLOPs are the bare loop's hardware FLOPs
+    assert t["mfu_logged"] > 0 and t["tflops_per_step_logged"] == pytest.approx(row["hw_tflop_per_step"])
+    assert t["steps_timed"] == gpu.STEPS
+    for k in ("step_s", "forward_s", "backward_s", "optimizer_s", "peak_allocated_gib", "first_step_s"):
+        assert isinstance(b[k], float), k
+    assert b["model_flops"] > 0 and b["recompute_flops"] > 0  # full AC: the backward recomputes the blocks
+    assert b["hw_flops"] == b["model_flops"] + b["recompute_flops"]
+    assert row["device"].startswith("CPU") and row["torch"]
+    assert row["trainer_over_bare"] > 0 and 0 < row["mfu_trainer"] < row["hfu_trainer"]
+    assert row["planner"]["peak_gib"] > 0 and row["planner"]["layout"].startswith("single process")
+    assert row["planner_error_pct"] is None  # on the CPU ptrain's peak is the resident set: not comparable
+    md = (out / "gpu.md").read_text()
+    assert "| cpu-ltx-lora-ac | yes | no |" in md and "ok |" in md
+    assert wall < 240, f"CPU mode took {wall:.0f} s"
+
+
+def test_a_run_past_its_deadline_still_writes_results(tmp_path):
+    """Rows that no longer fit the deadline are recorded as not run; gpu.json and gpu.md are written anyway."""
+    out = tmp_path / "out"
+    run = suite("--cpu", "--set", "all", "--deadline_s", "1", "--out", str(out), "--work", str(tmp_path / "w"),
+                timeout=180)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = json.loads((out / "gpu.json").read_text())["rows"]
+    assert [r["row"] for r in rows] == [r.name for r in gpu.CPU_ROWS]
+    assert all(r["status"].startswith("not run:") and "trainer" not in r for r in rows)
+    md = (out / "gpu.md").read_text()
+    assert all(f"| {r.name} |" in md for r in gpu.CPU_ROWS) and "not run" in md
