@@ -18,11 +18,11 @@ For each row (a model, training type, resolution, activation checkpointing (AC),
   5. the planner's prediction for the same flags (ptrain.planner.plan on the configs, on the CPU, in a
      background process while the GPU works).
 Per row it records the device, torch / CUDA versions, peak allocated and reserved (ptrain's peak_memory_gb /
-peak_reserved_gb; ptrain does not reset the peak statistics before step 1, so its peak covers start-up, i.e.
-model loading, too: the precompute pass is a separate process so that VAE encoding is not in it), the median
+peak_reserved_gb; ptrain resets the peak statistics before step 1, so its peak is the step's; the precompute
+pass is a separate process so that VAE encoding is not in it), the median
 step time after warm-up, MFU (model FLOPs) and HFU (with recompute) of trainer and bare loop against the
-device's dense bf16 peak (ptrain.metrics, or --peak_tflops), ptrain's own logged `mfu` where it logs one (it
-counts AC recompute and is not logged under --compile), the planner's peak and its error, trainer / bare, and
+device's dense bf16 peak (ptrain.metrics, or --peak_tflops), ptrain's own logged `mfu` / `hfu` (model FLOPs
+counted at start-up, with compile too), the planner's peak and its error, trainer / bare, and
 the compile time (first step minus the median). Every phase has its own subprocess timeout; gpu.json and
 gpu.md are rewritten after every row, so a run cut short leaves what it measured.
 
@@ -386,6 +386,7 @@ def summarize_trainer(rows: list[dict], compiled: bool) -> dict:
         if k in timed[0]:
             out[k] = statistics.median(r[k] for r in timed)
     out["mfu_logged"] = rows[-1].get("mfu")
+    out["hfu_logged"] = rows[-1].get("hfu")
     out["tflops_per_step_logged"] = rows[-1].get("tflops_per_step")
     return out
 
@@ -445,6 +446,8 @@ def count_step_flops(step, blocks_wrapped: list) -> dict:
     """One uncompiled step under FlopCounterMode: forward, backward (with AC recompute) and the forward FLOPs of
     the checkpointed blocks (what the backward recomputes)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    import ptrain.flops  # noqa: F401  (the CPU flash SDPA kernel's FLOP formula, as ptrain counts it)
 
     fwd, bwd = FlopCounterMode(display=False), FlopCounterMode(display=False)
     in_blocks = [0]
@@ -780,11 +783,13 @@ class Suite:
         (self.out / "gpu.md").write_text(markdown(data))
 
 
-PEAK_NOTE = ("ptrain does not reset the CUDA peak statistics before step 1: its peaks cover start-up (model loading) "
-             "too; the precompute pass is a separate process. The bare loop resets them before its timed steps.")  # fmt: skip
+PEAK_NOTE = ("ptrain resets the CUDA peak statistics before step 1 (it logs the load / precompute peak before); "
+             "the precompute pass is a separate process. The bare loop resets them before its timed steps.")  # fmt: skip
 FLOPS_NOTE = ("FLOPs counted with FlopCounterMode on the bare loop's first (uncompiled) step: model FLOPs without "
-              "the AC recompute (MFU), hardware FLOPs with it (HFU). ptrain's own `mfu` (mfu_logged) counts the "
-              "recompute and is not logged under --compile. On the CPU, the flash SDPA kernel counts 0 FLOPs.")  # fmt: skip
+              "the AC recompute (MFU), hardware FLOPs with it (HFU). ptrain logs its own `mfu` / `hfu` (mfu_logged, "
+              "hfu_logged) from FLOPs counted at start-up on fake tensors (ptrain/flops.py), also under --compile. "
+              "On CUDA, torch's flash-attention backward formula includes the kernel's recompute of the scores; "
+              "ptrain's count (and the CPU kernel's) does not.")  # fmt: skip
 
 
 def derived(trainer: dict, bare: dict, peak_override: float | None) -> dict:

@@ -102,8 +102,9 @@ def test_cpu_mode_end_to_end(tmp_path):
     for k in ("step_s", "first_step_s", "peak_allocated_gib", "peak_reserved_gib", "forward_s", "optimizer_s"):
         assert isinstance(t[k], float), k
     assert t["compile_s"] is None and b["compile_s"] is None  # not compiled
-    # ptrain's own `mfu` (last step's time) counts the AC recompute: its FLOPs are the bare loop's hardware FLOPs
-    assert t["mfu_logged"] > 0 and t["tflops_per_step_logged"] == pytest.approx(row["hw_tflop_per_step"])
+    # ptrain's own `mfu` counts the model's FLOPs (no AC recompute): the bare loop's model FLOPs; `hfu` adds it
+    assert t["mfu_logged"] > 0 and t["tflops_per_step_logged"] == pytest.approx(row["model_tflop_per_step"])
+    assert t["hfu_logged"] > t["mfu_logged"]
     assert t["steps_timed"] == gpu.STEPS
     for k in ("step_s", "forward_s", "backward_s", "optimizer_s", "peak_allocated_gib", "first_step_s"):
         assert isinstance(b[k], float), k
