@@ -16,7 +16,7 @@ from ptrain.testing.tiny import write_synthetic_videos, write_tiny_checkpoint
 
 
 def pytest_collection_modifyitems(config, items):
-    """`heavy` tests run only with PTRAIN_TEST_HEAVY=1 (set by .ci/run), keeping a local run under 15 minutes."""
+    """`heavy` tests run only with PTRAIN_TEST_HEAVY=1 (set by .ci/run), keeping a local run under 20 minutes."""
     if os.environ.get("PTRAIN_TEST_HEAVY") == "1":
         return
     skip = pytest.mark.skip(reason="heavy: set PTRAIN_TEST_HEAVY=1 to run (CI does)")

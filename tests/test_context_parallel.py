@@ -29,7 +29,7 @@ def _worker(nproc: int) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [2, 4])
+@pytest.mark.parametrize("nproc", [2, pytest.param(4, marks=pytest.mark.heavy)])
 def test_cp_forward_and_gradients_exact_for_every_model(nproc):
     """cp=2 and cp=4 (heads padded for Ulysses, a rank holding only padding tokens) against cp=1."""
     results = _worker(nproc)

@@ -86,6 +86,7 @@ def test_without_a_gpu_it_says_so(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # about a minute: CI runs it
 def test_cpu_mode_end_to_end(tmp_path):
     """The suite's whole path on the tiny LTX-Video checkpoint: results files with every recorded field."""
     out, work = tmp_path / "out", tmp_path / "work"
