@@ -147,6 +147,14 @@ def ci() -> str:
     )
 
 
+def suite_time() -> str:
+    c = load("suite.json")
+    return (
+        f"`{c['command']}` ran {c['tests']} tests ({c['skipped']} heavy ones skipped) in {duration(c['tests_s'])} "
+        f"({where_when('suite.json', c, inline=True)})"
+    )
+
+
 def setup_time() -> str:
     c = load("ci.json")
     return (
@@ -171,6 +179,7 @@ BLOCKS = {
     "data-throughput": lambda: with_md("data_throughput"),
     "chaos": chaos,
     "ci": ci,
+    "suite-time": suite_time,
     "setup-time": setup_time,
     "demo-time": demo_time,
 }
