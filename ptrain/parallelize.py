@@ -146,6 +146,7 @@ def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelD
     plan = apply_data_parallel(
         transformer, blocks, mesh, dims, DTYPES[m.transformer_dtype], spec.fp32_module_names(transformer),
         cpu_offload=p.fsdp_cpu_offload,
+        plain_single=m.training_type == "lora" or m.transformer_dtype == "float32",
     )  # fmt: skip
     log.info(plan)
 
