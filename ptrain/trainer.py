@@ -266,7 +266,6 @@ class StepStats:
     grad_norm: torch.Tensor | float = 0.0
     finite: torch.Tensor | bool = True
     replaced: torch.Tensor | int = 0
-    elapsed: float = 0.0
     data_time: float = 0.0
     tokens: int = 0
     phase: dict = field(default_factory=lambda: {"forward_s": 0.0, "backward_s": 0.0})
@@ -447,6 +446,7 @@ class Trainer:
         self.peak_tflops = device_peak_tflops(self.device, cfg.log.peak_tflops)
         self.flops = self.count_flops() if self.peak_tflops else {}
         self.nan_in_a_row, self.nan_total, self.replaced_since_log = 0, 0, 0  # on the device during the loop
+        self.window = (time.perf_counter(), self.state.step)  # (time, step) of the last logged step
         self.losses: list[tuple] = []  # (loss, grad norm) per step, read from the device at the end
 
     def count_flops(self) -> dict[tuple, tuple[int, int]]:
@@ -476,6 +476,7 @@ class Trainer:
             log.info("peak memory before step 1 (load, precompute): %.2f GiB allocated, %.2f GiB reserved",
                      *peak_memory_gb(self.device))  # fmt: skip
             torch.cuda.reset_peak_memory_stats(self.device)
+        self.window = (time.perf_counter(), self.state.step)  # the step time's window starts here
         bar = tqdm(total=train_steps, initial=self.state.step, disable=self.run.rank != 0, desc="train",
                    dynamic_ncols=True)  # fmt: skip
         try:
@@ -497,7 +498,7 @@ class Trainer:
 
     def train_step(self, step: int) -> StepStats:
         """One optimizer step: every micro-batch of the accumulation, then the (guarded) optimizer update."""
-        stats, t0 = StepStats(), time.perf_counter()
+        stats = StepStats()
         step_loss = torch.zeros((), device=self.device)
         for micro in range(self.accum):
             td = time.perf_counter()
@@ -512,7 +513,6 @@ class Trainer:
             stats.flops = (stats.flops[0] + model * prepared.batch / self.run.dims.cp,
                            stats.flops[1] + hardware * prepared.batch / self.run.dims.cp)  # fmt: skip
         self.optimizer_step(step, step_loss, stats)
-        stats.elapsed = time.perf_counter() - t0
         return stats
 
     def forward_backward(self, batch: dict, phase: dict) -> tuple[torch.Tensor, Prepared]:
@@ -581,25 +581,28 @@ class Trainer:
         if step % self.cfg.log.logging_steps and step != self.cfg.train.train_steps:
             return
         loss, grad_norm, finite = float(stats.loss), float(stats.grad_norm), bool(stats.finite)  # host sync
+        # The host runs ahead of the device between logging steps: a step's time is the window's average.
+        now, (then, before) = time.perf_counter(), self.window
+        elapsed, self.window = (now - then) / (step - before), (now, step)
         self.sync_counters()
         if not finite:
             log.warning(
                 "step %d: non-finite loss %s / grad norm %s: optimizer step skipped (%d in a row, %d in total)",
                 step, loss, grad_norm, self.nan_in_a_row, state.nan_steps_total,
             )  # fmt: skip
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{global_tokens / stats.elapsed:,.0f}")
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{global_tokens / elapsed:,.0f}")
         alloc, reserved = peak_memory_gb(self.device)
         values = {
             "loss": loss, "lr": self.model.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-            "step_time_s": stats.elapsed, "data_time_s": stats.data_time, "tokens_per_s": global_tokens / stats.elapsed,
+            "step_time_s": elapsed, "data_time_s": stats.data_time, "tokens_per_s": global_tokens / elapsed,
             "samples_seen": state.samples_seen, "data_skipped": len(run.usable.skipped),
             "data_replaced": state.data_replaced, "skipped_step": not finite, "peak_memory_gb": alloc,
             "peak_reserved_gb": reserved, **(stats.phase if self.cfg.log.log_step_breakdown else {}),
         }  # fmt: skip
         if stats.flops[0] and self.peak_tflops:  # model FLOPs (mfu) and with AC recompute (hfu), per rank
             values["tflops_per_step"] = stats.flops[0] / 1e12
-            values["mfu"] = stats.flops[0] / stats.elapsed / (self.peak_tflops * 1e12)
-            values["hfu"] = stats.flops[1] / stats.elapsed / (self.peak_tflops * 1e12)
+            values["mfu"] = stats.flops[0] / elapsed / (self.peak_tflops * 1e12)
+            values["hfu"] = stats.flops[1] / elapsed / (self.peak_tflops * 1e12)
         self.metrics.log(step, values)
 
     def sync_counters(self) -> None:
