@@ -88,17 +88,20 @@ def memory_effects() -> str:
 def gpu_h200() -> str:
     gpu, mem = load("gpu_h200.json"), load("memory.json")
     planned = {(r["variant"], r["training_type"], r["world_size"]): r["peak_bytes"] / GIB for r in mem["results"]}
-    head = f"*{where_when('gpu_h200.json', gpu)}; planned: `benchmarks/results/memory.json`.*"
-    cols = "model | type | GPUs | compile | planned GiB | measured allocated GiB | measured / planned | reserved GiB | step s"
+    head = (f"*{where_when('gpu_h200.json', gpu)}; planned then: the planner for the code that ran there; planned "
+            f"now: `benchmarks/results/memory.json`.*")  # fmt: skip
+    cols = ("model | type | GPUs | compile | planned then GiB | measured allocated GiB | measured / planned then "
+            "| planned now GiB | reserved GiB | step s")  # fmt: skip
     lines = [f"{head} Settings: {gpu['settings']}.", "", f"| {cols} |", "|---" * (cols.count("|") + 1) + "|"]
     for r in gpu["rows"]:
-        plan = planned[(r["variant"], r["training_type"], r["world"])]
+        now, then = planned[(r["variant"], r["training_type"], r["world"])], r["planned_then_gib"]
         lines.append(
             f"| {r['variant']} | {r['training_type']} | {r['world']} | {'yes' if r['compile'] else 'no'} "
-            f"| {plan:.2f} | {r['peak_allocated_gib']} | {r['peak_allocated_gib'] / plan - 1:+.0%} "
+            f"| {then:.2f} | {r['peak_allocated_gib']} | {r['peak_allocated_gib'] / then - 1:+.0%} | {now:.2f} "
             f"| {r['peak_reserved_gib']} | {r['step_s']} |"
         )
-    return "\n".join(lines + ["", f"Where measured and planned differ: {gpu['finding']}."])
+    note = gpu["planned_then_note"]
+    return "\n".join(lines + ["", f"Where measured and planned differ: {gpu['finding']}. ({note}.)"])
 
 
 def gpu_suite() -> str:
