@@ -317,8 +317,12 @@ class TrainArgs:
     """Micro-batches per optimizer step (gradient sync happens on the last one only)."""
     seed: Annotated[int, _alias("--seed_everything")] = 42
     """Seed for data order, noise and timesteps (same samples whatever the parallel layout)."""
+    gc_every_n_steps: int = 50
+    """Python's automatic garbage collector is off during training (its pauses land on random steps as step-time
+    jitter); a young-generation collection runs every N steps instead (as torchtitan does). 0: leave it on."""
 
     def validate(self) -> None:
+        _check_min(0, ("--gc_every_n_steps", self.gc_every_n_steps))
         _check_min(
             1,
             ("--train_steps", self.train_steps),

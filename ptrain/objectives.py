@@ -25,6 +25,35 @@ def sample_generators(seed: int, positions: list[int] | torch.Tensor) -> list[to
     return gens
 
 
+def to_device(x: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor (a per-sample draw, a mask) on `device` without making the host wait for the device.
+
+    A copy from pageable host memory to a GPU synchronises the stream: the host would wait for all queued work
+    at every such copy, and could never run ahead of the GPU. On CUDA the tensor is staged in pinned memory
+    (torch's caching host allocator keeps the block until the copy is done) and copied with non_blocking=True.
+    The draws stay on the host generators, so the values are the same on every device and layout. Fake tensors
+    (the planner) cannot be pinned and are moved as they are."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = (x if is_fake(x) else x.pin_memory()).to(device, non_blocking=True)
+    else:
+        x = x.to(device)
+    return x if dtype is None else x.to(dtype)
+
+
+def sample_posterior(params: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """A draw from the VAE's diagonal Gaussian posterior (mean and log-variance on channels, as diffusers'
+    DiagonalGaussianDistribution holds them: log-variance clamped to [-30, 20]), one generator per sample, in
+    the parameters' dtype; the same values as that class's `sample(generator=...)`, whose host draw is copied
+    to the device with a blocking copy (see to_device)."""
+    mean, logvar = torch.chunk(params, 2, dim=1)
+    std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+    noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g, dtype=params.dtype) for g in generators])
+    return mean + std * to_device(noise, params.device)
+
+
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """Timestep shift of SD3/Flux/LTX flow matching: shift*s / (1 + (shift-1)*s)."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
@@ -43,7 +72,8 @@ class Prepared:
 
 
 def _noise_like(latents: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    return torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(latents)
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+    return to_device(noise, latents.device, latents.dtype)
 
 
 def _stratified(generators: list[torch.Generator], strata) -> torch.Tensor:
@@ -98,12 +128,14 @@ class FlowMatching:
         return shift_sigmas(u.float().clamp(0.0, 1.0), self.shift)
 
     def prepare(self, latents: torch.Tensor, generators: list[torch.Generator], strata=None) -> Prepared:
-        sigmas = self.sample_sigmas(generators, strata)
+        sigmas = self.sample_sigmas(generators, strata)  # on the host, then one non-blocking copy each
         noise = _noise_like(latents, generators)
-        s = sigmas.to(latents).view(-1, *([1] * (latents.ndim - 1)))
-        noisy = (1.0 - s) * latents + s * noise
         weight = compute_loss_weighting_for_sd3(self.args.flow_weighting_scheme, sigmas).float()
-        return Prepared(noisy, sigmas.to(latents.device) * 1000.0, noise - latents, weight.to(latents.device))
+        weight = to_device(weight, latents.device)
+        sigmas = to_device(sigmas, latents.device)
+        s = sigmas.to(latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
+        noisy = (1.0 - s) * latents + s * noise
+        return Prepared(noisy, sigmas * 1000.0, noise - latents, weight)
 
     def loss(self, pred: torch.Tensor, p: Prepared) -> torch.Tensor:
         return _weighted_mse(pred, p.target, p.weight, p.loss_mask)
@@ -117,6 +149,8 @@ class VPrediction:
     def __init__(self, scheduler):
         self.scheduler = scheduler
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        #: A host copy: the scheduler moves its own to the device at the first add_noise.
+        self.alpha_bar = scheduler.alphas_cumprod.detach().to("cpu", torch.float32).clone()
 
     def prepare(self, latents: torch.Tensor, generators: list[torch.Generator], strata=None) -> Prepared:
         if strata is not None:
@@ -125,10 +159,10 @@ class VPrediction:
         else:
             t = torch.cat([torch.randint(0, self.num_train_timesteps, (1,), generator=g) for g in generators])
         noise = _noise_like(latents, generators)
-        noisy = self.scheduler.add_noise(latents, noise, t.to(latents.device))
-        alpha_bar = self.scheduler.alphas_cumprod.to(torch.float32)[t]
-        weight = 1.0 / (1.0 - alpha_bar)
-        return Prepared(noisy, t.to(latents.device), latents, weight.to(latents.device))
+        weight = to_device(1.0 / (1.0 - self.alpha_bar[t]), latents.device)
+        t = to_device(t, latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        return Prepared(noisy, t, latents, weight)
 
     def loss(self, pred: torch.Tensor, p: Prepared) -> torch.Tensor:
         x0 = self.scheduler.get_velocity(pred.float(), p.noisy.float(), p.timesteps)

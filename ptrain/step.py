@@ -42,7 +42,7 @@ class EncodedInputs:
         latents = spec.encode_video(self.comps, video, generators)
         if "first_frame" in batch and mode != "normal":
             video = video.clone()  # the dataset's first-frame images condition, the clip trains
-            video[:, :, 0] = batch["first_frame"].to(video)
+            video[:, :, 0] = batch["first_frame"].to(self.device, non_blocking=True).to(video.dtype)
         images = {"images": video[:, :, 0]} if spec.text_needs_image(mode) else {}
         cond = spec.encode_text(self.comps, list(batch["caption"]), self.max_seq, **images)
         return Inputs(latents, cond, video)
@@ -57,8 +57,12 @@ class PrecomputedInputs:
         self.needs_encoders = spec.mode != "normal"
 
     def __call__(self, batch: dict, generators: list[torch.Generator]) -> Inputs:
-        latents = self.spec.latents_from_dist(self.comps, batch["latent_dist"].to(self.device), generators)
-        cond = Conditioning({k[5:]: v.to(self.device) for k, v in batch.items() if k.startswith("text.")})
+        # The loader pins its batches on CUDA: these copies do not block the host.
+        dist_params = batch["latent_dist"].to(self.device, non_blocking=True)
+        latents = self.spec.latents_from_dist(self.comps, dist_params, generators)
+        cond = Conditioning(
+            {k[5:]: v.to(self.device, non_blocking=True) for k, v in batch.items() if k.startswith("text.")}
+        )
         return Inputs(latents, cond)
 
 

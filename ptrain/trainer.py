@@ -11,6 +11,7 @@ ptrain/step.py, which the memory planner runs too.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import time
@@ -257,6 +258,25 @@ def train(cfg: Config) -> TrainResult:
     return Trainer(run).train()
 
 
+class GCControl:
+    """Python's garbage collector off in the loop, a generation-1 collection every `every` steps (0: untouched)."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.was_enabled = gc.isenabled()
+        if every:
+            gc.disable()
+            gc.collect()  # start clean: what the set-up left behind
+
+    def maybe_collect(self, step: int) -> None:
+        if self.every and step % self.every == 0:
+            gc.collect(1)
+
+    def close(self) -> None:
+        if self.every and self.was_enabled:
+            gc.enable()
+
+
 @dataclass
 class StepStats:
     """What one optimizer step measured (loss: the global batch's mean; replaced samples: summed over it)."""
@@ -479,9 +499,11 @@ class Trainer:
         self.window = (time.perf_counter(), self.state.step)  # the step time's window starts here
         bar = tqdm(total=train_steps, initial=self.state.step, disable=self.run.rank != 0, desc="train",
                    dynamic_ncols=True)  # fmt: skip
+        gc_control = GCControl(self.cfg.train.gc_every_n_steps)
         try:
             while self.state.step < train_steps:
                 step = self.state.step + 1
+                gc_control.maybe_collect(step)
                 stats = self.train_step(step)
                 self.log_step(step, stats, bar)
                 self.check_nan_guard(step)
@@ -489,6 +511,7 @@ class Trainer:
                 self.maybe_checkpoint(step, last_step=step == train_steps)
             self.checkpointer.wait()
         finally:
+            gc_control.close()
             bar.close()
             self.metrics.close()
         self.result.losses = [float(loss) for loss, _ in self.losses]

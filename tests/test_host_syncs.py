@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from conftest import TINY_ARGS
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 SYNCS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
          torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy}  # fmt: skip
@@ -60,3 +61,88 @@ def test_no_host_sync_in_a_non_logging_step(tiny_ckpt, tiny_data, tmp_path, sing
     assert any("log_step" in c for c in counters[2])  # the logging step reads loss and grad norm: the check bites
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1 and '"step": 2' in rows[0]
+
+
+class CountCopies(TorchDispatchMode):
+    """Host -> GPU copies seen at dispatch, split by whether they block the host (non_blocking=False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocking: list[str] = []
+        self.non_blocking = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            src, dst, nb = args[0].device, kwargs.get("device"), kwargs.get("non_blocking", False)
+        elif func is torch.ops.aten.copy_.default:
+            src, dst, nb = args[1].device, args[0].device, (args[2] if len(args) > 2 else kwargs.get("non_blocking"))
+        else:
+            return func(*args, **kwargs)
+        if dst is not None and src.type == "cpu" and torch.device(dst).type == "cuda":
+            if nb:
+                self.non_blocking += 1
+            else:
+                self.blocking.append(f"{func}: {tuple(args[0].shape)}")
+        return func(*args, **kwargs)
+
+
+def test_host_draws_reach_the_gpu_without_blocking_copies():
+    """Noise, timesteps, loss weights and posterior draws come from per-sample host generators (the same values on
+    every device and layout); on a GPU they must be copied without blocking the host: a copy from pageable memory
+    synchronises the stream at every step. Checked on fake CUDA tensors at dispatch (VPrediction uses the same
+    copies, but the scheduler's table lookup does not run on fake CUDA tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ptrain.config import ObjectiveArgs
+    from ptrain.objectives import FlowMatching, sample_generators, sample_posterior
+
+    gens = sample_generators(0, [0, 1])
+    flow = FlowMatching(ObjectiveArgs(flow_weighting_scheme="logit_normal"), shift=3.0)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        latents = torch.zeros(2, 4, 3, 8, 8, device="cuda:0")
+        params = torch.zeros(2, 8, 3, 8, 8, device="cuda:0", dtype=torch.bfloat16)
+        with CountCopies() as probe:  # the recorder sees what it must: a plain copy blocks
+            torch.ones(3).to("cuda:0")
+        assert len(probe.blocking) == 1
+        with CountCopies() as copies:
+            flow.prepare(latents, gens)
+            z = sample_posterior(params, gens)
+            strata = (torch.tensor([0, 1]), 2)
+            flow.prepare(latents, gens, strata)
+    assert copies.blocking == [], copies.blocking
+    assert copies.non_blocking >= 7  # noise, sigmas, weights (x2), posterior noise
+    assert z.shape == (2, 4, 3, 8, 8) and z.device.type == "cuda"
+
+
+def test_posterior_draw_matches_diffusers():
+    """sample_posterior draws what diffusers' DiagonalGaussianDistribution.sample does with the same generators
+    (exports and resumes of earlier versions stay reproducible)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from ptrain.objectives import sample_generators, sample_posterior
+
+    params = torch.randn(2, 8, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    params[:, 4:] = params[:, 4:] * 20  # log-variances past the clamp too
+    ours = sample_posterior(params, sample_generators(5, [7, 9]))
+    theirs = DiagonalGaussianDistribution(params).sample(generator=sample_generators(5, [7, 9]))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_gc_is_off_in_the_loop_and_collects_every_n_steps(monkeypatch):
+    import gc
+
+    from ptrain.trainer import GCControl
+
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: calls.append(generation))
+    assert gc.isenabled()
+    control = GCControl(3)
+    assert not gc.isenabled() and calls == [2]  # one full collection before step 1
+    for step in range(1, 8):
+        control.maybe_collect(step)
+    assert calls == [2, 1, 1]  # steps 3 and 6
+    control.close()
+    assert gc.isenabled()
+    GCControl(0).close()  # 0 leaves the collector alone
+    assert gc.isenabled() and calls == [2, 1, 1]

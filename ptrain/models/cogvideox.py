@@ -17,13 +17,13 @@ from diffusers import (
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
 )
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 from transformers import AutoTokenizer, T5EncoderModel
 
 from ptrain.errors import ConfigError
 from ptrain.export_comfyui import Rule
 from ptrain.models.spec import Conditioning, ModelSpec, register
+from ptrain.objectives import sample_posterior, to_device
 from ptrain.parallel.context import CPPlan
 
 
@@ -76,10 +76,10 @@ class CogVideoXSpec(ModelSpec):
         else:
             image = video[:, :, :1].float()
             sigma = torch.exp(torch.cat([torch.normal(-3.0, 0.5, (1,), generator=g) for g in generators]))
-            noise = torch.stack([torch.randn(image.shape[1:], generator=g) for g in generators]).to(image.device)
-            image = image + noise * sigma.to(image.device).view(-1, 1, 1, 1, 1)
+            noise = torch.stack([torch.randn(image.shape[1:], generator=g) for g in generators])
+            image = image + to_device(noise, image.device) * to_device(sigma, image.device).view(-1, 1, 1, 1, 1)
             params = self.encode_latent_dist(components, image)
-            z = DiagonalGaussianDistribution(params).sample(generator=generators).float()
+            z = sample_posterior(params, generators).float()
             vae = components.vae
             scale = vae.config.scaling_factor
             z = z / scale if vae.config.get("invert_scale_latents") else z * scale
@@ -120,12 +120,23 @@ class CogVideoXSpec(ModelSpec):
     def normalize_latents(self, components, latents) -> torch.Tensor:
         return latents * components.vae.config.scaling_factor
 
+    def on_bind(self, components) -> None:
+        self._rotary: dict = {}  # per bound spec: (latent shape, device) -> (cos, sin)
+
+    def rotary(self, transformer: nn.Module, f: int, h: int, w: int, device: torch.device):
+        """The 3D RoPE tables of a latent shape, as the pipeline builds them, made once per shape and device (the
+        pipeline rebuilds them on every call)."""
+        if not transformer.config.use_rotary_positional_embeddings:
+            return None
+        key = (f, h, w, str(device))
+        if key not in self._rotary:
+            s = self.pipe.vae_scale_factor_spatial
+            self._rotary[key] = self.pipe._prepare_rotary_positional_embeddings(h * s, w * s, f, device)
+        return self._rotary[key]
+
     def forward(self, transformer: nn.Module, noisy_latents, timesteps, cond) -> torch.Tensor:
         b, c, f, h, w = noisy_latents.shape
-        rotary = None
-        if transformer.config.use_rotary_positional_embeddings:
-            s = self.pipe.vae_scale_factor_spatial
-            rotary = self.pipe._prepare_rotary_positional_embeddings(h * s, w * s, f, noisy_latents.device)
+        rotary = self.rotary(transformer, f, h, w, noisy_latents.device)
         x = self.model_input(noisy_latents, cond)
         out = transformer(
             hidden_states=x.permute(0, 2, 1, 3, 4),

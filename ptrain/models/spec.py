@@ -300,9 +300,10 @@ class ModelSpec(ABC):
                    generators: list[torch.Generator], packed: bool = False):  # fmt: skip
         """(pixel keep mask (B, 1, F, H, W), latent keep mask (B, 1 or temporal ratio, F', h, w)) for one batch."""
         from ptrain.models.conditioning import latent_keep_mask, sample_keep_mask
+        from ptrain.objectives import to_device
 
         keep, _ = sample_keep_mask(mode, self.inpaint_mask_probs, tuple(video.shape), generators)
-        keep = keep.to(video.device)
+        keep = to_device(keep, video.device)
         t = self.temporal_ratio(components)
         return keep, latent_keep_mask(keep, tuple(latents.shape), t, packed).to(latents)
 
@@ -334,12 +335,10 @@ class ModelSpec(ABC):
     ) -> torch.Tensor:
         """A latent drawn (one generator per sample) from the VAE's latent distribution parameters (mean and
         log-variance on channels, as encode_latent_dist returns or the precomputation cache stores), normalised."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from ptrain.objectives import sample_posterior
 
         params = params.to(dtype=components.vae.dtype)
-        return self.normalize_latents(
-            components, DiagonalGaussianDistribution(params).sample(generator=generators).float()
-        )
+        return self.normalize_latents(components, sample_posterior(params, generators).float())
 
     @abstractmethod
     def forward(
