@@ -351,6 +351,9 @@ class CompileArgs:
     """torch.compile each transformer block (regional compilation)."""
     compile_backend: str = "inductor"
     """torch.compile backend (inductor; aot_eager or eager for cheap checks)."""
+    attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
+    """The SDPA kernel of the transformer's attention in training (auto: torch's choice, logged at start-up);
+    a named one runs alone and fails at start-up if it cannot run the model's attention (CPU: flash, math)."""
 
     def validate(self) -> None:
         """Nothing to check beyond the types (the backend is checked by torch.compile)."""

@@ -163,7 +163,11 @@ def _measure_step(cfg, spec, comps, model, dims, device) -> tuple[dict, object]:
                              d.max_sequence_length or spec.max_sequence_length(comps),
                              DTYPES[cfg.model.text_encoder_dtype])  # fmt: skip
     accum = t.gradient_accumulation_steps
-    step = TrainStep(spec, comps, transformer, spec.make_objective(cfg.objective, comps), inputs, dims.cp, accum)
+    # The fused kernels the GPU picks save what the CPU flash kernel saves (output and log-sum-exp); only the math
+    # kernel differs (it saves the attention weights), so only it is simulated as chosen.
+    attention = "math" if cfg.compile.attention_backend == "math" else "auto"
+    step = TrainStep(spec, comps, transformer, spec.make_objective(cfg.objective, comps), inputs, dims.cp, accum,
+                     attention)  # fmt: skip
     batch = {"position": list(range(b))}
 
     def new_tracker():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ptrain.attention import kernel_context
 from ptrain.models.spec import Components, Conditioning, ModelSpec
 
 
@@ -111,9 +112,13 @@ class TrainStep:
     parallelism the backward scales by `cp`: cp ranks' gradients sum to the sample's gradient, and FSDP averages
     over dp_shard x cp."""
 
-    def __init__(self, spec: ModelSpec, comps: Components, transformer, objective, inputs, cp: int = 1, accum: int = 1):
+    def __init__(self, spec: ModelSpec, comps: Components, transformer, objective, inputs, cp: int = 1, accum: int = 1,
+                 attention: str = "auto"):  # fmt: skip
         self.spec, self.comps, self.transformer, self.objective = spec, comps, transformer, objective
         self.inputs, self.cp, self.accum = inputs, cp, accum
+        #: --attention_backend: only the transformer's forward and backward (AC recompute included) are held to it;
+        #: the VAE and text encoders keep torch's choice
+        self.kernels = kernel_context(attention)
 
     def prepare(self, batch: dict, generators: list[torch.Generator], strata=None) -> Prepared:
         """Inputs, the objective's noisy sample and the mode's conditioning (the encoders' part of the step)."""
@@ -128,11 +133,13 @@ class TrainStep:
 
     def loss(self, p: Prepared) -> torch.Tensor:
         """Forward and loss, divided by the accumulation steps."""
-        pred = self.spec.forward(self.transformer, p.sample.noisy, p.sample.timesteps, p.cond)
+        with self.kernels():
+            pred = self.spec.forward(self.transformer, p.sample.noisy, p.sample.timesteps, p.cond)
         return self.objective.loss(pred, p.sample) / self.accum
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss * self.cp if self.cp > 1 else loss).backward()
+        with self.kernels():
+            (loss * self.cp if self.cp > 1 else loss).backward()
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.distributed.tensor.experimental import implicit_replication
 from tqdm import tqdm
 
+from ptrain import attention
 from ptrain.checkpoint import (
     CheckpointDamaged,
     Checkpointer,
@@ -355,6 +356,8 @@ class Trainer:
     def build_model(self) -> None:
         """The trainable, parallelized transformer with its optimizer, schedule and EMA (ptrain/parallelize.py)."""
         cfg, run = self.cfg, self.run
+        attention.report(self.spec, self.transformer.config, DTYPES[cfg.model.transformer_dtype], self.device,
+                         cfg.compile.attention_backend)  # fmt: skip
         make_trainable_model(self.transformer, cfg, self.spec)
         self.model = build_trainable(self.transformer, cfg, self.spec, run.mesh, run.dims, self.device,
                                      cfg.train.train_steps)  # fmt: skip
@@ -454,7 +457,8 @@ class Trainer:
         """The micro-batch step, validation prompts, metrics and the loop's counters."""
         cfg, run = self.cfg, self.run
         objective = self.spec.make_objective(cfg.objective, self.comps)
-        self.step = TrainStep(self.spec, self.comps, self.transformer, objective, self.inputs, run.dims.cp, self.accum)
+        self.step = TrainStep(self.spec, self.comps, self.transformer, objective, self.inputs, run.dims.cp, self.accum,
+                              cfg.compile.attention_backend)  # fmt: skip
         self.validation_items = load_validation_items(cfg.validation, cfg.data, cfg.model.train_mode)
         self.loss_group = run.mesh.dp_cp.get_group() if run.world > 1 else None
         to = cfg.log.report_to

@@ -312,3 +312,33 @@ def test_tour_checkpoint_and_logging_flags(tour):
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert tour.root_level == logging.WARNING  # --log_level WARNING
     assert all(r.levelno >= logging.WARNING for r in tour.records)
+
+
+def test_attention_backend_is_reported_held_and_checked(caplog):
+    """--attention_backend: the start-up report names the SDPA kernel torch runs for the model's attention
+    variants; a named kernel holds the training forward / backward; one the device lacks is a clear error."""
+    import logging
+
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    from ptrain import attention
+    from ptrain.config import ConfigError
+    from ptrain.models.spec import get_spec
+
+    ltx = get_spec("ltx_video")
+    config = {"num_attention_heads": 2, "attention_head_dim": 16}
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.INFO, logger="ptrain"):
+        kernels = attention.report(ltx, config, torch.float32, cpu, "auto")
+    assert kernels == {"unmasked": "flash", "additive mask": "flash"}  # torch's CPU choice
+    assert "attention: SDPA unmasked flash, additive mask flash (2 heads x 16, float32, cpu)" in caplog.text
+    assert attention.report(ltx, config, torch.float32, cpu, "math") == {"unmasked": "math", "additive mask": "math"}
+    with pytest.raises(ConfigError, match="--attention_backend efficient: the CPU has only flash and math"):
+        attention.report(ltx, config, torch.float32, cpu, "efficient")
+    seen = []
+    with attention.kernel_context("math")():
+        q = torch.zeros(1, 2, 8, 16)
+        seen.append(SDPBackend(torch._fused_sdp_choice(q, q, q)))
+    seen.append(SDPBackend(torch._fused_sdp_choice(q, q, q)))  # outside: torch's choice again
+    assert seen == [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]

@@ -9,6 +9,8 @@ before and is not the device's.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from conftest import TINY_ARGS
 from torch.overrides import TorchFunctionMode
@@ -29,6 +31,19 @@ class CountSyncs(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+class CountFlash(TorchDispatchMode):
+    """Calls of the CPU flash SDPA kernel (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "_scaled_dot_product_flash_attention_for_cpu" in str(func):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
 def test_no_host_sync_in_a_non_logging_step(tiny_ckpt, tiny_data, tmp_path, single_process_env):
     from tqdm import tqdm
 
@@ -38,10 +53,10 @@ def test_no_host_sync_in_a_non_logging_step(tiny_ckpt, tiny_data, tmp_path, sing
     cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data),
                         "--output_dir", str(tmp_path), "--train_steps", "4", "--logging_steps", "2",
                         "--checkpointing_steps", "0", "--ema_decay", "0.9", "--gradient_accumulation_steps", "2",
-                        *TINY_ARGS])  # fmt: skip
+                        "--attention_backend", "math", *TINY_ARGS])  # fmt: skip
     cfg.validate()
     trainer = Trainer(plan_run(cfg))
-    counters, current = {}, [0]
+    counters, current, flash_calls = {}, [0], []
     for name in ("forward_backward", "optimizer_step", "log_step"):
         method = getattr(trainer, name)
 
@@ -52,6 +67,16 @@ def test_no_host_sync_in_a_non_logging_step(tiny_ckpt, tiny_data, tmp_path, sing
             return out
 
         setattr(trainer, name, counted)
+    for name in ("loss", "backward"):  # the transformer's part (the text encoder's attention keeps torch's choice)
+        method = getattr(trainer.step, name)
+
+        def flash_counted(*args, _method=method, **kwargs):
+            with CountFlash() as flash:
+                out = _method(*args, **kwargs)
+            flash_calls.append(flash.calls)
+            return out
+
+        setattr(trainer.step, name, flash_counted)
     trainer.data_iter = iter(trainer.loader)
     bar = tqdm(disable=True)
     for step in (1, 2):
@@ -59,6 +84,8 @@ def test_no_host_sync_in_a_non_logging_step(tiny_ckpt, tiny_data, tmp_path, sing
         trainer.log_step(step, trainer.train_step(step), bar)
     assert counters[1] == [], counters[1]  # step 1 does not log (--logging_steps 2)
     assert any("log_step" in c for c in counters[2])  # the logging step reads loss and grad norm: the check bites
+    # --attention_backend math held the forward and backward (incl. accumulation) off torch's default CPU flash kernel
+    assert len(flash_calls) == 8 and sum(flash_calls) == 0 and trainer.step.kernels is not contextlib.nullcontext
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1 and '"step": 2' in rows[0]
 

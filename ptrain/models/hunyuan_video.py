@@ -57,6 +57,7 @@ class HunyuanVideoSpec(ModelSpec):
     }
     default_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
     block_attrs = ("transformer_blocks", "single_transformer_blocks")
+    attention_masks = ("bool",)  # joint attention over video and padded text
     #: x_embedder tokens; RoPE (N, D) pairs; double- and single-stream joint attention over [video; text]
     #: with the text padding mask (the token refiner's text self-attention is not split).
     cp_plan = CPPlan(

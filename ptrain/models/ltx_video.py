@@ -41,6 +41,7 @@ class LTXVideoSpec(ModelSpec):
     }
     default_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
     block_attrs = ("transformer_blocks",)
+    attention_masks = ("none", "additive")  # self-attention; cross-attention to padded text
     #: Packed tokens after proj_in; RoPE (B, N, D) pairs; per-token timesteps (B, N) when given; attn2 is
     #: cross-attention to text (not split).
     cp_plan = CPPlan(

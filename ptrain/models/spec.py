@@ -89,6 +89,8 @@ class ModelSpec(ABC):
     text_dim_key: str = "text_embed_dim"
     #: Transformer config keys holding the number of blocks in each of `block_attrs`.
     block_count_keys: tuple[str, ...] = ("num_layers",)
+    #: The attention masks the transformer passes to SDPA: none, bool or additive (ptrain/attention.py).
+    attention_masks: tuple[str, ...] = ("none",)
     #: Frame rate of exported validation videos.
     fps: int = 16
     #: --train_mode values this family trains (see condition()).
