@@ -117,6 +117,10 @@ ROWS = [
         est_s=170, default=False, note="~104 GiB measured with foreach AdamW: an H200; no AC does not fit"),
     Row("wan1.3b-lora-ac", "wan2.1-1.3b", "lora", True, True, (81, 480, 832), est_s=120, default=False),
     Row("wan1.3b-lora-noac", "wan2.1-1.3b", "lora", False, True, (81, 480, 832), est_s=110, default=False),
+    *[Row(f"cogvideox5b-lora-ac-sdpa-{b}", "cogvideox-5b", "lora", True, False, (49, 480, 720),
+          ["--attention_backend", b], est_s=120, default=False,
+          note=f"SDPA kernel {b} only (ptrain and the bare loop); no compile, to compare kernels cheaply")
+      for b in ("flash", "efficient", "cudnn")],
     Row("hunyuan-lora-ac-fp8-24g", "hunyuan-video", "lora", True, False, (49, 512, 768), FP8, cap_gib=24,
         est_s=200, default=False, note="24 GiB cap, FP8 storage of frozen weights; no AC does not fit 24 GiB"),
 ]  # fmt: skip
@@ -478,12 +482,16 @@ def count_step_flops(step, blocks_wrapped: list) -> dict:
 def bare_loop(job: dict) -> dict:
     import torch
 
+    from ptrain.attention import kernel_context
     from ptrain.metrics import peak_memory_gb
     from ptrain.parallel.activation import apply_ac
     from ptrain.parallel.compile import apply_compile
 
     row, cpu = Row(**job["row"]), job["cpu"]
     device = torch.device("cpu" if cpu else "cuda")
+    # the SDPA kernel ptrain was held to (--attention_backend in the row's flags), held here too
+    backend = row.extra[row.extra.index("--attention_backend") + 1] if "--attention_backend" in row.extra else "auto"
+    kernels = kernel_context(backend)
     apply_cap()
     t, comps, spec = load_bare_model(row, cpu, job["ckpt"])
     t.to(device)
@@ -501,9 +509,11 @@ def bare_loop(job: dict) -> dict:
 
     def step(phase: str, loss=None):
         if phase == "forward":
-            return (spec.forward(t, noisy, ts, cond).float() - target).pow(2).mean()
+            with kernels():
+                return (spec.forward(t, noisy, ts, cond).float() - target).pow(2).mean()
         if phase == "backward":
-            return loss.backward()
+            with kernels():
+                return loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
