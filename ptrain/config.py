@@ -336,13 +336,21 @@ class TrainArgs:
 class ActivationCheckpointArgs:
     gradient_checkpointing: bool = False
     """Recompute block activations in backward (see --ac_mode)."""
-    ac_mode: Literal["full", "selective"] = "full"
-    """full: checkpoint every block; selective: every --ac_every_n_blocks-th block."""
+    ac_mode: Literal["full", "selective", "ops", "auto"] = "full"
+    """full: checkpoint every block; selective: every --ac_every_n_blocks-th block; ops: keep matmul and attention
+    outputs, recompute the cheap ops (norms, activations, elementwise) in every block; auto: the memory planner
+    picks the least recompute that fits --gpu_memory_gb (none, ops, every 4th / 2nd block, full), logged at
+    start-up (with or without --gradient_checkpointing)."""
     ac_every_n_blocks: int = 2
     """With --ac_mode selective, checkpoint one block in this many."""
+    gpu_memory_gb: float | None = None
+    """The memory --ac_mode auto plans to fit, in GB (10^9 bytes) per GPU. Default: the GPU's total memory
+    (required on a machine without a GPU)."""
 
     def validate(self) -> None:
         _check_min(1, ("--ac_every_n_blocks", self.ac_every_n_blocks))
+        if self.gpu_memory_gb is not None and self.gpu_memory_gb <= 0:
+            raise ConfigError(f"--gpu_memory_gb must be > 0, got {self.gpu_memory_gb}")
 
 
 @dataclass
@@ -717,6 +725,22 @@ def parse_config(argv: list[str] | None = None) -> Config:
     cfg = tyro.cli(Config, args=argv, default=default, use_underscores=True, prog="torchrun ... -m ptrain")
     cfg.compat_notes = notes
     return cfg
+
+
+def field_values(flags: list[str]) -> dict[str, dict]:
+    """The values of the flags named in `flags` (ptrain's own names), by config group: {group: {field: value}}."""
+    parsed, owner = parse_config(flags), _field_owner()
+    out: dict[str, dict] = {}
+    for token in flags:
+        if not token.startswith("--"):
+            continue
+        name = token[2:].split("=", 1)[0]
+        if name not in owner and name.startswith("no_") and name[3:] in owner:
+            name = name[3:]
+        if name not in owner:
+            raise ValueError(f"{token}: not one of ptrain's flags")
+        out.setdefault(owner[name], {})[name] = getattr(getattr(parsed, owner[name]), name)
+    return out
 
 
 def to_dict(cfg: Config) -> dict:

@@ -130,6 +130,8 @@ def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelD
             raise ConfigError(f"--cp_degree {dims.cp}: {spec.name} has no context-parallel plan")
         apply_context_parallel(transformer, spec.cp_plan, mesh.world["cp"], p.cp_mode)
     blocks = spec.blocks(transformer)
+    if ac.ac_mode == "auto":
+        raise RuntimeError("--ac_mode auto must be resolved (ptrain.trainer.plan_run) before the model is built")
     if ac.gradient_checkpointing:
         n = apply_ac(blocks, ac.ac_mode, ac.ac_every_n_blocks)
         log.info("activation checkpointing (%s): %d blocks", ac.ac_mode, n)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import sys
@@ -97,11 +98,24 @@ def simulate(
     the simulation counts what a real run allocates.
     """
     from ptrain.config import parse_config
+
+    cfg = parse_config([*flags, "--pretrained_model_name_or_path", str(model_dir)])
+    return simulate_config(cfg, world, model_dir, num_blocks, fake)
+
+
+def simulate_config(cfg, world: int, model_dir: str | Path, num_blocks: tuple[int, ...] | None = None,
+                    fake: bool = True) -> dict:  # fmt: skip
+    """simulate() of a parsed Config (left unchanged)."""
     from ptrain.models.spec import get_spec
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
-    cfg = parse_config([*flags, "--pretrained_model_name_or_path", str(model_dir)])
+    cfg = copy.deepcopy(cfg)
+    if cfg.activation_checkpoint.ac_mode == "auto":
+        from ptrain.config import ConfigError
+
+        raise ConfigError("--ac_mode auto is the planner's choice among AC modes: plan with --budget_gb (or "
+                          "--plan_gpu_memory_gb in a dry run), or name an --ac_mode")  # fmt: skip
     cfg.compile.compile = False  # compile changes no memory the tracker sees; it would only cost time here
     spec = get_spec(cfg.model.model_name)
     if fake:
@@ -146,6 +160,12 @@ def meta_components(cfg, spec, model_dir: Path, num_blocks):
                       extra=extra)  # fmt: skip
 
 
+def _planned_attention(cfg) -> str:
+    """The SDPA kernel simulated: the fused kernels a GPU picks save what the CPU flash kernel saves (output and
+    log-sum-exp); only the math kernel differs (it saves the attention weights), so only it is simulated as chosen."""
+    return "math" if cfg.compile.attention_backend == "math" else "auto"
+
+
 def _measure_step(cfg, spec, comps, model, dims, device) -> tuple[dict, object]:
     """Peak bytes by category of the trainer's micro-batches (every one of --gradient_accumulation_steps:
     objective, the mode's conditioning, loss, backward) and of its optimizer step, each tracked on its own in the
@@ -157,17 +177,13 @@ def _measure_step(cfg, spec, comps, model, dims, device) -> tuple[dict, object]:
     from ptrain.parallelize import DTYPES
     from ptrain.step import SimulatedInputs, TrainStep, clip_gradients, set_gradient_sync
 
-    t, d, transformer, optimizer = cfg.train, cfg.data, model.transformer, model.optimizer
-    b = t.batch_size
+    t, d, transformer, optimizer, b = cfg.train, cfg.data, model.transformer, model.optimizer, cfg.train.batch_size
     inputs = SimulatedInputs(spec, comps, device, (b, 3, d.num_frames, d.height, d.width),
                              d.max_sequence_length or spec.max_sequence_length(comps),
                              DTYPES[cfg.model.text_encoder_dtype])  # fmt: skip
     accum = t.gradient_accumulation_steps
-    # The fused kernels the GPU picks save what the CPU flash kernel saves (output and log-sum-exp); only the math
-    # kernel differs (it saves the attention weights), so only it is simulated as chosen.
-    attention = "math" if cfg.compile.attention_backend == "math" else "auto"
     step = TrainStep(spec, comps, transformer, spec.make_objective(cfg.objective, comps), inputs, dims.cp, accum,
-                     attention)  # fmt: skip
+                     _planned_attention(cfg))  # fmt: skip
     batch = {"position": list(range(b))}
 
     def new_tracker():
@@ -312,67 +328,126 @@ def plan(flags: list[str], world: int, model_dir: str | Path, full: bool = False
     """simulate() for the whole model: directly when `full` or the model is small, else 3 and 4 blocks per block
     list, extrapolated to the real block counts."""
     from ptrain.config import parse_config
+
+    return plan_config(parse_config([*flags, "--pretrained_model_name_or_path", str(model_dir)]), world, model_dir,
+                       full)  # fmt: skip
+
+
+def plan_config(cfg, world: int, model_dir: str | Path, full: bool = False) -> dict:
+    """plan() of a parsed Config."""
     from ptrain.models.spec import get_spec
 
     model_dir = Path(model_dir)
-    name = parse_config([*flags, "--pretrained_model_name_or_path", str(model_dir)]).model.model_name
-    spec = get_spec(name)
+    spec = get_spec(cfg.model.model_name)
     config = spec.transformer_cls.load_config(model_dir, subfolder="transformer")
     targets = tuple(int(config[k]) for k in spec.block_count_keys)
     if full or all(n <= 4 for n in targets):
-        res = simulate(flags, world, model_dir)
+        res = simulate_config(cfg, world, model_dir)
         res["simulated_blocks"] = [res["blocks"]]
         return res
     base_blocks = tuple(3 for _ in targets)  # from 3 blocks on, FSDP's prefetch pattern no longer changes
-    base = simulate(flags, world, model_dir, base_blocks)
+    base = simulate_config(cfg, world, model_dir, base_blocks)
     bumps = []
     for i in range(len(targets)):
         blocks = tuple(4 if j == i else 3 for j in range(len(targets)))
-        bumps.append(simulate(flags, world, model_dir, blocks))
+        bumps.append(simulate_config(cfg, world, model_dir, blocks))
     return _extrapolate(base, bumps, targets)
 
 
-def candidates(world: int, training_type: str) -> list[tuple[str, list[str]]]:
-    """Layouts / AC modes to try, cheapest first (less recompute, then less communication per step)."""
+#: --ac_mode auto's ladder, least recompute first: (name, flags). "ops" recomputes only cheap ops (norms,
+#: activations, elementwise) in every block; every n-th block recomputes 1/n of the forward; full all of it.
+AC_LADDER = (
+    ("no AC", ["--no_gradient_checkpointing", "--ac_mode", "full"]),
+    ("op-level AC", ["--gradient_checkpointing", "--ac_mode", "ops"]),
+    ("AC every 4th block", ["--gradient_checkpointing", "--ac_mode", "selective", "--ac_every_n_blocks", "4"]),
+    ("AC every 2nd block", ["--gradient_checkpointing", "--ac_mode", "selective", "--ac_every_n_blocks", "2"]),
+    ("full AC", ["--gradient_checkpointing", "--ac_mode", "full"]),
+)
+#: What "reserved" adds to the planned (allocated) peak when deciding whether a plan fits a GPU: the caching
+#: allocator's slack and the CUDA context. On the H200 (../shared/reference/platform_notes.md) reserved was 1.06x
+#: allocated for CogVideoX-5B LoRA (20.0 / 18.8 GiB) and 1.24x for LTX-Video (7.82 / 6.32); the context ~0.5-1 GB.
+FIT_SLACK, FIT_CONTEXT_BYTES = 0.10, 2**30
+
+
+def fits(peak_bytes: int, budget_gb: float) -> bool:
+    """Whether a planned peak fits `budget_gb` (10^9 bytes) with the allocator slack and the CUDA context."""
+    return peak_bytes * (1 + FIT_SLACK) + FIT_CONTEXT_BYTES <= budget_gb * 1e9
+
+
+def with_flags(cfg, flags: list[str]):
+    """A copy of `cfg` with some flags given again (e.g. an AC_LADDER rung), parsed as the command line is."""
+    from ptrain.config import field_values
+
+    out = copy.deepcopy(cfg)
+    for group, values in field_values(flags).items():
+        for key, value in values.items():
+            setattr(getattr(out, group), key, value)
+    return out
+
+
+def choose_ac(cfg, world: int, model_dir: str | Path, budget_gb: float, report=None) -> dict:
+    """--ac_mode auto: plan the AC_LADDER's rungs in order on `cfg`'s layout and return the first that fits
+    `budget_gb`: {"index" (None when not even full AC fits), "name", "flags", "peak_bytes", "lines"}, one line
+    per planned rung (also given to `report`)."""
+    lines = []
+    for index, (name, flags) in enumerate(AC_LADDER):
+        res = plan_config(with_flags(cfg, flags), world, model_dir)
+        ok = fits(res["peak_bytes"], budget_gb)
+        lines.append(f"{name}: {res['peak_bytes'] / 1e9:.2f} GB planned, {'fits' if ok else 'does not fit'}")
+        if report is not None:
+            report(lines[-1])
+        if ok:
+            return {"index": index, "name": name, "flags": flags, "peak_bytes": res["peak_bytes"], "lines": lines}
+    return {"index": None, "name": None, "flags": None, "peak_bytes": res["peak_bytes"], "lines": lines}
+
+
+def layouts(world: int, training_type: str) -> list[tuple[str, list[str]]]:
+    """Layouts to try, least communication per step first (replicas, then sharding, then context parallel)."""
     out = []
-    for ac_name, ac in (("no AC", ["--no_gradient_checkpointing"]),
-                        ("selective AC (every 2nd block)", ["--gradient_checkpointing", "--ac_mode", "selective",
-                                                            "--ac_every_n_blocks", "2"]),
-                        ("full AC", ["--gradient_checkpointing", "--ac_mode", "full"])):  # fmt: skip
-        if training_type == "lora" and world > 1:
-            out.append((f"DDP {world}, {ac_name}", ["--dp_degree", str(world), "--dp_shards", "1", "--cp_degree", "1"]
-                        + ac))  # fmt: skip
-        out.append((f"FSDP {world}, {ac_name}", ["--dp_degree", "1", "--dp_shards", str(world), "--cp_degree", "1"]
-                    + ac))  # fmt: skip
+    if training_type == "lora" and world > 1:
+        out.append((f"DDP {world}", ["--dp_degree", str(world), "--dp_shards", "1", "--cp_degree", "1"]))
+    out.append((f"FSDP {world}", ["--dp_degree", "1", "--dp_shards", str(world), "--cp_degree", "1"]))
     for cp in (2, 4, 8):
         if world % cp == 0 and world > cp:
-            out.append((f"FSDP {world // cp} x cp {cp}, full AC",
-                        ["--dp_degree", "1", "--dp_shards", str(world // cp), "--cp_degree", str(cp),
-                         "--gradient_checkpointing", "--ac_mode", "full"]))  # fmt: skip
+            out.append((f"FSDP {world // cp} x cp {cp}",
+                        ["--dp_degree", "1", "--dp_shards", str(world // cp), "--cp_degree", str(cp)]))  # fmt: skip
     return out
 
 
 def advise(flags: list[str], world: int, model_dir: str | Path, budget_gb: float, report=print) -> dict:
-    """Plan the run as configured; if its peak exceeds `budget_gb` (GB, 10^9), try `candidates()` in order and
-    return the first that fits (or None). `report` receives one line per simulated layout."""
+    """Plan the run as configured; if it does not fit `budget_gb` (GB, 10^9), find each layout's least-recompute
+    AC rung that fits (planning each layout's rungs in order up to the first fit) and suggest the fastest of
+    those: the least recompute, then the least communication. `report` receives one line per planned candidate."""
     from ptrain.config import parse_config
 
     cfg = parse_config([*flags, "--pretrained_model_name_or_path", str(model_dir)])
-    as_configured = plan(flags, world, model_dir)
-    fits = as_configured["peak_bytes"] / 1e9 <= budget_gb
-    report(f"as configured ({as_configured['layout']}): {as_configured['peak_bytes'] / 1e9:.1f} GB per GPU "
-           f"{'fits in' if fits else 'exceeds'} {budget_gb:g} GB")  # fmt: skip
-    result = {"as_configured": as_configured, "fits": fits, "suggestion": None}
-    if fits:
+    auto = cfg.activation_checkpoint.ac_mode == "auto"
+    as_configured = None if auto else plan_config(cfg, world, model_dir)
+    fit = as_configured is not None and fits(as_configured["peak_bytes"], budget_gb)
+    if as_configured is not None:
+        report(f"as configured ({as_configured['layout']}): {as_configured['peak_bytes'] / 1e9:.1f} GB per GPU "
+               f"{'fits in' if fit else 'exceeds'} {budget_gb:g} GB (with {FIT_SLACK:.0%} allocator slack and "
+               f"{FIT_CONTEXT_BYTES / 2**30:g} GiB CUDA context)")  # fmt: skip
+    result = {"as_configured": as_configured, "fits": fit, "suggestion": None, "fitting": []}
+    if fit:
         return result
-    for name, extra in candidates(world, cfg.model.training_type):
-        res = plan([*flags, *extra], world, model_dir)
-        ok = res["peak_bytes"] / 1e9 <= budget_gb
-        report(f"  {name}: {res['peak_bytes'] / 1e9:.1f} GB {'fits' if ok else 'too big'}")
-        if ok:
-            result["suggestion"] = {"name": name, "flags": extra, "plan": res}
-            return result
-    report("  nothing tried fits: lower --num_frames / resolution, use LoRA, or plan more GPUs")
+    for layout, layout_flags in layouts(world, cfg.model.training_type):
+        for rung, (ac_name, ac_flags) in enumerate(AC_LADDER):
+            extra = [*layout_flags, *ac_flags]
+            res = plan_config(with_flags(cfg, extra), world, model_dir)
+            ok = fits(res["peak_bytes"], budget_gb)
+            report(f"  {layout}, {ac_name}: {res['peak_bytes'] / 1e9:.1f} GB {'fits' if ok else 'too big'}")
+            if ok:
+                result["fitting"].append({"name": f"{layout}, {ac_name}", "flags": extra, "plan": res, "rung": rung})
+                break
+        if result["fitting"] and result["fitting"][0]["rung"] == 0:
+            break  # no recompute and the least communication: nothing later can be faster
+    if not result["fitting"]:
+        report("  nothing tried fits: lower --num_frames / resolution, use LoRA, or plan more GPUs")
+        return result
+    best = min(result["fitting"], key=lambda c: c["rung"])  # stable: the first layout (least communication) wins ties
+    result["suggestion"] = best
+    report(f"  fastest that fits: {best['name']} (least recompute, then least communication)")
     return result
 
 

@@ -215,11 +215,69 @@ def plan_run(cfg: Config) -> RunPlan:
             "--num_train_epochs %d: %d steps (%d per epoch of %d samples, global batch %d)",
             t.num_train_epochs, t.train_steps, steps_per_epoch, len(usable.records), global_batch,
         )  # fmt: skip
+    if cfg.activation_checkpoint.ac_mode == "auto":
+        resolve_auto_ac(cfg, world, rank, device, out)
     run = RunPlan(cfg, rank, world, device, dims, mesh, out, layout, spec, overrides, rules, sampling, usable,
                   steps_per_epoch, resume, resharded, hub_ids=hub_ids)  # fmt: skip
     if resume is not None and not cfg.plan.dry_run:
         run.finished = _resume_is_finished(run)
     return run
+
+
+def resolve_auto_ac(cfg: Config, world: int, rank: int, device: torch.device, out: Path) -> None:
+    """--ac_mode auto: rank 0 asks the memory planner (in a child process: it runs on a fake process group) for the
+    least recompute that fits --gpu_memory_gb (default: this GPU's memory); every rank applies the choice to its
+    config. The choice is kept in output_dir/ac_auto.json and reused while the flags and budget stay the same."""
+    from ptrain.collective import all_max
+    from ptrain.planner import AC_LADDER, with_flags
+
+    a = cfg.activation_checkpoint
+    budget = a.gpu_memory_gb
+    if budget is None and device.type == "cuda":
+        budget = torch.cuda.get_device_properties(device).total_memory / 1e9
+    if budget is None:
+        raise ConfigError("--ac_mode auto plans against the GPU's memory; there is no GPU here: give --gpu_memory_gb")
+    index = _plan_auto_ac(cfg, world, budget, out) if rank == 0 else -1
+    index = all_max(index)
+    if index < 0:
+        raise ConfigError(
+            f"--ac_mode auto: even full activation checkpointing does not fit {budget:g} GB per GPU (planned; see "
+            "above): shard over more GPUs (--dp_shards), use --cp_degree, lower the resolution or frames, or LoRA"
+        )
+    name, flags = AC_LADDER[index]
+    chosen = with_flags(cfg, flags).activation_checkpoint
+    a.gradient_checkpointing, a.ac_mode, a.ac_every_n_blocks = (
+        chosen.gradient_checkpointing, chosen.ac_mode, chosen.ac_every_n_blocks,
+    )  # fmt: skip
+    log.info("--ac_mode auto: %s (%s) for %g GB per GPU", name, " ".join(flags), budget)
+
+
+def _plan_auto_ac(cfg: Config, world: int, budget: float, out: Path) -> int:
+    """Rank 0's part of resolve_auto_ac: the AC_LADDER index that fits (-1: none), from the cache or the planner."""
+    import concurrent.futures
+    import multiprocessing
+
+    from ptrain.planner import choose_ac
+
+    ignore = ("train_steps", "num_train_epochs", "resume_from_checkpoint", "dry_run", "log_level",
+              "gradient_checkpointing", "ac_every_n_blocks")  # auto decides these
+    key = {k: v for k, v in to_dict(cfg).items() if k not in ignore} | {"world": world, "budget_gb": budget}
+    cache = out / "ac_auto.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            log.info("--ac_mode auto: the plan of %s (same flags and budget)", cache)
+            return saved["index"]
+    log.info("--ac_mode auto: planning the memory of each AC mode for %g GB per GPU (simulated, no GPU used)", budget)
+    model_dir = cfg.model.pretrained_model_name_or_path
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        res = pool.submit(choose_ac, cfg, world, model_dir, budget, None).result()
+    for line in res["lines"]:
+        log.info("  %s", line)
+    index = -1 if res["index"] is None else res["index"]
+    out.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"key": key, "index": index, "lines": res["lines"]}, indent=2))
+    return index
 
 
 def _resume_is_finished(run: RunPlan) -> bool:

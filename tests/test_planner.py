@@ -4,6 +4,7 @@ extrapolation equals a full simulation, and the simulation counts what a real ru
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,7 +17,7 @@ import torch
 from conftest import first_error
 
 from ptrain.models.spec import get_spec
-from ptrain.planner import advise, plan, simulate
+from ptrain.planner import AC_LADDER, FIT_CONTEXT_BYTES, FIT_SLACK, advise, plan, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "benchmarks" / "model_configs"
@@ -89,13 +90,13 @@ def test_planned_states_equal_bytes_per_parameter(training_type):
     assert adam <= opt["OptState"] <= adam * 1.02
 
 
-def _mid_ltx(tmp_path: Path) -> Path:
+def _mid_ltx(tmp_path: Path, num_layers: int = 6) -> Path:
     """LTX-Video with 256-wide blocks and 6 of them: big enough to extrapolate, small enough to simulate fully."""
     out = tmp_path / "ltx-mid"
     shutil.copytree(CONFIGS / "ltx-video", out)
     cfg_path = out / "transformer" / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg.update(num_attention_heads=4, attention_head_dim=64, cross_attention_dim=256, num_layers=6)
+    cfg.update(num_attention_heads=4, attention_head_dim=64, cross_attention_dim=256, num_layers=num_layers)
     cfg_path.write_text(json.dumps(cfg))
     return out
 
@@ -147,18 +148,31 @@ def test_simulation_matches_a_real_run(tiny_ckpt, extra):
     assert simulated["params_trainable"] == real["params_trainable"]
 
 
-def test_advise_suggests_the_first_layout_that_fits(tmp_path):
-    """Full fine-tune on DDP 4 does not fit a budget that FSDP 4 (no AC), the cheapest candidate, meets."""
+def test_advise_suggests_the_fastest_layout_that_fits(tmp_path):
+    """Full fine-tune on DDP 4 does not fit a budget that FSDP 4 without AC (no recompute, the least communication
+    of the sharded layouts) meets: that is the suggestion, and nothing after it is planned."""
     model_dir = _mid_ltx(tmp_path)
     flags = [*MID_FLAGS, "--training_type", "full-finetune"]
     fsdp = plan([*flags, "--dp_shards", "4", "--no_gradient_checkpointing"], 4, model_dir)
+    budget = (fsdp["peak_bytes"] * (1 + FIT_SLACK) + FIT_CONTEXT_BYTES) / 1e9 + 1e-6  # exactly what it needs
     lines = []
-    res = advise([*flags, "--dp_degree", "4", "--dp_shards", "1"], 4, model_dir, fsdp["peak_bytes"] / 1e9 + 1e-6,
-                 report=lines.append)  # fmt: skip
+    res = advise([*flags, "--dp_degree", "4", "--dp_shards", "1"], 4, model_dir, budget, report=lines.append)
     assert not res["fits"] and res["as_configured"]["peak_bytes"] > fsdp["peak_bytes"]
-    assert res["suggestion"]["name"] == "FSDP 4, no AC"
+    assert res["suggestion"]["name"] == "FSDP 4, no AC" and len(res["fitting"]) == 1
     assert res["suggestion"]["plan"]["peak_bytes"] == fsdp["peak_bytes"]
     assert lines[0].startswith("as configured (DDP") and "exceeds" in lines[0]
+    assert lines[1:] == [lines[1], "  fastest that fits: FSDP 4, no AC (least recompute, then least communication)"]
+
+
+@pytest.mark.heavy
+def test_ac_ladder_saves_memory_in_order_of_recompute(tmp_path):
+    """The rungs --ac_mode auto climbs: op-level AC saves activations without recomputing matmuls; every 2nd
+    block saves more; full AC the most (planned on the 6-block LTX-Video)."""
+    model_dir = _mid_ltx(tmp_path, num_layers=4)  # simulated whole (no extrapolation): one simulation per rung
+    small = ["--model_name", "ltx_video", "--num_frames", "9", "--height", "128", "--width", "128", "--rank", "16"]
+    peaks = {name: plan([*small, *flags], 1, model_dir)["peak_bytes"]
+             for name, flags in AC_LADDER if name != "AC every 4th block"}  # fmt: skip
+    assert peaks["no AC"] > peaks["op-level AC"] > peaks["AC every 2nd block"] > peaks["full AC"], peaks
 
 
 @pytest.mark.slow
@@ -215,3 +229,49 @@ def test_gradient_accumulation_keeps_gradients_sharded(tiny_ckpt):
     grads = three["categories"]["Sharded Grad"]
     assert grads > 0 and one["categories"]["Sharded Grad"] == 0 and three["categories"]["Unsharded Grad"] == 0
     assert three["peak_bytes"] - one["peak_bytes"] == grads
+
+
+@pytest.mark.heavy
+def test_choose_ac_climbs_to_the_first_rung_that_fits(tiny_ckpt, tiny_data):
+    """--ac_mode auto's choice: with a budget that full AC just meets, the rungs before the chosen one are planned
+    and do not fit, and the chosen one is the first whose plan fits."""
+    from ptrain.config import parse_config
+    from ptrain.planner import choose_ac, fits
+
+    flags = ["--data_root", str(tiny_data), "--num_frames", "9", "--height", "32", "--width", "32"]
+    full = plan([*flags, *AC_LADDER[-1][1]], 1, tiny_ckpt)
+    budget = (full["peak_bytes"] * (1 + FIT_SLACK) + FIT_CONTEXT_BYTES) / 1e9 + 1e-9
+    cfg = parse_config([*flags, "--pretrained_model_name_or_path", str(tiny_ckpt), "--ac_mode", "auto"])
+    res = choose_ac(cfg, 1, tiny_ckpt, budget)
+    assert res["index"] is not None and res["index"] >= 1  # no AC does not fit
+    assert [line.endswith("does not fit") for line in res["lines"]] == [True] * res["index"] + [False]
+    assert res["lines"][0].startswith("no AC:") and fits(res["peak_bytes"], budget)
+    none = choose_ac(cfg, 1, tiny_ckpt, budget * 100)
+    assert none["index"] == 0 and len(none["lines"]) == 1
+
+
+@pytest.mark.slow
+def test_ac_mode_auto_in_a_run(ptrain_run, tiny_ckpt, tiny_data, tmp_path, caplog):
+    """--ac_mode auto resolves at start-up (here in a dry run): with room to spare it plans one rung and picks no
+    AC; a second start with the same flags and budget reuses the plan; without a GPU it needs --gpu_memory_gb."""
+    from ptrain.config import ConfigError, parse_config
+    from ptrain.trainer import resolve_auto_ac
+
+    out = tmp_path / "out"
+    base = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data),
+            "--height", "32", "--width", "32", "--num_frames", "9", "--ac_mode", "auto"]  # fmt: skip
+    run = ptrain_run(1, [*base, "--dry_run", "--gpu_memory_gb", "80"], out)
+    assert run.returncode == 0, first_error(run.stderr)
+    assert re.search(r"no AC: 0\.\d\d GB planned, fits", run.stderr) and "op-level" not in run.stderr
+    assert "--ac_mode auto: no AC (--no_gradient_checkpointing --ac_mode full) for 80 GB per GPU" in run.stderr
+    saved = json.loads((out / "ac_auto.json").read_text())
+    assert saved["index"] == 0 and saved["key"]["gpu_memory_gb"] == 80
+    cfg = parse_config([*base, "--output_dir", str(out), "--gpu_memory_gb", "80", "--gradient_checkpointing"])
+    with caplog.at_level(logging.INFO, logger="ptrain"):
+        resolve_auto_ac(cfg, 1, 0, torch.device("cpu"), out)  # the same flags: no planning
+    assert "--ac_mode auto: the plan of" in caplog.text and "GB planned" not in caplog.text
+    a = cfg.activation_checkpoint
+    assert (a.gradient_checkpointing, a.ac_mode) == (False, "full")  # no AC, whatever the flag said
+    cfg = parse_config([*base, "--output_dir", str(out)])
+    with pytest.raises(ConfigError, match="--ac_mode auto plans against the GPU's memory; .* give --gpu_memory_gb"):
+        resolve_auto_ac(cfg, 1, 0, torch.device("cpu"), out)

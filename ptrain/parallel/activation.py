@@ -1,24 +1,49 @@
-"""Activation checkpointing per transformer block (none | full | selective every n-th block)."""
+"""Activation checkpointing per transformer block: full, every n-th block (selective) or op-level (ops).
+
+- full: every block keeps only its input and recomputes everything in backward (about one more forward);
+- selective: one block in `every_n_blocks` is checkpointed as in full (memory and recompute scale by 1/n);
+- ops: every block keeps the outputs of its matmuls and attention kernels and of collectives, and recomputes the
+  rest (norms, activations, elementwise ops, RoPE) in backward: almost no recomputed FLOPs, a part of the
+  activation memory saved (torch's selective checkpointing; torchtitan's "selective op" mode).
+--ac_mode auto picks among these with the memory planner (ptrain/planner.py: `choose_ac`).
+"""
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+MODES = ("full", "selective", "ops")
+_aten = torch.ops.aten
+#: --ac_mode ops keeps the outputs of these ops (the FLOP-heavy and the communicating ones)
+_SAVE = {
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten.convolution.default,
+    _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
+}  # fmt: skip
+
+
+def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op in _SAVE or getattr(op, "namespace", "") == "_c10d_functional":
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_ac(block_lists: list[nn.ModuleList], mode: str, every_n_blocks: int = 1) -> int:
-    """Wrap blocks in non-reentrant checkpoint wrappers in place; returns how many were wrapped.
-
-    `full` wraps every block; `selective` wraps one block in `every_n_blocks`
-    (memory saved scales with 1/n of the blocks, recompute cost likewise).
-    """
-    if mode not in ("full", "selective"):
-        raise ValueError(f"--ac_mode {mode!r}: choose full or selective")
-    n = 1 if mode == "full" else every_n_blocks
+    """Wrap blocks in non-reentrant checkpoint wrappers in place (see the module docstring); returns how many were
+    wrapped."""
+    if mode not in MODES:
+        raise ValueError(f"--ac_mode {mode!r}: choose {', '.join(MODES)} (or auto, resolved before this)")
+    n = every_n_blocks if mode == "selective" else 1
+    kwargs = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _policy)} if mode == "ops" else {}
     wrapped = 0
     for blocks in block_lists:
         for i, block in enumerate(blocks):
             if i % n == 0:
-                blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+                blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
                 wrapped += 1
     return wrapped
