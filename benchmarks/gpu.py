@@ -891,8 +891,8 @@ def checks_markdown(checks: list[dict]) -> list[str]:
     against the reference, kernels, peak memory, time."""
     if not checks:
         return []
-    title = ("One-process checks (`ptrain/parallel/ring_check.py`: every cp rank's ring loop in one process, "
-             "against full SDPA):")  # fmt: skip
+    title = ("One-process checks (`ptrain/parallel/ring_check.py`: every cp rank's ring loop in one process; errors "
+             "against one full-sequence SDPA in float32 on a GPU, float64 on the CPU):")  # fmt: skip
     cols = ("| check | case | kernels | max abs err out / dq / dk / dv: ring | same: full SDPA | ring peak GiB "
             "(full SDPA) | math kernel's scores per block GiB | ring fwd+bwd s (full SDPA) | status |")  # fmt: skip
     lines = ["", title, "", cols, "|---" * 9 + "|"]
