@@ -26,6 +26,13 @@ counted at start-up, with compile too), the planner's peak and its error, traine
 the compile time (first step minus the median). Every phase has its own subprocess timeout; gpu.json and
 gpu.md are rewritten after every row, so a run cut short leaves what it measured.
 
+Before the rows (unless --no_checks), one check in its own process: ring attention's CUDA block kernels and
+log-sum-exp merge (ptrain/parallel/ring_check.py: the cp ranks of `--cp_mode ring` run one after another in one
+process, since one GPU cannot host two NCCL ranks) at the CogVideoX-5B shape (49x480x720: 48 heads x 64, 226 text
++ 17550 video tokens, cp 2, bf16), without and with a text padding mask, against one full-sequence SDPA: max abs
+error of out / dq / dk / dv (and full bf16 SDPA's, for scale, both against float32 SDPA), the kernels that ran,
+peak memory and time. It goes to gpu.json's "checks" and a table in gpu.md; --cpu runs it at a tiny shape.
+
 The default set fits about 8 minutes (estimates in --dry_run); the other rows run with --set all or --only:
 
     python benchmarks/gpu.py --dry_run              # the plan: rows, flags, budgets, estimated minutes (CPU, CI)
@@ -124,6 +131,10 @@ ROWS = [
     Row("hunyuan-lora-ac-fp8-24g", "hunyuan-video", "lora", True, False, (49, 512, 768), FP8, cap_gib=24,
         est_s=200, default=False, note="24 GiB cap, FP8 storage of frozen weights; no AC does not fit 24 GiB"),
 ]  # fmt: skip
+#: The one-process ring attention check (ptrain/parallel/ring_check.py: cp 2 at the CogVideoX-5B shape, bf16, with
+#: and without a text mask, against full SDPA), before the rows in every run unless --no_checks: process start-up,
+#: CUDA init, two cases (well under 10 s of GPU work on an H100).
+CHECK_EST_S = 25
 #: --cpu: the same path on the tiny LTX-Video checkpoint (ptrain.testing.tiny), float32, gloo.
 CPU_ROWS = [
     Row("cpu-ltx-lora-ac", "ltx_video", "lora", True, False, (9, 32, 32), est_s=30),
@@ -173,8 +184,10 @@ def select(rows: list[Row], only: list[str] | None, which: str) -> list[Row]:
 
 
 def estimate_s(rows: list[Row]) -> int:
-    """Set-up per model (once) plus every row's own estimate, plus ~10 s of imports and the planner's wait."""
-    return 10 + sum(SETUP_EST_S[v] for v in dict.fromkeys(r.variant for r in rows)) + sum(r.est_s for r in rows)
+    """Set-up per model (once) plus every row's own estimate, plus ~10 s of imports and the planner's wait and the
+    ring attention check (CHECK_EST_S)."""
+    setup = sum(SETUP_EST_S[v] for v in dict.fromkeys(r.variant for r in rows))
+    return 10 + CHECK_EST_S + setup + sum(r.est_s for r in rows)
 
 
 def budget_s(row: Row) -> int:
@@ -191,6 +204,8 @@ def dry_run(rows: list[Row], all_rows: list[Row], cpu: bool) -> None:
         print(f"  [{mark}] {r.name}: estimated {r.est_s} s, budget {budget_s(r)} s{cap}{need}"
               f"{f' ({r.note})' if r.note else ''}")  # fmt: skip
         print(f"         ptrain {' '.join(model_flags(r, cpu))}")
+    shape = "tiny shape, CPU" if cpu else "CogVideoX-5B 49x480x720, cp 2, bf16"
+    print(f"  check ring-attention (one process, {shape}; --no_checks skips it): estimated {CHECK_EST_S} s")
     setups = ", ".join(f"{v} {SETUP_EST_S[v]} s" for v in dict.fromkeys(r.variant for r in rows))
     total = estimate_s(rows)
     print(f"set-up per model (checkpoint build, videos, precompute pass): {setups}")
@@ -605,6 +620,7 @@ class Suite:
         self.work = Path(args.work or tempfile.mkdtemp(prefix="ptrain-gpu-suite-"))
         self.work.mkdir(parents=True, exist_ok=True)
         self.records: list[dict] = []
+        self.checks: list[dict] = []
         self.device = gpu_name_and_memory() if not self.cpu else (None, None)
         self.planner: subprocess.Popen | None = None
 
@@ -713,6 +729,8 @@ class Suite:
 
                 write_tiny_checkpoint(self.ckpt_dir(variant), variant)
         self.start_planner()
+        if not self.args.no_checks:
+            self.run_ring_check()
         for variant in dict.fromkeys(r.variant for r in self.rows):
             rows = [r for r in self.rows if r.variant == variant]
             runnable = [r for r in rows if self.fits(r)]
@@ -737,6 +755,26 @@ class Suite:
             if not self.cpu:
                 shutil.rmtree(ckpt, ignore_errors=True)  # disk: Hunyuan alone is 26 GB
         self.finish_planner()
+
+    def run_ring_check(self) -> None:
+        """ptrain/parallel/ring_check.py's suite_check in its own process (CUDA, or the tiny CPU shape): the ring
+        attention block kernels and merge, every cp rank in one process, against full SDPA."""
+        rec = {"check": "ring-attention"}
+        if self.left() < CHECK_EST_S:
+            rec["status"] = f"not run: {self.left():.0f} s left of the deadline, estimate {CHECK_EST_S} s"
+        else:
+            out, log = self.work / "ring_check.json", self.work / "ring_check.log"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--_ring_check", str(out)]
+            cmd += ["--cpu"] if self.cpu else []
+            rc, secs = run_proc(cmd, child_env(self.cpu), min(self.left(), 4 * CHECK_EST_S), log)
+            if rc != 0 or not out.is_file():
+                rec["status"] = f"failed (rc {rc}, {secs:.0f} s):\n{log_tail(log)}"
+            else:
+                rec.update(json.loads(out.read_text()), wall_s=secs)
+                rec["status"] = "ok" if rec["ok"] else "failed: the ring's error exceeds the bound (see cases)"
+        self.checks = [rec]
+        self.say(f"ring-attention check: {rec['status']}")
+        self.write()
 
     def fits(self, row: Row) -> bool:
         _, mem = self.device
@@ -788,7 +826,7 @@ class Suite:
                 "on one GPU; ptrain (precomputed inputs) against a bare PyTorch loop and the planner",
                 "mode": "cpu (tiny checkpoints)" if self.cpu else "gpu", "warmup_steps": WARMUP, "timed_steps": STEPS,
                 "peak_note": PEAK_NOTE, "flops_note": FLOPS_NOTE, "elapsed_s": round(time.perf_counter() - self.t0, 1),
-                "date": time.strftime("%Y-%m-%d"), "rows": self.records}  # fmt: skip
+                "date": time.strftime("%Y-%m-%d"), "rows": self.records, "checks": self.checks}  # fmt: skip
         (self.out / "gpu.json").write_text(json.dumps(data, indent=1) + "\n")
         (self.out / "gpu.md").write_text(markdown(data))
 
@@ -850,7 +888,40 @@ def markdown(data: dict) -> str:
         comp = f"{t['compile_s']:.0f}" if t and r["compile"] else "-"
         lines.append(f"| {r['row']} | {'yes' if r['ac'] else 'no'} | {'yes' if r['compile'] else 'no'} | "
                      + " | ".join(cells) + f" | {comp} | {r['status'].splitlines()[0][:120]} |")  # fmt: skip
-    return "\n".join(lines + ["", data["peak_note"], data["flops_note"]]) + "\n"
+    lines += ["", data["peak_note"], data["flops_note"], *checks_markdown(data.get("checks") or [])]
+    return "\n".join(lines) + "\n"
+
+
+def _gib(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def checks_markdown(checks: list[dict]) -> list[str]:
+    """The one-process checks' table (ring attention): max abs errors of the ring and of full SDPA in the same dtype
+    against the reference, kernels, peak memory, time."""
+    if not checks:
+        return []
+    title = ("One-process checks (`ptrain/parallel/ring_check.py`: every cp rank's ring loop in one process; errors "
+             "against one full-sequence SDPA in float32 on a GPU, float64 on the CPU):")  # fmt: skip
+    cols = ("| check | case | kernels | max abs err out / dq / dk / dv: ring | same: full SDPA | ring peak GiB "
+            "(full SDPA) | math kernel's scores per block GiB | ring fwd+bwd s (full SDPA) | status |")  # fmt: skip
+    lines = ["", title, "", cols, "|---" * 9 + "|"]
+    for c in checks:
+        status = c["status"].splitlines()[0][:120]
+        if not c.get("cases"):
+            lines.append(f"| {c['check']} | - | - | - | - | - | - | - | {status} |")
+        for case in c.get("cases", []):
+            sh = case["shape"]
+            name = (f"{sh['heads']} heads x {sh['head_dim']}, {sh['text']} text + {sh['video']} video, cp "
+                    f"{sh['cp']}, {sh['dtype']}{', text mask' if sh['text_mask'] else ''}; {c.get('device')}")  # fmt: skip
+            errs = [" / ".join(f"{case[k][n]['max_abs_err']:.2g}" for n in ("out", "dq", "dk", "dv"))
+                    for k in ("ring_err", "sdpa_err")]  # fmt: skip
+            kernels = ", ".join(k.removeprefix("_scaled_dot_product_") for k in case["kernels"])
+            lines.append(f"| {c['check']} | {name} | {kernels} | {errs[0]} | {errs[1]} | {_gib(case['ring_peak_gib'])} "
+                         f"({_gib(case['sdpa_peak_gib'])}) | {case['math_scores_gib_per_block']:.2f} | "
+                         f"{case['ring_fwd_bwd_s']:.3f} ({case['sdpa_fwd_bwd_s']:.3f}) | "
+                         f"{'ok' if case['ok'] else 'FAILED'}; {status} |")  # fmt: skip
+    return lines
 
 
 def gpu_name_and_memory() -> tuple[str | None, float | None]:
@@ -876,6 +947,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", help="scratch folder for checkpoints, videos, caches, runs (default: a temp dir)")
     ap.add_argument("--peak_tflops", type=float, help="dense peak of the device (default: ptrain.metrics' table)")
     ap.add_argument("--deadline_s", type=int, default=DEADLINE_S, help="rows not started past this are skipped")
+    ap.add_argument("--no_checks", action="store_true", help="skip the one-process ring attention check")
     args = ap.parse_args(argv)
     all_rows = CPU_ROWS if args.cpu else ROWS
     if args.list:
@@ -908,6 +980,10 @@ def _entry() -> None:
         Path(job["out"]).write_text(json.dumps(bare_loop(job), indent=1))
     elif mode == "--_plan":
         plan_all(json.loads(Path(sys.argv[2]).read_text()))
+    elif mode == "--_ring_check":  # python benchmarks/gpu.py --_ring_check OUT.json [--cpu]
+        from ptrain.parallel.ring_check import suite_check
+
+        Path(sys.argv[2]).write_text(json.dumps(suite_check("--cpu" in sys.argv[3:]), indent=1))
     elif mode == "--_build":
         build_full_checkpoint(sys.argv[2], Path(sys.argv[3]))
     else:

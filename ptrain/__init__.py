@@ -11,6 +11,7 @@ rank), `safe_load.py` (DCP and per-rank files without unrestricted unpickling), 
 
 Parallelism, `parallel/`. `dims.py` (ParallelDims -> DeviceMesh; cuda+nccl or cpu+gloo), `fsdp.py`
 (fully_shard / replicate), `activation.py`, `compile.py`, `context.py` (Ulysses and ring attention),
+`ring_check.py` (the ring's ranks in one process against full SDPA: the one-GPU check of its CUDA kernels),
 `names.py` (parameter names without wrapper prefixes).
 
 Data, `data/`. `sources.py` (dataset formats -> records), `video.py` (decode, frame sampling, resize/crop),

@@ -16,7 +16,13 @@ activations); tests/test_planner.py checks the extrapolation against a full simu
 What it does not model: the CUDA caching allocator (reserved > allocated; fragmentation), NCCL's own buffers,
 the CUDA context (~0.5-1 GB), and kernel workspaces (cuBLAS, flash attention). Fake tensors live on the CPU
 device, so attention runs through the CPU SDPA kernels, whose saved tensors (output + log-sum-exp) match the
-fused CUDA kernels'.
+fused CUDA kernels'. Ring attention (`--cp_mode ring`) likewise: on the CPU device each ring block runs the CPU
+flash op, on a GPU the fused kernel that ptrain.parallel.context.ring_kernel picks (FlashAttention, or the
+memory-efficient kernel at the step whose keys carry a text padding mask); both return one block's output +
+log-sum-exp and hold no score matrix, so the simulated memory is the GPU's (tests/test_ring_attention.py runs the
+ring on fake CUDA tensors with the CUDA kernels and on fake CPU tensors: the same peak). Not simulated: ring
+blocks that fall back to the math kernel on a GPU (float64, head dims the fused kernels refuse), which holds each
+block's float32 scores (heads x local tokens x block tokens) several times over; ptrain warns when it runs.
 
 CLI: python -m ptrain.planner --model_dir DIR --world_size 8 [--budget_gb 80] -- [ptrain flags]   (prints JSON)
 From a run: python -m ptrain --dry_run --plan_gpu_memory_gb 80 --plan_world_size 8 [flags]

@@ -3,6 +3,7 @@ end to end in its CPU mode on tiny checkpoints (precompute pass, timed ptrain ru
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -117,7 +118,26 @@ def test_cpu_mode_end_to_end(tmp_path):
     assert row["planner_error_pct"] is None  # on the CPU ptrain's peak is the resident set: not comparable
     md = (out / "gpu.md").read_text()
     assert "| cpu-ltx-lora-ac | yes | no |" in md and "ok |" in md
+    (check,) = data["checks"]  # the ring attention check ran first, at its tiny CPU shape
+    assert check["check"] == "ring-attention" and check["status"] == "ok", check["status"]
+    assert "| ring-attention |" in md
     assert wall < 240, f"CPU mode took {wall:.0f} s"
+
+
+def test_ring_attention_check_in_cpu_mode(tmp_path):
+    """The suite's one-process ring check (a subprocess, as on the GPU) at its tiny CPU shape: recorded in gpu.json
+    with both cases, rendered in gpu.md."""
+    args = argparse.Namespace(cpu=True, out=str(tmp_path / "out"), work=str(tmp_path / "w"), deadline_s=120,
+                              no_checks=False, peak_tflops=None)  # fmt: skip
+    gpu.Suite(args, []).run_ring_check()
+    data = json.loads((tmp_path / "out" / "gpu.json").read_text())
+    (check,) = data["checks"]
+    assert check["status"] == "ok" and check["device"] == "CPU", check["status"]
+    assert [c["shape"]["text_mask"] for c in check["cases"]] == [False, True]
+    assert all(c["ok"] and c["kernels"] for c in check["cases"])
+    md = (tmp_path / "out" / "gpu.md").read_text()
+    assert "| ring-attention | 2 heads x 16, 6 text + 37 video, cp 2, float32; CPU |" in md
+    assert "| ring-attention | 2 heads x 16, 6 text + 37 video, cp 2, float32, text mask; CPU |" in md
 
 
 def test_a_run_past_its_deadline_still_writes_results(tmp_path):
@@ -129,5 +149,7 @@ def test_a_run_past_its_deadline_still_writes_results(tmp_path):
     rows = json.loads((out / "gpu.json").read_text())["rows"]
     assert [r["row"] for r in rows] == [r.name for r in gpu.CPU_ROWS]
     assert all(r["status"].startswith("not run:") and "trainer" not in r for r in rows)
+    (check,) = json.loads((out / "gpu.json").read_text())["checks"]
+    assert check["status"].startswith("not run:")
     md = (out / "gpu.md").read_text()
     assert all(f"| {r.name} |" in md for r in gpu.CPU_ROWS) and "not run" in md

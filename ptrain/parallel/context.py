@@ -29,6 +29,7 @@ the trainer multiplies the loss by `cp` because FSDP averages over
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import inspect
 import logging
@@ -150,6 +151,83 @@ def gather_tokens(x: torch.Tensor, dim: int, n_valid: int, cpg: CPGroup) -> torc
 
 
 # --- attention kernels returning log-sum-exp (ring) ---------------------------------------------------------------
+#: What runs one ring block (see ring_kernel), by name, for the log line.
+RING_KERNELS = {
+    "cpu": "aten._scaled_dot_product_flash_attention_for_cpu",
+    "flash": "aten._scaled_dot_product_flash_attention (FlashAttention-2)",
+    "efficient": "aten._scaled_dot_product_efficient_attention (memory-efficient, additive mask)",
+    "math": "ptrain's float32 math kernel (scores in memory)",
+}
+_EFFICIENT_LSE_ALIGN = 1 if torch.version.hip else 32  # the CUDA mem-efficient kernel pads its lse along the queries
+_forced_kernel: list[str] = []  # forced_ring_kernel's stack
+_logged_kernels: set[str] = set()
+
+
+@contextlib.contextmanager
+def forced_ring_kernel(name: str):
+    """Run every ring block through kernel `name` (tests and checks: the math kernel as the reference)."""
+    if name not in RING_KERNELS:
+        raise ValueError(f"ring kernel {name!r}: choose one of {', '.join(RING_KERNELS)}")
+    _forced_kernel.append(name)
+    try:
+        yield
+    finally:
+        _forced_kernel.pop()
+
+
+def ring_kernel(q, k, v, mask) -> str:
+    """The kernel that runs one ring block: "cpu", "flash", "efficient" or "math" (keys of RING_KERNELS).
+
+    CPU tensors: the CPU flash op. CUDA: FlashAttention when there is no mask and it takes the inputs (fp16 /
+    bf16, one head dim for q, k, v that is a multiple of 8 up to 256); else the memory-efficient kernel, which
+    takes the additive mask and float32 too (head dim a multiple of 8, or 4 in float32); else (float64, other
+    head dims, other devices) the math kernel, which holds the block's float32 scores. On a real GPU torch's own
+    admission checks must pass as well (GPU generation; backends switched off with torch.backends.cuda); fake
+    tensors (the planner, tests without a GPU) are decided by the rules above alone.
+    """
+    if _forced_kernel:
+        return _forced_kernel[-1]
+    if q.device.type == "cpu":
+        return "cpu"
+    if q.device.type != "cuda":
+        return "math"
+    d = q.shape[-1]
+    same = k.shape[-1] == d and v.shape[-1] == d
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if mask is None and half and same and d % 8 == 0 and d <= 256 and _admitted("flash", q, k, v, None):
+        return "flash"
+    efficient = (half or q.dtype == torch.float32) and same and d % (8 if half else 4) == 0
+    return "efficient" if efficient and _admitted("efficient", q, k, v, mask) else "math"
+
+
+def _admitted(kernel: str, q, k, v, mask) -> bool:
+    """torch's own check that `kernel` runs these inputs on this GPU (True for fake tensors)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if not torch.cuda.is_available() or is_fake(q):
+        return True
+    params = torch.backends.cuda.SDPAParams(q, k, v, mask, 0.0, False, False)
+    if kernel == "flash":
+        return torch.backends.cuda.can_use_flash_attention(params)
+    return torch.backends.cuda.can_use_efficient_attention(params)
+
+
+def _note_kernel(kernel: str, q) -> None:
+    """Log once per process which kernel runs ring blocks (a warning for the math kernel off the CPU)."""
+    if kernel in _logged_kernels or _forced_kernel:
+        return
+    _logged_kernels.add(kernel)
+    if kernel == "math" and q.device.type != "cpu":
+        log.warning(
+            "--cp_mode ring on %s runs ptrain's math attention kernel for %s inputs with head dim %d: it holds each "
+            "block's float32 scores (B x heads x local tokens x block tokens) in memory; the fused kernels take "
+            "fp16/bf16 (flash, memory-efficient) and float32 (memory-efficient) with head dims a multiple of 8",
+            q.device.type, q.dtype, q.shape[-1],
+        )  # fmt: skip
+    else:
+        log.info("ring attention blocks run %s", RING_KERNELS[kernel])
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float32, or float64 for float64 inputs."""
     return torch.promote_types(dtype, torch.float32)
@@ -180,24 +258,94 @@ def _math_bwd(dout, q, k, v, out, lse, mask, scale):
     return dq, dk, dv
 
 
+def _contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The fused CUDA kernels need a unit stride along the head dim (any other strides are fine). A clone, not
+    .contiguous(): copy_ of fake CUDA tensors fails on a CPU-only torch, and tests run these paths on them."""
+    return x if x.stride(-1) == 1 else _contiguous(x)
+
+
+def _bmhk(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, M, D) with the memory layout of a contiguous (B, M, H, D): the memory-efficient backward reads the
+    output it is given with that row stride (heads x head dim) whatever its strides say, as its forward writes it;
+    a merged ring output need not be laid out so."""
+    t = x.transpose(1, 2)
+    return x if t.is_contiguous() else t.clone(memory_format=torch.contiguous_format).transpose(1, 2)
+
+
+def _efficient_bias(mask, q, k):
+    """The additive mask (B, 1, 1, Lk) as the memory-efficient kernel takes it: q's dtype, rows 16-aligned in
+    memory (its alignment check on the bias strides), expanded to (B, heads, Lq, Lk) without copies."""
+    if mask is None:
+        return None
+    lk = k.shape[2]
+    bias = F.pad(mask.to(q.dtype), (0, -lk % 16)).narrow(-1, 0, lk)
+    return bias.expand(q.shape[0], q.shape[1], q.shape[2], lk)
+
+
+def _efficient_lse(lse: torch.Tensor) -> torch.Tensor:
+    """(B, H, Lq) lse in the layout the memory-efficient forward returns it: padded along Lq to its alignment."""
+    return F.pad(lse.to(torch.float32), (0, -lse.shape[-1] % _EFFICIENT_LSE_ALIGN))
+
+
 def _block_fwd(q, k, v, mask, scale):
-    """(out, lse) of softmax(q k^T * scale + mask) v; lse in float32, shape (B, H, Lq)."""
-    if q.device.type == "cpu":
+    """(out, lse) of softmax(q k^T * scale + mask) v; lse in float32 (float64 for float64), shape (B, H, Lq)."""
+    kernel = ring_kernel(q, k, v, mask)
+    _note_kernel(kernel, q)
+    if kernel == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale
         )
         return out, lse.to(_acc(q.dtype))
-    return _math_fwd(q, k, v, mask, scale)
+    if kernel == "math":
+        return _math_fwd(q, k, v, mask, scale)
+    q, k, v = (_last_contiguous(x) for x in (q, k, v))
+    if kernel == "flash":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+        return out, lse
+    bias = _efficient_bias(mask, q, k)
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)[:2]
+    return out, lse.narrow(-1, 0, q.shape[2])  # drop the kernel's padding rows
 
 
 def _block_bwd(dout, q, k, v, out, lse, mask, scale):
     """Gradients of one key block's share, given the *merged* output and log-sum-exp (flash-attention identity)."""
-    if q.device.type == "cpu":
+    kernel = ring_kernel(q, k, v, mask)
+    if kernel == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout.contiguous(), q, k, v, out, lse.to(q.dtype) if q.dtype == torch.float64 else lse, 0.0, False,
             attn_mask=None if mask is None else mask.to(q.dtype), scale=scale,
         )  # fmt: skip
-    return _math_bwd(dout, q, k, v, out, lse, mask, scale)
+    if kernel == "math":
+        return _math_bwd(dout, q, k, v, out, lse, mask, scale)
+    dout, q, k, v, out = (_last_contiguous(x) for x in (dout, q, k, v, out))
+    if kernel == "flash":  # dropout 0: the kernels never read the RNG state, so empty tensors stand in for it
+        rng = torch.empty(0, dtype=torch.uint64, device=q.device)
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, _contiguous(lse), None, None, q.shape[2], k.shape[2], 0.0, False, rng, rng,
+            scale=scale,
+        )  # fmt: skip
+    rng = torch.empty(0, dtype=torch.int64, device=q.device)
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, k, v, _efficient_bias(mask, q, k), _bmhk(out), _efficient_lse(lse), rng, rng, 0.0,
+        [True, True, True, False], False, scale=scale,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def merge_block(out, lse, block_out, block_lse):
+    """Fold one key block's (output, lse) into the running merge: returns the new (out, lse), out in the
+    accumulation dtype. `out` None starts the merge. softmax over the union of the blocks' keys =
+    sum_b exp(lse_b - lse) * out_b with lse = logaddexp over the blocks."""
+    acc = _acc(block_out.dtype)
+    if out is None:
+        return block_out.to(acc), block_lse
+    new = torch.logaddexp(lse, block_lse)
+    out = out * torch.exp(lse - new).unsqueeze(-1) + block_out.to(acc) * torch.exp(block_lse - new).unsqueeze(-1)
+    return out, new
 
 
 def _ring_exchange(send: torch.Tensor, cpg: CPGroup) -> tuple[torch.Tensor, list]:
@@ -219,11 +367,11 @@ class _Layout:
     n_valid: int  # global video tokens (without padding)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(text, video) parts of (B, H, L, D)."""
-        t = self.text_len
+        """(text, video) parts of (B, H, L, D) (narrow, not indexing: this also runs on fake CUDA tensors)."""
+        t, n = self.text_len, x.shape[2] - self.text_len
         if self.text_first:
-            return x[:, :, :t], x[:, :, t:]
-        return x[:, :, x.shape[2] - t :], x[:, :, : x.shape[2] - t]
+            return x.narrow(2, 0, t), x.narrow(2, t, n)
+        return x.narrow(2, n, t), x.narrow(2, 0, n)
 
     def join(self, text: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
         if not self.text_len:
@@ -239,31 +387,85 @@ def _additive(keep: torch.Tensor | None, dtype) -> torch.Tensor | None:
     """bool key mask (B, 1, 1, Lk) -> additive float mask, or None."""
     if keep is None:
         return None
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(keep.logical_not(), float("-inf"))
+
+
+# --- the ring: per-step work shared by the autograd Function and the one-process check (ring_check.py) ----------------
+def ring_inputs(k, v, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(text keys, text values, this rank's video K|V block): the block is what travels around the ring."""
+    kt, kv_k = lay.split(k)
+    vt, kv_v = lay.split(v)
+    return kt, vt, torch.cat([kv_k, kv_v], dim=-1).contiguous()
+
+
+def _ring_keys(block, d, kt, vt, text_keep, lay: _Layout, cpg: CPGroup, step: int, dtype):
+    """Keys/values/mask visited at ring step `step`: the video block of rank (rank - step), plus text at step 0."""
+    owner = (cpg.rank - step) % cpg.size
+    valid = lay.valid_in_block(owner)
+    bk, bv = block.narrow(2, 0, valid).narrow(-1, 0, d), block.narrow(2, 0, valid).narrow(-1, d, d)
+    if step == 0 and lay.text_len:
+        bk, bv = torch.cat([kt, bk], dim=2), torch.cat([vt, bv], dim=2)
+        if text_keep is not None:
+            ones = torch.ones(*text_keep.shape[:-1], valid, dtype=torch.bool, device=text_keep.device)
+            return bk, bv, _additive(torch.cat([text_keep, ones], dim=-1), dtype)
+        return bk, bv, None
+    if valid == 0:
+        return None, None, None
+    return bk, bv, None
+
+
+def ring_forward_step(q, block, kt, vt, text_keep, lay: _Layout, cpg: CPGroup, step: int, scale, out, lse):
+    """Attend `q` to the keys of ring step `step` (`block` is the K|V block visiting now) and merge the result
+    into the running (out, lse); returns the new pair (unchanged when the block holds only padding)."""
+    bk, bv, mask = _ring_keys(block, q.shape[-1], kt, vt, text_keep, lay, cpg, step, q.dtype)
+    if bk is None:
+        return out, lse
+    o, l = _block_fwd(q, bk, bv, mask, scale)
+    return merge_block(out, lse, o, l)
+
+
+def ring_backward_step(dout, q, block, kt, vt, text_keep, lay: _Layout, cpg: CPGroup, step: int, out, lse, scale,
+                       dq, dblock):  # fmt: skip
+    """Gradients of ring step `step` from the merged (out, lse): added in place to `dq` and to `dblock` (the
+    gradient travelling with `block`); returns the text keys' and values' gradients at step 0, else None."""
+    d = q.shape[-1]
+    bk, bv, mask = _ring_keys(block, d, kt, vt, text_keep, lay, cpg, step, q.dtype)
+    if bk is None:
+        return None
+    gq, gk, gv = _block_bwd(dout, q, bk, bv, out, lse, mask, scale)
+    dq.add_(gq)
+    text = None
+    if step == 0 and lay.text_len:
+        t = lay.text_len
+        text = gk.narrow(2, 0, t), gv.narrow(2, 0, t)
+        gk, gv = gk.narrow(2, t, gk.shape[2] - t), gv.narrow(2, t, gv.shape[2] - t)
+    rows = dblock.narrow(2, 0, gk.shape[2])
+    rows.narrow(-1, 0, d).add_(gk)
+    rows.narrow(-1, d, d).add_(gv)
+    return text
+
+
+def ring_grads(q, k, v, dq, dblock, text_grads, kt, vt, lay: _Layout):
+    """(dq, dk, dv) in the inputs' dtypes from the accumulators of the backward loop (dblock back with its owner)."""
+    d = q.shape[-1]
+    acc = dq.dtype
+    dk, dv = dblock.narrow(-1, 0, d), dblock.narrow(-1, d, d)
+    if lay.text_len:
+        dkt, dvt = text_grads if text_grads is not None else (torch.zeros_like(kt), torch.zeros_like(vt))
+        dk, dv = lay.join(dkt.to(acc), dk), lay.join(dvt.to(acc), dv)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, text_keep, lay: _Layout, cpg: CPGroup, scale: float):
-        kt, kv_k = lay.split(k)
-        vt, kv_v = lay.split(v)
-        d = q.shape[-1]
-        block = torch.cat([kv_k, kv_v], dim=-1).contiguous()  # video K|V of the block being visited
-        acc = _acc(q.dtype)
+        kt, vt, block = ring_inputs(k, v, lay)
         out = lse = None
         for s in range(cpg.size):
             pending = None
             if s < cpg.size - 1:
                 nxt_block, pending = _ring_exchange(block, cpg)
-            bk, bv, mask = _RingAttention._keys(block, d, kt, vt, text_keep, lay, cpg, s, q.dtype)
-            if bk is not None:
-                o, l = _block_fwd(q, bk, bv, mask, scale)
-                if out is None:
-                    out, lse = o.to(acc), l
-                else:
-                    new = torch.logaddexp(lse, l)
-                    out = out * torch.exp(lse - new).unsqueeze(-1) + o.to(acc) * torch.exp(l - new).unsqueeze(-1)
-                    lse = new
+            out, lse = ring_forward_step(q, block, kt, vt, text_keep, lay, cpg, s, scale, out, lse)
             if pending is not None:
                 for w in pending:
                     w.wait()
@@ -274,45 +476,17 @@ class _RingAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def _keys(block, d, kt, vt, text_keep, lay: _Layout, cpg: CPGroup, step: int, dtype):
-        """Keys/values/mask visited at ring step `step`: the video block of rank (rank - step), plus text at step 0."""
-        owner = (cpg.rank - step) % cpg.size
-        valid = lay.valid_in_block(owner)
-        bk, bv = block[..., :valid, :d], block[..., :valid, d:]
-        if step == 0 and lay.text_len:
-            bk, bv = torch.cat([kt, bk], dim=2), torch.cat([vt, bv], dim=2)
-            if text_keep is not None:
-                ones = torch.ones(*text_keep.shape[:-1], valid, dtype=torch.bool, device=text_keep.device)
-                return bk, bv, _additive(torch.cat([text_keep, ones], dim=-1), dtype)
-            return bk, bv, None
-        if valid == 0:
-            return None, None, None
-        return bk, bv, None
-
-    @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, text_keep = ctx.saved_tensors
         lay, cpg, scale = ctx.lay, ctx.cpg, ctx.scale
-        d = q.shape[-1]
-        kt, kv_k = lay.split(k)
-        vt, kv_v = lay.split(v)
-        block = torch.cat([kv_k, kv_v], dim=-1).contiguous()
+        kt, vt, block = ring_inputs(k, v, lay)
         acc = _acc(q.dtype)
         dblock = torch.zeros(block.shape, dtype=acc, device=block.device)  # travels with its block
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dkt = dvt = None
+        text_grads = None
         for s in range(cpg.size):
-            bk, bv, mask = _RingAttention._keys(block, d, kt, vt, text_keep, lay, cpg, s, q.dtype)
-            if bk is not None:
-                gq, gk, gv = _block_bwd(dout, q, bk, bv, out, lse, mask, scale)
-                dq += gq.to(acc)
-                if s == 0 and lay.text_len:
-                    t = lay.text_len
-                    dkt, dvt = gk[:, :, :t], gv[:, :, :t]
-                    gk, gv = gk[:, :, t:], gv[:, :, t:]
-                valid = gk.shape[2]
-                dblock[..., :valid, :d] += gk.to(acc)
-                dblock[..., :valid, d:] += gv.to(acc)
+            got = ring_backward_step(dout, q, block, kt, vt, text_keep, lay, cpg, s, out, lse, scale, dq, dblock)
+            text_grads = got if got is not None else text_grads
             # Pass the block and its gradient on; after cp hops each gradient is back with its owner.
             if cpg.size == 1:
                 break
@@ -324,24 +498,11 @@ class _RingAttention(torch.autograd.Function):
             dblock = nxt_grad
             if s < cpg.size - 1:
                 block = nxt_block
-        dk_vid, dv_vid = dblock[..., :d], dblock[..., d:]
-        if lay.text_len:
-            if dkt is None:
-                dkt = torch.zeros_like(kt)
-                dvt = torch.zeros_like(vt)
-            dk, dv = lay.join(dkt.to(acc), dk_vid), lay.join(dvt.to(acc), dv_vid)
-        else:
-            dk, dv = dk_vid, dv_vid
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return *ring_grads(q, k, v, dq, dblock, text_grads, kt, vt, lay), None, None, None, None
 
 
 def ring_attention(q, k, v, text_keep, lay: _Layout, cpg: CPGroup, scale: float) -> torch.Tensor:
-    if q.device.type != "cpu" and "ring-kernel" not in cpg.warned:
-        cpg.warned.add("ring-kernel")
-        log.warning(
-            "--cp_mode ring on %s uses ptrain's exact math attention kernel per ring step (scores in memory); "
-            "--cp_mode ulysses uses the device's fused SDPA kernels", q.device.type
-        )  # fmt: skip
+    """Exact attention with the video keys split over the cp ranks; each block runs ring_kernel's choice."""
     return _RingAttention.apply(q, k, v, text_keep, lay, cpg, scale)
 
 
