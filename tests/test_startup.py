@@ -63,3 +63,15 @@ def test_init_distributed_prints_one_start_line():
     )
     assert lines == [expected], p.stderr
     assert p.stdout.strip() == "(0, 1, device(type='cpu'))"
+
+
+def test_cuda_allocator_defaults_to_expandable_segments_unless_the_user_set_it():
+    from ptrain.parallel.dims import default_allocator_conf
+
+    env = {}
+    assert "expandable_segments:True (ptrain's default)" in default_allocator_conf(env)
+    assert env == {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        env = {name: "max_split_size_mb:512"}
+        assert default_allocator_conf(env) == f"{name}=max_split_size_mb:512 (yours)"
+        assert env == {name: "max_split_size_mb:512"}  # the user's setting is left alone
