@@ -139,7 +139,10 @@ CHECK_EST_S = 25
 CPU_ROWS = [
     Row("cpu-ltx-lora-ac", "ltx_video", "lora", True, False, (9, 32, 32), est_s=30),
     Row("cpu-ltx-lora-noac", "ltx_video", "lora", False, False, (9, 32, 32), est_s=30, default=False),
-]
+    # benchmarks/throughput.py's like-for-like CPU rows: every tiny model, LoRA, no AC, 9x64x64
+    *[Row(f"cpu-{m}-lora-64", m, "lora", False, False, (9, 64, 64), est_s=40, default=False)
+      for m in ("ltx_video", "cogvideox", "wan", "hunyuan_video")],
+]  # fmt: skip
 
 
 def model_name(row: Row, cpu: bool) -> str:
