@@ -177,7 +177,7 @@ class RunPlan:
 def plan_run(cfg: Config) -> RunPlan:
     """Process group and mesh, the resume point (a changed layout fails fast), the model's shape rules from its
     configs and the data scan (bad data fails fast), and the step count; no weights are read."""
-    rank, world, device = init_distributed(cfg.parallel.dist_timeout_s)
+    rank, world, device = init_distributed(cfg.parallel.dist_timeout_s, cfg.parallel.fsdp_cpu_offload)
     setup_logging(rank, cfg.log.log_level)
     p, t, m = cfg.parallel, cfg.train, cfg.model
     dims = ParallelDims.build(p.dp_degree, p.dp_shards, p.cp_degree, world)

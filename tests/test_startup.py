@@ -75,3 +75,11 @@ def test_cuda_allocator_defaults_to_expandable_segments_unless_the_user_set_it()
         env = {name: "max_split_size_mb:512"}
         assert default_allocator_conf(env) == f"{name}=max_split_size_mb:512 (yours)"
         assert env == {name: "max_split_size_mb:512"}  # the user's setting is left alone
+
+
+def test_cpu_offload_gets_a_gloo_backend_beside_nccl():
+    """--fsdp_cpu_offload keeps gradients in CPU memory: clipping all-reduces their norm there, which nccl cannot."""
+    from ptrain.parallel.dims import backend
+
+    assert backend("cuda") == "nccl" and backend("cuda", cpu_offload=True) == "cuda:nccl,cpu:gloo"
+    assert backend("cpu") == backend("cpu", cpu_offload=True) == "gloo"

@@ -32,8 +32,14 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def backend() -> str:
-    return "nccl" if device_type() == "cuda" else "gloo"
+def backend(kind: str | None = None, cpu_offload: bool = False) -> str:
+    """The process group's backend on device type `kind` (default: this machine's). With --fsdp_cpu_offload on
+    CUDA the gradients live in CPU memory, and gradient clipping all-reduces their norm there: the group gets a
+    gloo backend for CPU tensors beside nccl."""
+    kind = kind or device_type()
+    if kind != "cuda":
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if cpu_offload else "nccl"
 
 
 @dataclass(frozen=True)
@@ -146,7 +152,7 @@ def select_device(env: Mapping[str, str], device_type: str, device_count: int) -
     )
 
 
-def init_distributed(timeout_s: int = 1800) -> tuple[int, int, torch.device]:
+def init_distributed(timeout_s: int = 1800, cpu_offload: bool = False) -> tuple[int, int, torch.device]:
     """Initialise the default process group from torchrun's environment (or a single process).
 
     Returns (rank, world size, device). On first initialisation each rank prints one line to stderr
@@ -168,7 +174,7 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int, torch.device]:
         # Before the rendezvous, so a rank that hangs there has still said where it runs.
         print(
             f"ptrain start: host={socket.gethostname()} rank={rank}/{world} "
-            f"local_rank={os.environ.get('LOCAL_RANK', '0')} device={device} backend={backend()} "
+            f"local_rank={os.environ.get('LOCAL_RANK', '0')} device={device} backend={backend(kind, cpu_offload)} "
             f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')} dist_timeout_s={timeout_s}"
             + (f" allocator={alloc}" if kind == "cuda" else ""),
             file=sys.stderr,
@@ -176,7 +182,7 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int, torch.device]:
         )
         timeout = timedelta(seconds=timeout_s)
         # device_id binds the NCCL communicators to this GPU eagerly; gloo on CPU takes none.
-        dist.init_process_group(backend(), store=_rendezvous_store(rank, world, timeout), rank=rank,
+        dist.init_process_group(backend(kind, cpu_offload), store=_rendezvous_store(rank, world, timeout), rank=rank,
                                 world_size=world, timeout=timeout,
                                 device_id=device if kind == "cuda" else None)  # fmt: skip
     return dist.get_rank(), dist.get_world_size(), device
