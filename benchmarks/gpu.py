@@ -111,7 +111,8 @@ class Row:
 
 #: Per model: estimated seconds to build its checkpoint (+ videos, alongside) and run the precompute pass. From
 #: the H200 notes (../shared/reference/platform_notes.md): ~25 s start-up per process, ~30 s first compiled step.
-SETUP_EST_S = {"ltx-video": 50, "cogvideox-5b": 75, "wan2.1-1.3b": 60, "hunyuan-video": 130, "ltx_video": 25}
+SETUP_EST_S = {"ltx-video": 50, "cogvideox-5b": 75, "wan2.1-1.3b": 60, "hunyuan-video": 130, "ltx_video": 25,
+               "cogvideox": 25, "wan": 25, "hunyuan_video": 30}  # the last four: --cpu (tiny checkpoints)
 FP8 = ["--layerwise_upcasting_modules", "transformer"]
 ROWS = [
     Row("ltx-lora-ac", "ltx-video", "lora", True, True, (49, 512, 768), est_s=105),

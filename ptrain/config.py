@@ -442,8 +442,20 @@ class OptimArgs:
     """Optimizer epsilon (CAME uses it as its first epsilon)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
+    full_bf16: bool = False
+    """Full fine-tune with bfloat16 weights, gradients and optimizer moments, no float32 master copy: 8 bytes per
+    parameter instead of 16 (sd-scripts / musubi-tuner's name). Updates are rounded per --bf16_rounding
+    (see ptrain/bf16_optim.py and benchmarks/results/bf16_drift.md for the drift against float32 masters)."""
+    bf16_rounding: Literal["stochastic", "nearest"] = "stochastic"
+    """With --full_bf16: stochastic rounding keeps updates smaller than bfloat16's precision on average; nearest
+    loses them (adamw / adam round stochastically; 8-bit AdamW and CAME round to nearest: give nearest)."""
 
     def validate(self) -> None:
+        if self.full_bf16 and self.bf16_rounding == "stochastic" and self.optimizer not in ("adamw", "adam"):
+            raise ConfigError(
+                f"--full_bf16 rounds stochastically with --optimizer adamw or adam; --optimizer {self.optimizer} "
+                "rounds to nearest: add --bf16_rounding nearest, or use adamw"
+            )
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.max_grad_norm < 0:
@@ -640,7 +652,21 @@ class Config:
             getattr(self, group).validate()
         if self.checkpoint.export_comfyui and self.model.training_type != "lora":
             raise ConfigError("--export_comfyui writes a LoRA file: it needs --training_type lora")
+        if self.optim.full_bf16:
+            self._validate_full_bf16()
         return self
+
+    def _validate_full_bf16(self) -> None:
+        m = self.model
+        if m.training_type == "lora" or m.transformer_dtype != "bfloat16":
+            raise ConfigError(
+                f"--full_bf16 is a full fine-tune in bfloat16: it needs --training_type full-finetune and "
+                f"--transformer_dtype bfloat16 (got {m.training_type}, {m.transformer_dtype}); LoRA adapters train "
+                "in float32 anyway"
+            )
+        if self.ema.ema_decay is not None:
+            raise ConfigError("--ema_decay with --full_bf16: a bfloat16 EMA would round its small updates away; "
+                              "train with float32 masters (no --full_bf16) to keep an EMA")  # fmt: skip
 
 
 def _load_toml(path: Path) -> dict:

@@ -9,7 +9,8 @@ from torch.distributed.tensor import DTensor, Replicate
 from ptrain.config import ConfigError, OptimArgs
 
 
-def build_optimizer(params: list, args: OptimArgs, device: torch.device, fused: bool = True) -> torch.optim.Optimizer:
+def build_optimizer(params: list, args: OptimArgs, device: torch.device, fused: bool = True,
+                    seed: int = 0, planning: bool = False) -> torch.optim.Optimizer:  # fmt: skip
     """`params`: parameters or param-group dicts (groups may set their own lr). `fused` (the default, on CUDA and
     CPU) runs AdamW / Adam as one fused kernel per step instead of torch's multi-tensor (foreach) path: faster,
     without foreach's temporary copy of the second moments (4 more bytes per parameter at the step's peak), and
@@ -17,6 +18,11 @@ def build_optimizer(params: list, args: OptimArgs, device: torch.device, fused: 
     if not params or (isinstance(params[0], dict) and not any(g["params"] for g in params)):
         raise ConfigError("no trainable parameters (check --training_type and --target_modules)")
     betas = (args.beta1, args.beta2)
+    if args.full_bf16 and args.bf16_rounding == "stochastic":  # adamw / adam (validated)
+        from ptrain.bf16_optim import BF16AdamW
+
+        return BF16AdamW(params, lr=args.lr, betas=betas, eps=args.epsilon, weight_decay=args.weight_decay,
+                         decoupled=args.optimizer == "adamw", seed=seed)  # fmt: skip
     if args.optimizer == "adamw":
         return torch.optim.AdamW(
             params, lr=args.lr, betas=betas, eps=args.epsilon, weight_decay=args.weight_decay, fused=fused or None
@@ -34,6 +40,8 @@ def build_optimizer(params: list, args: OptimArgs, device: torch.device, fused: 
             weight_decay=args.weight_decay,
         )
     if args.optimizer == "adamw-8bit":
+        if planning:  # the memory planner runs on the CPU, where bitsandbytes has no kernels
+            return PlannedAdamW8bit(params, lr=args.lr)
         if device.type != "cuda":
             raise ConfigError(
                 "--optimizer adamw-8bit runs on CUDA only (bitsandbytes kernels); on this CPU use adamw or came"
@@ -101,3 +109,43 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: OptimArgs, train_ste
         num_cycles=args.lr_num_cycles,
         power=args.lr_power,
     )
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer takes `found_inf` (a device float; 1 skips the step) instead of a host decision:
+    torch's fused AdamW / Adam and ptrain's BF16AdamW."""
+    from ptrain.bf16_optim import BF16AdamW
+
+    return bool(optimizer.defaults.get("fused")) or isinstance(optimizer, BF16AdamW)
+
+
+class PlannedAdamW8bit(torch.optim.Optimizer):
+    """The memory planner's stand-in for bitsandbytes' AdamW8bit (CUDA only): the same optimizer state (two uint8
+    moments per value and a float32 scale per 256-value block for tensors of at least 4096 values, two float32
+    moments for smaller ones, as bitsandbytes' blockwise 8-bit optimizers keep them), without an update. Its
+    kernel updates in registers, so the step allocates nothing else."""
+
+    BLOCK, MIN_8BIT = 256, 4096
+
+    def __init__(self, params, lr: float):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or self.state[p]:
+                    continue
+                local = p.to_local() if isinstance(p, DTensor) else p
+                n, dev = local.numel(), local.device
+                if n < self.MIN_8BIT:
+                    self.state[p] = {"state1": torch.zeros(n, device=dev), "state2": torch.zeros(n, device=dev)}
+                    continue
+                blocks = -(-n // self.BLOCK)
+                self.state[p] = {
+                    "state1": torch.zeros(n, dtype=torch.uint8, device=dev),
+                    "state2": torch.zeros(n, dtype=torch.uint8, device=dev),
+                    "absmax1": torch.zeros(blocks, device=dev),
+                    "absmax2": torch.zeros(blocks, device=dev),
+                }
+        return None

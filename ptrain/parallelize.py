@@ -148,7 +148,7 @@ def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelD
     plan = apply_data_parallel(
         transformer, blocks, mesh, dims, DTYPES[m.transformer_dtype], spec.fp32_module_names(transformer),
         cpu_offload=p.fsdp_cpu_offload,
-        plain_single=m.training_type == "lora" or m.transformer_dtype == "float32",
+        plain_single=m.training_type == "lora" or m.transformer_dtype == "float32" or cfg.optim.full_bf16,
     )  # fmt: skip
     log.info(plan)
 
@@ -173,9 +173,11 @@ def build_trainable(
     device,
     train_steps: int,
     fused: bool = True,
+    planning: bool = False,
 ) -> TrainableModel:
     """Step 3: `parallelize`, then parameter groups, optimizer, learning-rate schedule over `train_steps`, EMA.
-    `fused`: the fused AdamW / Adam kernel (ptrain.optim.build_optimizer)."""
+    `fused`: the fused AdamW / Adam kernel (ptrain.optim.build_optimizer); `planning`: the memory planner's call
+    (8-bit AdamW is then a stand-in with its state layout)."""
     e = cfg.ema
     parallelize(transformer, cfg, spec, mesh, dims, device)
     groups = param_groups(transformer, cfg)
@@ -183,7 +185,7 @@ def build_trainable(
     n_train = sum(q.numel() for q in params)
     n_total = sum(q.numel() for q in transformer.parameters())
     log.info("trainable parameters: %s of %s (%s)", f"{n_train:,}", f"{n_total:,}", cfg.model.training_type)
-    optimizer = build_optimizer(groups, cfg.optim, device, fused)
+    optimizer = build_optimizer(groups, cfg.optim, device, fused, cfg.train.seed, planning)
     lr_scheduler = build_scheduler(optimizer, cfg.optim, train_steps)
     ema = EMA(transformer, e.ema_decay, e.ema_start_step, e.ema_update_every) if e.ema_decay else None
     return TrainableModel(transformer, params, optimizer, lr_scheduler, ema)

@@ -151,7 +151,7 @@ def meta_components(cfg, spec, model_dir: Path, num_blocks):
     overrides = dict(zip(spec.block_count_keys, num_blocks)) if num_blocks else {}
     transformer = _meta_model(
         spec.transformer_cls, model_dir, "transformer", overrides,
-        DTYPES[m.transformer_dtype] if m.training_type == "lora" else torch.float32,
+        DTYPES[m.transformer_dtype] if m.training_type == "lora" or cfg.optim.full_bf16 else torch.float32,
     )  # fmt: skip
     vae = _meta_model(spec.component_classes["vae"], model_dir, "vae", dtype=DTYPES[m.vae_dtype])
     sched_cls = spec.component_classes["scheduler"]
@@ -277,7 +277,7 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         transformer.to_empty(device=device)
         comps.vae.to_empty(device=device)
-        model = build_trainable(transformer, cfg, spec, mesh, dims, device, t.train_steps)  # fused AdamW as trained
+        model = build_trainable(transformer, cfg, spec, mesh, dims, device, t.train_steps, planning=True)
         phases, prepared = _measure_step(cfg, spec, comps, model, dims, device)
         latent_shape = tuple(prepared.sample.target.shape)
     top = max(phases.values(), key=lambda ph: ph["peak_bytes"])

@@ -48,6 +48,7 @@ from ptrain.hub import resolve_model_sources
 from ptrain.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
 from ptrain.models.spec import Components, ModelSpec, get_spec
 from ptrain.objectives import sample_generators
+from ptrain.optim import skips_on_device
 from ptrain.parallel import ParallelDims, init_distributed
 from ptrain.parallelize import DTYPES, build_trainable, make_trainable_model
 from ptrain.step import Prepared, TrainStep, clip_gradients, make_inputs, set_gradient_sync
@@ -384,7 +385,8 @@ class Trainer:
         dtypes = {
             # Full fine-tuning keeps float32 master weights (FSDP2 computes in --transformer_dtype);
             # LoRA keeps the frozen base in --transformer_dtype to save memory.
-            "transformer": DTYPES[m.transformer_dtype] if m.training_type == "lora" else torch.float32,
+            "transformer": DTYPES[m.transformer_dtype] if m.training_type == "lora" or cfg.optim.full_bf16
+            else torch.float32,
             "vae": DTYPES[m.vae_dtype],
             "text_encoder": DTYPES[m.text_encoder_dtype],
             "text_encoder_2": DTYPES[m.text_encoder_2_dtype],
@@ -631,7 +633,7 @@ class Trainer:
         stats.loss, stats.replaced = _global_step_stats(step_loss, stats.replaced, self.loss_group, dims.cp)
         stats.finite = torch.isfinite(stats.loss) & torch.isfinite(stats.grad_norm)
         to = time.perf_counter()
-        if mod.optimizer.defaults.get("fused"):
+        if skips_on_device(mod.optimizer):
             mod.optimizer.found_inf = (~stats.finite).float()
             with implicit_replication():  # found_inf is a plain tensor beside DTensor parameters
                 mod.optimizer.step()

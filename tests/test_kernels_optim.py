@@ -186,3 +186,78 @@ def test_came_update_is_came_pytorchs_with_every_flag_passed():
         kw = {"lr": LR, "betas": (B1, B2, B3), "eps": (EPS, 1e-16), "weight_decay": WD} | other
         w, _, _ = run(lambda ps, kw=kw: CAME(ps, **kw))
         assert not torch.allclose(w, got_w, rtol=1e-6, atol=1e-7), other
+
+
+def test_stochastic_rounding_to_bf16_is_unbiased_and_nearest_is_not():
+    from ptrain.bf16_optim import round_to_bf16
+
+    x = torch.full((200_000,), 1.0 + 2.0**-10)  # a quarter of the way from 1 to the next bfloat16 (1 + 2^-7)
+    sr = round_to_bf16(x, torch.Generator().manual_seed(0)).float()
+    assert set(sr.unique().tolist()) == {1.0, 1.0 + 2.0**-7}
+    assert sr.mean().item() == pytest.approx(1.0 + 2.0**-10, rel=1e-4)  # exact on average
+    neg = round_to_bf16(-x, torch.Generator().manual_seed(0)).float()
+    assert neg.mean().item() == pytest.approx(-(1.0 + 2.0**-10), rel=1e-4)
+    assert round_to_bf16(x, None).float().unique().tolist() == [1.0]  # nearest: the update is lost
+    exact = torch.tensor([1.0, -3.5, 0.0, 2.0**-20])
+    assert round_to_bf16(exact, torch.Generator().manual_seed(1)).float().equal(exact)  # representable: unchanged
+
+
+def test_bf16_adamw_matches_float32_adamw_and_skips_on_device():
+    """BF16AdamW's update is AdamW's (computed in float32); on float32 parameters it is exact; found_inf = 1 leaves
+    weights, moments and the step count as they were."""
+    from ptrain.bf16_optim import BF16AdamW
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 32, generator=g)
+    grads = [torch.randn(64, 32, generator=g) for _ in range(3)]
+    ref, ours = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    opt_ref = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1)
+    opt = BF16AdamW([ours], lr=1e-2, weight_decay=0.1, seed=3)
+    for grad in grads:
+        ref.grad, ours.grad = grad.clone(), grad.clone()
+        opt_ref.step()
+        opt.step()
+    torch.testing.assert_close(ours, ref)
+    before = (ours.detach().clone(), opt.state[ours]["exp_avg"].clone(), float(opt.state[ours]["step"]))
+    opt.found_inf = torch.tensor(1.0)
+    ours.grad = torch.full_like(w, float("nan"))
+    opt.step()
+    assert ours.detach().equal(before[0]) and opt.state[ours]["exp_avg"].equal(before[1])
+    assert float(opt.state[ours]["step"]) == before[2]
+    half = torch.nn.Parameter(w.to(torch.bfloat16))  # bfloat16: moments in bfloat16 too, rounded stochastically
+    opt16 = BF16AdamW([half], lr=1e-2, seed=3)
+    half.grad = grads[0].to(torch.bfloat16)
+    opt16.step()
+    assert half.dtype == opt16.state[half]["exp_avg"].dtype == torch.bfloat16
+    moved = (half.float() - w.to(torch.bfloat16).float()).abs()
+    ulp = torch.maximum(w.abs(), half.detach().float().abs()) * 2**-7  # bfloat16 spacing at x <= |x| 2^-7
+    assert (moved <= 1e-2 * 1.001 + ulp).all() and moved.mean() > 5e-3  # about lr, within a bfloat16 unit
+
+
+def test_bf16_weights_drift_from_float32_masters_is_bounded_with_stochastic_rounding():
+    """200 AdamW steps at lr 1e-5 on weights of scale 0.05 (bfloat16 spacing there ~2.4e-4: every single update is
+    far below half a unit): round-to-nearest loses most of the update; stochastic rounding keeps it on average
+    (its accumulated rounding noise grows as the square root of the steps, the update linearly)."""
+    from ptrain.bf16_optim import BF16AdamW
+
+    g = torch.Generator().manual_seed(0)
+    w0 = (torch.randn(20_000, generator=g) * 0.05).to(torch.bfloat16).float()
+    target = w0 + torch.randn(20_000, generator=g) * 0.05
+
+    def train(param_dtype, stochastic: bool | None):
+        p = torch.nn.Parameter(w0.to(param_dtype, copy=True))
+        opt = (torch.optim.AdamW([p], lr=1e-5) if stochastic is None
+               else BF16AdamW([p], lr=1e-5, stochastic=stochastic, seed=1))  # fmt: skip
+        noise = torch.Generator().manual_seed(2)
+        for _ in range(200):
+            p.grad = ((p.detach().float() - target) + 0.01 * torch.randn(20_000, generator=noise)).to(param_dtype)
+            opt.step()
+        return p.detach().float() - w0
+
+    ref = train(torch.float32, None)
+    drift = {}
+    for name, stochastic in (("stochastic", True), ("nearest", False)):
+        d = train(torch.bfloat16, stochastic)
+        drift[name] = (float(torch.nn.functional.cosine_similarity(d, ref, dim=0)), float(d.norm() / ref.norm()))
+    assert drift["stochastic"][0] > 0.85 and 0.8 < drift["stochastic"][1] < 1.3, drift
+    assert drift["nearest"][1] < 0.5, drift  # updates below half a unit are rounded away

@@ -200,3 +200,31 @@ def test_failing_save_names_the_path_and_keeps_older_checkpoints(reference, tiny
     assert run.returncode == 0, first_error(run.stderr)
     assert "at step 2" in run.stderr
     assert _hashes(out) == _hashes(reference.output_dir)
+
+
+@pytest.mark.heavy
+def test_full_bf16_resumes_exactly_on_fsdp(tiny_ckpt, tiny_data, tmp_path):
+    """--full_bf16 (bfloat16 weights and moments, stochastic rounding) on 2 FSDP2 ranks: the rounding bits follow
+    the checkpointed step count, so a run resumed from step 2 exports the same weights as the uninterrupted one."""
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--train_steps", "4",
+            "--training_type", "full-finetune", "--full_bf16", "--dp_shards", "2", "--checkpointing_steps", "2",
+            "--seed", "5", "--lr", "1e-4", *TINY_ARGS]  # fmt: skip
+    args[args.index("--transformer_dtype") + 1] = "bfloat16"
+    ref = run_ptrain(2, args, tmp_path / "ref")
+    assert ref.returncode == 0, first_error(ref.stderr)
+    files = sorted(p.name for p in (ref.output_dir / "transformer").glob("*.safetensors"))
+    assert files
+    out = tmp_path / "resumed"
+    shutil.copytree(ref.output_dir, out)
+    shutil.rmtree(out / "checkpoints" / "step-4")
+    shutil.rmtree(out / "transformer")
+    (out / EXPORT_MARKER).unlink()
+    run = run_ptrain(2, args, out)
+    assert run.returncode == 0, first_error(run.stderr)
+    assert "at step 2" in run.stderr
+
+    def digest(folder: Path) -> list[str]:
+        return [hashlib.sha256((folder / "transformer" / f).read_bytes()).hexdigest() for f in files]
+
+    assert digest(out) == digest(ref.output_dir)
+    assert [(m["step"], m["loss"]) for m in run.metrics] == [(m["step"], m["loss"]) for m in ref.metrics]
