@@ -99,6 +99,10 @@ EFFECTS = [
     ("FP8 storage of frozen weights", Row("hunyuan-video", "lora", 1, []),
      ["--layerwise_upcasting_modules", "transformer"]),
     ("FSDP CPU offload (--fsdp_cpu_offload)", Row("cogvideox-5b", "full-finetune", 1, []), ["--fsdp_cpu_offload"]),
+    ("bf16 weights and moments (--full_bf16)", Row("cogvideox-5b", "full-finetune", 1, []), ["--full_bf16"]),
+    ("--full_bf16 + 8-bit AdamW (bitsandbytes, CUDA)", Row("cogvideox-5b", "full-finetune", 1, []),
+     ["--full_bf16", "--optimizer", "adamw-8bit", "--bf16_rounding", "nearest"]),
+    ("CAME (--optimizer came)", Row("cogvideox-5b", "full-finetune", 1, []), ["--optimizer", "came"]),
 ]  # fmt: skip
 
 #: With CPU offload the sharded parameters, gradients and optimizer state stay in host memory: the GPU peak is
