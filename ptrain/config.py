@@ -478,6 +478,10 @@ class ParallelArgs:
     fsdp_cpu_offload: bool = False
     """Keep sharded parameters, gradients and optimizer state in CPU memory (FSDP2 CPUOffloadPolicy); the
     optimizer step runs on the CPU. For full fine-tuning of models that do not fit on the GPUs otherwise."""
+    blocks_to_swap: int = 0
+    """One GPU: keep the frozen weights of this many transformer blocks in pinned host memory and copy each block's
+    in just before it runs (prefetched on a side stream), out right after (musubi-tuner / diffusion-pipe's block
+    swap). Needs --gradient_checkpointing with --ac_mode full and frozen weights (LoRA); costs the transfer time."""
     dist_timeout_s: int = 1800
     """Seconds the ranks wait for one another (rendezvous and every collective) before the run fails with a
     timeout; raise it when one rank does long work alone (e.g. precomputation, a large checkpoint load)."""
@@ -652,9 +656,27 @@ class Config:
             getattr(self, group).validate()
         if self.checkpoint.export_comfyui and self.model.training_type != "lora":
             raise ConfigError("--export_comfyui writes a LoRA file: it needs --training_type lora")
+        if self.parallel.blocks_to_swap:
+            self._validate_block_swap()
         if self.optim.full_bf16:
             self._validate_full_bf16()
         return self
+
+    def _validate_block_swap(self) -> None:
+        a, m, n = self.activation_checkpoint, self.model, self.parallel.blocks_to_swap
+        if n < 0:
+            raise ConfigError(f"--blocks_to_swap must be >= 0, got {n}")
+        if not (a.gradient_checkpointing and a.ac_mode == "full"):
+            raise ConfigError(
+                "--blocks_to_swap needs --gradient_checkpointing --ac_mode full: without recompute, autograd keeps "
+                "every block's weights on the GPU until the backward, and nothing is saved"
+            )
+        if m.training_type != "lora" and not m.trainable_modules:
+            raise ConfigError("--blocks_to_swap moves frozen weights: a full fine-tune has none (use LoRA, or "
+                              "--fsdp_cpu_offload for a full fine-tune)")  # fmt: skip
+        if m.layerwise_upcasting_modules or self.parallel.fsdp_cpu_offload:
+            raise ConfigError("--blocks_to_swap does not combine with --layerwise_upcasting_modules or "
+                              "--fsdp_cpu_offload (both keep the weights in FSDP2's hands)")  # fmt: skip
 
     def _validate_full_bf16(self) -> None:
         m = self.model

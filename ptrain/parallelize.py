@@ -28,6 +28,7 @@ from ptrain.models.spec import ModelSpec
 from ptrain.optim import build_optimizer, build_scheduler
 from ptrain.parallel import ParallelDims, apply_ac, apply_compile, apply_data_parallel
 from ptrain.parallel.context import apply_context_parallel
+from ptrain.parallel.swap import apply_block_swap
 
 log = logging.getLogger("ptrain")
 
@@ -133,16 +134,23 @@ def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelD
     if ac.ac_mode == "auto":
         raise RuntimeError("--ac_mode auto must be resolved (ptrain.trainer.plan_run) before the model is built")
     if ac.gradient_checkpointing:
-        n = apply_ac(blocks, ac.ac_mode, ac.ac_every_n_blocks)
+        n = apply_ac(blocks, ac.ac_mode, ac.ac_every_n_blocks, early_stop=not p.blocks_to_swap)
         log.info("activation checkpointing (%s): %d blocks", ac.ac_mode, n)
+    swap = block_swap(transformer, blocks, p.blocks_to_swap, dims, device)
     if cfg.compile.compile:
-        n = apply_compile(blocks, cfg.compile.compile_backend)
+        n = apply_compile(blocks, cfg.compile.compile_backend, skip=swap.blocks if swap else ())
         log.info("torch.compile (%s): %d blocks", cfg.compile.compile_backend, n)
     if p.fsdp_cpu_offload:  # parameters stay in CPU memory (FSDP2 copies shards in as needed); buffers move
         for module in transformer.modules():
             for key, buf in module._buffers.items():
                 if buf is not None:
                     module._buffers[key] = buf.to(device)
+    elif swap is not None:  # every parameter but the swapped ones
+        for module in transformer.modules():
+            for store in (module._parameters, module._buffers):
+                for t in store.values():
+                    if t is not None and id(t) not in swap.host_params:
+                        t.data = t.data.to(device)
     elif any(x.device != device for x in [*transformer.parameters(), *transformer.buffers()]):
         transformer.to(device)
     plan = apply_data_parallel(
@@ -151,6 +159,19 @@ def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelD
         plain_single=m.training_type == "lora" or m.transformer_dtype == "float32" or cfg.optim.full_bf16,
     )  # fmt: skip
     log.info(plan)
+
+
+def block_swap(transformer, blocks, count: int, dims: ParallelDims, device):
+    """--blocks_to_swap (ptrain/parallel/swap.py), or None; the planner reads `transformer._ptrain_block_swap`."""
+    if not count:
+        return None
+    if dims.world_size > 1:
+        raise ConfigError(f"--blocks_to_swap is for one GPU; on {dims.world_size}, FSDP2 shards the weights instead")
+    swap = apply_block_swap(blocks, count, device)
+    transformer._ptrain_block_swap = swap
+    log.info("block swap: frozen weights of %d blocks (%.2f GiB) in host memory, one block at a time on %s",
+             count, swap.host_bytes() / 2**30, device)  # fmt: skip
+    return swap
 
 
 @dataclass

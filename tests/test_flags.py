@@ -19,7 +19,7 @@ import torch
 from conftest import TINY_ARGS, full
 from safetensors.torch import load_file
 
-from ptrain.config import Config, parse_config
+from ptrain.config import Config, ConfigError, parse_config
 
 TESTS = Path(__file__).resolve().parent
 
@@ -323,7 +323,6 @@ def test_attention_backend_is_reported_held_and_checked(caplog):
     from torch.nn.attention import SDPBackend
 
     from ptrain import attention
-    from ptrain.config import ConfigError
     from ptrain.models.spec import get_spec
 
     ltx = get_spec("ltx_video")
@@ -342,3 +341,38 @@ def test_attention_backend_is_reported_held_and_checked(caplog):
         seen.append(SDPBackend(torch._fused_sdp_choice(q, q, q)))
     seen.append(SDPBackend(torch._fused_sdp_choice(q, q, q)))  # outside: torch's choice again
     assert seen == [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]
+
+
+def test_block_swap_trains_exactly_as_without_and_keeps_weights_on_the_host(
+    tiny_ckpt, tiny_data, tmp_path, single_process_env
+):
+    """--blocks_to_swap 1 (full AC, LoRA): the same losses as the run without it, bit for bit; between its forward
+    passes the swapped block's frozen weights are the host copies, inside them a fresh device copy."""
+    from ptrain.config import parse_config
+    from ptrain.trainer import Trainer, plan_run
+
+    def run(extra, out):
+        cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data),
+                            "--output_dir", str(out), "--train_steps", "3", "--checkpointing_steps", "0",
+                            "--gradient_checkpointing", "--ac_mode", "full", "--seed", "4", "--lr", "1e-2",
+                            *extra, *TINY_ARGS])  # fmt: skip
+        cfg.validate()
+        trainer = Trainer(plan_run(cfg))
+        seen = []
+        swap = getattr(trainer.transformer, "_ptrain_block_swap", None)
+        if swap is not None:
+            block = swap.blocks[0]
+            weight = next(p for p in block.parameters() if not p.requires_grad)
+            host = dict((id(p), h) for p, h in swap.host[0])[id(weight)]
+            block.register_forward_pre_hook(lambda m, a: seen.append(weight.data_ptr() != host.data_ptr()))
+            assert weight.data_ptr() == host.data_ptr()
+        result = trainer.train()
+        if swap is not None:
+            assert weight.data_ptr() == host.data_ptr()  # back on the host after the step
+            assert len(seen) == 6 and all(seen)  # in each forward and recompute (3 steps): a device copy
+        return result.losses
+
+    with pytest.raises(ConfigError, match="--blocks_to_swap needs --gradient_checkpointing --ac_mode full"):
+        parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data),
+                      "--blocks_to_swap", "1"]).validate()  # fmt: skip
+    assert run(["--blocks_to_swap", "1"], tmp_path / "swap") == run([], tmp_path / "plain")

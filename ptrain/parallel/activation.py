@@ -33,13 +33,16 @@ def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_ac(block_lists: list[nn.ModuleList], mode: str, every_n_blocks: int = 1) -> int:
+def apply_ac(block_lists: list[nn.ModuleList], mode: str, every_n_blocks: int = 1, early_stop: bool = True) -> int:
     """Wrap blocks in non-reentrant checkpoint wrappers in place (see the module docstring); returns how many were
-    wrapped."""
+    wrapped. `early_stop=False` makes the recompute run each block's forward to its end (torch stops it once the
+    saved tensors are back), so forward hooks fire there too (block swap releases weights in one)."""
     if mode not in MODES:
         raise ValueError(f"--ac_mode {mode!r}: choose {', '.join(MODES)} (or auto, resolved before this)")
     n = every_n_blocks if mode == "selective" else 1
     kwargs = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _policy)} if mode == "ops" else {}
+    if not early_stop:
+        kwargs["early_stop"] = False
     wrapped = 0
     for blocks in block_lists:
         for i, block in enumerate(blocks):
