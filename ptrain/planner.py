@@ -295,11 +295,47 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
         "blocks": list(blocks_used),
         "params_total": n_total,
         "params_trainable": sum(q.numel() for q in model.params),
+        "swap_host_bytes": _swap_host_bytes(transformer, phases),
         "peak_bytes": top["peak_bytes"],
         "categories": top["categories"],
         "phases": phases,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _swap_host_bytes(transformer, phases: dict) -> int:
+    """--blocks_to_swap: the swapped blocks' frozen weights live in host memory; fake tensors all live on one
+    device, so the tracker counted them as parameters: they leave every phase's peak (the in-flight device copies
+    the swap makes while a block runs stay counted). Returns their bytes."""
+    swap = getattr(transformer, "_ptrain_block_swap", None)
+    host = swap.host_bytes() if swap is not None else 0
+    for ph in phases.values():
+        ph["peak_bytes"] -= host
+        ph["categories"]["Parameter"] = ph["categories"].get("Parameter", 0) - host
+    return host
+
+
+def _swap_everything(cfg, blocks: tuple[int, ...]):
+    """A copy of cfg that swaps every simulated block (for extrapolating --blocks_to_swap; see plan_config)."""
+    out = copy.deepcopy(cfg)
+    out.parallel.blocks_to_swap = sum(blocks)
+    return out
+
+
+def _resident_unswapped(res: dict, base: dict, bumps: list[dict], targets: tuple[int, ...], count: int) -> None:
+    """Extrapolated with every block swapped: put back the frozen weights of the blocks --blocks_to_swap leaves on
+    the device (the first `count` blocks of the block lists, in order, are swapped)."""
+    add, left = 0, count
+    for i, n in enumerate(targets):
+        swapped = min(n, max(0, left))
+        left -= swapped
+        add += (n - swapped) * (bumps[i]["swap_host_bytes"] - base["swap_host_bytes"])
+    for ph in res["phases"].values():
+        ph["peak_bytes"] += add
+        ph["categories"]["Parameter"] = ph["categories"].get("Parameter", 0) + add
+    res["swap_host_bytes"] -= add
+    top = max(res["phases"].values(), key=lambda ph: ph["peak_bytes"])
+    res.update(peak_bytes=top["peak_bytes"], categories=top["categories"])
 
 
 def _extrapolate(base: dict, bumps: list[dict], targets: tuple[int, ...]) -> dict:
@@ -352,12 +388,26 @@ def plan_config(cfg, world: int, model_dir: str | Path, full: bool = False) -> d
         res["simulated_blocks"] = [res["blocks"]]
         return res
     base_blocks = tuple(3 for _ in targets)  # from 3 blocks on, FSDP's prefetch pattern no longer changes
-    base = simulate_config(cfg, world, model_dir, base_blocks)
+    swap = cfg.parallel.blocks_to_swap
+    sim = (lambda blocks: _swap_everything(cfg, blocks)) if swap else (lambda blocks: cfg)  # noqa: E731
+    base = simulate_config(sim(base_blocks), world, model_dir, base_blocks)
     bumps = []
     for i in range(len(targets)):
         blocks = tuple(4 if j == i else 3 for j in range(len(targets)))
-        bumps.append(simulate_config(cfg, world, model_dir, blocks))
-    return _extrapolate(base, bumps, targets)
+        bumps.append(simulate_config(sim(blocks), world, model_dir, blocks))
+    res = _extrapolate(base, bumps, targets)
+    if swap:
+        res["swap_host_bytes"] = _extrapolate_swap(base, bumps, targets)
+        _resident_unswapped(res, base, bumps, targets, swap)
+    return res
+
+
+def _extrapolate_swap(base: dict, bumps: list[dict], targets: tuple[int, ...]) -> int:
+    """Host bytes with every block swapped, extrapolated like the rest."""
+    v = base["swap_host_bytes"]
+    for i, bump in enumerate(bumps):
+        v += (targets[i] - base["blocks"][i]) * (bump["swap_host_bytes"] - base["swap_host_bytes"])
+    return v
 
 
 #: --ac_mode auto's ladder, least recompute first: (name, flags). "ops" recomputes only cheap ops (norms,

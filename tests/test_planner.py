@@ -275,3 +275,25 @@ def test_ac_mode_auto_in_a_run(ptrain_run, tiny_ckpt, tiny_data, tmp_path, caplo
     cfg = parse_config([*base, "--output_dir", str(out)])
     with pytest.raises(ConfigError, match="--ac_mode auto plans against the GPU's memory; .* give --gpu_memory_gb"):
         resolve_auto_ac(cfg, 1, 0, torch.device("cpu"), out)
+
+
+def test_block_swap_leaves_the_planned_peak_by_the_swapped_weights(tiny_ckpt):
+    """--blocks_to_swap: the swapped blocks' frozen weights leave the planned device peak (host memory), less the
+    copy of the block in flight."""
+    flags = ["--num_frames", "9", "--height", "32", "--width", "32", "--gradient_checkpointing", "--ac_mode", "full"]
+    plain, swapped = plan(flags, 1, tiny_ckpt), plan([*flags, "--blocks_to_swap", "2"], 1, tiny_ckpt)
+    host = swapped["swap_host_bytes"]
+    assert host > 0 and plain["swap_host_bytes"] == 0
+    assert plain["peak_bytes"] - host < swapped["peak_bytes"] < plain["peak_bytes"]
+    assert swapped["categories"]["Parameter"] == plain["categories"]["Parameter"] - host
+
+
+@pytest.mark.heavy
+def test_block_swap_extrapolates_like_a_full_simulation(tmp_path):
+    """Deep models are planned with every simulated block swapped and the unswapped ones' frozen weights put back:
+    the same peak as simulating all 6 blocks with 3 swapped."""
+    model_dir = _mid_ltx(tmp_path)
+    flags = [*MID_FLAGS, "--rank", "16", "--gradient_checkpointing", "--ac_mode", "full", "--blocks_to_swap", "3"]
+    extrapolated, full = plan(flags, 1, model_dir), plan(flags, 1, model_dir, full=True)
+    assert extrapolated["peak_bytes"] == full["peak_bytes"]
+    assert extrapolated["swap_host_bytes"] == full["swap_host_bytes"]
