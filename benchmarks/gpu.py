@@ -129,6 +129,12 @@ ROWS = [
           ["--attention_backend", b], est_s=120, default=False,
           note=f"SDPA kernel {b} only (ptrain and the bare loop); no compile, to compare kernels cheaply")
       for b in ("flash", "efficient", "cudnn")],
+    Row("hunyuan-lora-ac-swap20-24g", "hunyuan-video", "lora", True, False, (49, 512, 768),
+        ["--blocks_to_swap", "20"], cap_gib=24, est_s=220, default=False,
+        note="24 GiB cap, frozen weights of 20 blocks swapped from host memory (planned 20.5 GiB)"),
+    Row("cogvideox5b-lora-ac-swap-16g", "cogvideox-5b", "lora", True, False, (49, 480, 720),
+        ["--blocks_to_swap", "20"], cap_gib=16, est_s=180, default=False,
+        note="16 GiB cap, frozen weights of 20 of 42 blocks swapped from host memory"),
     Row("hunyuan-lora-ac-fp8-24g", "hunyuan-video", "lora", True, False, (49, 512, 768), FP8, cap_gib=24,
         est_s=200, default=False, note="24 GiB cap, FP8 storage of frozen weights; no AC does not fit 24 GiB"),
 ]  # fmt: skip
@@ -140,6 +146,8 @@ CHECK_EST_S = 25
 CPU_ROWS = [
     Row("cpu-ltx-lora-ac", "ltx_video", "lora", True, False, (9, 32, 32), est_s=30),
     Row("cpu-ltx-lora-noac", "ltx_video", "lora", False, False, (9, 32, 32), est_s=30, default=False),
+    Row("cpu-ltx-lora-ac-swap", "ltx_video", "lora", True, False, (9, 32, 32), ["--blocks_to_swap", "1"], est_s=30,
+        default=False),
     # benchmarks/throughput.py's like-for-like CPU rows: every tiny model, LoRA, no AC, 9x64x64
     *[Row(f"cpu-{m}-lora-64", m, "lora", False, False, (9, 64, 64), est_s=40, default=False)
       for m in ("ltx_video", "cogvideox", "wan", "hunyuan_video")],
@@ -504,6 +512,7 @@ def bare_loop(job: dict) -> dict:
     from ptrain.attention import kernel_context
     from ptrain.metrics import peak_memory_gb
     from ptrain.parallel.activation import apply_ac
+    from ptrain.parallel.swap import apply_block_swap
     from ptrain.parallel.compile import apply_compile
 
     row, cpu = Row(**job["row"]), job["cpu"]
@@ -513,11 +522,19 @@ def bare_loop(job: dict) -> dict:
     kernels = kernel_context(backend)
     apply_cap()
     t, comps, spec = load_bare_model(row, cpu, job["ckpt"])
-    t.to(device)
-    latents, cond = bare_inputs(spec, comps, job["cache"], device)
     blocks = spec.blocks(t)
+    swap_n = int(row.extra[row.extra.index("--blocks_to_swap") + 1]) if "--blocks_to_swap" in row.extra else 0
+    if swap_n:  # as ptrain swaps (ptrain/parallel/swap.py): AC without early stop, then the swap, then the rest
+        apply_ac(blocks, "full", early_stop=False)
+        host = apply_block_swap(blocks, swap_n, device).host_params
+        for p in [*t.parameters(), *t.buffers()]:
+            if id(p) not in host:
+                p.data = p.data.to(device)
+    else:
+        t.to(device)
+    latents, cond = bare_inputs(spec, comps, job["cache"], device)
     wrapped = [b for bl in blocks for b in bl]
-    if row.ac:
+    if row.ac and not swap_n:
         apply_ac(blocks, "full")
         wrapped = [b for bl in blocks for b in bl]
     params = [p for p in t.parameters() if p.requires_grad]
