@@ -195,14 +195,16 @@ def simulate(
     model_dir: str | Path,
     num_blocks: tuple[int, ...] | None = None,
     fake: bool = True,
+    vae_phases: bool = True,
 ) -> dict:
     """Peak memory of rank 0 in one training step of `ptrain FLAGS` on `world` ranks (fake), in bytes by category.
 
     `num_blocks` overrides the transformer's block counts (one per block list of the model). `fake=False`
     runs the same code on real (uninitialised) tensors in an already initialised process group: the check that
-    the simulation counts what a real run allocates. With the phases around the step (`finish`).
+    the simulation counts what a real run allocates. With the phases around the step (`finish`; `vae_phases`:
+    see there).
     """
-    return finish(_run(flags, world, model_dir, num_blocks, fake), flags, model_dir)
+    return finish(_run(flags, world, model_dir, num_blocks, fake), flags, model_dir, vae_phases)
 
 
 def _run(flags: list[str], world: int, model_dir, num_blocks=None, fake: bool = True) -> dict:
