@@ -613,9 +613,15 @@ def start_plan(model_dir, world: int, flags: list[str], *options: str) -> subpro
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def read_plan(proc: subprocess.Popen) -> dict:
-    """The JSON result of a `start_plan` process (waits for it); RuntimeError with its error output if it failed."""
-    out, err = proc.communicate()
+def read_plan(proc: subprocess.Popen, timeout: float | None = None) -> dict:
+    """The JSON result of a `start_plan` process (waits for it, at most `timeout` s: then it is killed); RuntimeError
+    with its error output if it failed."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"memory planner still running after {timeout:g} s: stopped") from e
     if proc.returncode != 0 or not out.strip():
         raise RuntimeError(f"memory planner failed (exit {proc.returncode}):\n{err[-3000:]}")
     return json.loads(out.strip().splitlines()[-1])

@@ -315,7 +315,13 @@ class Trainer:
         }
         planning = self.start_vae_planning()  # beside the loading
         log.info("loading %s from %s", m.model_name, m.pretrained_model_name_or_path)
-        comps = run.spec.load_components(m.pretrained_model_name_or_path, dtypes, self.device, run.overrides, m.variant)
+        try:
+            comps = run.spec.load_components(m.pretrained_model_name_or_path, dtypes, self.device, run.overrides,
+                                             m.variant)  # fmt: skip
+        except BaseException:
+            if planning is not None:
+                planning.kill()
+            raise
         self.configure_vae(comps.vae, planning)
         self.offloaded = m.offload_encoders and self.device.type != "cpu"
         if self.offloaded:
@@ -368,7 +374,7 @@ class Trainer:
             from ptrain.planner import describe_phases, read_plan
 
             try:
-                res = read_plan(planning)
+                res = read_plan(planning, timeout=900)
                 v = res["vae"]
                 decision = [{"enable_tiling": v["tiling"], "enable_slicing": v["slicing"]}]
                 log.info("--enable_tiling / --enable_slicing auto: %s: VAE tiling %s, slicing %s", v["decision"],
