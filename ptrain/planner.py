@@ -478,7 +478,9 @@ def validation_shape(cfg) -> tuple[int, int, int] | None:
     from ptrain.validation import load_validation_items
 
     v = cfg.validation
-    items = load_validation_items(v, cfg.data, cfg.model.train_mode) if v.validation_steps or v.validation_epochs else []
+    items = (
+        load_validation_items(v, cfg.data, cfg.model.train_mode) if v.validation_steps or v.validation_epochs else []
+    )
     if not items:
         return None
     it = max(items, key=lambda it: it.num_frames * it.height * it.width)
@@ -636,8 +638,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--world_size", type=int, default=1)
     ap.add_argument("--full", action="store_true", help="simulate every block (no extrapolation)")
     ap.add_argument("--budget_gb", type=float, help="GPU memory to fit in: try cheaper-to-costlier layouts")
-    ap.add_argument("--no_vae_phases", action="store_true",
-                    help="only decide --enable_tiling/--enable_slicing auto: leave out the VAE phases (faster)")
+    ap.add_argument(
+        "--no_vae_phases",
+        action="store_true",
+        help="only decide --enable_tiling/--enable_slicing auto: leave out the VAE phases (faster)",
+    )
     args = ap.parse_args(own)
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON
         if args.budget_gb:
