@@ -113,10 +113,14 @@ class ModelArgs:
     Default: the model's attention projections."""
     offload_encoders: bool = False
     """Keep the VAE and text encoders in CPU memory between uses, moving them to the GPU only to encode."""
-    enable_tiling: bool = False
-    """Encode / decode videos with the VAE in spatial tiles (less memory for large frames)."""
-    enable_slicing: bool = False
-    """Run the VAE one sample of a batch at a time (less memory)."""
+    enable_tiling: Literal["auto", "on", "off"] = "auto"
+    """Encode / decode videos with the VAE in spatial tiles (less memory for large frames). auto: on a GPU, on
+    when the memory planner puts the VAE encode's untiled peak above the training step's (decided at start-up,
+    logged with both figures; on a CPU, off); validation decodes tiled unless off. `--enable_tiling` alone means
+    on, `--no_enable_tiling` off."""
+    enable_slicing: Literal["auto", "on", "off"] = "auto"
+    """Run the VAE one sample of a batch at a time (less memory). auto: on with --enable_tiling auto's tiling when
+    a step encodes a batch above 1. `--enable_slicing` alone means on, `--no_enable_slicing` off."""
 
     def mask_probs(self) -> dict[str, float]:
         """--inpaint_mask_probs as {mask type: weight}."""
@@ -649,6 +653,8 @@ class Config:
 
     #: What ptrain.compat translated from other trainers' flag names (logged at start).
     compat_notes: Annotated[list[str], tyro.conf.Suppress] = field(default_factory=list)
+    #: The command line parsed (before translation): what the trainer hands the memory planner it runs.
+    argv: Annotated[list[str], tyro.conf.Suppress] = field(default_factory=list)
 
     def validate(self) -> Config:
         """Each group's own checks (in the order of the groups), then the checks that span groups."""
@@ -709,7 +715,7 @@ def _load_toml(path: Path) -> dict:
     return flat
 
 
-_GROUPS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("config", "compat_notes")}
+_GROUPS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("config", "compat_notes", "argv")}
 
 
 def alias_targets() -> dict[str, str]:
@@ -742,6 +748,8 @@ def _apply_preset(cfg: Config, values: dict, source: Path) -> Config:
             if target:  # presets are written in ptrain's names
                 raise ConfigError(f"--config {source}: {key!r} is another trainer's name: write {target[2:]!r}")
             raise ConfigError(f"--config {source}: unknown key {key!r} (not a ptrain flag)")
+        if key in TRI_STATE and isinstance(value, bool):
+            value = "on" if value else "off"
         groups[owner[key]][key] = value
     kwargs = {"config": source, "compat_notes": cfg.compat_notes}
     for g, vals in groups.items():
@@ -763,15 +771,38 @@ def _config_path_from_argv(argv: list[str]) -> Path | None:
     return None
 
 
+#: Flags with the values auto / on / off that were on-off switches: the bare flag still means on, --no_FLAG off
+#: (and a preset's true / false).
+TRI_STATE = ("enable_tiling", "enable_slicing")
+_TRI_VALUES = ("auto", "on", "off")
+
+
+def _tri_state_argv(argv: list[str]) -> list[str]:
+    """`--enable_tiling` without a value -> `--enable_tiling on`, `--no_enable_tiling` -> `--enable_tiling off`."""
+    out = []
+    for i, arg in enumerate(argv):
+        name = arg[2:] if arg.startswith("--") else ""
+        if name in TRI_STATE and (i + 1 == len(argv) or argv[i + 1] not in _TRI_VALUES):
+            out += [arg, "on"]
+        elif name.startswith("no_") and name[3:] in TRI_STATE:
+            out += [f"--{name[3:]}", "off"]
+        else:
+            out.append(arg)
+    return out
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
     """Defaults < TOML preset (--config) < command-line flags (other trainers' names translated first)."""
-    argv, notes = translate_argv(list(sys.argv[1:] if argv is None else argv), alias_targets())
+    original = list(sys.argv[1:] if argv is None else argv)
+    argv, notes = translate_argv(original, alias_targets())
+    argv = _tri_state_argv(argv)
     default = Config()
     preset = _config_path_from_argv(argv)
     if preset is not None:
         default = _apply_preset(default, _load_toml(preset), preset)
     cfg = tyro.cli(Config, args=argv, default=default, use_underscores=True, prog="torchrun ... -m ptrain")
     cfg.compat_notes = notes
+    cfg.argv = original
     return cfg
 
 

@@ -1,7 +1,9 @@
 """--dry_run: what a planned run would do, printed by rank 0; no weights are loaded, nothing is written.
 
 With --plan_gpu_memory_gb the memory planner (ptrain/planner.py) also simulates the run's per-GPU peak, in a
-fresh process (it needs its own fake process group), and suggests a layout that fits if this one does not.
+fresh process (it needs its own fake process group): each phase's peak (start-up, the step, precompute or the
+step's VAE encode, validation), the run's peak and the reserved estimate, and a layout that fits if this one
+does not.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ def plan_memory(cfg, world: int) -> None:
     budget = cfg.plan.plan_gpu_memory_gb
     print(f"  memory plan for {world} GPUs of {budget:g} GB (simulated, no GPU used; about a minute per layout):",
           flush=True)  # fmt: skip
+    flags = cfg.argv or sys.argv[1:]  # the flags parsed (`ptrain dry-run FLAGS` has a command before them)
     cmd = [sys.executable, "-m", "ptrain.planner", "--model_dir", cfg.model.pretrained_model_name_or_path,
-           "--world_size", str(world), "--budget_gb", str(budget), "--", *sys.argv[1:]]  # fmt: skip
+           "--world_size", str(world), "--budget_gb", str(budget), "--", *flags]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line[len("PLAN ") :] for line in p.stderr.splitlines() if line.startswith("PLAN ")]
     print("\n".join(f"    {line}" for line in lines), flush=True)

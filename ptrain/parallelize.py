@@ -7,13 +7,15 @@ torchtitan's `parallelize_fn`:
    transformer, seeded alike on every rank, and FP8 storage of frozen weights (--layerwise_upcasting_modules).
    The planner runs it on the meta device.
 2. `parallelize`: the parallel plan in its fixed order: context parallelism -> activation checkpointing ->
-   compile per block -> placement on the device -> fully_shard / replicate (ptrain/parallel/).
+   compile per block -> placement on the device and fully_shard / replicate, one unit (block) at a time, so
+   the device never holds the whole model before it is sharded (ptrain/parallel/).
 3. `build_trainable`: `parallelize`, then the parameter groups, the optimizer, the learning-rate schedule and
    the EMA, returned together as a `TrainableModel`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import re
@@ -122,9 +124,10 @@ def param_groups(transformer: torch.nn.Module, cfg: Config) -> list[dict]:
     return groups
 
 
-def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims, device) -> None:
+def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims, device, place=None) -> None:
     """Step 2, the parallel plan in its fixed order: context parallelism -> AC -> compile per block -> placement
-    -> fully_shard / replicate."""
+    and fully_shard / replicate, unit by unit. `place(module)`: how a unit reaches the device (default
+    `place_states`; the memory planner materialises meta tensors)."""
     ac, p, m = cfg.activation_checkpoint, cfg.parallel, cfg.model
     if dims.cp > 1:
         if spec.cp_plan is None:
@@ -140,23 +143,15 @@ def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelD
     if cfg.compile.compile:
         n = apply_compile(blocks, cfg.compile.compile_backend, skip=swap.blocks if swap else ())
         log.info("torch.compile (%s): %d blocks", cfg.compile.compile_backend, n)
-    if p.fsdp_cpu_offload:  # parameters stay in CPU memory (FSDP2 copies shards in as needed); buffers move
-        for module in transformer.modules():
-            for key, buf in module._buffers.items():
-                if buf is not None:
-                    module._buffers[key] = buf.to(device)
-    elif swap is not None:  # every parameter but the swapped ones
-        for module in transformer.modules():
-            for store in (module._parameters, module._buffers):
-                for t in store.values():
-                    if t is not None and id(t) not in swap.host_params:
-                        t.data = t.data.to(device)
-    elif any(x.device != device for x in [*transformer.parameters(), *transformer.buffers()]):
-        transformer.to(device)
+    # Placement happens unit by unit inside apply_data_parallel (`place` before each fully_shard / replicate): no
+    # rank ever holds the whole model on the device before sharding it. With --fsdp_cpu_offload the shards then go
+    # back to CPU memory (FSDP2's CPUOffloadPolicy) and only buffers stay on the device. Block-swapped weights
+    # stay in host memory.
     plan = apply_data_parallel(
         transformer, blocks, mesh, dims, DTYPES[m.transformer_dtype], spec.fp32_module_names(transformer),
         cpu_offload=p.fsdp_cpu_offload,
         plain_single=m.training_type == "lora" or m.transformer_dtype == "float32" or cfg.optim.full_bf16,
+        place=place or functools.partial(place_states, device=device, skip=swap.host_params if swap else ()),
     )  # fmt: skip
     log.info(plan)
 
@@ -172,6 +167,24 @@ def block_swap(transformer, blocks, count: int, dims: ParallelDims, device):
     log.info("block swap: frozen weights of %d blocks (%.2f GiB) in host memory, one block at a time on %s",
              count, swap.host_bytes() / 2**30, device)  # fmt: skip
     return swap
+
+
+def place_states(module: torch.nn.Module, device, materialize: bool = False, skip=()) -> None:
+    """Bring the parameters and buffers under `module` that are not on `device` yet onto it, one submodule at a
+    time (those of units already sharded are there, as DTensors, and are left alone). A moved tensor's CPU copy
+    is freed as it goes (the parameter's data is replaced). `materialize`: meta tensors become uninitialised ones
+    on `device` instead (the memory planner builds the transformer on the meta device). `skip`: ids of tensors
+    that stay where they are (--blocks_to_swap's host-resident weights)."""
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        if t.device == device or id(t) in skip:
+            return t
+        return torch.empty_like(t, device=device) if materialize and t.is_meta else t.to(device)
+
+    for sub in module.modules():
+        own = [t for t in (*sub._parameters.values(), *sub._buffers.values()) if t is not None]
+        if any(t.device != device for t in own):
+            sub._apply(to_device, recurse=False)
 
 
 @dataclass
@@ -195,12 +208,13 @@ def build_trainable(
     train_steps: int,
     fused: bool = True,
     planning: bool = False,
+    place=None,
 ) -> TrainableModel:
     """Step 3: `parallelize`, then parameter groups, optimizer, learning-rate schedule over `train_steps`, EMA.
     `fused`: the fused AdamW / Adam kernel (ptrain.optim.build_optimizer); `planning`: the memory planner's call
-    (8-bit AdamW is then a stand-in with its state layout)."""
+    (8-bit AdamW is then a stand-in with its state layout); `place`: see `parallelize`."""
     e = cfg.ema
-    parallelize(transformer, cfg, spec, mesh, dims, device)
+    parallelize(transformer, cfg, spec, mesh, dims, device, place)
     groups = param_groups(transformer, cfg)
     params = [q for g in groups for q in g["params"]]
     n_train = sum(q.numel() for q in params)

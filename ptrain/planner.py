@@ -13,10 +13,35 @@ Whole models with many blocks are slow to simulate on a CPU, so `plan()` simulat
 list and extrapolates linearly (every block adds the same parameters, gradients, optimizer state and saved
 activations); tests/test_planner.py checks the extrapolation against a full simulation.
 
-What it does not model: the CUDA caching allocator (reserved > allocated; fragmentation), NCCL's own buffers,
-the CUDA context (~0.5-1 GB), and kernel workspaces (cuBLAS, flash attention). Fake tensors live on the CPU
-device, so attention runs through the CPU SDPA kernels, whose saved tensors (output + log-sum-exp) match the
-fused CUDA kernels'. Ring attention (`--cp_mode ring`) likewise: on the CPU device each ring block runs the CPU
+Phases (`phases` in the result, each with its peak and categories):
+- `startup`: the transformer arriving on the device as the trainer places it (ptrain/parallelize.py: each FSDP
+  unit is placed just before it is sharded; the plain module of one process arrives whole), with the EMA.
+- `forward_backward`, `optimizer`: the training step. `peak_bytes` is the larger of these two: the step's peak
+  (the memory table, the goals and `advise` compare it).
+- `precompute` (with --enable_precomputation: the VAE encodes one sample at the run's shape beside the text
+  encoders, before the transformer is placed) or `encode` (without it: each step's VAE encode, with the training
+  state resident), and `validation` (when validation is configured: the VAE decodes one video at the largest
+  validation shape, with the training state and the encoders resident). The VAE runs for real on fake tensors.
+  --enable_tiling / --enable_slicing auto turn tiling (and, for a batch above 1, slicing) on when the untiled
+  encode phase would peak above the step (with the encoders added to the step when they stay resident: no
+  precomputation, no --offload_encoders); validation decodes tiled unless --enable_tiling off. Not simulated:
+  the denoising forward of validation (no gradients: one block's activations at a time) and the parameters
+  FSDP leaves gathered after it (the root and last block).
+- Encoders (VAE, text encoders) count only in the phases that use them, as if they left the device otherwise
+  (--enable_precomputation moves them off after precomputing; --offload_encoders between uses); without either,
+  they stay resident: add `vae.encoder_bytes` to every other phase (the memory table's "+ resident encoders").
+`run_peak_bytes` is the largest phase and `run_peak_phase` its name.
+
+"Reserved": the caching allocator holds more than the allocated peak. `reserved_estimate_bytes` = run peak x
+1.10 + 1.5 GiB, the upper envelope of the four H200 measurements of issue 16 (reserved / allocated: CogVideoX-5B
+LoRA 20.0 / 18.8 GiB, LTX-Video LoRA 7.82 / 6.32, CogVideoX-5B full fine-tune 110 / 104, CogVideoX-5B precompute
+pass 81.5 / 73.3; benchmarks/results/gpu_h200.json and the project's platform notes); `device_estimate_bytes`
+adds the CUDA context, assumed 1 GiB (not measured; it is outside torch's reserved figure).
+
+What it does not model otherwise: fragmentation beyond that slack, NCCL's own buffers and kernel workspaces
+(cuBLAS, flash attention). Fake tensors live on the CPU device, so attention runs through the CPU SDPA kernels,
+whose saved tensors (output + log-sum-exp) match the fused CUDA kernels'.
+Ring attention (`--cp_mode ring`): on the CPU device each ring block runs the CPU
 flash op, on a GPU the fused kernel that ptrain.parallel.context.ring_kernel picks (FlashAttention, or the
 memory-efficient kernel at the step whose keys carry a text padding mask); both return one block's output +
 log-sum-exp and hold no score matrix, so the simulated memory is the GPU's (tests/test_ring_attention.py runs the
@@ -24,7 +49,8 @@ ring on fake CUDA tensors with the CUDA kernels and on fake CPU tensors: the sam
 blocks that fall back to the math kernel on a GPU (float64, head dims the fused kernels refuse), which holds each
 block's float32 scores (heads x local tokens x block tokens) several times over; ptrain warns when it runs.
 
-CLI: python -m ptrain.planner --model_dir DIR --world_size 8 [--budget_gb 80] -- [ptrain flags]   (prints JSON)
+CLI: python -m ptrain.planner --model_dir DIR --world_size 8 [--budget_gb 80] -- [ptrain flags]   (prints JSON;
+with --budget_gb also one line per phase on stderr)
 From a run: python -m ptrain --dry_run --plan_gpu_memory_gb 80 --plan_world_size 8 [flags]
 """
 
@@ -33,18 +59,63 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
+import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ptrain.objectives import sample_generators
 
 GIB = 2**30
+#: The training step's phases: `peak_bytes` is their max.
+STEP_PHASES = ("forward_backward", "optimizer")
+#: reserved ~ allocated x (1 + RESERVED_SLACK) + RESERVED_EXTRA_BYTES (module docstring: the H200 measurements)
+RESERVED_SLACK, RESERVED_EXTRA_BYTES = 0.10, int(1.5 * GIB)
+#: The CUDA context beside torch's reserved memory (assumed, not measured).
+CUDA_CONTEXT_BYTES = GIB
+
+
+class PeakBytes(TorchDispatchMode):
+    """Bytes held by the tensor storages created while it is active (freed ones subtracted), and their peak.
+
+    For what runs outside a training step, where torch's memory trackers do not fit: placement and sharding (no
+    module runs) and the VAE (its encoder runs its blocks once per chunk of frames, which MemTracker refuses).
+    Tensors that existed before are not counted, nor DTensor ops: they run below this mode, so neither the views
+    they make of the local shards nor the whole-shape fake tensors of DTensor's sharding propagation (made the
+    first time an op is seen, in the same fake mode) are counted; the shards FSDP2 allocates are plain tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = self.peak = 0
+        self._seen = WeakIdKeyDictionary()
+
+    def _freed(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))  # this mode is off while it runs: a DTensor op's inner ops are not seen
+        if any(t is DTensor for t in types):
+            return out
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                st = t.untyped_storage()
+                if st not in self._seen:
+                    n = st.nbytes()
+                    self._seen[st] = weakref.ref(st, lambda _, n=n: self._freed(n))
+                    self.current += n
+                    self.peak = max(self.peak, self.current)
+        return out
 
 
 def _fake_world(world: int) -> None:
@@ -74,7 +145,14 @@ def _meta_model(cls, model_dir: Path, subfolder: str, overrides: dict | None = N
 
 def encoder_bytes(spec, model_dir: Path, dtypes: dict[str, torch.dtype]) -> dict[str, int]:
     """Resident weight bytes of the frozen VAE and text encoders (from their configs; 0 when absent)."""
-    out = {}
+    return dict(_encoder_bytes(spec.name, Path(model_dir), tuple(sorted(dtypes.items()))))
+
+
+@functools.lru_cache(maxsize=16)
+def _encoder_bytes(spec_name: str, model_dir: Path, dtypes: tuple) -> tuple:
+    from ptrain.models.spec import get_spec
+
+    spec, dtypes, out = get_spec(spec_name), dict(dtypes), {}
     for name in ("vae", "text_encoder", "text_encoder_2"):
         cls = spec.component_classes.get(name)
         if cls is None or not (model_dir / name / "config.json").is_file():
@@ -87,7 +165,36 @@ def encoder_bytes(spec, model_dir: Path, dtypes: dict[str, torch.dtype]) -> dict
                 model = cls(config)
         dtype = dtypes.get(name, torch.bfloat16)
         out[name] = sum(p.numel() for p in model.parameters()) * dtype.itemsize
-    return out
+    return tuple(out.items())
+
+
+@functools.lru_cache(maxsize=64)
+def vae_activation_bytes(vae_cls, model_dir: Path, dtype: torch.dtype, op: str, shape: tuple, tiling: bool,
+                         slicing: bool) -> int:  # fmt: skip
+    """Peak bytes the VAE allocates beyond its weights to encode a (B, 3, F, H, W) video of `shape` (the video
+    included) or, `op` "decode", to decode its latents into one (the video out included), with its tiling /
+    slicing on or off: the VAE's own code on fake tensors (seconds untiled; tiled, every tile is a pass of the
+    encoder or decoder, up to a minute at 720p). Cached per process."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    vae = _meta_model(vae_cls, model_dir, "vae", dtype=dtype)
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        vae.to_empty(device="cpu")
+        vae.eval()
+        latents = None
+        if op == "decode":  # the untiled encode gives the latents' shape only
+            latents = vae.encode(torch.zeros(shape, dtype=dtype)).latent_dist.mean
+        if tiling:
+            vae.enable_tiling()
+        if slicing:
+            vae.enable_slicing()
+        with PeakBytes() as peak:
+            if latents is None:
+                vae.encode(torch.zeros(shape, dtype=dtype))
+            else:  # LTX-Video's decoder is conditioned on the decode timestep when its config says so
+                temb = {"temb": torch.zeros(shape[0], dtype=dtype)} if vae.config.get("timestep_conditioning") else {}
+                vae.decode(latents, **temb)
+    return peak.peak
 
 
 def simulate(
@@ -96,13 +203,20 @@ def simulate(
     model_dir: str | Path,
     num_blocks: tuple[int, ...] | None = None,
     fake: bool = True,
+    vae_phases: bool = True,
 ) -> dict:
     """Peak memory of rank 0 in one training step of `ptrain FLAGS` on `world` ranks (fake), in bytes by category.
 
     `num_blocks` overrides the transformer's block counts (one per block list of the model). `fake=False`
     runs the same code on real (uninitialised) tensors in an already initialised process group: the check that
-    the simulation counts what a real run allocates.
+    the simulation counts what a real run allocates. With the phases around the step (`finish`; `vae_phases`:
+    see there).
     """
+    return finish(_run(flags, world, model_dir, num_blocks, fake), flags, model_dir, vae_phases)
+
+
+def _run(flags: list[str], world: int, model_dir, num_blocks=None, fake: bool = True) -> dict:
+    """simulate() without `finish`: the start-up and the step, whose figures extrapolate linearly in blocks."""
     from ptrain.config import parse_config
 
     cfg = parse_config([*flags, "--pretrained_model_name_or_path", str(model_dir)])
@@ -172,10 +286,11 @@ def _planned_attention(cfg) -> str:
     return "math" if cfg.compile.attention_backend == "math" else "auto"
 
 
-def _measure_step(cfg, spec, comps, model, dims, device) -> tuple[dict, object]:
+def _measure_step(cfg, spec, comps, model, dims, device) -> tuple[dict, object, int]:
     """Peak bytes by category of the trainer's micro-batches (every one of --gradient_accumulation_steps:
     objective, the mode's conditioning, loss, backward) and of its optimizer step, each tracked on its own in the
-    steady state; also returns the prepared batch."""
+    steady state; also returns the prepared batch and the bytes resident between steps (the training state:
+    parameters, buffers, optimizer state, EMA; gradients are freed by the step)."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.distributed.fsdp import FSDPModule
@@ -243,15 +358,20 @@ def _measure_step(cfg, spec, comps, model, dims, device) -> tuple[dict, object]:
             "peak_bytes": int(per_dev["Total"]),
             "categories": {str(getattr(k, "value", k)): int(v) for k, v in per_dev.items() if str(k) != "Total"},
         }
-    ema = model.ema
-    if ema is not None:
-        # The EMA shadows (local shards, as the trainable parameters) are resident for the whole run; the trackers
-        # only see tensors of modules and optimizers, so they are added to every phase here.
-        ema_bytes = sum((s.to_local() if hasattr(s, "to_local") else s).untyped_storage().nbytes() for s in ema.shadow)
-        for ph in phases.values():
-            ph["peak_bytes"] += ema_bytes
-            ph["categories"]["EMA"] = ema_bytes
-    return phases, prepared
+    resident = int(next(iter(tracker.get_tracker_snapshot().values()))["Total"])  # after the optimizer step
+    return phases, prepared, resident + _add_ema(phases, model.ema)
+
+
+def _add_ema(phases: dict, ema) -> int:
+    """The EMA shadows (local shards, as the trainable parameters) are resident for the whole run; the trackers
+    only see tensors of modules and optimizers, so they are added to every phase here. Returns their bytes."""
+    if ema is None:
+        return 0
+    ema_bytes = sum((s.to_local() if hasattr(s, "to_local") else s).untyped_storage().nbytes() for s in ema.shadow)
+    for ph in phases.values():
+        ph["peak_bytes"] += ema_bytes
+        ph["categories"]["EMA"] = ema_bytes
+    return ema_bytes
 
 
 def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0: float) -> dict:
@@ -259,7 +379,7 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ptrain.parallel import ParallelDims
-    from ptrain.parallelize import build_trainable, make_trainable_model
+    from ptrain.parallelize import build_trainable, make_trainable_model, place_states
 
     m, t, p, d = cfg.model, cfg.train, cfg.parallel, cfg.data
     dims = ParallelDims.build(p.dp_degree, p.dp_shards, p.cp_degree, world)
@@ -275,12 +395,18 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
     n_total = sum(q.numel() for q in transformer.parameters())
     make_trainable_model(transformer, cfg, spec)
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
-        transformer.to_empty(device=device)
         comps.vae.to_empty(device=device)
-        model = build_trainable(transformer, cfg, spec, mesh, dims, device, t.train_steps, planning=True)
-        phases, prepared = _measure_step(cfg, spec, comps, model, dims, device)
+        # The start-up as the trainer runs it: each FSDP unit reaches the device (here: is materialised from the
+        # meta device) just before it is sharded, the plain module of one process whole; fused AdamW as trained.
+        place = functools.partial(place_states, device=device, materialize=True)
+        with PeakBytes() as startup:
+            model = build_trainable(transformer, cfg, spec, mesh, dims, device, t.train_steps, planning=True,
+                                    place=place)
+        steps, prepared, resident = _measure_step(cfg, spec, comps, model, dims, device)
         latent_shape = tuple(prepared.sample.target.shape)
-    top = max(phases.values(), key=lambda ph: ph["peak_bytes"])
+    phases = {"startup": {"peak_bytes": startup.peak, "categories": {
+        "Resident": startup.current, "Unit being placed": startup.peak - startup.current}}, **steps}  # fmt: skip
+    top = max(steps.values(), key=lambda ph: ph["peak_bytes"])
     return {
         "model": m.model_name,
         "training_type": m.training_type,
@@ -299,6 +425,7 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
         "peak_bytes": top["peak_bytes"],
         "categories": top["categories"],
         "phases": phases,
+        "resident_bytes": resident,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -340,7 +467,8 @@ def _resident_unswapped(res: dict, base: dict, bumps: list[dict], targets: tuple
 
 def _extrapolate(base: dict, bumps: list[dict], targets: tuple[int, ...]) -> dict:
     """Each phase linear in each block count: value(n) = base + sum_i (n_i - base_i) * (bump_i - base);
-    the step's peak is the larger phase peak."""
+    the step's peak is the larger of its phases' peaks. The start-up is linear too: the shards of the units placed
+    so far plus the one being placed (a block, or the root's own parameters last)."""
     out = dict(base)
 
     def lin(get):
@@ -356,8 +484,9 @@ def _extrapolate(base: dict, bumps: list[dict], targets: tuple[int, ...]) -> dic
             "categories": {k: lin(lambda r, n=name, k=k: r["phases"][n]["categories"].get(k, 0))
                            for k in ph["categories"]},
         }  # fmt: skip
-    top = max(phases.values(), key=lambda ph: ph["peak_bytes"])
+    top = max((phases[n] for n in STEP_PHASES), key=lambda ph: ph["peak_bytes"])
     out.update(phases=phases, peak_bytes=top["peak_bytes"], categories=top["categories"])
+    out["resident_bytes"] = lin(lambda r: r["resident_bytes"])
     out["params_total"] = lin(lambda r: r["params_total"])
     out["params_trainable"] = lin(lambda r: r["params_trainable"])
     out["blocks"] = list(targets)
@@ -366,17 +495,19 @@ def _extrapolate(base: dict, bumps: list[dict], targets: tuple[int, ...]) -> dic
     return out
 
 
-def plan(flags: list[str], world: int, model_dir: str | Path, full: bool = False) -> dict:
+def plan(flags: list[str], world: int, model_dir: str | Path, full: bool = False, vae_phases: bool = True) -> dict:
     """simulate() for the whole model: directly when `full` or the model is small, else 3 and 4 blocks per block
-    list, extrapolated to the real block counts."""
+    list, extrapolated to the real block counts; then `finish` (`vae_phases`: see there)."""
     from ptrain.config import parse_config
 
     return plan_config(parse_config([*flags, "--pretrained_model_name_or_path", str(model_dir)]), world, model_dir,
-                       full)  # fmt: skip
+                       full, vae_phases)  # fmt: skip
 
 
-def plan_config(cfg, world: int, model_dir: str | Path, full: bool = False) -> dict:
-    """plan() of a parsed Config."""
+def plan_config(cfg, world: int, model_dir: str | Path, full: bool = False, vae_phases: bool = True,
+                phases: bool = True) -> dict:  # fmt: skip
+    """plan() of a parsed Config; `phases=False` leaves out `finish` (the start-up and the step only: the AC and
+    layout choices compare the step's peak)."""
     from ptrain.models.spec import get_spec
 
     model_dir = Path(model_dir)
@@ -386,7 +517,7 @@ def plan_config(cfg, world: int, model_dir: str | Path, full: bool = False) -> d
     if full or all(n <= 4 for n in targets):
         res = simulate_config(cfg, world, model_dir)
         res["simulated_blocks"] = [res["blocks"]]
-        return res
+        return finish(res, cfg, model_dir, vae_phases) if phases else res
     base_blocks = tuple(3 for _ in targets)  # from 3 blocks on, FSDP's prefetch pattern no longer changes
     swap = cfg.parallel.blocks_to_swap
     sim = (lambda blocks: _swap_everything(cfg, blocks)) if swap else (lambda blocks: cfg)  # noqa: E731
@@ -399,6 +530,88 @@ def plan_config(cfg, world: int, model_dir: str | Path, full: bool = False) -> d
     if swap:
         res["swap_host_bytes"] = _extrapolate_swap(base, bumps, targets)
         _resident_unswapped(res, base, bumps, targets, swap)
+    return finish(res, cfg, model_dir, vae_phases) if phases else res
+
+
+def vae_decision(tiling: str, slicing: str, untiled_peak: int, step_peak: int, batch: int) -> tuple[bool, bool, str]:
+    """--enable_tiling / --enable_slicing (auto, on, off) -> (tiling, slicing, why) for the VAE's encode. auto: on
+    when the encode phase's untiled peak would exceed `step_peak` (the step's, with the encoders when they stay
+    resident); slicing only for a batch above 1 (one sample at a time)."""
+    over = untiled_peak > step_peak
+    why = f"planned VAE encode phase {size(untiled_peak)} untiled {'>' if over else '<='} the step's {size(step_peak)}"
+    return (tiling == "on" or (tiling == "auto" and over),
+            slicing == "on" or (slicing == "auto" and over and batch > 1), why)  # fmt: skip
+
+
+def size(nbytes: int) -> str:
+    """Bytes as GiB, or MiB / KiB below that (tiny test models)."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes / 1024:.1f} KiB"
+
+
+def validation_shape(cfg) -> tuple[int, int, int] | None:
+    """The largest (frames, height, width) validation samples, or None when the run does not validate."""
+    from ptrain.validation import load_validation_items
+
+    v = cfg.validation
+    items = (
+        load_validation_items(v, cfg.data, cfg.model.train_mode) if v.validation_steps or v.validation_epochs else []
+    )
+    if not items:
+        return None
+    it = max(items, key=lambda it: it.num_frames * it.height * it.width)
+    return it.num_frames, it.height, it.width
+
+
+def _vae_phase(state: dict, weights: dict, activations: int, tiling: bool, slicing: bool) -> dict:
+    cats = {**state, **weights, "VAE activations": activations}
+    return {"peak_bytes": sum(cats.values()), "categories": cats, "vae_tiling": tiling, "vae_slicing": slicing}
+
+
+def finish(res: dict, flags, model_dir, vae_phases: bool = True) -> dict:
+    """The phases around the step (module docstring) from a simulated or extrapolated start-up and step: the VAE's
+    encode (precompute or each step's) with the auto tiling decision (`vae`), validation's decode, the run's peak
+    over every phase, and the reserved / device estimates. `vae_phases=False` decides only (one untiled encode),
+    leaving out the VAE phases, whose tiled simulations take longer. `flags`: the run's flags or its Config."""
+    from ptrain.config import parse_config
+    from ptrain.models.spec import get_spec
+    from ptrain.parallelize import DTYPES
+
+    model_dir = Path(model_dir)
+    cfg = parse_config([*flags, "--pretrained_model_name_or_path", str(model_dir)]) if isinstance(flags, list) else flags
+    m, d = cfg.model, cfg.data
+    spec, dtype = get_spec(m.model_name), DTYPES[m.vae_dtype]
+    enc = encoder_bytes(spec, model_dir, {"vae": dtype, "text_encoder": DTYPES[m.text_encoder_dtype],
+                                          "text_encoder_2": DTYPES[m.text_encoder_2_dtype]})  # fmt: skip
+    act = functools.partial(vae_activation_bytes, spec.component_classes["vae"], model_dir, dtype)
+    weights = {"VAE": enc.get("vae", 0), "Text encoders": sum(v for k, v in enc.items() if k != "vae")}
+    pre, resident_encoders = d.enable_precomputation, not (d.enable_precomputation or m.offload_encoders)
+    batch = 1 if pre else cfg.train.batch_size
+    state = {} if pre else {"Training state": res["resident_bytes"]}
+    shape = (batch, 3, d.num_frames, d.height, d.width)
+    untiled = sum(state.values()) + sum(weights.values()) + act("encode", shape, False, False)
+    step = res["peak_bytes"] + (sum(weights.values()) if resident_encoders else 0)
+    tiling, slicing, why = vae_decision(m.enable_tiling, m.enable_slicing, untiled, step, batch)
+    res["vae"] = {"tiling": tiling, "slicing": slicing, "decision": why, "encoder_bytes": enc,
+                  "encoders_resident": resident_encoders}  # fmt: skip
+    phases = dict(res["phases"])
+    if vae_phases:
+        phases["precompute" if pre else "encode"] = _vae_phase(state, weights, act("encode", shape, tiling, slicing),
+                                                               tiling, slicing)  # fmt: skip
+        val = validation_shape(cfg)
+        if val is not None:  # validation decodes tiled unless --enable_tiling off
+            tiled = m.enable_tiling != "off"
+            phases["validation"] = _vae_phase({"Training state": res["resident_bytes"]}, weights,
+                                              act("decode", (1, 3, *val), tiled, False), tiled, False)  # fmt: skip
+    run_phase = max(phases, key=lambda n: phases[n]["peak_bytes"])
+    run_peak = phases[run_phase]["peak_bytes"]
+    reserved = int(run_peak * (1 + RESERVED_SLACK) + RESERVED_EXTRA_BYTES)
+    res.update(phases=phases, run_peak_phase=run_phase, run_peak_bytes=run_peak, reserved_estimate_bytes=reserved,
+               device_estimate_bytes=reserved + CUDA_CONTEXT_BYTES,
+               reserved_model=f"reserved = run peak x {1 + RESERVED_SLACK:.2f} + {RESERVED_EXTRA_BYTES / GIB:g} GiB "
+               f"(H200 measurements); device = reserved + {CUDA_CONTEXT_BYTES / GIB:g} GiB CUDA context (assumed)")  # fmt: skip
     return res
 
 
@@ -419,15 +632,15 @@ AC_LADDER = (
     ("AC every 2nd block", ["--gradient_checkpointing", "--ac_mode", "selective", "--ac_every_n_blocks", "2"]),
     ("full AC", ["--gradient_checkpointing", "--ac_mode", "full"]),
 )
-#: What "reserved" adds to the planned (allocated) peak when deciding whether a plan fits a GPU: the caching
-#: allocator's slack and the CUDA context. On the H200 (../shared/reference/platform_notes.md) reserved was 1.06x
-#: allocated for CogVideoX-5B LoRA (20.0 / 18.8 GiB) and 1.24x for LTX-Video (7.82 / 6.32); the context ~0.5-1 GB.
-FIT_SLACK, FIT_CONTEXT_BYTES = 0.10, 2**30
+def device_bytes(peak_bytes: int) -> int:
+    """What a planned (allocated) peak takes of a GPU: the reserved estimate (allocator slack, see the module
+    docstring) and the CUDA context."""
+    return int(peak_bytes * (1 + RESERVED_SLACK) + RESERVED_EXTRA_BYTES + CUDA_CONTEXT_BYTES)
 
 
 def fits(peak_bytes: int, budget_gb: float) -> bool:
-    """Whether a planned peak fits `budget_gb` (10^9 bytes) with the allocator slack and the CUDA context."""
-    return peak_bytes * (1 + FIT_SLACK) + FIT_CONTEXT_BYTES <= budget_gb * 1e9
+    """Whether a planned peak fits `budget_gb` (10^9 bytes) per GPU (device_bytes)."""
+    return device_bytes(peak_bytes) <= budget_gb * 1e9
 
 
 def with_flags(cfg, flags: list[str]):
@@ -447,7 +660,7 @@ def choose_ac(cfg, world: int, model_dir: str | Path, budget_gb: float, report=N
     per planned rung (also given to `report`)."""
     lines = []
     for index, (name, flags) in enumerate(AC_LADDER):
-        res = plan_config(with_flags(cfg, flags), world, model_dir)
+        res = plan_config(with_flags(cfg, flags), world, model_dir, phases=False)
         ok = fits(res["peak_bytes"], budget_gb)
         lines.append(f"{name}: {res['peak_bytes'] / 1e9:.2f} GB planned, {'fits' if ok else 'does not fit'}")
         if report is not None:
@@ -470,6 +683,30 @@ def layouts(world: int, training_type: str) -> list[tuple[str, list[str]]]:
     return out
 
 
+def describe_phases(res: dict, budget_gb: float | None = None) -> list[str]:
+    """The phases' peaks, the run's peak and the reserved estimate as lines (GB = 10^9 bytes), for the CLI and
+    the dry run; a phase over `budget_gb` is named."""
+    names = {"startup": "start-up (load, shard)", "forward_backward": "step forward/backward",
+             "optimizer": "step optimizer", "precompute": "precompute (VAE encode, text encoders)",
+             "encode": "VAE encode in the step", "validation": "validation (VAE decode)"}  # fmt: skip
+    parts = []
+    for name, ph in res["phases"].items():
+        vae = ""
+        if "vae_tiling" in ph:
+            vae = f", VAE tiling {'on' if ph['vae_tiling'] else 'off'}" + (", slicing on" if ph["vae_slicing"] else "")
+        parts.append(f"{names.get(name, name)} {ph['peak_bytes'] / 1e9:.1f} GB{vae}")
+    lines = ["phases: " + "; ".join(parts)]
+    if "vae" in res:
+        lines.append(f"VAE: {res['vae']['decision']}")
+    lines.append(f"run peak {res['run_peak_bytes'] / 1e9:.1f} GB ({res['run_peak_phase']}); reserved estimate "
+                 f"{res['reserved_estimate_bytes'] / 1e9:.1f} GB, {res['device_estimate_bytes'] / 1e9:.1f} GB with "
+                 f"the CUDA context ({res['reserved_model']})")  # fmt: skip
+    over = [n for n, ph in res["phases"].items() if budget_gb and ph["peak_bytes"] / 1e9 > budget_gb]
+    if over and res["peak_bytes"] / 1e9 <= budget_gb:
+        lines.append(f"the step fits, but {', '.join(over)} peak(s) above {budget_gb:g} GB: see the phases above")
+    return lines
+
+
 def advise(flags: list[str], world: int, model_dir: str | Path, budget_gb: float, report=print) -> dict:
     """Plan the run as configured; if it does not fit `budget_gb` (GB, 10^9), find each layout's least-recompute
     AC rung that fits (planning each layout's rungs in order up to the first fit) and suggest the fastest of
@@ -482,15 +719,17 @@ def advise(flags: list[str], world: int, model_dir: str | Path, budget_gb: float
     fit = as_configured is not None and fits(as_configured["peak_bytes"], budget_gb)
     if as_configured is not None:
         report(f"as configured ({as_configured['layout']}): {as_configured['peak_bytes'] / 1e9:.1f} GB per GPU "
-               f"{'fits in' if fit else 'exceeds'} {budget_gb:g} GB (with {FIT_SLACK:.0%} allocator slack and "
-               f"{FIT_CONTEXT_BYTES / 2**30:g} GiB CUDA context)")  # fmt: skip
+               f"{'fits in' if fit else 'exceeds'} {budget_gb:g} GB (as {size(device_bytes(as_configured['peak_bytes']))} "
+               "with the allocator's slack and the CUDA context)")  # fmt: skip
+        for line in describe_phases(as_configured, budget_gb):
+            report("  " + line)
     result = {"as_configured": as_configured, "fits": fit, "suggestion": None, "fitting": []}
     if fit:
         return result
     for layout, layout_flags in layouts(world, cfg.model.training_type):
         for rung, (ac_name, ac_flags) in enumerate(AC_LADDER):
             extra = [*layout_flags, *ac_flags]
-            res = plan_config(with_flags(cfg, extra), world, model_dir)
+            res = plan_config(with_flags(cfg, extra), world, model_dir, phases=False)
             ok = fits(res["peak_bytes"], budget_gb)
             report(f"  {layout}, {ac_name}: {res['peak_bytes'] / 1e9:.1f} GB {'fits' if ok else 'too big'}")
             if ok:
@@ -507,6 +746,28 @@ def advise(flags: list[str], world: int, model_dir: str | Path, budget_gb: float
     return result
 
 
+def start_plan(model_dir, world: int, flags: list[str], *options: str) -> subprocess.Popen:
+    """`python -m ptrain.planner` for `flags` on `world` ranks, started in a fresh process (the planner needs its own
+    fake process group) that runs beside the caller; `read_plan` collects its result."""
+    cmd = [sys.executable, "-m", "ptrain.planner", "--model_dir", str(model_dir), "--world_size", str(world),
+           *options, "--", *flags]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_plan(proc: subprocess.Popen, timeout: float | None = None) -> dict:
+    """The JSON result of a `start_plan` process (waits for it, at most `timeout` s: then it is killed); RuntimeError
+    with its error output if it failed."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"memory planner still running after {timeout:g} s: stopped") from e
+    if proc.returncode != 0 or not out.strip():
+        raise RuntimeError(f"memory planner failed (exit {proc.returncode}):\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -516,13 +777,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--world_size", type=int, default=1)
     ap.add_argument("--full", action="store_true", help="simulate every block (no extrapolation)")
     ap.add_argument("--budget_gb", type=float, help="GPU memory to fit in: try cheaper-to-costlier layouts")
+    ap.add_argument(
+        "--no_vae_phases",
+        action="store_true",
+        help="only decide --enable_tiling/--enable_slicing auto: leave out the VAE phases (faster)",
+    )
     args = ap.parse_args(own)
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON
         if args.budget_gb:
             res = advise(flags, args.world_size, args.model_dir, args.budget_gb,
                          report=lambda line: print("PLAN " + line, file=sys.stderr, flush=True))  # fmt: skip
         else:
-            res = plan(flags, args.world_size, args.model_dir, args.full)
+            res = plan(flags, args.world_size, args.model_dir, args.full, not args.no_vae_phases)
     print(json.dumps(res))
 
 

@@ -52,7 +52,7 @@ from ptrain.optim import skips_on_device
 from ptrain.parallel import ParallelDims, init_distributed
 from ptrain.parallelize import DTYPES, build_trainable, make_trainable_model
 from ptrain.step import Prepared, TrainStep, clip_gradients, make_inputs, set_gradient_sync
-from ptrain.validation import load_validation_items, run_validation
+from ptrain.validation import load_validation_items, run_validation, tiled_decode
 
 log = logging.getLogger("ptrain")
 
@@ -368,10 +368,13 @@ class Trainer:
             config = {**to_dict(self.cfg), **({"hub_ids": run.hub_ids} if run.hub_ids else {})}
             (run.out / "config.json").write_text(json.dumps(config, indent=2))
         self.load_model()
+        self.log_phase_peak("the load (the encoders on the device)")
         # Precomputation runs before the transformer is placed on the device: its peak (VAE and text encoders)
         # never adds to the training state's.
         self.max_seq = self.cfg.data.max_sequence_length or self.spec.max_sequence_length(self.comps)
         self.dataset = self.precompute() if self.cfg.data.enable_precomputation else None
+        if self.dataset is not None:
+            self.log_phase_peak("precompute (VAE encode, text encoders)")
         self.build_model()
         self.build_checkpointer()
         self.resume()
@@ -391,13 +394,16 @@ class Trainer:
             "text_encoder": DTYPES[m.text_encoder_dtype],
             "text_encoder_2": DTYPES[m.text_encoder_2_dtype],
         }
+        planning = self.start_vae_planning()  # beside the loading
         log.info("loading %s from %s", m.model_name, m.pretrained_model_name_or_path)
-        comps = run.spec.load_components(m.pretrained_model_name_or_path, dtypes, self.device, run.overrides, m.variant)
-        for flag in ("enable_tiling", "enable_slicing"):
-            if getattr(m, flag):
-                if not hasattr(comps.vae, flag):
-                    raise ConfigError(f"--{flag}: {type(comps.vae).__name__} has no {flag}()")
-                getattr(comps.vae, flag)()
+        try:
+            comps = run.spec.load_components(m.pretrained_model_name_or_path, dtypes, self.device, run.overrides,
+                                             m.variant)  # fmt: skip
+        except BaseException:
+            if planning is not None:
+                planning.kill()
+            raise
+        self.configure_vae(comps.vae, planning)
         self.offloaded = m.offload_encoders and self.device.type != "cpu"
         if self.offloaded:
             offload_encoders(comps)
@@ -412,6 +418,62 @@ class Trainer:
         for shape in sorted(set(run.usable.buckets)):  # every training shape (one without --enable_bucket)
             spec.check_shape(shape.frames, shape.height, shape.width, comps)
         self.spec, self.comps, self.transformer = spec, comps, comps.transformer
+
+    def start_vae_planning(self):
+        """--enable_tiling / --enable_slicing auto on a GPU: rank 0 starts the memory planner (a fresh process: it
+        needs its own fake process group) for this run's flags and world, to read its decision after loading."""
+        m = self.cfg.model
+        if self.device.type != "cuda" or "auto" not in (m.enable_tiling, m.enable_slicing) or self.run.rank != 0:
+            return None
+        from ptrain.planner import start_plan
+
+        log.info("--enable_tiling / --enable_slicing auto: planning the run's memory beside the loading (python -m "
+                 "ptrain.planner; up to a minute; on / off skips it)")  # fmt: skip
+        return start_plan(m.pretrained_model_name_or_path, self.run.world, self.cfg.argv, "--no_vae_phases")
+
+    def configure_vae(self, vae, planning) -> None:
+        """Turn the VAE's tiling / slicing on as --enable_tiling / --enable_slicing say: on, off, or auto: on a GPU
+        the planner's decision (tiling when the VAE encode's untiled peak would exceed the step's), on a CPU off
+        (there is no device memory to save, and CPU runs keep the untiled numerics)."""
+        m = self.cfg.model
+        flags = {"enable_tiling": m.enable_tiling, "enable_slicing": m.enable_slicing}
+        auto = {}
+        if "auto" in flags.values():
+            auto = self.auto_vae(planning) if self.device.type == "cuda" else {}
+            if self.device.type != "cuda":
+                log.info("--enable_tiling / --enable_slicing auto: off on %s (no GPU memory to save)", self.device)
+        for flag, value in flags.items():
+            if value == "on" and not hasattr(vae, flag):
+                raise ConfigError(f"--{flag}: {type(vae).__name__} has no {flag}()")
+            if (value == "on" or (value == "auto" and auto.get(flag))) and hasattr(vae, flag):
+                getattr(vae, flag)()
+
+    def auto_vae(self, planning) -> dict[str, bool]:
+        """Rank 0 reads the planner's decision and every rank receives it (a failed plan: off, with a warning)."""
+        decision = [{}]
+        if planning is not None:
+            from ptrain.planner import describe_phases, read_plan
+
+            try:
+                res = read_plan(planning, timeout=900)
+                v = res["vae"]
+                decision = [{"enable_tiling": v["tiling"], "enable_slicing": v["slicing"]}]
+                log.info("--enable_tiling / --enable_slicing auto: %s: VAE tiling %s, slicing %s", v["decision"],
+                         "on" if v["tiling"] else "off", "on" if v["slicing"] else "off")  # fmt: skip
+                for line in describe_phases(res):
+                    log.info("planned %s", line)
+            except (RuntimeError, ValueError, KeyError) as e:
+                log.warning("--enable_tiling / --enable_slicing auto: the memory planner failed, VAE tiling and "
+                            "slicing stay off (give on / off to choose): %s", e)  # fmt: skip
+        if self.run.world > 1:
+            dist.broadcast_object_list(decision, src=0)
+        return decision[0]
+
+    def log_phase_peak(self, phase: str) -> None:
+        """On CUDA: log the allocator's peak since the last reset as `phase`'s, then reset it (each phase's own)."""
+        if self.device.type == "cuda":
+            log.info("peak memory of %s: %.2f GiB allocated, %.2f GiB reserved", phase, *peak_memory_gb(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def build_model(self) -> None:
         """The trainable, parallelized transformer with its optimizer, schedule and EMA (ptrain/parallelize.py)."""
@@ -530,6 +592,7 @@ class Trainer:
         self.peak_tflops = device_peak_tflops(self.device, cfg.log.peak_tflops)
         self.flops = self.count_flops() if self.peak_tflops else {}
         self.nan_in_a_row, self.nan_total, self.replaced_since_log = 0, 0, 0  # on the device during the loop
+        self.peak_carry = (0.0, 0.0)  # CUDA: the steps' peak before a validation reset it (GiB allocated, reserved)
         self.window = (time.perf_counter(), self.state.step)  # (time, step) of the last logged step
         self.losses: list[tuple] = []  # (loss, grad norm) per step, read from the device at the end
 
@@ -556,10 +619,8 @@ class Trainer:
     def train(self) -> TrainResult:
         train_steps = self.cfg.train.train_steps
         self.data_iter = iter(self.loader)
-        if self.device.type == "cuda":  # the step's peak from here on, not load / precompute's
-            log.info("peak memory before step 1 (load, precompute): %.2f GiB allocated, %.2f GiB reserved",
-                     *peak_memory_gb(self.device))  # fmt: skip
-            torch.cuda.reset_peak_memory_stats(self.device)
+        # the step's peak from here on, not the start-up's
+        self.log_phase_peak("the start-up (transformer placed and sharded unit by unit, checkpoint resumed)")
         self.window = (time.perf_counter(), self.state.step)  # the step time's window starts here
         bar = tqdm(total=train_steps, initial=self.state.step, disable=self.run.rank != 0, desc="train",
                    dynamic_ncols=True)  # fmt: skip
@@ -678,7 +739,8 @@ class Trainer:
                 step, loss, grad_norm, self.nan_in_a_row, state.nan_steps_total,
             )  # fmt: skip
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{global_tokens / elapsed:,.0f}")
-        alloc, reserved = peak_memory_gb(self.device)
+        alloc, reserved = (max(now, before) for now, before in zip(peak_memory_gb(self.device), self.peak_carry))
+        self.peak_carry = (0.0, 0.0)
         values = {
             "loss": loss, "lr": self.model.lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm,
             "step_time_s": elapsed, "data_time_s": stats.data_time, "tokens_per_s": global_tokens / elapsed,
@@ -726,14 +788,19 @@ class Trainer:
         with_ema = self.cfg.ema.validate_with_ema
         if with_ema:
             log.info("validation at step %d samples with the EMA weights (--validate_with_ema)", step)
+        if self.device.type == "cuda":  # validation's peak is logged on its own; the steps' so far are kept
+            self.peak_carry = tuple(map(max, peak_memory_gb(self.device), self.peak_carry))
+            torch.cuda.reset_peak_memory_stats(self.device)
         with (
             ema.swapped_in() if with_ema else contextlib.nullcontext(),
             encoders_on(self.comps, self.device, self.offloaded),
+            tiled_decode(self.comps.vae, self.cfg.model.enable_tiling != "off"),
         ):
             mesh = self.run.mesh
             run_validation(self.spec, self.transformer, self.validation_items, self.cfg.validation, step,
                            self.run.out, self.cfg.train.seed, self.metrics, self.run.dims.dp,
                            mesh.dp.get_local_rank(), mesh.world["cp"].get_local_rank() == 0)  # fmt: skip
+        self.log_phase_peak(f"validation at step {step} (VAE decode tiled: {self.cfg.model.enable_tiling != 'off'})")
 
     def maybe_checkpoint(self, step: int, last_step: bool) -> None:
         self.checkpointer.poll()  # commits a finished async save

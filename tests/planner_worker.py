@@ -10,7 +10,7 @@ from ptrain.planner import simulate
 if __name__ == "__main__":
     model_dir, *flags = sys.argv[1:]
     dist.init_process_group("gloo")
-    res = simulate(flags, dist.get_world_size(), model_dir, fake=False)
+    res = simulate(flags, dist.get_world_size(), model_dir, fake=False, vae_phases=False)
     if dist.get_rank() == 0:
         print("PLANRESULT " + json.dumps(res), flush=True)
     dist.destroy_process_group()

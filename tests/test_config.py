@@ -48,6 +48,23 @@ def test_toml_preset_precedence(tmp_path):
     assert cfg.optim.beta1 == 0.9  # untouched default
 
 
+def test_vae_tiling_flags_are_auto_on_off(tmp_path):
+    """--enable_tiling / --enable_slicing: auto by default, the bare flag still on, --no_FLAG off, a preset's
+    true / false on / off; anything else names the choices."""
+    assert (parse_config([]).model.enable_tiling, parse_config([]).model.enable_slicing) == ("auto", "auto")
+    m = parse_config(["--enable_tiling", "--enable_slicing", "--rank", "8"]).model
+    assert (m.enable_tiling, m.enable_slicing, m.rank) == ("on", "on", 8)
+    m = parse_config(["--no_enable_tiling", "--enable_slicing", "off"]).model
+    assert (m.enable_tiling, m.enable_slicing) == ("off", "off")
+    assert parse_config(["--enable_tiling", "auto", "--enable_slicing"]).model.enable_slicing == "on"
+    preset = tmp_path / "p.toml"
+    preset.write_text("enable_tiling = true\nenable_slicing = false\n")
+    m = parse_config(["--config", str(preset)]).model
+    assert (m.enable_tiling, m.enable_slicing) == ("on", "off")
+    with pytest.raises(SystemExit):
+        parse_config(["--enable_tiling", "maybe"])
+
+
 def test_toml_unknown_key_is_named(tmp_path):
     preset = tmp_path / "bad.toml"
     preset.write_text("learning_rat = 1e-4\n")

@@ -373,6 +373,10 @@ def test_cache_key_changes_with_data_and_settings(tiny_ckpt, tiny_data, tmp_path
 
     base = key()
     assert key() == base
+    cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(data), "--height", "32",
+                        "--width", "32", "--num_frames", "9"]).validate()  # fmt: skip
+    usable = scan_dataset(cfg.data, FrameSampling.from_args(cfg.data))
+    assert cache_dir(cfg, manifest(cfg, usable, 128, vae_tiling=True)).name != base  # tiled latents differ
     assert key("--height", "64") != base and key("--id_token", "TOK") != base and key("--vae_dtype", "float32") != base
     video = next((data / "videos").iterdir())
     os.utime(video, ns=(video.stat().st_atime_ns, video.stat().st_mtime_ns + 10**9))  # the file was replaced
@@ -396,6 +400,7 @@ def test_bucketed_resume_continues_at_the_same_samples(tiny_ckpt, mixed, tmp_pat
         full.stderr + first.stderr + second.stderr
     )
     assert "resuming from" in second.stderr
+    assert "--enable_tiling / --enable_slicing auto: off on cpu" in second.stderr
     assert second.losses == full.losses  # metrics.jsonl holds steps 1-2 from the first run, 3-4 from the second
     a = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")

@@ -35,7 +35,7 @@ def all_flags() -> list[str]:
     cfg = Config()
     names = ["config"]
     for group in dataclasses.fields(Config):
-        if group.name in ("config", "compat_notes"):
+        if group.name in ("config", "compat_notes", "argv"):
             continue
         names += [f.name for f in dataclasses.fields(getattr(cfg, group.name))]
     return names

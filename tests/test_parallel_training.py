@@ -97,6 +97,45 @@ def test_cpu_offload_policy_reaches_every_unit(single_process_env):
         assert all(fp.offload_to_cpu == offload for g in groups for fp in g.fsdp_params), offload
 
 
+def test_units_reach_the_device_one_at_a_time(single_process_env):
+    """Start-up without a whole-model copy on the device: apply_data_parallel places each FSDP2 unit (float32
+    submodules, blocks, then the root) just before wrapping it, when the units before it are sharded and the ones
+    after it not yet; the plain module of one process is placed whole. place_states moves only what is not on the
+    device yet (here the meta device stands in for the GPU), one submodule at a time."""
+    from torch import nn
+    from torch.distributed.fsdp import FSDPModule
+
+    from ptrain.parallel import ParallelDims, apply_data_parallel, init_distributed
+    from ptrain.parallelize import place_states
+
+    init_distributed(60)
+    dims = ParallelDims.build(1, 1, 1, 1)
+    mesh = dims.build_mesh()
+
+    def model():
+        m = nn.Module()
+        m.blocks, m.norm, m.out = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]), nn.LayerNorm(4), nn.Linear(4, 2)
+        return m
+
+    for plain in (False, True):
+        m, seen = model(), []
+
+        def place(unit, m=m, seen=seen):
+            seen.append((unit, [isinstance(u, FSDPModule) for u in (m.norm, *m.blocks, m)]))
+
+        apply_data_parallel(m, [m.blocks], mesh, dims, torch.bfloat16, ["norm"], plain_single=plain, place=place)
+        if plain:
+            assert seen == [(m, [False] * 4)]
+        else:
+            assert seen == [(m.norm, [False] * 4), (m.blocks[0], [True, False, False, False]),
+                            (m.blocks[1], [True, True, False, False]), (m, [True, True, True, False])]  # fmt: skip
+    m = model()
+    m.blocks[1].to("meta")  # already "on the device"
+    kept = m.blocks[1].weight
+    place_states(m.blocks[0], torch.device("meta"))
+    assert m.blocks[0].weight.is_meta and not m.out.weight.is_meta and m.blocks[1].weight is kept
+
+
 def test_ema_under_fsdp2_equals_single_process_ema(launches):
     ref, run = launches("lora-single").run, launches("lora-fsdp2").run
     a = load_file(run.output_dir / "ema" / "pytorch_lora_weights.safetensors")

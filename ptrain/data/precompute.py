@@ -56,7 +56,9 @@ def sample_key(usable: Usable, i: int) -> str:
     return json.dumps([str(r.video), r.kind, r.caption, str(usable.buckets[i])])
 
 
-def manifest(cfg: Config, usable: Usable, max_sequence_length: int) -> dict:
+def manifest(cfg: Config, usable: Usable, max_sequence_length: int, vae_tiling: bool = False) -> dict:
+    """What the cache's key covers: the samples, the model's files, the preprocessing; `vae_tiling`: whether the VAE
+    encodes tiled (--enable_tiling as decided at start-up: tiled latents differ slightly)."""
     m, d = cfg.model, cfg.data
     samples = []
     for key in dict.fromkeys(sample_key(usable, i) for i in range(len(usable.records))):
@@ -86,7 +88,7 @@ def manifest(cfg: Config, usable: Usable, max_sequence_length: int) -> dict:
             "reshape_mode": d.reshape_mode,
             "id_token": d.id_token,
             "max_sequence_length": max_sequence_length,
-            "enable_tiling": m.enable_tiling,
+            "enable_tiling": vae_tiling,
         },  # fmt: skip
         "samples": samples,
     }
@@ -101,7 +103,7 @@ def cache_dir(cfg: Config, man: dict) -> Path:
 def precompute(cfg: Config, usable: Usable, spec, comps, dataset: VideoDataset, max_seq: int, device) -> Path:
     """Fill (or reuse) the cache for `usable`; every rank takes part; returns the cache folder."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    man = manifest(cfg, usable, max_seq)
+    man = manifest(cfg, usable, max_seq, bool(getattr(comps.vae, "use_tiling", False)))
     target = cache_dir(cfg, man)
     if (target / COMPLETE).is_file() and cfg.data.precomputation_reuse:
         log.info("precomputation: reusing %s (same data, model and settings)", target)

@@ -19,6 +19,7 @@ float32 runs are plain.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -37,11 +38,18 @@ def apply_data_parallel(
     fp32_modules: list[str] | None = None,
     cpu_offload: bool = False,
     plain_single: bool = True,
+    place: Callable[[nn.Module], None] | None = None,
 ) -> str:
     """Shard or replicate `model` in place; returns a one-line description.
 
     Submodules named in `fp32_modules` (diffusers' `_keep_in_fp32_modules`, e.g. Wan's norms and time
     embedder) become their own FSDP units that compute in float32 whatever --transformer_dtype is.
+
+    `place(module)` brings the parameters and buffers under `module` that are not on the device yet onto it
+    (ptrain.parallelize.place_states). It is called on each FSDP2 unit just before the unit is wrapped, so a
+    model that arrives in CPU memory reaches the device one unit at a time: fully_shard keeps only the unit's
+    shard and frees the whole unit when it returns, so the device never holds more than the shards so far plus
+    one unit. The plain module of one process is placed whole.
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     # Inputs keep their dtype, as in diffusers: the fp32 modules upcast themselves (FP32LayerNorm computes in float32
@@ -49,17 +57,21 @@ def apply_data_parallel(
     # would hand float32 activations to the next bf16 layer (Wan I2V's image embedder: norm1 -> ff).
     mp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
     keep32 = _fp32_submodules(model, fp32_modules or []) if param_dtype != torch.float32 else []
-    fp8 = any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in model.parameters())
-    if dims.dp_replicate * dims.dp_shard * dims.cp == 1 and plain_single and not cpu_offload and not fp8:
+    place = place or (lambda module: None)
+    if is_plain(model, dims, plain_single, cpu_offload):
+        place(model)
         return single_process(model, param_dtype, keep32)
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     if dims.ddp_enabled:
         dp_mesh = mesh.hsdp["dp_replicate"]
         for sub in keep32:
+            place(sub)
             replicate(sub, mesh=dp_mesh, mp_policy=mp32, offload_policy=offload)
         for blocks in block_lists:
             for block in blocks:
+                place(block)
                 replicate(block, mesh=dp_mesh, mp_policy=mp, offload_policy=offload)
+        place(model)
         replicate(model, mesh=dp_mesh, mp_policy=mp, offload_policy=offload)
         return f"DDP (FSDP2 replicate) over {dims.dp_replicate} replicas"
     if dims.dp_replicate > 1:
@@ -69,16 +81,25 @@ def apply_data_parallel(
         dp_mesh = mesh.dp_shard_cp
         what = f"FSDP2 over {dims.dp_shard * dims.cp} shards"
     for sub in keep32:
+        place(sub)
         fully_shard(sub, mesh=dp_mesh, mp_policy=mp32, offload_policy=offload)
     for blocks in block_lists:
         for i, block in enumerate(blocks):
             # The last block's parameters are needed again right away in backward: keep them gathered.
             last = i == len(blocks) - 1
+            place(block)
             fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=not last, offload_policy=offload)
+    place(model)  # what is left: the root's own parameters (embeddings, output layers) and buffers
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False, offload_policy=offload)
     if cpu_offload:
         what += ", parameters/gradients/optimizer state offloaded to CPU"
     return what
+
+
+def is_plain(model: nn.Module, dims: ParallelDims, plain_single: bool = True, cpu_offload: bool = False) -> bool:
+    """Whether apply_data_parallel leaves `model` plain (one process, no FSDP2 wrapper): see the module docstring."""
+    fp8 = any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in model.parameters())
+    return dims.dp_replicate * dims.dp_shard * dims.cp == 1 and plain_single and not cpu_offload and not fp8
 
 
 def single_process(model: nn.Module, param_dtype: torch.dtype, keep32: list[nn.Module]) -> str:

@@ -45,7 +45,8 @@ class BlockSwap:
             for p in block.parameters():
                 if p.requires_grad:
                     continue
-                host = p.data.to("cpu")
+                # (meta in the memory planner, which builds the model there: an uninitialised host tensor)
+                host = torch.empty_like(p.data, device="cpu") if p.is_meta else p.data.to("cpu")
                 if self.cuda:
                     host = host.pin_memory()
                 p.data = host
