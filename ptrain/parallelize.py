@@ -139,7 +139,7 @@ def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelD
     if ac.gradient_checkpointing:
         n = apply_ac(blocks, ac.ac_mode, ac.ac_every_n_blocks, early_stop=not p.blocks_to_swap)
         log.info("activation checkpointing (%s): %d blocks", ac.ac_mode, n)
-    swap = block_swap(transformer, blocks, p.blocks_to_swap, dims, device)
+    swap = block_swap(transformer, blocks, p.blocks_to_swap, dims, device, place)
     if cfg.compile.compile:
         n = apply_compile(blocks, cfg.compile.compile_backend, skip=swap.blocks if swap else ())
         log.info("torch.compile (%s): %d blocks", cfg.compile.compile_backend, n)
@@ -156,13 +156,14 @@ def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelD
     log.info(plan)
 
 
-def block_swap(transformer, blocks, count: int, dims: ParallelDims, device):
-    """--blocks_to_swap (ptrain/parallel/swap.py), or None; the planner reads `transformer._ptrain_block_swap`."""
+def block_swap(transformer, blocks, count: int, dims: ParallelDims, device, place=None):
+    """--blocks_to_swap (ptrain/parallel/swap.py), or None; the planner reads `transformer._ptrain_block_swap` (and
+    its `place` materialises the swapped blocks' meta tensors first)."""
     if not count:
         return None
     if dims.world_size > 1:
         raise ConfigError(f"--blocks_to_swap is for one GPU; on {dims.world_size}, FSDP2 shards the weights instead")
-    swap = apply_block_swap(blocks, count, device)
+    swap = apply_block_swap(blocks, count, device, place)
     transformer._ptrain_block_swap = swap
     log.info("block swap: frozen weights of %d blocks (%.2f GiB) in host memory, one block at a time on %s",
              count, swap.host_bytes() / 2**30, device)  # fmt: skip

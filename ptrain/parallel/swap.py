@@ -30,7 +30,7 @@ def _inner(block: nn.Module) -> nn.Module:
 class BlockSwap:
     """Host-resident frozen weights of `count` blocks (the first ones of the flattened block lists)."""
 
-    def __init__(self, block_lists: list[nn.ModuleList], count: int, device: torch.device):
+    def __init__(self, block_lists: list[nn.ModuleList], count: int, device: torch.device, prepare=None):
         blocks = [_inner(b) for bl in block_lists for b in bl]
         if count > len(blocks):
             raise ConfigError(f"--blocks_to_swap {count}: the transformer has only {len(blocks)} blocks")
@@ -41,12 +41,13 @@ class BlockSwap:
         self.host: list[list[tuple[nn.Parameter, torch.Tensor]]] = []
         self.pending: dict[int, tuple[object, list[torch.Tensor]]] = {}
         for i, block in enumerate(self.blocks):
+            if prepare is not None:  # the memory planner: meta tensors materialised first (on its fake host device)
+                prepare(block)
             pairs = []
             for p in block.parameters():
                 if p.requires_grad:
                     continue
-                # (meta in the memory planner, which builds the model there: an uninitialised host tensor)
-                host = torch.empty_like(p.data, device="cpu") if p.is_meta else p.data.to("cpu")
+                host = p.data.to("cpu")
                 if self.cuda:
                     host = host.pin_memory()
                 p.data = host
@@ -96,5 +97,5 @@ class BlockSwap:
             p.data = host
 
 
-def apply_block_swap(block_lists: list[nn.ModuleList], count: int, device: torch.device) -> BlockSwap:
-    return BlockSwap(block_lists, count, device)
+def apply_block_swap(block_lists: list[nn.ModuleList], count: int, device: torch.device, prepare=None) -> BlockSwap:
+    return BlockSwap(block_lists, count, device, prepare)
