@@ -249,20 +249,41 @@ class DataArgs:
     --num_frames pixels per sample (512^2 x 49 ~ 768^2 x 21)."""
     token_sample_size: int = 512
     """Side of the reference square for --training_with_video_token_length."""
-    enable_precomputation: bool = False
+    enable_precomputation: Literal["auto", "on", "off"] = "auto"
     """Compute the VAE latent distributions and text embeddings once before training (sharded over ranks,
-    stored as safetensors), then train from them; the VAE and text encoders leave the GPU afterwards."""
+    stored as safetensors), then train from them; the VAE and text encoders leave the GPU afterwards. auto: on
+    when the run makes more than one pass over its samples (--train_steps x global batch > usable samples), no
+    flag draws a new crop or frame window per pass, the train mode conditions on latents only, and the cache's
+    estimated size fits in half the free disk space; it then reuses a complete cache of the same data, model
+    and settings. The decision and its reason are logged and shown by --dry_run. `--enable_precomputation`
+    alone means on."""
     precomputation_dir: Path | None = None
     """Where precomputed tensors go (default: output_dir/precomputed); a folder per data/model/settings key."""
     precomputation_reuse: bool = False
-    """Reuse a complete precomputation made with the same data, model and settings (else compute it again)."""
-    dataloader_num_workers: int = 2
-    """Data loader worker processes per rank (0 = decode in the training process)."""
+    """Reuse a complete precomputation made with the same data, model and settings (else compute it again;
+    --enable_precomputation auto always reuses one)."""
+    dataloader_num_workers: int | None = None
+    """Data loader worker processes per rank (0 = load in the training process). Default: 2 when samples are
+    decoded every step, 0 when they come from the precomputation cache (loading a few cached tensors is faster
+    in the training process than through worker processes)."""
+
+    def __post_init__(self) -> None:
+        # --enable_precomputation was a switch: True / False (a TOML preset, Python callers) mean on / off.
+        if isinstance(self.enable_precomputation, bool):
+            self.enable_precomputation = "on" if self.enable_precomputation else "off"
+
+    def num_workers(self, precomputed: bool) -> int:
+        """--dataloader_num_workers, or its default for the run's data path."""
+        if self.dataloader_num_workers is not None:
+            return self.dataloader_num_workers
+        return 0 if precomputed else 2
 
     def validate(self) -> None:
         if self.data_root is None and self.dataset_file is None and self.dataset_config is None:
             raise ConfigError("give --data_root, --dataset_file or --dataset_config")
-        if self.enable_precomputation and (self.reshape_mode == "random_crop" or self.random_frame_crop):
+        if self.enable_precomputation not in ("auto", "on", "off"):
+            raise ConfigError(f"--enable_precomputation {self.enable_precomputation!r}: give auto, on or off")
+        if self.enable_precomputation == "on" and (self.reshape_mode == "random_crop" or self.random_frame_crop):
             raise ConfigError(
                 "--enable_precomputation stores one crop and frame window per sample; --reshape_mode random_crop "
                 "and --random_frame_crop draw new ones every step: use center_crop / resize without "
@@ -700,9 +721,38 @@ def _config_path_from_argv(argv: list[str]) -> Path | None:
     return None
 
 
+#: Flags that were switches and now take a value: (alone -> value, old spellings -> value).
+_SWITCH_VALUES = {
+    "--enable_precomputation": ("on", {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}),
+}
+
+
+def _switch_values(argv: list[str]) -> list[str]:
+    """`--enable_precomputation` alone (followed by another flag or nothing) means `--enable_precomputation on`;
+    true / false and the like are read as on / off."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        name, eq, inline = argv[i].partition("=")
+        if name not in _SWITCH_VALUES:
+            out.append(argv[i])
+            i += 1
+            continue
+        alone, spellings = _SWITCH_VALUES[name]
+        if eq:
+            value, i = inline, i + 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value, i = argv[i + 1], i + 2
+        else:
+            value, i = alone, i + 1
+        out += [name, spellings.get(value.lower(), value)]
+    return out
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
     """Defaults < TOML preset (--config) < command-line flags (other trainers' names translated first)."""
     argv, notes = translate_argv(list(sys.argv[1:] if argv is None else argv), alias_targets())
+    argv = _switch_values(argv)
     default = Config()
     preset = _config_path_from_argv(argv)
     if preset is not None:

@@ -180,6 +180,9 @@ class ModelSpec(ABC):
             return self.tokens_per_sample((1, (f - 1) // t + 1, h // s, w // s), comps)
 
         rules.tokens = tokens
+        channels = self.latent_channels(comps)
+        rules.latent_shape = lambda f, h, w: (channels, (f - 1) // t + 1, h // s, w // s)
+        rules.text_sequence_length = self.max_sequence_length(comps)
         return rules
 
     def bind(
