@@ -217,8 +217,9 @@ def decide(cfg: Config, usable: Usable, spec, rules, global_batch: int) -> Decis
     if 2 * est > free:
         return Decision(False, f"auto: the cache (about {_gib(est)}) would fill more than half of the {_gib(free)} "
                                f"free under {target.parent}", estimate_bytes=est)  # fmt: skip
-    return Decision(True, f"auto: {drawn / len(distinct):.1f} passes over {len(distinct)} samples; cache about "
-                          f"{_gib(est)} in {target.parent} ({_gib(free)} free)", reuse=True, estimate_bytes=est)  # fmt: skip
+    reason = (f"auto: {drawn / len(distinct):.1f} passes over {len(distinct)} samples; cache about {_gib(est)} in "
+              f"{target.parent} ({_gib(free)} free)")  # fmt: skip
+    return Decision(True, reason, reuse=True, estimate_bytes=est)
 
 
 def precompute(
@@ -250,7 +251,7 @@ def precompute(
     for key, i in todo:
         try:
             video = dataset._load(i, np.random.default_rng(0))[None].to(device)  # fixed crop: no draws are made
-        except Exception as e:  # decord / PIL raise their own types; the file is named
+        except Exception as e:  # noqa: BLE001 - decord / PIL raise their own types; the file is named
             failed[key] = f"{usable.records[i].video}: {type(e).__name__}: {e}"
             log.warning("precomputation: %s failed to decode (%s); training replaces it", usable.records[i].video, e)
             bar.update(world)
