@@ -313,3 +313,24 @@ def test_narrow_widths_with_the_scanned_size_decode_without_a_probe_frame(tmp_pa
     clip = load_clip(path, 5, height=32, width=32, source=probe(path))
     row = clip[:, 0, 16].mean(0)
     assert clip.shape == (3, 5, 32, 32) and row[:8].min() > 0.8 and row[-8:].max() < -0.8
+
+
+def test_loader_pixels_travel_as_uint8_and_convert_to_the_float_sample(tiny_data, tmp_path):
+    """The training loader's dataset sends uint8 pixels (video and first frame); converted (to_unit_range, done on
+    the device by the step) they equal the float sample exactly."""
+    import dataclasses
+
+    from PIL import Image
+
+    from ptrain.data.video import FrameSampling, to_unit_range
+
+    Image.fromarray(np.full((40, 30, 3), 200, np.uint8)).save(tmp_path / "first.png")
+    records = load_records(DataArgs(data_root=tiny_data))
+    records[2] = dataclasses.replace(records[2], first_frame=tmp_path / "first.png")
+    args = DataArgs(data_root=tiny_data, height=32, width=48, num_frames=9)
+    floats, uint8 = (VideoDataset(records, args, FrameSampling(9), as_uint8=u) for u in (False, True))
+    for key in ((2, 5), (4, 6)):
+        a, b = floats[key], uint8[key]
+        assert b["video"].dtype == b["first_frame"].dtype == torch.uint8 and a["video"].dtype == torch.float32
+        assert torch.equal(to_unit_range(b["video"]), a["video"]) and torch.equal(to_unit_range(b["first_frame"]),
+                                                                                  a["first_frame"])  # fmt: skip

@@ -114,9 +114,11 @@ class VideoDataset(Dataset):
     """Item (index, stream position) -> the decoded sample at its bucket's shape.
 
     Everything random about a sample (frame window, crop, caption dropout) is seeded by (seed, position), so
-    it is the same in every layout and after a resume. A file that fails to decode here (it passed the scan)
-    is replaced by another sample of the same bucket chosen by (seed, position, attempt): deterministic, and
-    counted in the batch's `replaced` field (logged as `data_replaced`).
+    it is the same in every layout and after a resume. With `as_uint8` pixels (video, first_frame) stay uint8: a
+    quarter of the bytes through the workers' queues and the host-to-device copy, and no float conversion in the
+    workers (the training step converts on the device: ptrain.data.video.to_unit_range). A file that fails to
+    decode here (it passed the scan) is replaced by another sample of the same bucket chosen by (seed, position,
+    attempt): deterministic, and counted in the batch's `replaced` field (logged as `data_replaced`).
     """
 
     def __init__(
@@ -127,8 +129,10 @@ class VideoDataset(Dataset):
         seed: int = 0,
         buckets: list[Bucket] | None = None,
         infos: list[VideoInfo] | None = None,
+        as_uint8: bool = False,
     ):
         self.records, self.args, self.sampling, self.seed = records, args, sampling, seed
+        self.as_uint8 = as_uint8
         self.infos = infos  # the scan's probe of each file (None: decode at the source size)
         default = Bucket(sampling.num_frames, args.height, args.width)
         self.buckets = buckets or [default] * len(records)
@@ -149,10 +153,11 @@ class VideoDataset(Dataset):
     def _load(self, index: int, rng: np.random.Generator) -> torch.Tensor:
         rec, b, a = self.records[index], self.buckets[index], self.args
         if rec.kind == "image":
-            return load_image(rec.video, b.height, b.width, a.reshape_mode, rng)
+            return load_image(rec.video, b.height, b.width, a.reshape_mode, rng, self.as_uint8)
         sampling = replace(self.sampling, num_frames=b.frames)
         source = self.infos[index] if self.infos else None
-        return load_clip(rec.video, sampling, b.height, b.width, reshape_mode=a.reshape_mode, rng=rng, source=source)
+        return load_clip(rec.video, sampling, b.height, b.width, reshape_mode=a.reshape_mode, rng=rng, source=source,
+                         as_uint8=self.as_uint8)  # fmt: skip
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, position = key[0], key[1]
@@ -166,7 +171,7 @@ class VideoDataset(Dataset):
                 first = self.records[index].first_frame
                 if first is not None:
                     b = self.buckets[index]
-                    first_frame = load_image(first, b.height, b.width, a.reshape_mode, rng)[:, 0]
+                    first_frame = load_image(first, b.height, b.width, a.reshape_mode, rng, self.as_uint8)[:, 0]
                 elif self.first_frames:
                     first_frame = video[:, 0].clone()
                 break
@@ -273,7 +278,8 @@ def build_dataloader(
         sampler.load_state_dict(sampler_state)
     workers = args.num_workers(precomputed=dataset is not None)
     loader = StatefulDataLoader(
-        dataset or VideoDataset(usable.records, args, sampling, seed, usable.buckets or None, usable.infos or None),
+        dataset or VideoDataset(usable.records, args, sampling, seed, usable.buckets or None, usable.infos or None,
+                                as_uint8=True),
         batch_sampler=sampler,
         collate_fn=collate,
         num_workers=workers,

@@ -83,10 +83,23 @@ def probe_image(path: Path) -> VideoInfo:
     return VideoInfo(1, h, w, 0.0)
 
 
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1] (float input is returned as it is)."""
+    if pixels.dtype != torch.uint8:
+        return pixels
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
 def load_image(
-    path: Path, height: int, width: int, reshape_mode: str = "center_crop", rng: np.random.Generator | None = None
+    path: Path,
+    height: int,
+    width: int,
+    reshape_mode: str = "center_crop",
+    rng: np.random.Generator | None = None,
+    as_uint8: bool = False,
 ) -> torch.Tensor:
-    """-> (C, 1, H, W) float32 in [-1, 1]. EXIF rotation applied; alpha composited on white; grey -> RGB."""
+    """-> (C, 1, H, W) float32 in [-1, 1] (uint8 with `as_uint8`). EXIF rotation applied; alpha composited on
+    white; grey -> RGB. Resized as uint8, like video frames."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
@@ -98,9 +111,10 @@ def load_image(
             arr = np.asarray(im, dtype=np.float64)
             im = Image.fromarray((arr * 255.0 / max(arr.max(), 1.0)).astype(np.uint8))
         rgb = np.array(im.convert("RGB"))  # a writable copy
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-    x = resize_crop(x, height, width, reshape_mode, rng).clamp(-1.0, 1.0)
-    return x.permute(1, 0, 2, 3).contiguous()
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+    x = resize_crop(x, height, width, reshape_mode, rng)
+    x = x.permute(1, 0, 2, 3).contiguous()
+    return x if as_uint8 else to_unit_range(x)
 
 
 def probe_media(path: Path, kind: str) -> VideoInfo:
@@ -255,8 +269,10 @@ def load_clip(
     reshape_mode: str = "center_crop",
     rng: np.random.Generator | None = None,
     source: VideoInfo | None = None,
+    as_uint8: bool = False,
 ) -> torch.Tensor:
-    """-> (C, F, H, W) float32 in [-1, 1]. `sampling` may be just a frame count (spread evenly, or at `fps`).
+    """-> (C, F, H, W) float32 in [-1, 1] (uint8 with `as_uint8`: to_unit_range converts it later, e.g. on the
+    device). `sampling` may be just a frame count (spread evenly, or at `fps`).
 
     With the source's size known (`source`, from the data scan) a larger video is decoded at the size it is
     cropped from (decode_size: the decoder scales it; within a few levels of a full-size decode resized here,
@@ -271,5 +287,5 @@ def load_clip(
     frames = torch.from_numpy(vr.get_batch(idx).asnumpy())  # (F, h, w, 3) uint8
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"video {path}: decoder returned frames of shape {tuple(frames.shape)}, not (F, H, W, 3)")
-    x = resize_crop(frames.permute(0, 3, 1, 2), height, width, reshape_mode, rng)
-    return x.permute(1, 0, 2, 3).contiguous().float().div_(127.5).sub_(1.0)
+    x = resize_crop(frames.permute(0, 3, 1, 2), height, width, reshape_mode, rng).permute(1, 0, 2, 3).contiguous()
+    return x if as_uint8 else to_unit_range(x)
