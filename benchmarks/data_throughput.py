@@ -7,8 +7,9 @@ against a diffusers-example-style loop (issue 15, item 6). Everything runs on th
      before   - ptrain before this change: full-size frames (frame 0 decoded once more to check its channels),
                 converted to float at the source size, resized as float;
      full+u8  - full-size frames resized as uint8, float at the training size (load_clip without the scan's size);
-     reduced  - the decoder scales to the covering size (load_clip with the scan's size: what the loader does).
-2. Loader: samples/s of one rank's StatefulDataLoader (the `reduced` path) with 0, 1, 2 workers at the largest
+     reduced  - the decoder scales to the covering size (load_clip with the scan's size), float out;
+     worker   - reduced, uint8 out: what a loader worker does (the training step converts on the device).
+2. Loader: samples/s of one rank's StatefulDataLoader (the `worker` path) with 0, 1, 2 workers at the largest
    suite shape, and per GPU-suite row (benchmarks/gpu.py ROWS) the samples/s its step consumes at batch 1: the
    step time measured by the suite (results/gpu.json), else measured by hand on an H200 (results/gpu_h200.json),
    else estimated at 40% H100 MFU (results/throughput.json, or counted here for a model it lacks). The loader's
@@ -19,9 +20,10 @@ against a diffusers-example-style loop (issue 15, item 6). Everything runs on th
    --enable_precomputation off (decoding and encoding every step, 2 loader workers), and a loop written like
    diffusers' CogVideoX LoRA example (every video encoded by the VAE once before training; per step a latent
    drawn from its distribution, the prompt encoded by T5, v-prediction loss weighted 1 / (1 - alpha_bar), AdamW,
-   gradient clipping; LoRA r64 on to_q/to_k/to_v/to_out.0 through peft). Median step time after warm-up.
+   gradient clipping; LoRA r64 on to_q/to_k/to_v/to_out.0 through peft). Median step time after warm-up (the
+   example's: the faster of two runs, one before and one after ptrain's).
 
-    python benchmarks/data_throughput.py                   # all three (about 4 minutes on 2 cores; clips cached)
+    python benchmarks/data_throughput.py                   # all three (about 3 minutes on 2 cores; clips cached)
     python benchmarks/data_throughput.py --parts decode loader
 
 Writes results/data_throughput.{json,md}; then stamp and regenerate the README (benchmarks/README.md).
@@ -33,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,7 +44,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
+import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -56,12 +59,16 @@ TINY_SHAPE = (9, 64, 96)
 COMPARE_VIDEOS = ((1280, 720, 72), (640, 272, 120), (176, 144, 60))  # width, height, frames (24 fps)
 
 
-def clips() -> dict[str, Path]:
+def clips(names: list[str]) -> dict[str, Path]:
     """The decode / loader clips, written once: name -> dataset folder (CogVideoX layout, 2 clips of 97 frames)."""
-    from ptrain.testing.tiny import synthetic_video_specs, write_textured_video, write_video
+    import dataclasses
+
+    from ptrain.testing.tiny import render_frames, synthetic_video_specs, write_textured_video, write_video
 
     out = {}
     for name, (w, h, textured) in {"textured-1280x720": (1280, 720, True), "smooth-854x480": (854, 480, False)}.items():
+        if name not in names:
+            continue
         root = WORK / name
         if not (root / "videos.txt").is_file():
             (root / "videos").mkdir(parents=True, exist_ok=True)
@@ -70,10 +77,6 @@ def clips() -> dict[str, Path]:
                 if textured:
                     write_textured_video(root / spec.path, w, h, 97, 24, seed=k)
                 else:
-                    from ptrain.testing.tiny import render_frames
-
-                    import dataclasses
-
                     write_video(root / spec.path, render_frames(dataclasses.replace(spec, num_frames=97)), 24)
             (root / "prompts.txt").write_text("".join(s.caption + "\n" for s in specs))
             (root / "videos.txt").write_text("".join(s.path + "\n" for s in specs))
@@ -100,11 +103,12 @@ def time_decode(data: dict[str, Path], shapes: list[tuple[int, int, int]], reps:
     torch.set_num_threads(1)
     rows = []
     for name, root in data.items():
-        path = sorted((root / "videos").glob("*.mp4"))[0]
+        path = min((root / "videos").glob("*.mp4"))
         info = probe(path)
-        paths = {"before": lambda f, h, w: decode_before(path, f, h, w),
-                 "full+u8": lambda f, h, w: load_clip(path, f, h, w),
-                 "reduced": lambda f, h, w: load_clip(path, f, h, w, source=info)}  # fmt: skip
+        paths = {"before": lambda f, h, w, p=path: decode_before(p, f, h, w),
+                 "full+u8": lambda f, h, w, p=path: load_clip(p, f, h, w),
+                 "reduced": lambda f, h, w, p=path, i=info: load_clip(p, f, h, w, source=i),
+                 "worker": lambda f, h, w, p=path, i=info: load_clip(p, f, h, w, source=i, as_uint8=True)}  # fmt: skip
         for f, h, w in shapes:
             row = {"clip": name, "shape": f"{f}x{h}x{w}"}
             for label, fn in paths.items():
@@ -199,8 +203,9 @@ def ptrain_step(ckpt: Path, data: Path, out: Path, steps: int, *extra: str) -> d
            "--vae_dtype", "float32", "--text_encoder_dtype", "float32", "--report_to", "none",
            "--checkpointing_steps", "0", "--resume_from_checkpoint", "none", *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    shutil.rmtree(out, ignore_errors=True)  # a cold start: precomputation (if chosen) is part of the run
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=False)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"ptrain failed:\n{p.stderr[-3000:]}")
@@ -272,12 +277,13 @@ def example_step(ckpt: Path, data: Path, steps: int, warmup: int = 5) -> dict:
 def compare(steps: int) -> dict:
     ckpt, data = tiny_cogvideox()
     out: dict = {"videos": [f"{w}x{h}, {n} frames" for w, h, n in COMPARE_VIDEOS]}
+    first = example_step(ckpt, data, steps)  # run before and after ptrain; the faster counts (a shared machine)
     out["ptrain_default"] = ptrain_step(ckpt, data, WORK / "run-default", steps)
     print(f"  ptrain default: {out['ptrain_default']['step_s'] * 1e3:.1f} ms/step", file=sys.stderr)
     out["ptrain_off"] = ptrain_step(ckpt, data, WORK / "run-off", max(20, steps // 3), "--enable_precomputation",
                                     "off")  # fmt: skip
     print(f"  ptrain --enable_precomputation off: {out['ptrain_off']['step_s'] * 1e3:.1f} ms/step", file=sys.stderr)
-    out["example"] = example_step(ckpt, data, steps)
+    out["example"] = min(first, example_step(ckpt, data, steps), key=lambda r: r["step_s"])
     print(f"  example-style loop: {out['example']['step_s'] * 1e3:.1f} ms/step", file=sys.stderr)
     return out
 
@@ -289,19 +295,21 @@ def markdown(res: dict) -> str:
     if res.get("decode"):
         lines += ["Decode, seconds per sample (one process, one thread; frames spread over a 97-frame clip, "
                   "centre crop): before = full-size float conversion and resize (ptrain before issue 15 item 6); "
-                  "full+u8 = full-size decode, uint8 resize; reduced = the decoder scales to the covering size "
-                  "(the loader's path).", "",
-                  "| clip | F x H x W | before s | full+u8 s | reduced s | before / reduced |", "|---|---|---|---|---|---|"]  # fmt: skip
+                  "full+u8 = full-size decode, uint8 resize; reduced = the decoder scales to the covering size; "
+                  "worker = reduced with uint8 out (a loader worker's work; the step converts on the device). "
+                  f"Minimum of {res['settings']['reps']} timed runs.", "",
+                  "| clip | F x H x W | before s | full+u8 s | reduced s | worker s | before / worker |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {r['clip']} | {r['shape']} | {r['before']:.3f} | {r['full+u8']:.3f} | {r['reduced']:.3f} "
-                  f"| {r['before'] / r['reduced']:.1f}x |" for r in res["decode"]]  # fmt: skip
+                  f"| {r['worker']:.3f} | {r['before'] / r['worker']:.1f}x |" for r in res["decode"]]  # fmt: skip
     if res.get("loader"):
         lo = res["loader"]
         lines += ["", f"One rank's loader on the textured 1280x720 clips at {lo['rows'][0]['shape']} (reduced decode): "
                   + ", ".join(f"{r['workers']} workers {r['samples_per_s']:.2f} samples/s" for r in lo["rows"])
                   + f" (2 cores, shared: {lo['scaling_note']}).", "",
                   f"Against the GPU suite (benchmarks/gpu.py rows, batch 1): projected loader rate with "
-                  f"{NODE_WORKERS} workers on a {NODE_CORES}-core node with one GPU = {NODE_WORKERS} / (reduced "
-                  "decode s per sample of the textured clip at the row's shape), one core per worker (an "
+                  f"{NODE_WORKERS} workers on a {NODE_CORES}-core node with one GPU = {NODE_WORKERS} / (worker "
+                  "s per sample of the textured clip at the row's shape), one core per worker (an "
                   "extrapolation: not measured beyond 2 workers).", "",
                   "| row | F x H x W | s/step (source) | samples/s consumed | loader samples/s, 14 workers "
                   "| loader / consumed | at 40% H100 MFU (estimate): s/step, loader / consumed |",
@@ -330,7 +338,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="+", choices=["decode", "loader", "compare"],
                     default=["decode", "loader", "compare"])  # fmt: skip
-    ap.add_argument("--reps", type=int, default=3, help="timed decodes per clip, shape and path (the minimum is kept)")
+    ap.add_argument("--clips", nargs="+", default=["textured-1280x720"],
+                    choices=["textured-1280x720", "smooth-854x480"])  # fmt: skip
+    ap.add_argument("--reps", type=int, default=2, help="timed decodes per clip, shape and path (the minimum is kept)")
     ap.add_argument("--samples", type=int, default=6, help="timed samples per worker count")
     ap.add_argument("--steps", type=int, default=60, help="training steps of the default-step comparison")
     ap.add_argument("--json", default=str(RESULTS / "data_throughput.json"))
@@ -342,17 +352,17 @@ def main() -> None:
                 if line.startswith("model name")), platform.processor() or platform.machine())  # fmt: skip
     res: dict = {"machine": f"{cpu}, {os.cpu_count()} cores", "settings": vars(args)}
     suite_shapes = list(dict.fromkeys(tuple(r.frames_hw) for r in ROWS))
-    data = clips() if {"decode", "loader"} & set(args.parts) else {}
+    data = clips(args.clips) if {"decode", "loader"} & set(args.parts) else {}
     if "decode" in args.parts:
         res["decode"] = time_decode(data, [*suite_shapes, TINY_SHAPE], args.reps)
     if "loader" in args.parts:
         big = max(suite_shapes, key=lambda s: s[0] * s[1] * s[2])
         rows = [loader_rate(data["textured-1280x720"], w, big, args.samples) for w in (0, 1, 2)]
-        per = {(r["clip"], r["shape"]): r["reduced"] for r in res.get("decode") or time_decode(
+        per = {(r["clip"], r["shape"]): r["worker"] for r in res.get("decode") or time_decode(
             {"textured-1280x720": data["textured-1280x720"]}, suite_shapes, 1)}  # fmt: skip
         suite = suite_step_times()
         for r in suite:
-            r["loader_per_s"] = NODE_WORKERS / per[("textured-1280x720", r["shape"])]
+            r["loader_per_s"] = NODE_WORKERS / per[("textured-1280x720", r["shape"])]  # worker path, one core each
         scaling = rows[2]["samples_per_s"] / rows[0]["samples_per_s"]
         res["loader"] = {"rows": rows, "suite": suite,
                          "scaling_note": f"2 workers give {scaling:.2f}x the rate of none"}  # fmt: skip
