@@ -20,8 +20,9 @@ against a diffusers-example-style loop (issue 15, item 6). Everything runs on th
    --enable_precomputation off (decoding and encoding every step, 2 loader workers), and a loop written like
    diffusers' CogVideoX LoRA example (every video encoded by the VAE once before training; per step a latent
    drawn from its distribution, the prompt encoded by T5, v-prediction loss weighted 1 / (1 - alpha_bar), AdamW,
-   gradient clipping; LoRA r64 on to_q/to_k/to_v/to_out.0 through peft). Median step time after warm-up (the
-   example's: the faster of two runs, one before and one after ptrain's).
+   gradient clipping; LoRA r64 on to_q/to_k/to_v/to_out.0 through peft). Step time as ptrain logs it: the mean
+   over windows of 10 steps, the median window after the first; ptrain and the example run twice each,
+   alternating, and the faster run of each counts (a shared machine).
 
     python benchmarks/data_throughput.py                   # all three (about 3 minutes on 2 cores; clips cached)
     python benchmarks/data_throughput.py --parts decode loader
@@ -266,24 +267,28 @@ def example_step(ckpt: Path, data: Path, steps: int, warmup: int = 5) -> dict:
 
     for i in range(warmup):
         step(i)
-    times = []
-    for i in range(steps):
+    windows = []  # as ptrain logs step_time_s: the mean over each window of 10 steps; the median window counts
+    for k in range(steps // 10):
         t1 = time.perf_counter()
-        step(i)
-        times.append(time.perf_counter() - t1)
-    return {"step_s": statistics.median(times), "encode_once_s": encode_s}
+        for i in range(10):
+            step(10 * k + i)
+        windows.append((time.perf_counter() - t1) / 10)
+    return {"step_s": statistics.median(windows), "encode_once_s": encode_s}
 
 
 def compare(steps: int) -> dict:
     ckpt, data = tiny_cogvideox()
     out: dict = {"videos": [f"{w}x{h}, {n} frames" for w, h, n in COMPARE_VIDEOS]}
-    first = example_step(ckpt, data, steps)  # run before and after ptrain; the faster counts (a shared machine)
-    out["ptrain_default"] = ptrain_step(ckpt, data, WORK / "run-default", steps)
+    # Each twice, alternating (the machine is shared: the faster run of each counts).
+    examples, defaults = [], []
+    for _ in range(2):
+        examples.append(example_step(ckpt, data, steps))
+        defaults.append(ptrain_step(ckpt, data, WORK / "run-default", steps))
+    out["ptrain_default"] = min(defaults, key=lambda r: r["step_s"])
+    out["example"] = min(examples, key=lambda r: r["step_s"])
     print(f"  ptrain default: {out['ptrain_default']['step_s'] * 1e3:.1f} ms/step", file=sys.stderr)
-    out["ptrain_off"] = ptrain_step(ckpt, data, WORK / "run-off", max(20, steps // 3), "--enable_precomputation",
-                                    "off")  # fmt: skip
+    out["ptrain_off"] = ptrain_step(ckpt, data, WORK / "run-off", 40, "--enable_precomputation", "off")
     print(f"  ptrain --enable_precomputation off: {out['ptrain_off']['step_s'] * 1e3:.1f} ms/step", file=sys.stderr)
-    out["example"] = min(first, example_step(ckpt, data, steps), key=lambda r: r["step_s"])
     print(f"  example-style loop: {out['example']['step_s'] * 1e3:.1f} ms/step", file=sys.stderr)
     return out
 
@@ -342,7 +347,7 @@ def main() -> None:
                     choices=["textured-1280x720", "smooth-854x480"])  # fmt: skip
     ap.add_argument("--reps", type=int, default=2, help="timed decodes per clip, shape and path (the minimum is kept)")
     ap.add_argument("--samples", type=int, default=6, help="timed samples per worker count")
-    ap.add_argument("--steps", type=int, default=60, help="training steps of the default-step comparison")
+    ap.add_argument("--steps", type=int, default=200, help="training steps of the default-step comparison")
     ap.add_argument("--json", default=str(RESULTS / "data_throughput.json"))
     ap.add_argument("--markdown", default=str(RESULTS / "data_throughput.md"))
     args = ap.parse_args()
