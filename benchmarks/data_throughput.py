@@ -1,9 +1,9 @@
 """Data path throughput: decoding, the loader against what the GPU suite consumes, and ptrain's default step
 against a diffusers-example-style loop (issue 15, item 6). Everything runs on this machine's CPU.
 
-1. Decode (one process, one thread): seconds per sample of the three decode paths, for the GPU suite's shapes and
-   a tiny one, from a real-world-ish 1280x720 H.264 clip (ptrain.testing.tiny.write_textured_video: a scene under
-   a fine panning texture, about 6 Mbit/s) and the smooth 854x480 synthetic clip:
+1. Decode (one process, one thread): CPU seconds per sample of four decode paths, for the GPU suite's shapes and
+   a tiny one, from a real-world-ish 1280x720 H.264 clip of 97 frames (ptrain.testing.tiny.write_textured_video:
+   a scene under a fine panning texture, about 6 Mbit/s; `--clips` adds the smooth 854x480 synthetic clip):
      before   - ptrain before this change: full-size frames (frame 0 decoded once more to check its channels),
                 converted to float at the source size, resized as float;
      full+u8  - full-size frames resized as uint8, float at the training size (load_clip without the scan's size);
@@ -22,7 +22,8 @@ against a diffusers-example-style loop (issue 15, item 6). Everything runs on th
    drawn from its distribution, the prompt encoded by T5, v-prediction loss weighted 1 / (1 - alpha_bar), AdamW,
    gradient clipping; LoRA r64 on to_q/to_k/to_v/to_out.0 through peft). Step time as ptrain logs it: the mean
    over windows of 10 steps, the median window after the first; ptrain and the example run twice each,
-   alternating, and the faster run of each counts (a shared machine).
+   alternating, and the faster run of each counts (a shared machine); also CPU time per step, which other
+   work on the machine does not inflate (ptrain's: the CPU-time difference of a long and a 50-step run).
 
     python benchmarks/data_throughput.py                   # all three (about 3 minutes on 2 cores; clips cached)
     python benchmarks/data_throughput.py --parts decode loader
@@ -36,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -116,10 +118,10 @@ def time_decode(data: dict[str, Path], shapes: list[tuple[int, int, int]], reps:
                 fn(f, h, w)  # warm-up
                 times = []
                 for _ in range(reps):
-                    t0 = time.perf_counter()
+                    t0 = time.process_time()  # CPU seconds of this (one-thread) process: other load does not count
                     fn(f, h, w)
-                    times.append(time.perf_counter() - t0)
-                row[label] = min(times)  # the least disturbed by other work on the machine
+                    times.append(time.process_time() - t0)
+                row[label] = min(times)
             rows.append(row)
             print(f"  decode {name} {row['shape']}: " + ", ".join(f"{k} {row[k]:.3f} s" for k in paths),
                   file=sys.stderr)  # fmt: skip
@@ -205,15 +207,16 @@ def ptrain_step(ckpt: Path, data: Path, out: Path, steps: int, *extra: str) -> d
            "--checkpointing_steps", "0", "--resume_from_checkpoint", "none", *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     shutil.rmtree(out, ignore_errors=True)  # a cold start: precomputation (if chosen) is part of the run
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=False)
-    wall = time.perf_counter() - t0
+    wall, c1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         raise RuntimeError(f"ptrain failed:\n{p.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     said = [line.split("INFO ", 1)[1] for line in p.stderr.splitlines()
             if "INFO precomputation:" in line or "INFO data:" in line]  # fmt: skip
-    return {"step_s": statistics.median(r["step_time_s"] for r in rows[1:]), "wall_s": wall, "log": said}
+    cpu = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
+    return {"step_s": statistics.median(r["step_time_s"] for r in rows[1:]), "wall_s": wall, "cpu_s": cpu, "log": said}
 
 
 def example_step(ckpt: Path, data: Path, steps: int, warmup: int = 5) -> dict:
@@ -268,12 +271,14 @@ def example_step(ckpt: Path, data: Path, steps: int, warmup: int = 5) -> dict:
     for i in range(warmup):
         step(i)
     windows = []  # as ptrain logs step_time_s: the mean over each window of 10 steps; the median window counts
+    c1 = time.process_time()
     for k in range(steps // 10):
         t1 = time.perf_counter()
         for i in range(10):
             step(10 * k + i)
         windows.append((time.perf_counter() - t1) / 10)
-    return {"step_s": statistics.median(windows), "encode_once_s": encode_s}
+    cpu = (time.process_time() - c1) / (steps // 10 * 10)
+    return {"step_s": statistics.median(windows), "cpu_step_s": cpu, "encode_once_s": encode_s}
 
 
 def compare(steps: int) -> dict:
@@ -281,15 +286,18 @@ def compare(steps: int) -> dict:
     out: dict = {"videos": [f"{w}x{h}, {n} frames" for w, h, n in COMPARE_VIDEOS]}
     # Each twice, alternating (the machine is shared: the faster run of each counts).
     examples, defaults = [], []
-    for _ in range(2):
+    for n in (steps, 50):  # ptrain's CPU seconds per step: the difference of the two runs over the steps between
         examples.append(example_step(ckpt, data, steps))
-        defaults.append(ptrain_step(ckpt, data, WORK / "run-default", steps))
+        defaults.append(ptrain_step(ckpt, data, WORK / "run-default", n))
     out["ptrain_default"] = min(defaults, key=lambda r: r["step_s"])
+    out["ptrain_default"]["cpu_step_s"] = (defaults[0]["cpu_s"] - defaults[1]["cpu_s"]) / (steps - 50)
     out["example"] = min(examples, key=lambda r: r["step_s"])
-    print(f"  ptrain default: {out['ptrain_default']['step_s'] * 1e3:.1f} ms/step", file=sys.stderr)
+    print(f"  ptrain default: {out['ptrain_default']['step_s'] * 1e3:.1f} ms/step, CPU "
+          f"{out['ptrain_default']['cpu_step_s'] * 1e3:.1f} ms/step", file=sys.stderr)  # fmt: skip
     out["ptrain_off"] = ptrain_step(ckpt, data, WORK / "run-off", 40, "--enable_precomputation", "off")
     print(f"  ptrain --enable_precomputation off: {out['ptrain_off']['step_s'] * 1e3:.1f} ms/step", file=sys.stderr)
-    print(f"  example-style loop: {out['example']['step_s'] * 1e3:.1f} ms/step", file=sys.stderr)
+    print(f"  example-style loop: {out['example']['step_s'] * 1e3:.1f} ms/step, CPU "
+          f"{out['example']['cpu_step_s'] * 1e3:.1f} ms/step", file=sys.stderr)  # fmt: skip
     return out
 
 
@@ -302,7 +310,7 @@ def markdown(res: dict) -> str:
                   "centre crop): before = full-size float conversion and resize (ptrain before issue 15 item 6); "
                   "full+u8 = full-size decode, uint8 resize; reduced = the decoder scales to the covering size; "
                   "worker = reduced with uint8 out (a loader worker's work; the step converts on the device). "
-                  f"Minimum of {res['settings']['reps']} timed runs.", "",
+                  f"CPU seconds, minimum of {res['settings']['reps']} runs.", "",
                   "| clip | F x H x W | before s | full+u8 s | reduced s | worker s | before / worker |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {r['clip']} | {r['shape']} | {r['before']:.3f} | {r['full+u8']:.3f} | {r['reduced']:.3f} "
@@ -314,7 +322,7 @@ def markdown(res: dict) -> str:
                   + f" (2 cores, shared: {lo['scaling_note']}).", "",
                   f"Against the GPU suite (benchmarks/gpu.py rows, batch 1): projected loader rate with "
                   f"{NODE_WORKERS} workers on a {NODE_CORES}-core node with one GPU = {NODE_WORKERS} / (worker "
-                  "s per sample of the textured clip at the row's shape), one core per worker (an "
+                  "CPU s per sample of the textured clip at the row's shape), one core per worker (an "
                   "extrapolation: not measured beyond 2 workers).", "",
                   "| row | F x H x W | s/step (source) | samples/s consumed | loader samples/s, 14 workers "
                   "| loader / consumed | at 40% H100 MFU (estimate): s/step, loader / consumed |",
@@ -328,14 +336,18 @@ def markdown(res: dict) -> str:
         d, off, ex = c["ptrain_default"], c["ptrain_off"], c["example"]
         lines += ["", f"Default step, tiny CogVideoX at {'x'.join(map(str, TINY_SHAPE))}, 3 textured videos "
                   f"({'; '.join(c['videos'])}), one process, one thread, float32, batch 1, LoRA r64:", "",
-                  "| run | ms per step | one-time work | what it chose |", "|---|---|---|---|",
-                  f"| ptrain, defaults | {d['step_s'] * 1e3:.1f} | whole run {d['wall_s']:.0f} s | "
-                  f"{'; '.join(d['log'])} |",
-                  f"| ptrain, --enable_precomputation off | {off['step_s'] * 1e3:.1f} | whole run {off['wall_s']:.0f} s "
-                  f"| {'; '.join(off['log'])} |",
-                  f"| diffusers-example-style loop | {ex['step_s'] * 1e3:.1f} | VAE encode of the 3 videos "
-                  f"{ex['encode_once_s']:.1f} s | - |", "",
-                  f"ptrain's default step / the example's: {d['step_s'] / ex['step_s']:.2f}."]  # fmt: skip
+                  "| run | ms per step (wall) | CPU ms per step | one-time work | what it chose |",
+                  "|---|---|---|---|---|",
+                  f"| ptrain, defaults | {d['step_s'] * 1e3:.1f} | {d['cpu_step_s'] * 1e3:.1f} | whole run "
+                  f"{d['wall_s']:.0f} s | {'; '.join(d['log'])} |",
+                  f"| ptrain, --enable_precomputation off | {off['step_s'] * 1e3:.1f} | - | whole run "
+                  f"{off['wall_s']:.0f} s | {'; '.join(off['log'])} |",
+                  f"| diffusers-example-style loop | {ex['step_s'] * 1e3:.1f} | {ex['cpu_step_s'] * 1e3:.1f} | VAE "
+                  f"encode of the 3 videos {ex['encode_once_s']:.1f} s | - |", "",
+                  f"ptrain's default step / the example's: {d['step_s'] / ex['step_s']:.2f} (wall), "
+                  f"{d['cpu_step_s'] / ex['cpu_step_s']:.2f} (CPU time, which other work on the machine does not "
+                  f"inflate: ptrain's is the CPU-time difference of a {res['settings']['steps']}-step and a 50-step "
+                  "run over the steps between)."]  # fmt: skip
     return "\n".join(lines)
 
 
