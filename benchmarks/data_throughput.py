@@ -223,7 +223,8 @@ def ptrain_step(ckpt: Path, data: Path, out: Path, steps: int, *extra: str) -> d
     """ptrain (one process, OMP_NUM_THREADS=1) on the tiny CogVideoX: median step time of the logged windows after
     the first, median CPU seconds per step after the first 10, and the start-up lines that say what it chose."""
     f, h, w = TINY_SHAPE
-    cmd = [sys.executable, "-c", CPU_TIMED_PTRAIN, "--model_name", "cogvideox", "--pretrained_model_name_or_path", str(ckpt),
+    cmd = [sys.executable, "-c", CPU_TIMED_PTRAIN, "--model_name", "cogvideox",
+           "--pretrained_model_name_or_path", str(ckpt),
            "--data_root", str(data), "--output_dir", str(out), "--num_frames", str(f), "--height", str(h),
            "--width", str(w), "--train_steps", str(steps), "--logging_steps", "10", "--transformer_dtype", "float32",
            "--vae_dtype", "float32", "--text_encoder_dtype", "float32", "--report_to", "none",
