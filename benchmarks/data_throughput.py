@@ -328,12 +328,19 @@ def compare(steps: int) -> dict:
     return out
 
 
+def _chose(log: list[str]) -> str:
+    """The decision and the worker count from ptrain's start-up lines (paths left out)."""
+    decision = next((m.split(" in /", 1)[0].split(" -> ", 1)[0] for m in log if m.startswith("precomputation: o")), "")
+    workers = next((m.rsplit("; ", 1)[-1] for m in log if m.startswith("data: ")), "")
+    return f"{decision}{')' if decision.count('(') > decision.count(')') else ''}; {workers}"
+
+
 def markdown(res: dict) -> str:
     cpu = res["machine"]
     lines = [f"Measured by `python benchmarks/data_throughput.py` on this machine's CPU ({cpu}), one thread per "
              "process unless said.", ""]  # fmt: skip
     if res.get("decode"):
-        lines += ["Decode, seconds per sample (one process, one thread; frames spread over a 97-frame clip, "
+        lines += ["Decode, CPU seconds per sample (one process, one thread; frames spread over a 97-frame clip, "
                   "centre crop): before = full-size float conversion and resize (ptrain before issue 15 item 6); "
                   "full+u8 = full-size decode, uint8 resize; reduced = the decoder scales to the covering size; "
                   "worker = reduced with uint8 out (a loader worker's work; the step converts on the device). "
@@ -344,8 +351,9 @@ def markdown(res: dict) -> str:
                   f"| {r['worker']:.3f} | {r['before'] / r['worker']:.1f}x |" for r in res["decode"]]  # fmt: skip
     if res.get("loader"):
         lo = res["loader"]
-        lines += ["", f"One rank's loader on the textured 1280x720 clips at {lo['rows'][0]['shape']} (reduced decode): "
-                  + ", ".join(f"{r['workers']} workers {r['samples_per_s']:.2f} samples/s" for r in lo["rows"])
+        lines += ["", f"One rank's loader on the textured 1280x720 clips at {lo['rows'][0]['shape']} (worker path), "
+                  "samples/s: "
+                  + ", ".join(f"{r['samples_per_s']:.2f} with {r['workers']} workers" for r in lo["rows"])
                   + f" (2 cores, shared: {lo['scaling_note']}).", "",
                   f"Against the GPU suite (benchmarks/gpu.py rows, batch 1): projected loader rate with "
                   f"{NODE_WORKERS} workers on a {NODE_CORES}-core node with one GPU = {NODE_WORKERS} / (worker "
@@ -366,9 +374,9 @@ def markdown(res: dict) -> str:
                   "| run | ms per step (wall) | CPU ms per step | one-time work | what it chose |",
                   "|---|---|---|---|---|",
                   f"| ptrain, defaults | {d['step_s'] * 1e3:.1f} | {d['cpu_step_s'] * 1e3:.1f} | whole run "
-                  f"{d['wall_s']:.0f} s | {'; '.join(d['log'])} |",
+                  f"{d['wall_s']:.0f} s | {_chose(d['log'])} |",
                   f"| ptrain, --enable_precomputation off | {off['step_s'] * 1e3:.1f} | - | whole run "
-                  f"{off['wall_s']:.0f} s | {'; '.join(off['log'])} |",
+                  f"{off['wall_s']:.0f} s | {_chose(off['log'])} |",
                   f"| diffusers-example-style loop | {ex['step_s'] * 1e3:.1f} | {ex['cpu_step_s'] * 1e3:.1f} | VAE "
                   f"encode of the 3 videos {ex['encode_once_s']:.1f} s | - |", "",
                   f"ptrain's default step / the example's: {d['step_s'] / ex['step_s']:.2f} (wall), "
