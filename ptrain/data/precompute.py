@@ -172,7 +172,7 @@ def estimate_bytes(cfg: Config, usable: Usable, spec, rules, distinct: dict[str,
 
     vae = DTYPE_BYTES[cfg.model.vae_dtype]
     latent = 0
-    for b, n in Counter(usable.buckets[i] for i in distinct.values()).items():
+    for b, n in Counter(usable.buckets[i] for i in distinct.values()).items() if rules.latent_shape else ():
         c, f, h, w = rules.latent_shape(b.frames, b.height, b.width)
         latent += n * 2 * c * f * h * w * vae
     seq = cfg.data.max_sequence_length or rules.text_sequence_length or 512
