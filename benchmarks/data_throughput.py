@@ -337,14 +337,14 @@ def _chose(log: list[str]) -> str:
 
 def markdown(res: dict) -> str:
     cpu = res["machine"]
-    lines = [f"Measured by `python benchmarks/data_throughput.py` on this machine's CPU ({cpu}), one thread per "
-             "process unless said.", ""]  # fmt: skip
+    lines = [(f"Measured by `python benchmarks/data_throughput.py` on this machine's CPU ({cpu}), one thread per "
+             "process unless said."), ""]  # fmt: skip
     if res.get("decode"):
-        lines += ["Decode, CPU seconds per sample (one process, one thread; frames spread over a 97-frame clip, "
+        lines += [("Decode, CPU seconds per sample (one process, one thread; frames spread over a 97-frame clip, "
                   "centre crop): before = full-size float conversion and resize (ptrain before issue 15 item 6); "
                   "full+u8 = full-size decode, uint8 resize; reduced = the decoder scales to the covering size; "
                   "worker = reduced with uint8 out (a loader worker's work; the step converts on the device). "
-                  f"CPU seconds, minimum of {res['settings']['reps']} runs.", "",
+                  f"CPU seconds, minimum of {res['settings']['reps']} runs."), "",
                   "| clip | F x H x W | before s | full+u8 s | reduced s | worker s | before / worker |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {r['clip']} | {r['shape']} | {r['before']:.3f} | {r['full+u8']:.3f} | {r['reduced']:.3f} "
@@ -355,12 +355,12 @@ def markdown(res: dict) -> str:
                   "samples/s: "
                   + ", ".join(f"{r['samples_per_s']:.2f} with {r['workers']} workers" for r in lo["rows"])
                   + f" (2 cores, shared: {lo['scaling_note']}).", "",
-                  f"Against the GPU suite (benchmarks/gpu.py rows, batch 1): projected loader rate with "
+                  (f"Against the GPU suite (benchmarks/gpu.py rows, batch 1): projected loader rate with "
                   f"{NODE_WORKERS} workers on a {NODE_CORES}-core node with one GPU = {NODE_WORKERS} / (worker "
                   "CPU s per sample of the textured clip at the row's shape), one core per worker (an "
-                  "extrapolation: not measured beyond 2 workers).", "",
-                  "| row | F x H x W | s/step (source) | samples/s consumed | loader samples/s, 14 workers "
-                  "| loader / consumed | at 40% H100 MFU (estimate): s/step, loader / consumed |",
+                  "extrapolation: not measured beyond 2 workers)."), "",
+                  ("| row | F x H x W | s/step (source) | samples/s consumed | loader samples/s, 14 workers "
+                  "| loader / consumed | at 40% H100 MFU (estimate): s/step, loader / consumed |"),
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in lo["suite"]:
             lines.append(f"| {r['row']} | {r['shape']} | {r['step_s']:.2f} ({r['source']}) | {1 / r['step_s']:.2f} "
@@ -369,19 +369,19 @@ def markdown(res: dict) -> str:
     if res.get("compare"):
         c = res["compare"]
         d, off, ex = c["ptrain_default"], c["ptrain_off"], c["example"]
-        lines += ["", f"Default step, tiny CogVideoX at {'x'.join(map(str, TINY_SHAPE))}, 3 textured videos "
-                  f"({'; '.join(c['videos'])}), one process, one thread, float32, batch 1, LoRA r64:", "",
+        lines += ["", (f"Default step, tiny CogVideoX at {'x'.join(map(str, TINY_SHAPE))}, 3 textured videos "
+                  f"({'; '.join(c['videos'])}), one process, one thread, float32, batch 1, LoRA r64:"), "",
                   "| run | ms per step (wall) | CPU ms per step | one-time work | what it chose |",
                   "|---|---|---|---|---|",
-                  f"| ptrain, defaults | {d['step_s'] * 1e3:.1f} | {d['cpu_step_s'] * 1e3:.1f} | whole run "
-                  f"{d['wall_s']:.0f} s | {_chose(d['log'])} |",
-                  f"| ptrain, --enable_precomputation off | {off['step_s'] * 1e3:.1f} | - | whole run "
-                  f"{off['wall_s']:.0f} s | {_chose(off['log'])} |",
-                  f"| diffusers-example-style loop | {ex['step_s'] * 1e3:.1f} | {ex['cpu_step_s'] * 1e3:.1f} | VAE "
-                  f"encode of the 3 videos {ex['encode_once_s']:.1f} s | - |", "",
-                  f"ptrain's default step / the example's: {d['step_s'] / ex['step_s']:.2f} (wall), "
+                  (f"| ptrain, defaults | {d['step_s'] * 1e3:.1f} | {d['cpu_step_s'] * 1e3:.1f} | whole run "
+                  f"{d['wall_s']:.0f} s | {_chose(d['log'])} |"),
+                  (f"| ptrain, --enable_precomputation off | {off['step_s'] * 1e3:.1f} | - | whole run "
+                  f"{off['wall_s']:.0f} s | {_chose(off['log'])} |"),
+                  (f"| diffusers-example-style loop | {ex['step_s'] * 1e3:.1f} | {ex['cpu_step_s'] * 1e3:.1f} | VAE "
+                  f"encode of the 3 videos {ex['encode_once_s']:.1f} s | - |"), "",
+                  (f"ptrain's default step / the example's: {d['step_s'] / ex['step_s']:.2f} (wall), "
                   f"{d['cpu_step_s'] / ex['cpu_step_s']:.2f} (median CPU time per step, which other work on the "
-                  "machine inflates less: ptrain's over Trainer.train_step + log_step, after 10 steps)."]  # fmt: skip
+                  "machine inflates less: ptrain's over Trainer.train_step + log_step, after 10 steps).")]  # fmt: skip
     return "\n".join(lines)
 
 
