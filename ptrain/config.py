@@ -253,20 +253,41 @@ class DataArgs:
     --num_frames pixels per sample (512^2 x 49 ~ 768^2 x 21)."""
     token_sample_size: int = 512
     """Side of the reference square for --training_with_video_token_length."""
-    enable_precomputation: bool = False
+    enable_precomputation: Literal["auto", "on", "off"] = "auto"
     """Compute the VAE latent distributions and text embeddings once before training (sharded over ranks,
-    stored as safetensors), then train from them; the VAE and text encoders leave the GPU afterwards."""
+    stored as safetensors), then train from them; the VAE and text encoders leave the GPU afterwards. auto: on
+    when the run makes more than one pass over its samples (--train_steps x global batch > usable samples), no
+    flag draws a new crop or frame window per pass, the train mode conditions on latents only, and the cache's
+    estimated size fits in half the free disk space; it then reuses a complete cache of the same data, model
+    and settings. The decision and its reason are logged and shown by --dry_run. `--enable_precomputation`
+    alone means on."""
     precomputation_dir: Path | None = None
     """Where precomputed tensors go (default: output_dir/precomputed); a folder per data/model/settings key."""
     precomputation_reuse: bool = False
-    """Reuse a complete precomputation made with the same data, model and settings (else compute it again)."""
-    dataloader_num_workers: int = 2
-    """Data loader worker processes per rank (0 = decode in the training process)."""
+    """Reuse a complete precomputation made with the same data, model and settings (else compute it again;
+    --enable_precomputation auto always reuses one)."""
+    dataloader_num_workers: int | None = None
+    """Data loader worker processes per rank (0 = load in the training process). Default: 2 when samples are
+    decoded every step, 0 when they come from the precomputation cache (loading a few cached tensors is faster
+    in the training process than through worker processes)."""
+
+    def __post_init__(self) -> None:
+        # --enable_precomputation was a switch: True / False (a TOML preset, Python callers) mean on / off.
+        if isinstance(self.enable_precomputation, bool):
+            self.enable_precomputation = "on" if self.enable_precomputation else "off"
+
+    def num_workers(self, precomputed: bool) -> int:
+        """--dataloader_num_workers, or its default for the run's data path."""
+        if self.dataloader_num_workers is not None:
+            return self.dataloader_num_workers
+        return 0 if precomputed else 2
 
     def validate(self) -> None:
         if self.data_root is None and self.dataset_file is None and self.dataset_config is None:
             raise ConfigError("give --data_root, --dataset_file or --dataset_config")
-        if self.enable_precomputation and (self.reshape_mode == "random_crop" or self.random_frame_crop):
+        if self.enable_precomputation not in ("auto", "on", "off"):
+            raise ConfigError(f"--enable_precomputation {self.enable_precomputation!r}: give auto, on or off")
+        if self.enable_precomputation == "on" and (self.reshape_mode == "random_crop" or self.random_frame_crop):
             raise ConfigError(
                 "--enable_precomputation stores one crop and frame window per sample; --reshape_mode random_crop "
                 "and --random_frame_crop draw new ones every step: use center_crop / resize without "
@@ -771,23 +792,35 @@ def _config_path_from_argv(argv: list[str]) -> Path | None:
     return None
 
 
-#: Flags with the values auto / on / off that were on-off switches: the bare flag still means on, --no_FLAG off
-#: (and a preset's true / false).
-TRI_STATE = ("enable_tiling", "enable_slicing")
-_TRI_VALUES = ("auto", "on", "off")
+#: Flags with the values auto / on / off that were on-off switches: alone they mean on, --no_FLAG off, and true /
+#: false (a preset's booleans too) on / off.
+TRI_STATE = ("enable_tiling", "enable_slicing", "enable_precomputation")
+_SPELLINGS = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}
 
 
-def _tri_state_argv(argv: list[str]) -> list[str]:
-    """`--enable_tiling` without a value -> `--enable_tiling on`, `--no_enable_tiling` -> `--enable_tiling off`."""
-    out = []
-    for i, arg in enumerate(argv):
-        name = arg[2:] if arg.startswith("--") else ""
-        if name in TRI_STATE and (i + 1 == len(argv) or argv[i + 1] not in _TRI_VALUES):
-            out += [arg, "on"]
-        elif name.startswith("no_") and name[3:] in TRI_STATE:
-            out += [f"--{name[3:]}", "off"]
+def _switch_values(argv: list[str]) -> list[str]:
+    """`--enable_tiling` alone (followed by another flag or nothing) -> `--enable_tiling on`, `--no_enable_tiling`
+    -> `--enable_tiling off`, `--enable_precomputation=true` -> `--enable_precomputation on` (every TRI_STATE flag)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        name, eq, inline = argv[i].partition("=")
+        flag = name[2:] if name.startswith("--") else ""
+        if flag.startswith("no_") and flag[3:] in TRI_STATE and not eq:
+            out += [f"--{flag[3:]}", "off"]
+            i += 1
+            continue
+        if flag not in TRI_STATE:
+            out.append(argv[i])
+            i += 1
+            continue
+        if eq:
+            value, i = inline, i + 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value, i = argv[i + 1], i + 2
         else:
-            out.append(arg)
+            value, i = "on", i + 1
+        out += [name, _SPELLINGS.get(value.lower(), value)]
     return out
 
 
@@ -795,7 +828,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     """Defaults < TOML preset (--config) < command-line flags (other trainers' names translated first)."""
     original = list(sys.argv[1:] if argv is None else argv)
     argv, notes = translate_argv(original, alias_targets())
-    argv = _tri_state_argv(argv)
+    argv = _switch_values(argv)
     default = Config()
     preset = _config_path_from_argv(argv)
     if preset is not None:

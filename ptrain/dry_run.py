@@ -36,6 +36,8 @@ def dry_run(run) -> None:
         f"  global batch {run.global_batch}: {run.steps_per_epoch} steps per epoch, {t.train_steps} steps "
         f"= {t.train_steps * run.global_batch / len(usable.records):.2f} epochs",
         f"  resume: {run.resume or 'none (fresh start)'}",
+        f"  precomputation: {run.precompute.describe()}",
+        f"  loader workers per rank: {d.num_workers(run.precompute.enabled)}",
     ]
     if dims.cp > 1:
         lines.append(

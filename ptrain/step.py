@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ptrain.attention import kernel_context
+from ptrain.data.video import to_unit_range
 from ptrain.models.spec import Components, Conditioning, ModelSpec
 
 
@@ -39,11 +40,11 @@ class EncodedInputs:
 
     def __call__(self, batch: dict, generators: list[torch.Generator]) -> Inputs:
         spec, mode = self.spec, self.spec.mode
-        video = batch["video"].to(self.device, non_blocking=True)
+        video = to_unit_range(batch["video"].to(self.device, non_blocking=True))  # the loader sends uint8
         latents = spec.encode_video(self.comps, video, generators)
         if "first_frame" in batch and mode != "normal":
             video = video.clone()  # the dataset's first-frame images condition, the clip trains
-            video[:, :, 0] = batch["first_frame"].to(self.device, non_blocking=True).to(video.dtype)
+            video[:, :, 0] = to_unit_range(batch["first_frame"].to(self.device, non_blocking=True)).to(video)
         images = {"images": video[:, :, 0]} if spec.text_needs_image(mode) else {}
         cond = spec.encode_text(self.comps, list(batch["caption"]), self.max_seq, **images)
         return Inputs(latents, cond, video)

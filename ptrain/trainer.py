@@ -40,7 +40,7 @@ from ptrain.checkpoint import (
 )
 from ptrain.config import Config, ConfigError, to_dict
 from ptrain.data import Usable, VideoDataset, build_dataloader, make_sampler, scan_dataset, summary
-from ptrain.data.precompute import PrecomputedDataset, precompute
+from ptrain.data.precompute import Decision, PrecomputedDataset, decide, precompute
 from ptrain.data.video import FrameSampling
 from ptrain.export import begin_export, export_complete, export_full, export_lora, publish_export
 from ptrain.export_comfyui import export_comfyui_lora
@@ -168,6 +168,8 @@ class RunPlan:
     finished: bool = False
     #: flag -> the hub id it named (the config now holds the snapshot folder)
     hub_ids: dict = field(default_factory=dict)
+    #: --enable_precomputation's outcome (auto decided here, with its reason)
+    precompute: Decision = field(default_factory=lambda: Decision(False, "not decided"))
 
     @property
     def global_batch(self) -> int:
@@ -220,6 +222,7 @@ def plan_run(cfg: Config) -> RunPlan:
         resolve_auto_ac(cfg, world, rank, device, out)
     run = RunPlan(cfg, rank, world, device, dims, mesh, out, layout, spec, overrides, rules, sampling, usable,
                   steps_per_epoch, resume, resharded, hub_ids=hub_ids)  # fmt: skip
+    run.precompute = _decide_precomputation(run)
     if resume is not None and not cfg.plan.dry_run:
         run.finished = _resume_is_finished(run)
     return run
@@ -279,6 +282,18 @@ def _plan_auto_ac(cfg: Config, world: int, budget: float, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"key": key, "index": index, "lines": res["lines"]}, indent=2))
     return index
+
+
+def _decide_precomputation(run: RunPlan) -> Decision:
+    """--enable_precomputation (auto: ptrain.data.precompute.decide) decided by rank 0, whose disk and cache
+    folder it looks at, and sent to the other ranks so that all take the same data path; logged with its reason."""
+    decision = decide(run.cfg, run.usable, run.spec, run.rules, run.global_batch) if run.rank == 0 else None
+    if run.world > 1:
+        box = [decision]
+        dist.broadcast_object_list(box, src=0)
+        decision = box[0]
+    log.info("precomputation: %s", decision.describe())
+    return decision
 
 
 def _resume_is_finished(run: RunPlan) -> bool:
@@ -372,7 +387,7 @@ class Trainer:
         # Precomputation runs before the transformer is placed on the device: its peak (VAE and text encoders)
         # never adds to the training state's.
         self.max_seq = self.cfg.data.max_sequence_length or self.spec.max_sequence_length(self.comps)
-        self.dataset = self.precompute() if self.cfg.data.enable_precomputation else None
+        self.dataset = self.precompute() if run.precompute.enabled else None
         if self.dataset is not None:
             self.log_phase_peak("precompute (VAE encode, text encoders)")
         self.build_model()
@@ -539,9 +554,9 @@ class Trainer:
             t.seed, sampler_state, dataset,
         )  # fmt: skip
         log.info(
-            "data: %d usable samples (%d skipped); global batch %d = batch_size %d x dp %d x grad accum %d; %s",
-            len(usable.records), len(usable.skipped), self.sampler.global_batch_size, t.batch_size, run.dims.dp,
-            self.accum, usable.plan.describe(),
+            "data: %d usable samples (%d skipped); global batch %d = batch_size %d x dp %d x grad accum %d; %s; "
+            "%d loader workers", len(usable.records), len(usable.skipped), self.sampler.global_batch_size,
+            t.batch_size, run.dims.dp, self.accum, usable.plan.describe(), cfg.data.num_workers(dataset is not None),
         )  # fmt: skip
         if usable.bucketed:
             for line in summary(usable, self.sampler.global_batch_size, run.rules.tokens)[1:]:
@@ -554,21 +569,13 @@ class Trainer:
             )  # fmt: skip
 
     def precompute(self) -> PrecomputedDataset:
-        """--enable_precomputation: encode every sample once (sharded over ranks); the encoders then leave the GPU."""
-        cfg, run, spec, m = self.cfg, self.run, self.spec, self.cfg.model
-        if m.train_mode != "normal" and any(r.first_frame for r in run.usable.records):
-            raise ConfigError(
-                f"--train_mode {m.train_mode} with first-frame images in the dataset (an image column beside the "
-                "video column) conditions on those images every step: it cannot use --enable_precomputation"
-            )
-        if spec.needs_pixels(m.train_mode):
-            raise ConfigError(
-                f"--train_mode {m.train_mode} for {spec.name} encodes conditioning frames (masked or noised) every "
-                "step: it cannot use --enable_precomputation"
-            )
-        videos = VideoDataset(run.usable.records, cfg.data, run.sampling, cfg.train.seed, run.usable.buckets)
+        """Encode every sample once (sharded over ranks; plan_run decided to); the encoders then leave the GPU."""
+        cfg, run, spec = self.cfg, self.run, self.spec
+        videos = VideoDataset(run.usable.records, cfg.data, run.sampling, cfg.train.seed, run.usable.buckets,
+                              run.usable.infos)  # fmt: skip
         with encoders_on(self.comps, self.device, self.offloaded):
-            folder = precompute(cfg, run.usable, spec, self.comps, videos, self.max_seq, self.device)
+            folder = precompute(cfg, run.usable, spec, self.comps, videos, self.max_seq, self.device,
+                                run.precompute.reuse)  # fmt: skip
         if self.device.type != "cpu":  # the encoders are needed again only for validation
             self.offloaded = True
             offload_encoders(self.comps)

@@ -54,6 +54,8 @@ def single_process_env(monkeypatch):
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # set by init_distributed: a later
+        os.environ.pop(k, None)  # subprocess (a dry run) must not inherit this world's rendezvous port
 
 
 @pytest.fixture(scope="session")

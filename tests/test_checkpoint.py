@@ -156,9 +156,10 @@ def test_sigkill_at_random_moment_restarts_and_ends_bit_identical(tiny_ckpt, tin
     """Acceptance: HSDP 2x2, 8 steps, checkpoint every 2 keeping 2; a worker SIGKILLed at a random
     moment of training (possibly mid-save); torchrun --max-restarts restarts it; `auto` resumes; the
     final LoRA equals an uninterrupted run's bit for bit."""
-    # The default data-loader workers (2): the sampler runs ahead of training in the main process.
+    # 2 data-loader workers (the default when decoding; this 2-epoch run precomputes, whose default is 0): the
+    # sampler runs ahead of training in the main process.
     tiny = [a for a in TINY_ARGS]
-    del tiny[tiny.index("--dataloader_num_workers") : tiny.index("--dataloader_num_workers") + 2]
+    tiny[tiny.index("--dataloader_num_workers") + 1] = "2"
     args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--train_steps", "8",
             "--checkpointing_steps", "2", "--checkpointing_limit", "2", "--dp_degree", "2", "--dp_shards", "2",
             "--seed", "11", "--lr", "1e-3", "--lr_scheduler", "polynomial", "--lr_power", "2", "--lr_warmup_steps", "2",

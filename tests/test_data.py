@@ -225,3 +225,112 @@ def test_captions_crops_and_dropout_are_seeded_per_sample(tiny_data):
     assert 0 < len(kept) < 24 and all(c.startswith("TOK ") for c in kept)
     # random_crop picks different windows for different positions of the same video
     assert any(not torch.equal(items[0]["video"], items[k]["video"]) for k in (8, 16))
+
+
+# --- decoding at the covering size (the decoder scales) ------------------------------------------------------
+
+
+def _full_size_reference(path: Path, frames: int, height: int, width: int) -> torch.Tensor:
+    """The previous decode path, written out: full-size frames -> float -> antialiased bilinear to the covering
+    size -> centre crop; (C, F, H, W) in [-1, 1]."""
+    import decord
+    import torch.nn.functional as F
+
+    from ptrain.data.video import FrameSampling, cover_size
+
+    vr = decord.VideoReader(str(path))
+    x = torch.from_numpy(vr.get_batch(FrameSampling(frames).indices(len(vr))).asnumpy()).permute(0, 3, 1, 2)
+    x = x.float() / 127.5 - 1.0
+    nh, nw = cover_size(*x.shape[-2:], height, width)
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True).clamp(-1, 1)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return x[:, :, top : top + height, left : left + width].permute(1, 0, 2, 3)
+
+
+#: Reduced-size decode vs _full_size_reference, in [-1, 1] units (1 level of 255 = 0.0078). Measured (2026-11-27,
+#: decord 0.6) on the textured 1280x720 clip, seeds 0-3, at 64x96 / 128x160 / 256x256: mean 0.0085-0.0167, 99th
+#: percentile 0.028-0.123, max 0.23-0.51; on the smooth 320x240 clip mean 0.006-0.012, max 0.018-0.37. The
+#: decoder's scaler (ffmpeg swscale, bicubic, scaling the 4:2:0 chroma planes before converting) differs from
+#: torch's antialiased bilinear on full-size RGB mostly at sharp colour edges (single pixels: the max).
+REDUCED_MEAN, REDUCED_P99, REDUCED_MAX = 0.025, 0.2, 0.75
+
+
+@pytest.mark.parametrize("kind", ["synthetic", "textured"])
+def test_reduced_size_decode_is_frame_exact_within_tolerance(tmp_path, kind):
+    """A video larger than the training size is decoded at its covering size: the same frames (each closer to its
+    own full-size frame than to any other of the clip), within the stated tolerance of full-size decode + resize;
+    without the scan's size (no `source`) frames are decoded at full size and resized as uint8, within 1 level."""
+    import dataclasses
+
+    from ptrain.data.video import decode_size
+    from ptrain.testing.tiny import render_frames, synthetic_video_specs, write_textured_video
+
+    path = tmp_path / f"{kind}.mp4"
+    if kind == "textured":  # camera-like detail at 1280x720 (a real-world-ish clip)
+        write_textured_video(path, 1280, 720, 9, seed=1)
+    else:  # the fixture's smooth scene (gradient + a moving shape) at 320x240
+        spec = dataclasses.replace(synthetic_video_specs(1, 3, [(320, 240)])[0], num_frames=24)
+        write_video(path, render_frames(spec), fps=24)
+    info = probe(path)
+    for height, width in ((64, 96), (128, 160)):
+        assert decode_size(info.height, info.width, height, width) is not None
+        ref = _full_size_reference(path, 9, height, width)
+        reduced = load_clip(path, 9, height, width, source=info)
+        assert reduced.shape == ref.shape == (3, 9, height, width)
+        d = (reduced - ref).abs()
+        assert d.mean() < REDUCED_MEAN and d.flatten().quantile(0.99) < REDUCED_P99 and d.max() < REDUCED_MAX, (
+            kind, height, width, float(d.mean()), float(d.flatten().quantile(0.99)), float(d.max()))  # fmt: skip
+        per_frame = torch.stack([(reduced[:, i, None] - ref).abs().mean(dim=(0, 2, 3)) for i in range(9)])
+        assert torch.equal(per_frame.argmin(dim=1), torch.arange(9)), per_frame
+        assert torch.all(per_frame.diagonal() * 2 < per_frame.masked_fill(torch.eye(9, dtype=torch.bool), 9).amin(1))
+        full = load_clip(path, 9, height, width)  # decoded at full size, resized as uint8
+        assert (full - ref).abs().max() <= 1.5 / 127.5
+
+
+def test_decode_size_covers_the_crop_and_avoids_decord_widths():
+    from ptrain.data.video import DECORD_BAD_WIDTHS, cover_size, decode_size
+
+    assert decode_size(720, 1280, 64, 96) == cover_size(720, 1280, 64, 96) == (64, 114)
+    assert decode_size(144, 176, 480, 720) is None  # an upscale: decode at the source size
+    assert decode_size(480, 854, 480, 720) is None  # same height: nothing to reduce
+    assert decode_size(720, 1280, 30, 40, "resize") == (30, 40)
+    assert cover_size(72, 96, 36, 48) == (36, 48) and decode_size(72, 96, 36, 48) == (36, 50)  # 48: next good width
+    for w in (96, 160, 128, 200):  # 4:3 sources whose covering width would be 48 or 72 (decord cannot output them)
+        h = w * 3 // 4
+        for target in (48, 72):
+            size = decode_size(h, w, target * 3 // 4, target)
+            if size is not None:
+                assert size[1] not in DECORD_BAD_WIDTHS and size[1] >= target and size[0] >= target * 3 // 4
+
+
+@pytest.mark.parametrize("width", [48, 72])
+def test_narrow_widths_with_the_scanned_size_decode_without_a_probe_frame(tmp_path, width):
+    """The dataset passes the scan's size: a video at a width decord misreads is reopened at a safe width directly."""
+    frames = np.zeros((10, 32, width, 3), dtype=np.uint8)
+    frames[:, :, : width // 2] = 255
+    path = tmp_path / f"w{width}.mp4"
+    write_video(path, frames, fps=8)
+    clip = load_clip(path, 5, height=32, width=32, source=probe(path))
+    row = clip[:, 0, 16].mean(0)
+    assert clip.shape == (3, 5, 32, 32) and row[:8].min() > 0.8 and row[-8:].max() < -0.8
+
+
+def test_loader_pixels_travel_as_uint8_and_convert_to_the_float_sample(tiny_data, tmp_path):
+    """The training loader's dataset sends uint8 pixels (video and first frame); converted (to_unit_range, done on
+    the device by the step) they equal the float sample exactly."""
+    import dataclasses
+
+    from PIL import Image
+
+    from ptrain.data.video import FrameSampling, to_unit_range
+
+    Image.fromarray(np.full((40, 30, 3), 200, np.uint8)).save(tmp_path / "first.png")
+    records = load_records(DataArgs(data_root=tiny_data))
+    records[2] = dataclasses.replace(records[2], first_frame=tmp_path / "first.png")
+    args = DataArgs(data_root=tiny_data, height=32, width=48, num_frames=9)
+    floats, uint8 = (VideoDataset(records, args, FrameSampling(9), as_uint8=u) for u in (False, True))
+    for key in ((2, 5), (4, 6)):
+        a, b = floats[key], uint8[key]
+        assert b["video"].dtype == b["first_frame"].dtype == torch.uint8 and a["video"].dtype == torch.float32
+        assert torch.equal(to_unit_range(b["video"]), a["video"]) and torch.equal(to_unit_range(b["first_frame"]),
+                                                                                  a["first_frame"])  # fmt: skip

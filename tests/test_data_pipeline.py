@@ -305,6 +305,7 @@ def test_mixed_folder_dry_run_and_bucketed_training(tiny_ckpt, mixed, tmp_path):
                       ("short.mp4", "too short"), ("empty.jpg", "empty file")):  # fmt: skip
         assert any(name in line and why in line for line in out.splitlines()), (name, out)
     assert "F x H x W" in out and "tokens/sample" in out and "steps per epoch" in out
+    assert "precomputation: on (auto: 111.1 passes over 9 samples" in out and "loader workers per rank: 0" in out
     buckets = [line.split()[0] for line in out.splitlines() if line.strip()[:1].isdigit() and "x" in line.split()[0]]
     assert len(set(b.split("x", 1)[1] for b in buckets)) >= 3 and any(b.startswith("1x") for b in buckets)
 
@@ -339,7 +340,7 @@ def test_precomputed_training_equals_on_the_fly_and_cache_is_keyed(tiny_ckpt, ti
             "--text_encoder_dtype", "float32", "--dataloader_num_workers", "0", "--report_to", "none",
             "--train_steps", "3", "--checkpointing_steps", "0", "--caption_dropout_p", "0.5", "--seed", "4"]  # fmt: skip
     cache = tmp_path / "cache"
-    fly = run_ptrain(1, [*args, "--batch_size", "2"], tmp_path / "fly")
+    fly = run_ptrain(1, [*args, "--batch_size", "2", "--enable_precomputation", "off"], tmp_path / "fly")
     pre = run_ptrain(2, [*args, "--batch_size", "1", "--dp_shards", "2", "--enable_precomputation",
                          "--precomputation_dir", str(cache)], tmp_path / "pre")  # fmt: skip
     assert fly.returncode == 0 and pre.returncode == 0, first_error(fly.stderr + pre.stderr)
@@ -405,3 +406,166 @@ def test_bucketed_resume_continues_at_the_same_samples(tiny_ckpt, mixed, tmp_pat
     a = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- --enable_precomputation auto (the default) -------------------------------------------------------------
+
+
+def test_enable_precomputation_spellings(tmp_path):
+    from ptrain.config import parse_config
+
+    def value(*argv):
+        return parse_config(["--pretrained_model_name_or_path", ".", *argv]).data.enable_precomputation
+
+    assert value() == "auto"
+    assert value("--enable_precomputation") == value("--enable_precomputation", "--height", "64") == "on"
+    assert value("--enable_precomputation", "true") == value("--enable_precomputation=on") == "on"
+    assert value("--enable_precomputation", "false") == value("--enable_precomputation", "off") == "off"
+    preset = tmp_path / "p.toml"
+    preset.write_text("[data]\nenable_precomputation = true\n")
+    assert value("--config", str(preset)) == "on"
+    assert value("--config", str(preset), "--enable_precomputation", "auto") == "auto"
+    with pytest.raises(SystemExit):
+        value("--enable_precomputation", "sometimes")
+    assert DataArgs(enable_precomputation=False).enable_precomputation == "off"
+    assert DataArgs().num_workers(precomputed=True) == 0 and DataArgs().num_workers(precomputed=False) == 2
+    assert DataArgs(dataloader_num_workers=3).num_workers(precomputed=True) == 3
+
+
+def test_auto_precomputation_decisions(tiny_ckpt, tiny_data):
+    """auto: on for more than one pass, off (with the reason) for one pass, per-pass random crops, a mode that
+    encodes pixels every step, or a cache that would not fit the disk; on / off as given; on errors where it
+    cannot work."""
+    from ptrain.config import parse_config
+    from ptrain.data.precompute import decide
+    from ptrain.models.spec import get_spec
+
+    spec = get_spec("ltx_video")
+    rules = spec.shape_rules(str(tiny_ckpt), {})
+
+    def decision(*extra, batch=4):
+        cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data),
+                            "--height", "32", "--width", "32", "--num_frames", "9", "--batch_size", str(batch),
+                            "--output_dir", "/nonexistent/out", *extra]).validate()  # fmt: skip
+        usable = scan_dataset(cfg.data, FrameSampling.from_args(cfg.data), rules)
+        return decide(cfg, usable, spec, rules, batch)
+
+    on = decision("--train_steps", "4")  # 16 samples drawn of 8
+    assert on.enabled and on.reuse and "auto: 2.0 passes over 8 samples" in on.reason and on.estimate_bytes > 0
+    once = decision("--train_steps", "2")  # 8 of 8
+    assert not once.enabled and "one pass or less (2 steps x global batch 4 = 8 samples of 8)" in once.reason
+    crop = decision("--train_steps", "40", "--reshape_mode", "random_crop")
+    assert not crop.enabled and "random_crop" in crop.reason
+    inpaint = decision("--train_steps", "40", "--train_mode", "inpaint")
+    assert not inpaint.enabled and "encodes conditioning frames" in inpaint.reason
+    with pytest.raises(ConfigError, match="inpaint for ltx_video encodes conditioning frames.*: it cannot use"):
+        decision("--train_steps", "40", "--train_mode", "inpaint", "--enable_precomputation")
+    huge = decision("--train_steps", "40", "--max_sequence_length", str(10**10))  # ~1.3 TB of text per sample
+    assert not huge.enabled and "would fill more than half of the" in huge.reason
+    assert not decision("--train_steps", "40", "--enable_precomputation", "off").enabled
+    explicit = decision("--train_steps", "1", "--enable_precomputation")
+    assert explicit.enabled and not explicit.reuse
+    assert decision("--train_steps", "1", "--enable_precomputation", "--precomputation_reuse").reuse
+
+
+def test_auto_precomputation_on_for_epochs_and_reused_by_the_next_run(tiny_ckpt, tiny_data, tmp_path,
+                                                                      single_process_env):  # fmt: skip
+    """The default (auto) precomputes a 2-epoch run with no loader workers; a second run with the same data, model
+    and settings (here: a single pass, which would not precompute on its own) reuses that cache without
+    recomputing it; the cache's estimated size is close to its real one."""
+    import logging
+
+    from ptrain.config import parse_config
+    from ptrain.data.precompute import decide
+    from ptrain.models.spec import get_spec
+    from ptrain.trainer import train
+
+    out = tmp_path / "out"
+    base = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--height", "32",
+            "--width", "32", "--num_frames", "9", "--transformer_dtype", "float32", "--vae_dtype", "float32",
+            "--text_encoder_dtype", "float32", "--report_to", "none", "--checkpointing_steps", "0", "--batch_size",
+            "4", "--seed", "5", "--output_dir", str(out), "--precomputation_dir", str(tmp_path / "cache")]  # fmt: skip
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    logging.getLogger("ptrain").addHandler(handler)
+    try:
+        first = train(parse_config([*base, "--train_steps", "4"]))
+        said_first, records[:] = list(records), []
+        second = train(parse_config([*base, "--train_steps", "2", "--resume_from_checkpoint", "none"]))
+    finally:
+        logging.getLogger("ptrain").removeHandler(handler)
+    assert any(m.startswith("precomputation: on (auto: 2.0 passes over 8 samples") for m in said_first), said_first
+    assert any(m.startswith("data: ") and m.endswith("; 0 loader workers") for m in said_first)
+    (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    files = sorted(folder.glob("0*.safetensors"))
+    assert (folder / "complete").is_file() and len(files) == 8
+    stamps = [p.stat().st_mtime_ns for p in files]
+    assert any(m.startswith("precomputation: on (auto: reusing the complete cache") for m in records), records
+    assert any(m.startswith("precomputation: reusing") for m in records)
+    assert [p.stat().st_mtime_ns for p in sorted(folder.glob("0*.safetensors"))] == stamps
+    assert second.losses == first.losses[:2]  # the same samples, noise and latents as the first run's steps 1-2
+    cfg = parse_config([*base, "--train_steps", "4"]).validate()
+    spec = get_spec("ltx_video")
+    rules = spec.shape_rules(str(tiny_ckpt), {})
+    est = decide(cfg, scan_dataset(cfg.data, FrameSampling.from_args(cfg.data), rules), spec, rules, 4).estimate_bytes
+    real = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    assert 0.7 * real < est < 1.5 * real, (est, real)
+
+
+def test_sample_that_failed_to_precompute_is_replaced_from_its_bucket(tmp_path):
+    """A sample the cache could not decode (manifest "failed") trains as another cached sample of its bucket, chosen
+    by (seed, position) and counted as replaced; a bucket with no cached sample left is an error naming the file."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from ptrain.data.precompute import PrecomputedDataset, sample_key
+
+    recs = [SimpleNamespace(video=Path(f"{i}.mp4"), kind="video", caption=f"c{i}") for i in range(4)]
+    usable = SimpleNamespace(records=recs, buckets=[Bucket(9, 32, 32)] * 3 + [Bucket(9, 32, 64)])
+    keys = [sample_key(usable, i) for i in range(4)]
+    for i in (0, 2, 3):
+        save_file({"latent_dist": torch.full((2,), float(i))}, tmp_path / f"{i:08d}.safetensors")
+    man = {"files": {keys[i]: f"{i:08d}.safetensors" for i in (0, 2, 3)}, "failed": {keys[1]: "1.mp4: gone bad"}}
+    (tmp_path / "manifest.json").write_text(json.dumps(man))
+    ds = PrecomputedDataset(usable, tmp_path, caption_dropout_p=0.0, seed=0)
+    picks = {ds[(1, pos)]["index"] for pos in range(20)}
+    assert picks == {0, 2} and all(ds[(1, pos)]["replaced"] == 1 for pos in range(3))
+    assert ds[(1, 7)]["index"] == ds[(1, 7)]["index"] and ds[(2, 7)]["replaced"] == 0
+    man["files"].pop(keys[3])
+    man["failed"][keys[3]] = "3.mp4: gone bad"
+    (tmp_path / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(RuntimeError, match=r"3.mp4 failed to decode while precomputing \(3.mp4: gone bad\)"):
+        PrecomputedDataset(usable, tmp_path, caption_dropout_p=0.0, seed=0)
+
+
+def test_precompute_leaves_out_a_file_that_broke_after_the_scan(tiny_ckpt, tiny_data, tmp_path, single_process_env):
+    """The cache records the failure (naming the file) instead of stopping; training then replaces that sample."""
+    import shutil
+
+    from ptrain.config import parse_config
+    from ptrain.data.precompute import PrecomputedDataset, precompute, sample_key
+    from ptrain.models.spec import get_spec
+    from ptrain.parallel import init_distributed
+
+    data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
+    cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(data), "--height",
+                        "32", "--width", "32", "--num_frames", "9", "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    cfg.validate()
+    init_distributed()
+    spec = get_spec("ltx_video")
+    sampling = FrameSampling.from_args(cfg.data)
+    usable = scan_dataset(cfg.data, sampling, spec.shape_rules(str(tiny_ckpt), {}))
+    broken = usable.records[3].video
+    broken.write_bytes(b"gone bad")
+    comps = spec.load_components(str(tiny_ckpt), dict.fromkeys(("transformer", "vae", "text_encoder"), torch.float32),
+                                 torch.device("cpu"), {})  # fmt: skip
+    spec = spec.bind(comps)
+    videos = VideoDataset(usable.records, cfg.data, sampling, 0, usable.buckets, usable.infos)
+    folder = precompute(cfg, usable, spec, comps, videos, 16, torch.device("cpu"))
+    failed = json.loads((folder / "manifest.json").read_text())["failed"]
+    assert list(failed) == [sample_key(usable, 3)] and str(broken) in failed[sample_key(usable, 3)]
+    assert len(list(folder.glob("0*.safetensors"))) == 7
+    item = PrecomputedDataset(usable, folder, 0.0, 0)[(3, 5)]
+    assert item["replaced"] == 1 and item["index"] != 3 and item["latent_dist"].shape[0] > 0

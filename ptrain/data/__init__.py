@@ -16,7 +16,7 @@ from ptrain.config import ConfigError, DataArgs
 from ptrain.data.buckets import Bucket, BucketPlan, ShapeRules, histogram
 from ptrain.data.sampler import BucketBatchSampler, GlobalBatchSampler
 from ptrain.data.sources import Record, load_records
-from ptrain.data.video import FrameSampling, load_clip, load_image, probe_media
+from ptrain.data.video import FrameSampling, VideoInfo, load_clip, load_image, probe_media
 
 log = logging.getLogger("ptrain")
 
@@ -31,6 +31,8 @@ class Usable:
     skipped: dict[str, str]  # path -> reason
     buckets: list[Bucket] = field(default_factory=list)  # the training shape of each usable record
     plan: BucketPlan | None = None
+    #: The scan's probe of each usable record's file (frames, size, fps): decoding picks its decode size from it.
+    infos: list[VideoInfo] = field(default_factory=list)
 
     @property
     def bucketed(self) -> bool:
@@ -73,7 +75,7 @@ def filter_usable(records: list[Record], sampling: FrameSampling | int, plan: Bu
         try:
             info = probe_media(rec.video, rec.kind)
             have = 1 if rec.kind == "image" else sampling.available(info.num_frames, info.fps)
-            mine[i] = ("ok", info.height, info.width, have, info.num_frames)
+            mine[i] = ("ok", info.height, info.width, have, info.num_frames, info.fps)
         except (OSError, ValueError) as e:
             mine[i] = ("bad", str(e))
     if world > 1:
@@ -82,7 +84,7 @@ def filter_usable(records: list[Record], sampling: FrameSampling | int, plan: Bu
         probed = {k: v for part in gathered for k, v in part.items()}
     else:
         probed = mine
-    usable, buckets, skipped = [], [], {}
+    usable, buckets, infos, skipped = [], [], [], {}
     for i, rec in enumerate(records):
         key = str(rec.video)
         if rec.error is not None:
@@ -92,7 +94,7 @@ def filter_usable(records: list[Record], sampling: FrameSampling | int, plan: Bu
         if res[0] == "bad":
             skipped[key] = res[1]
             continue
-        _, h, w, have, total = res
+        _, h, w, have, total, fps = res
         try:
             bucket = plan.assign(rec.kind, h, w, have, index=i)
         except ValueError as e:
@@ -104,16 +106,19 @@ def filter_usable(records: list[Record], sampling: FrameSampling | int, plan: Bu
             continue
         usable.append(rec)
         buckets.append(bucket)
-    return Usable(usable, skipped, buckets, plan)
+        infos.append(VideoInfo(total, h, w, fps))
+    return Usable(usable, skipped, buckets, plan, infos)
 
 
 class VideoDataset(Dataset):
     """Item (index, stream position) -> the decoded sample at its bucket's shape.
 
     Everything random about a sample (frame window, crop, caption dropout) is seeded by (seed, position), so
-    it is the same in every layout and after a resume. A file that fails to decode here (it passed the scan)
-    is replaced by another sample of the same bucket chosen by (seed, position, attempt): deterministic, and
-    counted in the batch's `replaced` field (logged as `data_replaced`).
+    it is the same in every layout and after a resume. With `as_uint8` pixels (video, first_frame) stay uint8: a
+    quarter of the bytes through the workers' queues and the host-to-device copy, and no float conversion in the
+    workers (the training step converts on the device: ptrain.data.video.to_unit_range). A file that fails to
+    decode here (it passed the scan) is replaced by another sample of the same bucket chosen by (seed, position,
+    attempt): deterministic, and counted in the batch's `replaced` field (logged as `data_replaced`).
     """
 
     def __init__(
@@ -123,8 +128,12 @@ class VideoDataset(Dataset):
         sampling: FrameSampling,
         seed: int = 0,
         buckets: list[Bucket] | None = None,
+        infos: list[VideoInfo] | None = None,
+        as_uint8: bool = False,
     ):
         self.records, self.args, self.sampling, self.seed = records, args, sampling, seed
+        self.as_uint8 = as_uint8
+        self.infos = infos  # the scan's probe of each file (None: decode at the source size)
         default = Bucket(sampling.num_frames, args.height, args.width)
         self.buckets = buckets or [default] * len(records)
         #: Some rows give a first-frame image: every item then carries `first_frame` (the clip's own otherwise).
@@ -144,9 +153,11 @@ class VideoDataset(Dataset):
     def _load(self, index: int, rng: np.random.Generator) -> torch.Tensor:
         rec, b, a = self.records[index], self.buckets[index], self.args
         if rec.kind == "image":
-            return load_image(rec.video, b.height, b.width, a.reshape_mode, rng)
+            return load_image(rec.video, b.height, b.width, a.reshape_mode, rng, self.as_uint8)
         sampling = replace(self.sampling, num_frames=b.frames)
-        return load_clip(rec.video, sampling, b.height, b.width, reshape_mode=a.reshape_mode, rng=rng)
+        source = self.infos[index] if self.infos else None
+        return load_clip(rec.video, sampling, b.height, b.width, reshape_mode=a.reshape_mode, rng=rng, source=source,
+                         as_uint8=self.as_uint8)  # fmt: skip
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, position = key[0], key[1]
@@ -160,7 +171,7 @@ class VideoDataset(Dataset):
                 first = self.records[index].first_frame
                 if first is not None:
                     b = self.buckets[index]
-                    first_frame = load_image(first, b.height, b.width, a.reshape_mode, rng)[:, 0]
+                    first_frame = load_image(first, b.height, b.width, a.reshape_mode, rng, self.as_uint8)[:, 0]
                 elif self.first_frames:
                     first_frame = video[:, 0].clone()
                 break
@@ -265,12 +276,14 @@ def build_dataloader(
     sampler = make_sampler(usable, batch_size, dp_rank, dp_size, grad_accum, seed)
     if sampler_state:
         sampler.load_state_dict(sampler_state)
+    workers = args.num_workers(precomputed=dataset is not None)
     loader = StatefulDataLoader(
-        dataset or VideoDataset(usable.records, args, sampling, seed, usable.buckets or None),
+        dataset or VideoDataset(usable.records, args, sampling, seed, usable.buckets or None, usable.infos or None,
+                                as_uint8=True),
         batch_sampler=sampler,
         collate_fn=collate,
-        num_workers=args.dataloader_num_workers,
+        num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=args.dataloader_num_workers > 0,
+        persistent_workers=workers > 0,
     )
     return loader, sampler

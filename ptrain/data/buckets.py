@@ -50,6 +50,10 @@ class ShapeRules:
     check: Callable[[int, int, int], None]
     tokens: Callable[[int, int, int], int]  # transformer sequence length of one sample of that shape
     max_frames: int = 1024
+    #: (channels, frames, height, width) of the VAE latent of a sample of that shape (None: not known)
+    latent_shape: Callable[[int, int, int], tuple[int, int, int, int]] | None = None
+    #: the model's default text sequence length (--max_sequence_length's default)
+    text_sequence_length: int | None = None
 
     def __post_init__(self) -> None:
         self._frame_ok = cache(self._frame_ok_uncached)

@@ -11,6 +11,12 @@ on: the sample list (paths, sizes, modification times, captions, buckets), the p
 family, the VAE / text encoder folders (their weight files' sizes and times) and dtypes. A changed setting
 gives another key, so a cache is never silently reused for other data; --precomputation_reuse reuses a
 complete cache with the same key (otherwise it is computed again).
+
+`decide` makes --enable_precomputation auto's choice before any weights load (`plan_run`): on when the run draws
+more samples than there are distinct ones (so each would be decoded and encoded more than once), the settings
+allow it and the estimated cache fits the disk; a complete cache of the same key is reused. A sample that fails
+to decode while the cache is filled is left out and, in training, replaced by another of its bucket (as the
+decoding dataset does).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +35,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ptrain.config import Config
+from ptrain.config import Config, ConfigError
 from ptrain.data import Usable, VideoDataset
 from ptrain.safe_load import UnsafeFileError, load_safetensors
 
@@ -100,12 +107,131 @@ def cache_dir(cfg: Config, man: dict) -> Path:
     return root / key
 
 
-def precompute(cfg: Config, usable: Usable, spec, comps, dataset: VideoDataset, max_seq: int, device) -> Path:
-    """Fill (or reuse) the cache for `usable`; every rank takes part; returns the cache folder."""
+@dataclass
+class Decision:
+    """What --enable_precomputation comes to for a run (decided once, before weights load; the same on every rank)."""
+
+    enabled: bool
+    reason: str
+    #: reuse a complete cache of the same key (auto always; on with --precomputation_reuse)
+    reuse: bool = False
+    #: estimated cache size in bytes (0: not estimated)
+    estimate_bytes: int = 0
+
+    def describe(self) -> str:
+        return f"{'on' if self.enabled else 'off'} ({self.reason})"
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: Bytes a cache file costs beyond its tensors (safetensors header, a file system block), a rounded guess.
+FILE_OVERHEAD = 4096
+
+
+def not_precomputable(cfg: Config, usable: Usable, spec) -> str | None:
+    """Why the run's samples cannot be computed once (None if they can)."""
+    d, mode = cfg.data, cfg.model.train_mode
+    if d.reshape_mode == "random_crop" or d.random_frame_crop:
+        return "--reshape_mode random_crop / --random_frame_crop draw a new crop or frame window every pass"
+    if mode != "normal" and any(r.first_frame for r in usable.records):
+        return (f"--train_mode {mode} with first-frame images in the dataset (an image column beside the video "
+                "column) conditions on those images every step")  # fmt: skip
+    if spec.needs_pixels(mode):
+        return f"--train_mode {mode} for {spec.name} encodes conditioning frames (masked or noised) every step"
+    return None
+
+
+def distinct_samples(usable: Usable) -> dict[str, int]:
+    """sample key -> the first record with it (a repeated file with the same caption and shape is cached once)."""
+    first: dict[str, int] = {}
+    for i in range(len(usable.records)):
+        first.setdefault(sample_key(usable, i), i)
+    return first
+
+
+def _text_widths(cfg: Config, spec) -> list[tuple[int, str]]:
+    """(hidden width, dtype flag) of each text encoder, from its config.json (4096, a large width, if unreadable)."""
+    from ptrain.models.spec import component_source
+
+    m, out = cfg.model, []
+    for name, dtype in (("text_encoder", m.text_encoder_dtype), ("text_encoder_2", m.text_encoder_2_dtype)):
+        if name not in spec.component_classes:
+            continue
+        src, sub = component_source(m.pretrained_model_name_or_path, getattr(m, f"{name}_id"), name)
+        try:
+            c = json.loads((Path(src) / (sub or "") / "config.json").read_text())
+            c = c.get("text_config", c) if "d_model" not in c and "hidden_size" not in c else c
+            out.append((int(c.get("d_model") or c["hidden_size"]), dtype))
+        except (OSError, ValueError, KeyError, TypeError):
+            out.append((4096, dtype))
+    return out
+
+
+def estimate_bytes(cfg: Config, usable: Usable, spec, rules, distinct: dict[str, int]) -> int:
+    """The cache's size: per distinct sample its latent distribution (mean and log-variance: twice the latent
+    channels, in --vae_dtype, at its bucket's latent shape) and text embeddings (sequence length x each text
+    encoder's width, in its dtype), plus the empty caption's."""
+    from collections import Counter
+
+    vae = DTYPE_BYTES[cfg.model.vae_dtype]
+    latent = 0
+    for b, n in Counter(usable.buckets[i] for i in distinct.values()).items() if rules.latent_shape else ():
+        c, f, h, w = rules.latent_shape(b.frames, b.height, b.width)
+        latent += n * 2 * c * f * h * w * vae
+    seq = cfg.data.max_sequence_length or rules.text_sequence_length or 512
+    text = sum(seq * width * DTYPE_BYTES[dtype] for width, dtype in _text_widths(cfg, spec))
+    return latent + (len(distinct) + 1) * (text + FILE_OVERHEAD)
+
+
+def _free_bytes(folder: Path) -> int:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def decide(cfg: Config, usable: Usable, spec, rules, global_batch: int) -> Decision:
+    """--enable_precomputation on / off as given (on errors if it cannot work); auto: see the module docstring.
+    auto never errors: it falls back to decoding every step and says why."""
+    d, t = cfg.data, cfg.train
+    if d.enable_precomputation == "off":
+        return Decision(False, "--enable_precomputation off")
+    why = not_precomputable(cfg, usable, spec)
+    if d.enable_precomputation == "on":
+        if why:
+            raise ConfigError(f"{why}: it cannot use --enable_precomputation")
+        return Decision(True, "--enable_precomputation on", reuse=d.precomputation_reuse)
+    if why:
+        return Decision(False, f"auto: {why}")
+    distinct = distinct_samples(usable)
+    est = estimate_bytes(cfg, usable, spec, rules, distinct)
+    target = cache_dir(cfg, manifest(cfg, usable, d.max_sequence_length or rules.text_sequence_length))
+    if (target / COMPLETE).is_file():
+        return Decision(True, f"auto: reusing the complete cache of the same data, model and settings in {target}",
+                        reuse=True, estimate_bytes=est)  # fmt: skip
+    drawn = t.train_steps * global_batch
+    if drawn <= len(distinct):
+        return Decision(False, f"auto: one pass or less ({t.train_steps} steps x global batch {global_batch} = "
+                               f"{drawn} samples of {len(distinct)}): each sample is encoded once anyway")  # fmt: skip
+    free = _free_bytes(target.parent)
+    if 2 * est > free:
+        return Decision(False, f"auto: the cache (about {_gib(est)}) would fill more than half of the {_gib(free)} "
+                               f"free under {target.parent}", estimate_bytes=est)  # fmt: skip
+    reason = (f"auto: {drawn / len(distinct):.1f} passes over {len(distinct)} samples; cache about {_gib(est)} in "
+              f"{target.parent} ({_gib(free)} free)")  # fmt: skip
+    return Decision(True, reason, reuse=True, estimate_bytes=est)
+
+
+def precompute(
+    cfg: Config, usable: Usable, spec, comps, dataset: VideoDataset, max_seq: int, device, reuse: bool = False
+) -> Path:
+    """Fill (or, with `reuse`, reuse) the cache for `usable`; every rank takes part; returns the cache folder."""
     rank, world = dist.get_rank(), dist.get_world_size()
     man = manifest(cfg, usable, max_seq, bool(getattr(comps.vae, "use_tiling", False)))
     target = cache_dir(cfg, man)
-    if (target / COMPLETE).is_file() and cfg.data.precomputation_reuse:
+    if (target / COMPLETE).is_file() and reuse:
         log.info("precomputation: reusing %s (same data, model and settings)", target)
         return target
     if rank == 0:
@@ -118,15 +244,20 @@ def precompute(cfg: Config, usable: Usable, spec, comps, dataset: VideoDataset, 
             log.info("precomputation: %d other cache(s) in %s were made with other data or settings (not used)",
                      len(others), target.parent)  # fmt: skip
     dist.barrier()
-    first: dict[str, int] = {}
-    for i in range(len(usable.records)):
-        first.setdefault(sample_key(usable, i), i)
+    first = distinct_samples(usable)
     todo = list(first.items())[rank::world]
     t0 = time.perf_counter()
     bar = tqdm(total=len(first), disable=rank != 0, desc="precompute", dynamic_ncols=True)
     ids = {key: n for n, key in enumerate(first)}
+    failed: dict[str, str] = {}
     for key, i in todo:
-        video = dataset._load(i, np.random.default_rng(0))[None].to(device)  # fixed crop: no draws are made
+        try:
+            video = dataset._load(i, np.random.default_rng(0))[None].to(device)  # fixed crop: no draws are made
+        except Exception as e:  # noqa: BLE001 - decord / PIL raise their own types; the file is named
+            failed[key] = f"{usable.records[i].video}: {type(e).__name__}: {e}"
+            log.warning("precomputation: %s failed to decode (%s); training replaces it", usable.records[i].video, e)
+            bar.update(world)
+            continue
         params = spec.encode_latent_dist(comps, video)
         caption = dataset.caption_of(i)
         cond = spec.encode_text(comps, [caption], max_seq)
@@ -138,12 +269,16 @@ def precompute(cfg: Config, usable: Usable, spec, comps, dataset: VideoDataset, 
     if rank == 0:
         cond = spec.encode_text(comps, [""], max_seq)
         save_file({f"text.{k}": v[0].contiguous().cpu() for k, v in cond.tensors.items()}, target / EMPTY)
-    dist.barrier()
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, failed)
+    failed = {k: v for part in gathered for k, v in part.items()}
     if rank == 0:
-        man["files"] = {key: f"{n:08d}.safetensors" for key, n in ids.items()}
+        man["files"] = {key: f"{n:08d}.safetensors" for key, n in ids.items() if key not in failed}
+        man["failed"] = failed
         (target / "manifest.json").write_text(json.dumps(man, indent=1))
         (target / COMPLETE).write_text("ok\n")
-        log.info("precomputation: %d samples in %.1f s -> %s", len(first), time.perf_counter() - t0, target)
+        log.info("precomputation: %d samples in %.1f s -> %s%s", len(first) - len(failed), time.perf_counter() - t0,
+                 target, f" ({len(failed)} failed to decode)" if failed else "")  # fmt: skip
     dist.barrier()
     return target
 
@@ -152,16 +287,36 @@ class PrecomputedDataset(Dataset):
     """(index, position) -> the cached latent distribution and text embeddings of record `index`.
 
     Caption dropout draws from the same (seed, position) generator as VideoDataset, so a cached run drops the
-    same captions as an on-the-fly one.
+    same captions as an on-the-fly one. A sample that failed to decode while the cache was filled is replaced by
+    a cached sample of the same bucket chosen by (seed, position): deterministic, counted in `replaced`.
     """
 
     def __init__(self, usable: Usable, folder: Path, caption_dropout_p: float, seed: int):
         self.folder, self.p, self.seed = Path(folder), caption_dropout_p, seed
-        files = json.loads((self.folder / "manifest.json").read_text())["files"]
-        self.files = [files[sample_key(usable, i)] for i in range(len(usable.records))]
+        man = json.loads((self.folder / "manifest.json").read_text())
+        files, failed = man["files"], man.get("failed", {})
+        keys = [sample_key(usable, i) for i in range(len(usable.records))]
+        missing = [k for k in keys if k not in files and k not in failed]
+        if missing:
+            raise UnsafeFileError(f"{self.folder / 'manifest.json'}: no entry for sample {missing[0]}")
+        self.files = [files.get(k) for k in keys]
         for name in self.files:  # file names inside the cache folder, nothing elsewhere
-            if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+            if name is not None and (
+                not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors")
+            ):
                 raise UnsafeFileError(f"{self.folder / 'manifest.json'}: invalid cache file name {name!r}")
+        buckets = list(usable.buckets) or [None] * len(keys)
+        pools: dict = {}
+        for i, b in enumerate(buckets):
+            if self.files[i] is not None:
+                pools.setdefault(b, []).append(i)
+        self._pool = [pools.get(b, []) for b in buckets]
+        for i, name in enumerate(self.files):
+            if name is None and not self._pool[i]:
+                raise RuntimeError(
+                    f"{usable.records[i].video} failed to decode while precomputing ({failed[keys[i]]}), and no "
+                    f"other sample of its shape {buckets[i]} could replace it; the data has gone bad"
+                )
         self._empty: dict | None = None
 
     def __len__(self) -> int:
@@ -170,9 +325,14 @@ class PrecomputedDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, position = key[0], key[1]
         rng = np.random.default_rng([self.seed, position, 0xDA7A])
+        replaced = 0
+        if self.files[index] is None:  # failed to decode: another of its bucket, chosen by (seed, position)
+            pool = self._pool[index]
+            index = pool[int(np.random.default_rng([self.seed, position, 0xBAD, 1]).integers(0, len(pool)))]
+            replaced = 1
         item = load_safetensors(self.folder / self.files[index])
         if self.p and rng.random() < self.p:
             if self._empty is None:
                 self._empty = load_safetensors(self.folder / EMPTY)
             item.update(self._empty)
-        return {**item, "position": position, "index": index, "replaced": 0}
+        return {**item, "position": position, "index": index, "replaced": replaced}

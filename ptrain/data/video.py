@@ -19,16 +19,26 @@ class VideoInfo:
     fps: float = 0.0
 
 
-def _reader(path: Path):
-    """A decord reader that yields (H, W, 3) frames.
+#: Output widths decord 0.6 cannot produce: at such a native width it returns 4-channel frames, and asked to
+#: scale to one it fails ("The size must exactly match"); seen with every source, the only ones from 8 to 1400 px.
+DECORD_BAD_WIDTHS = frozenset({8, 12, 16, 24, 48, 72})
 
-    decord 0.6 misdecodes some narrow widths (seen: 8, 12, 16, 24, 48, 72 px) with a 4th channel; such a
-    video is reopened with decord resizing it to a width that is a multiple of 64 (aspect kept), which
-    decodes correctly; the frames are resized to the training size afterwards anyway.
+
+def _reader(path: Path, size: tuple[int, int] | None = None, native_width: int | None = None):
+    """A decord reader that yields (H, W, 3) frames, scaled to `size` (height, width) by the decoder if given.
+
+    decord 0.6 misdecodes some narrow widths (DECORD_BAD_WIDTHS) with a 4th channel; such a video is reopened
+    with decord resizing it to a width that is a multiple of 64 (aspect kept), which decodes correctly; the
+    frames are resized to the training size afterwards anyway. With the source width known (`native_width`)
+    that is decided without decoding a frame; otherwise frame 0 is decoded to see.
     """
     import decord
 
+    if size is not None:
+        return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, width=size[1], height=size[0])
     vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    if native_width is not None and native_width not in DECORD_BAD_WIDTHS:
+        return vr
     shape = vr[0].shape
     if len(shape) == 3 and shape[2] != 3:
         h, w = shape[:2]
@@ -73,10 +83,23 @@ def probe_image(path: Path) -> VideoInfo:
     return VideoInfo(1, h, w, 0.0)
 
 
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1] (float input is returned as it is)."""
+    if pixels.dtype != torch.uint8:
+        return pixels
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
 def load_image(
-    path: Path, height: int, width: int, reshape_mode: str = "center_crop", rng: np.random.Generator | None = None
+    path: Path,
+    height: int,
+    width: int,
+    reshape_mode: str = "center_crop",
+    rng: np.random.Generator | None = None,
+    as_uint8: bool = False,
 ) -> torch.Tensor:
-    """-> (C, 1, H, W) float32 in [-1, 1]. EXIF rotation applied; alpha composited on white; grey -> RGB."""
+    """-> (C, 1, H, W) float32 in [-1, 1] (uint8 with `as_uint8`). EXIF rotation applied; alpha composited on
+    white; grey -> RGB. Resized as uint8, like video frames."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
@@ -88,9 +111,10 @@ def load_image(
             arr = np.asarray(im, dtype=np.float64)
             im = Image.fromarray((arr * 255.0 / max(arr.max(), 1.0)).astype(np.uint8))
         rgb = np.array(im.convert("RGB"))  # a writable copy
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-    x = resize_crop(x, height, width, reshape_mode, rng).clamp(-1.0, 1.0)
-    return x.permute(1, 0, 2, 3).contiguous()
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+    x = resize_crop(x, height, width, reshape_mode, rng)
+    x = x.permute(1, 0, 2, 3).contiguous()
+    return x if as_uint8 else to_unit_range(x)
 
 
 def probe_media(path: Path, kind: str) -> VideoInfo:
@@ -133,19 +157,41 @@ def fps_indices(total: int, source_fps: float, target_fps: float) -> list[int]:
     return [min(total - 1, int(k * step + 0.5)) for k in range(count)]
 
 
+def cover_size(h: int, w: int, height: int, width: int, mode: str = "center_crop") -> tuple[int, int]:
+    """The size (h, w) frames are scaled to before cropping to height x width: the target itself (resize), or
+    the smallest size that covers it with the aspect kept (center_crop / random_crop)."""
+    if mode == "resize":
+        return height, width
+    scale = max(height / h, width / w)
+    return max(height, math.ceil(h * scale)), max(width, math.ceil(w * scale))
+
+
+def decode_size(h: int, w: int, height: int, width: int, mode: str = "center_crop") -> tuple[int, int] | None:
+    """The size to let the decoder scale a h x w video to, or None to decode it at its own size.
+
+    Only a reduction (the covering size smaller than the source on both sides): the decoder then converts and
+    scales each frame once, at the small size, instead of handing over full-size frames. A width decord cannot
+    output (DECORD_BAD_WIDTHS) is widened to the next one it can; resize_crop takes that last step."""
+    nh, nw = cover_size(h, w, height, width, mode)
+    if nh >= h or nw >= w:
+        return None
+    while nw in DECORD_BAD_WIDTHS:
+        nw += 2
+    return nh, min(nw, w)
+
+
 def resize_crop(
     frames: torch.Tensor, height: int, width: int, mode: str = "center_crop", rng: np.random.Generator | None = None
 ) -> torch.Tensor:
-    """frames (F, C, h, w) float -> (F, C, height, width).
+    """frames (F, C, h, w) float or uint8 -> (F, C, height, width), same dtype.
 
     center_crop / random_crop: scale to cover the target (aspect kept), then crop; resize: stretch to the target.
+    uint8 frames are resized as uint8 (torch's antialiased bilinear kernel, within one level of resizing them as
+    float and much faster in the (F, H, W, C) layout decord returns), so the float conversion happens at the
+    training size.
     """
     h, w = frames.shape[-2:]
-    if mode == "resize":
-        nh, nw = height, width
-    else:
-        scale = max(height / h, width / w)
-        nh, nw = max(height, math.ceil(h * scale)), max(width, math.ceil(w * scale))
+    nh, nw = cover_size(h, w, height, width, mode)
     if (nh, nw) != (h, w):
         frames = F.interpolate(frames, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
     if mode == "random_crop":
@@ -222,13 +268,24 @@ def load_clip(
     fps: float | None = None,
     reshape_mode: str = "center_crop",
     rng: np.random.Generator | None = None,
+    source: VideoInfo | None = None,
+    as_uint8: bool = False,
 ) -> torch.Tensor:
-    """-> (C, F, H, W) float32 in [-1, 1]. `sampling` may be just a frame count (spread evenly, or at `fps`)."""
+    """-> (C, F, H, W) float32 in [-1, 1] (uint8 with `as_uint8`: to_unit_range converts it later, e.g. on the
+    device). `sampling` may be just a frame count (spread evenly, or at `fps`).
+
+    With the source's size known (`source`, from the data scan) a larger video is decoded at the size it is
+    cropped from (decode_size: the decoder scales it; within a few levels of a full-size decode resized here,
+    tests/test_data.py states how close). Frames stay uint8 through the resize and crop; only the training-size
+    clip is converted to float.
+    """
     if isinstance(sampling, int):
         sampling = FrameSampling(sampling, fps)
-    vr = _reader(path)
+    size = decode_size(source.height, source.width, height, width, reshape_mode) if source is not None else None
+    vr = _reader(path, size, source.width if source is not None else None)
     idx = sampling.indices(len(vr), float(vr.get_avg_fps() or 0.0), rng)
-    frames = vr.get_batch(idx).asnumpy()  # (F, h, w, 3) uint8
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    x = resize_crop(x, height, width, reshape_mode, rng).clamp(-1.0, 1.0)
-    return x.permute(1, 0, 2, 3).contiguous()
+    frames = torch.from_numpy(vr.get_batch(idx).asnumpy())  # (F, h, w, 3) uint8
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"video {path}: decoder returned frames of shape {tuple(frames.shape)}, not (F, H, W, 3)")
+    x = resize_crop(frames.permute(0, 3, 1, 2), height, width, reshape_mode, rng).permute(1, 0, 2, 3).contiguous()
+    return x if as_uint8 else to_unit_range(x)

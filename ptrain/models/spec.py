@@ -60,6 +60,16 @@ class Conditioning:
     tensors: dict[str, torch.Tensor]
 
 
+def frozen_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a frozen diffusers model (the VAE), read once: diffusers' `ModelMixin.dtype` walks every
+    submodule looking for casting hooks (about 2 ms for the tiny CogVideoX VAE, on every step of a precomputed
+    run otherwise); ptrain never changes a frozen model's dtype after loading it."""
+    dtype = module.__dict__.get("_ptrain_frozen_dtype")
+    if dtype is None:
+        dtype = module.__dict__["_ptrain_frozen_dtype"] = module.dtype
+    return dtype
+
+
 def component_source(path: str, override: str | None, name: str) -> tuple[str, str | None]:
     """(folder, subfolder) to load component `name` from: the override folder (its `name/` subfolder if it has
     one) or the checkpoint's `name/` subfolder."""
@@ -182,6 +192,9 @@ class ModelSpec(ABC):
             return self.tokens_per_sample((1, (f - 1) // t + 1, h // s, w // s), comps)
 
         rules.tokens = tokens
+        channels = self.latent_channels(comps)
+        rules.latent_shape = lambda f, h, w: (channels, (f - 1) // t + 1, h // s, w // s)
+        rules.text_sequence_length = self.max_sequence_length(comps)
         return rules
 
     def bind(
@@ -339,7 +352,7 @@ class ModelSpec(ABC):
         log-variance on channels, as encode_latent_dist returns or the precomputation cache stores), normalised."""
         from ptrain.objectives import sample_posterior
 
-        params = params.to(dtype=components.vae.dtype)
+        params = params.to(dtype=frozen_dtype(components.vae))
         return self.normalize_latents(components, sample_posterior(params, generators).float())
 
     @abstractmethod
@@ -354,7 +367,7 @@ class ModelSpec(ABC):
         """The VAE posterior's parameters (B, 2C', F', H', W') in the VAE's dtype (what precomputation stores)."""
         vae = components.vae
         with torch.no_grad():
-            return vae.encode(video.to(vae.device, vae.dtype)).latent_dist.parameters
+            return vae.encode(video.to(vae.device, frozen_dtype(vae))).latent_dist.parameters
 
     def prompt_embeds(self, components: Components, captions: list[str], max_sequence_length: int) -> torch.Tensor:
         """Text states from pipelines whose encode_prompt returns (embeds, negative embeds): CogVideoX, Wan."""
