@@ -105,6 +105,8 @@ EFFECTS = [
     ("--full_bf16 + 8-bit AdamW (bitsandbytes, CUDA)", Row("cogvideox-5b", "full-finetune", 1, []),
      ["--full_bf16", "--optimizer", "adamw-8bit", "--bf16_rounding", "nearest"]),
     ("CAME (--optimizer came)", Row("cogvideox-5b", "full-finetune", 1, []), ["--optimizer", "came"]),
+    ("block swap, 40 blocks (--blocks_to_swap 40)", Row("hunyuan-video", "lora", 1, []), ["--blocks_to_swap", "40"]),
+    ("block swap, 40 blocks (--blocks_to_swap 40)", Row("cogvideox-5b", "lora", 1, []), ["--blocks_to_swap", "40"]),
 ]  # fmt: skip
 
 #: With CPU offload the sharded parameters, gradients and optimizer state stay in host memory: the GPU peak is

@@ -75,14 +75,27 @@ def memory_effects() -> str:
         )
 
     world = int(ema["layout"].split()[-1])
-    return (
+    text = (
         f"EMA adds one fp32 copy of the trainable weights' local shards "
         f"({(ema['with_bytes'] - ema['without_bytes']) / GIB:.2f} GiB = {params(ema) / 1e9:.2f}B x 4 bytes / "
         f"{world} ranks). With CPU offload the sharded parameters, gradients and optimizer state live in host "
         f"memory (about {params(off) * 16 / GIB:.0f} GiB of it here: 16 bytes per parameter), so the GPU keeps "
         f"the gathered block, activations and buffers; the step's optimizer then runs on the CPU. "
-        f"({where_when('memory.json', mem)}.)"
     )
+    bf16, swap = effect.get("bf16 weights and moments"), effect.get("block swap, 40 blocks")
+    if bf16:
+        text += (
+            f"`--full_bf16` keeps 8 bytes per parameter instead of 16 (bfloat16 weights, gradients and moments; "
+            f"{bf16['without_bytes'] / GIB:.1f} -> {bf16['with_bytes'] / GIB:.1f} GiB for CogVideoX-5B on one GPU), "
+            f"with stochastic rounding (drift: `benchmarks/results/bf16_drift.md`); 8-bit AdamW's state is planned "
+            f"as bitsandbytes lays it out (the planner cannot run its CUDA kernels). "
+        )
+    if swap:
+        text += (
+            "Block swap keeps the swapped blocks' frozen weights in pinned host memory and one or two blocks on the "
+            "GPU at a time (the cost is their host-to-device copy, twice per step). "
+        )
+    return text + f"({where_when('memory.json', mem)}.)"
 
 
 def gpu_h200() -> str:
