@@ -207,3 +207,24 @@ def test_component_overrides_load_from_other_folders(tiny_ckpt, tmp_path):
     with pytest.raises(ConfigError, match=r"cannot load vae \(AutoencoderKLLTXVideo\) from .*empty"):
         (tmp_path / "empty").mkdir()
         spec.load_components(str(tiny_ckpt), dtypes, torch.device("cpu"), {"vae": str(tmp_path / "empty")})
+
+
+def test_full_bf16_and_block_swap_flags_are_checked(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    base = ["--pretrained_model_name_or_path", str(tmp_path), "--data_root", str(tmp_path)]
+    full = [*base, "--training_type", "full-finetune", "--full_bf16"]
+    cfg = parse_config([*full, "--gc_every_n_steps", "10"]).validate()
+    assert cfg.optim.bf16_rounding == "stochastic" and cfg.train.gc_every_n_steps == 10
+    with pytest.raises(ConfigError, match="--full_bf16 rounds stochastically with --optimizer adamw or adam"):
+        parse_config([*full, "--optimizer", "came"]).validate()
+    assert parse_config([*full, "--optimizer", "came", "--bf16_rounding", "nearest"]).validate()
+    with pytest.raises(ConfigError, match="--full_bf16 is a full fine-tune in bfloat16"):
+        parse_config([*base, "--full_bf16"]).validate()
+    with pytest.raises(ConfigError, match="--ema_decay with --full_bf16"):
+        parse_config([*full, "--ema_decay", "0.99"]).validate()
+    with pytest.raises(ConfigError, match="--gc_every_n_steps must be >= 0"):
+        parse_config([*base, "--gc_every_n_steps", "-1"]).validate()
+    swap = [*base, "--gradient_checkpointing", "--blocks_to_swap", "2"]
+    assert parse_config(swap).validate().parallel.blocks_to_swap == 2
+    with pytest.raises(ConfigError, match="a full fine-tune has none"):
+        parse_config([*swap, "--training_type", "full-finetune"]).validate()
