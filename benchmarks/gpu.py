@@ -130,11 +130,11 @@ ROWS = [
           note=f"SDPA kernel {b} only (ptrain and the bare loop); no compile, to compare kernels cheaply")
       for b in ("flash", "efficient", "cudnn")],
     Row("hunyuan-lora-ac-swap40-24g", "hunyuan-video", "lora", True, False, (49, 512, 768),
-        ["--blocks_to_swap", "40"], cap_gib=22.3, est_s=220, default=False,
-        note="24 GB cap (22.3 GiB), frozen weights of 40 of 60 blocks swapped from host memory (planned 15.3 GiB)"),
+        ["--blocks_to_swap", "40"], cap_gib=24, est_s=220, default=False,
+        note="24 GiB cap (a 24 GB card), frozen weights of 40 of 60 blocks swapped from host memory (planned 15.3 GiB)"),
     Row("cogvideox5b-lora-ac-swap40-16g", "cogvideox-5b", "lora", True, False, (49, 480, 720),
-        ["--blocks_to_swap", "40"], cap_gib=14.9, est_s=180, default=False,
-        note="16 GB cap (14.9 GiB), frozen weights of 40 of 42 blocks swapped from host memory (planned 9.2 GiB)"),
+        ["--blocks_to_swap", "40"], cap_gib=16, est_s=180, default=False,
+        note="16 GiB cap (a 16 GB card), frozen weights of 40 of 42 blocks swapped from host memory (planned 9.2 GiB)"),
     Row("hunyuan-lora-ac-fp8-24g", "hunyuan-video", "lora", True, False, (49, 512, 768), FP8, cap_gib=24,
         est_s=200, default=False, note="24 GiB cap, FP8 storage of frozen weights; no AC does not fit 24 GiB"),
 ]  # fmt: skip

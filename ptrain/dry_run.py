@@ -46,15 +46,16 @@ def dry_run(run) -> None:
         )
     print("\n".join(lines), flush=True)
     if cfg.plan.plan_gpu_memory_gb:
-        plan_memory(cfg, cfg.plan.plan_world_size or run.world)
+        plan_memory(cfg, cfg.plan.plan_world_size or run.world, "on" if run.precompute.enabled else "off")
 
 
-def plan_memory(cfg, world: int) -> None:
+def plan_memory(cfg, world: int, precomputed: str = "off") -> None:
     """--plan_gpu_memory_gb: the planner's lines and its suggestion, if the configured layout does not fit."""
     budget = cfg.plan.plan_gpu_memory_gb
     print(f"  memory plan for {world} GPUs of {budget:g} GB (simulated, no GPU used; about a minute per layout):",
           flush=True)  # fmt: skip
     flags = cfg.argv or sys.argv[1:]  # the flags parsed (`ptrain dry-run FLAGS` has a command before them)
+    flags = [*flags, "--enable_precomputation", precomputed]  # as decided for this run (auto: from the data)
     cmd = [sys.executable, "-m", "ptrain.planner", "--model_dir", cfg.model.pretrained_model_name_or_path,
            "--world_size", str(world), "--budget_gb", str(budget), "--", *flags]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True)

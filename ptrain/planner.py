@@ -587,7 +587,10 @@ def finish(res: dict, flags, model_dir, vae_phases: bool = True) -> dict:
                                           "text_encoder_2": DTYPES[m.text_encoder_2_dtype]})  # fmt: skip
     act = functools.partial(vae_activation_bytes, spec.component_classes["vae"], model_dir, dtype)
     weights = {"VAE": enc.get("vae", 0), "Text encoders": sum(v for k, v in enc.items() if k != "vae")}
-    pre, resident_encoders = d.enable_precomputation, not (d.enable_precomputation or m.offload_encoders)
+    # --enable_precomputation auto is decided from the data (ptrain/data/precompute.py); the planner takes it as
+    # off (the VAE encodes every step, with the training state resident) unless the caller resolved it (dry run)
+    pre = d.enable_precomputation == "on"
+    resident_encoders = not (pre or m.offload_encoders)
     batch = 1 if pre else cfg.train.batch_size
     state = {} if pre else {"Training state": res["resident_bytes"]}
     shape = (batch, 3, d.num_frames, d.height, d.width)

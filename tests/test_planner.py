@@ -192,7 +192,7 @@ def test_dry_run_plans_memory(ptrain_run, tiny_ckpt, tiny_data, tmp_path):
     assert "memory plan for 2 GPUs of 80 GB" in out
     assert re.search(r"as configured \(FSDP2: world 2 [^)]*\): 0\.\d GB per GPU fits in 80 GB", out), out
     assert re.search(r"phases: start-up \(load, shard\) [\d.]+ GB; step forward/backward [\d.]+ GB; step optimizer "
-                     r"[\d.]+ GB; VAE encode in the step [\d.]+ GB, VAE tiling (on|off)", out), out  # fmt: skip
+                     r"[\d.]+ GB; precompute \(VAE encode, text encoders\) [\d.]+ GB, VAE tiling (on|off)", out), out  # fmt: skip
     assert "VAE: planned VAE encode phase" in out and re.search(r"run peak [\d.]+ GB \(\w+\); reserved estimate", out)
     assert "suggestion" not in out
 
