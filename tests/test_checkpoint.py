@@ -57,7 +57,7 @@ def _restart_copy(launch, dest: Path, keep_step: int = 2) -> Path:
     [
         ("lora-ddp2", ["--async_checkpoint", "--checkpointing_steps", "1"]),
         ("lora-fsdp2", ["--export_every_checkpoint"]),
-        ("lora-hsdp2x2", ["--resume_from_checkpoint", "latest"]),
+        pytest.param("lora-hsdp2x2", ["--resume_from_checkpoint", "latest"], marks=pytest.mark.heavy),
         ("full-fsdp2", []),
     ],
 )
@@ -152,6 +152,7 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
+@pytest.mark.heavy  # ~65 s; CI runs it
 def test_sigkill_at_random_moment_restarts_and_ends_bit_identical(tiny_ckpt, tiny_data, tmp_path):
     """Acceptance: HSDP 2x2, 8 steps, checkpoint every 2 keeping 2; a worker SIGKILLed at a random
     moment of training (possibly mid-save); torchrun --max-restarts restarts it; `auto` resumes; the

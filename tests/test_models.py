@@ -27,6 +27,7 @@ def _parity(run, ref):
     assert run.losses == pytest.approx(ref.losses, rel=1e-4), (run.losses, ref.losses)
 
 
+@pytest.mark.heavy  # HSDP parity runs by default in test_parallel_training; this adds every model's validation
 @pytest.mark.parametrize("model", _one_by_default("wan"))  # Wan: float32-kept modules, CLIP-free T2V validation
 def test_lora_hsdp_matches_single_process_and_validates(launches, model):
     ref = launches("lora-single", model).run

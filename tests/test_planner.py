@@ -107,7 +107,7 @@ MID_FLAGS = ["--model_name", "ltx_video", "--num_frames", "25", "--height", "256
 @pytest.mark.parametrize(
     "world,extra",
     [
-        (1, ["--rank", "16"]),
+        pytest.param(1, ["--rank", "16"], marks=pytest.mark.heavy),  # one process: the FSDP case below covers more
         (4, ["--training_type", "full-finetune", "--dp_shards", "4", "--gradient_checkpointing", "--ac_mode", "full"]),
         pytest.param(
             4, ["--training_type", "full-finetune", "--dp_shards", "2", "--cp_degree", "2"], marks=pytest.mark.heavy
