@@ -64,9 +64,6 @@ class BlockSwap:
     def host_bytes(self) -> int:
         return sum(h.numel() * h.element_size() for pairs in self.host for _, h in pairs)
 
-    def largest_block_bytes(self) -> int:
-        return max((sum(h.numel() * h.element_size() for _, h in pairs) for pairs in self.host), default=0)
-
     def _start(self, i: int) -> None:
         """Start copying block i's weights to the device (on the side stream on CUDA)."""
         if i in self.pending or not 0 <= i < len(self.blocks):
