@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from torch._subclasses.fake_tensor import is_fake
 
 from ptrain.config import ObjectiveArgs
 
@@ -33,8 +34,6 @@ def to_device(x: torch.Tensor, device: torch.device | str, dtype: torch.dtype | 
     (torch's caching host allocator keeps the block until the copy is done) and copied with non_blocking=True.
     The draws stay on the host generators, so the values are the same on every device and layout. Fake tensors
     (the planner) cannot be pinned and are moved as they are."""
-    from torch._subclasses.fake_tensor import is_fake
-
     device = torch.device(device)
     if device.type == "cuda" and x.device.type == "cpu":
         x = (x if is_fake(x) else x.pin_memory()).to(device, non_blocking=True)

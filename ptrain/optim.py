@@ -6,6 +6,7 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch.distributed.tensor import DTensor, Replicate
 
+from ptrain.bf16_optim import BF16AdamW
 from ptrain.config import ConfigError, OptimArgs
 
 
@@ -19,8 +20,6 @@ def build_optimizer(params: list, args: OptimArgs, device: torch.device, fused: 
         raise ConfigError("no trainable parameters (check --training_type and --target_modules)")
     betas = (args.beta1, args.beta2)
     if args.full_bf16 and args.bf16_rounding == "stochastic":  # adamw / adam (validated)
-        from ptrain.bf16_optim import BF16AdamW
-
         return BF16AdamW(params, lr=args.lr, betas=betas, eps=args.epsilon, weight_decay=args.weight_decay,
                          decoupled=args.optimizer == "adamw", seed=seed)  # fmt: skip
     if args.optimizer == "adamw":
@@ -114,8 +113,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: OptimArgs, train_ste
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimizer takes `found_inf` (a device float; 1 skips the step) instead of a host decision:
     torch's fused AdamW / Adam and ptrain's BF16AdamW."""
-    from ptrain.bf16_optim import BF16AdamW
-
     return bool(optimizer.defaults.get("fused")) or isinstance(optimizer, BF16AdamW)
 
 
