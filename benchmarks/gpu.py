@@ -13,17 +13,18 @@ For each row (a model, training type, resolution, activation checkpointing (AC),
      --precomputation_reuse --log_step_breakdown`, read from its metrics.jsonl;
   4. a bare PyTorch loop (a subprocess of this file) on the same transformer, shapes and precomputed inputs:
      the same LoRA (ptrain.parallelize.make_trainable) or full fine-tune, the same AC (apply_ac) and compile
-     (apply_compile) on the plain module, fused AdamW, gradient clipping, flow-matching MSE. Its first step is
+     (apply_compile) on the plain module, fused AdamW, gradient clipping, flow-matching MSE (noise and sigma drawn
+     on the device every step). Its first step is
      uncompiled and counted with FlopCounterMode: model FLOPs (without AC recompute) and hardware FLOPs (with);
   5. the planner's prediction for the same flags (ptrain.planner.plan on the configs, on the CPU, in a
      background process while the GPU works).
 Per row it records the device, torch / CUDA versions, peak allocated and reserved (ptrain's peak_memory_gb /
 peak_reserved_gb; ptrain resets the peak statistics before step 1, so its peak is the step's; the precompute
-pass is a separate process so that VAE encoding is not in it), the median
-step time after warm-up, MFU (model FLOPs) and HFU (with recompute) of trainer and bare loop against the
+pass is a separate process so that VAE encoding is not in it), the step time (WINDOW below: the median over
+windows of the window's mean step, after a warm-up window; only a window's last step waits for the device), MFU (model FLOPs) and HFU (with recompute) of trainer and bare loop against the
 device's dense bf16 peak (ptrain.metrics, or --peak_tflops), ptrain's own logged `mfu` / `hfu` (model FLOPs
 counted at start-up, with compile too), the planner's peak and its error, trainer / bare, and
-the compile time (first step minus the median). Every phase has its own subprocess timeout; gpu.json and
+the compile time (the warm-up window's excess over the median). Every phase has its own subprocess timeout; gpu.json and
 gpu.md are rewritten after every row, so a run cut short leaves what it measured.
 
 Before the rows (unless --no_checks), one check in its own process: ring attention's CUDA block kernels and
@@ -90,7 +91,17 @@ CONFIGS = REPO / "benchmarks" / "model_configs"
 RESULTS = REPO / "benchmarks" / "results"
 GIB = 2**30
 DEADLINE_S = 480  # the whole default run, as the device tool's `timeout 480` allows
-WARMUP, STEPS = 2, 5  # timed ptrain run: steps 1..WARMUP are warm-up (compile), the median is over the rest
+#: Timing, the same for ptrain and the bare loop: windows of WINDOW steps; the first window is warm-up (compile),
+#: the step time is the median over the next WINDOWS windows of the window's mean step. Only a window's last step
+#: waits for the device (to time its phases; ptrain's logging step, --logging_steps WINDOW): the steps between
+#: run as a real run does, the host queueing work ahead of the device. Tiny CPU steps take ~10 ms: more of them.
+WINDOW, WINDOWS = {"gpu": 3, "cpu": 10}, {"gpu": 2, "cpu": 5}
+
+
+def timing(cpu: bool) -> tuple[int, int]:
+    """(steps per window, timed windows) of the mode."""
+    mode = "cpu" if cpu else "gpu"
+    return WINDOW[mode], WINDOWS[mode]
 
 
 @dataclass
@@ -177,9 +188,15 @@ def model_flags(row: Row, cpu: bool) -> list[str]:
     return flags + row.extra
 
 
-def run_flags(row: Row, cpu: bool, ckpt: Path, data: Path, cache: Path, out: Path, steps: int) -> list[str]:
+def run_flags(row: Row, cpu: bool, ckpt: Path, data: Path, cache: Path, out: Path, steps: int | None = None
+              ) -> list[str]:  # fmt: skip
+    """ptrain's flags for a row: the timed run (`steps` None: a warm-up window and the timed windows, logging at
+    the end of each), or a run of `steps` steps (the precompute pass)."""
+    window, windows = timing(cpu)
+    steps, every = (window * (1 + windows), window) if steps is None else (steps, 1)
     return [*model_flags(row, cpu), "--pretrained_model_name_or_path", str(ckpt), "--data_root", str(data),
-            "--output_dir", str(out), "--train_steps", str(steps), "--enable_precomputation",
+            "--output_dir", str(out), "--train_steps", str(steps), "--logging_steps", str(every),
+            "--enable_precomputation",
             "--precomputation_dir", str(cache), "--precomputation_reuse", "--log_step_breakdown",
             "--report_to", "none", "--checkpointing_steps", "0", "--resume_from_checkpoint", "none",
             "--dataloader_num_workers", "0" if cpu else "2", "--seed", "0",
@@ -407,13 +424,14 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def summarize_trainer(rows: list[dict], compiled: bool) -> dict:
-    """Median step time after the warm-up steps, compile time, phases, peaks, ptrain's own mfu if it logged one."""
-    timed = rows[WARMUP:] or rows[-1:]
+def summarize_trainer(rows: list[dict], compiled: bool, window: int) -> dict:
+    """Median step time over the timed windows (one logged row each: ptrain's step_time_s is the mean over the
+    steps since the last logging step), compile time, the logging steps' phases, peaks, ptrain's own mfu."""
+    timed = rows[1:] or rows[-1:]
     med = statistics.median(r["step_time_s"] for r in timed)
-    first = rows[0]["step_time_s"]
-    out = {"step_s": med, "first_step_s": first, "compile_s": first - med if compiled else None,
-           "steps_timed": len(timed), "loss_last": rows[-1]["loss"],
+    first = rows[0]["step_time_s"]  # the warm-up window's mean step
+    out = {"step_s": med, "first_window_step_s": first, "compile_s": (first - med) * window if compiled else None,
+           "steps_timed": len(timed) * window, "loss_last": rows[-1]["loss"],
            "peak_allocated_gib": rows[-1]["peak_memory_gb"], "peak_reserved_gib": rows[-1]["peak_reserved_gb"]}  # fmt: skip
     for k in ("forward_s", "backward_s", "optimizer_s", "data_time_s"):
         if k in timed[0]:
@@ -541,14 +559,16 @@ def bare_loop(job: dict) -> dict:
         wrapped = [b for bl in blocks for b in bl]
     params = [p for p in t.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)).to(device)
-    noisy, target = 0.5 * latents + 0.5 * noise, noise - latents
-    ts = torch.full((1,), 500.0, device=device)
+    torch.manual_seed(1)
 
     def step(phase: str, loss=None):
-        if phase == "forward":
+        if phase == "forward":  # flow matching: fresh noise and a uniform sigma per step, drawn on the device
+            noise = torch.randn_like(latents)
+            sigma = torch.rand((latents.shape[0],), device=device)
+            s = sigma.view(-1, *[1] * (latents.dim() - 1))
+            noisy = (1 - s) * latents + s * noise
             with kernels():
-                return (spec.forward(t, noisy, ts, cond).float() - target).pow(2).mean()
+                return (spec.forward(t, noisy, sigma * 1000, cond).float() - (noise - latents)).pow(2).mean()
         if phase == "backward":
             with kernels():
                 return loss.backward()
@@ -562,24 +582,33 @@ def bare_loop(job: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = [timed_step(step, device) for _ in range(WARMUP + STEPS)]
+    window, windows = timing(cpu)
+    times = [timed_window(step, device, window) for _ in range(1 + windows)]
     alloc, reserved = peak_memory_gb(device)
-    timed = times[WARMUP:]
+    timed = times[1:]
     med = {k: statistics.median(x[k] for x in timed) for k in timed[0]}
+    first = times[0]["step_s"]
     return {**flops, "step_s": med["step_s"], "forward_s": med["forward_s"], "backward_s": med["backward_s"],
-            "optimizer_s": med["optimizer_s"], "first_step_s": times[0]["step_s"],
-            "compile_s": times[0]["step_s"] - med["step_s"] if row.compile else None, "peak_allocated_gib": alloc,
+            "optimizer_s": med["optimizer_s"], "first_window_step_s": first, "steps_timed": windows * window,
+            "compile_s": (first - med["step_s"]) * window if row.compile else None, "peak_allocated_gib": alloc,
             "peak_reserved_gib": reserved, "tokens": spec.tokens_per_sample(tuple(latents.shape), comps),
             **device_info(device)}  # fmt: skip
 
 
-def timed_step(step, device) -> dict:
+def timed_window(step, device, window: int) -> dict:
+    """`window` steps as ptrain times them: the mean step over the window, and the phases of its last step, the
+    only one that waits for the device (around each phase); the others queue work without waiting."""
     import torch
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    sync()
+    start = time.perf_counter()
+    for _ in range(window - 1):
+        step("backward", step("forward"))
+        step("optimizer")
     sync()
     t0 = time.perf_counter()
     loss = step("forward")
@@ -591,7 +620,7 @@ def timed_step(step, device) -> dict:
     step("optimizer")
     sync()
     t3 = time.perf_counter()
-    return {"step_s": t3 - t0, "forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2}
+    return {"step_s": (t3 - start) / window, "forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2}
 
 
 def device_info(device) -> dict:
@@ -710,16 +739,17 @@ class Suite:
     def trainer(self, row: Row, ckpt: Path, data: Path, cache: Path, limit: float) -> dict:
         out = self.work / f"run-{row.name}"
         shutil.rmtree(out, ignore_errors=True)
-        flags = run_flags(row, self.cpu, ckpt, data, cache, out, WARMUP + STEPS)
+        flags = run_flags(row, self.cpu, ckpt, data, cache, out)
         if self.args.peak_tflops:
             flags += ["--peak_tflops", str(self.args.peak_tflops)]
         log = self.work / f"run-{row.name}.log"
         rc, secs = run_proc(ptrain_cmd(flags, row.cap_gib), child_env(self.cpu, row.cap_gib), limit, log)
         metrics = read_metrics(out)
-        if rc != 0 or len(metrics) < WARMUP + 1:
-            raise RuntimeError(f"ptrain run failed (rc {rc}, {secs:.0f} s, {len(metrics)} steps logged):\n"
+        window = timing(self.cpu)[0]
+        if rc != 0 or len(metrics) < 2:
+            raise RuntimeError(f"ptrain run failed (rc {rc}, {secs:.0f} s, {len(metrics)} windows logged):\n"
                                f"{log_tail(log)}")  # fmt: skip
-        res = summarize_trainer(metrics, row.compile)
+        res = summarize_trainer(metrics, row.compile, window)
         res["wall_s"] = secs
         res["cache_reused"] = "precomputation: reusing" in log.read_text(errors="replace")
         return res
@@ -736,14 +766,25 @@ class Suite:
         return {**json.loads(result.read_text()), "wall_s": secs}
 
     def run_row(self, row: Row, ckpt: Path, data: Path, cache: Path) -> dict:
-        """The timed ptrain run (at most 60% of the row's budget), then the bare loop (the rest)."""
-        end = time.perf_counter() + min(budget_s(row), self.left())
-        self.say(f"{row.name}: timed ptrain run (limit {0.6 * (end - time.perf_counter()):.0f} s)")
-        trainer = self.trainer(row, ckpt, data, cache, 0.6 * (end - time.perf_counter()))
-        self.say(f"{row.name}: ptrain {trainer['step_s']:.3f} s/step; bare loop")
-        bare = self.bare(row, ckpt, cache, end - time.perf_counter())
-        self.say(f"{row.name}: bare {bare['step_s']:.3f} s/step")
-        return {"trainer": trainer, "bare": bare}
+        """The timed ptrain run (at most 60% of the row's budget), then the bare loop (the rest); with --repeat N,
+        N such pairs, alternating, each side keeping its fastest run (a noisy shared machine slows runs, never
+        speeds them up)."""
+        repeat = self.args.repeat
+        end = time.perf_counter() + min(budget_s(row) * repeat, self.left())
+        best: dict[str, dict] = {}
+        for i in range(repeat):
+            share = (end - time.perf_counter()) / (repeat - i)
+            self.say(f"{row.name}: timed ptrain run{f' {i + 1}/{repeat}' if repeat > 1 else ''} (limit {0.6 * share:.0f} s)")
+            runs = {"trainer": self.trainer(row, ckpt, data, cache, 0.6 * share)}
+            self.say(f"{row.name}: ptrain {runs['trainer']['step_s']:.4f} s/step; bare loop")
+            runs["bare"] = self.bare(row, ckpt, cache, end - time.perf_counter() - share * (repeat - i - 1))
+            self.say(f"{row.name}: bare {runs['bare']['step_s']:.4f} s/step")
+            for who, res in runs.items():
+                seen = best.get(who, {}).get("runs_step_s", []) + [res["step_s"]]
+                if who not in best or res["step_s"] < best[who]["step_s"]:
+                    best[who] = res
+                best[who]["runs_step_s"] = seen
+        return best
 
     def run(self) -> None:
         if self.cpu:
@@ -847,7 +888,7 @@ class Suite:
         data = {"about": "benchmarks/gpu.py: full-size random checkpoints (text encoders SHORTENED: one layer at the real "
                 "width, HunyuanVideo's Llama two) "
                 "on one GPU; ptrain (precomputed inputs) against a bare PyTorch loop and the planner",
-                "mode": "cpu (tiny checkpoints)" if self.cpu else "gpu", "warmup_steps": WARMUP, "timed_steps": STEPS,
+                "mode": "cpu (tiny checkpoints)" if self.cpu else "gpu", "window_steps": timing(self.cpu)[0], "timed_windows": timing(self.cpu)[1],
                 "peak_note": PEAK_NOTE, "flops_note": FLOPS_NOTE, "elapsed_s": round(time.perf_counter() - self.t0, 1),
                 "date": time.strftime("%Y-%m-%d"), "rows": self.records, "checks": self.checks}  # fmt: skip
         (self.out / "gpu.json").write_text(json.dumps(data, indent=1) + "\n")
@@ -877,6 +918,12 @@ def derived(trainer: dict, bare: dict, peak_override: float | None) -> dict:
     return out
 
 
+def timing_text(data: dict) -> str:
+    w, n = data["window_steps"], data["timed_windows"]
+    return (f"step time: median over {n} windows of {w} steps (each window's mean step) after a warm-up window; "
+            f"only a window's last step waits for the device, to time its phases (fwd / bwd / opt)")
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
@@ -888,7 +935,7 @@ def markdown(data: dict) -> str:
     head = (
         f"`python benchmarks/gpu.py` ({data['mode']}) on {dev}; {ver}; {data['date']}; {data['elapsed_s']:.0f} s. "
         f"{'float32' if data['mode'].startswith('cpu') else 'bf16'}, batch 1, precomputed inputs, text encoders "
-        f"shortened (one layer; HunyuanVideo's Llama two); median of {data['timed_steps']} steps after {data['warmup_steps']} warm-up."
+        f"shortened (one layer; HunyuanVideo's Llama two); {timing_text(data)}."
     )
     cols = (
         "| row | AC | compile | peak alloc / reserved GiB | planned GiB (error) | ptrain s/step (fwd / bwd / opt) "
@@ -972,6 +1019,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--peak_tflops", type=float, help="dense peak of the device (default: ptrain.metrics' table)")
     ap.add_argument("--deadline_s", type=int, default=DEADLINE_S, help="rows not started past this are skipped")
     ap.add_argument("--no_checks", action="store_true", help="skip the one-process ring attention check")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run ptrain and the bare loop N times each, alternating, and keep each one's fastest run "
+                         "(noisy shared machines; benchmarks/throughput.py uses 3 on the CPU)")  # fmt: skip
     args = ap.parse_args(argv)
     all_rows = CPU_ROWS if args.cpu else ROWS
     if args.list:

@@ -9,8 +9,10 @@ on an H100 (989 dense bf16 TFLOP/s) - an estimate, not a measurement.
 Part 2 (measured here, like for like): the GPU suite's CPU mode (`benchmarks/gpu.py --cpu`) on each model's tiny
 checkpoint at 9x64x64: ptrain trains from precomputed latents and text embeddings (`--enable_precomputation`;
 the precompute pass is a separate process) and a bare PyTorch loop trains the same LoRA on the same precomputed
-sample with the same fused AdamW, gradient clipping and loss, float32, one process; median step time after the
-warm-up, and MFU against this CPU's measured float32 matmul peak. Target (issue 15): trainer / bare <= 1.3.
+sample with the same fused AdamW and gradient clipping, and a flow-matching MSE with fresh noise and timestep
+every step, float32, one process, one thread; the step time as the suite times it (windows of steps, see
+benchmarks/gpu.py), and MFU against this CPU's measured one-thread float32 matmul peak. Target (issue 15):
+trainer / bare <= 1.3.
 
     python benchmarks/throughput.py [--json F] [--markdown F]
 """
@@ -30,8 +32,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.gpu import timing_text
 from benchmarks.memory import CONFIGS, RES, RESULTS  # noqa: E402
 
+#: ptrain and the bare loop each run this many times, alternating; each keeps its fastest (benchmarks/gpu.py --repeat)
+REPEAT = 3
 H100_BF16_TFLOPS = 989.0  # dense, SXM (../shared/reference/published_numbers.md)
 MODELS = {"ltx_video": "ltx-video", "cogvideox": "cogvideox-5b", "hunyuan_video": "hunyuan-video",
           "wan": "wan2.1-14b"}  # fmt: skip
@@ -62,10 +67,17 @@ def tokens(spec, variant: str, f: int, h: int, w: int) -> int:
     return rules.tokens(f, h, w)
 
 
-def cpu_matmul_peak_tflops(n: int = 2048, repeat: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeat))
+def cpu_matmul_peak_tflops(n: int = 2048, repeat: int = 5, threads: int = 1) -> float:
+    """float32 matmul TFLOP/s on `threads` threads: the suite's CPU mode runs its processes on one
+    (OMP_NUM_THREADS=1, benchmarks/gpu.py child_env)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        best = min(_timed(lambda: a @ b) for _ in range(repeat))
+    finally:
+        torch.set_num_threads(before)
     return 2 * n**3 / best / 1e12
 
 
@@ -81,7 +93,7 @@ def measure(out: Path) -> dict:
 
     names = [r.name for r in CPU_ROWS if r.name.endswith("-lora-64")]
     cmd = [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--cpu", "--no_checks", "--out", str(out),
-           "--deadline_s", "3600", *[a for n in names for a in ("--only", n)]]  # fmt: skip
+           "--deadline_s", "3600", "--repeat", str(REPEAT), *[a for n in names for a in ("--only", n)]]  # fmt: skip
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"benchmarks/gpu.py --cpu failed:\n{p.stderr[-3000:]}")
@@ -97,7 +109,7 @@ def main() -> None:
     print("counting model FLOPs of the full-size models (fake tensors)...", file=sys.stderr, flush=True)
     flops = [full_size_flops(v) for v in MODELS.values()]
     peak = cpu_matmul_peak_tflops()
-    print(f"this CPU's float32 matmul peak: {peak:.3f} TFLOP/s ({torch.get_num_threads()} threads)", file=sys.stderr)
+    print(f"this CPU's float32 matmul peak: {peak:.3f} TFLOP/s (one thread)", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         suite = measure(Path(tmp))
     measured = [r for r in suite["rows"] if r.get("status") == "ok"]
@@ -125,9 +137,9 @@ def render(flops: list[dict], measured: list[dict], peak: float, suite: dict) ->
         f, h, w = r["frames_hw"]
         lines.append(f"| {r['variant']} | {f}x{h}x{w} | {r['tokens']:,} | {r['tflop_lora']:.0f} | {r['tflop_full']:.0f} "
                      f"| {r['h100_s_lora_at_40pct_mfu']:.2f} |")  # fmt: skip
-    lines += ["", f"Measured on this machine's CPU ({torch.get_num_threads()} threads, float32 matmul peak {peak:.3f} "
+    lines += ["", f"Measured on this machine's CPU (one thread, float32 matmul peak {peak:.3f} "
               f"TFLOP/s), like for like: tiny checkpoints, LoRA, 9x64x64, batch 1, float32, precomputed inputs, one "
-              f"process, fused AdamW; median of {suite['timed_steps']} steps after {suite['warmup_steps']} warm-up "
+              f"process, fused AdamW; {timing_text(suite)}; the fastest of {REPEAT} alternating runs of each "
               "(`benchmarks/gpu.py --cpu`). Target: trainer / bare <= 1.3.", "",
               "| model | ptrain ms/step (fwd / bwd / opt) | bare loop ms/step (fwd / bwd / opt) | trainer / bare "
               "| model GFLOP/step | MFU ptrain / bare |", "|---|---|---|---|---|---|"]  # fmt: skip

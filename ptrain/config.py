@@ -625,7 +625,8 @@ class LogArgs:
     bf16; none on CPU). FLOPs are counted once per training shape at start-up on fake tensors (ptrain/flops.py):
     `mfu` from the model's FLOPs, `hfu` with activation-checkpoint recompute; both hold under --compile."""
     log_step_breakdown: bool = False
-    """Also log forward / backward / optimizer seconds per step (synchronises the device after each phase)."""
+    """Also log the forward / backward / optimizer seconds of each logging step (that step waits for the device
+    after each phase; the steps between logging steps never wait)."""
 
     def validate(self) -> None:
         _check_min(1, ("--logging_steps", self.logging_steps))

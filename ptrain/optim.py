@@ -15,7 +15,8 @@ def build_optimizer(params: list, args: OptimArgs, device: torch.device, fused: 
     """`params`: parameters or param-group dicts (groups may set their own lr). `fused` (the default, on CUDA and
     CPU) runs AdamW / Adam as one fused kernel per step instead of torch's multi-tensor (foreach) path: faster,
     without foreach's temporary copy of the second moments (4 more bytes per parameter at the step's peak), and
-    able to skip a non-finite step on the device (`found_inf`)."""
+    able to skip a non-finite step on the device (`found_inf`). `fused=False`: torch's multi-tensor (foreach)
+    path, which torch picks on CUDA when not told otherwise (the planner replays measurements of it)."""
     if not params or (isinstance(params[0], dict) and not any(g["params"] for g in params)):
         raise ConfigError("no trainable parameters (check --training_type and --target_modules)")
     betas = (args.beta1, args.beta2)
@@ -24,11 +25,13 @@ def build_optimizer(params: list, args: OptimArgs, device: torch.device, fused: 
                          decoupled=args.optimizer == "adamw", seed=seed)  # fmt: skip
     if args.optimizer == "adamw":
         return torch.optim.AdamW(
-            params, lr=args.lr, betas=betas, eps=args.epsilon, weight_decay=args.weight_decay, fused=fused or None
+            params, lr=args.lr, betas=betas, eps=args.epsilon, weight_decay=args.weight_decay, fused=fused or None,
+            foreach=not fused or None,
         )
     if args.optimizer == "adam":
         return torch.optim.Adam(
-            params, lr=args.lr, betas=betas, eps=args.epsilon, weight_decay=args.weight_decay, fused=fused or None
+            params, lr=args.lr, betas=betas, eps=args.epsilon, weight_decay=args.weight_decay, fused=fused or None,
+            foreach=not fused or None,
         )
     if args.optimizer == "came":
         return _came_class()(

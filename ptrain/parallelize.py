@@ -124,10 +124,13 @@ def param_groups(transformer: torch.nn.Module, cfg: Config) -> list[dict]:
     return groups
 
 
-def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims, device, place=None) -> None:
+def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims, device, place=None,
+                fsdp_in_one_process: bool = False) -> None:  # fmt: skip
     """Step 2, the parallel plan in its fixed order: context parallelism -> AC -> compile per block -> placement
     and fully_shard / replicate, unit by unit. `place(module)`: how a unit reaches the device (default
-    `place_states`; the memory planner materialises meta tensors)."""
+    `place_states`; the memory planner materialises meta tensors). `fsdp_in_one_process`: wrap a one-process
+    LoRA or float32 run in FSDP2 too, as ptrain did before it trained the plain module there (the planner
+    replays measurements of that code: ptrain.planner.CodePath)."""
     ac, p, m = cfg.activation_checkpoint, cfg.parallel, cfg.model
     if dims.cp > 1:
         if spec.cp_plan is None:
@@ -150,7 +153,8 @@ def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelD
     plan = apply_data_parallel(
         transformer, blocks, mesh, dims, DTYPES[m.transformer_dtype], spec.fp32_module_names(transformer),
         cpu_offload=p.fsdp_cpu_offload,
-        plain_single=m.training_type == "lora" or m.transformer_dtype == "float32" or cfg.optim.full_bf16,
+        plain_single=not fsdp_in_one_process
+        and (m.training_type == "lora" or m.transformer_dtype == "float32" or cfg.optim.full_bf16),
         place=place or functools.partial(place_states, device=device, skip=swap.host_params if swap else ()),
     )  # fmt: skip
     log.info(plan)
@@ -210,12 +214,14 @@ def build_trainable(
     fused: bool = True,
     planning: bool = False,
     place=None,
+    fsdp_in_one_process: bool = False,
 ) -> TrainableModel:
     """Step 3: `parallelize`, then parameter groups, optimizer, learning-rate schedule over `train_steps`, EMA.
-    `fused`: the fused AdamW / Adam kernel (ptrain.optim.build_optimizer); `planning`: the memory planner's call
-    (8-bit AdamW is then a stand-in with its state layout); `place`: see `parallelize`."""
+    `fused`: the fused AdamW / Adam kernel, else the multi-tensor one (ptrain.optim.build_optimizer); `planning`:
+    the memory planner's call (8-bit AdamW is then a stand-in with its state layout); `place`,
+    `fsdp_in_one_process`: see `parallelize`."""
     e = cfg.ema
-    parallelize(transformer, cfg, spec, mesh, dims, device, place)
+    parallelize(transformer, cfg, spec, mesh, dims, device, place, fsdp_in_one_process)
     groups = param_groups(transformer, cfg)
     params = [q for g in groups for q in g["params"]]
     n_train = sum(q.numel() for q in params)

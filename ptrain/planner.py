@@ -38,6 +38,9 @@ LoRA 20.0 / 18.8 GiB, LTX-Video LoRA 7.82 / 6.32, CogVideoX-5B full fine-tune 11
 pass 81.5 / 73.3; benchmarks/results/gpu_h200.json and the project's platform notes); `device_estimate_bytes`
 adds the CUDA context, assumed 1 GiB (not measured; it is outside torch's reserved figure).
 
+Allocated: replaying the code that ran on the H200 (CodePath: FSDP2 in one process, foreach AdamW), the planner
+is within 5% of all three allocated peaks measured there (-0.6%, -0.2%, -0.2%; tests/test_planner.py pins them).
+
 What it does not model otherwise: fragmentation beyond that slack, NCCL's own buffers and kernel workspaces
 (cuBLAS, flash attention). Fake tensors live on the CPU device, so attention runs through the CPU SDPA kernels,
 whose saved tensors (output + log-sum-exp) match the fused CUDA kernels'.
@@ -59,6 +62,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -84,6 +88,22 @@ STEP_PHASES = ("forward_backward", "optimizer")
 RESERVED_SLACK, RESERVED_EXTRA_BYTES = 0.10, int(1.5 * GIB)
 #: The CUDA context beside torch's reserved memory (assumed, not measured).
 CUDA_CONTEXT_BYTES = GIB
+
+
+@dataclasses.dataclass(frozen=True)
+class CodePath:
+    """Choices of ptrain's code that the planner makes as the trainer makes them, unless told otherwise here: to
+    replay a measurement of code that ptrain has since changed (the H200 references in tests/test_planner.py).
+    `fsdp_in_one_process`: FSDP2 wraps a one-process LoRA run too (ptrain now trains the plain module there);
+    `foreach_optimizer`: torch's multi-tensor AdamW, whose step allocates a copy of the second moments (ptrain
+    now runs the fused kernel)."""
+
+    fsdp_in_one_process: bool = False
+    foreach_optimizer: bool = False
+
+
+#: What the trainer runs.
+TRAINER = CodePath()
 
 
 class PeakBytes(TorchDispatchMode):
@@ -224,8 +244,8 @@ def _run(flags: list[str], world: int, model_dir, num_blocks=None, fake: bool = 
 
 
 def simulate_config(cfg, world: int, model_dir: str | Path, num_blocks: tuple[int, ...] | None = None,
-                    fake: bool = True) -> dict:  # fmt: skip
-    """simulate() of a parsed Config (left unchanged)."""
+                    fake: bool = True, code: CodePath = TRAINER) -> dict:  # fmt: skip
+    """simulate() of a parsed Config (left unchanged); `code`: see CodePath."""
     from ptrain.models.spec import get_spec
 
     t0 = time.perf_counter()
@@ -241,12 +261,12 @@ def simulate_config(cfg, world: int, model_dir: str | Path, num_blocks: tuple[in
     if fake:
         _fake_world(world)
         try:
-            return _simulate(cfg, spec, world, model_dir, num_blocks, fake, t0)
+            return _simulate(cfg, spec, world, model_dir, num_blocks, fake, t0, code)
         finally:  # leave no fake default group behind for code that initialises a real one later
             dist.destroy_process_group()
     if dist.get_world_size() != world:
         raise ValueError(f"fake=False needs the process group of {world} ranks to be initialised")
-    return _simulate(cfg, spec, world, model_dir, num_blocks, fake, t0)
+    return _simulate(cfg, spec, world, model_dir, num_blocks, fake, t0, code)
 
 
 class _NoHook:
@@ -374,7 +394,8 @@ def _add_ema(phases: dict, ema) -> int:
     return ema_bytes
 
 
-def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0: float) -> dict:
+def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0: float,
+              code: CodePath = TRAINER) -> dict:  # fmt: skip
     """The trainer's set-up (ptrain.parallelize) and step (ptrain.step) on fake tensors, measured."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -401,7 +422,8 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
         place = functools.partial(place_states, device=device, materialize=True)
         with PeakBytes() as startup:
             model = build_trainable(transformer, cfg, spec, mesh, dims, device, t.train_steps, planning=True,
-                                    place=place)
+                                    place=place, fused=not code.foreach_optimizer,
+                                    fsdp_in_one_process=code.fsdp_in_one_process)  # fmt: skip
         steps, prepared, resident = _measure_step(cfg, spec, comps, model, dims, device)
         latent_shape = tuple(prepared.sample.target.shape)
     phases = {"startup": {"peak_bytes": startup.peak, "categories": {
@@ -426,6 +448,7 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
         "categories": top["categories"],
         "phases": phases,
         "resident_bytes": resident,
+        **({"code_path": dataclasses.asdict(code)} if code != TRAINER else {}),
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -505,9 +528,9 @@ def plan(flags: list[str], world: int, model_dir: str | Path, full: bool = False
 
 
 def plan_config(cfg, world: int, model_dir: str | Path, full: bool = False, vae_phases: bool = True,
-                phases: bool = True) -> dict:  # fmt: skip
+                phases: bool = True, code: CodePath = TRAINER) -> dict:  # fmt: skip
     """plan() of a parsed Config; `phases=False` leaves out `finish` (the start-up and the step only: the AC and
-    layout choices compare the step's peak)."""
+    layout choices compare the step's peak); `code`: see CodePath."""
     from ptrain.models.spec import get_spec
 
     model_dir = Path(model_dir)
@@ -515,17 +538,17 @@ def plan_config(cfg, world: int, model_dir: str | Path, full: bool = False, vae_
     config = spec.transformer_cls.load_config(model_dir, subfolder="transformer")
     targets = tuple(int(config[k]) for k in spec.block_count_keys)
     if full or all(n <= 4 for n in targets):
-        res = simulate_config(cfg, world, model_dir)
+        res = simulate_config(cfg, world, model_dir, code=code)
         res["simulated_blocks"] = [res["blocks"]]
         return finish(res, cfg, model_dir, vae_phases) if phases else res
     base_blocks = tuple(3 for _ in targets)  # from 3 blocks on, FSDP's prefetch pattern no longer changes
     swap = cfg.parallel.blocks_to_swap
     sim = (lambda blocks: _swap_everything(cfg, blocks)) if swap else (lambda blocks: cfg)  # noqa: E731
-    base = simulate_config(sim(base_blocks), world, model_dir, base_blocks)
+    base = simulate_config(sim(base_blocks), world, model_dir, base_blocks, code=code)
     bumps = []
     for i in range(len(targets)):
         blocks = tuple(4 if j == i else 3 for j in range(len(targets)))
-        bumps.append(simulate_config(sim(blocks), world, model_dir, blocks))
+        bumps.append(simulate_config(sim(blocks), world, model_dir, blocks, code=code))
     res = _extrapolate(base, bumps, targets)
     if swap:
         res["swap_host_bytes"] = _extrapolate_swap(base, bumps, targets)

@@ -651,9 +651,17 @@ class Trainer:
         self.export_final()
         return self.result
 
+    def logs_at(self, step: int) -> bool:
+        """Whether `step` is a logging step (every --logging_steps, and the last): the only steps whose values the
+        host reads from the device."""
+        return step % self.cfg.log.logging_steps == 0 or step == self.cfg.train.train_steps
+
     def train_step(self, step: int) -> StepStats:
-        """One optimizer step: every micro-batch of the accumulation, then the (guarded) optimizer update."""
+        """One optimizer step: every micro-batch of the accumulation, then the (guarded) optimizer update. With
+        --log_step_breakdown a logging step waits for the device around its phases to time them; the other steps
+        never wait."""
         stats = StepStats()
+        breakdown = self.cfg.log.log_step_breakdown and self.logs_at(step)
         step_loss = torch.zeros((), device=self.device)
         for micro in range(self.accum):
             td = time.perf_counter()
@@ -661,19 +669,20 @@ class Trainer:
             stats.data_time += time.perf_counter() - td
             stats.replaced = stats.replaced + batch["replaced"].sum()  # a tensor: no int() per step
             set_gradient_sync(self.transformer, self.run.dims, last=micro == self.accum - 1)
-            loss, prepared = self.forward_backward(batch, stats.phase)
+            loss, prepared = self.forward_backward(batch, stats.phase, breakdown)
             step_loss += loss
             stats.tokens += prepared.tokens
             model, hardware = self.flops.get(prepared.key, (0, 0))  # per sample; a cp rank does 1/cp of it
             stats.flops = (stats.flops[0] + model * prepared.batch / self.run.dims.cp,
                            stats.flops[1] + hardware * prepared.batch / self.run.dims.cp)  # fmt: skip
-        self.optimizer_step(step, step_loss, stats)
+        self.optimizer_step(step, step_loss, stats, breakdown)
         return stats
 
-    def forward_backward(self, batch: dict, phase: dict) -> tuple[torch.Tensor, Prepared]:
+    def forward_backward(self, batch: dict, phase: dict, breakdown: bool = False) -> tuple[torch.Tensor, Prepared]:
         """One micro-batch: inputs and conditioning (offloaded encoders visit the device once), forward, backward.
-        Returns the loss (divided by the accumulation steps) and the prepared micro-batch (tokens, FLOPs key)."""
-        t, breakdown = self.cfg.train, self.cfg.log.log_step_breakdown
+        Returns the loss (divided by the accumulation steps) and the prepared micro-batch (tokens, FLOPs key).
+        `breakdown`: wait for the device around the forward and backward, to time them (`phase`)."""
+        t = self.cfg.train
         gens = sample_generators(t.seed, batch["position"])
         strata = None
         if self.cfg.objective.uniform_sampling:  # sample j of the global batch draws from slice j of G
@@ -692,7 +701,7 @@ class Trainer:
         phase["backward_s"] += time.perf_counter() - tb
         return loss.detach(), prepared
 
-    def optimizer_step(self, step: int, step_loss: torch.Tensor, stats: StepStats) -> None:
+    def optimizer_step(self, step: int, step_loss: torch.Tensor, stats: StepStats, breakdown: bool = False) -> None:
         """Clip, agree on the step's loss across ranks, and step unless the loss or norm is not finite. The
         decision stays on the device with the fused optimizers (their `found_inf` skips the update and the step
         count); others (CAME, 8-bit AdamW) decide on the host."""
@@ -713,12 +722,12 @@ class Trainer:
         self.nan_total = self.nan_total + (~stats.finite).int()
         mod.lr_scheduler.step()
         mod.optimizer.zero_grad(set_to_none=True)
-        if self.cfg.log.log_step_breakdown:
+        if breakdown:
             self.sync(True)
             stats.phase["optimizer_s"] = time.perf_counter() - to
 
     def sync(self, enabled: bool) -> None:
-        """Wait for the device (only for --log_step_breakdown's phase times)."""
+        """Wait for the device (only for --log_step_breakdown's phase times, on logging steps)."""
         if enabled and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -733,7 +742,7 @@ class Trainer:
         self.losses.append((stats.loss, stats.grad_norm))
         self.replaced_since_log = self.replaced_since_log + stats.replaced
         bar.update(1)
-        if step % self.cfg.log.logging_steps and step != self.cfg.train.train_steps:
+        if not self.logs_at(step):
             return
         loss, grad_norm, finite = float(stats.loss), float(stats.grad_norm), bool(stats.finite)  # host sync
         # The host runs ahead of the device between logging steps: a step's time is the window's average.
@@ -776,7 +785,7 @@ class Trainer:
     def check_nan_guard(self, step: int) -> None:
         """--max_nan_steps, checked where the counters reach the host (logging steps and the last step)."""
         limit = self.cfg.checkpoint.max_nan_steps
-        if step % self.cfg.log.logging_steps and step != self.cfg.train.train_steps:
+        if not self.logs_at(step):
             return
         if limit and self.nan_in_a_row >= limit:
             self.checkpointer.wait()

@@ -97,19 +97,19 @@ def test_cpu_mode_end_to_end(tmp_path):
     wall = time.perf_counter() - t0
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     data = json.loads((out / "gpu.json").read_text())
-    assert data["mode"].startswith("cpu") and data["warmup_steps"] == gpu.WARMUP
+    assert data["mode"].startswith("cpu") and data["window_steps"] == gpu.WINDOW["cpu"]
     (row,) = data["rows"]
     assert row["row"] == "cpu-ltx-lora-ac" and row["status"] == "ok", row["status"]
     t, b = row["trainer"], row["bare"]
     assert t["cache_reused"], "the timed run must reuse the precompute pass's cache"
-    for k in ("step_s", "first_step_s", "peak_allocated_gib", "peak_reserved_gib", "forward_s", "optimizer_s"):
+    for k in ("step_s", "first_window_step_s", "peak_allocated_gib", "peak_reserved_gib", "forward_s", "optimizer_s"):
         assert isinstance(t[k], float), k
     assert t["compile_s"] is None and b["compile_s"] is None  # not compiled
     # ptrain's own `mfu` counts the model's FLOPs (no AC recompute): the bare loop's model FLOPs; `hfu` adds it
     assert t["mfu_logged"] > 0 and t["tflops_per_step_logged"] == pytest.approx(row["model_tflop_per_step"])
     assert t["hfu_logged"] > t["mfu_logged"]
-    assert t["steps_timed"] == gpu.STEPS
-    for k in ("step_s", "forward_s", "backward_s", "optimizer_s", "peak_allocated_gib", "first_step_s"):
+    assert t["steps_timed"] == b["steps_timed"] == gpu.WINDOW["cpu"] * gpu.WINDOWS["cpu"]
+    for k in ("step_s", "forward_s", "backward_s", "optimizer_s", "peak_allocated_gib", "first_window_step_s"):
         assert isinstance(b[k], float), k
     assert b["model_flops"] > 0 and b["recompute_flops"] > 0  # full AC: the backward recomputes the blocks
     assert b["hw_flops"] == b["model_flops"] + b["recompute_flops"]
