@@ -133,7 +133,17 @@ ROWS = [
     Row("cogvideox5b-lora-noac", "cogvideox-5b", "lora", False, True, (49, 480, 720), min_gib=100, est_s=150,
         default=False, note="planned 73.9 GiB: an H200, not an 80 GB card"),
     Row("cogvideox5b-full-ac", "cogvideox-5b", "full-finetune", True, False, (49, 480, 720), min_gib=120,
-        est_s=170, default=False, note="~104 GiB measured with foreach AdamW: an H200; no AC does not fit"),
+        est_s=170, default=False, note="float32 masters (FSDP2 mixed precision): planned 86.2 GiB with the fused AdamW (104 measured with "
+             "foreach on an H200); no AC does not fit. The bare loop trains bf16 weights (as --full_bf16)"),
+    Row("cogvideox5b-full-bf16-ac", "cogvideox-5b", "full-finetune", True, False, (49, 480, 720), ["--full_bf16"],
+        min_gib=60, est_s=170, default=False,
+        note="--full_bf16: bf16 weights and moments, stochastic rounding (planned 44.2 GiB; finetrainers publishes "
+             "52.9 GB reserved)"),
+    Row("cogvideox5b-full-bf16-8bit-ac", "cogvideox-5b", "full-finetune", True, False, (49, 480, 720),
+        ["--full_bf16", "--optimizer", "adamw-8bit", "--bf16_rounding", "nearest"], min_gib=60, est_s=170,
+        default=False,
+        note="--full_bf16 + 8-bit AdamW (planned 34.0 GiB; the goal: <= 40 GB reserved); needs bitsandbytes, "
+             "which the device image lacks: carry its wheel"),
     Row("wan1.3b-lora-ac", "wan2.1-1.3b", "lora", True, True, (81, 480, 832), est_s=120, default=False),
     Row("wan1.3b-lora-noac", "wan2.1-1.3b", "lora", False, True, (81, 480, 832), est_s=110, default=False),
     *[Row(f"cogvideox5b-lora-ac-sdpa-{b}", "cogvideox-5b", "lora", True, False, (49, 480, 720),
