@@ -135,6 +135,10 @@ ROWS = [
     Row("cogvideox5b-full-ac", "cogvideox-5b", "full-finetune", True, False, (49, 480, 720), min_gib=120,
         est_s=170, default=False, note="float32 masters (FSDP2 mixed precision): planned 86.2 GiB with the fused AdamW (104 measured with "
              "foreach on an H200); no AC does not fit. The bare loop trains bf16 weights (as --full_bf16)"),
+    Row("ltx-lora-offload", "ltx-video", "lora", False, False, (49, 512, 768), ["--activation_offload"], est_s=100,
+        default=False,
+        note="--activation_offload instead of AC (planned 6.0 GiB + 8.0 GiB pinned host; no AC 13.4, full AC 5.8); "
+             "the bare loop keeps its activations on the GPU, so trainer / bare is the offload's step-time cost"),
     Row("cogvideox5b-full-bf16-ac", "cogvideox-5b", "full-finetune", True, False, (49, 480, 720), ["--full_bf16"],
         min_gib=60, est_s=170, default=False,
         note="--full_bf16: bf16 weights and moments, stochastic rounding (planned 44.2 GiB; finetrainers publishes "

@@ -371,9 +371,19 @@ class ActivationCheckpointArgs:
     gpu_memory_gb: float | None = None
     """The memory --ac_mode auto plans to fit, in GB (10^9 bytes) per GPU. Default: the GPU's total memory
     (required on a machine without a GPU)."""
+    activation_offload: bool = False
+    """Instead of recomputing: what each transformer block saves for the backward waits in pinned host memory,
+    copied out in the forward and back (prefetched a block ahead) in the backward on a side stream. Costs host
+    memory and two host-link transfers of every saved byte per step (ptrain/parallel/offload.py). Not with
+    --gradient_checkpointing, --compile or --blocks_to_swap."""
 
     def validate(self) -> None:
         _check_min(1, ("--ac_every_n_blocks", self.ac_every_n_blocks))
+        if self.activation_offload and (self.gradient_checkpointing or self.ac_mode == "auto"):
+            raise ConfigError(
+                "--activation_offload is the alternative to recompute: choose it or --gradient_checkpointing / "
+                "--ac_mode auto, not both (a checkpointed block saves only its inputs)"
+            )
         if self.gpu_memory_gb is not None and self.gpu_memory_gb <= 0:
             raise ConfigError(f"--gpu_memory_gb must be > 0, got {self.gpu_memory_gb}")
 
@@ -684,11 +694,21 @@ class Config:
             getattr(self, group).validate()
         if self.checkpoint.export_comfyui and self.model.training_type != "lora":
             raise ConfigError("--export_comfyui writes a LoRA file: it needs --training_type lora")
+        if self.activation_checkpoint.activation_offload:
+            self._validate_activation_offload()
         if self.parallel.blocks_to_swap:
             self._validate_block_swap()
         if self.optim.full_bf16:
             self._validate_full_bf16()
         return self
+
+    def _validate_activation_offload(self) -> None:
+        if self.compile.compile:
+            raise ConfigError("--activation_offload with --compile: compiled blocks save their tensors inside their "
+                              "own graph, out of reach of the offload hooks; drop one of the two")  # fmt: skip
+        if self.parallel.blocks_to_swap:
+            raise ConfigError("--activation_offload with --blocks_to_swap: block swap needs activation "
+                              "checkpointing, which offload replaces; choose one")  # fmt: skip
 
     def _validate_block_swap(self) -> None:
         a, m, n = self.activation_checkpoint, self.model, self.parallel.blocks_to_swap

@@ -30,6 +30,7 @@ from ptrain.models.spec import ModelSpec
 from ptrain.optim import build_optimizer, build_scheduler
 from ptrain.parallel import ParallelDims, apply_ac, apply_compile, apply_data_parallel
 from ptrain.parallel.context import apply_context_parallel
+from ptrain.parallel.offload import apply_activation_offload
 from ptrain.parallel.swap import apply_block_swap
 
 log = logging.getLogger("ptrain")
@@ -142,6 +143,10 @@ def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelD
     if ac.gradient_checkpointing:
         n = apply_ac(blocks, ac.ac_mode, ac.ac_every_n_blocks, early_stop=not p.blocks_to_swap)
         log.info("activation checkpointing (%s): %d blocks", ac.ac_mode, n)
+    if ac.activation_offload:
+        transformer._ptrain_offload = apply_activation_offload(blocks, device)
+        log.info("activation offload: what %d blocks save for the backward waits in pinned host memory",
+                 sum(len(b) for b in blocks))  # fmt: skip
     swap = block_swap(transformer, blocks, p.blocks_to_swap, dims, device, place)
     if cfg.compile.compile:
         n = apply_compile(blocks, cfg.compile.compile_backend, skip=swap.blocks if swap else ())

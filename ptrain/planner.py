@@ -365,7 +365,7 @@ def _measure_step(cfg, spec, comps, model, dims, device) -> tuple[dict, object, 
     phases = {}
     # The trackers follow one forward each: the micro-batches before the last run untracked, and the last one (whose
     # peak holds the gradients the earlier ones accumulated) is measured.
-    last = lambda: micro_batch(accum - 1)  # noqa: E731
+    last = lambda: micro_batch(accum - 1)
     for phase, fn in (("forward_backward", last), ("optimizer", lambda: optimizer_step(2))):
         if phase == "forward_backward":
             for micro in range(accum - 1):
@@ -470,6 +470,8 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
         "params_total": n_total,
         "params_trainable": sum(q.numel() for q in model.params),
         "swap_host_bytes": _swap_host_bytes(transformer, phases),
+        # --activation_offload: what the measured forward moved to host memory (ptrain/parallel/offload.py)
+        "offload_host_bytes": getattr(getattr(transformer, "_ptrain_offload", None), "host_bytes", 0),
         "peak_bytes": top["peak_bytes"],
         "categories": top["categories"],
         "phases": phases,
@@ -569,15 +571,16 @@ def plan_config(cfg, world: int, model_dir: str | Path, full: bool = False, vae_
         return finish(res, cfg, model_dir, vae_phases) if phases else res
     base_blocks = tuple(3 for _ in targets)  # from 3 blocks on, FSDP's prefetch pattern no longer changes
     swap = cfg.parallel.blocks_to_swap
-    sim = (lambda blocks: _swap_everything(cfg, blocks)) if swap else (lambda blocks: cfg)  # noqa: E731
+    sim = (lambda blocks: _swap_everything(cfg, blocks)) if swap else (lambda blocks: cfg)
     base = simulate_config(sim(base_blocks), world, model_dir, base_blocks, code=code)
     bumps = []
     for i in range(len(targets)):
         blocks = tuple(4 if j == i else 3 for j in range(len(targets)))
         bumps.append(simulate_config(sim(blocks), world, model_dir, blocks, code=code))
     res = _extrapolate(base, bumps, targets)
+    res["offload_host_bytes"] = _extrapolate_host(base, bumps, targets, "offload_host_bytes")
     if swap:
-        res["swap_host_bytes"] = _extrapolate_swap(base, bumps, targets)
+        res["swap_host_bytes"] = _extrapolate_host(base, bumps, targets, "swap_host_bytes")
         _resident_unswapped(res, base, bumps, targets, swap)
     return finish(res, cfg, model_dir, vae_phases) if phases else res
 
@@ -667,11 +670,12 @@ def finish(res: dict, flags, model_dir, vae_phases: bool = True) -> dict:
     return res
 
 
-def _extrapolate_swap(base: dict, bumps: list[dict], targets: tuple[int, ...]) -> int:
-    """Host bytes with every block swapped, extrapolated like the rest."""
-    v = base["swap_host_bytes"]
+def _extrapolate_host(base: dict, bumps: list[dict], targets: tuple[int, ...], key: str) -> int:
+    """Host bytes (`key`: swap_host_bytes with every block swapped, offload_host_bytes), extrapolated like the
+    rest."""
+    v = base[key]
     for i, bump in enumerate(bumps):
-        v += (targets[i] - base["blocks"][i]) * (bump["swap_host_bytes"] - base["swap_host_bytes"])
+        v += (targets[i] - base["blocks"][i]) * (bump[key] - base[key])
     return v
 
 
@@ -684,6 +688,8 @@ AC_LADDER = (
     ("AC every 2nd block", ["--gradient_checkpointing", "--ac_mode", "selective", "--ac_every_n_blocks", "2"]),
     ("full AC", ["--gradient_checkpointing", "--ac_mode", "full"]),
 )
+
+
 def device_bytes(peak_bytes: int) -> int:
     """What a planned (allocated) peak takes of a GPU: the reserved estimate (allocator slack, see the module
     docstring) and the CUDA context."""
@@ -750,6 +756,9 @@ def describe_phases(res: dict, budget_gb: float | None = None) -> list[str]:
     lines = ["phases: " + "; ".join(parts)]
     if "vae" in res:
         lines.append(f"VAE: {res['vae']['decision']}")
+    for key, what in (("swap_host_bytes", "block swap"), ("offload_host_bytes", "activation offload")):
+        if res.get(key):
+            lines.append(f"host memory for {what}: {res[key] / 1e9:.1f} GB (pinned; not in the GPU figures)")
     lines.append(f"run peak {res['run_peak_bytes'] / 1e9:.1f} GB ({res['run_peak_phase']}); reserved estimate "
                  f"{res['reserved_estimate_bytes'] / 1e9:.1f} GB, {res['device_estimate_bytes'] / 1e9:.1f} GB with "
                  f"the CUDA context ({res['reserved_model']})")  # fmt: skip
