@@ -56,6 +56,8 @@ def test_offload_refuses_what_it_cannot_combine(tiny_ckpt, tiny_data, tmp_path, 
         cfg.validate()
 
 
+@pytest.mark.slow
+@pytest.mark.heavy  # four full-size simulations, about 20 s: CI runs it
 def test_planner_sees_activations_leave_the_device():
     """Full-size LTX-Video LoRA r128 at 49x512x768, 2 and 3 blocks, fake tensors: without AC every block adds its
     saved activations to the step's peak; offloaded, a block adds little to it and its activations to host memory

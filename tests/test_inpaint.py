@@ -201,6 +201,8 @@ def test_i2v_lora_parity_validation_and_pipeline(model, tiny_data, tmp_path):
     assert frames.shape == ((5 if model == "hunyuan_video" else 9), 32, 32, 3)
 
 
+@pytest.mark.slow
+@pytest.mark.heavy  # four runs up to the error, about 45 s: CI runs it
 def test_inpaint_errors(tiny_ckpts, tiny_data, tmp_path):
     """Bad inpaint settings stop before training with the flag named."""
     ckpt = tiny_ckpts("cogvideox")

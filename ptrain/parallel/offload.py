@@ -124,7 +124,7 @@ class ActivationOffload:
             t.record_stream(self.stream)  # the device copy stays allocated until the copy has read it
         else:
             s.host = src.detach().clone(memory_format=torch.contiguous_format)
-        self.host_bytes += s.meta and math.prod(s.meta[0]) * s.meta[1].itemsize or s.host.nbytes
+        self.host_bytes += s.host.nbytes if s.host is not None else math.prod(s.meta[0]) * s.meta[1].itemsize
         self.saved[i].append(s)
         return (s, view)
 
