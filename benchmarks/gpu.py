@@ -38,7 +38,7 @@ The default set fits about 8 minutes (estimates in --dry_run); the other rows ru
 
     python benchmarks/gpu.py --dry_run              # the plan: rows, flags, budgets, estimated minutes (CPU, CI)
     python benchmarks/gpu.py --list                 # row names
-    python benchmarks/gpu.py [--only ROW ...] [--set default|all] [--out DIR] [--peak_tflops 989]
+    python benchmarks/gpu.py [--only ROW ...] [--set default|all] [--out DIR] [--peak_tflops 989] [--repeat N]
     python benchmarks/gpu.py --cpu --out /tmp/x     # the same path on tiny checkpoints on the CPU (tests)
 
 On a lent GPU machine (the device tool: /work/.library/device/README.md): its image (KINDS.md) lacks diffusers,
@@ -137,7 +137,7 @@ ROWS = [
              "foreach on an H200); no AC does not fit. The bare loop trains bf16 weights (as --full_bf16)"),
     Row("ltx-lora-offload", "ltx-video", "lora", False, False, (49, 512, 768), ["--activation_offload"], est_s=100,
         default=False,
-        note="--activation_offload instead of AC (planned 6.0 GiB + 8.0 GiB pinned host; no AC 13.4, full AC 5.8); "
+        note="--activation_offload instead of AC (planned 6.1 GiB + 8.0 GiB pinned host; no AC 13.4, full AC 5.8); "
              "the bare loop keeps its activations on the GPU, so trainer / bare is the offload's step-time cost"),
     Row("cogvideox5b-full-bf16-ac", "cogvideox-5b", "full-finetune", True, False, (49, 480, 720), ["--full_bf16"],
         min_gib=60, est_s=170, default=False,

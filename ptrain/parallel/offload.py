@@ -66,6 +66,8 @@ class ActivationOffload:
         self.host_bytes = 0
         #: the current block forward's offloaded storages (by id) -> (a tensor holding it, its _Saved)
         self.packed: dict = {}
+        #: the block whose saved tensors the backward is unpacking
+        self.backward_block: int | None = None
         for i, block in enumerate(self.blocks):
             block.forward = self._wrap(i, block.forward)
 
@@ -75,7 +77,7 @@ class ActivationOffload:
             if not torch.is_grad_enabled():  # validation, no_grad: autograd saves nothing
                 return forward(*args, **kwargs)
             if i == 0:
-                self.host_bytes = 0
+                self.host_bytes, self.backward_block = 0, None
             self.saved[i], self.packed = [], {}
             try:
                 with torch.autograd.graph.saved_tensors_hooks(functools.partial(self._pack, i), self._unpack):
@@ -130,8 +132,7 @@ class ActivationOffload:
 
     def _release_after(self, i: int) -> None:
         """The backward has reached block `i`: the later blocks' backward is done. Device copies of theirs that
-        no op unpacked (a saved tensor whose gradient turned out not to be needed) go now, not at the next
-        forward."""
+        no op unpacked (a view saved by an op whose backward did not need it) go now, not at the next forward."""
         for later in self.saved[i + 1 :]:
             for s in later:
                 s.device_copy = s.ready = None
@@ -159,14 +160,14 @@ class ActivationOffload:
         if not (isinstance(handle, tuple) and len(handle) == 2 and isinstance(handle[0], _Saved)):
             return handle
         s, view = handle
-        if s.device_copy is None:
-            if s.uses > 0:
-                self._release_after(s.block)
-                self._bring(s.block)
-                if s.block > 0:  # the backward runs the blocks in reverse: the previous one is next
-                    self._bring(s.block - 1)
-            else:  # unpacked again (retain_graph, a second backward): this one alone
-                self._bring_one(s)
+        if s.block != self.backward_block:  # the backward enters this block: the later ones are done
+            self.backward_block = s.block
+            self._release_after(s.block)
+            self._bring(s.block)  # what the prefetch has not brought yet
+            if s.block > 0:  # the backward runs the blocks in reverse: the previous one is next
+                self._bring(s.block - 1)
+        if s.device_copy is None:  # unpacked once more than packed (retain_graph, a second backward)
+            self._bring_one(s)
         t = s.device_copy
         if s.ready is not None:
             current = torch.cuda.current_stream(self.device)
