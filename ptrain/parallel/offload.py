@@ -47,11 +47,6 @@ class _Saved:
         self.uses = 0  # unpacks still to come in this backward (one per op that saved a view of it)
 
 
-#: What autograd holds for an offloaded tensor: the storage and, for a view of it, (dtype, offset, size, stride);
-#: None when `saved` holds a contiguous copy of the tensor itself.
-_Handle = tuple
-
-
 class ActivationOffload:
     """The pack / unpack hooks around every block's forward (`blocks`: the flattened block lists)."""
 
@@ -109,13 +104,9 @@ class ActivationOffload:
         s = _Saved(i)
         s.uses = 1
         self.packed[key] = (t, s)
-        if is_fake(t):  # the planner: only the size leaves the device
+        src = None if is_fake(t) else torch.empty(0, dtype=torch.uint8, device=t.device).set_(st) if whole else t
+        if src is None:  # the planner (fake tensors): only the size leaves the device
             s.meta = ((st.nbytes(),), torch.uint8, t.device) if whole else (tuple(t.shape), t.dtype, t.device)
-            src = None
-        else:
-            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(st) if whole else t
-        if src is None:
-            pass
         elif self.cuda:
             s.host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
             self.stream.wait_stream(torch.cuda.current_stream(t.device))
@@ -157,6 +148,8 @@ class ActivationOffload:
             s.device_copy = s.host
 
     def _unpack(self, handle):
+        """`handle`: what _pack returned: a kept tensor, or (_Saved, view) with the view's (dtype, offset, size,
+        stride) in the saved storage, None when the _Saved holds a contiguous copy of the tensor itself."""
         if not (isinstance(handle, tuple) and len(handle) == 2 and isinstance(handle[0], _Saved)):
             return handle
         s, view = handle
