@@ -223,8 +223,9 @@ def select(rows: list[Row], only: list[str] | None, which: str) -> list[Row]:
     for name in only or []:
         if name not in names:
             sys.exit(f"--only {name}: no such row; rows: {', '.join(names)}")
-    if only:
-        return [r for r in rows if r.name in only]
+    if only:  # in the order given: models run in the order of their first row (the first row runs first)
+        by_name = {r.name: r for r in rows}
+        return [by_name[name] for name in dict.fromkeys(only)]
     return [r for r in rows if which == "all" or r.default]
 
 
@@ -242,7 +243,7 @@ def budget_s(row: Row) -> int:
 
 def dry_run(rows: list[Row], all_rows: list[Row], cpu: bool) -> None:
     print(f"GPU suite plan ({'CPU mode, tiny checkpoints' if cpu else 'one GPU'}); deadline {DEADLINE_S} s:")
-    for r in all_rows:
+    for r in [*rows, *(r for r in all_rows if r not in rows)]:  # the rows to run in their order, then the rest
         mark = "run " if r in rows else "skip"
         cap = f", cap {r.cap_gib:g} GiB" if r.cap_gib else ""
         need = f", needs >= {r.min_gib:g} GiB" if r.min_gib else ""
@@ -1022,7 +1023,8 @@ def gpu_name_and_memory() -> tuple[str | None, float | None]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", action="append", help="run this row (repeatable); see --list")
+    ap.add_argument("--only", action="append",
+                    help="run this row (repeatable, in the order given; a model's rows run together); see --list")
     ap.add_argument("--set", dest="which", choices=("default", "all"), default="default",
                     help="default: the rows that fit about 8 minutes; all: every row")  # fmt: skip
     ap.add_argument("--list", action="store_true", help="print the row names and exit")

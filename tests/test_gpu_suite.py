@@ -72,7 +72,7 @@ def test_list_and_only():
     run = suite("--dry_run", "--only", "wan1.3b-lora-noac", "--only", "ltx-lora-ac")
     assert run.returncode == 0, run.stderr
     ran = re.findall(r"\[run \] (\S+):", run.stdout)
-    assert ran == ["ltx-lora-ac", "wan1.3b-lora-noac"]  # in the suite's order
+    assert ran == ["wan1.3b-lora-noac", "ltx-lora-ac"]  # in the order given
     assert f"for {len(ran)} rows" in run.stdout
     run = suite("--dry_run", "--only", "no-such-row")
     assert run.returncode != 0 and "no such row" in run.stderr and "ltx-lora-ac" in run.stderr
