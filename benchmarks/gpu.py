@@ -568,6 +568,7 @@ def bare_loop(job: dict) -> dict:
     else:
         t.to(device)
     latents, cond = bare_inputs(spec, comps, job["cache"], device)
+    dtype = torch.float32 if cpu else torch.bfloat16  # the transformer's (load_bare_model)
     wrapped = [b for bl in blocks for b in bl]
     if row.ac and not swap_n:
         apply_ac(blocks, "full")
@@ -581,7 +582,7 @@ def bare_loop(job: dict) -> dict:
             noise = torch.randn_like(latents)
             sigma = torch.rand((latents.shape[0],), device=device)
             s = sigma.view(-1, *[1] * (latents.dim() - 1))
-            noisy = (1 - s) * latents + s * noise
+            noisy = ((1 - s) * latents + s * noise).to(dtype)  # the model's dtype (bf16 on a GPU), as ptrain feeds it
             with kernels():
                 return (spec.forward(t, noisy, sigma * 1000, cond).float() - (noise - latents)).pow(2).mean()
         if phase == "backward":
