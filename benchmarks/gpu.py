@@ -72,7 +72,9 @@ this machine) and its torch to the rows' torch / CUDA; regenerate the README: `p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -555,6 +557,9 @@ def bare_loop(job: dict) -> dict:
     # the SDPA kernel ptrain was held to (--attention_backend in the row's flags), held here too
     backend = row.extra[row.extra.index("--attention_backend") + 1] if "--attention_backend" in row.extra else "auto"
     kernels = kernel_context(backend)
+    # bf16 compute as ptrain's one-process path runs it (ptrain/parallel/fsdp.py: autocast over the float32 LoRA
+    # weights on the bf16 base), and as an accelerate-style loop with mixed_precision bf16 does
+    amp = contextlib.nullcontext if cpu else functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
     apply_cap()
     t, comps, spec = load_bare_model(row, cpu, job["ckpt"])
     blocks = spec.blocks(t)
@@ -583,7 +588,7 @@ def bare_loop(job: dict) -> dict:
             sigma = torch.rand((latents.shape[0],), device=device)
             s = sigma.view(-1, *[1] * (latents.dim() - 1))
             noisy = ((1 - s) * latents + s * noise).to(dtype)  # the model's dtype (bf16 on a GPU), as ptrain feeds it
-            with kernels():
+            with kernels(), amp():
                 return (spec.forward(t, noisy, sigma * 1000, cond).float() - (noise - latents)).pow(2).mean()
         if phase == "backward":
             with kernels():
@@ -597,6 +602,7 @@ def bare_loop(job: dict) -> dict:
         apply_compile(blocks)
     if device.type == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the uncompiled FLOP-counting step's cached blocks are not the timed steps'
         torch.cuda.reset_peak_memory_stats()
     window, windows = timing(cpu)
     times = [timed_window(step, device, window) for _ in range(1 + windows)]
@@ -784,7 +790,7 @@ class Suite:
     def run_row(self, row: Row, ckpt: Path, data: Path, cache: Path) -> dict:
         """The timed ptrain run (at most 60% of the row's budget), then the bare loop (the rest); with --repeat N,
         N such pairs, alternating, each side keeping its fastest run (a noisy shared machine slows runs, never
-        speeds them up)."""
+        speeds them up). Record() keywords: status, trainer, bare; a failed bare loop keeps ptrain's figures."""
         repeat = self.args.repeat
         end = time.perf_counter() + min(budget_s(row) * repeat, self.left())
         best: dict[str, dict] = {}
@@ -793,7 +799,11 @@ class Suite:
             self.say(f"{row.name}: timed ptrain run{f' {i + 1}/{repeat}' if repeat > 1 else ''} (limit {0.6 * share:.0f} s)")
             runs = {"trainer": self.trainer(row, ckpt, data, cache, 0.6 * share)}
             self.say(f"{row.name}: ptrain {runs['trainer']['step_s']:.4f} s/step; bare loop")
-            runs["bare"] = self.bare(row, ckpt, cache, end - time.perf_counter() - share * (repeat - i - 1))
+            try:
+                runs["bare"] = self.bare(row, ckpt, cache, end - time.perf_counter() - share * (repeat - i - 1))
+            except RuntimeError as e:
+                best.setdefault("trainer", runs["trainer"])
+                return {**best, "status": f"failed: {e}; ptrain's figures are kept (no bare loop to compare)"}
             self.say(f"{row.name}: bare {runs['bare']['step_s']:.4f} s/step")
             for who, res in runs.items():
                 seen = best.get(who, {}).get("runs_step_s", []) + [res["step_s"]]
@@ -895,6 +905,8 @@ class Suite:
         if trainer and bare:
             rec.update(derived(trainer, bare, self.args.peak_tflops))
             rec.update(trainer=trainer, bare=bare)
+        elif trainer:  # the bare loop failed: ptrain's own figures (its logged mfu / hfu), no ratio
+            rec.update(device=self.device[0] or "CPU", trainer=trainer)
         self.add_plan(rec)
         self.records = [r for r in self.records if r["row"] != row.name] + [rec]
         self.say(f"{row.name}: {status}")
@@ -965,17 +977,23 @@ def markdown(data: dict) -> str:
             plan += f" ({r['planner_error_pct']:+.0f}%)"
         cells = ["-"] * 7
         if t:
-            b = r["bare"]
+            b = r.get("bare")
             split = " / ".join(f"{t[k]:.3f}" for k in ("forward_s", "backward_s", "optimizer_s") if k in t)
-            cells = [f"{t['peak_allocated_gib']:.2f} / {t['peak_reserved_gib']:.2f}", plan, f"{t['step_s']:.3f} ({split})",
-                     f"{b['step_s']:.3f}", f"{r['trainer_over_bare']:.2f}", f"{r['model_tflop_per_step']:.3g}",
-                     f"{_pct(r['mfu_trainer'])} / {_pct(r['hfu_trainer'])}"]  # fmt: skip
+            cells = [f"{t['peak_allocated_gib']:.2f} / {t['peak_reserved_gib']:.2f}", plan, f"{t['step_s']:.3f} ({split})"]
+            if b:
+                cells += [f"{b['step_s']:.3f}", f"{r['trainer_over_bare']:.2f}", f"{r['model_tflop_per_step']:.3g}",
+                          f"{_pct(r['mfu_trainer'])} / {_pct(r['hfu_trainer'])}"]  # fmt: skip
+            else:  # no bare loop: ptrain's own FLOP count and mfu / hfu (ptrain/flops.py)
+                tf = t.get("tflops_per_step_logged")
+                cells += ["-", "-", f"{tf:.3g} (ptrain's)" if tf else "-",
+                          f"{_pct(t.get('mfu_logged'))} / {_pct(t.get('hfu_logged'))} (logged)"]
         else:
             cells[1] = plan
         comp = f"{t['compile_s']:.0f}" if t and r["compile"] else "-"
         lines.append(f"| {r['row']} | {'yes' if r['ac'] else 'no'} | {'yes' if r['compile'] else 'no'} | "
                      + " | ".join(cells) + f" | {comp} | {r['status'].splitlines()[0][:120]} |")  # fmt: skip
-    lines += ["", data["peak_note"], data["flops_note"], *checks_markdown(data.get("checks") or [])]
+    calls = [f"Runs: {data['calls']}"] if data.get("calls") else []  # results merged from several calls
+    lines += ["", data["peak_note"], data["flops_note"], *calls, *checks_markdown(data.get("checks") or [])]
     return "\n".join(lines) + "\n"
 
 

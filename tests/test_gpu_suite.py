@@ -154,3 +154,39 @@ def test_a_run_past_its_deadline_still_writes_results(tmp_path):
     assert check["status"].startswith("not run:")
     md = (out / "gpu.md").read_text()
     assert all(f"| {r.name} |" in md for r in gpu.CPU_ROWS) and "not run" in md
+
+
+def test_measured_results_render_ptrain_figures_without_a_bare_loop():
+    """benchmarks/results/gpu.json (measured on an H200): a row whose bare loop failed keeps ptrain's step time,
+    peaks, planner error and logged mfu / hfu, with '-' where the bare loop's figures would be."""
+    data = json.loads((gpu.RESULTS / "gpu.json").read_text())
+    assert data["provenance"]["kind"] == "measured" and "H200" in data["provenance"]["machine"]
+    md = gpu.markdown(data)
+    for r in data["rows"]:
+        line = next(line for line in md.splitlines() if line.startswith(f"| {r['row']} |"))
+        t = r["trainer"]
+        assert f"{t['step_s']:.3f} (" in line and f"{t['peak_allocated_gib']:.2f} / " in line, line
+        if "bare" in r:
+            assert f"| {r['trainer_over_bare']:.2f} |" in line, line
+        else:
+            assert "| - | - |" in line and "(logged)" in line, line
+    assert md == (gpu.RESULTS / "gpu.md").read_text(), "gpu.md is gpu.json rendered: regenerate it"
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # a tiny ptrain run (~20 s)
+def test_a_failed_bare_loop_keeps_ptrains_figures(tmp_path, monkeypatch):
+    """If the bare loop fails (as it did on the first GPU call: a dtype bug), the row keeps ptrain's measured run
+    and says why there is no ratio."""
+
+    def broken_bare(self, row, ckpt, cache, limit):
+        raise RuntimeError("bare loop failed (rc 1, 1 s):\nRuntimeError: planted")
+
+    monkeypatch.setattr(gpu.Suite, "bare", broken_bare)
+    args = argparse.Namespace(cpu=True, out=str(tmp_path / "out"), work=str(tmp_path / "w"), deadline_s=200,
+                              no_checks=True, peak_tflops=None, repeat=1)  # fmt: skip
+    gpu.Suite(args, [gpu.CPU_ROWS[0]]).run()
+    (row,) = json.loads((tmp_path / "out" / "gpu.json").read_text())["rows"]
+    assert row["status"].startswith("failed: bare loop failed") and "ptrain's figures are kept" in row["status"]
+    assert row["trainer"]["step_s"] > 0 and "bare" not in row and "trainer_over_bare" not in row
+    assert "(logged)" in (tmp_path / "out" / "gpu.md").read_text()
