@@ -122,9 +122,11 @@ class Row:
     note: str = ""
 
 
-#: Per model: estimated seconds to build its checkpoint (+ videos, alongside) and run the precompute pass. From
-#: the H200 notes (../shared/reference/platform_notes.md): ~25 s start-up per process, ~30 s first compiled step.
-SETUP_EST_S = {"ltx-video": 50, "cogvideox-5b": 75, "wan2.1-1.3b": 60, "hunyuan-video": 130, "ltx_video": 25,
+#: Per model: estimated seconds to build its checkpoint (+ videos, alongside) and run the precompute pass. Measured
+#: on an H200 (2026-11-27, benchmarks/results/gpu.json): LTX-Video 58 s, CogVideoX-5B 72-80 s; the others from the
+#: H200 notes (../shared/reference/platform_notes.md): ~25 s start-up per process, ~30 s first compiled step. The
+#: rows' est_s: CogVideoX-5B LoRA AC 160 s measured (ptrain 75 + bare 85), LTX-Video ptrain runs 47-62 s.
+SETUP_EST_S = {"ltx-video": 60, "cogvideox-5b": 80, "wan2.1-1.3b": 60, "hunyuan-video": 130, "ltx_video": 25,
                "cogvideox": 25, "wan": 25, "hunyuan_video": 30}  # the last four: --cpu (tiny checkpoints)
 FP8 = ["--layerwise_upcasting_modules", "transformer"]
 ROWS = [
@@ -168,7 +170,7 @@ ROWS = [
 #: The one-process ring attention check (ptrain/parallel/ring_check.py: cp 2 at the CogVideoX-5B shape, bf16, with
 #: and without a text mask, against full SDPA), before the rows in every run unless --no_checks: process start-up,
 #: CUDA init, two cases (well under 10 s of GPU work on an H100).
-CHECK_EST_S = 25
+CHECK_EST_S = 20  # 16 s measured on an H200
 #: --cpu: the same path on the tiny LTX-Video checkpoint (ptrain.testing.tiny), float32, gloo.
 CPU_ROWS = [
     Row("cpu-ltx-lora-ac", "ltx_video", "lora", True, False, (9, 32, 32), est_s=30),
