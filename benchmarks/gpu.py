@@ -66,7 +66,8 @@ one gpu.json and re-render gpu.md with `python -c "import json, benchmarks.gpu a
 print(g.markdown(json.load(open('benchmarks/results/gpu.json'))), end='')" > benchmarks/results/gpu.md`), record
 where and when: `python benchmarks/readme.py --stamp benchmarks/results/gpu.json --kind measured --command
 "python benchmarks/gpu.py"`, then set the provenance's machine to the GPU as the rows name it (the stamp records
-this machine) and its torch to the rows' torch / CUDA; regenerate the README: `python benchmarks/readme.py`.
+this machine) and its torch to the rows' torch / CUDA; put the measured peaks beside the planned ones in the memory
+table: `python benchmarks/memory.py --render`; regenerate the README: `python benchmarks/readme.py`.
 """
 
 from __future__ import annotations

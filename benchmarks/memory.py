@@ -107,6 +107,8 @@ EFFECTS = [
     ("CAME (--optimizer came)", Row("cogvideox-5b", "full-finetune", 1, []), ["--optimizer", "came"]),
     ("block swap, 40 blocks (--blocks_to_swap 40)", Row("hunyuan-video", "lora", 1, []), ["--blocks_to_swap", "40"]),
     ("block swap, 40 blocks (--blocks_to_swap 40)", Row("cogvideox-5b", "lora", 1, []), ["--blocks_to_swap", "40"]),
+    ("activation offload instead of AC (--activation_offload)", Row("ltx-video", "lora", 1, []),
+     ["--no_gradient_checkpointing", "--activation_offload"]),
 ]  # fmt: skip
 
 #: With CPU offload the sharded parameters, gradients and optimizer state stay in host memory: the GPU peak is
@@ -135,16 +137,51 @@ def effects() -> list[dict]:
     return out
 
 
-def effects_markdown(rows: list[dict]) -> str:
+def effects_markdown(rows: list[dict], measured: dict | None = None) -> str:
+    measured = measured or {}
     lines = [
-        "| option | model | type | layout | GPU peak without GiB | with GiB | change |",
-        "|---|---|---|---|---|---|---|",
+        "| option | model | type | layout | GPU peak without GiB | with GiB | change | measured on GPU with GiB "
+        "(alloc / reserved) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    extras = {label: extra for label, _, extra in EFFECTS}
     for r in rows:
         a, b = r["without_bytes"] / GIB, r["with_bytes"] / GIB
+        key = (r["variant"], r["training_type"], tuple(extras.get(r["effect"], ("?",))))
+        single = r["layout"].endswith(" 1")
         lines.append(f"| {r['effect']} | {r['variant']} | {r['training_type']} | {r['layout']} | {a:.2f} | {b:.2f} "
-                     f"| {b - a:+.2f} |")  # fmt: skip
+                     f"| {b - a:+.2f} | {measured.get(key, '-') if single else '-'} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def measured_on_gpu(path: Path = RESULTS / "gpu.json") -> dict:
+    """The GPU suite's measured peaks (benchmarks/gpu.py -> gpu.json), keyed like this file's rows: (variant,
+    training type, the flags beyond full AC at the row's size on one GPU) -> "alloc / reserved" GiB. Rows with an
+    SDPA kernel forced or another size are left out; --compile (the suite's rows use it) is ignored by the planner,
+    and the memory cap of a capped row only limits what may be allocated."""
+    if not path.is_file():
+        return {}
+    from benchmarks.gpu import ROWS
+
+    extra = {r.name: r.extra for r in ROWS}
+    out = {}
+    for g in json.loads(path.read_text())["rows"]:
+        t, flags = g.get("trainer"), extra.get(g["row"])
+        if not t or flags is None or "--attention_backend" in flags or tuple(g["frames_hw"]) != RES[g["variant"]]:
+            continue
+        key = tuple(flags) if g["ac"] else ("--no_gradient_checkpointing", *flags)
+        out[(g["variant"], g["training_type"], key)] = f"{t['peak_allocated_gib']:.2f} / {t['peak_reserved_gib']:.2f}"
+    return out
+
+
+def measured_note(path: Path = RESULTS / "gpu.json") -> str:
+    if not path.is_file():
+        return "Measured on GPU: no GPU suite results yet (`python benchmarks/gpu.py` writes benchmarks/results/gpu.json)."
+    data = json.loads(path.read_text())
+    dev = next((r["device"] for r in data["rows"] if r.get("device")), "a GPU")
+    return (f"Measured on GPU: `benchmarks/gpu.py`'s row of the same model, type, size and options ({dev}, "
+            f"{data['date']}; `benchmarks/results/gpu.json`), peak allocated / reserved over its training steps; its "
+            "LoRA rows also use --compile, which changes no memory the planner sees.")
 
 
 def lower_bound(res: dict, variant: str, training_type: str) -> int:
@@ -185,11 +222,13 @@ def run(rows: list[Row]) -> list[dict]:
     return out
 
 
-def markdown(results: list[dict]) -> str:
+def markdown(results: list[dict], measured: dict | None = None) -> str:
+    measured = measured or {}
     lines = [
-        "| model | type | F x H x W | layout | tokens/rank | ptrain step peak GiB | + resident encoders GiB "
-        "| states + 1 block + saved inputs GiB (peak / it) | others (same settings) | goal |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | type | F x H x W | layout | tokens/rank | ptrain step peak GiB | measured on GPU GiB (alloc / "
+        "reserved) | + resident encoders GiB | states + 1 block + saved inputs GiB (peak / it) | others (same "
+        "settings) | goal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         peak = r["peak_bytes"] / GIB
@@ -204,9 +243,11 @@ def markdown(results: list[dict]) -> str:
         )
         layout = r["layout"].split(":")[0] + f" {r['world_size']}" + (f", cp {r['cp']}" if r["cp"] > 1 else "")
         f, h, w = r["frames_hw"]
+        single = r["world_size"] == 1 and (f, h, w) == RES[r["variant"]]
+        gpu = measured.get((r["variant"], r["training_type"], ()), "-") if single else "-"
         lines.append(
             f"| {r['variant']} | {r['training_type']} | {f}x{h}x{w} | {layout} | {r['tokens_per_rank']:,} "
-            f"| {peak:.2f} | {peak + enc:.2f} | {lb:.2f} ({peak / lb:.2f}x) | {others or '-'} | {goal} |"
+            f"| {peak:.2f} | {gpu} | {peak + enc:.2f} | {lb:.2f} ({peak / lb:.2f}x) | {others or '-'} | {goal} |"
         )
     return "\n".join(lines)
 
@@ -252,6 +293,17 @@ def plot(sw: dict, path: Path) -> bool:
     return True
 
 
+def render(data: dict) -> str:
+    """The tables of memory.json's results and options, with the GPU suite's measured peaks beside them."""
+    measured = measured_on_gpu()
+    table = markdown(data["results"], measured)
+    if data.get("effects"):
+        table += "\n\nMemory options (issue 9), each against the same configuration without it:\n\n" + effects_markdown(
+            data["effects"], measured
+        )
+    return f"{table}\n\n{measured_note()}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="*", help="variants to run (default: all rows)")
@@ -259,7 +311,15 @@ def main() -> None:
     ap.add_argument("--markdown", default=str(RESULTS / "memory.md"))
     ap.add_argument("--png", default=str(RESULTS / "memory.png"))
     ap.add_argument("--no_sweeps", action="store_true", help="skip the sweeps, the plot and the options table")
+    ap.add_argument("--render", action="store_true",
+                    help="simulate nothing: rewrite --markdown from --json and the GPU suite's gpu.json (after a GPU run)")  # fmt: skip
     args = ap.parse_args()
+    if args.render:
+        md = Path(args.markdown)
+        head = md.read_text().split("\n\n", 1)[0] if md.is_file() else "Simulated by `python benchmarks/memory.py`."
+        md.write_text(f"{head}\n\n{render(json.loads(Path(args.json).read_text()))}\n")
+        print(f"wrote {md} from {args.json} and {RESULTS / 'gpu.json'}", file=sys.stderr)
+        return
     rows = [r for r in DEFAULT_ROWS if not args.only or r.variant in args.only]
     t0 = time.perf_counter()
     print(f"simulating {len(rows)} configurations (fake tensors, fake process group; bf16, batch 1, full AC)",
@@ -267,16 +327,11 @@ def main() -> None:
     results = run(rows)
     sw = {} if args.no_sweeps else sweeps()
     eff = [] if args.no_sweeps else effects()
-    table = markdown(results)
-    if eff:
-        table += "\n\nMemory options (issue 9), each against the same configuration without it:\n\n" + effects_markdown(
-            eff
-        )
+    data = {"rows": [asdict(r) for r in rows], "results": results, "sweeps": sw, "effects": eff}
+    table = render(json.loads(json.dumps(data, default=str)))
     print(table)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": [asdict(r) for r in rows], "results": results, "sweeps": sw,
-                                          "effects": eff},
-                                          indent=1, default=str))  # fmt: skip
+    Path(args.json).write_text(json.dumps(data, indent=1, default=str))
     if sw and plot(sw, Path(args.png)):
         print(f"wrote {args.png}", file=sys.stderr)
     Path(args.markdown).write_text(

@@ -190,3 +190,25 @@ def test_a_failed_bare_loop_keeps_ptrains_figures(tmp_path, monkeypatch):
     assert row["status"].startswith("failed: bare loop failed") and "ptrain's figures are kept" in row["status"]
     assert row["trainer"]["step_s"] > 0 and "bare" not in row and "trainer_over_bare" not in row
     assert "(logged)" in (tmp_path / "out" / "gpu.md").read_text()
+
+
+def test_memory_table_shows_the_gpu_measurements_beside_the_plan():
+    """benchmarks/memory.py's tables take the GPU suite's measured peaks (gpu.json) for the rows of the same model,
+    type, size and options (issue 16 item 8), and memory.md is that rendering."""
+    from benchmarks import memory
+
+    measured = memory.measured_on_gpu()
+    data = json.loads((gpu.RESULTS / "gpu.json").read_text())
+    rows = {r.name: r for r in gpu.ROWS}
+    for g in data["rows"]:
+        if "trainer" not in g:
+            continue
+        extra = tuple(rows[g["row"]].extra)
+        key = (g["variant"], g["training_type"], extra if g["ac"] else ("--no_gradient_checkpointing", *extra))
+        t = g["trainer"]
+        assert measured[key] == f"{t['peak_allocated_gib']:.2f} / {t['peak_reserved_gib']:.2f}", g["row"]
+    rendered = memory.render(json.loads((gpu.RESULTS / "memory.json").read_text()))
+    cog = next(line for line in rendered.splitlines() if line.startswith("| cogvideox-5b | lora | 49x480x720 | single"))
+    assert f"| {measured[('cogvideox-5b', 'lora', ())]} |" in cog
+    assert "Measured on GPU:" in rendered and "H200" in rendered
+    assert rendered in (gpu.RESULTS / "memory.md").read_text(), "memory.md is stale: python benchmarks/memory.py --render"
