@@ -39,6 +39,7 @@ The default set fits about 8 minutes (estimates in --dry_run); the other rows ru
     python benchmarks/gpu.py --dry_run              # the plan: rows, flags, budgets, estimated minutes (CPU, CI)
     python benchmarks/gpu.py --list                 # row names
     python benchmarks/gpu.py [--only ROW ...] [--set default|all] [--out DIR] [--peak_tflops 989] [--repeat N]
+                             [--profile]  # + one untimed window of each ptrain run under torch.profiler
     python benchmarks/gpu.py --cpu --out /tmp/x     # the same path on tiny checkpoints on the CPU (tests)
 
 On a lent GPU machine (the device tool: /work/.library/device/README.md): its image (KINDS.md) lacks diffusers,
@@ -171,6 +172,8 @@ ROWS = [
 #: The one-process ring attention check (ptrain/parallel/ring_check.py: cp 2 at the CogVideoX-5B shape, bf16, with
 #: and without a text mask, against full SDPA), before the rows in every run unless --no_checks: process start-up,
 #: CUDA init, two cases (well under 10 s of GPU work on an H100).
+#: --profile: rows of the operator table kept per row (gpu.json, gpu.md).
+PROFILE_ROWS = 15
 CHECK_EST_S = 20  # 16 s measured on an H200
 #: --cpu: the same path on the tiny LTX-Video checkpoint (ptrain.testing.tiny), float32, gloo.
 CPU_ROWS = [
@@ -207,13 +210,19 @@ def model_flags(row: Row, cpu: bool) -> list[str]:
     return flags + row.extra
 
 
-def run_flags(row: Row, cpu: bool, ckpt: Path, data: Path, cache: Path, out: Path, steps: int | None = None
-              ) -> list[str]:  # fmt: skip
+def run_flags(row: Row, cpu: bool, ckpt: Path, data: Path, cache: Path, out: Path, steps: int | None = None,
+              profile: bool = False) -> list[str]:  # fmt: skip
     """ptrain's flags for a row: the timed run (`steps` None: a warm-up window and the timed windows, logging at
-    the end of each), or a run of `steps` steps (the precompute pass)."""
+    the end of each; `profile`: then one more window under torch.profiler, --profile_from_step), or a run of
+    `steps` steps (the precompute pass)."""
     window, windows = timing(cpu)
     steps, every = (window * (1 + windows), window) if steps is None else (steps, 1)
-    return [*model_flags(row, cpu), "--pretrained_model_name_or_path", str(ckpt), "--data_root", str(data),
+    if profile:
+        extra = ["--profile_from_step", str(steps + 1), "--profile_num_steps", str(window)]
+        steps += window
+    else:
+        extra = []
+    return [*model_flags(row, cpu), *extra, "--pretrained_model_name_or_path", str(ckpt), "--data_root", str(data),
             "--output_dir", str(out), "--train_steps", str(steps), "--logging_steps", str(every),
             "--enable_precomputation",
             "--precomputation_dir", str(cache), "--precomputation_reuse", "--log_step_breakdown",
@@ -764,19 +773,24 @@ class Suite:
     def trainer(self, row: Row, ckpt: Path, data: Path, cache: Path, limit: float) -> dict:
         out = self.work / f"run-{row.name}"
         shutil.rmtree(out, ignore_errors=True)
-        flags = run_flags(row, self.cpu, ckpt, data, cache, out)
+        flags = run_flags(row, self.cpu, ckpt, data, cache, out, profile=self.args.profile)
         if self.args.peak_tflops:
             flags += ["--peak_tflops", str(self.args.peak_tflops)]
         log = self.work / f"run-{row.name}.log"
         rc, secs = run_proc(ptrain_cmd(flags, row.cap_gib), child_env(self.cpu, row.cap_gib), limit, log)
         metrics = read_metrics(out)
-        window = timing(self.cpu)[0]
+        window, windows = timing(self.cpu)
+        if self.args.profile:  # the profiled window is not timed
+            metrics = metrics[: 1 + windows]
         if rc != 0 or len(metrics) < 2:
             raise RuntimeError(f"ptrain run failed (rc {rc}, {secs:.0f} s, {len(metrics)} windows logged):\n"
                                f"{log_tail(log)}")  # fmt: skip
         res = summarize_trainer(metrics, row.compile, window)
         res["wall_s"] = secs
         res["cache_reused"] = "precomputation: reusing" in log.read_text(errors="replace")
+        ops = out / "profile" / "ops_rank0.txt"
+        if ops.is_file():  # --profile: torch's operator table of the extra window, its top rows
+            res["profile_ops"] = ops.read_text().splitlines()[: 4 + PROFILE_ROWS]
         return res
 
     def bare(self, row: Row, ckpt: Path, cache: Path, limit: float) -> dict:
@@ -997,7 +1011,19 @@ def markdown(data: dict) -> str:
                      + " | ".join(cells) + f" | {comp} | {r['status'].splitlines()[0][:120]} |")  # fmt: skip
     calls = [f"Runs: {data['calls']}"] if data.get("calls") else []  # results merged from several calls
     lines += ["", data["peak_note"], data["flops_note"], *calls, *checks_markdown(data.get("checks") or [])]
+    lines += profiles_markdown(rows)
     return "\n".join(lines) + "\n"
+
+
+def profiles_markdown(rows: list[dict]) -> list[str]:
+    """--profile: each row's top operators (ptrain's run, one window after the timed ones, torch.profiler)."""
+    out = []
+    for r in rows:
+        ops = (r.get("trainer") or {}).get("profile_ops")
+        if ops:
+            out += ["", f"Top operators of `{r['row']}` (ptrain, one profiled window after the timed ones):", "",
+                    "```", *ops, "```"]  # fmt: skip
+    return out
 
 
 def _gib(x) -> str:
@@ -1057,6 +1083,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--peak_tflops", type=float, help="dense peak of the device (default: ptrain.metrics' table)")
     ap.add_argument("--deadline_s", type=int, default=DEADLINE_S, help="rows not started past this are skipped")
     ap.add_argument("--no_checks", action="store_true", help="skip the one-process ring attention check")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more window of each ptrain run under torch.profiler (not timed): its top operators "
+                         "by device time go to gpu.json and gpu.md")  # fmt: skip
     ap.add_argument("--repeat", type=int, default=1,
                     help="run ptrain and the bare loop N times each, alternating, and keep each one's fastest run "
                          "(noisy shared machines; benchmarks/throughput.py uses 3 on the CPU)")  # fmt: skip

@@ -637,9 +637,15 @@ class LogArgs:
     log_step_breakdown: bool = False
     """Also log the forward / backward / optimizer seconds of each logging step (that step waits for the device
     after each phase; the steps between logging steps never wait)."""
+    profile_from_step: int = 0
+    """Profile the training from this step on with torch.profiler (0: off): a Chrome / Perfetto trace and an
+    operator table per rank in output_dir/profile/ (ptrain/profiling.py). Profiled steps run slower."""
+    profile_num_steps: int = 3
+    """How many steps --profile_from_step profiles."""
 
     def validate(self) -> None:
-        _check_min(1, ("--logging_steps", self.logging_steps))
+        _check_min(1, ("--logging_steps", self.logging_steps), ("--profile_num_steps", self.profile_num_steps))
+        _check_min(0, ("--profile_from_step", self.profile_from_step))
         if self.report_to in ("wandb", "all") and not _importable("wandb"):
             raise ConfigError(
                 f"--report_to {self.report_to}: wandb is not installed: pip install 'ptrain[wandb]' (or pip install "

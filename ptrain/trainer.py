@@ -51,6 +51,7 @@ from ptrain.objectives import sample_generators
 from ptrain.optim import skips_on_device
 from ptrain.parallel import ParallelDims, init_distributed
 from ptrain.parallelize import DTYPES, build_trainable, make_trainable_model
+from ptrain.profiling import StepProfiler
 from ptrain.step import Prepared, TrainStep, clip_gradients, make_inputs, set_gradient_sync
 from ptrain.validation import load_validation_items, run_validation, tiled_decode
 
@@ -632,17 +633,22 @@ class Trainer:
         bar = tqdm(total=train_steps, initial=self.state.step, disable=self.run.rank != 0, desc="train",
                    dynamic_ncols=True)  # fmt: skip
         gc_control = GCControl(self.cfg.train.gc_every_n_steps)
+        lg = self.cfg.log
+        profiler = StepProfiler(lg.profile_from_step, lg.profile_num_steps, self.run.out, self.run.rank, self.device)
         try:
             while self.state.step < train_steps:
                 step = self.state.step + 1
                 gc_control.maybe_collect(step)
+                profiler.step_begin(step)
                 stats = self.train_step(step)
                 self.log_step(step, stats, bar)
+                profiler.step_end(step)
                 self.check_nan_guard(step)
                 self.maybe_validate(step)
                 self.maybe_checkpoint(step, last_step=step == train_steps)
             self.checkpointer.wait()
         finally:
+            profiler.close(self.state.step)
             gc_control.close()
             bar.close()
             self.metrics.close()

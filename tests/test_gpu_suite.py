@@ -177,19 +177,24 @@ def test_measured_results_render_ptrain_figures_without_a_bare_loop():
 @pytest.mark.heavy  # a tiny ptrain run (~20 s)
 def test_a_failed_bare_loop_keeps_ptrains_figures(tmp_path, monkeypatch):
     """If the bare loop fails (as it did on the first GPU call: a dtype bug), the row keeps ptrain's measured run
-    and says why there is no ratio."""
+    and says why there is no ratio. The same run checks --profile."""
 
     def broken_bare(self, row, ckpt, cache, limit):
         raise RuntimeError("bare loop failed (rc 1, 1 s):\nRuntimeError: planted")
 
     monkeypatch.setattr(gpu.Suite, "bare", broken_bare)
     args = argparse.Namespace(cpu=True, out=str(tmp_path / "out"), work=str(tmp_path / "w"), deadline_s=200,
-                              no_checks=True, peak_tflops=None, repeat=1)  # fmt: skip
+                              no_checks=True, peak_tflops=None, repeat=1, profile=True)  # fmt: skip
     gpu.Suite(args, [gpu.CPU_ROWS[0]]).run()
     (row,) = json.loads((tmp_path / "out" / "gpu.json").read_text())["rows"]
     assert row["status"].startswith("failed: bare loop failed") and "ptrain's figures are kept" in row["status"]
-    assert row["trainer"]["step_s"] > 0 and "bare" not in row and "trainer_over_bare" not in row
-    assert "(logged)" in (tmp_path / "out" / "gpu.md").read_text()
+    t = row["trainer"]
+    assert t["step_s"] > 0 and "bare" not in row and "trainer_over_bare" not in row
+    md = (tmp_path / "out" / "gpu.md").read_text()
+    assert "(logged)" in md
+    # --profile (the same run): one more window under torch.profiler, not timed; its top operators recorded
+    assert t["steps_timed"] == gpu.WINDOW["cpu"] * gpu.WINDOWS["cpu"]
+    assert any("aten::" in line for line in t["profile_ops"]) and "Top operators of `cpu-ltx-lora-ac`" in md
 
 
 def test_memory_table_shows_the_gpu_measurements_beside_the_plan():

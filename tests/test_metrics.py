@@ -12,9 +12,15 @@ from conftest import first_error, train_args
 @pytest.mark.slow
 def test_mfu_and_step_breakdown_are_logged(ptrain_run, tiny_ckpt, tiny_data, tmp_path):
     args = train_args(tiny_ckpt, tiny_data, "--train_steps", "2", "--checkpointing_steps", "0", "--batch_size", "1",
-                      "--gradient_accumulation_steps", "2", "--peak_tflops", "0.5", "--log_step_breakdown")  # fmt: skip
+                      "--gradient_accumulation_steps", "2", "--peak_tflops", "0.5", "--log_step_breakdown",
+                      "--profile_from_step", "2", "--profile_num_steps", "1")  # fmt: skip
     run = ptrain_run(1, args, tmp_path / "out")
     assert run.returncode == 0, first_error(run.stderr)
+    # --profile_from_step (the same run): step 2's trace and operator table
+    trace = json.loads((tmp_path / "out" / "profile" / "trace_rank0.json").read_text())
+    assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
+    assert "aten::" in (tmp_path / "out" / "profile" / "ops_rank0.txt").read_text()
+    assert "profiling steps 2-2" in run.stderr
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for r in rows:
@@ -117,3 +123,27 @@ def test_model_flops_do_not_count_recompute(tiny_ckpt, tiny_data):
     assert key == key_ac and model == hardware == model_ac and hardware_ac > model_ac
     blocks = int(spec.transformer_cls.load_config(tiny_ckpt, subfolder="transformer")["num_layers"])
     assert _count(parse_config(flags), spec, tiny_ckpt, (1, 3, 9, 32, 32), (blocks,), False)[0] == model
+
+
+def test_step_profiler_window_and_a_window_never_reached(tmp_path, caplog):
+    """StepProfiler records exactly its steps (trace + operator table), and says so when a run never reaches them."""
+    import logging
+
+    import torch
+
+    from ptrain.profiling import StepProfiler
+
+    prof = StepProfiler(2, 2, tmp_path, 0, torch.device("cpu"))
+    a = torch.randn(64, 64)
+    for step in (1, 2, 3, 4):
+        prof.step_begin(step)
+        with torch.autograd.profiler.record_function(f"step{step}"):
+            a = torch.tanh(a @ a)
+        prof.step_end(step)
+    prof.close(4)
+    names = {e.get("name") for e in json.loads((tmp_path / "profile" / "trace_rank0.json").read_text())["traceEvents"]}
+    assert {"step2", "step3"} <= names and not names & {"step1", "step4"}
+    assert "aten::mm" in (tmp_path / "profile" / "ops_rank0.txt").read_text()
+    with caplog.at_level(logging.WARNING, logger="ptrain"):
+        StepProfiler(9, 2, tmp_path / "late", 0, torch.device("cpu")).close(4)
+    assert "--profile_from_step 9" in caplog.text and not (tmp_path / "late" / "profile").exists()
