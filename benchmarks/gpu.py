@@ -43,15 +43,12 @@ The default set fits about 8 minutes (estimates in --dry_run); the other rows ru
     python benchmarks/gpu.py --cpu --out /tmp/x     # the same path on tiny checkpoints on the CPU (tests)
 
 On a lent GPU machine (the device tool: /work/.library/device/README.md): its image (KINDS.md) lacks diffusers,
-tyro, decord, torchdata, imageio-ffmpeg and ftfy, and nothing can be downloaded there. Once, here, in the repo
-root, fetch py3.12 wheels of the venv's versions (`.venv/bin/pip show NAME`; these are as of 2026-11-27):
+tyro, decord, torchdata, imageio-ffmpeg, ftfy, came-pytorch and bitsandbytes, and nothing can be downloaded there.
+Once, here, in the repo root, fetch py3.12 wheels of the tested versions (bitsandbytes slimmed to its CUDA 13.0
+library; about 49 MiB, under the tool's 64):
 
     echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        --platform manylinux1_x86_64 -d .whl diffusers==0.42.1 tyro==1.0.17 decord==0.6.0 torchdata==0.11.0 \
-        imageio-ffmpeg==0.5.1 ftfy==6.3.1 docstring-parser==0.18.0 typeguard==4.6.1 wcwidth==0.9.4
-    # imageio-ffmpeg 0.5.1 (27 MB), not 0.8.1 (68 MB): the carried tree must stay under 64 MiB (`du -sh .whl`)
+    python benchmarks/device_wheels.py --dest .whl
 
 then one call of the device tool's `run` with carry [".whl"], timeout_s 560 and the command
 
@@ -59,7 +56,9 @@ then one call of the device tool's `run` with carry [".whl"], timeout_s 560 and 
       && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 \
       && timeout 480 python3 benchmarks/gpu.py --out $OUT --work /tmp/gpu-suite
 
-(gpu.json and gpu.md come back from $OUT; a run cut short leaves the rows done so far.) The rows outside the
+(gpu.json and gpu.md come back from $OUT; a run cut short leaves the rows done so far. The machine stays warm
+for 30 s after a call: a second call prepared beforehand starts at once, without another start-up. On
+2026-11-27 a 15-minute lease held a 7-minute and a 4-minute call.) The rows outside the
 default set: `--dry_run --set all` prints them packed into further ~8-minute calls (`--only ROW ...`); the
 HunyuanVideo and CogVideoX-5B no-AC / full fine-tune rows want nvidia-h200 (their min_gib). Afterwards, here:
 copy gpu.json and gpu.md from the run's files_at into benchmarks/results/ (merge the rows of several calls into
@@ -153,7 +152,7 @@ ROWS = [
         ["--full_bf16", "--optimizer", "adamw-8bit", "--bf16_rounding", "nearest"], min_gib=60, est_s=170,
         default=False,
         note="--full_bf16 + 8-bit AdamW (planned 34.0 GiB; the goal: <= 40 GB reserved); needs bitsandbytes, "
-             "which the device image lacks: carry its wheel"),
+             "which the device image lacks: benchmarks/device_wheels.py carries it"),
     Row("wan1.3b-lora-ac", "wan2.1-1.3b", "lora", True, True, (81, 480, 832), est_s=120, default=False),
     Row("wan1.3b-lora-noac", "wan2.1-1.3b", "lora", False, True, (81, 480, 832), est_s=110, default=False),
     *[Row(f"cogvideox5b-lora-ac-sdpa-{b}", "cogvideox-5b", "lora", True, False, (49, 480, 720),
