@@ -171,9 +171,9 @@ ROWS = [
 #: The one-process ring attention check (ptrain/parallel/ring_check.py: cp 2 at the CogVideoX-5B shape, bf16, with
 #: and without a text mask, against full SDPA), before the rows in every run unless --no_checks: process start-up,
 #: CUDA init, two cases (well under 10 s of GPU work on an H100).
+CHECK_EST_S = 20  # 16 s measured on an H200
 #: --profile: rows of the operator table kept per row (gpu.json, gpu.md).
 PROFILE_ROWS = 15
-CHECK_EST_S = 20  # 16 s measured on an H200
 #: --cpu: the same path on the tiny LTX-Video checkpoint (ptrain.testing.tiny), float32, gloo.
 CPU_ROWS = [
     Row("cpu-ltx-lora-ac", "ltx_video", "lora", True, False, (9, 32, 32), est_s=30),
