@@ -21,7 +21,8 @@ Phases (`phases` in the result, each with its peak and categories):
 - `precompute` (with --enable_precomputation: the VAE encodes one sample at the run's shape beside the text
   encoders, before the transformer is placed) or `encode` (without it: each step's VAE encode, with the training
   state resident), and `validation` (when validation is configured: the VAE decodes one video at the largest
-  validation shape, with the training state and the encoders resident). The VAE runs for real on fake tensors.
+  validation shape, with the training state resident; the text encoders too when they stay resident in training,
+  else only their largest layer: validation streams them layer by layer). The VAE runs for real on fake tensors.
   --enable_tiling / --enable_slicing auto turn tiling (and, for a batch above 1, slicing) on when the untiled
   encode phase would peak above the step (with the encoders added to the step when they stay resident: no
   precomputation, no --offload_encoders); validation decodes tiled unless --enable_tiling off. Not simulated:
@@ -164,15 +165,23 @@ def _meta_model(cls, model_dir: Path, subfolder: str, overrides: dict | None = N
 
 
 def encoder_bytes(spec, model_dir: Path, dtypes: dict[str, torch.dtype]) -> dict[str, int]:
-    """Resident weight bytes of the frozen VAE and text encoders (from their configs; 0 when absent)."""
-    return dict(_encoder_bytes(spec.name, Path(model_dir), tuple(sorted(dtypes.items()))))
+    """Resident weight bytes of the frozen VAE and text encoders (from their configs; absent ones left out)."""
+    return {k: v for k, v in _encoder_bytes(spec.name, Path(model_dir), tuple(sorted(dtypes.items())))
+            if k != "text_layer"}  # fmt: skip
+
+
+def text_layer_bytes(spec, model_dir: Path, dtypes: dict[str, torch.dtype]) -> int:
+    """The largest weights one text-encoder submodule owns (ptrain.parallel.swap.streamed keeps one on the device)."""
+    return dict(_encoder_bytes(spec.name, Path(model_dir), tuple(sorted(dtypes.items()))))["text_layer"]
 
 
 @functools.lru_cache(maxsize=16)
 def _encoder_bytes(spec_name: str, model_dir: Path, dtypes: tuple) -> tuple:
+    """((name, bytes), ...) of the VAE and text encoders, and ("text_layer", bytes): the largest set of weights
+    one text-encoder submodule owns (what validation's streamed text encoders hold on the device at a time)."""
     from ptrain.models.spec import get_spec
 
-    spec, dtypes, out = get_spec(spec_name), dict(dtypes), {}
+    spec, dtypes, out, layer = get_spec(spec_name), dict(dtypes), {}, 0
     for name in ("vae", "text_encoder", "text_encoder_2"):
         cls = spec.component_classes.get(name)
         if cls is None or not (model_dir / name / "config.json").is_file():
@@ -185,7 +194,10 @@ def _encoder_bytes(spec_name: str, model_dir: Path, dtypes: tuple) -> tuple:
                 model = cls(config)
         dtype = dtypes.get(name, torch.bfloat16)
         out[name] = sum(p.numel() for p in model.parameters()) * dtype.itemsize
-    return tuple(out.items())
+        if name != "vae":
+            owned = (sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+            layer = max(layer, max(owned) * dtype.itemsize)
+    return (*out.items(), ("text_layer", layer))
 
 
 @functools.lru_cache(maxsize=64)
@@ -658,7 +670,12 @@ def finish(res: dict, flags, model_dir, vae_phases: bool = True) -> dict:
         val = validation_shape(cfg)
         if val is not None:  # validation decodes tiled unless --enable_tiling off
             tiled = m.enable_tiling != "off"
-            phases["validation"] = _vae_phase({"Training state": res["resident_bytes"]}, weights,
+            # encoders kept off the device (precomputed, --offload_encoders): the VAE comes in whole, the text
+            # encoders one layer at a time (ptrain.trainer.encoders_on, stream_text)
+            dtypes = {"text_encoder": DTYPES[m.text_encoder_dtype], "text_encoder_2": DTYPES[m.text_encoder_2_dtype]}
+            text = {"Text encoders": weights["Text encoders"]} if resident_encoders else {
+                "Text encoder layer (streamed)": text_layer_bytes(spec, model_dir, {"vae": dtype, **dtypes})}
+            phases["validation"] = _vae_phase({"Training state": res["resident_bytes"]}, {"VAE": weights["VAE"], **text},
                                               act("decode", (1, 3, *val), tiled, False), tiled, False)  # fmt: skip
     run_phase = max(phases, key=lambda n: phases[n]["peak_bytes"])
     run_peak = phases[run_phase]["peak_bytes"]

@@ -50,6 +50,7 @@ from ptrain.models.spec import Components, ModelSpec, get_spec
 from ptrain.objectives import sample_generators
 from ptrain.optim import skips_on_device
 from ptrain.parallel import ParallelDims, init_distributed
+from ptrain.parallel.swap import streamed
 from ptrain.parallelize import DTYPES, build_trainable, make_trainable_model
 from ptrain.profiling import StepProfiler
 from ptrain.step import Prepared, TrainStep, clip_gradients, make_inputs, set_gradient_sync
@@ -98,15 +99,22 @@ def offload_encoders(comps: Components) -> None:
 
 
 @contextlib.contextmanager
-def encoders_on(comps: Components, device: torch.device, offloaded: bool):
-    """With offloaded encoders: move them to `device` for the block, back to CPU memory after it."""
+def encoders_on(comps: Components, device: torch.device, offloaded: bool, stream_text: bool = False):
+    """With offloaded encoders: move them to `device` for the block, back to CPU memory after it. `stream_text`
+    (validation, with the training state resident): only the VAE moves; the text encoders stay in CPU memory and
+    each of their layers visits the device while it runs (ptrain.parallel.swap.streamed)."""
     if not offloaded or device.type == "cpu":
         yield
         return
-    for m in encoder_modules(comps):
+    moved = [comps.vae] if stream_text else encoder_modules(comps)
+    streamed_ones = [m for m in encoder_modules(comps) if m not in moved]
+    for m in moved:
         m.to(device)
     try:
-        yield
+        with contextlib.ExitStack() as stack:
+            for m in streamed_ones:
+                stack.enter_context(streamed(m, device))
+            yield
     finally:
         offload_encoders(comps)
 
@@ -815,7 +823,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         with (
             ema.swapped_in() if with_ema else contextlib.nullcontext(),
-            encoders_on(self.comps, self.device, self.offloaded),
+            encoders_on(self.comps, self.device, self.offloaded, stream_text=True),
             tiled_decode(self.comps.vae, self.cfg.model.enable_tiling != "off"),
         ):
             mesh = self.run.mesh

@@ -368,6 +368,14 @@ def test_vae_phases_encode_precompute_validation(tiny_ckpt):
     assert dec["VAE activations"] == vae_activation_bytes(cls, tiny_ckpt, torch.float32, "decode", (1, 3, 9, 64, 32),
                                                           True, False) > 0  # fmt: skip
     assert fly["phases"]["validation"]["vae_tiling"] and not off["phases"]["validation"]["vae_tiling"]
+    # encoders resident in training (no precomputation): in validation too. Precomputed (they left the device):
+    # validation brings the VAE whole and the text encoder one layer at a time (streamed), its largest layer counts
+    assert dec["Text encoders"] > 0 and "Text encoder layer (streamed)" not in dec
+    streamed_val = simulate([*flags, "--enable_precomputation", *val], 1, tiny_ckpt)["phases"]["validation"]
+    te = get_spec("ltx_video").component_classes["text_encoder"].from_pretrained(tiny_ckpt, subfolder="text_encoder")
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in te.modules())
+    assert streamed_val["categories"]["Text encoder layer (streamed)"] == 4 * largest
+    assert "Text encoders" not in streamed_val["categories"] and streamed_val["categories"]["VAE"] == dec["VAE"]
     # auto decided as documented: tiling when the untiled encode phase would top the step (encoders resident)
     untiled = enc["Training state"] + enc["VAE"] + enc["Text encoders"] + vae_activation_bytes(
         cls, tiny_ckpt, torch.float32, "encode", (1, 3, 9, 32, 32), False, False)  # fmt: skip
