@@ -69,6 +69,7 @@ import json
 import math
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -318,6 +319,54 @@ def _planned_attention(cfg) -> str:
     return "math" if cfg.compile.attention_backend == "math" else "auto"
 
 
+#: Depth of DTensor's output-metadata rebuilds in progress (their allocations are no memory of the run).
+_DTENSOR_META = threading.local()
+
+
+@functools.cache
+def _untracked_dtensor_meta(tracker_cls: type) -> type:
+    """`tracker_cls` that does not count what DTensor's sharding propagation allocates to rebuild output metadata
+    (`torch.empty_strided` per output spec, `_dtensor_meta_untracked`). torch 2.13 runs that propagation under a
+    fake mode of its own, which its trackers skip; torch 2.11 runs it under the caller's, so its trackers counted
+    it: under FSDP2 the fused AdamW step's output specs made the optimizer phase's states 5x the real ones
+    (`tests/test_planner.py::test_simulation_matches_a_real_run` failed on torch 2.11)."""
+
+    class Tracker(tracker_cls):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if getattr(_DTENSOR_META, "depth", 0) and not any(t is DTensor for t in types):
+                return func(*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    from torch.distributed.tensor import DTensor
+
+    Tracker.__name__ = f"Untracked{tracker_cls.__name__}"
+    return Tracker
+
+
+@contextlib.contextmanager
+def _dtensor_meta_untracked():
+    """Mark DTensor's output-metadata rebuilds (see _untracked_dtensor_meta) while the trackers run."""
+    from torch.distributed.tensor import _op_schema
+
+    original = getattr(_op_schema, "_rebuild_tensor_from_dtensor_meta", None)
+    if original is None:  # another torch: nothing to mark
+        yield
+        return
+
+    def rebuild(arg):
+        _DTENSOR_META.depth = getattr(_DTENSOR_META, "depth", 0) + 1
+        try:
+            return original(arg)
+        finally:
+            _DTENSOR_META.depth -= 1
+
+    _op_schema._rebuild_tensor_from_dtensor_meta = rebuild
+    try:
+        yield
+    finally:
+        _op_schema._rebuild_tensor_from_dtensor_meta = original
+
+
 def _measure_step(cfg, spec, comps, model, dims, device) -> tuple[dict, object, int]:
     """Peak bytes by category of the trainer's micro-batches (every one of --gradient_accumulation_steps:
     objective, the mode's conditioning, loss, backward) and of its optimizer step, each tracked on its own in the
@@ -341,8 +390,8 @@ def _measure_step(cfg, spec, comps, model, dims, device) -> tuple[dict, object, 
 
     def new_tracker():
         if isinstance(transformer, FSDPModule):
-            return FSDPMemTracker(transformer, optimizer)
-        tracker = MemTracker()
+            return _untracked_dtensor_meta(FSDPMemTracker)(transformer, optimizer)
+        tracker = _untracked_dtensor_meta(MemTracker)()
         # One process trains the plain module; MemTracker hooks every parameter's gradient and a frozen one (LoRA's
         # base) cannot take a hook: mark those as hooked already (they never get a gradient).
         for p in transformer.parameters():
@@ -383,7 +432,7 @@ def _measure_step(cfg, spec, comps, model, dims, device) -> tuple[dict, object, 
             for micro in range(accum - 1):
                 micro_batch(micro)
         tracker = new_tracker()
-        with tracker, _no_gradient_buffering():
+        with tracker, _no_gradient_buffering(), _dtensor_meta_untracked():
             fn()
         per_dev = next(iter(tracker.get_tracker_snapshot("peak").values()))
         phases[phase] = {
