@@ -330,14 +330,13 @@ def _untracked_dtensor_meta(tracker_cls: type) -> type:
     fake mode of its own, which its trackers skip; torch 2.11 runs it under the caller's, so its trackers counted
     it: under FSDP2 the fused AdamW step's output specs made the optimizer phase's states 5x the real ones
     (`tests/test_planner.py::test_simulation_matches_a_real_run` failed on torch 2.11)."""
+    from torch.distributed.tensor import DTensor
 
     class Tracker(tracker_cls):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if getattr(_DTENSOR_META, "depth", 0) and not any(t is DTensor for t in types):
                 return func(*args, **(kwargs or {}))
             return super().__torch_dispatch__(func, types, args, kwargs)
-
-    from torch.distributed.tensor import DTensor
 
     Tracker.__name__ = f"Untracked{tracker_cls.__name__}"
     return Tracker
