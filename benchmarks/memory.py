@@ -180,8 +180,8 @@ def measured_note(path: Path = RESULTS / "gpu.json") -> str:
     data = json.loads(path.read_text())
     dev = next((r["device"] for r in data["rows"] if r.get("device")), "a GPU")
     return (f"Measured on GPU: `benchmarks/gpu.py`'s row of the same model, type, size and options ({dev}, "
-            f"{data['date']}; `benchmarks/results/gpu.json`), peak allocated / reserved over its training steps; its "
-            "LoRA rows also use --compile, which changes no memory the planner sees.")
+            f"{data['date']}; `benchmarks/results/gpu.json`), peak allocated / reserved over its training steps; "
+            "some of its rows also use --compile, which changes no memory the planner sees.")
 
 
 def lower_bound(res: dict, variant: str, training_type: str) -> int:
