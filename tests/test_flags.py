@@ -376,3 +376,22 @@ def test_block_swap_trains_exactly_as_without_and_keeps_weights_on_the_host(
         parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data),
                       "--blocks_to_swap", "1"]).validate()  # fmt: skip
     assert run(["--blocks_to_swap", "1"], tmp_path / "swap") == run([], tmp_path / "plain")
+
+
+def test_float32_transformer_takes_a_bfloat16_text_encoders_states(tiny_ckpt, tiny_data, tmp_path, single_process_env):
+    """One process trains the plain module (no FSDP2, which would cast its inputs): with --transformer_dtype float32
+    and a bfloat16 text encoder encoding on the fly, the text states are cast to float32 as FSDP2 casts them (they
+    used to reach the float32 caption projection as bfloat16 and stop the run)."""
+    from ptrain.trainer import Trainer, plan_run
+
+    args = [a if a != "float32" or prev != "--text_encoder_dtype" else "bfloat16"
+            for prev, a in zip(["", *TINY_ARGS], TINY_ARGS)]  # fmt: skip
+    assert "bfloat16" in args
+    cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data),
+                        "--output_dir", str(tmp_path), "--train_steps", "2", "--checkpointing_steps", "0",
+                        "--enable_precomputation", "off", *args])  # fmt: skip
+    cfg.validate()
+    trainer = Trainer(plan_run(cfg))
+    assert trainer.comps.text_encoder.dtype == torch.bfloat16
+    result = trainer.train()
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)

@@ -105,8 +105,10 @@ def is_plain(model: nn.Module, dims: ParallelDims, plain_single: bool = True, cp
 def single_process(model: nn.Module, param_dtype: torch.dtype, keep32: list[nn.Module]) -> str:
     """One process: the plain module; below float32, its forward runs under autocast to `param_dtype` (master
     and trainable weights keep their dtype, as FSDP2's mixed precision keeps them) and `keep32` submodules run
-    in float32 with autocast off."""
+    in float32 with autocast off. In float32 its floating inputs are cast to float32, as FSDP2 casts them."""
     if param_dtype == torch.float32:
+        # As FSDP2's cast_forward_inputs would: text states from a bfloat16 encoder enter a float32 model.
+        model.forward = _autocast_forward(model.forward, None)
         return "one process: plain module (no FSDP), float32"
     model.forward = _autocast_forward(model.forward, param_dtype)
     for sub in keep32:
