@@ -153,6 +153,14 @@ ROWS = [
         default=False,
         note="--full_bf16 + 8-bit AdamW (planned 34.0 GiB; the goal: <= 40 GB reserved); needs bitsandbytes, "
              "which the device image lacks: benchmarks/device_wheels.py carries it"),
+    # --ac_mode keep_attention: full AC that keeps the attention kernels' outputs (ptrain/parallel/activation.py)
+    Row("cogvideox5b-lora-keepattn", "cogvideox-5b", "lora", True, True, (49, 480, 720),
+        ["--ac_mode", "keep_attention"], est_s=150, default=False,
+        note="full AC keeping the attention outputs: planned 22.9 GiB (full AC 18.6); recomputes 174 TFLOP per "
+             "step where full AC recomputes 337 (ptrain's count; model FLOPs 840)"),
+    Row("ltx-lora-keepattn", "ltx-video", "lora", True, True, (49, 512, 768), ["--ac_mode", "keep_attention"],
+        est_s=100, default=False, note="full AC keeping the attention outputs: planned 6.2 GiB (full AC 5.75); "
+        "recomputes 9.4 TFLOP per step where full AC recomputes 11.1: LTX's attention is a small part of its forward"),
     Row("wan1.3b-lora-ac", "wan2.1-1.3b", "lora", True, True, (81, 480, 832), est_s=120, default=False),
     Row("wan1.3b-lora-noac", "wan2.1-1.3b", "lora", False, True, (81, 480, 832), est_s=110, default=False),
     *[Row(f"cogvideox5b-lora-ac-sdpa-{b}", "cogvideox-5b", "lora", True, False, (49, 480, 720),
@@ -178,6 +186,8 @@ PROFILE_ROWS = 15
 CPU_ROWS = [
     Row("cpu-ltx-lora-ac", "ltx_video", "lora", True, False, (9, 32, 32), est_s=30),
     Row("cpu-ltx-lora-noac", "ltx_video", "lora", False, False, (9, 32, 32), est_s=30, default=False),
+    Row("cpu-ltx-lora-keepattn", "ltx_video", "lora", True, False, (9, 32, 32), ["--ac_mode", "keep_attention"],
+        est_s=30, default=False),
     Row("cpu-ltx-lora-ac-swap", "ltx_video", "lora", True, False, (9, 32, 32), ["--blocks_to_swap", "1"], est_s=30,
         default=False),
     # benchmarks/throughput.py's like-for-like CPU rows: every tiny model, LoRA, no AC, 9x64x64
@@ -192,6 +202,11 @@ def model_name(row: Row, cpu: bool) -> str:
     return json.loads((CONFIGS / row.variant / "ptrain_variant.json").read_text())["model_name"]
 
 
+def flag_value(flags: list[str], name: str, default: str) -> str:
+    """The value of flag `name` in a row's extra flags (the last one given, as the command line reads it)."""
+    return flags[len(flags) - 1 - flags[::-1].index(name) + 1] if name in flags else default
+
+
 def model_flags(row: Row, cpu: bool) -> list[str]:
     """The flags that fix the step (shared by the trainer's runs, the bare loop and the planner)."""
     f, h, w = row.frames_hw
@@ -199,14 +214,17 @@ def model_flags(row: Row, cpu: bool) -> list[str]:
              "--batch_size", "1", "--training_type", row.training_type]  # fmt: skip
     if row.training_type == "lora":
         flags += ["--rank", "128" if not cpu else "8", "--lora_alpha", "128" if not cpu else "8"]
-    if row.ac:
-        flags += ["--gradient_checkpointing", "--ac_mode", "full"]
+    extra = list(row.extra)
+    if row.ac:  # --ac_mode in a row's extra flags replaces full (and appears once)
+        flags += ["--gradient_checkpointing", "--ac_mode", flag_value(extra, "--ac_mode", "full")]
+    while "--ac_mode" in extra:
+        del extra[extra.index("--ac_mode") : extra.index("--ac_mode") + 2]
     if row.compile:
         flags.append("--compile")
     dtype = "float32" if cpu else "bfloat16"
     for part in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         flags += [f"--{part}_dtype", dtype]
-    return flags + row.extra
+    return flags + extra
 
 
 def run_flags(row: Row, cpu: bool, ckpt: Path, data: Path, cache: Path, out: Path, steps: int | None = None,
@@ -566,7 +584,7 @@ def bare_loop(job: dict) -> dict:
     row, cpu = Row(**job["row"]), job["cpu"]
     device = torch.device("cpu" if cpu else "cuda")
     # the SDPA kernel ptrain was held to (--attention_backend in the row's flags), held here too
-    backend = row.extra[row.extra.index("--attention_backend") + 1] if "--attention_backend" in row.extra else "auto"
+    backend = flag_value(row.extra, "--attention_backend", "auto")
     kernels = kernel_context(backend)
     # bf16 compute as ptrain's one-process path runs it (ptrain/parallel/fsdp.py: autocast over the float32 LoRA
     # weights on the bf16 base), and as an accelerate-style loop with mixed_precision bf16 does
@@ -574,7 +592,7 @@ def bare_loop(job: dict) -> dict:
     apply_cap()
     t, comps, spec = load_bare_model(row, cpu, job["ckpt"])
     blocks = spec.blocks(t)
-    swap_n = int(row.extra[row.extra.index("--blocks_to_swap") + 1]) if "--blocks_to_swap" in row.extra else 0
+    swap_n = int(flag_value(row.extra, "--blocks_to_swap", "0"))
     if swap_n:  # as ptrain swaps (ptrain/parallel/swap.py): AC without early stop, then the swap, then the rest
         apply_ac(blocks, "full", early_stop=False)
         host = apply_block_swap(blocks, swap_n, device).host_params
@@ -587,7 +605,7 @@ def bare_loop(job: dict) -> dict:
     dtype = torch.float32 if cpu else torch.bfloat16  # the transformer's (load_bare_model)
     wrapped = [b for bl in blocks for b in bl]
     if row.ac and not swap_n:
-        apply_ac(blocks, "full")
+        apply_ac(blocks, flag_value(row.extra, "--ac_mode", "full"))
         wrapped = [b for bl in blocks for b in bl]
     params = [p for p in t.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -916,6 +934,7 @@ class Suite:
 
     def record(self, row: Row, status: str = "ok", trainer: dict | None = None, bare: dict | None = None) -> None:
         rec = {"row": row.name, "variant": row.variant, "training_type": row.training_type, "ac": row.ac,
+               "ac_mode": flag_value(row.extra, "--ac_mode", "full") if row.ac else None,
                "compile": row.compile, "frames_hw": list(row.frames_hw), "cap_gib": row.cap_gib,
                "flags": model_flags(row, self.cpu), "note": row.note, "status": status}  # fmt: skip
         if trainer and bare:
@@ -1006,7 +1025,8 @@ def markdown(data: dict) -> str:
         else:
             cells[1] = plan
         comp = f"{t['compile_s']:.0f}" if t and r["compile"] else "-"
-        lines.append(f"| {r['row']} | {'yes' if r['ac'] else 'no'} | {'yes' if r['compile'] else 'no'} | "
+        ac = ("yes" if r.get("ac_mode", "full") == "full" else r["ac_mode"]) if r["ac"] else "no"
+        lines.append(f"| {r['row']} | {ac} | {'yes' if r['compile'] else 'no'} | "
                      + " | ".join(cells) + f" | {comp} | {r['status'].splitlines()[0][:120]} |")  # fmt: skip
     calls = [f"Runs: {data['calls']}"] if data.get("calls") else []  # results merged from several calls
     lines += ["", data["peak_note"], data["flops_note"], *calls, *checks_markdown(data.get("checks") or [])]

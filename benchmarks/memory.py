@@ -109,6 +109,8 @@ EFFECTS = [
     ("block swap, 40 blocks (--blocks_to_swap 40)", Row("cogvideox-5b", "lora", 1, []), ["--blocks_to_swap", "40"]),
     ("activation offload instead of AC (--activation_offload)", Row("ltx-video", "lora", 1, []),
      ["--no_gradient_checkpointing", "--activation_offload"]),
+    ("full AC keeping the attention outputs (--ac_mode keep_attention)", Row("cogvideox-5b", "lora", 1, []),
+     ["--ac_mode", "keep_attention"]),
 ]  # fmt: skip
 
 #: With CPU offload the sharded parameters, gradients and optimizer state stay in host memory: the GPU peak is

@@ -361,10 +361,12 @@ class TrainArgs:
 class ActivationCheckpointArgs:
     gradient_checkpointing: bool = False
     """Recompute block activations in backward (see --ac_mode)."""
-    ac_mode: Literal["full", "selective", "ops", "auto"] = "full"
+    ac_mode: Literal["full", "selective", "ops", "keep_attention", "auto"] = "full"
     """full: checkpoint every block; selective: every --ac_every_n_blocks-th block; ops: keep matmul and attention
-    outputs, recompute the cheap ops (norms, activations, elementwise) in every block; auto: the memory planner
-    picks the least recompute that fits --gpu_memory_gb (none, ops, every 4th / 2nd block, full), logged at
+    outputs, recompute the cheap ops (norms, activations, elementwise) in every block; keep_attention: as full, but
+    keep the fused attention kernels' outputs (about full's memory plus one hidden state per block; the backward
+    recomputes all but attention, about half a forward for long videos); auto: the memory planner picks the least
+    recompute that fits --gpu_memory_gb (none, ops, every 4th / 2nd block, keep_attention, full), logged at
     start-up (with or without --gradient_checkpointing)."""
     ac_every_n_blocks: int = 2
     """With --ac_mode selective, checkpoint one block in this many."""

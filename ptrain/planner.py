@@ -745,12 +745,15 @@ def _extrapolate_host(base: dict, bumps: list[dict], targets: tuple[int, ...], k
 
 
 #: --ac_mode auto's ladder, least recompute first: (name, flags). "ops" recomputes only cheap ops (norms,
-#: activations, elementwise) in every block; every n-th block recomputes 1/n of the forward; full all of it.
+#: activations, elementwise) in every block; every n-th block recomputes 1/n of the forward; keep_attention all of
+#: it but the attention kernels (about half of it for long videos, more for short ones), with about full AC's
+#: memory; full all of it.
 AC_LADDER = (
     ("no AC", ["--no_gradient_checkpointing", "--ac_mode", "full"]),
     ("op-level AC", ["--gradient_checkpointing", "--ac_mode", "ops"]),
     ("AC every 4th block", ["--gradient_checkpointing", "--ac_mode", "selective", "--ac_every_n_blocks", "4"]),
     ("AC every 2nd block", ["--gradient_checkpointing", "--ac_mode", "selective", "--ac_every_n_blocks", "2"]),
+    ("full AC, attention kept", ["--gradient_checkpointing", "--ac_mode", "keep_attention"]),
     ("full AC", ["--gradient_checkpointing", "--ac_mode", "full"]),
 )
 

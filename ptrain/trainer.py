@@ -270,7 +270,7 @@ def _plan_auto_ac(cfg: Config, world: int, budget: float, out: Path) -> int:
     import concurrent.futures
     import multiprocessing
 
-    from ptrain.planner import choose_ac
+    from ptrain.planner import AC_LADDER, choose_ac
 
     ignore = ("train_steps", "num_train_epochs", "resume_from_checkpoint", "dry_run", "log_level",
               "gradient_checkpointing", "ac_every_n_blocks")  # auto decides these
@@ -278,9 +278,12 @@ def _plan_auto_ac(cfg: Config, world: int, budget: float, out: Path) -> int:
     cache = out / "ac_auto.json"
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
+        index = saved.get("index")
+        same_ladder = index == -1 or (isinstance(index, int) and 0 <= index < len(AC_LADDER)
+                                      and saved.get("name") == AC_LADDER[index][0])  # fmt: skip
+        if saved.get("key") == key and same_ladder:  # a plan from an older ladder is planned again
             log.info("--ac_mode auto: the plan of %s (same flags and budget)", cache)
-            return saved["index"]
+            return index
     log.info("--ac_mode auto: planning the memory of each AC mode for %g GB per GPU (simulated, no GPU used)", budget)
     model_dir = cfg.model.pretrained_model_name_or_path
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -289,7 +292,7 @@ def _plan_auto_ac(cfg: Config, world: int, budget: float, out: Path) -> int:
         log.info("  %s", line)
     index = -1 if res["index"] is None else res["index"]
     out.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"key": key, "index": index, "lines": res["lines"]}, indent=2))
+    cache.write_text(json.dumps({"key": key, "index": index, "name": res["name"], "lines": res["lines"]}, indent=2))
     return index
 
 
