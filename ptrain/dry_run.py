@@ -8,8 +8,6 @@ does not.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 
 import torch.distributed as dist
@@ -56,13 +54,13 @@ def plan_memory(cfg, world: int, precomputed: str = "off") -> None:
           flush=True)  # fmt: skip
     flags = cfg.argv or sys.argv[1:]  # the flags parsed (`ptrain dry-run FLAGS` has a command before them)
     flags = [*flags, "--enable_precomputation", precomputed]  # as decided for this run (auto: from the data)
-    cmd = [sys.executable, "-m", "ptrain.planner", "--model_dir", cfg.model.pretrained_model_name_or_path,
-           "--world_size", str(world), "--budget_gb", str(budget), "--", *flags]  # fmt: skip
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [line[len("PLAN ") :] for line in p.stderr.splitlines() if line.startswith("PLAN ")]
-    print("\n".join(f"    {line}" for line in lines), flush=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"memory planner failed:\n{p.stderr[-3000:]}")
-    res = json.loads(p.stdout.strip().splitlines()[-1])
+    from ptrain.planner import read_plan, start_plan
+
+    lines: list[str] = []
+    try:
+        res = read_plan(start_plan(cfg.model.pretrained_model_name_or_path, world, flags, "--budget_gb", str(budget)),
+                        lines=lines)  # fmt: skip
+    finally:
+        print("\n".join(f"    {line}" for line in lines), flush=True)
     if not res["fits"] and res["suggestion"]:
         print(f"  suggestion: {res['suggestion']['name']}: add {' '.join(res['suggestion']['flags'])}", flush=True)

@@ -883,18 +883,25 @@ def start_plan(model_dir, world: int, flags: list[str], *options: str) -> subpro
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def read_plan(proc: subprocess.Popen, timeout: float | None = None) -> dict:
+def read_plan(proc: subprocess.Popen, timeout: float | None = None, lines: list[str] | None = None) -> dict:
     """The JSON result of a `start_plan` process (waits for it, at most `timeout` s: then it is killed); RuntimeError
-    with its error output if it failed."""
+    with its error output if it failed. `lines` receives the lines it reported as it planned (--budget_gb,
+    --choose_ac), also when it failed."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as e:
         proc.kill()
         proc.communicate()
         raise RuntimeError(f"memory planner still running after {timeout:g} s: stopped") from e
+    if lines is not None:
+        lines += [line[len(REPORT) :] for line in err.splitlines() if line.startswith(REPORT)]
     if proc.returncode != 0 or not out.strip():
         raise RuntimeError(f"memory planner failed (exit {proc.returncode}):\n{err[-3000:]}")
     return json.loads(out.strip().splitlines()[-1])
+
+
+#: The prefix of the lines `python -m ptrain.planner` reports on stderr as it plans (read_plan's `lines`).
+REPORT = "PLAN "
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -906,16 +913,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--world_size", type=int, default=1)
     ap.add_argument("--full", action="store_true", help="simulate every block (no extrapolation)")
     ap.add_argument("--budget_gb", type=float, help="GPU memory to fit in: try cheaper-to-costlier layouts")
+    ap.add_argument("--choose_ac", action="store_true",
+                    help="with --budget_gb: only --ac_mode auto's choice for the configured layout (choose_ac)")  # fmt: skip
     ap.add_argument(
         "--no_vae_phases",
         action="store_true",
         help="only decide --enable_tiling/--enable_slicing auto: leave out the VAE phases (faster)",
     )
     args = ap.parse_args(own)
+    if args.choose_ac and not args.budget_gb:
+        ap.error("--choose_ac needs --budget_gb")
+
+    def report(line: str) -> None:
+        print(REPORT + line, file=sys.stderr, flush=True)
+
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON
-        if args.budget_gb:
-            res = advise(flags, args.world_size, args.model_dir, args.budget_gb,
-                         report=lambda line: print("PLAN " + line, file=sys.stderr, flush=True))  # fmt: skip
+        if args.choose_ac:
+            from ptrain.config import parse_config
+
+            cfg = parse_config([*flags, "--pretrained_model_name_or_path", args.model_dir])
+            res = choose_ac(cfg, args.world_size, args.model_dir, args.budget_gb, report)
+        elif args.budget_gb:
+            res = advise(flags, args.world_size, args.model_dir, args.budget_gb, report)
         else:
             res = plan(flags, args.world_size, args.model_dir, args.full, not args.no_vae_phases)
     print(json.dumps(res))

@@ -267,10 +267,7 @@ def resolve_auto_ac(cfg: Config, world: int, rank: int, device: torch.device, ou
 
 def _plan_auto_ac(cfg: Config, world: int, budget: float, out: Path) -> int:
     """Rank 0's part of resolve_auto_ac: the AC_LADDER index that fits (-1: none), from the cache or the planner."""
-    import concurrent.futures
-    import multiprocessing
-
-    from ptrain.planner import AC_LADDER, choose_ac
+    from ptrain.planner import AC_LADDER, read_plan, start_plan
 
     ignore = ("train_steps", "num_train_epochs", "resume_from_checkpoint", "dry_run", "log_level",
               "gradient_checkpointing", "ac_every_n_blocks")  # auto decides these
@@ -285,11 +282,13 @@ def _plan_auto_ac(cfg: Config, world: int, budget: float, out: Path) -> int:
             log.info("--ac_mode auto: the plan of %s (same flags and budget)", cache)
             return index
     log.info("--ac_mode auto: planning the memory of each AC mode for %g GB per GPU (simulated, no GPU used)", budget)
-    model_dir = cfg.model.pretrained_model_name_or_path
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        res = pool.submit(choose_ac, cfg, world, model_dir, budget, None).result()
-    for line in res["lines"]:
-        log.info("  %s", line)
+    lines: list[str] = []
+    try:  # a fresh process (the planner runs on a fake process group of its own), as the other planner calls
+        res = read_plan(start_plan(cfg.model.pretrained_model_name_or_path, world, cfg.argv, "--budget_gb", str(budget),
+                                   "--choose_ac"), lines=lines)  # fmt: skip
+    finally:
+        for line in lines:
+            log.info("  %s", line)
     index = -1 if res["index"] is None else res["index"]
     out.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"key": key, "index": index, "name": res["name"], "lines": res["lines"]}, indent=2))
