@@ -525,7 +525,9 @@ class Checkpointer:
                 self.sharded[name].reset()
         extra = load_rank_state(path / ("rank-0.pt" if resharded else f"rank-{self.rank}.pt"))
         for name, obj in self.per_rank.items():
-            if not (resharded and isinstance(obj, RNGState)):
+            if name not in extra:  # e.g. the float16 loss scale, after a run in another dtype: starts anew
+                log.warning("checkpoint %s has no %s state: it starts anew", path, name)
+            elif not (resharded and isinstance(obj, RNGState)):
                 obj.load_state_dict(extra[name])
         self.train_state.__dict__.update(marker["train_state"])
 

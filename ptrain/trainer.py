@@ -45,6 +45,7 @@ from ptrain.data.video import FrameSampling
 from ptrain.export import begin_export, export_complete, export_full, export_lora, publish_export
 from ptrain.export_comfyui import export_comfyui_lora
 from ptrain.hub import resolve_model_sources
+from ptrain.loss_scale import LossScaler
 from ptrain.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
 from ptrain.models.spec import Components, ModelSpec, get_spec
 from ptrain.objectives import sample_generators
@@ -182,8 +183,7 @@ class RunPlan:
 
     @property
     def global_batch(self) -> int:
-        t = self.cfg.train
-        return t.batch_size * self.dims.dp * t.gradient_accumulation_steps
+        return self.layout.global_batch_size
 
 
 def plan_run(cfg: Config) -> RunPlan:
@@ -371,6 +371,10 @@ class StepStats:
     loss: torch.Tensor | float = 0.0
     grad_norm: torch.Tensor | float = 0.0
     finite: torch.Tensor | bool = True
+    #: non-finite and not a float16 overflow (ptrain/loss_scale.py): counts against --max_nan_steps
+    diverged: torch.Tensor | bool = False
+    #: float16 compute: the loss scale this step ran with (None otherwise)
+    loss_scale: torch.Tensor | None = None
     replaced: torch.Tensor | int = 0
     data_time: float = 0.0
     tokens: int = 0
@@ -509,6 +513,11 @@ class Trainer:
         make_trainable_model(self.transformer, cfg, self.spec)
         self.model = build_trainable(self.transformer, cfg, self.spec, run.mesh, run.dims, self.device,
                                      cfg.train.train_steps)  # fmt: skip
+        self.scaler = None
+        if DTYPES[cfg.model.transformer_dtype] == torch.float16:
+            self.scaler = LossScaler(self.device)
+            log.info("float16 compute: dynamic loss scaling (ptrain/loss_scale.py; initial scale %g; bfloat16 needs "
+                     "none where the GPU has it)", float(self.scaler.value))  # fmt: skip
 
     def build_checkpointer(self) -> None:
         run, c, m = self.run, self.cfg.checkpoint, self.cfg.model
@@ -521,7 +530,8 @@ class Trainer:
             run.out,
             sharded={"model": ModelState(mod.transformer, trainable_only),
                      "optim": OptimizerState(mod.transformer, mod.optimizer, trainable_only), "ema": mod.ema},
-            per_rank={"rng": RNGState(), "lr_scheduler": mod.lr_scheduler},
+            per_rank={"rng": RNGState(), "lr_scheduler": mod.lr_scheduler,
+                      **({"loss_scale": self.scaler} if self.scaler is not None else {})},
             train_state=self.state, layout=run.layout, every=every, limit=c.checkpointing_limit,
             meta={"model_name": m.model_name, "training_type": m.training_type, "num_samples": len(run.usable.records)},
             trainable_only=trainable_only, async_save=c.async_checkpoint,
@@ -711,7 +721,7 @@ class Trainer:
         loss = self.step.loss(prepared)
         self.sync(breakdown)
         tb = time.perf_counter()
-        self.step.backward(loss)
+        self.step.backward(loss if self.scaler is None else self.scaler.scale(loss))
         self.sync(breakdown)
         phase["forward_s"] += tb - tf
         phase["backward_s"] += time.perf_counter() - tb
@@ -722,9 +732,18 @@ class Trainer:
         decision stays on the device with the fused optimizers (their `found_inf` skips the update and the step
         count); others (CAME, 8-bit AdamW) decide on the host."""
         mod, dims = self.model, self.run.dims
+        if self.scaler is not None:
+            self.scaler.unscale_(mod.params)
         stats.grad_norm = clip_gradients(mod.params, self.cfg.optim.max_grad_norm)
         stats.loss, stats.replaced = _global_step_stats(step_loss, stats.replaced, self.loss_group, dims.cp)
         stats.finite = torch.isfinite(stats.loss) & torch.isfinite(stats.grad_norm)
+        # a non-finite step: skipped; it counts against --max_nan_steps unless it is a float16 overflow of the
+        # scaled gradients (finite loss), which only lowers the loss scale
+        stats.diverged = ~stats.finite
+        if self.scaler is not None:
+            stats.loss_scale = self.scaler.value.clone()
+            self.scaler.update(stats.finite)
+            stats.diverged = ~torch.isfinite(stats.loss)
         to = time.perf_counter()
         if skips_on_device(mod.optimizer):
             mod.optimizer.found_inf = (~stats.finite).float()
@@ -734,8 +753,8 @@ class Trainer:
             mod.optimizer.step()
         if mod.ema is not None:
             mod.ema.update(step, stats.finite)
-        self.nan_in_a_row = torch.where(stats.finite, 0, self.nan_in_a_row + 1)
-        self.nan_total = self.nan_total + (~stats.finite).int()
+        self.nan_in_a_row = torch.where(stats.diverged, self.nan_in_a_row + 1, 0)
+        self.nan_total = self.nan_total + stats.diverged.int()
         mod.lr_scheduler.step()
         mod.optimizer.zero_grad(set_to_none=True)
         if breakdown:
@@ -765,7 +784,11 @@ class Trainer:
         now, (then, before) = time.perf_counter(), self.window
         elapsed, self.window = (now - then) / (step - before), (now, step)
         self.sync_counters()
-        if not finite:
+        scale = None if stats.loss_scale is None else float(stats.loss_scale)
+        if not finite and scale is not None and not bool(stats.diverged):
+            log.info("step %d: float16 gradients overflowed at loss scale %g: optimizer step skipped, the scale "
+                     "halved (ptrain/loss_scale.py)", step, scale)  # fmt: skip
+        elif not finite:
             log.warning(
                 "step %d: non-finite loss %s / grad norm %s: optimizer step skipped (%d in a row, %d in total)",
                 step, loss, grad_norm, self.nan_in_a_row, state.nan_steps_total,
@@ -779,6 +802,7 @@ class Trainer:
             "samples_seen": state.samples_seen, "data_skipped": len(run.usable.skipped),
             "data_replaced": state.data_replaced, "skipped_step": not finite, "peak_memory_gb": alloc,
             "peak_reserved_gb": reserved, **(stats.phase if self.cfg.log.log_step_breakdown else {}),
+            **({"loss_scale": scale} if scale is not None else {}),
         }  # fmt: skip
         if stats.flops[0] and self.peak_tflops:  # model FLOPs (mfu) and with AC recompute (hfu), per rank
             values["tflops_per_step"] = stats.flops[0] / 1e12
