@@ -168,8 +168,10 @@ LAYOUTS = {
     # Context parallel: dp_shards 2 x cp 2 (FSDP over dp_shard x cp), and cp only (FSDP over the 2 cp ranks).
     "lora-cp2-ring": (4, ["--batch_size", "2", "--dp_shards", "2", "--cp_degree", "2", "--cp_mode", "ring",
                           "--gradient_checkpointing", "--ac_mode", "full"]),
+    # Ulysses under compile, with full AC that keeps the attention outputs (its all-to-alls are recomputed)
     "lora-cp2-ulysses": (4, ["--batch_size", "2", "--dp_shards", "2", "--cp_degree", "2", "--cp_mode", "ulysses",
-                             "--compile", "--compile_backend", "aot_eager"]),
+                             "--compile", "--compile_backend", "aot_eager", "--gradient_checkpointing",
+                             "--ac_mode", "keep_attention"]),
     "full-cp2": (2, ["--batch_size", "2", "--training_type", "full-finetune", "--lr", "1e-4", "--optimizer", "came",
                      "--dp_shards", "1", "--cp_degree", "2", "--cp_mode", "ring"]),
 }  # fmt: skip

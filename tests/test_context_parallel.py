@@ -53,7 +53,8 @@ def _parity(run, ref):
 @pytest.mark.parametrize("model", [m if m == "ltx_video" else pytest.param(m, marks=pytest.mark.heavy) for m in MODELS])
 @pytest.mark.parametrize("mode", ["ring", pytest.param("ulysses", marks=pytest.mark.heavy)])
 def test_cp_training_matches_no_cp(launches, model, mode):
-    """dp_shards 2 x cp 2 on 4 processes (ring with full AC, Ulysses with compile) = the same run without cp."""
+    """dp_shards 2 x cp 2 on 4 processes (ring with full AC, Ulysses with compile and --ac_mode keep_attention) =
+    the same run without cp."""
     ref = launches("lora-single", model).run
     extra = VALIDATION if model == "ltx_video" and mode == "ring" else ()
     run = launches(f"lora-cp2-{mode}", model, *extra).run
