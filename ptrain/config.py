@@ -381,6 +381,11 @@ class ActivationCheckpointArgs:
 
     def validate(self) -> None:
         _check_min(1, ("--ac_every_n_blocks", self.ac_every_n_blocks))
+        if self.ac_mode in ("selective", "ops", "keep_attention") and not self.gradient_checkpointing:
+            raise ConfigError(
+                f"--ac_mode {self.ac_mode} says how blocks are checkpointed, and without --gradient_checkpointing "
+                "none is: add --gradient_checkpointing (or use --ac_mode auto, which decides both)"
+            )
         if self.activation_offload and (self.gradient_checkpointing or self.ac_mode == "auto"):
             raise ConfigError(
                 "--activation_offload is the alternative to recompute: choose it or --gradient_checkpointing / "

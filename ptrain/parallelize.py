@@ -143,6 +143,9 @@ def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelD
     if ac.gradient_checkpointing:
         n = apply_ac(blocks, ac.ac_mode, ac.ac_every_n_blocks, early_stop=not p.blocks_to_swap)
         log.info("activation checkpointing (%s): %d blocks", ac.ac_mode, n)
+        if ac.ac_mode == "keep_attention" and cfg.compile.attention_backend == "math":
+            log.warning("--ac_mode keep_attention with --attention_backend math: the math kernel's attention is plain "
+                        "matmuls, there is no fused kernel output to keep; it recomputes as full AC does")  # fmt: skip
     if ac.activation_offload:
         transformer._ptrain_offload = apply_activation_offload(blocks, device)
         log.info("activation offload: what %d blocks save for the backward waits in pinned host memory",

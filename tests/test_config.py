@@ -120,6 +120,11 @@ def test_validation_names_the_flag(tmp_path, tiny_ckpt, tiny_data):
     with pytest.raises(ConfigError, match="--batch_size must be >= 1, got 0"):
         parse_config([*ok, "--batch_size", "0"]).validate()
     assert parse_config([*ok, "--cp_degree", "2", "--cp_mode", "ring"]).validate().parallel.cp_mode == "ring"
+    # an AC mode that would do nothing: no block is checkpointed without --gradient_checkpointing
+    with pytest.raises(ConfigError, match="--ac_mode keep_attention .* without --gradient_checkpointing"):
+        parse_config([*ok, "--ac_mode", "keep_attention"]).validate()
+    parse_config([*ok, "--gradient_checkpointing", "--ac_mode", "keep_attention"]).validate()
+    parse_config([*ok, "--ac_mode", "auto", "--gpu_memory_gb", "24"]).validate()  # auto decides both
 
 
 def test_bad_cp_mode_names_the_choices(capsys):
