@@ -84,12 +84,18 @@ def step_flops(cfg, spec, model_dir, frames: int, height: int, width: int) -> tu
     config = spec.transformer_cls.load_config(model_dir, subfolder="transformer")
     targets = tuple(int(config[k]) for k in spec.block_count_keys)
     video = (1, 3, frames, height, width)
+    a = cfg.activation_checkpoint
     counts = []
-    for ac in (False, True) if cfg.activation_checkpoint.gradient_checkpointing else (False,):
-        base, key = _count(cfg, spec, model_dir, video, tuple(1 for _ in targets), ac)
+    for ac in (False, True) if a.gradient_checkpointing else (False,):
+        # --ac_mode selective recomputes one block in a period: count whole periods, from a base that has the real
+        # block count modulo the period (as the planner extrapolates)
+        period = a.ac_every_n_blocks if ac and a.ac_mode == "selective" else 1
+        first = tuple(1 + (n - 1) % period for n in targets)
+        base, key = _count(cfg, spec, model_dir, video, first, ac)
         total = base
         for i, n in enumerate(targets):
-            bump, _ = _count(cfg, spec, model_dir, video, tuple(2 if j == i else 1 for j in range(len(targets))), ac)
-            total += (n - 1) * (bump - base)
+            blocks = tuple(b + period if j == i else b for j, b in enumerate(first))
+            bump, _ = _count(cfg, spec, model_dir, video, blocks, ac)
+            total += (n - first[i]) * (bump - base) // period
         counts.append(total)
     return key, counts[0], counts[-1]

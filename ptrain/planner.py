@@ -576,8 +576,13 @@ def _resident_unswapped(res: dict, base: dict, bumps: list[dict], targets: tuple
     res.update(peak_bytes=top["peak_bytes"], categories=top["categories"])
 
 
+def _step(base: dict, bump: dict, i: int) -> int:
+    """How many blocks of list `i` a bump adds to the base: 1, or the AC period (plan_config)."""
+    return bump["blocks"][i] - base["blocks"][i]
+
+
 def _extrapolate(base: dict, bumps: list[dict], targets: tuple[int, ...]) -> dict:
-    """Each phase linear in each block count: value(n) = base + sum_i (n_i - base_i) * (bump_i - base);
+    """Each phase linear in each block count: value(n) = base + sum_i (n_i - base_i) * (bump_i - base) / step_i;
     the step's peak is the larger of its phases' peaks. The start-up is linear too: the shards of the units placed
     so far plus the one being placed (a block, or the root's own parameters last)."""
     out = dict(base)
@@ -585,7 +590,7 @@ def _extrapolate(base: dict, bumps: list[dict], targets: tuple[int, ...]) -> dic
     def lin(get):
         v = get(base)
         for i, bump in enumerate(bumps):
-            v += (targets[i] - base["blocks"][i]) * (get(bump) - get(base))
+            v += (targets[i] - base["blocks"][i]) * (get(bump) - get(base)) / _step(base, bump, i)
         return int(v)
 
     phases = {}
@@ -625,17 +630,23 @@ def plan_config(cfg, world: int, model_dir: str | Path, full: bool = False, vae_
     spec = get_spec(cfg.model.model_name)
     config = spec.transformer_cls.load_config(model_dir, subfolder="transformer")
     targets = tuple(int(config[k]) for k in spec.block_count_keys)
-    if full or all(n <= 4 for n in targets):
+    # From 3 blocks on, FSDP's prefetch pattern no longer changes. With --ac_mode selective the blocks alternate
+    # (checkpointed or not: the peak grows by different amounts per block, depending on where the backward meets
+    # a recompute), so the bump adds one whole period of blocks, and the base has as many blocks as the real count
+    # modulo the period: the extrapolation lands on the real pattern.
+    a = cfg.activation_checkpoint
+    period = a.ac_every_n_blocks if a.gradient_checkpointing and a.ac_mode == "selective" else 1
+    base_blocks = tuple(3 + (n - 3) % period for n in targets)
+    if full or any(n < b + period for n, b in zip(targets, base_blocks)):  # too few blocks to extrapolate from
         res = simulate_config(cfg, world, model_dir, code=code)
         res["simulated_blocks"] = [res["blocks"]]
         return finish(res, cfg, model_dir, vae_phases) if phases else res
-    base_blocks = tuple(3 for _ in targets)  # from 3 blocks on, FSDP's prefetch pattern no longer changes
     swap = cfg.parallel.blocks_to_swap
     sim = (lambda blocks: _swap_everything(cfg, blocks)) if swap else (lambda blocks: cfg)
     base = simulate_config(sim(base_blocks), world, model_dir, base_blocks, code=code)
     bumps = []
     for i in range(len(targets)):
-        blocks = tuple(4 if j == i else 3 for j in range(len(targets)))
+        blocks = tuple(b + period if j == i else b for j, b in enumerate(base_blocks))
         bumps.append(simulate_config(sim(blocks), world, model_dir, blocks, code=code))
     res = _extrapolate(base, bumps, targets)
     res["offload_host_bytes"] = _extrapolate_host(base, bumps, targets, "offload_host_bytes")
@@ -740,7 +751,7 @@ def _extrapolate_host(base: dict, bumps: list[dict], targets: tuple[int, ...], k
     rest."""
     v = base[key]
     for i, bump in enumerate(bumps):
-        v += (targets[i] - base["blocks"][i]) * (bump[key] - base[key])
+        v += (targets[i] - base["blocks"][i]) * (bump[key] - base[key]) // _step(base, bump, i)
     return v
 
 
