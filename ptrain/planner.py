@@ -613,7 +613,8 @@ def _extrapolate(base: dict, bumps: list[dict], targets: tuple[int, ...]) -> dic
 
 def plan(flags: list[str], world: int, model_dir: str | Path, full: bool = False, vae_phases: bool = True) -> dict:
     """simulate() for the whole model: directly when `full` or the model is small, else 3 and 4 blocks per block
-    list, extrapolated to the real block counts; then `finish` (`vae_phases`: see there)."""
+    list (with --ac_mode selective: whole AC periods, plan_config), extrapolated to the real block counts; then
+    `finish` (`vae_phases`: see there)."""
     from ptrain.config import parse_config
 
     return plan_config(parse_config([*flags, "--pretrained_model_name_or_path", str(model_dir)]), world, model_dir,
