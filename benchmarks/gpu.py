@@ -41,6 +41,7 @@ The default set fits about 8 minutes (estimates in --dry_run); the other rows ru
     python benchmarks/gpu.py [--only ROW ...] [--set default|all] [--out DIR] [--peak_tflops 989] [--repeat N]
                              [--profile]  # + one untimed window of each ptrain run under torch.profiler
     python benchmarks/gpu.py --cpu --out /tmp/x     # the same path on tiny checkpoints on the CPU (tests)
+    python benchmarks/gpu.py --cpu --cpu_dtype bfloat16 --out /tmp/x  # ... in the GPU's dtypes (bf16, autocast)
 
 On a lent GPU machine (the device tool: /work/.library/device/README.md): its image (KINDS.md) lacks diffusers,
 tyro, decord, torchdata, imageio-ffmpeg, ftfy, came-pytorch and bitsandbytes, and nothing can be downloaded there.
@@ -182,7 +183,7 @@ ROWS = [
 CHECK_EST_S = 20  # 16 s measured on an H200
 #: --profile: rows of the operator table kept per row (gpu.json, gpu.md).
 PROFILE_ROWS = 15
-#: --cpu: the same path on the tiny LTX-Video checkpoint (ptrain.testing.tiny), float32, gloo.
+#: --cpu: the same path on the tiny LTX-Video checkpoint (ptrain.testing.tiny), float32 (or --cpu_dtype), gloo.
 CPU_ROWS = [
     Row("cpu-ltx-lora-ac", "ltx_video", "lora", True, False, (9, 32, 32), est_s=30),
     Row("cpu-ltx-lora-noac", "ltx_video", "lora", False, False, (9, 32, 32), est_s=30, default=False),
@@ -194,6 +195,18 @@ CPU_ROWS = [
     *[Row(f"cpu-{m}-lora-64", m, "lora", False, False, (9, 64, 64), est_s=40, default=False)
       for m in ("ltx_video", "cogvideox", "wan", "hunyuan_video")],
 ]  # fmt: skip
+
+
+#: --cpu_dtype: the CPU mode's compute dtype, for this process and the subprocesses it starts (the bare loop reads
+#: it to build its model). bfloat16 runs the GPU's dtype path on the CPU: bf16 checkpoints and components, the bare
+#: loop under bf16 autocast (a float32 input into the bf16 model crashed the first GPU call's bare loop; in
+#: float32 no CPU run could show it).
+CPU_DTYPE_ENV = "PTRAIN_BENCH_CPU_DTYPE"
+
+
+def dtype_name(cpu: bool) -> str:
+    """The components' dtype of a mode: bfloat16 on a GPU; float32 on the CPU unless --cpu_dtype bfloat16."""
+    return os.environ.get(CPU_DTYPE_ENV, "float32") if cpu else "bfloat16"
 
 
 def model_name(row: Row, cpu: bool) -> str:
@@ -221,7 +234,7 @@ def model_flags(row: Row, cpu: bool) -> list[str]:
         del extra[extra.index("--ac_mode") : extra.index("--ac_mode") + 2]
     if row.compile:
         flags.append("--compile")
-    dtype = "float32" if cpu else "bfloat16"
+    dtype = dtype_name(cpu)
     for part in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         flags += [f"--{part}_dtype", dtype]
     return flags + extra
@@ -505,7 +518,7 @@ def load_bare_model(row: Row, cpu: bool, ckpt: str):
 
     cfg = parse_config([*model_flags(row, cpu), "--pretrained_model_name_or_path", ckpt])
     spec = get_spec(cfg.model.model_name)
-    dtype = torch.float32 if cpu else torch.bfloat16
+    dtype = getattr(torch, dtype_name(cpu))
     kw = {"torch_dtype": dtype, "use_safetensors": True}
     t = spec.transformer_cls.from_pretrained(ckpt, subfolder="transformer", **kw)
     vae = spec.component_classes["vae"].from_pretrained(ckpt, subfolder="vae", **kw)  # CPU: latents only
@@ -578,8 +591,8 @@ def bare_loop(job: dict) -> dict:
     from ptrain.attention import kernel_context
     from ptrain.metrics import peak_memory_gb
     from ptrain.parallel.activation import apply_ac
-    from ptrain.parallel.swap import apply_block_swap
     from ptrain.parallel.compile import apply_compile
+    from ptrain.parallel.swap import apply_block_swap
 
     row, cpu = Row(**job["row"]), job["cpu"]
     device = torch.device("cpu" if cpu else "cuda")
@@ -588,7 +601,9 @@ def bare_loop(job: dict) -> dict:
     kernels = kernel_context(backend)
     # bf16 compute as ptrain's one-process path runs it (ptrain/parallel/fsdp.py: autocast over the float32 LoRA
     # weights on the bf16 base), and as an accelerate-style loop with mixed_precision bf16 does
-    amp = contextlib.nullcontext if cpu else functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    dtype = getattr(torch, dtype_name(cpu))  # the transformer's (load_bare_model)
+    amp = (contextlib.nullcontext if dtype == torch.float32
+           else functools.partial(torch.autocast, device.type, dtype=torch.bfloat16))  # fmt: skip
     apply_cap()
     t, comps, spec = load_bare_model(row, cpu, job["ckpt"])
     blocks = spec.blocks(t)
@@ -602,7 +617,6 @@ def bare_loop(job: dict) -> dict:
     else:
         t.to(device)
     latents, cond = bare_inputs(spec, comps, job["cache"], device)
-    dtype = torch.float32 if cpu else torch.bfloat16  # the transformer's (load_bare_model)
     wrapped = [b for bl in blocks for b in bl]
     if row.ac and not swap_n:
         apply_ac(blocks, flag_value(row.extra, "--ac_mode", "full"))
@@ -951,7 +965,7 @@ class Suite:
         data = {"about": "benchmarks/gpu.py: full-size random checkpoints (text encoders SHORTENED: one layer at the real "
                 "width, HunyuanVideo's Llama two) "
                 "on one GPU; ptrain (precomputed inputs) against a bare PyTorch loop and the planner",
-                "mode": "cpu (tiny checkpoints)" if self.cpu else "gpu", "window_steps": timing(self.cpu)[0], "timed_windows": timing(self.cpu)[1],
+                "mode": "cpu (tiny checkpoints)" if self.cpu else "gpu", "dtype": dtype_name(self.cpu), "window_steps": timing(self.cpu)[0], "timed_windows": timing(self.cpu)[1],
                 "peak_note": PEAK_NOTE, "flops_note": FLOPS_NOTE, "elapsed_s": round(time.perf_counter() - self.t0, 1),
                 "date": time.strftime("%Y-%m-%d"), "rows": self.records, "checks": self.checks}  # fmt: skip
         (self.out / "gpu.json").write_text(json.dumps(data, indent=1) + "\n")
@@ -997,7 +1011,7 @@ def markdown(data: dict) -> str:
     ver = next((f"torch {r['torch']}, CUDA {r['cuda']}" for r in rows if r.get("torch")), "")
     head = (
         f"`python benchmarks/gpu.py` ({data['mode']}) on {dev}; {ver}; {data['date']}; {data['elapsed_s']:.0f} s. "
-        f"{'float32' if data['mode'].startswith('cpu') else 'bf16'}, batch 1, precomputed inputs, text encoders "
+        f"{data.get('dtype') or ('float32' if data['mode'].startswith('cpu') else 'bf16')}, batch 1, precomputed inputs, text encoders "
         f"shortened (one layer; HunyuanVideo's Llama two); {timing_text(data)}."
     )
     cols = (
@@ -1097,6 +1111,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--list", action="store_true", help="print the row names and exit")
     ap.add_argument("--dry_run", action="store_true", help="print the plan (rows, flags, budgets, minutes) and exit")
     ap.add_argument("--cpu", action="store_true", help="tiny checkpoints on the CPU (gloo, float32): the test mode")
+    ap.add_argument("--cpu_dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="--cpu: the components' dtype; bfloat16 runs the GPU's dtype path (bf16 model, autocast)")
     ap.add_argument("--out", default=str(RESULTS), help="where gpu.json and gpu.md go (default benchmarks/results)")
     ap.add_argument("--work", help="scratch folder for checkpoints, videos, caches, runs (default: a temp dir)")
     ap.add_argument("--peak_tflops", type=float, help="dense peak of the device (default: ptrain.metrics' table)")
@@ -1109,6 +1125,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="run ptrain and the bare loop N times each, alternating, and keep each one's fastest run "
                          "(noisy shared machines; benchmarks/throughput.py uses 3 on the CPU)")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.cpu_dtype != "float32" and not args.cpu:
+        ap.error("--cpu_dtype is for --cpu (a GPU run is bf16)")
+    os.environ[CPU_DTYPE_ENV] = args.cpu_dtype  # read by model_flags here and in the subprocesses
     all_rows = CPU_ROWS if args.cpu else ROWS
     if args.list:
         for r in all_rows:
