@@ -191,6 +191,14 @@ CPU_ROWS = [
         est_s=30, default=False),
     Row("cpu-ltx-lora-ac-swap", "ltx_video", "lora", True, False, (9, 32, 32), ["--blocks_to_swap", "1"], est_s=30,
         default=False),
+    # the GPU rows' other flag sets, on the tiny LTX-Video (each row's own path through ptrain and the bare loop)
+    Row("cpu-ltx-lora-ac-compile", "ltx_video", "lora", True, True, (9, 32, 32), est_s=90, default=False),
+    Row("cpu-ltx-full-ac", "ltx_video", "full-finetune", True, False, (9, 32, 32), est_s=30, default=False),
+    Row("cpu-ltx-full-bf16-ac", "ltx_video", "full-finetune", True, False, (9, 32, 32), ["--full_bf16"], est_s=30,
+        default=False),
+    Row("cpu-ltx-lora-offload", "ltx_video", "lora", False, False, (9, 32, 32), ["--activation_offload"], est_s=30,
+        default=False),
+    Row("cpu-ltx-lora-ac-fp8", "ltx_video", "lora", True, False, (9, 32, 32), FP8, est_s=30, default=False),
     # benchmarks/throughput.py's like-for-like CPU rows: every tiny model, LoRA, no AC, 9x64x64
     *[Row(f"cpu-{m}-lora-64", m, "lora", False, False, (9, 64, 64), est_s=40, default=False)
       for m in ("ltx_video", "cogvideox", "wan", "hunyuan_video")],

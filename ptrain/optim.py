@@ -16,13 +16,15 @@ def build_optimizer(params: list, args: OptimArgs, device: torch.device, fused: 
     CPU) runs AdamW / Adam as one fused kernel per step instead of torch's multi-tensor (foreach) path: faster,
     without foreach's temporary copy of the second moments (4 more bytes per parameter at the step's peak), and
     able to skip a non-finite step on the device (`found_inf`). `fused=False`: torch's multi-tensor (foreach)
-    path, which torch picks on CUDA when not told otherwise (the planner replays measurements of it)."""
+    path, which torch picks on CUDA when not told otherwise (the planner replays measurements of it).
+    --full_bf16's BF16AdamW runs its update compiled on CUDA (and plans it so) when `fused`, eager on the CPU."""
     if not params or (isinstance(params[0], dict) and not any(g["params"] for g in params)):
         raise ConfigError("no trainable parameters (check --training_type and --target_modules)")
     betas = (args.beta1, args.beta2)
     if args.full_bf16 and args.bf16_rounding == "stochastic":  # adamw / adam (validated)
         return BF16AdamW(params, lr=args.lr, betas=betas, eps=args.epsilon, weight_decay=args.weight_decay,
-                         decoupled=args.optimizer == "adamw", seed=seed)  # fmt: skip
+                         decoupled=args.optimizer == "adamw", seed=seed,
+                         fused=fused and (device.type == "cuda" or planning), planning=planning)  # fmt: skip
     if args.optimizer == "adamw":
         return torch.optim.AdamW(
             params, lr=args.lr, betas=betas, eps=args.epsilon, weight_decay=args.weight_decay, fused=fused or None,

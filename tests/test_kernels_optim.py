@@ -261,3 +261,70 @@ def test_bf16_weights_drift_from_float32_masters_is_bounded_with_stochastic_roun
         drift[name] = (float(torch.nn.functional.cosine_similarity(d, ref, dim=0)), float(d.norm() / ref.norm()))
     assert drift["stochastic"][0] > 0.85 and 0.8 < drift["stochastic"][1] < 1.3, drift
     assert drift["nearest"][1] < 0.5, drift  # updates below half a unit are rounded away
+
+
+def test_bf16_adamw_compiled_update_matches_eager():
+    """--full_bf16's compiled update (CUDA's path; here under torch.compile on the CPU) does what the eager one
+    does: same random bits, same float32 math, so weights and moments agree up to one bfloat16 unit on a few
+    elements (float32 rounding of the update differs between the fused kernel and eager ops); a schedule's changing
+    lr and every parameter size share one compiled graph per dtype combination and rank; a skipped step skips."""
+    from torch._dynamo.utils import counters
+
+    from ptrain.bf16_optim import BF16AdamW
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [((64, 32), torch.bfloat16), ((7,), torch.bfloat16), ((300,), torch.bfloat16),
+              ((16, 16), torch.float32), ((1,), torch.bfloat16)]  # fmt: skip
+    init = [torch.randn(s, generator=g).to(dt) for s, dt in shapes]
+    grads = [[torch.randn(s, generator=g).to(dt) for s, dt in shapes] for _ in range(4)]
+    counters.clear()
+    runs = {}
+    for fused in (False, True):
+        ps = [torch.nn.Parameter(w.clone()) for w in init]
+        opt = BF16AdamW(ps, lr=1e-2, weight_decay=0.1, seed=5, fused=fused)
+        for i, step_grads in enumerate(grads):
+            opt.param_groups[0]["lr"] = 1e-2 / (i + 1)  # as an LR schedule sets it
+            opt.found_inf = torch.tensor(1.0 if i == 2 else 0.0)  # step 3 is skipped
+            for p, gr in zip(ps, step_grads):
+                p.grad = gr.clone()
+            opt.step()
+        runs[fused] = [(p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"], opt.state[p]["step"])
+                       for p in ps]  # fmt: skip
+    for (shape, dtype), eager, comp in zip(shapes, runs[False], runs[True]):
+        assert float(eager[3]) == float(comp[3]) == 3.0  # four steps, one skipped
+        for a, b in zip(eager[:3], comp[:3]):
+            assert a.dtype == b.dtype == dtype
+            if dtype == torch.float32:  # exact float32 updates: equal up to float32 rounding
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+                continue
+            unit = a.float().abs().clamp_min(1e-30) * 2**-7  # bfloat16's spacing at a value is at most |a| 2^-7
+            diff = (a.float() - b.float()).abs()
+            assert (diff <= unit * 1.01).all(), (shape, diff.max())
+            assert (diff > 0).float().mean() <= 0.02, (shape, (diff > 0).float().mean())
+    assert runs[False][0][0].float().sub(init[0].float()).abs().mean() > 1e-3  # it trained
+    # bfloat16 with bits (its 2-D and 1-D parameters), float32 without; not one per size or learning rate
+    assert counters["stats"]["unique_graphs"] == 3
+
+
+def test_bf16_adamw_planned_fused_allocates_only_its_random_bits():
+    """The planner cannot compile on fake tensors: with `planning`, the fused BF16AdamW allocates what the compiled
+    update does (its int16 random bits, 6 bytes per element; it writes in place), where the eager update makes
+    float32 temporaries of the parameter's size."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ptrain.bf16_optim import BF16AdamW
+    from ptrain.planner import PeakBytes
+
+    n = 1 << 16
+    peaks = {}
+    with FakeTensorMode():
+        for fused in (False, True):
+            p = torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16))
+            p.grad = torch.zeros(n, dtype=torch.bfloat16)
+            opt = BF16AdamW([p], lr=1e-3, fused=fused, planning=True)
+            opt.step()  # the first step makes the moments (4 bytes per element)
+            with PeakBytes() as mem:
+                opt.step()
+            peaks[fused] = mem.peak
+    assert 6 * n <= peaks[True] <= 6 * n + 64  # (and the 0-d "no overflow" flag)
+    assert peaks[False] > 5 * 4 * n  # float32 copies of weight, gradient, moments, and the update's
