@@ -217,6 +217,11 @@ def dtype_name(cpu: bool) -> str:
     return os.environ.get(CPU_DTYPE_ENV, "float32") if cpu else "bfloat16"
 
 
+def row_dtype(row: Row, cpu: bool) -> str:
+    """A row's components' dtype: the mode's, but bfloat16 for --full_bf16 (a bfloat16 fine-tune by definition)."""
+    return "bfloat16" if "--full_bf16" in row.extra else dtype_name(cpu)
+
+
 def model_name(row: Row, cpu: bool) -> str:
     if cpu:
         return row.variant
@@ -242,7 +247,7 @@ def model_flags(row: Row, cpu: bool) -> list[str]:
         del extra[extra.index("--ac_mode") : extra.index("--ac_mode") + 2]
     if row.compile:
         flags.append("--compile")
-    dtype = dtype_name(cpu)
+    dtype = row_dtype(row, cpu)
     for part in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         flags += [f"--{part}_dtype", dtype]
     return flags + extra
@@ -526,7 +531,7 @@ def load_bare_model(row: Row, cpu: bool, ckpt: str):
 
     cfg = parse_config([*model_flags(row, cpu), "--pretrained_model_name_or_path", ckpt])
     spec = get_spec(cfg.model.model_name)
-    dtype = getattr(torch, dtype_name(cpu))
+    dtype = getattr(torch, row_dtype(row, cpu))
     kw = {"torch_dtype": dtype, "use_safetensors": True}
     t = spec.transformer_cls.from_pretrained(ckpt, subfolder="transformer", **kw)
     vae = spec.component_classes["vae"].from_pretrained(ckpt, subfolder="vae", **kw)  # CPU: latents only
@@ -609,7 +614,7 @@ def bare_loop(job: dict) -> dict:
     kernels = kernel_context(backend)
     # bf16 compute as ptrain's one-process path runs it (ptrain/parallel/fsdp.py: autocast over the float32 LoRA
     # weights on the bf16 base), and as an accelerate-style loop with mixed_precision bf16 does
-    dtype = getattr(torch, dtype_name(cpu))  # the transformer's (load_bare_model)
+    dtype = getattr(torch, row_dtype(row, cpu))  # the transformer's (load_bare_model)
     amp = (contextlib.nullcontext if dtype == torch.float32
            else functools.partial(torch.autocast, device.type, dtype=torch.bfloat16))  # fmt: skip
     apply_cap()

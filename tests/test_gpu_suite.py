@@ -126,20 +126,22 @@ def test_cpu_mode_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy  # about 45 s: CI runs it
+@pytest.mark.heavy  # about 90 s: CI runs it
 def test_cpu_mode_in_bfloat16_runs_the_gpus_dtype_path(tmp_path):
     """--cpu_dtype bfloat16: bf16 components for ptrain, a bf16 model under autocast for the bare loop, as on a GPU
     (the first GPU call's bare loop fed float32 inputs to the bf16 model; the float32 CPU mode could not show it)."""
     out = tmp_path / "out"
+    rows = ["cpu-ltx-lora-ac", "cpu-ltx-full-bf16-ac", "cpu-ltx-lora-ac-fp8"]  # + --full_bf16's and FP8's paths
     run = suite("--cpu", "--cpu_dtype", "bfloat16", "--no_checks", "--out", str(out), "--work", str(tmp_path / "w"),
-                "--peak_tflops", "0.05", timeout=300)  # fmt: skip
+                "--peak_tflops", "0.05", *[a for r in rows for a in ("--only", r)], timeout=400)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     data = json.loads((out / "gpu.json").read_text())
     assert data["dtype"] == "bfloat16"
-    (row,) = data["rows"]
-    assert row["status"] == "ok", row["status"]
-    assert row["trainer"]["step_s"] > 0 and row["bare"]["step_s"] > 0 and row["bare"]["model_flops"] > 0
-    assert "--transformer_dtype bfloat16" in " ".join(row["flags"])
+    assert [r["row"] for r in data["rows"]] == rows
+    for row in data["rows"]:
+        assert row["status"] == "ok", (row["row"], row["status"])
+        assert row["trainer"]["step_s"] > 0 and row["bare"]["step_s"] > 0 and row["bare"]["model_flops"] > 0
+        assert "--transformer_dtype bfloat16" in " ".join(row["flags"])
     assert "bfloat16, batch 1" in (out / "gpu.md").read_text()
 
 
