@@ -256,13 +256,14 @@ def model_flags(row: Row, cpu: bool) -> list[str]:
 def run_flags(row: Row, cpu: bool, ckpt: Path, data: Path, cache: Path, out: Path, steps: int | None = None,
               profile: bool = False) -> list[str]:  # fmt: skip
     """ptrain's flags for a row: the timed run (`steps` None: a warm-up window and the timed windows, logging at
-    the end of each; `profile`: then one more window under torch.profiler, --profile_from_step), or a run of
+    the end of each; `profile`: then up to 3 more steps under torch.profiler, --profile_from_step), or a run of
     `steps` steps (the precompute pass)."""
     window, windows = timing(cpu)
     steps, every = (window * (1 + windows), window) if steps is None else (steps, 1)
     if profile:
-        extra = ["--profile_from_step", str(steps + 1), "--profile_num_steps", str(window)]
-        steps += window
+        profiled = min(window, 3)  # 3 steps tell enough; a trace of more grows large (77 MB for 10 on the CPU)
+        extra = ["--profile_from_step", str(steps + 1), "--profile_num_steps", str(profiled)]
+        steps += profiled
     else:
         extra = []
     return [*model_flags(row, cpu), *extra, "--pretrained_model_name_or_path", str(ckpt), "--data_root", str(data),
@@ -835,6 +836,12 @@ class Suite:
         ops = out / "profile" / "ops_rank0.txt"
         if ops.is_file():  # --profile: torch's operator table of the extra window, its top rows
             res["profile_ops"] = ops.read_text().splitlines()[: 4 + PROFILE_ROWS]
+        summary = out / "profile" / "summary_rank0.json"
+        if summary.is_file():  # and its kernel time per step: against the unprofiled step, how busy the device is
+            prof = json.loads(summary.read_text())
+            dev = prof.get("device_s_per_step")
+            prof["device_busy_vs_timed_step"] = dev / res["step_s"] if dev is not None else None
+            res["profile_summary"] = prof
         return res
 
     def bare(self, row: Row, ckpt: Path, cache: Path, limit: float) -> dict:
@@ -857,8 +864,9 @@ class Suite:
         best: dict[str, dict] = {}
         for i in range(repeat):
             share = (end - time.perf_counter()) / (repeat - i)
-            self.say(f"{row.name}: timed ptrain run{f' {i + 1}/{repeat}' if repeat > 1 else ''} (limit {0.6 * share:.0f} s)")
-            runs = {"trainer": self.trainer(row, ckpt, data, cache, 0.6 * share)}
+            mine = (0.7 if self.args.profile else 0.6) * share  # the profiled window and its trace's export too
+            self.say(f"{row.name}: timed ptrain run{f' {i + 1}/{repeat}' if repeat > 1 else ''} (limit {mine:.0f} s)")
+            runs = {"trainer": self.trainer(row, ckpt, data, cache, mine)}
             self.say(f"{row.name}: ptrain {runs['trainer']['step_s']:.4f} s/step; bare loop")
             try:
                 runs["bare"] = self.bare(row, ckpt, cache, end - time.perf_counter() - share * (repeat - i - 1))
@@ -1069,6 +1077,15 @@ def profiles_markdown(rows: list[dict]) -> list[str]:
         if ops:
             out += ["", f"Top operators of `{r['row']}` (ptrain, one profiled window after the timed ones):", "",
                     "```", *ops, "```"]  # fmt: skip
+        prof = (r.get("trainer") or {}).get("profile_summary")
+        if prof:
+            line = (f"Per step of that window: {1000 * prof['wall_s_per_step']:.1f} ms under the profiler, "
+                    f"{prof['kernel_launches_per_step']} kernel launches, {prof['aten_ops_per_step']} aten operators")
+            if prof.get("device_s_per_step") is not None:
+                line += (f"; {1000 * prof['device_s_per_step']:.1f} ms of kernels: the device is busy "
+                         f"{100 * prof['device_busy_vs_timed_step']:.0f}% of the timed (unprofiled) step, "
+                         f"{100 * prof['device_busy']:.0f}% of the profiled one (a low share: the host bounds the step)")
+            out += ["", line + "."]
     return out
 
 

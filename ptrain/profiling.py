@@ -2,7 +2,11 @@
 
 Every rank writes, under output_dir/profile/:
   - `trace_rank{R}.json`: the Chrome / Perfetto trace of those steps (chrome://tracing, https://ui.perfetto.dev),
-  - `ops_rank{R}.txt`: torch's operator table, sorted by self device time on a GPU (self CPU time on a CPU).
+  - `ops_rank{R}.txt`: torch's operator table, sorted by self device time on a GPU (self CPU time on a CPU),
+  - `summary_rank{R}.json`: per step of the window: its wall time, the device's kernel time (the sum of the
+    kernels' durations) and their ratio (how busy the device was), kernel launches and aten operators. A device
+    much less busy than the wall time says the host (Python, dispatch, launches) bounds the step, not the kernels;
+    the profiler's own host overhead lowers that ratio somewhat.
 The profiled steps run as any others (the same host syncs: none between logging steps); the profiler's own
 overhead makes them slower, so the step times logged for them are not the run's. A run that ends inside the
 window still writes what was recorded.
@@ -10,7 +14,9 @@ window still writes what was recorded.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +25,8 @@ log = logging.getLogger("ptrain")
 
 #: Rows of the operator table.
 OPS_ROWS = 40
+#: The CUDA runtime / driver calls that launch a kernel, as torch.profiler names them.
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel")
 
 
 class StepProfiler:
@@ -37,6 +45,8 @@ class StepProfiler:
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.prof = torch.profiler.profile(activities=activities, record_shapes=True)
+        self._sync()  # the window's wall time starts with an idle device
+        self.t0 = time.perf_counter()
         self.prof.__enter__()
         self.started = True
         log.info("profiling steps %d-%d (torch.profiler; these steps run slower)", self.start, self.end)
@@ -53,13 +63,38 @@ class StepProfiler:
                 log.warning("--profile_from_step %d: the run ran steps up to %d only (or resumed past it): nothing "
                             "profiled", self.start, last_step)  # fmt: skip
             return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the window's kernels finish inside it
+        self._sync()  # the window's kernels finish inside it
+        wall = time.perf_counter() - self.t0
         prof, self.prof = self.prof, None
         prof.__exit__(None, None, None)
+        steps = (last_step if last_step is not None else self.end) - self.start + 1
         self.out.mkdir(parents=True, exist_ok=True)
         trace, ops = self.out / f"trace_rank{self.rank}.json", self.out / f"ops_rank{self.rank}.txt"
         prof.export_chrome_trace(str(trace))
         key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        ops.write_text(prof.key_averages().table(sort_by=key, row_limit=OPS_ROWS) + "\n")
+        averages = prof.key_averages()
+        ops.write_text(averages.table(sort_by=key, row_limit=OPS_ROWS) + "\n")
+        summary = self.summary(averages, wall, max(1, min(steps, self.end - self.start + 1)))
+        (self.out / f"summary_rank{self.rank}.json").write_text(json.dumps(summary, indent=1) + "\n")
         log.info("profile of steps %d-%d: %s (trace), %s (operators by %s)", self.start, self.end, trace, ops, key)
+        busy = summary["device_busy"]
+        log.info("profiled window: %.1f ms per step%s; %d kernel launches and %d aten operators per step",
+                 1000 * summary["wall_s_per_step"],
+                 f", the device busy {100 * busy:.0f}% of it ({1000 * summary['device_s_per_step']:.1f} ms of kernels)"
+                 if busy is not None else "", summary["kernel_launches_per_step"], summary["aten_ops_per_step"])  # fmt: skip
+
+    def summary(self, averages, wall: float, steps: int) -> dict:
+        """Per step of the window: wall time, kernel time and the device's busy fraction (None on a CPU), kernel
+        launches, aten operators (every level: an op's inner ops count too)."""
+        cuda = self.device.type == "cuda"
+        kernel_s = sum(e.self_device_time_total for e in averages) / 1e6 if cuda else None
+        launches = sum(e.count for e in averages if e.key in LAUNCHES)
+        aten = sum(e.count for e in averages if e.key.startswith("aten::"))
+        return {"steps": steps, "wall_s_per_step": wall / steps,
+                "device_s_per_step": None if kernel_s is None else kernel_s / steps,
+                "device_busy": None if kernel_s is None else kernel_s / wall,
+                "kernel_launches_per_step": round(launches / steps), "aten_ops_per_step": round(aten / steps)}  # fmt: skip
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -220,6 +220,10 @@ def test_a_failed_bare_loop_keeps_ptrains_figures(tmp_path, monkeypatch):
     # --profile (the same run): one more window under torch.profiler, not timed; its top operators recorded
     assert t["steps_timed"] == gpu.WINDOW["cpu"] * gpu.WINDOWS["cpu"]
     assert any("aten::" in line for line in t["profile_ops"]) and "Top operators of `cpu-ltx-lora-ac`" in md
+    prof = t["profile_summary"]  # per profiled step: wall time, launches, operators; no device timeline on a CPU
+    assert prof["steps"] == 3 and prof["wall_s_per_step"] > 0 and prof["aten_ops_per_step"] > 100
+    assert prof["device_busy"] is None and prof["device_busy_vs_timed_step"] is None
+    assert "aten operators." in md
 
 
 def test_memory_table_shows_the_gpu_measurements_beside_the_plan():

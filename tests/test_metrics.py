@@ -144,6 +144,11 @@ def test_step_profiler_window_and_a_window_never_reached(tmp_path, caplog):
     names = {e.get("name") for e in json.loads((tmp_path / "profile" / "trace_rank0.json").read_text())["traceEvents"]}
     assert {"step2", "step3"} <= names and not names & {"step1", "step4"}
     assert "aten::mm" in (tmp_path / "profile" / "ops_rank0.txt").read_text()
+    summary = json.loads((tmp_path / "profile" / "summary_rank0.json").read_text())
+    assert summary["steps"] == 2 and summary["wall_s_per_step"] > 0
+    assert summary["device_s_per_step"] is None and summary["device_busy"] is None  # a CPU: no device timeline
+    assert summary["kernel_launches_per_step"] == 0
+    assert summary["aten_ops_per_step"] >= 2  # mm and tanh (and what they call)
     with caplog.at_level(logging.WARNING, logger="ptrain"):
         StepProfiler(9, 2, tmp_path / "late", 0, torch.device("cpu")).close(4)
     assert "--profile_from_step 9" in caplog.text and not (tmp_path / "late" / "profile").exists()
