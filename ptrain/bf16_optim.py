@@ -142,7 +142,9 @@ class BF16AdamW(torch.optim.Optimizer):
         device = x.device
         found = self.found_inf
         if found is None:
-            found = self._zeros.setdefault(device, torch.zeros((), device=device))
+            if device not in self._zeros:
+                self._zeros[device] = torch.zeros((), device=device)
+            found = self._zeros[device]
         found = found.to(device)
         noise = None
         if gen is not None and torch.bfloat16 in (x.dtype, m.dtype, v.dtype):
