@@ -56,7 +56,7 @@ def _restart_copy(launch, dest: Path, keep_step: int = 2) -> Path:
     "name, extra",
     [
         ("lora-ddp2", ["--async_checkpoint", "--checkpointing_steps", "1"]),
-        ("lora-fsdp2", ["--export_every_checkpoint"]),
+        pytest.param("lora-fsdp2", ["--export_every_checkpoint"], marks=pytest.mark.heavy),  # suite time: CI
         pytest.param("lora-hsdp2x2", ["--resume_from_checkpoint", "latest"], marks=pytest.mark.heavy),
         ("full-fsdp2", []),
     ],

@@ -386,6 +386,7 @@ def test_cache_key_changes_with_data_and_settings(tiny_ckpt, tiny_data, tmp_path
         key("--enable_precomputation", "--reshape_mode", "random_crop")
 
 
+@pytest.mark.heavy  # 31 s: CI runs it (keeps the local suite under 20 minutes)
 def test_bucketed_resume_continues_at_the_same_samples(tiny_ckpt, mixed, tmp_path):
     """Stop after 2 steps, resume to 4: steps 3-4 and the final LoRA equal an uninterrupted bucketed run."""
     from safetensors.torch import load_file

@@ -108,7 +108,8 @@ MID_FLAGS = ["--model_name", "ltx_video", "--num_frames", "25", "--height", "256
     "world,extra",
     [
         pytest.param(1, ["--rank", "16"], marks=pytest.mark.heavy),  # one process: the FSDP case below covers more
-        (4, ["--training_type", "full-finetune", "--dp_shards", "4", "--gradient_checkpointing", "--ac_mode", "full"]),
+        pytest.param(4, ["--training_type", "full-finetune", "--dp_shards", "4", "--gradient_checkpointing",
+                         "--ac_mode", "full"], marks=pytest.mark.heavy),  # 20 s: CI; the local suite stays < 20 min
         pytest.param(
             4, ["--training_type", "full-finetune", "--dp_shards", "2", "--cp_degree", "2"], marks=pytest.mark.heavy
         ),
