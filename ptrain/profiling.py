@@ -3,8 +3,9 @@
 Every rank writes, under output_dir/profile/:
   - `trace_rank{R}.json`: the Chrome / Perfetto trace of those steps (chrome://tracing, https://ui.perfetto.dev),
   - `ops_rank{R}.txt`: torch's operator table, sorted by self device time on a GPU (self CPU time on a CPU),
-  - `summary_rank{R}.json`: per step of the window: its wall time, the device's kernel time (the sum of the
-    kernels' durations) and their ratio (how busy the device was), kernel launches and aten operators. A device
+  - `summary_rank{R}.json`: per step of the window: its wall time, the time the device was busy (the union of
+    its kernels', copies' and memsets' intervals) and its share of the wall time, kernel launches and aten
+    operators. A device
     much less busy than the wall time says the host (Python, dispatch, launches) bounds the step, not the kernels;
     the profiler's own host overhead lowers that ratio somewhat.
 The profiled steps run as any others (the same host syncs: none between logging steps); the profiler's own
@@ -74,7 +75,13 @@ class StepProfiler:
         key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         averages = prof.key_averages()
         ops.write_text(averages.table(sort_by=key, row_limit=OPS_ROWS) + "\n")
-        summary = self.summary(averages, wall, max(1, min(steps, self.end - self.start + 1)))
+        device_us = None
+        if self.device.type == "cuda":  # the device's own events (kernels, copies, memsets) as intervals
+            from torch.autograd import DeviceType
+
+            spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+            device_us = busy_us(spans) if spans else None  # none recorded (CUPTI unavailable): unknown, not idle
+        summary = self.summary(averages, wall, max(1, min(steps, self.end - self.start + 1)), device_us)
         (self.out / f"summary_rank{self.rank}.json").write_text(json.dumps(summary, indent=1) + "\n")
         log.info("profile of steps %d-%d: %s (trace), %s (operators by %s)", self.start, self.end, trace, ops, key)
         busy = summary["device_busy"]
@@ -83,11 +90,11 @@ class StepProfiler:
                  f", the device busy {100 * busy:.0f}% of it ({1000 * summary['device_s_per_step']:.1f} ms of kernels)"
                  if busy is not None else "", summary["kernel_launches_per_step"], summary["aten_ops_per_step"])  # fmt: skip
 
-    def summary(self, averages, wall: float, steps: int) -> dict:
-        """Per step of the window: wall time, kernel time and the device's busy fraction (None on a CPU), kernel
-        launches, aten operators (every level: an op's inner ops count too)."""
-        cuda = self.device.type == "cuda"
-        kernel_s = sum(e.self_device_time_total for e in averages) / 1e6 if cuda else None
+    @staticmethod
+    def summary(averages, wall: float, steps: int, device_us: float | None) -> dict:
+        """Per step of the window: wall time, the time the device was busy (`device_us` over the window; None on a
+        CPU) and its share of the wall time, kernel launches, aten operators (every level: inner ops count too)."""
+        kernel_s = None if device_us is None else device_us / 1e6
         launches = sum(e.count for e in averages if e.key in LAUNCHES)
         aten = sum(e.count for e in averages if e.key.startswith("aten::"))
         return {"steps": steps, "wall_s_per_step": wall / steps,
@@ -98,3 +105,15 @@ class StepProfiler:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, end) intervals: the time the device ran anything, counting overlapping
+    kernels (several streams) or an event listed twice once."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total

@@ -149,6 +149,11 @@ def test_step_profiler_window_and_a_window_never_reached(tmp_path, caplog):
     assert summary["device_s_per_step"] is None and summary["device_busy"] is None  # a CPU: no device timeline
     assert summary["kernel_launches_per_step"] == 0
     assert summary["aten_ops_per_step"] >= 2  # mm and tanh (and what they call)
+    from ptrain.profiling import busy_us
+
+    # the device's busy time: the union of its events' intervals (overlapping streams and repeats counted once)
+    assert busy_us([(0, 10), (5, 12), (20, 25), (21, 22), (20, 25)]) == 17
+    assert busy_us([]) == 0
     with caplog.at_level(logging.WARNING, logger="ptrain"):
         StepProfiler(9, 2, tmp_path / "late", 0, torch.device("cpu")).close(4)
     assert "--profile_from_step 9" in caplog.text and not (tmp_path / "late" / "profile").exists()
