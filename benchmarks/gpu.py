@@ -1082,7 +1082,7 @@ def profiles_markdown(rows: list[dict]) -> list[str]:
             line = (f"Per step of that window: {1000 * prof['wall_s_per_step']:.1f} ms under the profiler, "
                     f"{prof['kernel_launches_per_step']} kernel launches, {prof['aten_ops_per_step']} aten operators")
             if prof.get("device_s_per_step") is not None:
-                line += (f"; {1000 * prof['device_s_per_step']:.1f} ms of kernels: the device is busy "
+                line += (f"; the device busy {1000 * prof['device_s_per_step']:.1f} ms: "
                          f"{100 * prof['device_busy_vs_timed_step']:.0f}% of the timed (unprofiled) step, "
                          f"{100 * prof['device_busy']:.0f}% of the profiled one (a low share: the host bounds the step)")
             out += ["", line + "."]

@@ -87,7 +87,7 @@ class StepProfiler:
         busy = summary["device_busy"]
         log.info("profiled window: %.1f ms per step%s; %d kernel launches and %d aten operators per step",
                  1000 * summary["wall_s_per_step"],
-                 f", the device busy {100 * busy:.0f}% of it ({1000 * summary['device_s_per_step']:.1f} ms of kernels)"
+                 f", the device busy {100 * busy:.0f}% of it ({1000 * summary['device_s_per_step']:.1f} ms)"
                  if busy is not None else "", summary["kernel_launches_per_step"], summary["aten_ops_per_step"])  # fmt: skip
 
     @staticmethod
