@@ -25,9 +25,13 @@ compiled round the same float32 values with the same bits, so they agree up to t
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+
+log = logging.getLogger("ptrain")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -158,8 +162,13 @@ class BF16AdamW(torch.optim.Optimizer):
             flat = [t.view(-1) for t in (x, g, m, v)]
             # one graph per dtype combination and rank of the parameter (dynamo guards on a view's base): a few
             # more than torch's default limit of 8 recompiles, past which it would run eager silently
-            with torch._dynamo.config.patch(recompile_limit=64):
-                compiled_update()(*flat, noise, st["step"], found, group["lr"], b1, b2, *hyper)
-        else:
-            shaped = None if noise is None else noise.view(3, *x.shape)
-            adamw_update(x, g, m, v, shaped, st["step"], found, group["lr"], b1, b2, *hyper)
+            try:
+                with torch._dynamo.config.patch(recompile_limit=64):
+                    compiled_update()(*flat, noise, st["step"], found, group["lr"], b1, b2, *hyper)
+                return
+            except Exception as e:  # noqa: BLE001 - a compile failure (raised before the update ran): go eager
+                log.warning("--full_bf16: compiling the optimizer update failed (%s: %s); it runs eager from now "
+                            "on (slower, the same result)", type(e).__name__, str(e).splitlines()[0][:300])  # fmt: skip
+                self.fused = False
+        shaped = None if noise is None else noise.view(3, *x.shape)
+        adamw_update(x, g, m, v, shaped, st["step"], found, group["lr"], b1, b2, *hyper)

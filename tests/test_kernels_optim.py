@@ -328,3 +328,37 @@ def test_bf16_adamw_planned_fused_allocates_only_its_random_bits():
             peaks[fused] = mem.peak
     assert 6 * n <= peaks[True] <= 6 * n + 64  # (and the 0-d "no overflow" flag)
     assert peaks[False] > 5 * 4 * n  # float32 copies of weight, gradient, moments, and the update's
+
+
+def test_bf16_adamw_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):
+    """A compile failure (raised before the update runs) logs a warning and the step runs eager: the same result
+    as an eager optimizer, and later steps do not try again."""
+    import logging
+
+    from ptrain import bf16_optim
+    from ptrain.bf16_optim import BF16AdamW
+
+    calls = []
+
+    def failing():
+        def fn(*args):
+            calls.append(1)
+            raise RuntimeError("backend compiler failed: planted\nmore lines")
+
+        return fn
+
+    monkeypatch.setattr(bf16_optim, "compiled_update", failing)
+    g = torch.Generator().manual_seed(0)
+    w, grads = torch.randn(32, 16, generator=g), [torch.randn(32, 16, generator=g) for _ in range(2)]
+    out = {}
+    for fused in (True, False):
+        p = torch.nn.Parameter(w.to(torch.bfloat16))
+        opt = BF16AdamW([p], lr=1e-2, seed=2, fused=fused)
+        with caplog.at_level(logging.WARNING, logger="ptrain"):
+            for gr in grads:
+                p.grad = gr.to(torch.bfloat16)
+                opt.step()
+        out[fused] = (p.detach().clone(), float(opt.state[p]["step"]))
+    assert calls == [1]  # tried once, then eager
+    assert "compiling the optimizer update failed (RuntimeError: backend compiler failed: planted)" in caplog.text
+    assert out[True][0].equal(out[False][0]) and out[True][1] == out[False][1] == 2.0
