@@ -3,6 +3,8 @@ against a reference written out (AdamW, Adam) or came-pytorch's own CAME with th
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -263,6 +265,8 @@ def test_bf16_weights_drift_from_float32_masters_is_bounded_with_stochastic_roun
     assert drift["nearest"][1] < 0.5, drift  # updates below half a unit are rounded away
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile's CPU backend (inductor) needs a C++ compiler")  # fmt: skip
 def test_bf16_adamw_compiled_update_matches_eager():
     """--full_bf16's compiled update (CUDA's path; here under torch.compile on the CPU) does what the eager one
     does: same random bits, same float32 math, so weights and moments agree up to one bfloat16 unit on a few
