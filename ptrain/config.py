@@ -379,6 +379,11 @@ class ActivationCheckpointArgs:
     memory and two host-link transfers of every saved byte per step (ptrain/parallel/offload.py). Not with
     --gradient_checkpointing, --compile or --blocks_to_swap."""
 
+    def period(self) -> int:
+        """How many blocks the checkpointing pattern repeats over: --ac_every_n_blocks with --ac_mode selective,
+        else 1 (every block alike). The planner and the FLOP count extrapolate by whole periods."""
+        return self.ac_every_n_blocks if self.gradient_checkpointing and self.ac_mode == "selective" else 1
+
     def validate(self) -> None:
         _check_min(1, ("--ac_every_n_blocks", self.ac_every_n_blocks))
         if self.ac_mode in ("selective", "ops", "keep_attention") and not self.gradient_checkpointing:

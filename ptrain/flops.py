@@ -89,7 +89,7 @@ def step_flops(cfg, spec, model_dir, frames: int, height: int, width: int) -> tu
     for ac in (False, True) if a.gradient_checkpointing else (False,):
         # --ac_mode selective recomputes one block in a period: count whole periods, from a base that has the real
         # block count modulo the period (as the planner extrapolates)
-        period = a.ac_every_n_blocks if ac and a.ac_mode == "selective" else 1
+        period = a.period() if ac else 1
         first = tuple(1 + (n - 1) % period for n in targets)
         base, key = _count(cfg, spec, model_dir, video, first, ac)
         total = base

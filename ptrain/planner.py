@@ -635,8 +635,7 @@ def plan_config(cfg, world: int, model_dir: str | Path, full: bool = False, vae_
     # (checkpointed or not: the peak grows by different amounts per block, depending on where the backward meets
     # a recompute), so the bump adds one whole period of blocks, and the base has as many blocks as the real count
     # modulo the period: the extrapolation lands on the real pattern.
-    a = cfg.activation_checkpoint
-    period = a.ac_every_n_blocks if a.gradient_checkpointing and a.ac_mode == "selective" else 1
+    period = cfg.activation_checkpoint.period()
     base_blocks = tuple(3 + (n - 3) % period for n in targets)
     if full or any(n < b + period for n, b in zip(targets, base_blocks)):  # too few blocks to extrapolate from
         res = simulate_config(cfg, world, model_dir, code=code)
