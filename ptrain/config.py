@@ -493,6 +493,12 @@ class OptimArgs:
     """Full fine-tune with bfloat16 weights, gradients and optimizer moments, no float32 master copy: 8 bytes per
     parameter instead of 16 (sd-scripts / musubi-tuner's name). Updates are rounded per --bf16_rounding
     (see ptrain/bf16_optim.py and benchmarks/results/bf16_drift.md for the drift against float32 masters)."""
+    fused_backward_pass: bool = False
+    """Step the optimizer block by block inside the backward and free each block's gradients at once, so no step
+    holds the whole model's gradients (a full fine-tune's memory: minus the model's size in gradients). Trade-offs:
+    --max_grad_norm clips each block by its own norm; a block whose gradient is not finite is not updated (the
+    others are); no gradient accumulation; CAME and 8-bit AdamW decide that skip on the host, a sync per block
+    (AdamW / Adam on the device). sd-scripts / musubi-tuner's name; see ptrain/fused_backward.py."""
     bf16_rounding: Literal["stochastic", "nearest"] = "stochastic"
     """With --full_bf16: stochastic rounding keeps updates smaller than bfloat16's precision on average; nearest
     loses them (adamw / adam round stochastically; 8-bit AdamW and CAME round to nearest: give nearest)."""
@@ -718,7 +724,19 @@ class Config:
             self._validate_block_swap()
         if self.optim.full_bf16:
             self._validate_full_bf16()
+        if self.optim.fused_backward_pass:
+            self._validate_fused_backward()
         return self
+
+    def _validate_fused_backward(self) -> None:
+        accum = self.train.gradient_accumulation_steps
+        if accum > 1:
+            raise ConfigError(f"--fused_backward_pass with --gradient_accumulation_steps {accum}: the gradients are "
+                              "stepped and freed during each backward, none are left to accumulate; use 1 (or a "
+                              "larger --batch_size)")  # fmt: skip
+        if self.model.transformer_dtype == "float16":
+            raise ConfigError("--fused_backward_pass with --transformer_dtype float16: the loss scale's overflow "
+                              "check needs every gradient before any step; use bfloat16")  # fmt: skip
 
     def _validate_activation_offload(self) -> None:
         if self.compile.compile:

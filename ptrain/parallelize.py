@@ -26,8 +26,9 @@ import torch
 
 from ptrain.config import Config, ConfigError
 from ptrain.ema import EMA
+from ptrain.fused_backward import FusedBackward
 from ptrain.models.spec import ModelSpec
-from ptrain.optim import build_optimizer, build_scheduler
+from ptrain.optim import build_optimizer, build_scheduler, skips_on_device
 from ptrain.parallel import ParallelDims, apply_ac, apply_compile, apply_data_parallel
 from ptrain.parallel.context import apply_context_parallel
 from ptrain.parallel.offload import apply_activation_offload
@@ -209,6 +210,8 @@ class TrainableModel:
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: EMA | None
+    #: --fused_backward_pass: steps the optimizer unit by unit inside the backward (ptrain/fused_backward.py)
+    fused_backward: FusedBackward | None = None
 
 
 def build_trainable(
@@ -238,4 +241,11 @@ def build_trainable(
     optimizer = build_optimizer(groups, cfg.optim, device, fused, cfg.train.seed, planning)
     lr_scheduler = build_scheduler(optimizer, cfg.optim, train_steps)
     ema = EMA(transformer, e.ema_decay, e.ema_start_step, e.ema_update_every) if e.ema_decay else None
-    return TrainableModel(transformer, params, optimizer, lr_scheduler, ema)
+    fused_backward = None
+    if cfg.optim.fused_backward_pass:
+        units = [list(block.parameters()) for blocks in spec.blocks(transformer) for block in blocks]
+        on_device = skips_on_device(optimizer) or planning  # the planner's 8-bit stand-in allocates, never skips
+        fused_backward = FusedBackward(optimizer, params, units, cfg.optim.max_grad_norm, on_device)
+        log.info("fused backward pass: the optimizer steps %d units inside the backward and frees their gradients",
+                 len(fused_backward.units))  # fmt: skip
+    return TrainableModel(transformer, params, optimizer, lr_scheduler, ema, fused_backward)

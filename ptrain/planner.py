@@ -411,8 +411,11 @@ def _measure_step(cfg, spec, comps, model, dims, device) -> tuple[dict, object, 
         return prepared
 
     def optimizer_step(step_number):
-        clip_gradients(model.params, cfg.optim.max_grad_norm)
-        optimizer.step()
+        if model.fused_backward is not None:  # the backward stepped unit by unit (--fused_backward_pass)
+            model.fused_backward.finish(device)
+        else:
+            clip_gradients(model.params, cfg.optim.max_grad_norm)
+            optimizer.step()
         model.lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if model.ema is not None:

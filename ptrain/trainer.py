@@ -732,9 +732,12 @@ class Trainer:
         decision stays on the device with the fused optimizers (their `found_inf` skips the update and the step
         count); others (CAME, 8-bit AdamW) decide on the host."""
         mod, dims = self.model, self.run.dims
-        if self.scaler is not None:
-            self.scaler.unscale_(mod.params)
-        stats.grad_norm = clip_gradients(mod.params, self.cfg.optim.max_grad_norm)
+        if mod.fused_backward is not None:  # the backward stepped (and clipped) unit by unit: ptrain/fused_backward.py
+            stats.grad_norm = mod.fused_backward.finish(self.device)
+        else:
+            if self.scaler is not None:
+                self.scaler.unscale_(mod.params)
+            stats.grad_norm = clip_gradients(mod.params, self.cfg.optim.max_grad_norm)
         stats.loss, stats.replaced = _global_step_stats(step_loss, stats.replaced, self.loss_group, dims.cp)
         stats.finite = torch.isfinite(stats.loss) & torch.isfinite(stats.grad_norm)
         # a non-finite step: skipped; it counts against --max_nan_steps unless it is a float16 overflow of the
@@ -745,7 +748,9 @@ class Trainer:
             self.scaler.update(stats.finite)
             stats.diverged = ~torch.isfinite(stats.loss)
         to = time.perf_counter()
-        if skips_on_device(mod.optimizer):
+        if mod.fused_backward is not None:  # stepped in the backward
+            pass
+        elif skips_on_device(mod.optimizer):
             mod.optimizer.found_inf = (~stats.finite).float()
             with implicit_replication():  # found_inf is a plain tensor beside DTensor parameters
                 mod.optimizer.step()
