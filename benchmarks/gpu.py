@@ -154,6 +154,16 @@ ROWS = [
         default=False,
         note="--full_bf16 + 8-bit AdamW (planned 34.0 GiB; the goal: <= 40 GB reserved); needs bitsandbytes, "
              "which the device image lacks: benchmarks/device_wheels.py carries it"),
+    # --fused_backward_pass: the optimizer steps each block in the backward (ptrain/fused_backward.py); the bare
+    # loop steps after the backward, as the rows above, so trainer / bare is the fused pass's step-time cost
+    Row("cogvideox5b-full-bf16-fbp-ac", "cogvideox-5b", "full-finetune", True, False, (49, 480, 720),
+        ["--full_bf16", "--fused_backward_pass"], min_gib=60, est_s=170, default=False,
+        note="--full_bf16 + --fused_backward_pass (planned 38.3 GiB; --full_bf16 alone 44.2)"),
+    Row("cogvideox5b-full-bf16-8bit-fbp-ac", "cogvideox-5b", "full-finetune", True, False, (49, 480, 720),
+        ["--full_bf16", "--optimizer", "adamw-8bit", "--bf16_rounding", "nearest", "--fused_backward_pass"],
+        min_gib=60, est_s=180, default=False,
+        note="--full_bf16 + 8-bit AdamW + --fused_backward_pass (planned 28.0 GiB); 8-bit AdamW decides a "
+             "non-finite block's skip on the host: a sync per block"),
     # --ac_mode keep_attention: full AC that keeps the attention kernels' outputs (ptrain/parallel/activation.py)
     Row("cogvideox5b-lora-keepattn", "cogvideox-5b", "lora", True, True, (49, 480, 720),
         ["--ac_mode", "keep_attention"], est_s=150, default=False,
@@ -196,6 +206,8 @@ CPU_ROWS = [
     Row("cpu-ltx-full-ac", "ltx_video", "full-finetune", True, False, (9, 32, 32), est_s=30, default=False),
     Row("cpu-ltx-full-bf16-ac", "ltx_video", "full-finetune", True, False, (9, 32, 32), ["--full_bf16"], est_s=30,
         default=False),
+    Row("cpu-ltx-full-bf16-fbp-ac", "ltx_video", "full-finetune", True, False, (9, 32, 32),
+        ["--full_bf16", "--fused_backward_pass"], est_s=30, default=False),
     Row("cpu-ltx-lora-offload", "ltx_video", "lora", False, False, (9, 32, 32), ["--activation_offload"], est_s=30,
         default=False),
     Row("cpu-ltx-lora-ac-fp8", "ltx_video", "lora", True, False, (9, 32, 32), FP8, est_s=30, default=False),

@@ -122,13 +122,18 @@ def _digest(folder):
     return [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
 
 
-def test_fsdp_matches_the_normal_step_and_resumes_exactly(tiny_ckpt, tiny_data, tmp_path):
-    """2 FSDP2 ranks: the hooks run on the reduce-scattered shards; the per-block norm (clipping at a bound no
-    gradient reaches, so the path runs without changing the update) is reduced over the ranks. Losses and norms as
-    the normal step's; a run resumed from step 2 exports the same bytes as the uninterrupted one."""
-    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--train_steps", "4",
+def _fsdp_args(tiny_ckpt, tiny_data) -> list[str]:
+    # clipping at a bound no gradient reaches: the per-block norm (reduced over the ranks) and clipping path runs
+    # without changing the update
+    return ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--train_steps", "4",
             "--training_type", "full-finetune", "--dp_shards", "2", "--checkpointing_steps", "2", "--seed", "5",
             "--lr", "1e-4", "--max_grad_norm", "1e6", *TINY_ARGS]  # fmt: skip
+
+
+def test_fsdp_matches_the_normal_step(tiny_ckpt, tiny_data, tmp_path):
+    """2 FSDP2 ranks: the hooks run on the reduce-scattered shards; losses and (global) norms as the normal
+    step's, to float32 rounding (the norm is summed per block)."""
+    args = _fsdp_args(tiny_ckpt, tiny_data)
     ref = run_ptrain(2, args, tmp_path / "ref")
     assert ref.returncode == 0, first_error(ref.stderr)
     fused = run_ptrain(2, [*args, "--fused_backward_pass"], tmp_path / "fused")
@@ -137,15 +142,24 @@ def test_fsdp_matches_the_normal_step_and_resumes_exactly(tiny_ckpt, tiny_data, 
     assert [m["loss"] for m in fused.metrics] == pytest.approx([m["loss"] for m in ref.metrics], rel=1e-5)
     assert [m["grad_norm"] for m in fused.metrics] == pytest.approx([m["grad_norm"] for m in ref.metrics], rel=1e-4)
 
+
+@pytest.mark.heavy
+def test_fsdp_resumes_exactly(tiny_ckpt, tiny_data, tmp_path):
+    """2 FSDP2 ranks with --fused_backward_pass: a run resumed from step 2 exports the same bytes as the
+    uninterrupted one (the optimizer state is the normal step's, in the same checkpoint)."""
+    args = [*_fsdp_args(tiny_ckpt, tiny_data), "--fused_backward_pass"]
+    fused = run_ptrain(2, args, tmp_path / "fused")
+    assert fused.returncode == 0, first_error(fused.stderr)
     out = tmp_path / "resumed"
     shutil.copytree(fused.output_dir, out)
     shutil.rmtree(out / "checkpoints" / "step-4")
     shutil.rmtree(out / "transformer")
     (out / EXPORT_MARKER).unlink()
-    run = run_ptrain(2, [*args, "--fused_backward_pass"], out)
+    run = run_ptrain(2, args, out)
     assert run.returncode == 0, first_error(run.stderr)
     assert "at step 2" in run.stderr
     assert _digest(out) == _digest(fused.output_dir)
+    assert [(m["step"], m["loss"]) for m in run.metrics] == [(m["step"], m["loss"]) for m in fused.metrics]
 
 
 def test_flags_that_need_the_whole_gradient_are_refused(tmp_path):
@@ -177,3 +191,39 @@ def test_the_planner_sees_no_whole_model_gradients():
     # the fused peak moves to the backward's start, where every block's saved input is still held (seen: 156 MB
     # lower with 2 blocks; 44.17 -> 38.25 GiB with all 42, benchmarks/results/memory.md)
     assert normal["peak_bytes"] - fused["peak_bytes"] > 0.5 * grads
+
+
+def test_no_host_sync_in_a_non_logging_step(tiny_ckpt, tiny_data, tmp_path, single_process_env):
+    """With the fused AdamW the per-block norm, clipping and skip stay on the device: a step that does not log
+    reads nothing on the host (counted as in tests/test_host_syncs.py; the hooks' work on its own, since torch
+    function modes do not reach into the autograd engine's hooks)."""
+    from test_host_syncs import CountSyncs
+    from tqdm import tqdm
+
+    from ptrain.trainer import Trainer, plan_run
+
+    cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data),
+                        "--output_dir", str(tmp_path), "--train_steps", "4", "--logging_steps", "2",
+                        "--checkpointing_steps", "0", "--training_type", "full-finetune", "--fused_backward_pass",
+                        *TINY_ARGS])  # fmt: skip
+    cfg.validate()
+    trainer = Trainer(plan_run(cfg))
+    calls, runs = [], {}
+    fb = trainer.model.fused_backward
+    # the model's work (the loader's runs before, on the host) and the hooks' per-block step
+    for owner, name in ((trainer, "forward_backward"), (trainer, "optimizer_step"), (fb, "_step")):
+
+        def counted(*args, _method=getattr(owner, name), _name=name, **kwargs):
+            with CountSyncs() as mode:
+                out = _method(*args, **kwargs)
+            calls.extend(f"{_name}: {c}" for c in mode.calls)
+            runs[_name] = runs.get(_name, 0) + 1
+            return out
+
+        setattr(owner, name, counted)
+    trainer.data_iter = iter(trainer.loader)
+    stats = trainer.train_step(1)
+    assert calls == [], calls
+    assert runs["_step"] == len(fb.units) == 3  # it counted the hooks' work: 2 blocks and the rest
+    trainer.log_step(1, stats, tqdm(disable=True))
+    assert all(p.grad is None for p in trainer.model.params)
