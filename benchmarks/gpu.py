@@ -136,6 +136,14 @@ ROWS = [
     Row("cogvideox5b-lora-ac", "cogvideox-5b", "lora", True, True, (49, 480, 720), est_s=160),
     Row("ltx-lora-noac", "ltx-video", "lora", False, True, (49, 512, 768), est_s=95, default=False,
         note="planned 12.8 GiB"),
+    # --compile_mode reduce-overhead: each block's forward and backward replay as CUDA graphs (ptrain and the bare
+    # loop alike): whether LTX-Video's step is bound by the host's kernel launches (2,688 tokens per step)
+    Row("ltx-lora-ac-cudagraphs", "ltx-video", "lora", True, True, (49, 512, 768),
+        ["--compile_mode", "reduce-overhead"], est_s=110, default=False,
+        note="CUDA graphs per block (--compile_mode reduce-overhead), full AC"),
+    Row("ltx-lora-noac-cudagraphs", "ltx-video", "lora", False, True, (49, 512, 768),
+        ["--compile_mode", "reduce-overhead"], est_s=100, default=False,
+        note="CUDA graphs per block (--compile_mode reduce-overhead), no AC (planned 12.8 GiB without graphs)"),
     Row("cogvideox5b-lora-noac", "cogvideox-5b", "lora", False, True, (49, 480, 720), min_gib=100, est_s=150,
         default=False, note="planned 73.9 GiB: an H200, not an 80 GB card"),
     Row("cogvideox5b-full-ac", "cogvideox-5b", "full-finetune", True, False, (49, 480, 720), min_gib=120,
@@ -203,6 +211,9 @@ CPU_ROWS = [
         default=False),
     # the GPU rows' other flag sets, on the tiny LTX-Video (each row's own path through ptrain and the bare loop)
     Row("cpu-ltx-lora-ac-compile", "ltx_video", "lora", True, True, (9, 32, 32), est_s=90, default=False),
+    # the CUDA-graph mode's path (torch skips the graphs on the CPU: the flags and step marks run, inductor compiles)
+    Row("cpu-ltx-lora-ac-cudagraphs", "ltx_video", "lora", True, True, (9, 32, 32),
+        ["--compile_mode", "reduce-overhead"], est_s=90, default=False),
     Row("cpu-ltx-full-ac", "ltx_video", "full-finetune", True, False, (9, 32, 32), est_s=30, default=False),
     Row("cpu-ltx-full-bf16-ac", "ltx_video", "full-finetune", True, False, (9, 32, 32), ["--full_bf16"], est_s=30,
         default=False),
@@ -259,6 +270,8 @@ def model_flags(row: Row, cpu: bool) -> list[str]:
         del extra[extra.index("--ac_mode") : extra.index("--ac_mode") + 2]
     if row.compile:
         flags.append("--compile")
+    while "--compile_mode" in extra and not row.compile:  # the precompute pass (no compile) of a compile-mode row
+        del extra[extra.index("--compile_mode") : extra.index("--compile_mode") + 2]
     dtype = row_dtype(row, cpu)
     for part in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         flags += [f"--{part}_dtype", dtype]
@@ -667,8 +680,11 @@ def bare_loop(job: dict) -> dict:
         opt.zero_grad(set_to_none=True)
 
     flops = count_step_flops(step, wrapped if row.ac else [])
+    mode = flag_value(row.extra, "--compile_mode", "default")
     if row.compile:
-        apply_compile(blocks)
+        apply_compile(blocks, mode=mode)
+    if row.compile and mode in ("reduce-overhead", "max-autotune"):  # as ptrain marks each step (CUDA graphs)
+        step = functools.partial(_cudagraph_step, step)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the uncompiled FLOP-counting step's cached blocks are not the timed steps'
@@ -684,6 +700,15 @@ def bare_loop(job: dict) -> dict:
             "compile_s": (first - med["step_s"]) * window if row.compile else None, "peak_allocated_gib": alloc,
             "peak_reserved_gib": reserved, "tokens": spec.tokens_per_sample(tuple(latents.shape), comps),
             **device_info(device)}  # fmt: skip
+
+
+def _cudagraph_step(step, phase: str, loss=None):
+    """The bare loop's step under CUDA-graph compile modes: each forward starts a step of the CUDA-graph trees."""
+    import torch
+
+    if phase == "forward":
+        torch.compiler.cudagraph_mark_step_begin()
+    return step(phase, loss)
 
 
 def timed_window(step, device, window: int) -> dict:

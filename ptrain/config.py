@@ -406,12 +406,26 @@ class CompileArgs:
     """torch.compile each transformer block (regional compilation)."""
     compile_backend: str = "inductor"
     """torch.compile backend (inductor; aot_eager or eager for cheap checks)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode for the blocks (inductor; musubi-tuner's flag). reduce-overhead replays each block's
+    forward and backward as CUDA graphs: the host launches one graph instead of every kernel, for steps bound by
+    kernel launches (models with few tokens per step). max-autotune also tries kernel variants at the first step
+    (slow to compile) and uses CUDA graphs; max-autotune-no-cudagraphs does not. CUDA graphs need the plain module
+    of a one-process run (LoRA, --full_bf16 or float32; FSDP2 moves its parameters every step) and no
+    --blocks_to_swap; on the CPU torch skips them."""
     attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
     """The SDPA kernel of the transformer's attention in training (auto: torch's choice, logged at start-up);
     a named one runs alone and fails at start-up if it cannot run the model's attention (CPU: flash, math)."""
 
     def validate(self) -> None:
-        """Nothing to check beyond the types (the backend is checked by torch.compile)."""
+        """The mode needs --compile and inductor (other backends ignore it); the backend is torch.compile's check."""
+        if self.compile_mode != "default" and not (self.compile and self.compile_backend == "inductor"):
+            raise ConfigError(f"--compile_mode {self.compile_mode} is inductor's: it needs --compile with "
+                              f"--compile_backend inductor (got compile={self.compile}, {self.compile_backend})")  # fmt: skip
+
+    def cudagraphs(self) -> bool:
+        """Whether the blocks' compiled graphs replay as CUDA graphs (on a CUDA device)."""
+        return self.compile and self.compile_mode in ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -761,6 +775,10 @@ class Config:
         if m.layerwise_upcasting_modules or self.parallel.fsdp_cpu_offload:
             raise ConfigError("--blocks_to_swap does not combine with --layerwise_upcasting_modules or "
                               "--fsdp_cpu_offload (both keep the weights in FSDP2's hands)")  # fmt: skip
+        if self.compile.cudagraphs():
+            raise ConfigError(f"--blocks_to_swap with --compile_mode {self.compile.compile_mode}: CUDA graphs replay "
+                              "fixed weight addresses, block swap moves the weights every step; use "
+                              "--compile_mode default")  # fmt: skip
 
     def _validate_full_bf16(self) -> None:
         m = self.model

@@ -153,8 +153,9 @@ def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelD
                  sum(len(b) for b in blocks))  # fmt: skip
     swap = block_swap(transformer, blocks, p.blocks_to_swap, dims, device, place)
     if cfg.compile.compile:
-        n = apply_compile(blocks, cfg.compile.compile_backend, skip=swap.blocks if swap else ())
-        log.info("torch.compile (%s): %d blocks", cfg.compile.compile_backend, n)
+        c = cfg.compile
+        n = apply_compile(blocks, c.compile_backend, skip=swap.blocks if swap else (), mode=c.compile_mode)
+        log.info("torch.compile (%s, mode %s): %d blocks", c.compile_backend, c.compile_mode, n)
     # Placement happens unit by unit inside apply_data_parallel (`place` before each fully_shard / replicate): no
     # rank ever holds the whole model on the device before sharding it. With --fsdp_cpu_offload the shards then go
     # back to CPU memory (FSDP2's CPUOffloadPolicy) and only buffers stay on the device. Block-swapped weights
@@ -167,6 +168,10 @@ def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelD
         place=place or functools.partial(place_states, device=device, skip=swap.host_params if swap else ()),
     )  # fmt: skip
     log.info(plan)
+    if cfg.compile.cudagraphs() and hasattr(transformer, "set_requires_gradient_sync"):  # FSDP2 / replicate
+        raise ConfigError(f"--compile_mode {cfg.compile.compile_mode} replays CUDA graphs, which need the plain module "
+                          f"of one process ({plan}): FSDP2 gathers its parameters to new memory every step; use "
+                          "--compile_mode default or max-autotune-no-cudagraphs")  # fmt: skip
 
 
 def block_swap(transformer, blocks, count: int, dims: ParallelDims, device, place=None):

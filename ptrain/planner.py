@@ -71,6 +71,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import weakref
 from pathlib import Path
 
@@ -434,7 +435,10 @@ def _measure_step(cfg, spec, comps, model, dims, device) -> tuple[dict, object, 
             for micro in range(accum - 1):
                 micro_batch(micro)
         tracker = new_tracker()
-        with tracker, _no_gradient_buffering(), _dtensor_meta_untracked():
+        with tracker, _no_gradient_buffering(), _dtensor_meta_untracked(), warnings.catch_warnings():
+            # --fused_backward_pass frees each gradient in its hook, before the tracker's own hook looks at it
+            warnings.filterwarnings("ignore", "Expected a tensor or a traceable wrapper-subclass of tensor, but got "
+                                    "<class 'NoneType'>")  # fmt: skip
             fn()
         per_dev = next(iter(tracker.get_tracker_snapshot("peak").values()))
         phases[phase] = {

@@ -51,6 +51,7 @@ from ptrain.models.spec import Components, ModelSpec, get_spec
 from ptrain.objectives import sample_generators
 from ptrain.optim import skips_on_device
 from ptrain.parallel import ParallelDims, init_distributed
+from ptrain.parallel.compile import mark_step_begin
 from ptrain.parallel.swap import streamed
 from ptrain.parallelize import DTYPES, build_trainable, make_trainable_model
 from ptrain.profiling import StepProfiler
@@ -388,6 +389,8 @@ class Trainer:
 
     def __init__(self, run: RunPlan):
         self.run, self.cfg, self.device = run, run.cfg, run.device
+        #: --compile_mode with CUDA graphs: each forward starts a new step of torch's CUDA-graph trees
+        self.cudagraphs = self.cfg.compile.cudagraphs() and self.device.type == "cuda"
         self.state = TrainState()
         self.accum = self.cfg.train.gradient_accumulation_steps
         self.v_every = self.cfg.validation.validation_steps
@@ -718,6 +721,7 @@ class Trainer:
             prepared = self.step.prepare(batch, gens, strata)
         self.sync(breakdown)
         tf = time.perf_counter()
+        mark_step_begin(self.cudagraphs)
         loss = self.step.loss(prepared)
         self.sync(breakdown)
         tb = time.perf_counter()
@@ -858,6 +862,7 @@ class Trainer:
             tiled_decode(self.comps.vae, self.cfg.model.enable_tiling != "off"),
         ):
             mesh = self.run.mesh
+            mark_step_begin(self.cudagraphs)
             run_validation(self.spec, self.transformer, self.validation_items, self.cfg.validation, step,
                            self.run.out, self.cfg.train.seed, self.metrics, self.run.dims.dp,
                            mesh.dp.get_local_rank(), mesh.world["cp"].get_local_rank() == 0)  # fmt: skip

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
-def apply_compile(block_lists: list[nn.ModuleList], backend: str = "inductor", skip=()) -> int:
-    """Compile every block except those in `skip` (block-swapped ones: their hooks swap weights in eager code)."""
+def apply_compile(block_lists: list[nn.ModuleList], backend: str = "inductor", skip=(), mode: str = "default") -> int:
+    """Compile every block except those in `skip` (block-swapped ones: their hooks swap weights in eager code);
+    `mode`: torch.compile's (--compile_mode; inductor)."""
     count = 0
     for blocks in block_lists:
         for block in blocks:
             if block in skip or getattr(block, "_checkpoint_wrapped_module", None) in skip:
                 continue
-            block.compile(backend=backend, fullgraph=False)
+            block.compile(backend=backend, fullgraph=False, mode=None if mode == "default" else mode)
             count += 1
     return count
+
+
+def mark_step_begin(cudagraphs: bool) -> None:
+    """Before each forward of the training step under CUDA-graph modes: tells torch's CUDA-graph trees that the
+    outputs of the previous step's replays are no longer needed (they are overwritten by this step's)."""
+    if cudagraphs:
+        torch.compiler.cudagraph_mark_step_begin()
