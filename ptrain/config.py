@@ -21,11 +21,11 @@ import tyro
 from ptrain.compat import translate_argv
 from ptrain.errors import ConfigError  # re-exported: `from ptrain.config import ConfigError` keeps working
 from ptrain.hub import is_hub_id, split_id
-from ptrain.models.registry import MODEL_NAMES
+from ptrain.models.registry import MODEL_NAMES, resolve_model_name
 
 DTYPES = Literal["float32", "bfloat16", "float16"]
-#: --model_name choices: the model registry's names.
-MODEL_NAME = Literal[MODEL_NAMES]
+#: --model_name choices: auto (read from the checkpoint) and the model registry's names.
+MODEL_NAME = Literal[("auto", *MODEL_NAMES)]
 
 
 #: --inpaint_mask_probs keys (ptrain.models.conditioning draws them).
@@ -47,8 +47,10 @@ def _check_min(minimum: int, *flags: tuple[str, float | None]) -> None:
 
 @dataclass
 class ModelArgs:
-    model_name: MODEL_NAME = "ltx_video"
-    """Model family to train."""
+    model_name: MODEL_NAME = "auto"
+    """Model family to train; auto: the one the checkpoint's transformer class names (LTXVideoTransformer3DModel ->
+    ltx_video, CogVideoXTransformer3DModel -> cogvideox, HunyuanVideoTransformer3DModel -> hunyuan_video,
+    WanTransformer3DModel -> wan). A family that contradicts the checkpoint is an error."""
     pretrained_model_name_or_path: str | None = None
     """Diffusers-format checkpoint: a local folder (model_index.json, transformer/, vae/, ...) or a hub id
     (org/name, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) fetched into the Hugging Face cache (HF_HOME / HF_HUB_CACHE;
@@ -157,6 +159,8 @@ class ModelArgs:
             )
         elif self.revision:
             raise ConfigError(f"--revision {self.revision}: applies to a hub id; {ckpt} is a local folder")
+        else:  # a hub id's family is read once its snapshot's configs are fetched (ptrain.trainer.plan_run)
+            self.resolve_model_name()
         for flag, value in (
             ("--transformer_id", self.transformer_id), ("--vae_id", self.vae_id),
             ("--text_encoder_id", self.text_encoder_id), ("--tokenizer_id", self.tokenizer_id),
@@ -164,6 +168,12 @@ class ModelArgs:
         ):  # fmt: skip
             if value is not None and not Path(value).is_dir() and not is_hub_id(value):
                 raise ConfigError(f"{flag} {value}: no such folder, and not a hub id (org/name or org/name@REVISION)")
+
+    def resolve_model_name(self, folder: str | None = None) -> None:
+        """--model_name auto -> the family of the local checkpoint `folder` (default --pretrained_model_name_or_path,
+        with a local --transformer_id's class first); a named family is checked against it."""
+        tf = self.transformer_id if self.transformer_id and Path(self.transformer_id).is_dir() else None
+        self.model_name = resolve_model_name(self.model_name, folder or self.pretrained_model_name_or_path, tf)
 
     def validate(self) -> None:
         if not self.pretrained_model_name_or_path:

@@ -62,6 +62,12 @@ class FusedBackward:
     def _on_grad(self, p: torch.Tensor) -> None:
         i = self.unit_of[id(p)]
         left = self.pending.get(i, len(self.units[i])) - 1
+        if left < 0:  # the unit was stepped already: this gradient would be lost (or half a sum stepped)
+            raise RuntimeError(
+                "--fused_backward_pass: a parameter received its gradient twice in one backward (a second backward "
+                "before the step finished, or a parameter used by two units); the fused pass needs one gradient "
+                "per parameter and step"
+            )
         self.pending[i] = left
         if left == 0:
             self._step([q for q in self.units[i] if q.grad is not None])

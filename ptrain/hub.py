@@ -163,6 +163,16 @@ def check_snapshot(flag: str, value: str, folder: str, needed: list[str], overri
         )
 
 
+def peek_checkpoint(m) -> str:
+    """The snapshot folder of the --pretrained_model_name_or_path hub id with only its model_index.json and
+    transformer config (small files: every rank may read them from the cache or fetch them), to tell its model
+    family before the components are fetched."""
+    value = m.pretrained_model_name_or_path
+    repo, rev = split_id(value)
+    return download("--pretrained_model_name_or_path", repo, rev or m.revision,
+                    ["model_index.json", "transformer/config.json"], [], False)  # fmt: skip
+
+
 def resolve_model_sources(m, needed: list[str], optional: list[str] = ()) -> dict[str, str]:
     """Replace the hub ids in ModelArgs `m` with their snapshot folders (in place); returns {flag: original id}.
 

@@ -155,7 +155,8 @@ def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelD
     if cfg.compile.compile:
         c = cfg.compile
         n = apply_compile(blocks, c.compile_backend, skip=swap.blocks if swap else (), mode=c.compile_mode)
-        log.info("torch.compile (%s, mode %s): %d blocks", c.compile_backend, c.compile_mode, n)
+        mode = "" if c.compile_mode == "default" else f", mode {c.compile_mode}"
+        log.info("torch.compile (%s): %d blocks%s", c.compile_backend, n, mode)
     # Placement happens unit by unit inside apply_data_parallel (`place` before each fully_shard / replicate): no
     # rank ever holds the whole model on the device before sharding it. With --fsdp_cpu_offload the shards then go
     # back to CPU memory (FSDP2's CPUOffloadPolicy) and only buffers stay on the device. Block-swapped weights

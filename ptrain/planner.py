@@ -249,6 +249,15 @@ def simulate(
     return finish(_run(flags, world, model_dir, num_blocks, fake), flags, model_dir, vae_phases)
 
 
+def _spec_of(cfg, model_dir: Path):
+    """The model spec of a planned config: --model_name auto (the default) resolved from `model_dir`'s transformer
+    class, in `cfg` (a named family that contradicts the folder is a ConfigError)."""
+    from ptrain.models.registry import get_spec, resolve_model_name
+
+    cfg.model.model_name = resolve_model_name(cfg.model.model_name, model_dir)
+    return get_spec(cfg.model.model_name)
+
+
 def _run(flags: list[str], world: int, model_dir, num_blocks=None, fake: bool = True) -> dict:
     """simulate() without `finish`: the start-up and the step, whose figures extrapolate linearly in blocks."""
     from ptrain.config import parse_config
@@ -271,7 +280,7 @@ def simulate_config(cfg, world: int, model_dir: str | Path, num_blocks: tuple[in
         raise ConfigError("--ac_mode auto is the planner's choice among AC modes: plan with --budget_gb (or "
                           "--plan_gpu_memory_gb in a dry run), or name an --ac_mode")  # fmt: skip
     cfg.compile.compile = False  # compile changes no memory the tracker sees; it would only cost time here
-    spec = get_spec(cfg.model.model_name)
+    spec = _spec_of(cfg, model_dir)
     if fake:
         _fake_world(world)
         try:
@@ -635,7 +644,7 @@ def plan_config(cfg, world: int, model_dir: str | Path, full: bool = False, vae_
     from ptrain.models.spec import get_spec
 
     model_dir = Path(model_dir)
-    spec = get_spec(cfg.model.model_name)
+    spec = _spec_of(cfg, model_dir)
     config = spec.transformer_cls.load_config(model_dir, subfolder="transformer")
     targets = tuple(int(config[k]) for k in spec.block_count_keys)
     # From 3 blocks on, FSDP's prefetch pattern no longer changes. With --ac_mode selective the blocks alternate
@@ -712,7 +721,7 @@ def finish(res: dict, flags, model_dir, vae_phases: bool = True) -> dict:
     model_dir = Path(model_dir)
     cfg = parse_config([*flags, "--pretrained_model_name_or_path", str(model_dir)]) if isinstance(flags, list) else flags
     m, d = cfg.model, cfg.data
-    spec, dtype = get_spec(m.model_name), DTYPES[m.vae_dtype]
+    spec, dtype = _spec_of(cfg, model_dir), DTYPES[m.vae_dtype]
     enc = encoder_bytes(spec, model_dir, {"vae": dtype, "text_encoder": DTYPES[m.text_encoder_dtype],
                                           "text_encoder_2": DTYPES[m.text_encoder_2_dtype]})  # fmt: skip
     act = functools.partial(vae_activation_bytes, spec.component_classes["vae"], model_dir, dtype)

@@ -44,7 +44,7 @@ from ptrain.data.precompute import Decision, PrecomputedDataset, decide, precomp
 from ptrain.data.video import FrameSampling
 from ptrain.export import begin_export, export_complete, export_full, export_lora, publish_export
 from ptrain.export_comfyui import export_comfyui_lora
-from ptrain.hub import resolve_model_sources
+from ptrain.hub import is_hub_id, peek_checkpoint, resolve_model_sources
 from ptrain.loss_scale import LossScaler
 from ptrain.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
 from ptrain.models.spec import Components, ModelSpec, get_spec
@@ -202,6 +202,8 @@ def plan_run(cfg: Config) -> RunPlan:
     global_batch = t.batch_size * dims.dp * t.gradient_accumulation_steps
     layout = Layout(world, dims.dp_replicate, dims.dp_shard, dims.cp, global_batch)
     resume, resharded = find_resume(cfg, out, layout)
+    # --model_name auto: the checkpoint's family (a hub id's from its fetched configs); a contradicting one: error
+    m.resolve_model_name(None if not is_hub_id(m.pretrained_model_name_or_path) else peek_checkpoint(m))
     spec = get_spec(m.model_name)
     wants_validation = cfg.validation.validation_prompts or cfg.validation.validation_dataset_file
     if m.train_mode == "inpaint" and wants_validation and spec.inpaint_pipeline_cls is None:
@@ -219,6 +221,8 @@ def plan_run(cfg: Config) -> RunPlan:
     rules = spec.shape_rules(m.pretrained_model_name_or_path, overrides)  # from the configs, no weights
     sampling = FrameSampling.from_args(cfg.data)
     usable = scan_dataset(cfg.data, sampling, rules)
+    for shape in sorted(set(usable.buckets)):  # before any weights load, so --dry_run refuses what the run would
+        rules.check(shape.frames, shape.height, shape.width)
     steps_per_epoch = make_sampler(
         usable, t.batch_size, 0, dims.dp, t.gradient_accumulation_steps, t.seed
     ).steps_per_epoch
@@ -245,6 +249,8 @@ def resolve_auto_ac(cfg: Config, world: int, rank: int, device: torch.device, ou
     from ptrain.collective import all_max
     from ptrain.planner import AC_LADDER, with_flags
 
+    if cfg.model.model_name == "auto" and not is_hub_id(cfg.model.pretrained_model_name_or_path):
+        cfg.model.resolve_model_name()  # the plan's key holds the family (plan_run resolves it before this)
     a = cfg.activation_checkpoint
     budget = a.gpu_memory_gb
     if budget is None and device.type == "cuda":

@@ -215,7 +215,7 @@ def test_component_overrides_load_from_other_folders(tiny_ckpt, tmp_path):
 
 
 def test_full_bf16_and_block_swap_flags_are_checked(tmp_path):
-    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "model_index.json").write_text('{"transformer": ["diffusers", "LTXVideoTransformer3DModel"]}')
     base = ["--pretrained_model_name_or_path", str(tmp_path), "--data_root", str(tmp_path)]
     full = [*base, "--training_type", "full-finetune", "--full_bf16"]
     cfg = parse_config([*full, "--gc_every_n_steps", "10"]).validate()

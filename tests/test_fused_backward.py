@@ -227,3 +227,14 @@ def test_no_host_sync_in_a_non_logging_step(tiny_ckpt, tiny_data, tmp_path, sing
     assert runs["_step"] == len(fb.units) == 3  # it counted the hooks' work: 2 blocks and the rest
     trainer.log_step(1, stats, tqdm(disable=True))
     assert all(p.grad is None for p in trainer.model.params)
+
+
+def test_a_second_gradient_in_one_step_is_an_error():
+    """A parameter whose unit was stepped gets another gradient before finish(): refused, not lost."""
+    net = _net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, fused=True)
+    fb = FusedBackward(opt, list(net.parameters()), _units(net), max_grad_norm=0.0, on_device=True)
+    _loss(net).backward()
+    with pytest.raises(RuntimeError, match="received its gradient twice in one backward"):
+        _loss(net).backward()
+    fb.pending = {}

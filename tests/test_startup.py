@@ -35,7 +35,7 @@ def test_cpu_ignores_local_rank():
 
 
 def test_dist_timeout_must_be_positive(tmp_path):
-    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "model_index.json").write_text('{"transformer": ["diffusers", "LTXVideoTransformer3DModel"]}')
     args = ["--pretrained_model_name_or_path", str(tmp_path), "--data_root", str(tmp_path)]
     assert parse_config([*args, "--dist_timeout_s", "60"]).validate().parallel.dist_timeout_s == 60
     assert parse_config(args).parallel.dist_timeout_s == 1800

@@ -1,0 +1,81 @@
+"""--model_name auto (the default): the family comes from the checkpoint's transformer class, for local folders
+and hub ids; a named family that contradicts the checkpoint, or a transformer ptrain does not train, is an error
+that names the class and the flag to pass (a new user's first run used to load a Wan checkpoint as LTX-Video and
+crash inside diffusers)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import MODELS
+
+from ptrain.config import ConfigError, parse_config
+from ptrain.hub import peek_checkpoint
+from ptrain.testing.hub_cache import add_snapshot
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_the_family_is_read_from_the_checkpoint(tiny_ckpts, tiny_data, model):
+    cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_ckpts(model)), "--data_root", str(tiny_data)])
+    assert cfg.model.model_name == "auto"
+    assert cfg.validate().model.model_name == model
+
+
+def test_a_contradicting_family_names_the_checkpoints_class(tiny_ckpts, tiny_data):
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpts("wan")), "--data_root", str(tiny_data)]
+    with pytest.raises(ConfigError, match="--model_name ltx_video, but .* holds a WanTransformer3DModel \\(wan\\): "
+                                          "pass --model_name wan"):  # fmt: skip
+        parse_config([*args, "--model_name", "ltx_video"]).validate()
+    assert parse_config([*args, "--model_name", "wan"]).validate().model.model_name == "wan"
+
+
+def test_an_unknown_transformer_is_refused_unless_named(tmp_path, tiny_data):
+    (tmp_path / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "SD3Transformer2DModel"]}))
+    args = ["--pretrained_model_name_or_path", str(tmp_path), "--data_root", str(tiny_data)]
+    with pytest.raises(ConfigError, match="its transformer is SD3Transformer2DModel, which ptrain does not train"):
+        parse_config(args).validate()
+    # named, it is the user's call (an unknown class contradicts nothing ptrain knows)
+    assert parse_config([*args, "--model_name", "cogvideox"]).validate().model.model_name == "cogvideox"
+
+
+def test_a_local_transformer_id_decides(tiny_ckpts, tiny_data):
+    """--transformer_id replaces the transformer: its class is the one trained."""
+    cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_ckpts("ltx_video")), "--data_root",
+                        str(tiny_data), "--transformer_id", str(tiny_ckpts("cogvideox") / "transformer")])  # fmt: skip
+    cfg.model.resolve_model_name()
+    assert cfg.model.model_name == "cogvideox"
+    cfg.model.model_name = "ltx_video"
+    with pytest.raises(ConfigError, match="holds a CogVideoXTransformer3DModel"):
+        cfg.model.resolve_model_name()
+
+
+def test_a_hub_id_is_read_from_its_fetched_configs(tiny_ckpts, tmp_path, monkeypatch):
+    """A hub id (an offline cache laid out as huggingface_hub lays it out): model_index.json and the transformer
+    config are enough to tell the family, before any weights are fetched."""
+    cache = tmp_path / "cache"
+    add_snapshot(cache, "tiny-org/tiny-hunyuan", tiny_ckpts("hunyuan_video"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = parse_config(["--pretrained_model_name_or_path", "tiny-org/tiny-hunyuan"])
+    m = cfg.model
+    m.validate()  # a hub id: left to be read once fetched
+    assert m.model_name == "auto"
+    m.resolve_model_name(peek_checkpoint(m))
+    assert m.model_name == "hunyuan_video"
+
+
+def test_a_dry_run_refuses_a_shape_the_family_cannot_train(tiny_ckpt, tiny_data, tmp_path):
+    """The family's shape rules (from its configs, no weights) hold the configured shape at start-up, so --dry_run
+    refuses what the run would (it used to approve --height 30 for LTX-Video, whose run then stopped after loading)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    base = [sys.executable, "-m", "ptrain", "--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root",
+            str(tiny_data), "--num_frames", "9", "--width", "32", "--output_dir", str(tmp_path / "out"), "--dry_run"]
+    for extra, message in ((["--height", "30"], "--height 30: LTX-Video needs a multiple of"),
+                           (["--height", "32", "--num_frames", "10"], "--num_frames 10: LTX-Video needs")):  # fmt: skip
+        p = subprocess.run([*base, *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert p.returncode != 0 and message in p.stderr + p.stdout, (p.returncode, p.stderr[-1500:])
