@@ -489,7 +489,18 @@ class Checkpointer:
             reason = f"{type(err).__name__}: {err}" if err is not None else "another rank could not read its part"
             raise CheckpointDamaged(path, reason) from err
         if outcome == 1:
-            raise err if err is not None else PeerFailed(f"loading checkpoint {path} failed on another rank")
+            if err is None:
+                raise PeerFailed(f"loading checkpoint {path} failed on another rank")
+            if isinstance(err, (ValueError, KeyError, RuntimeError, CheckpointException)):  # shapes / names differ
+                root = next((c for c in _causes(err) if not isinstance(c, CheckpointException)), err)
+                raise ConfigError(
+                    f"resuming from {path} failed ({type(root).__name__}: {str(root).splitlines()[0][:300]}): the "
+                    "checkpoint was written with other settings (LoRA rank or target modules, training type, "
+                    "model, optimizer; the log's warning before this lists the flags changed since the previous "
+                    "start). Resume with those flags, or start anew: another --output_dir, or "
+                    "--resume_from_checkpoint none"
+                ) from err
+            raise err
         self.saved_step = self.train_state.step
 
     def mark_damaged(self, path: Path, reason: str) -> Path:

@@ -242,6 +242,26 @@ def plan_run(cfg: Config) -> RunPlan:
     return run
 
 
+#: Flags whose change between starts of one run is expected (where to resume, how long, what to log).
+_RESTART_FLAGS = {"resume_from_checkpoint", "train_steps", "num_train_epochs", "dry_run", "hub_ids", "config",
+                  "logging_steps", "report_to", "profile_from_step", "profile_num_steps", "log_step_breakdown"}
+
+
+def _warn_changed_flags(previous: Path, now: dict, resume: Path) -> list[str]:
+    """Warn (and return) the flags that differ from the previous start's output_dir/config.json when resuming:
+    the checkpoint's state continues under the new values, which may not be what the user meant."""
+    try:
+        before = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        return []
+    changed = [f"--{k} {before[k]} -> {v}" for k, v in now.items()
+               if k in before and before[k] != v and k not in _RESTART_FLAGS]  # fmt: skip
+    if changed:
+        log.warning("resuming from %s with flags changed since the previous start (%s): %s; the checkpoint's state "
+                    "continues under the new values", resume, previous, "; ".join(changed))  # fmt: skip
+    return changed
+
+
 def resolve_auto_ac(cfg: Config, world: int, rank: int, device: torch.device, out: Path) -> None:
     """--ac_mode auto: rank 0 asks the memory planner (in a child process: it runs on a fake process group) for the
     least recompute that fits --gpu_memory_gb (default: this GPU's memory); every rank applies the choice to its
@@ -405,6 +425,8 @@ class Trainer:
         if run.rank == 0:
             run.out.mkdir(parents=True, exist_ok=True)
             config = {**to_dict(self.cfg), **({"hub_ids": run.hub_ids} if run.hub_ids else {})}
+            if run.resume is not None:
+                _warn_changed_flags(run.out / "config.json", config, run.resume)
             (run.out / "config.json").write_text(json.dumps(config, indent=2))
         self.load_model()
         self.log_phase_peak("the load (the encoders on the device)")

@@ -228,3 +228,20 @@ def test_full_bf16_resumes_exactly_on_fsdp(tiny_ckpt, tiny_data, tmp_path):
 
     assert digest(out) == digest(ref.output_dir)
     assert [(m["step"], m["loss"]) for m in run.metrics] == [(m["step"], m["loss"]) for m in ref.metrics]
+
+
+def test_resuming_with_other_settings_says_what_changed(tiny_ckpt, tiny_data, tmp_path):
+    """A restart in the same --output_dir with a LoRA rank the checkpoint does not have: an error that says why
+    and what to do (it was DCP's bare size-mismatch ValueError), after a warning naming every flag changed since
+    the previous start (a changed --lr alone resumes, with that warning)."""
+    base = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--checkpointing_steps",
+            "1", "--seed", "3", *TINY_ARGS]  # fmt: skip
+    first = run_ptrain(1, [*base, "--train_steps", "2", "--rank", "4", "--lr", "1e-4"], tmp_path)
+    assert first.returncode == 0, first_error(first.stderr)
+    again = run_ptrain(1, [*base, "--train_steps", "3", "--rank", "8", "--lr", "2e-4"], tmp_path)
+    assert again.returncode != 0
+    assert "flags changed since the previous start" in again.stderr
+    assert "--rank 4 -> 8" in again.stderr and "--lr 0.0001 -> 0.0002" in again.stderr
+    assert "--train_steps" not in again.stderr.split("flags changed since the previous start")[1].splitlines()[0]
+    assert "the checkpoint was written with other settings" in again.stderr
+    assert "--resume_from_checkpoint none" in again.stderr
