@@ -515,8 +515,8 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
     # be swapped in place by Module.to, which peft uses), materialised as fake tensors afterwards.
     spec = spec.bind(comps, m.train_mode, m.mask_probs(), m.training_type)
     spec.check_shape(d.num_frames, d.height, d.width, comps)
-    n_total = sum(q.numel() for q in transformer.parameters())
     make_trainable_model(transformer, cfg, spec)
+    n_total = sum(q.numel() for q in transformer.parameters())  # with the LoRA adapters, as the trainer counts
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         comps.vae.to_empty(device=device)
         # The start-up as the trainer runs it: each FSDP unit reaches the device (here: is materialised from the

@@ -79,7 +79,7 @@ def test_planned_states_equal_bytes_per_parameter(training_type):
     res = plan(flags, world, CONFIGS / "ltx-video", vae_phases=False)
     assert res["blocks"] == [28] and res["simulated_blocks"] == [[3], [4]]
     n_train = n_lora if lora else n_base
-    assert res["params_total"] == n_base and res["params_trainable"] == n_train
+    assert res["params_total"] == n_base + (n_lora if lora else 0) and res["params_trainable"] == n_train
     fb, opt = res["phases"]["forward_backward"]["categories"], res["phases"]["optimizer"]["categories"]
     params = (2 * n_base + 4 * n_lora) / world if lora else 4 * n_base / world
     grads, adam = 4 * n_train / world, 8 * n_train / world
