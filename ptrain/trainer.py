@@ -11,9 +11,12 @@ ptrain/step.py, which the memory planner runs too.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import json
 import logging
+import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -242,6 +245,47 @@ def plan_run(cfg: Config) -> RunPlan:
     return run
 
 
+class OutputLock:
+    """output_dir/.ptrain.lock, held (flock) by rank 0 while the run trains: a second run in the same folder stops
+    at start instead of writing the same checkpoints. The OS releases it when the process ends, however it ends."""
+
+    def __init__(self, handle=None):
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+
+def lock_output_dir(out: Path, rank: int) -> OutputLock:
+    """Rank 0 takes output_dir's lock (creating the folder); collective: if it is held, every rank raises a
+    ConfigError naming the holder."""
+    from ptrain.collective import all_max
+
+    lock, held_by = OutputLock(), None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / ".ptrain.lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            held_by = handle.read().strip() or "another process"
+            handle.close()
+        else:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            handle.flush()
+            lock.handle = handle
+    if all_max(int(held_by is not None)):
+        raise ConfigError(f"--output_dir {out} is in use by another ptrain run ({held_by or 'see rank 0'}): two "
+                          "runs would write the same checkpoints; wait for it, stop it, or use another --output_dir")  # fmt: skip
+    return lock
+
+
 #: Flags whose change between starts of one run is expected (where to resume, how long, what to log).
 _RESTART_FLAGS = {"resume_from_checkpoint", "train_steps", "num_train_epochs", "dry_run", "hub_ids", "config",
                   "logging_steps", "report_to", "profile_from_step", "profile_num_steps", "log_step_breakdown"}
@@ -422,8 +466,8 @@ class Trainer:
         self.v_every = self.cfg.validation.validation_steps
         if self.cfg.validation.validation_epochs:
             self.v_every = self.cfg.validation.validation_epochs * run.steps_per_epoch
+        self.out_lock = lock_output_dir(run.out, run.rank)
         if run.rank == 0:
-            run.out.mkdir(parents=True, exist_ok=True)
             config = {**to_dict(self.cfg), **({"hub_ids": run.hub_ids} if run.hub_ids else {})}
             if run.resume is not None:
                 _warn_changed_flags(run.out / "config.json", config, run.resume)
@@ -705,7 +749,10 @@ class Trainer:
             self.metrics.close()
         self.result.losses = [float(loss) for loss, _ in self.losses]
         self.result.grad_norms = [float(norm) for _, norm in self.losses]
-        self.export_final()
+        try:
+            self.export_final()
+        finally:
+            self.out_lock.release()
         return self.result
 
     def logs_at(self, step: int) -> bool:

@@ -245,3 +245,15 @@ def test_resuming_with_other_settings_says_what_changed(tiny_ckpt, tiny_data, tm
     assert "--train_steps" not in again.stderr.split("flags changed since the previous start")[1].splitlines()[0]
     assert "the checkpoint was written with other settings" in again.stderr
     assert "--resume_from_checkpoint none" in again.stderr
+
+
+def test_a_second_run_in_the_same_output_dir_stops_at_start(tmp_path):
+    """output_dir/.ptrain.lock (flock, held by rank 0 while training): a second run there is a ConfigError that
+    names the holder; once released (or the holder's process ended) the folder is free again."""
+    from ptrain.trainer import lock_output_dir
+
+    held = lock_output_dir(tmp_path / "out", 0)
+    with pytest.raises(ConfigError, match=f"is in use by another ptrain run \\(pid {os.getpid()} on "):
+        lock_output_dir(tmp_path / "out", 0)
+    held.release()
+    lock_output_dir(tmp_path / "out", 0).release()
