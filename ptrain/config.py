@@ -807,8 +807,9 @@ def _load_toml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # an editor's byte-order mark is not TOML's
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not UTF-8 ({e})") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config {path}: invalid TOML: {e}") from e
     # Accept flat keys (`dp_degree = 2`) and [group] tables (`[parallel] dp_degree = 2`).

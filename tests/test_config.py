@@ -46,6 +46,8 @@ def test_toml_preset_precedence(tmp_path):
     assert cfg.parallel.dp_degree == 2  # [group] tables work too
     assert str(cfg.train.output_dir) == "from-file"
     assert cfg.optim.beta1 == 0.9  # untouched default
+    preset.write_text("\ufeff" + preset.read_text(), encoding="utf-8")  # a byte-order mark (Windows editors)
+    assert parse_config(["--config", str(preset)]).optim.lr == 2e-4
 
 
 def test_vae_tiling_flags_are_auto_on_off(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,43 +57,56 @@ def _reason_kind(reason: str) -> str:
     return "other"
 
 
+def _probe_all(jobs: list[tuple[Path, str]], sampling: FrameSampling) -> list[tuple]:
+    """Probe each (path, kind) once, the jobs split over ranks when distributed; one result per job, the same on
+    every rank: ("ok", height, width, usable frames, total frames, fps) or ("bad", reason)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine: dict[int, tuple] = {}
+    for j in range(rank, len(jobs), world):
+        path, kind = jobs[j]
+        try:
+            info = probe_media(path, kind)
+            have = sampling.available(info.num_frames, info.fps) if kind == "video" else 1
+            mine[j] = ("ok", info.height, info.width, have, info.num_frames, info.fps)
+        except (OSError, ValueError) as e:
+            mine[j] = ("bad", str(e))
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, mine)
+        mine = {k: v for part in gathered for k, v in part.items()}
+    return [mine[j] for j in range(len(jobs))]
+
+
 def filter_usable(records: list[Record], sampling: FrameSampling | int, plan: BucketPlan | None = None) -> Usable:
     """Probe every distinct file (split over ranks when distributed), give each usable record its bucket;
-    drop and name the unusable ones."""
+    drop and name the unusable ones.
+
+    A row's first-frame image (i2v / inpaint conditioning) is decoded here too, like the media: the loader
+    decodes it with every draw of its sample, so a broken one would otherwise fail only in training."""
     if isinstance(sampling, int):
         sampling = FrameSampling(sampling)
     if plan is None:
         plan = BucketPlan(DataArgs(num_frames=sampling.num_frames), None, sampling.num_frames)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    first: dict[tuple[str, str], int] = {}
-    for i, r in enumerate(records):
+    jobs: dict[tuple[str, str], int] = {}  # (path, kind) -> job number, in record order
+    for r in records:
         if r.error is None:
-            first.setdefault((str(r.video), r.kind), i)
-    distinct = sorted(first.values())
-    mine: dict[int, tuple] = {}
-    for i in distinct[rank::world]:
-        rec = records[i]
-        try:
-            info = probe_media(rec.video, rec.kind)
-            have = 1 if rec.kind == "image" else sampling.available(info.num_frames, info.fps)
-            mine[i] = ("ok", info.height, info.width, have, info.num_frames, info.fps)
-        except (OSError, ValueError) as e:
-            mine[i] = ("bad", str(e))
-    if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, mine)
-        probed = {k: v for part in gathered for k, v in part.items()}
-    else:
-        probed = mine
+            jobs.setdefault((str(r.video), r.kind), len(jobs))
+            if r.first_frame is not None:
+                jobs.setdefault((str(r.first_frame), "image"), len(jobs))
+    probed = _probe_all([(Path(path), kind) for path, kind in jobs], sampling)
     usable, buckets, infos, skipped = [], [], [], {}
     for i, rec in enumerate(records):
         key = str(rec.video)
         if rec.error is not None:
             skipped[key] = rec.error
             continue
-        res = probed[first[(key, rec.kind)]]
+        res = probed[jobs[(key, rec.kind)]]
         if res[0] == "bad":
             skipped[key] = res[1]
+            continue
+        first = probed[jobs[(str(rec.first_frame), "image")]] if rec.first_frame is not None else None
+        if first is not None and first[0] == "bad":
+            skipped[key] = f"{rec.kind} {key}: first-frame {first[1]}"
             continue
         _, h, w, have, total, fps = res
         try:
@@ -117,8 +131,9 @@ class VideoDataset(Dataset):
     it is the same in every layout and after a resume. With `as_uint8` pixels (video, first_frame) stay uint8: a
     quarter of the bytes through the workers' queues and the host-to-device copy, and no float conversion in the
     workers (the training step converts on the device: ptrain.data.video.to_unit_range). A file that fails to
-    decode here (it passed the scan) is replaced by another sample of the same bucket chosen by (seed, position,
-    attempt): deterministic, and counted in the batch's `replaced` field (logged as `data_replaced`).
+    decode here (it passed the scan) is replaced by another sample (`replacement`: of its bucket, else one that
+    can be cropped to its shape) chosen by (seed, position, attempt): deterministic, and counted in the batch's
+    `replaced` field (logged as `data_replaced`: the bad files met, each once per draw).
     """
 
     def __init__(
@@ -141,6 +156,7 @@ class VideoDataset(Dataset):
         self._same: dict[Bucket, list[int]] = {}
         for i, b in enumerate(self.buckets):
             self._same.setdefault(b, []).append(i)
+        self._warned: set[str] = set()  # files whose failure this process has logged (once each)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -150,8 +166,9 @@ class VideoDataset(Dataset):
         rec = self.records[index]
         return f"{self.args.id_token} {rec.caption}" if self.args.id_token else rec.caption
 
-    def _load(self, index: int, rng: np.random.Generator) -> torch.Tensor:
-        rec, b, a = self.records[index], self.buckets[index], self.args
+    def _load(self, index: int, rng: np.random.Generator, bucket: Bucket | None = None) -> torch.Tensor:
+        """Record `index`'s pixels at `bucket`'s shape (default: its own bucket; another when it stands in)."""
+        rec, b, a = self.records[index], bucket or self.buckets[index], self.args
         if rec.kind == "image":
             return load_image(rec.video, b.height, b.width, a.reshape_mode, rng, self.as_uint8)
         sampling = replace(self.sampling, num_frames=b.frames)
@@ -159,37 +176,72 @@ class VideoDataset(Dataset):
         return load_clip(rec.video, sampling, b.height, b.width, reshape_mode=a.reshape_mode, rng=rng, source=source,
                          as_uint8=self.as_uint8)  # fmt: skip
 
+    def _load_item(self, index: int, bucket: Bucket, rng: np.random.Generator):
+        """(video, first frame or None) of record `index` at `bucket`'s shape."""
+        video = self._load(index, rng, bucket)
+        first = self.records[index].first_frame
+        if first is not None:
+            return video, load_image(first, bucket.height, bucket.width, self.args.reshape_mode, rng,
+                                     self.as_uint8)[:, 0]  # fmt: skip
+        return video, (video[:, 0].clone() if self.first_frames else None)
+
+    def _candidates(self, index: int, tried: set[int]) -> list[int]:
+        """Samples that can stand in for `index` at its bucket's shape, none of a file already tried (a repeated
+        file is several samples): the others of its bucket; when none is left (e.g. the only image of its aspect
+        ratio), samples of other buckets with at least as many frames, cropped to this shape (every sample of a
+        step has one shape), its own kind first."""
+        bucket, kind = self.buckets[index], self.records[index].kind
+        bad = {self.records[t].video for t in tried}
+        same = [j for j in self._same[bucket] if self.records[j].video not in bad]
+        if same:
+            return same
+        other = [j for j in range(len(self.records)) if self.buckets[j].frames >= bucket.frames]
+        other = [j for j in other if self.records[j].video not in bad]
+        return [j for j in other if self.records[j].kind == kind] or other
+
+    def replacement(self, index: int, position: int, tried: set[int]) -> int | None:
+        """The sample that replaces `index` at stream `position` after the samples in `tried` failed (never one
+        of them, so a bucket of one is not retried until the run stops), or None if no sample is left;
+        deterministic in (seed, position, number tried)."""
+        pool = self._candidates(index, tried)
+        if not pool:
+            return None
+        pick = np.random.default_rng([self.seed, position, 0xBAD, len(tried)])
+        return pool[int(pick.integers(0, len(pool)))]
+
+    def _failed(self, index: int, e: Exception) -> str:
+        path = str(self.records[index].video)
+        if path not in self._warned:  # a bad file drawn again fails again: say so once per process
+            self._warned.add(path)
+            log.warning("sample %s failed to decode (%s: %s); replacing it", path, type(e).__name__, e)
+        return f"{path}: {type(e).__name__}: {e}"
+
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, position = key[0], key[1]
-        a = self.args
-        replaced, errors = 0, []
+        a, bucket, asked = self.args, self.buckets[key[0]], key[0]
+        tried: set[int] = set()
+        errors: list[str] = []
         while True:
             # Per-sample randomness (crop offset, caption dropout) from (seed, position): same in every layout.
             rng = np.random.default_rng([self.seed, position, 0xDA7A])
             try:
-                video = self._load(index, rng)
-                first = self.records[index].first_frame
-                if first is not None:
-                    b = self.buckets[index]
-                    first_frame = load_image(first, b.height, b.width, a.reshape_mode, rng, self.as_uint8)[:, 0]
-                elif self.first_frames:
-                    first_frame = video[:, 0].clone()
+                video, first_frame = self._load_item(index, bucket, rng)
                 break
             except Exception as e:  # decord / PIL raise their own types; the file is named in the log
-                errors.append(f"{self.records[index].video}: {type(e).__name__}: {e}")
-                log.warning("sample %s failed to decode (%s); replacing it", self.records[index].video, e)
-                if len(errors) > MAX_REPLACEMENTS:
+                errors.append(self._failed(index, e))
+                tried.add(index)
+                nxt = self.replacement(asked, position, tried) if len(errors) <= MAX_REPLACEMENTS else None
+                if nxt is None:
+                    why = "" if len(errors) > MAX_REPLACEMENTS else f" (no other sample can stand in at {bucket})"
                     raise RuntimeError(
-                        f"{len(errors)} samples in a row failed to decode; the data has gone bad:\n" + "\n".join(errors)
+                        f"{len(errors)} samples in a row failed to decode; the data has gone bad{why}:\n"
+                        + "\n".join(errors)
                     ) from e
-                pool = self._same[self.buckets[index]]
-                pick = np.random.default_rng([self.seed, position, 0xBAD, len(errors)])
-                index = pool[int(pick.integers(0, len(pool)))]
-                replaced += 1
+                index = nxt
         caption = self.caption_of(index)
         if a.caption_dropout_p and rng.random() < a.caption_dropout_p:
             caption = ""
-        item = {"video": video, "caption": caption, "position": position, "index": index, "replaced": replaced}
+        item = {"video": video, "caption": caption, "position": position, "index": index, "replaced": len(errors)}
         if self.first_frames:
             item["first_frame"] = first_frame
         return item
@@ -213,7 +265,27 @@ def scan_dataset(args: DataArgs, sampling: FrameSampling, rules: ShapeRules | No
             log.warning("  ... and %d more", len(usable.skipped) - 20)
     if not usable.records:
         raise ConfigError(f"none of the {len(records)} samples is usable (see the reasons above)")
+    warn_empty_captions(usable)
     return usable
+
+
+def empty_captions(usable: Usable) -> list[Record]:
+    return [r for r in usable.records if not r.caption.strip()]
+
+
+def warn_empty_captions(usable: Usable, examples: int = 3) -> None:
+    """One warning line with the count and a few files. An empty prompt is a legitimate training target (it is
+    what caption dropout trains), so these samples are kept; but a 0-byte caption file, an empty cell or a JSON
+    null is more often a mistake, and it would otherwise train without a word said."""
+    empty = empty_captions(usable)
+    if not empty:
+        return
+    files = list(dict.fromkeys(str(r.video) for r in empty))
+    more = f" and {len(files) - examples} more" if len(files) > examples else ""
+    log.warning(
+        "%d of %d usable samples have an empty caption (an empty caption file, table cell or null) and train on the "
+        "empty prompt: %s%s", len(empty), len(usable.records), ", ".join(files[:examples]), more,
+    )  # fmt: skip
 
 
 def make_sampler(usable: Usable, batch_size: int, dp_rank: int, dp_size: int, grad_accum: int, seed: int):
@@ -230,6 +302,9 @@ def summary(usable: Usable, global_batch: int, tokens=None) -> list[str]:
         f"samples: {len(usable.records)} usable ({kinds.get('video', 0)} videos, {kinds.get('image', 0)} images), "
         f"{len(usable.skipped)} skipped"
     ]
+    empty = empty_captions(usable)
+    if empty:
+        lines.append(f"  {len(empty)} with an empty caption (they train on the empty prompt)")
     if usable.skipped:
         lines.append("  skipped by reason: " + ", ".join(f"{k} {n}" for k, n in usable.skip_reasons().most_common()))
     lines += [

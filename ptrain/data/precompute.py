@@ -16,7 +16,8 @@ complete cache with the same key (otherwise it is computed again).
 more samples than there are distinct ones (so each would be decoded and encoded more than once), the settings
 allow it and the estimated cache fits the disk; a complete cache of the same key is reused. A sample that fails
 to decode while the cache is filled is left out and, in training, replaced by another of its bucket (as the
-decoding dataset does).
+decoding dataset does); if none of its bucket was cached, a sample of another bucket is encoded cropped to its
+shape and stands in for it.
 """
 
 from __future__ import annotations
@@ -258,12 +259,7 @@ def precompute(
             log.warning("precomputation: %s failed to decode (%s); training replaces it", usable.records[i].video, e)
             bar.update(world)
             continue
-        params = spec.encode_latent_dist(comps, video)
-        caption = dataset.caption_of(i)
-        cond = spec.encode_text(comps, [caption], max_seq)
-        tensors = {"latent_dist": params[0].contiguous().cpu()}
-        tensors.update({f"text.{k}": v[0].contiguous().cpu() for k, v in cond.tensors.items()})
-        save_file(tensors, target / f"{ids[key]:08d}.safetensors")
+        _save_encoded(spec, comps, video, dataset.caption_of(i), max_seq, target / f"{ids[key]:08d}.safetensors")
         bar.update(world)
     bar.close()
     if rank == 0:
@@ -275,6 +271,7 @@ def precompute(
     if rank == 0:
         man["files"] = {key: f"{n:08d}.safetensors" for key, n in ids.items() if key not in failed}
         man["failed"] = failed
+        man["stand_ins"] = _encode_stand_ins(usable, spec, comps, dataset, max_seq, device, target, failed, ids)
         (target / "manifest.json").write_text(json.dumps(man, indent=1))
         (target / COMPLETE).write_text("ok\n")
         log.info("precomputation: %d samples in %.1f s -> %s%s", len(first) - len(failed), time.perf_counter() - t0,
@@ -283,12 +280,52 @@ def precompute(
     return target
 
 
+def _save_encoded(spec, comps, video, caption: str, max_seq: int, path: Path) -> None:
+    """Encode one sample (latent distribution and caption embeddings) into a cache file."""
+    params = spec.encode_latent_dist(comps, video)
+    cond = spec.encode_text(comps, [caption], max_seq)
+    tensors = {"latent_dist": params[0].contiguous().cpu()}
+    tensors.update({f"text.{k}": v[0].contiguous().cpu() for k, v in cond.tensors.items()})
+    save_file(tensors, path)
+
+
+def _encode_stand_ins(usable: Usable, spec, comps, dataset: VideoDataset, max_seq: int, device, target: Path,
+                      failed: dict[str, str], ids: dict[str, int]) -> dict[str, list[str]]:  # fmt: skip
+    """For each sample that failed to decode and has no cached sample of its shape to replace it in training (e.g.
+    the only image of its aspect ratio), encode another sample cropped to that shape (VideoDataset.replacement:
+    one of another bucket with enough frames); -> {failed key: [cache file, the stand-in's sample key]}. Rare, so
+    rank 0 does it alone. None found: PrecomputedDataset stops with the reason."""
+    keys = [sample_key(usable, i) for i in range(len(usable.records))]
+    cached = {usable.buckets[i] for i, k in enumerate(keys) if k not in failed}
+    bad = {i for i, k in enumerate(keys) if k in failed}
+    out: dict[str, list[str]] = {}
+    for key, i in distinct_samples(usable).items():
+        if key not in failed or usable.buckets[i] in cached:
+            continue
+        tried = set(bad)
+        while (j := dataset.replacement(i, 0, tried)) is not None:
+            try:
+                video = dataset._load(j, np.random.default_rng(0), usable.buckets[i])[None].to(device)
+            except Exception as e:  # noqa: BLE001 - as above: decord / PIL types; the file is named
+                log.warning("precomputation: %s failed to decode (%s)", usable.records[j].video, e)
+                tried.add(j)
+                continue
+            name = f"{ids[key]:08d}.safetensors"
+            _save_encoded(spec, comps, video, dataset.caption_of(j), max_seq, target / name)
+            out[key] = [name, keys[j]]
+            log.warning("precomputation: no other sample of shape %s could replace %s; %s stands in, cropped to it",
+                        usable.buckets[i], usable.records[i].video, usable.records[j].video)  # fmt: skip
+            break
+    return out
+
+
 class PrecomputedDataset(Dataset):
     """(index, position) -> the cached latent distribution and text embeddings of record `index`.
 
     Caption dropout draws from the same (seed, position) generator as VideoDataset, so a cached run drops the
     same captions as an on-the-fly one. A sample that failed to decode while the cache was filled is replaced by
-    a cached sample of the same bucket chosen by (seed, position): deterministic, counted in `replaced`.
+    a cached sample of the same bucket chosen by (seed, position): deterministic, counted in `replaced`; if its
+    bucket has none, by the stand-in precompute encoded at its shape from another bucket (manifest `stand_ins`).
     """
 
     def __init__(self, usable: Usable, folder: Path, caption_dropout_p: float, seed: int):
@@ -300,24 +337,38 @@ class PrecomputedDataset(Dataset):
         if missing:
             raise UnsafeFileError(f"{self.folder / 'manifest.json'}: no entry for sample {missing[0]}")
         self.files = [files.get(k) for k in keys]
-        for name in self.files:  # file names inside the cache folder, nothing elsewhere
-            if name is not None and (
-                not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors")
-            ):
-                raise UnsafeFileError(f"{self.folder / 'manifest.json'}: invalid cache file name {name!r}")
+        for name in self.files:
+            self._check_name(name)
         buckets = list(usable.buckets) or [None] * len(keys)
         pools: dict = {}
         for i, b in enumerate(buckets):
             if self.files[i] is not None:
                 pools.setdefault(b, []).append(i)
         self._pool = [pools.get(b, []) for b in buckets]
+        self._stand_in: dict[int, tuple[str, int]] = {}  # failed sample -> (cache file, the sample standing in)
+        stand_ins = man.get("stand_ins", {})
         for i, name in enumerate(self.files):
-            if name is None and not self._pool[i]:
+            if name is not None or self._pool[i]:
+                continue
+            if keys[i] not in stand_ins:
                 raise RuntimeError(
                     f"{usable.records[i].video} failed to decode while precomputing ({failed[keys[i]]}), and no "
-                    f"other sample of its shape {buckets[i]} could replace it; the data has gone bad"
+                    f"other sample, of its shape {buckets[i]} or one that could be cropped to it, could replace "
+                    "it; the data has gone bad"
                 )
+            file, of = stand_ins[keys[i]]
+            self._check_name(file)
+            if of not in keys:
+                raise UnsafeFileError(f"{self.folder / 'manifest.json'}: stand-in for an unknown sample {of}")
+            self._stand_in[i] = (file, keys.index(of))
         self._empty: dict | None = None
+
+    def _check_name(self, name) -> None:
+        """Cache file names must be plain names inside the cache folder, nothing elsewhere."""
+        if name is not None and (
+            not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors")
+        ):
+            raise UnsafeFileError(f"{self.folder / 'manifest.json'}: invalid cache file name {name!r}")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -325,12 +376,14 @@ class PrecomputedDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, position = key[0], key[1]
         rng = np.random.default_rng([self.seed, position, 0xDA7A])
-        replaced = 0
-        if self.files[index] is None:  # failed to decode: another of its bucket, chosen by (seed, position)
+        replaced, file = 0, self.files[index]
+        if file is None and self._pool[index]:  # failed to decode: another of its bucket, chosen by (seed, position)
             pool = self._pool[index]
             index = pool[int(np.random.default_rng([self.seed, position, 0xBAD, 1]).integers(0, len(pool)))]
-            replaced = 1
-        item = load_safetensors(self.folder / self.files[index])
+            replaced, file = 1, self.files[index]
+        elif file is None:  # none of its bucket was cached: the stand-in encoded at its shape
+            (file, index), replaced = self._stand_in[index], 1
+        item = load_safetensors(self.folder / file)
         if self.p and rng.random() < self.p:
             if self._empty is None:
                 self._empty = load_safetensors(self.folder / EMPTY)

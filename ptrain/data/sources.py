@@ -47,7 +47,7 @@ class Record:
     video: Path  # the media file: a video, or an image when kind == "image" (a 1-frame video)
     kind: str = "video"
     error: str | None = None  # known bad before decoding (reported and skipped by the scan)
-    dataset: int = 0  # index in --dataset_config (0 otherwise)
+    dataset: int = 0  # 0-based index in --dataset_config's `datasets` (0 otherwise); messages say entry i + 1
     #: A row's image beside its video: the first frame --train_mode i2v / inpaint conditions on (default: the
     #: clip's own first frame).
     first_frame: Path | None = None
@@ -72,8 +72,19 @@ def _utf8_error(text: str) -> str:
     return f"caption is not valid UTF-8 (byte 0x{ord(text[i]) - 0xDC00:02x} at character {i}); re-save it as UTF-8"
 
 
+#: Text files are read as UTF-8 with an optional byte-order mark: Excel's "CSV UTF-8" and Notepad write one, and
+#: read as plain UTF-8 it would stay in the first column name or caption ('\ufefffile_path').
+ENCODING = "utf-8-sig"
+
+
+def read_text(path: Path) -> str:
+    """A caption / list / table file as text; bytes that are not UTF-8 become lone surrogates (_bad_utf8 finds
+    them, so a caption is reported, not garbled)."""
+    return path.read_text(encoding=ENCODING, errors="surrogateescape")
+
+
 def _read_lines(path: Path) -> list[str]:
-    lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    lines = read_text(path).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     return [line.strip() for line in lines]
@@ -97,16 +108,43 @@ def _cogvideox_folder(root: Path, prompts_name: str = "prompts.txt", videos_name
     return [_record(c, root / p) for c, p in zip(captions, paths) if p]
 
 
+def _read_csv(path: Path) -> list[dict]:
+    """CSV rows; a malformed row is reported with its line number."""
+    with open(path, newline="", encoding=ENCODING, errors="surrogateescape") as f:
+        reader = csv.DictReader(f)
+        try:
+            return list(reader)
+        except csv.Error as e:
+            raise ConfigError(f"dataset file {path}: line {reader.line_num}: cannot parse: {e}") from e
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """One JSON object per non-blank line; an error names the file's own line (json's message counts from the start
+    of the one line it was given, so it would always say line 1). Lines end at "\n" only (JSON Lines), not at the
+    other breaks str.splitlines knows: a caption may hold a raw U+2028."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding=ENCODING).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"dataset file {path}: line {n}: cannot parse: {e.msg} (column {e.colno})") from e
+        if not isinstance(row, dict):
+            raise ConfigError(f"dataset file {path}: line {n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
 def read_table(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-                return list(csv.DictReader(f))
+            return _read_csv(path)
         if suffix == ".jsonl":
-            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return _read_jsonl(path)
         if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding=ENCODING))
             if isinstance(data, dict):  # {"data": [...]} style
                 data = next((v for v in data.values() if isinstance(v, list)), None)
             if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -177,7 +215,7 @@ def _caption_pairs(root: Path) -> list[Record]:
         if not txt.is_file():
             records.append(_record("", media, error=f"no caption file {txt.name} beside it"))
             continue
-        caption = txt.read_text(encoding="utf-8", errors="surrogateescape").strip()
+        caption = read_text(txt).strip()
         error = f"{txt.name}: {_utf8_error(caption)}" if _bad_utf8(caption) else None
         records.append(_record(caption, media, error=error))
     return records
@@ -223,32 +261,46 @@ def repeat_records(records: list[Record], repeats: float, seed: int) -> list[Rec
 DATASET_KEYS = {"data_root", "dataset_file", "caption_column", "video_column", "image_column", "repeats", "weight"}
 
 
-def read_dataset_config(path: Path) -> list[dict]:
-    """The `datasets` list of a --dataset_config JSON/TOML file, paths resolved against the file's folder."""
+def _entry_name(path: Path, i: int, count: int) -> str:
+    """How messages name entry `i` (0-based) of a --dataset_config: 1-based, as a person counts the [[datasets]]
+    tables / list items, with the 0-based index beside it so neither reading is ambiguous."""
+    return f"--dataset_config {path}: datasets entry {i + 1} of {count} (index {i})"
+
+
+def _read_config_file(path: Path):
+    """The parsed TOML / JSON of a --dataset_config (a UTF-8 byte-order mark is allowed in either)."""
     try:
-        if path.suffix.lower() == ".toml":
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        else:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode(ENCODING)
+        return tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"--dataset_config {path}: cannot parse: {e}") from e
+
+
+def read_dataset_config(path: Path) -> list[dict]:
+    """The `datasets` list of a --dataset_config JSON/TOML file, paths resolved against the file's folder and
+    `repeats` (or `weight`) a positive number."""
+    raw = _read_config_file(path)
     entries = raw.get("datasets") if isinstance(raw, dict) else raw
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"--dataset_config {path}: expected a non-empty `datasets` list of tables/objects")
     out = []
     for i, entry in enumerate(entries):
+        where = _entry_name(path, i, len(entries))
         unknown = set(entry) - DATASET_KEYS
         if unknown:
-            raise ConfigError(f"--dataset_config {path}: dataset {i}: unknown keys {sorted(unknown)}")
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         if not entry.get("data_root") and not entry.get("dataset_file"):
-            raise ConfigError(f"--dataset_config {path}: dataset {i}: give data_root or dataset_file")
+            raise ConfigError(f"{where}: give data_root or dataset_file")
         e = dict(entry)
         for key in ("data_root", "dataset_file"):
             if e.get(key):
                 e[key] = (path.parent / e[key]) if not Path(e[key]).is_absolute() else Path(e[key])
                 if (key == "data_root" and not e[key].is_dir()) or (key == "dataset_file" and not e[key].is_file()):
-                    raise ConfigError(f"--dataset_config {path}: dataset {i}: {key} {e[key]}: not found")
+                    raise ConfigError(f"{where}: {key} {e[key]}: not found")
+        repeats = e.get("repeats", e.get("weight", 1.0))
+        if isinstance(repeats, bool) or not isinstance(repeats, (int, float)) or not repeats > 0:
+            raise ConfigError(f"{where}: repeats must be a number > 0, got {repeats!r}")
+        e["repeats"] = float(repeats)
         out.append(e)
     return out
 
@@ -256,16 +308,19 @@ def read_dataset_config(path: Path) -> list[dict]:
 def load_records(args: DataArgs) -> list[Record]:
     if args.dataset_config is not None:
         records = []
-        for i, entry in enumerate(read_dataset_config(Path(args.dataset_config))):
+        entries = read_dataset_config(Path(args.dataset_config))
+        for i, entry in enumerate(entries):
             sub = dataclasses.replace(
                 args, data_root=entry.get("data_root"), dataset_file=entry.get("dataset_file"),
                 caption_column=entry.get("caption_column", args.caption_column),
                 video_column=entry.get("video_column", args.video_column),
                 image_column=entry.get("image_column", args.image_column),
             )  # fmt: skip
-            repeats = float(entry.get("repeats", entry.get("weight", 1.0)))
-            part = [dataclasses.replace(r, dataset=i) for r in _load_one(sub)]
-            records += repeat_records(part, repeats, seed=i)
+            try:
+                part = [dataclasses.replace(r, dataset=i) for r in _load_one(sub)]
+            except ConfigError as e:  # name the entry: several may point at similar folders / tables
+                raise ConfigError(f"{_entry_name(Path(args.dataset_config), i, len(entries))}: {e}") from e
+            records += repeat_records(part, entry["repeats"], seed=i)
     else:
         records = _load_one(args)
     if args.video_repeat > 1:  # VideoX-Fun: videos count N times per epoch, images once

@@ -61,25 +61,49 @@ def check_size(kind: str, path: Path, height: int, width: int) -> None:
         raise ValueError(f"{kind} {path}: {width}x{height} is over {MAX_PIXELS // 2**20} megapixels")
 
 
-def probe_image(path: Path) -> VideoInfo:
-    """Size of an image (after its EXIF rotation) as a 1-frame video, or an exception naming the file."""
+def _image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image as displayed (after its EXIF rotation), from its header and a structure check."""
     from PIL import Image, UnidentifiedImageError
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"image {path}: no such file")
-    if Path(path).stat().st_size == 0:
-        raise ValueError(f"image {path}: empty file (0 bytes)")
     try:
         with Image.open(path) as im:
             im.verify()  # structure check; must come first on a freshly opened file
         with Image.open(path) as im:
             w, h = im.size
             rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, RuntimeError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError) as e:
         raise ValueError(f"image {path}: cannot decode ({type(e).__name__}: {e})") from e
-    if rotated:
-        w, h = h, w
+    return (w, h) if rotated else (h, w)
+
+
+def _decode_image(path: Path) -> None:
+    """Decode every pixel of an image (ValueError naming the file if that fails).
+
+    verify() checks structure only: a JPEG cut short passes it and fails only when its pixels are read, which
+    without this happens in training, where its bucket may hold nothing to replace it. A JPEG is decoded at up to
+    1/8 scale (`draft`: the decoder still reads all of its compressed data, so a cut or corrupt stream still
+    fails), which keeps the scan cheap for large photos."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft(None, (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except Exception as e:  # PIL's decoders raise OSError, SyntaxError, EOFError, struct / zlib errors...
+        raise ValueError(f"image {path}: cannot decode ({type(e).__name__}: {e})") from e
+
+
+def probe_image(path: Path) -> VideoInfo:
+    """Size of an image (after its EXIF rotation) as a 1-frame video, or an exception naming the file. The size
+    limits are checked before the pixels are decoded (a decompression bomb is refused unread)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image {path}: no such file")
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"image {path}: empty file (0 bytes)")
+    h, w = _image_size(path)
     check_size("image", path, h, w)
+    _decode_image(path)
     return VideoInfo(1, h, w, 0.0)
 
 
@@ -88,6 +112,33 @@ def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
     if pixels.dtype != torch.uint8:
         return pixels
     return pixels.float().div_(127.5).sub_(1.0)
+
+
+#: PIL modes of grey images deeper than 8 bits (PIL's convert("RGB") would clip them, not scale them).
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def grey_full_scale(im) -> int:
+    """The value that is white in a 16/32-bit grey PIL image ("I;16*" / "I"): what its values are scaled by.
+
+    From the format, never from the pixels: scaling by the image's own maximum would brighten a dark image (a
+    16-bit image whose brightest pixel is a quarter of full scale came out 4x too bright). "I;16*" is 16-bit; an
+    "I" TIFF says its depth (BitsPerSample, SampleFormat: signed or not); any other "I" image (a 16-bit PNG or PGM
+    in some Pillow versions) is taken as 16-bit. Read it before any transpose: copies drop the TIFF tags."""
+    if im.mode.startswith("I;16"):
+        return 2**16 - 1
+    tags = getattr(im, "tag_v2", {})
+    bits, fmt = tags.get(258), tags.get(339)  # BitsPerSample, SampleFormat (2 = signed): an int or one per sample
+    bits, fmt = (v[0] if isinstance(v, tuple) and v else v for v in (bits, fmt))
+    if not bits:
+        return 2**16 - 1
+    return 2 ** (int(bits) - 1) - 1 if fmt == 2 else 2 ** int(bits) - 1
+
+
+def grey_to_uint8(values: np.ndarray, full_scale: int) -> np.ndarray:
+    """Integer grey values (white = `full_scale`) -> uint8, rounded; out-of-range values clipped."""
+    scaled = np.rint(values.astype(np.float64) * (255.0 / full_scale))
+    return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
 def load_image(
@@ -103,13 +154,13 @@ def load_image(
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
+        full_scale = grey_full_scale(im) if im.mode in WIDE_GREY_MODES else None
         im = ImageOps.exif_transpose(im)
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             im = im.convert("RGBA")
             im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
-        elif im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits before RGB
-            arr = np.asarray(im, dtype=np.float64)
-            im = Image.fromarray((arr * 255.0 / max(arr.max(), 1.0)).astype(np.uint8))
+        elif full_scale is not None:  # 16/32-bit grey: scale to 8 bits (by the bit depth) before RGB
+            im = Image.fromarray(grey_to_uint8(np.asarray(im), full_scale))
         rgb = np.array(im.convert("RGB"))  # a writable copy
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
     x = resize_crop(x, height, width, reshape_mode, rng)
@@ -122,23 +173,32 @@ def probe_media(path: Path, kind: str) -> VideoInfo:
 
 
 def probe(path: Path) -> VideoInfo:
-    """Frame count and size, or an exception naming the file."""
+    """Frame count and the video's own size, or an exception naming the file.
+
+    The size is the source's even where decord misreads its width (DECORD_BAD_WIDTHS; the frames are then checked
+    on the reader reopened at a safe width): load_clip decides from it whether to reopen, and given the reopened
+    width instead it would open a 48 px wide video as it is and fail whenever it is not reduced (upscaled)."""
+    import decord
+
     if not Path(path).is_file():
         raise FileNotFoundError(f"video {path}: no such file")
     if Path(path).stat().st_size == 0:
         raise ValueError(f"video {path}: empty file (0 bytes)")
     try:
-        vr = _reader(path)
+        vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
         n = len(vr)
         shape = vr[0].shape
+        height, width = int(shape[0]), int(shape[1])
+        if width in DECORD_BAD_WIDTHS:
+            shape = _reader(path, native_width=width)[0].shape
     except Exception as e:  # decord raises its own DECORDError / RuntimeError types
         raise ValueError(f"video {path}: cannot decode ({type(e).__name__}: {e})") from e
     if len(shape) != 3 or shape[2] != 3:
         raise ValueError(f"video {path}: decoder returned frames of shape {tuple(shape)}, not (H, W, 3)")
     if n < 1:
         raise ValueError(f"video {path}: no frames")
-    check_size("video", path, int(shape[0]), int(shape[1]))
-    return VideoInfo(n, int(shape[0]), int(shape[1]), float(vr.get_avg_fps() or 0.0))
+    check_size("video", path, height, width)
+    return VideoInfo(n, height, width, float(vr.get_avg_fps() or 0.0))
 
 
 def even_indices(total: int, num_frames: int) -> list[int]:
