@@ -288,7 +288,7 @@ def lock_output_dir(out: Path, rank: int) -> OutputLock:
 
 #: Flags whose change between starts of one run is expected (where to resume, how long, what to log).
 _RESTART_FLAGS = {"resume_from_checkpoint", "train_steps", "num_train_epochs", "dry_run", "hub_ids", "config",
-                  "logging_steps", "report_to", "profile_from_step", "profile_num_steps", "log_step_breakdown"}
+                  "logging_steps", "report_to", "profile_from_step", "profile_num_steps", "log_step_breakdown"}  # fmt: skip
 
 
 def _warn_changed_flags(previous: Path, now: dict, resume: Path) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -111,6 +112,21 @@ def run_ptrain(nproc: int, args: list[str], output_dir: Path, timeout: int = 600
 @pytest.fixture
 def ptrain_run():
     return run_ptrain
+
+
+def resume_run(done: Run, nproc: int, args: list[str], out: Path, from_step: int, last_step: int) -> Run:
+    """A copy of the finished run `done` in `out` cut back to its checkpoint at `from_step` (the one at
+    `last_step` and the export removed), then the same command again: it resumes from `from_step`."""
+    from ptrain.export import EXPORT_MARKER
+
+    shutil.copytree(done.output_dir, out)
+    shutil.rmtree(out / "checkpoints" / f"step-{last_step}")
+    shutil.rmtree(out / "transformer")
+    (out / EXPORT_MARKER).unlink()
+    run = run_ptrain(nproc, args, out)
+    assert run.returncode == 0, first_error(run.stderr)
+    assert f"at step {from_step}" in run.stderr
+    return run
 
 
 # --- Training runs shared by the parity and the checkpoint tests (each launched once per session) ---

@@ -6,6 +6,7 @@ crash inside diffusers)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import MODELS
@@ -74,8 +75,10 @@ def test_a_dry_run_refuses_a_shape_the_family_cannot_train(tiny_ckpt, tiny_data,
     from conftest import REPO
 
     base = [sys.executable, "-m", "ptrain", "--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root",
-            str(tiny_data), "--num_frames", "9", "--width", "32", "--output_dir", str(tmp_path / "out"), "--dry_run"]
-    for extra, message in ((["--height", "30"], "--height 30: LTX-Video needs a multiple of"),
-                           (["--height", "32", "--num_frames", "10"], "--num_frames 10: LTX-Video needs")):  # fmt: skip
-        p = subprocess.run([*base, *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert p.returncode != 0 and message in p.stderr + p.stdout, (p.returncode, p.stderr[-1500:])
+            str(tiny_data), "--num_frames", "9", "--width", "32", "--output_dir", str(tmp_path / "out"),
+            "--dry_run"]  # fmt: skip
+    # no rendezvous variables an in-process test of this session may have left: the run picks its own port
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    p = subprocess.run([*base, "--height", "30"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       check=False, env=env)  # fmt: skip
+    assert p.returncode == 2 and "--height 30: LTX-Video needs a multiple of" in p.stderr, p.stderr[-1500:]

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_ARGS, first_error, run_ptrain
+from conftest import REPO, TINY_ARGS, first_error, resume_run, run_ptrain
 
 from ptrain.checkpoint import MARKER, checkpoint_problem, complete_checkpoints, resolve_resume
 from ptrain.config import ConfigError
@@ -203,33 +203,30 @@ def test_failing_save_names_the_path_and_keeps_older_checkpoints(reference, tiny
 
 
 @pytest.mark.heavy
-def test_full_bf16_resumes_exactly_on_fsdp(tiny_ckpt, tiny_data, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--fused_backward_pass"]], ids=["step", "fused-backward"])
+def test_full_bf16_resumes_exactly_on_fsdp(tiny_ckpt, tiny_data, tmp_path, extra):
     """--full_bf16 (bfloat16 weights and moments, stochastic rounding) on 2 FSDP2 ranks: the rounding bits follow
-    the checkpointed step count, so a run resumed from step 2 exports the same weights as the uninterrupted one."""
+    the checkpointed step count, so a run resumed from step 2 exports the same weights as the uninterrupted one;
+    also when the optimizer steps block by block in the backward (--fused_backward_pass: its draws are counted in
+    the same checkpointed parameter groups)."""
     args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--train_steps", "4",
             "--training_type", "full-finetune", "--full_bf16", "--dp_shards", "2", "--checkpointing_steps", "2",
-            "--seed", "5", "--lr", "1e-4", *TINY_ARGS]  # fmt: skip
+            "--seed", "5", "--lr", "1e-4", *TINY_ARGS, *extra]  # fmt: skip
     args[args.index("--transformer_dtype") + 1] = "bfloat16"
     ref = run_ptrain(2, args, tmp_path / "ref")
     assert ref.returncode == 0, first_error(ref.stderr)
     files = sorted(p.name for p in (ref.output_dir / "transformer").glob("*.safetensors"))
     assert files
-    out = tmp_path / "resumed"
-    shutil.copytree(ref.output_dir, out)
-    shutil.rmtree(out / "checkpoints" / "step-4")
-    shutil.rmtree(out / "transformer")
-    (out / EXPORT_MARKER).unlink()
-    run = run_ptrain(2, args, out)
-    assert run.returncode == 0, first_error(run.stderr)
-    assert "at step 2" in run.stderr
+    run = resume_run(ref, 2, args, tmp_path / "resumed", from_step=2, last_step=4)
 
     def digest(folder: Path) -> list[str]:
         return [hashlib.sha256((folder / "transformer" / f).read_bytes()).hexdigest() for f in files]
 
-    assert digest(out) == digest(ref.output_dir)
+    assert digest(run.output_dir) == digest(ref.output_dir)
     assert [(m["step"], m["loss"]) for m in run.metrics] == [(m["step"], m["loss"]) for m in ref.metrics]
 
 
+@pytest.mark.heavy  # two runs, 26 s (CI runs it)
 def test_resuming_with_other_settings_says_what_changed(tiny_ckpt, tiny_data, tmp_path):
     """A restart in the same --output_dir with a LoRA rank the checkpoint does not have: an error that says why
     and what to do (it was DCP's bare size-mismatch ValueError), after a warning naming every flag changed since
