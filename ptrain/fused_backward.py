@@ -55,6 +55,8 @@ class FusedBackward:
         if rest:
             self.units.append(rest)
         self.unit_of = {id(p): i for i, unit in enumerate(self.units) for p in unit}
+        #: each parameter's optimizer group (a unit's step narrows every group to its members: O(unit) per step)
+        self.group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
         self.pending: dict[int, int] = {}  # unit -> gradients still to come this backward
         self.sumsq: torch.Tensor | None = None
         self.handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
@@ -87,10 +89,12 @@ class FusedBackward:
         elif not bool(finite):  # host sync: this optimizer cannot skip on the device
             self._free(unit)
             return
-        members = {id(p) for p in unit}
         saved = opt.param_groups
+        members: list[list[torch.nn.Parameter]] = [[] for _ in saved]
+        for p in unit:
+            members[self.group_of[id(p)]].append(p)
         # the same groups (their hyperparameters, the schedule's current lr), each holding only this unit's members
-        narrowed = [dict(g, params=[p for p in g["params"] if id(p) in members]) for g in saved]
+        narrowed = [dict(g, params=ps) for g, ps in zip(saved, members)]
         opt.param_groups = narrowed
         try:
             with implicit_replication():  # found_inf is a plain tensor beside DTensor parameters

@@ -93,6 +93,7 @@ def test_changed_layout_is_a_named_error(launches, tmp_path):
     assert "[rank0]: Traceback" not in run.stderr
 
 
+@pytest.mark.heavy  # suite time (36 s); CI runs it
 def test_allow_reshard_continues_the_same_samples(launches, tmp_path):
     # Written by FSDP2 on 2 ranks (batch 1 x accum 2), resumed in 1 process (batch 4): same global batch.
     launch = launches("lora-fsdp2")

@@ -101,12 +101,15 @@ def _in_process(tiny_ckpt, tiny_data, out, *extra):
     return result, params
 
 
-def test_one_process_trains_exactly_as_the_normal_step(tiny_ckpt, tiny_data, tmp_path, single_process_env):
+@pytest.mark.parametrize("extra", [[], ["--trainable_modules", "attn1", "--trainable_modules_low_learning_rate",
+                                         "to_q"]], ids=["all", "two-lr-groups"])  # fmt: skip
+def test_one_process_trains_exactly_as_the_normal_step(tiny_ckpt, tiny_data, tmp_path, single_process_env, extra):
     """LTX-Video full fine-tune, float32, fused AdamW, full AC, no clipping: the same losses and weights, bit for
-    bit; the logged norm is the global one."""
-    ref, ref_params = _in_process(tiny_ckpt, tiny_data, tmp_path / "ref", "--max_grad_norm", "0")
+    bit; the logged norm is the global one. Also with two parameter groups (to_q at half the lr): each block's step
+    narrows both."""
+    ref, ref_params = _in_process(tiny_ckpt, tiny_data, tmp_path / "ref", "--max_grad_norm", "0", *extra)
     out, params = _in_process(tiny_ckpt, tiny_data, tmp_path / "fused", "--max_grad_norm", "0",
-                              "--fused_backward_pass")  # fmt: skip
+                              "--fused_backward_pass", *extra)  # fmt: skip
     assert out.losses == ref.losses
     assert out.grad_norms == pytest.approx(ref.grad_norms, rel=1e-5)
     for name, p in ref_params.items():

@@ -176,6 +176,7 @@ def test_simulation_matches_a_real_run(tiny_ckpt, extra):
     assert simulated["phases"]["startup"] == real["phases"]["startup"]
 
 
+@pytest.mark.heavy  # suite time (29 s); CI runs it; the dry run's advice: test_dry_run_plans_memory
 def test_advise_suggests_the_fastest_layout_that_fits(tmp_path):
     """Full fine-tune on DDP 4 does not fit a budget that FSDP 4 without AC (no recompute, the least communication
     of the sharded layouts) meets: that is the suggestion, and nothing after it is planned."""

@@ -79,6 +79,7 @@ def test_resume_from_every_step_is_byte_identical(reference, tiny_ckpt, tiny_dat
     assert [{k: m[k] for k in keys} for m in run.metrics] == [{k: m[k] for k in keys} for m in reference.metrics]
 
 
+@pytest.mark.heavy  # suite time (41 s); CI runs it
 def test_rerunning_a_finished_run_is_a_no_op(reference, tiny_ckpt, tiny_data, tmp_path):
     out = tmp_path / "o"
     shutil.copytree(reference.output_dir, out)
