@@ -25,7 +25,7 @@ MODELS = {
 MODEL_NAMES = tuple(MODELS)
 
 #: The transformer class a diffusers checkpoint names (transformer/config.json `_class_name`, or model_index.json's
-#: "transformer" entry) -> --model_name. Read by `detect_model` for --model_name auto (the default).
+#: "transformer" entry) -> --model_name. Read by `resolve_model_name` for --model_name auto (the default).
 TRANSFORMER_CLASSES = {
     "LTXVideoTransformer3DModel": "ltx_video",
     "CogVideoXTransformer3DModel": "cogvideox",
