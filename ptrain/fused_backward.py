@@ -59,7 +59,8 @@ class FusedBackward:
         self.group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
         self.pending: dict[int, int] = {}  # unit -> gradients still to come this backward
         self.sumsq: torch.Tensor | None = None
-        self.handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._on_grad)
 
     def _on_grad(self, p: torch.Tensor) -> None:
         i = self.unit_of[id(p)]
@@ -120,8 +121,3 @@ class FusedBackward:
         norm = torch.zeros((), device=device) if self.sumsq is None else self.sumsq.sqrt()
         self.sumsq = None
         return norm
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []

@@ -269,7 +269,6 @@ def _run(flags: list[str], world: int, model_dir, num_blocks=None, fake: bool = 
 def simulate_config(cfg, world: int, model_dir: str | Path, num_blocks: tuple[int, ...] | None = None,
                     fake: bool = True, code: CodePath = TRAINER) -> dict:  # fmt: skip
     """simulate() of a parsed Config (left unchanged); `code`: see CodePath."""
-    from ptrain.models.spec import get_spec
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
@@ -641,7 +640,6 @@ def plan_config(cfg, world: int, model_dir: str | Path, full: bool = False, vae_
                 phases: bool = True, code: CodePath = TRAINER) -> dict:  # fmt: skip
     """plan() of a parsed Config; `phases=False` leaves out `finish` (the start-up and the step only: the AC and
     layout choices compare the step's peak); `code`: see CodePath."""
-    from ptrain.models.spec import get_spec
 
     model_dir = Path(model_dir)
     spec = _spec_of(cfg, model_dir)
@@ -715,7 +713,6 @@ def finish(res: dict, flags, model_dir, vae_phases: bool = True) -> dict:
     over every phase, and the reserved / device estimates. `vae_phases=False` decides only (one untiled encode),
     leaving out the VAE phases, whose tiled simulations take longer. `flags`: the run's flags or its Config."""
     from ptrain.config import parse_config
-    from ptrain.models.spec import get_spec
     from ptrain.parallelize import DTYPES
 
     model_dir = Path(model_dir)

@@ -291,19 +291,18 @@ _RESTART_FLAGS = {"resume_from_checkpoint", "train_steps", "num_train_epochs", "
                   "logging_steps", "report_to", "profile_from_step", "profile_num_steps", "log_step_breakdown"}  # fmt: skip
 
 
-def _warn_changed_flags(previous: Path, now: dict, resume: Path) -> list[str]:
-    """Warn (and return) the flags that differ from the previous start's output_dir/config.json when resuming:
+def _warn_changed_flags(previous: Path, now: dict, resume: Path) -> None:
+    """Warn about the flags that differ from the previous start's output_dir/config.json when resuming:
     the checkpoint's state continues under the new values, which may not be what the user meant."""
     try:
         before = json.loads(previous.read_text())
     except (OSError, ValueError):
-        return []
+        return
     changed = [f"--{k} {before[k]} -> {v}" for k, v in now.items()
                if k in before and before[k] != v and k not in _RESTART_FLAGS]  # fmt: skip
     if changed:
         log.warning("resuming from %s with flags changed since the previous start (%s): %s; the checkpoint's state "
                     "continues under the new values", resume, previous, "; ".join(changed))  # fmt: skip
-    return changed
 
 
 def resolve_auto_ac(cfg: Config, world: int, rank: int, device: torch.device, out: Path) -> None:
