@@ -108,7 +108,7 @@ def time_decode(data: dict[str, Path], shapes: list[tuple[int, int, int]], reps:
         path = min((root / "videos").glob("*.mp4"))
         info = probe(path)
         paths = {"before": lambda f, h, w, p=path: decode_before(p, f, h, w),
-                 "full+u8": lambda f, h, w, p=path: load_clip(p, f, h, w),
+                 "full+u8": lambda f, h, w, p=path, i=info: load_clip(p, f, h, w, source=i, scale_in_decoder=False),
                  "reduced": lambda f, h, w, p=path, i=info: load_clip(p, f, h, w, source=i),
                  "worker": lambda f, h, w, p=path, i=info: load_clip(p, f, h, w, source=i, as_uint8=True)}  # fmt: skip
         for f, h, w in shapes:

@@ -1,6 +1,7 @@
 """The new-user data audit, on real files: a truncated image (scan, runtime replacement, precompute stand-in),
-i2v first-frame images, 16-bit grey images, UTF-8 byte-order marks, empty captions, error locations, and the
-reduced-size decode's geometry (no offset; its differences are the decoder's 4:2:0 chroma)."""
+i2v first-frame images, 16-bit grey and float images, UTF-8 byte-order marks, empty captions, error locations, the
+reduced-size decode's geometry (no offset; its differences are the decoder's 4:2:0 chroma), and videos as they are
+displayed: mirrored by their display matrix, non-square pixels, a variable frame rate."""
 
 from __future__ import annotations
 
@@ -356,3 +357,116 @@ def test_narrow_width_video_upscaled_with_the_scanned_size(tmp_path, width):
         clip = load_clip(path, 5, height, out_width, source=info)
         assert clip.shape == (3, 5, height, out_width)
         assert torch.equal(clip, load_clip(path, 5, height, out_width)), (height, out_width)
+
+
+# --- 7. videos as displayed: display-matrix mirroring, non-square pixels, variable frame rate --------------------
+
+
+def _ffmpeg(*args: str) -> None:
+    import imageio_ffmpeg
+
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y", "-nostdin", *args], check=True)
+
+
+def _ffmpeg_frame0(path: Path, height: int, width: int) -> np.ndarray:
+    """Frame 0 as ffmpeg itself shows it (its display-matrix handling: rotation and mirroring), (H, W, 3) uint8."""
+    import imageio_ffmpeg
+
+    raw = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-nostdin", "-i", str(path),
+                          "-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         capture_output=True, check=True).stdout  # fmt: skip
+    return np.frombuffer(raw, np.uint8).reshape(height, width, 3)
+
+
+def test_mirrored_videos_decode_as_ffmpeg_shows_them(tmp_path):
+    """A display matrix can mirror as well as rotate (e.g. `ffmpeg -display_hflip`, some front cameras). decord
+    applies the rotation and ignores the mirroring, so a horizontally mirrored clip came out upside down (decord
+    rotates it by 180 degrees). Every rotation x mirror combination now decodes as ffmpeg shows it."""
+    base = tmp_path / "base.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=96x64:rate=12", "-frames:v", "4", "-c:v", "libx264", "-qp", "0",
+            "-pix_fmt", "yuv444p", str(base))  # fmt: skip
+    for rotation in (0, 90, 180, 270):
+        for mirror in (False, True):
+            path = tmp_path / f"r{rotation}{'m' if mirror else ''}.mp4"
+            _ffmpeg("-display_rotation", str(rotation), *(["-display_hflip"] if mirror else []), "-i", str(base),
+                    "-c", "copy", str(path))  # fmt: skip
+            info = probe(path)
+            h, w = (96, 64) if rotation % 180 else (64, 96)
+            assert (info.height, info.width) == (h, w), (rotation, mirror, info)
+            assert bool(info.flip) == mirror, (rotation, mirror, info)
+            want = _ffmpeg_frame0(path, h, w).astype(int)
+            for source in (info, None):  # the scan's probe, and load_clip probing for itself
+                got = load_clip(path, 1, h, w, source=source, as_uint8=True)[:, 0].permute(1, 2, 0).numpy()
+                assert np.abs(got.astype(int) - want).mean() < 1.0, (rotation, mirror)
+
+
+def test_non_square_pixels_are_shown_at_their_display_aspect(tmp_path):
+    """An anamorphic video (DVD / HDV footage: pixels wider than tall) was trained at its coded aspect, squeezed.
+    A 160x120 video with 2:1 pixels holding a 20x40 px white box is displayed 320x120 with the box square: the
+    scan reports the display size (its bucket follows it) and the frames show the box square, at full size and
+    in the decoder-scaled path alike."""
+    path = tmp_path / "anamorphic.mp4"
+    scene = "color=black:size=160x120:rate=12,drawbox=x=70:y=40:w=20:h=40:color=white:t=fill,setsar=2/1"
+    _ffmpeg("-f", "lavfi", "-i", scene, "-frames:v", "6", "-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p",
+            str(path))  # fmt: skip
+    info = probe(path)
+    assert (info.height, info.width, info.decoded) == (120, 320, (120, 160))
+
+    def box(clip: torch.Tensor) -> tuple[int, int]:
+        white = clip[0, 0] > 0
+        return int(white.any(1).sum()), int(white.any(0).sum())  # rows, columns
+
+    assert box(load_clip(path, 3, 120, 320, source=info)) == (40, 40)
+    h, w = box(load_clip(path, 3, 60, 60, source=info))  # decoder-scaled to 60x160, centre crop
+    assert abs(h - 20) <= 1 and abs(w - 20) <= 1, (h, w)
+    h, w = box(load_clip(path, 3, 60, 60))  # full-size decode, resized here
+    assert abs(h - 20) <= 1 and abs(w - 20) <= 1, (h, w)
+
+
+def _vfr_video(path: Path) -> Path:
+    """2 s of a 48 fps source kept whole for its first 0.5 s and every 4th frame after (12 fps): 42 frames whose
+    timestamps say so (a phone's variable frame rate)."""
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=48", "-t", "2", "-vf", "select='lt(n,24)+not(mod(n,4))'",
+            "-fps_mode", "vfr", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(path))  # fmt: skip
+    return path
+
+
+def test_variable_frame_rate_video_is_sampled_by_time(tmp_path):
+    """--fps took every (average rate / fps)-th frame, so a variable-frame-rate clip's fast stretch came out slowed
+    down and its slow stretch sped up. Frames are now the ones shown at each 1/fps step in time, the scan counts
+    them the same way, and a constant-rate clip keeps its indices."""
+    path = _vfr_video(tmp_path / "vfr.mp4")
+    info = probe(path)
+    assert info.num_frames == 42 and info.times is not None
+    times = np.asarray(info.times)
+    sampling = FrameSampling(12, fps=12)
+    idx = sampling.indices(info.num_frames, info.fps, None, info.times)
+    assert idx[:8] == [0, 4, 8, 12, 16, 20, 24, 25], idx
+    np.testing.assert_allclose(np.diff(times[idx]), 1 / 12, atol=2e-3)
+    assert sampling.available(info.num_frames, info.fps, info.times) == 24  # 0 .. 1.92 s at 12 fps
+    even = FrameSampling(5).indices(info.num_frames, info.fps, None, info.times)  # spread evenly over the duration
+    np.testing.assert_allclose(times[even], np.linspace(0, times[-1], 5), atol=0.05)
+    clip = load_clip(path, sampling, 48, 64, source=info, as_uint8=True)
+    import decord
+
+    want = torch.from_numpy(decord.VideoReader(str(path)).get_batch(idx).asnumpy()).permute(3, 0, 1, 2)
+    assert torch.equal(clip, want)
+
+    cfr = _testsrc(tmp_path / "cfr.mp4", "yuv420p")
+    c = probe(cfr)
+    assert c.times is None
+    assert FrameSampling(6, fps=12).indices(c.num_frames, c.fps, None, c.times) == [0, 2, 4, 6, 8, 10]
+
+
+def test_float_images_are_read_with_one_as_white(tmp_path, caplog):
+    """A float TIFF (PIL mode "F", 0..1) came out black: PIL's conversion clipped its values to 0..255 as they
+    were. 1.0 is now white; values outside 0..1 are clipped with a warning naming the file and range."""
+    pixels = np.full((32, 32), 0.5, np.float32)
+    pixels[:, :16] = 0.25
+    Image.fromarray(pixels, mode="F").save(tmp_path / "f.tif")
+    x = load_image(tmp_path / "f.tif", 32, 32, as_uint8=True)
+    assert x[0, 0, 0, 0] == 64 and x[0, 0, 0, -1] == 128
+    Image.fromarray(pixels * 255, mode="F").save(tmp_path / "g.tif")
+    with caplog.at_level(logging.WARNING):
+        assert int(load_image(tmp_path / "g.tif", 32, 32, as_uint8=True).min()) == 255
+    assert "g.tif: float pixels range 63.75..127.5" in caplog.text

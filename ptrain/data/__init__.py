@@ -59,15 +59,15 @@ def _reason_kind(reason: str) -> str:
 
 def _probe_all(jobs: list[tuple[Path, str]], sampling: FrameSampling) -> list[tuple]:
     """Probe each (path, kind) once, the jobs split over ranks when distributed; one result per job, the same on
-    every rank: ("ok", height, width, usable frames, total frames, fps) or ("bad", reason)."""
+    every rank: ("ok", VideoInfo, usable frames) or ("bad", reason)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine: dict[int, tuple] = {}
     for j in range(rank, len(jobs), world):
         path, kind = jobs[j]
         try:
             info = probe_media(path, kind)
-            have = sampling.available(info.num_frames, info.fps) if kind == "video" else 1
-            mine[j] = ("ok", info.height, info.width, have, info.num_frames, info.fps)
+            have = sampling.available(info.num_frames, info.fps, info.times) if kind == "video" else 1
+            mine[j] = ("ok", info, have)
         except (OSError, ValueError) as e:
             mine[j] = ("bad", str(e))
     if world > 1:
@@ -108,7 +108,8 @@ def filter_usable(records: list[Record], sampling: FrameSampling | int, plan: Bu
         if first is not None and first[0] == "bad":
             skipped[key] = f"{rec.kind} {key}: first-frame {first[1]}"
             continue
-        _, h, w, have, total, fps = res
+        _, info, have = res
+        h, w, total = info.height, info.width, info.num_frames
         try:
             bucket = plan.assign(rec.kind, h, w, have, index=i)
         except ValueError as e:
@@ -120,7 +121,7 @@ def filter_usable(records: list[Record], sampling: FrameSampling | int, plan: Bu
             continue
         usable.append(rec)
         buckets.append(bucket)
-        infos.append(VideoInfo(total, h, w, fps))
+        infos.append(info)
     return Usable(usable, skipped, buckets, plan, infos)
 
 

@@ -42,7 +42,9 @@ from ptrain.safe_load import UnsafeFileError, load_safetensors
 
 log = logging.getLogger("ptrain")
 
-VERSION = 1
+#: The cache format and decoding rules; a change makes a new cache. 2: videos decoded as displayed (mirroring,
+#: non-square pixels) and variable-frame-rate videos sampled by time.
+VERSION = 2
 COMPLETE = "complete"
 EMPTY = "empty_caption.safetensors"
 

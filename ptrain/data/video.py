@@ -2,21 +2,187 @@
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class VideoInfo:
+    """A media file as the scan saw it. `height` x `width` is the size as displayed: rotation, mirroring and the
+    pixel aspect ratio applied (what buckets and crops use). decord applies a display matrix's rotation but not
+    its mirroring, nor a pixel aspect ratio: `decoded` is the size of decord's frames where it differs from the
+    displayed one (non-square pixels), `flip` the mirroring to apply to them ("hflip" / "vflip", or ""), and
+    `times` each frame's start time in seconds for a variable-frame-rate video (None for a constant rate)."""
+
     num_frames: int
     height: int
     width: int
     fps: float = 0.0
+    decoded: tuple[int, int] | None = None
+    flip: str = ""
+    times: tuple[float, ...] | None = field(default=None, repr=False)
+
+    @property
+    def decoded_size(self) -> tuple[int, int]:
+        return self.decoded or (self.height, self.width)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What decord leaves out of how a video is displayed: the pixel aspect ratio (`sar`, a pixel's width over its
+    height), whether decord's frames are turned by 90 degrees from the coded ones (`turned`: the pixel aspect then
+    stretches their height), and the mirroring of the display matrix (`flip`: decord applies the matrix's rotation
+    only; the flip to apply to its frames so they show as ffmpeg and players show them)."""
+
+    sar: float = 1.0
+    turned: bool = False
+    flip: str = ""
+
+
+_STREAM = re.compile(r"Stream #\d+:\d+.*?: Video: .*?, (\d+)x(\d+)(?: \[SAR (\d+):(\d+) DAR [^\]]*\])?")
+_ROTATION = re.compile(r"rotation of (-?[\d.]+) degrees")
+_warned_no_ffmpeg: list[str] = []
+
+
+def video_geometry(path: Path) -> Geometry:
+    """The pixel aspect ratio and display-matrix mirroring of a video's first video stream.
+
+    Read from ffmpeg's description of the file (imageio-ffmpeg's binary; `ffmpeg -i` reads the headers only, ~15
+    ms); the mirroring, which that description cannot tell from a rotation (a horizontal mirror reads "rotation
+    of -180"), from the track header's matrix of an MP4 / MOV file (other containers carry no mirroring). Without
+    a runnable ffmpeg, square pixels and no mirroring are assumed, with one warning."""
+    import subprocess
+
+    try:
+        import imageio_ffmpeg
+
+        out = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
+                             capture_output=True, text=True, errors="replace", timeout=60).stderr  # fmt: skip
+    except (ImportError, OSError, RuntimeError, subprocess.SubprocessError) as e:
+        if not _warned_no_ffmpeg:
+            _warned_no_ffmpeg.append(str(e))
+            log.warning("cannot run ffmpeg to read videos' pixel aspect ratio and mirroring (%s: %s): square pixels "
+                        "and no mirroring assumed", type(e).__name__, e)  # fmt: skip
+        return Geometry()
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        m = _STREAM.search(line)
+        if m is None or "attached pic" in line:
+            continue
+        sar = 1.0
+        if m.group(3) and int(m.group(3)) > 0 and int(m.group(4)) > 0:
+            sar = int(m.group(3)) / int(m.group(4))
+        side = []  # the stream's own lines (side data), up to the next stream
+        for nxt in lines[i + 1 :]:
+            if "Stream #" in nxt:
+                break
+            side.append(nxt)
+        rot = next((float(r.group(1)) for r in map(_ROTATION.search, side) if r), None)
+        if rot is None:
+            return Geometry(sar)
+        turned = round(abs(rot)) % 180 == 90
+        return Geometry(sar, turned, _mp4_flip(path))
+    return Geometry()
+
+
+def _mp4_flip(path: Path) -> str:
+    """The flip decord's frames need for the mirroring in an MP4 / MOV video track's matrix ("" if none, or not
+    an ISO media file). decord rotates by the matrix's angle and ignores its mirroring; ffmpeg's own decode of
+    each of the 8 rotation x mirror combinations is matched by a vertical flip of decord's frame when the matrix
+    keeps the axes (a = +-1) and by a horizontal one when it swaps them (tests/test_data_audit.py checks all 8)."""
+    matrix = _tkhd_matrix(path)
+    if matrix is None:
+        return ""
+    a, b, c, d = matrix
+    if a * d - b * c >= 0:
+        return ""
+    return "vflip" if abs(a) >= abs(b) else "hflip"
+
+
+def _boxes(f, start: int, end: int):
+    """(type, payload start, box end) of the ISO media boxes in f[start:end]."""
+    import struct
+
+    pos = start
+    while pos + 8 <= end:
+        f.seek(pos)
+        head = f.read(16)
+        if len(head) < 8:
+            return
+        size, kind = struct.unpack(">I4s", head[:8])
+        body = pos + 8
+        if size == 1 and len(head) == 16:
+            size, body = struct.unpack(">Q", head[8:16])[0], pos + 16
+        elif size == 0:
+            size = end - pos
+        if size < body - pos:
+            return  # not a box structure
+        yield kind, body, pos + size
+        pos += size
+
+
+def _tkhd_matrix(path: Path) -> tuple[float, float, float, float] | None:
+    """(a, b, c, d) of the first video track's header matrix in an MP4 / MOV file, or None."""
+    import struct
+
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(4)
+        if f.read(4) not in (b"ftyp", b"moov", b"wide", b"free", b"mdat", b"skip"):
+            return None
+        for kind, body, end in _boxes(f, 0, size):
+            if kind != b"moov":
+                continue
+            for trak, tbody, tend in _boxes(f, body, end):
+                if trak != b"trak":
+                    continue
+                matrix, video = None, False
+                for box, bbody, bend in _boxes(f, tbody, tend):
+                    if box == b"tkhd":
+                        f.seek(bbody)
+                        version = f.read(1)[0]
+                        f.seek(bbody + 4 + (32 if version == 1 else 20) + 16)
+                        m = struct.unpack(">9i", f.read(36))
+                        matrix = tuple(v / 65536 for v in (m[0], m[1], m[3], m[4]))
+                    elif box == b"mdia":
+                        for sub, sbody, _ in _boxes(f, bbody, bend):
+                            if sub == b"hdlr":
+                                f.seek(sbody + 8)
+                                video = f.read(4) == b"vide"
+                if video and matrix is not None:
+                    return matrix
+    return None
+
+
+def frame_times(vr) -> tuple[float, ...] | None:
+    """Each frame's start time (s) when the video's frame rate varies (None for a constant rate, for fewer than 3
+    frames, or for timestamps that do not increase): a frame interval more than 25% off the median one."""
+    n = len(vr)
+    if n < 3:
+        return None
+    times = np.asarray(vr.get_frame_timestamp(np.arange(n)), dtype=np.float64)[:, 0]
+    steps = np.diff(times)
+    median = float(np.median(steps))
+    if median <= 0 or (steps <= 0).any() or (np.abs(steps - median) <= 0.25 * median).all():
+        return None
+    return tuple(float(t) for t in times)
+
+
+def nearest_frames(times: tuple[float, ...] | np.ndarray, targets: np.ndarray) -> list[int]:
+    """Index of the frame shown at each target time (the one whose start time is nearest)."""
+    times = np.asarray(times)
+    after = np.clip(np.searchsorted(times, targets), 1, len(times) - 1)
+    before = after - 1
+    pick = np.where(targets - times[before] <= times[after] - targets, before, after)
+    return [int(i) for i in pick]
 
 
 #: Output widths decord 0.6 cannot produce: at such a native width it returns 4-channel frames, and asked to
@@ -141,6 +307,22 @@ def grey_to_uint8(values: np.ndarray, full_scale: int) -> np.ndarray:
     return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
+_warned_float: set[str] = set()
+
+
+def float_grey_to_uint8(values: np.ndarray, path: Path) -> np.ndarray:
+    """Float grey values -> uint8, with 1.0 as white (the convention of float TIFF and EXR; PIL's convert("RGB")
+    would clip them to 0..255 and make a 0..1 image black). NaN is black; values outside [0, 1] are clipped, with
+    one warning per file naming the range (an image stored as 0..255 floats comes out white)."""
+    finite = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if (lo < -1e-3 or hi > 1.0 + 1e-3) and str(path) not in _warned_float:
+        _warned_float.add(str(path))
+        log.warning("image %s: float pixels range %.4g..%.4g; ptrain reads float images with 0.0 as black and 1.0 as "
+                    "white, so values outside 0..1 are clipped", path, lo, hi)  # fmt: skip
+    return np.clip(np.rint(finite * 255.0), 0, 255).astype(np.uint8)
+
+
 def load_image(
     path: Path,
     height: int,
@@ -161,6 +343,8 @@ def load_image(
             im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
         elif full_scale is not None:  # 16/32-bit grey: scale to 8 bits (by the bit depth) before RGB
             im = Image.fromarray(grey_to_uint8(np.asarray(im), full_scale))
+        elif im.mode == "F":  # 32-bit float grey (a float TIFF): 1.0 is white
+            im = Image.fromarray(float_grey_to_uint8(np.asarray(im), path))
         rgb = np.array(im.convert("RGB"))  # a writable copy
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
     x = resize_crop(x, height, width, reshape_mode, rng)
@@ -173,11 +357,12 @@ def probe_media(path: Path, kind: str) -> VideoInfo:
 
 
 def probe(path: Path) -> VideoInfo:
-    """Frame count and the video's own size, or an exception naming the file.
+    """Frame count, size as displayed (see VideoInfo), frame rate and timing, or an exception naming the file.
 
-    The size is the source's even where decord misreads its width (DECORD_BAD_WIDTHS; the frames are then checked
-    on the reader reopened at a safe width): load_clip decides from it whether to reopen, and given the reopened
-    width instead it would open a 48 px wide video as it is and fail whenever it is not reduced (upscaled)."""
+    The decoded size is the source's even where decord misreads its width (DECORD_BAD_WIDTHS; the frames are then
+    checked on the reader reopened at a safe width): load_clip decides from it whether to reopen, and given the
+    reopened width instead it would open a 48 px wide video as it is and fail whenever it is not reduced
+    (upscaled)."""
     import decord
 
     if not Path(path).is_file():
@@ -191,14 +376,23 @@ def probe(path: Path) -> VideoInfo:
         height, width = int(shape[0]), int(shape[1])
         if width in DECORD_BAD_WIDTHS:
             shape = _reader(path, native_width=width)[0].shape
+        times = frame_times(vr)
     except Exception as e:  # decord raises its own DECORDError / RuntimeError types
         raise ValueError(f"video {path}: cannot decode ({type(e).__name__}: {e})") from e
     if len(shape) != 3 or shape[2] != 3:
         raise ValueError(f"video {path}: decoder returned frames of shape {tuple(shape)}, not (H, W, 3)")
     if n < 1:
         raise ValueError(f"video {path}: no frames")
-    check_size("video", path, height, width)
-    return VideoInfo(n, height, width, float(vr.get_avg_fps() or 0.0))
+    geo = video_geometry(path)
+    shown_h, shown_w = height, width
+    if abs(geo.sar - 1.0) > 1e-3:  # non-square pixels: stretch the coded width (decord's height if it turned)
+        if geo.turned:
+            shown_h = max(1, round(height * geo.sar))
+        else:
+            shown_w = max(1, round(width * geo.sar))
+    check_size("video", path, shown_h, shown_w)
+    decoded = (height, width) if (shown_h, shown_w) != (height, width) else None
+    return VideoInfo(n, shown_h, shown_w, float(vr.get_avg_fps() or 0.0), decoded, geo.flip, times)
 
 
 def even_indices(total: int, num_frames: int) -> list[int]:
@@ -226,33 +420,43 @@ def cover_size(h: int, w: int, height: int, width: int, mode: str = "center_crop
     return max(height, math.ceil(h * scale)), max(width, math.ceil(w * scale))
 
 
-def decode_size(h: int, w: int, height: int, width: int, mode: str = "center_crop") -> tuple[int, int] | None:
-    """The size to let the decoder scale a h x w video to, or None to decode it at its own size.
+def decode_size(
+    h: int, w: int, height: int, width: int, mode: str = "center_crop", decoded: tuple[int, int] | None = None
+) -> tuple[int, int] | None:
+    """The size to let the decoder scale a video shown at h x w (decoded at `decoded`, if its pixels are not
+    square) to, or None to decode it at its own size.
 
-    Only a reduction (the covering size smaller than the source on both sides): the decoder then converts and
-    scales each frame once, at the small size, instead of handing over full-size frames. A width decord cannot
+    Only a reduction (the covering size smaller than the decoded frames on both sides): the decoder then converts
+    and scales each frame once, at the small size, instead of handing over full-size frames. A width decord cannot
     output (DECORD_BAD_WIDTHS) is widened to the next one it can; resize_crop takes that last step."""
+    dh, dw = decoded or (h, w)
     nh, nw = cover_size(h, w, height, width, mode)
-    if nh >= h or nw >= w:
+    if nh >= dh or nw >= dw:
         return None
     while nw in DECORD_BAD_WIDTHS:
         nw += 2
-    return nh, min(nw, w)
+    return nh, min(nw, dw)
 
 
 def resize_crop(
-    frames: torch.Tensor, height: int, width: int, mode: str = "center_crop", rng: np.random.Generator | None = None
+    frames: torch.Tensor,
+    height: int,
+    width: int,
+    mode: str = "center_crop",
+    rng: np.random.Generator | None = None,
+    shown: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """frames (F, C, h, w) float or uint8 -> (F, C, height, width), same dtype.
 
     center_crop / random_crop: scale to cover the target (aspect kept), then crop; resize: stretch to the target.
+    The aspect kept is that of `shown` (the size the frames are displayed at: non-square pixels) if given.
     uint8 frames are resized as uint8 (torch's antialiased bilinear kernel, within one level of resizing them as
     float and much faster in the (F, H, W, C) layout decord returns), so the float conversion happens at the
     training size.
     """
-    h, w = frames.shape[-2:]
+    h, w = shown or frames.shape[-2:]
     nh, nw = cover_size(h, w, height, width, mode)
-    if (nh, nw) != (h, w):
+    if (nh, nw) != tuple(frames.shape[-2:]):
         frames = F.interpolate(frames, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
     if mode == "random_crop":
         rng = rng or np.random.default_rng()
@@ -278,10 +482,14 @@ class FrameSampling:
     skip_end: int = 0
     random_start: bool = False  # --random_frame_crop: consecutive frames from a random start (seeded)
 
-    def _candidates(self, total: int, source_fps: float) -> list[int] | None:
+    def _candidates(self, total: int, source_fps: float, times: tuple[float, ...] | None = None) -> list[int] | None:
         start, end = self.skip_start, total - self.skip_end
         if end <= start:
             return []
+        if self.fps and times is not None:  # variable frame rate: the frame shown at each 1/fps step in time
+            window = np.asarray(times[start:end])
+            count = int((window[-1] - window[0]) * self.fps + 1e-6) + 1
+            return [start + i for i in nearest_frames(window, window[0] + np.arange(count) / self.fps)]
         if self.fps and source_fps:
             return [start + i for i in fps_indices(end - start, source_fps, self.fps)]
         if self.stride or self.random_start:
@@ -296,15 +504,29 @@ class FrameSampling:
             d.num_frames, d.fps, d.video_sample_stride, d.skip_frames_start, d.skip_frames_end, d.random_frame_crop
         )
 
-    def available(self, total: int, source_fps: float = 0.0) -> int:
-        """How many frames the sampling can draw from a clip of `total` frames."""
-        c = self._candidates(total, source_fps)
+    def available(self, total: int, source_fps: float = 0.0, times: tuple[float, ...] | None = None) -> int:
+        """How many frames the sampling can draw from a clip of `total` frames (`times`: a variable-frame-rate
+        clip's frame start times, see frame_times)."""
+        c = self._candidates(total, source_fps, times)
         return max(0, total - self.skip_start - self.skip_end) if c is None else len(c)
 
-    def indices(self, total: int, source_fps: float = 0.0, rng: np.random.Generator | None = None) -> list[int]:
-        c = self._candidates(total, source_fps)
+    def indices(
+        self,
+        total: int,
+        source_fps: float = 0.0,
+        rng: np.random.Generator | None = None,
+        times: tuple[float, ...] | None = None,
+    ) -> list[int]:
+        """Frame indices of one sample. A variable-frame-rate clip (`times`) is sampled by time: at --fps, or spread
+        evenly over its duration (not over its frame count, which would speed up its slow-rate stretches)."""
+        c = self._candidates(total, source_fps, times)
         if c is None:
-            return [self.skip_start + i for i in even_indices(total - self.skip_start - self.skip_end, self.num_frames)]
+            usable = total - self.skip_start - self.skip_end
+            even = even_indices(usable, self.num_frames)  # raises for too few frames
+            if times is not None and self.num_frames > 1:
+                window = np.asarray(times[self.skip_start : total - self.skip_end])
+                even = nearest_frames(window, np.linspace(window[0], window[-1], self.num_frames))
+            return [self.skip_start + i for i in even]
         if len(c) < self.num_frames:
             raise ValueError(f"clip has {len(c)} usable frames, fewer than --num_frames {self.num_frames}")
         first = 0
@@ -330,22 +552,33 @@ def load_clip(
     rng: np.random.Generator | None = None,
     source: VideoInfo | None = None,
     as_uint8: bool = False,
+    scale_in_decoder: bool = True,
 ) -> torch.Tensor:
     """-> (C, F, H, W) float32 in [-1, 1] (uint8 with `as_uint8`: to_unit_range converts it later, e.g. on the
     device). `sampling` may be just a frame count (spread evenly, or at `fps`).
 
-    With the source's size known (`source`, from the data scan) a larger video is decoded at the size it is
-    cropped from (decode_size: the decoder scales it; within a few levels of a full-size decode resized here,
-    tests/test_data.py states how close). Frames stay uint8 through the resize and crop; only the training-size
-    clip is converted to float.
+    The display geometry and timing come from `source` (the data scan's probe; probed here if not given):
+    mirroring, non-square pixels and a variable frame rate are applied as VideoInfo says. With `source` given
+    (and `scale_in_decoder`), a larger video is decoded at the size it is cropped from (decode_size: the decoder
+    scales it; within a few levels of a full-size decode resized here, tests/test_data.py states how close);
+    otherwise at its own size. Frames stay uint8 through the resize and crop; only the training-size clip is
+    converted to float.
     """
     if isinstance(sampling, int):
         sampling = FrameSampling(sampling, fps)
-    size = decode_size(source.height, source.width, height, width, reshape_mode) if source is not None else None
-    vr = _reader(path, size, source.width if source is not None else None)
-    idx = sampling.indices(len(vr), float(vr.get_avg_fps() or 0.0), rng)
+    size = None
+    if source is None:
+        source = probe(path)
+    elif scale_in_decoder:
+        size = decode_size(source.height, source.width, height, width, reshape_mode, source.decoded)
+    vr = _reader(path, size, source.decoded_size[1])
+    idx = sampling.indices(len(vr), float(vr.get_avg_fps() or 0.0), rng, source.times)
     frames = torch.from_numpy(vr.get_batch(idx).asnumpy())  # (F, h, w, 3) uint8
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"video {path}: decoder returned frames of shape {tuple(frames.shape)}, not (F, H, W, 3)")
-    x = resize_crop(frames.permute(0, 3, 1, 2), height, width, reshape_mode, rng).permute(1, 0, 2, 3).contiguous()
+    if source.flip:  # the display matrix's mirroring, which decord leaves out
+        frames = frames.flip(1 if source.flip == "vflip" else 2)
+    shown = (source.height, source.width) if source.decoded else None
+    x = resize_crop(frames.permute(0, 3, 1, 2), height, width, reshape_mode, rng, shown)
+    x = x.permute(1, 0, 2, 3).contiguous()
     return x if as_uint8 else to_unit_range(x)
