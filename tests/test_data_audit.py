@@ -421,6 +421,11 @@ def test_non_square_pixels_are_shown_at_their_display_aspect(tmp_path):
     assert abs(h - 20) <= 1 and abs(w - 20) <= 1, (h, w)
     h, w = box(load_clip(path, 3, 60, 60))  # full-size decode, resized here
     assert abs(h - 20) <= 1 and abs(w - 20) <= 1, (h, w)
+    from ptrain.data import filter_usable
+    from ptrain.data.sources import Record
+
+    lines = summary(filter_usable([Record("a", path)], 3), 1)
+    assert "videos decoded as displayed: 1 non-square pixels (stretched to their display aspect)" in lines[1]
 
 
 def _vfr_video(path: Path) -> Path:

@@ -306,6 +306,13 @@ def summary(usable: Usable, global_batch: int, tokens=None) -> list[str]:
     empty = empty_captions(usable)
     if empty:
         lines.append(f"  {len(empty)} with an empty caption (they train on the empty prompt)")
+    shown = Counter()
+    for info in usable.infos:
+        shown["non-square pixels (stretched to their display aspect)"] += info.decoded is not None
+        shown["mirrored by their display matrix"] += bool(info.flip)
+        shown["variable frame rate (sampled by timestamps)"] += info.times is not None
+    if +shown:
+        lines.append("  videos decoded as displayed: " + ", ".join(f"{n} {what}" for what, n in (+shown).items()))
     if usable.skipped:
         lines.append("  skipped by reason: " + ", ".join(f"{k} {n}" for k, n in usable.skip_reasons().most_common()))
     lines += [
