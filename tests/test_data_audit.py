@@ -475,3 +475,33 @@ def test_float_images_are_read_with_one_as_white(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert int(load_image(tmp_path / "g.tif", 32, 32, as_uint8=True).min()) == 255
     assert "g.tif: float pixels range 63.75..127.5" in caplog.text
+
+
+def test_interlaced_video_keeps_one_field_and_hdr_is_named(tmp_path):
+    """An interlaced video (DVD, broadcast, 1080i camcorder footage) decoded whole shows combing wherever anything
+    moves: its two fields are 1/50 s apart. ptrain keeps the first field's rows (no combing) and stretches them
+    back to the display size. A frame whose even rows are white and odd rows black (the extreme of combing)
+    comes out uniformly white (its top field). HDR (HLG / PQ) videos, which decord converts without tone
+    mapping, are named in the data summary."""
+    path = tmp_path / "interlaced.mp4"
+    scene = "color=black:size=64x48:rate=25,geq=lum='if(mod(Y,2),16,235)':cb=128:cr=128,setfield=tff"
+    _ffmpeg("-f", "lavfi", "-i", scene, "-frames:v", "4", "-c:v", "libx264", "-flags", "+ildct+ilme", "-x264-params",
+            "tff=1", "-qp", "0", "-pix_fmt", "yuv444p", str(path))  # fmt: skip
+    info = probe(path)
+    assert info.field == 0 and (info.height, info.width) == (48, 64)
+    clip = load_clip(path, 2, 48, 64, source=info, as_uint8=True)
+    assert clip.shape == (3, 2, 48, 64) and int(clip.min()) > 230, int(clip.min())
+    clip = load_clip(path, 2, 24, 32, source=info, as_uint8=True)  # smaller: still one field, not a blend
+    assert int(clip.min()) > 230, int(clip.min())
+
+    hdr = tmp_path / "hlg.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=12", "-frames:v", "4", "-vf",
+            "setparams=color_trc=arib-std-b67:color_primaries=bt2020:colorspace=bt2020nc", "-c:v", "libx264",
+            "-pix_fmt", "yuv420p10le", str(hdr))  # fmt: skip
+    assert probe(hdr).hdr == "HLG"
+    from ptrain.data import filter_usable
+    from ptrain.data.sources import Record
+
+    lines = summary(filter_usable([Record("a", path), Record("b", hdr)], 2), 1)
+    assert "1 interlaced (one field kept: no combing)" in lines[1], lines
+    assert any("1 HDR (HLG / PQ) video decoded without tone mapping" in line for line in lines), lines

@@ -311,8 +311,13 @@ def summary(usable: Usable, global_batch: int, tokens=None) -> list[str]:
         shown["non-square pixels (stretched to their display aspect)"] += info.decoded is not None
         shown["mirrored by their display matrix"] += bool(info.flip)
         shown["variable frame rate (sampled by timestamps)"] += info.times is not None
+        shown["interlaced (one field kept: no combing)"] += info.field is not None
     if +shown:
         lines.append("  videos decoded as displayed: " + ", ".join(f"{n} {what}" for what, n in (+shown).items()))
+    hdr = sum(bool(info.hdr) for info in usable.infos)
+    if hdr:
+        lines.append(f"  WARNING: {hdr} HDR (HLG / PQ) video{'s' if hdr > 1 else ''} decoded without tone mapping: "
+                     "colours come out washed out; convert to SDR first (README: Data, HDR videos)")  # fmt: skip
     if usable.skipped:
         lines.append("  skipped by reason: " + ", ".join(f"{k} {n}" for k, n in usable.skip_reasons().most_common()))
     lines += [

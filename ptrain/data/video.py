@@ -19,8 +19,10 @@ class VideoInfo:
     """A media file as the scan saw it. `height` x `width` is the size as displayed: rotation, mirroring and the
     pixel aspect ratio applied (what buckets and crops use). decord applies a display matrix's rotation but not
     its mirroring, nor a pixel aspect ratio: `decoded` is the size of decord's frames where it differs from the
-    displayed one (non-square pixels), `flip` the mirroring to apply to them ("hflip" / "vflip", or ""), and
-    `times` each frame's start time in seconds for a variable-frame-rate video (None for a constant rate)."""
+    displayed one (non-square pixels), `flip` the mirroring to apply to them ("hflip" / "vflip", or ""),
+    `times` each frame's start time in seconds for a variable-frame-rate video (None for a constant rate),
+    `field` the first field's row parity of an interlaced video (0: top first, 1: bottom first; None: progressive)
+    and `hdr` its HDR transfer ("HLG" / "PQ", or "": decord converts without tone mapping)."""
 
     num_frames: int
     height: int
@@ -29,6 +31,8 @@ class VideoInfo:
     decoded: tuple[int, int] | None = None
     flip: str = ""
     times: tuple[float, ...] | None = field(default=None, repr=False)
+    field: int | None = None
+    hdr: str = ""
 
     @property
     def decoded_size(self) -> tuple[int, int]:
@@ -40,15 +44,20 @@ class Geometry:
     """What decord leaves out of how a video is displayed: the pixel aspect ratio (`sar`, a pixel's width over its
     height), whether decord's frames are turned by 90 degrees from the coded ones (`turned`: the pixel aspect then
     stretches their height), and the mirroring of the display matrix (`flip`: decord applies the matrix's rotation
-    only; the flip to apply to its frames so they show as ffmpeg and players show them)."""
+    only; the flip to apply to its frames so they show as ffmpeg and players show them); an interlaced video's
+    first field (`field`: 0 top, 1 bottom, None progressive) and an HDR transfer (`hdr`)."""
 
     sar: float = 1.0
     turned: bool = False
     flip: str = ""
+    field: int | None = None
+    hdr: str = ""
 
 
 _STREAM = re.compile(r"Stream #\d+:\d+.*?: Video: .*?, (\d+)x(\d+)(?: \[SAR (\d+):(\d+) DAR [^\]]*\])?")
 _ROTATION = re.compile(r"rotation of (-?[\d.]+) degrees")
+_FIELD_ORDER = {"top first": 0, "bottom first": 1, "top coded first (swapped)": 1, "bottom coded first (swapped)": 0}
+_HDR_TRANSFER = {"arib-std-b67": "HLG", "smpte2084": "PQ"}
 _warned_no_ffmpeg: list[str] = []
 
 
@@ -85,11 +94,17 @@ def video_geometry(path: Path) -> Geometry:
             if "Stream #" in nxt:
                 break
             side.append(nxt)
+        # the pixel format's parenthesis: "yuv420p10le(tv, bt2020nc/bt2020/arib-std-b67, top first)"
+        fmt = re.search(r"Video: [^,]*(?:\([^)]*\))*[^,]*, \w+\(([^)]*)\)", line)
+        props = [t.strip() for t in fmt.group(1).split(",")] if fmt else []
+        field = next((_FIELD_ORDER[t] for t in props if t in _FIELD_ORDER), None)
+        hdr = next((_HDR_TRANSFER[k] for t in props for k in _HDR_TRANSFER if t.endswith("/" + k) or t == k), "")
         rot = next((float(r.group(1)) for r in map(_ROTATION.search, side) if r), None)
         if rot is None:
-            return Geometry(sar)
+            return Geometry(sar, field=field, hdr=hdr)
         turned = round(abs(rot)) % 180 == 90
-        return Geometry(sar, turned, _mp4_flip(path))
+        # a turned or flipped frame's rows are no longer its fields: a (rare) interlaced one is decoded as it is
+        return Geometry(sar, turned, _mp4_flip(path), None, hdr)
     return Geometry()
 
 
@@ -392,7 +407,8 @@ def probe(path: Path) -> VideoInfo:
             shown_w = max(1, round(width * geo.sar))
     check_size("video", path, shown_h, shown_w)
     decoded = (height, width) if (shown_h, shown_w) != (height, width) else None
-    return VideoInfo(n, shown_h, shown_w, float(vr.get_avg_fps() or 0.0), decoded, geo.flip, times)
+    fps = float(vr.get_avg_fps() or 0.0)
+    return VideoInfo(n, shown_h, shown_w, fps, decoded, geo.flip, times, geo.field, geo.hdr)
 
 
 def even_indices(total: int, num_frames: int) -> list[int]:
@@ -569,7 +585,7 @@ def load_clip(
     size = None
     if source is None:
         source = probe(path)
-    elif scale_in_decoder:
+    elif scale_in_decoder and source.field is None:  # an interlaced frame is decoded whole: its fields split below
         size = decode_size(source.height, source.width, height, width, reshape_mode, source.decoded)
     vr = _reader(path, size, source.decoded_size[1])
     idx = sampling.indices(len(vr), float(vr.get_avg_fps() or 0.0), rng, source.times)
@@ -578,7 +594,9 @@ def load_clip(
         raise ValueError(f"video {path}: decoder returned frames of shape {tuple(frames.shape)}, not (F, H, W, 3)")
     if source.flip:  # the display matrix's mirroring, which decord leaves out
         frames = frames.flip(1 if source.flip == "vflip" else 2)
-    shown = (source.height, source.width) if source.decoded else None
+    if source.field is not None:  # interlaced: keep the first field's rows (no combing), stretched back below
+        frames = frames[:, source.field :: 2]
+    shown = (source.height, source.width) if source.decoded or source.field is not None else None
     x = resize_crop(frames.permute(0, 3, 1, 2), height, width, reshape_mode, rng, shown)
     x = x.permute(1, 0, 2, 3).contiguous()
     return x if as_uint8 else to_unit_range(x)
