@@ -505,3 +505,28 @@ def test_interlaced_video_keeps_one_field_and_hdr_is_named(tmp_path):
     lines = summary(filter_usable([Record("a", path), Record("b", hdr)], 2), 1)
     assert "1 interlaced (one field kept: no combing)" in lines[1], lines
     assert any("1 HDR (HLG / PQ) video decoded without tone mapping" in line for line in lines), lines
+
+
+def test_camcorder_and_gif_files_are_found_and_unreadable_ones_named_with_a_fix(tmp_path):
+    """An animated GIF or an AVCHD camcorder clip (.mts) beside its caption was silently ignored by the folder
+    scan (an unknown extension), and DVD (.vob) / old-phone (.3gp) clips too. They are now found: those decord
+    reads train, the others are skipped with the ffmpeg command that converts them."""
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=12", "-t", "1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+            str(tmp_path / "cam.mts"))  # fmt: skip
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=12", "-t", "1", "-c:v", "mpeg2video",
+            str(tmp_path / "dvd.vob"))  # fmt: skip
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=12", "-t", "1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+            str(tmp_path / "phone.3gp"))  # fmt: skip
+    frames = [Image.new("RGB", (64, 48), (20 * i, 0, 0)) for i in range(10)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    for name in ("cam", "dvd", "phone", "anim"):
+        (tmp_path / f"{name}.txt").write_text(f"a {name} clip")
+    from ptrain.data import filter_usable
+
+    records = load_records(DataArgs(data_root=tmp_path))
+    assert sorted(r.video.name for r in records) == ["anim.gif", "cam.mts", "dvd.vob", "phone.3gp"]
+    usable = filter_usable(records, 5)
+    assert sorted(r.video.name for r in usable.records) == ["dvd.vob", "phone.3gp"]
+    gif, mts = usable.skipped[str(tmp_path / "anim.gif")], usable.skipped[str(tmp_path / "cam.mts")]
+    assert f"convert it to mp4: ffmpeg -i {tmp_path / 'anim.gif'} -pix_fmt yuv420p {tmp_path / 'anim'}.mp4" in gif
+    assert f"remux it to mp4 (no re-encoding): ffmpeg -i {tmp_path / 'cam.mts'} -c copy {tmp_path / 'cam'}.mp4" in mts

@@ -33,7 +33,11 @@ import numpy as np
 from ptrain.config import ConfigError, DataArgs
 
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.json", "metadata.parquet")
-VIDEO_EXTS = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts"})
+#: Files taken as videos. Camcorder, phone, DVD and broadcast containers are included: those decord cannot read
+#: (MPEG-TS with H.264 such as AVCHD .mts, animated GIF, Ogg) are then skipped with their reason and the ffmpeg
+#: command that converts them (ptrain.data.video.CONVERT_HINTS), not ignored.
+VIDEO_EXTS = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts",
+                        ".mts", ".m2ts", ".3gp", ".3g2", ".vob", ".mxf", ".dv", ".ogv", ".gif"})  # fmt: skip
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 #: Column names tried, in order, when --caption_column / --video_column / --image_column are not given.
 CAPTION_COLUMNS = ("caption", "text", "prompt", "captions", "description")

@@ -65,8 +65,8 @@ def video_geometry(path: Path) -> Geometry:
     """The pixel aspect ratio and display-matrix mirroring of a video's first video stream.
 
     Read from ffmpeg's description of the file (imageio-ffmpeg's binary; `ffmpeg -i` reads the headers and a first
-    frame: 13 ms for a 320x240 clip, 50 ms for a 720p one here, a quarter of decord's probe); the mirroring, which that description cannot tell from a rotation (a horizontal mirror reads "rotation
-    of -180"), from the track header's matrix of an MP4 / MOV file (other containers carry no mirroring). Without
+    frame: 13 ms for a 320x240 clip, 50 ms for a 720p one here, a quarter of decord's probe); the mirroring,
+    which that description cannot tell from a rotation (a horizontal mirror reads "rotation of -180"), from the track header's matrix of an MP4 / MOV file (other containers carry no mirroring). Without
     a runnable ffmpeg, square pixels and no mirroring are assumed, with one warning."""
     import subprocess
 
@@ -371,6 +371,24 @@ def probe_media(path: Path, kind: str) -> VideoInfo:
     return probe_image(path) if kind == "image" else probe(path)
 
 
+_REMUX = "decord cannot index {kind}: remux it to mp4 (no re-encoding): ffmpeg -i {{path}} -c copy {{stem}}.mp4"
+_ENCODE = "decord cannot read {kind}: convert it to mp4: ffmpeg -i {{path}} -pix_fmt yuv420p {{stem}}.mp4"
+#: What to do with a video of a container decord cannot read (probe's error names it with the file).
+CONVERT_HINTS = {
+    ".ts": _REMUX.format(kind="MPEG-TS with H.264"),
+    ".mts": _REMUX.format(kind="MPEG-TS (AVCHD) with H.264"),
+    ".m2ts": _REMUX.format(kind="MPEG-TS (AVCHD) with H.264"),
+    ".gif": _ENCODE.format(kind="animated GIF"),
+    ".ogv": _ENCODE.format(kind="Ogg video"),
+}
+
+
+def _first_line(e: Exception) -> str:
+    """An exception's message cut to its first line and 300 characters (decord's carry C++ paths and advice)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
 def probe(path: Path) -> VideoInfo:
     """Frame count, size as displayed (see VideoInfo), frame rate and timing, or an exception naming the file.
 
@@ -393,7 +411,9 @@ def probe(path: Path) -> VideoInfo:
             shape = _reader(path, native_width=width)[0].shape
         times = frame_times(vr)
     except Exception as e:  # decord raises its own DECORDError / RuntimeError types
-        raise ValueError(f"video {path}: cannot decode ({type(e).__name__}: {e})") from e
+        hint = CONVERT_HINTS.get(Path(path).suffix.lower())
+        hint = f"; {hint.format(path=path, stem=Path(path).with_suffix(''))}" if hint else ""
+        raise ValueError(f"video {path}: cannot decode ({type(e).__name__}: {_first_line(e)}){hint}") from e
     if len(shape) != 3 or shape[2] != 3:
         raise ValueError(f"video {path}: decoder returned frames of shape {tuple(shape)}, not (H, W, 3)")
     if n < 1:
