@@ -66,8 +66,9 @@ def video_geometry(path: Path) -> Geometry:
 
     Read from ffmpeg's description of the file (imageio-ffmpeg's binary; `ffmpeg -i` reads the headers and a first
     frame: 13 ms for a 320x240 clip, 50 ms for a 720p one here, a quarter of decord's probe); the mirroring,
-    which that description cannot tell from a rotation (a horizontal mirror reads "rotation of -180"), from the track header's matrix of an MP4 / MOV file (other containers carry no mirroring). Without
-    a runnable ffmpeg, square pixels and no mirroring are assumed, with one warning."""
+    which that description cannot tell from a rotation (a horizontal mirror reads "rotation of -180"), from the
+    track header's matrix of an MP4 / MOV file (other containers carry no mirroring). Without a runnable ffmpeg,
+    square pixels and no mirroring are assumed, with one warning."""
     import subprocess
 
     try:
