@@ -530,3 +530,20 @@ def test_camcorder_and_gif_files_are_found_and_unreadable_ones_named_with_a_fix(
     gif, mts = usable.skipped[str(tmp_path / "anim.gif")], usable.skipped[str(tmp_path / "cam.mts")]
     assert f"convert it to mp4: ffmpeg -i {tmp_path / 'anim.gif'} -pix_fmt yuv420p {tmp_path / 'anim'}.mp4" in gif
     assert f"remux it to mp4 (no re-encoding): ffmpeg -i {tmp_path / 'cam.mts'} -c copy {tmp_path / 'cam'}.mp4" in mts
+
+
+def test_without_a_runnable_ffmpeg_geometry_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
+    """imageio-ffmpeg's binary missing or not executable: videos still train (square pixels, no mirroring
+    assumed) and the log says so once, naming the error."""
+    import imageio_ffmpeg
+
+    from ptrain.data import video
+
+    path = _testsrc(tmp_path / "a.mp4", "yuv420p")
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", lambda: str(tmp_path / "no-ffmpeg"))
+    monkeypatch.setattr(video, "_warned_no_ffmpeg", [])
+    with caplog.at_level(logging.WARNING):
+        assert video.video_geometry(path) == video.Geometry()
+        assert probe(path).height == 240
+    assert caplog.text.count("cannot run ffmpeg to read videos' pixel aspect ratio") == 1
+    assert "no-ffmpeg" in caplog.text
