@@ -221,6 +221,8 @@ def tour(tiny_ckpt, tiny_data, tmp_path_factory):
         logging.getLogger("ptrain").removeHandler(handler)
         if dist.is_initialized():
             dist.destroy_process_group()
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # set by init_distributed: a
+            os.environ.pop(k, None)  # later subprocess (a dry run) must not inherit this world's rendezvous port
     return Tour(result, out, other, calls, texts, handler.records, root_level)
 
 
