@@ -44,6 +44,7 @@ from ptrain.checkpoint import (
 from ptrain.config import Config, ConfigError, to_dict
 from ptrain.data import Usable, VideoDataset, build_dataloader, make_sampler, scan_dataset, summary
 from ptrain.data.precompute import Decision, PrecomputedDataset, decide, precompute
+from ptrain.data.scan_cache import SCAN_CACHE, ScanCache
 from ptrain.data.video import FrameSampling
 from ptrain.export import begin_export, export_complete, export_full, export_lora, publish_export
 from ptrain.export_comfyui import export_comfyui_lora
@@ -223,7 +224,8 @@ def plan_run(cfg: Config) -> RunPlan:
         overrides = {name: getattr(m, f"{name}_id") for name in overrides}
     rules = spec.shape_rules(m.pretrained_model_name_or_path, overrides)  # from the configs, no weights
     sampling = FrameSampling.from_args(cfg.data)
-    usable = scan_dataset(cfg.data, sampling, rules)
+    # the probes of a previous start on this output_dir: a restart or resume does not decode every file again
+    usable = scan_dataset(cfg.data, sampling, rules, ScanCache(out / SCAN_CACHE, write=not cfg.plan.dry_run))
     for shape in sorted(set(usable.buckets)):  # before any weights load, so --dry_run refuses what the run would
         rules.check(shape.frames, shape.height, shape.width)
     steps_per_epoch = make_sampler(

@@ -315,6 +315,9 @@ def test_mixed_folder_dry_run_and_bucketed_training(tiny_ckpt, mixed, tmp_path):
     assert len(run.losses) == 4 and all(np.isfinite(run.losses))
     assert all(m["data_skipped"] == 4 and m["data_replaced"] == 0 for m in run.metrics)
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+    # the scan's cache: written by the run (2 ranks probed, rank 0 wrote), never by the dry run
+    assert not (tmp_path / "dry" / "scan_cache.json").exists()
+    assert "from the scan cache" in run.stderr and (tmp_path / "run" / "scan_cache.json").is_file()
 
 
 def test_bucketed_training_matches_across_layouts(tiny_ckpt, mixed, tmp_path):

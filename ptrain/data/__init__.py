@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -16,6 +19,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from ptrain.config import ConfigError, DataArgs
 from ptrain.data.buckets import Bucket, BucketPlan, ShapeRules, histogram
 from ptrain.data.sampler import BucketBatchSampler, GlobalBatchSampler
+from ptrain.data.scan_cache import ScanCache, file_stamp
+from ptrain.data.scan_cache import entry as cache_entry
 from ptrain.data.sources import Record, load_records
 from ptrain.data.video import FrameSampling, VideoInfo, load_clip, load_image, probe_media
 
@@ -57,29 +62,78 @@ def _reason_kind(reason: str) -> str:
     return "other"
 
 
-def _probe_all(jobs: list[tuple[Path, str]], sampling: FrameSampling) -> list[tuple]:
-    """Probe each (path, kind) once, the jobs split over ranks when distributed; one result per job, the same on
-    every rank: ("ok", VideoInfo, usable frames) or ("bad", reason)."""
+def probe_threads() -> int:
+    """Threads that probe files on each rank: the host's cores shared among its ranks (torchrun's
+    LOCAL_WORLD_SIZE), at most 8. decord and PIL decode without the GIL, and ffmpeg runs as a process."""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(1, min(8, (os.cpu_count() or 1) // local))
+
+
+def _probe_one(path: Path, kind: str) -> tuple[tuple, dict | None]:
+    """(result, cache entry): ("ok", VideoInfo) or ("bad", reason, kept): a failure from the file's content
+    (ValueError) is kept in the cache, one from reading it (OSError) is not."""
+    stamp = file_stamp(path)
+    try:
+        result: tuple = ("ok", probe_media(path, kind))
+    except ValueError as e:
+        result = ("bad", str(e), True)
+    except OSError as e:
+        result = ("bad", str(e), False)
+    return result, cache_entry(result, stamp)
+
+
+def _probe_all(jobs: list[tuple[Path, str]], sampling: FrameSampling, cache: ScanCache | None = None) -> list[tuple]:
+    """Probe each (path, kind) once, the jobs split over ranks when distributed and over threads within a rank
+    (probe_threads), files unchanged since `cache` was written read from it; one result per job, the same on
+    every rank: ("ok", VideoInfo, usable frames) or ("bad", reason). Rank 0 then rewrites the cache if anything
+    was probed."""
+    cache = cache or ScanCache(None)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine: dict[int, tuple] = {}
+    start = time.perf_counter()
+    mine: dict[int, tuple] = {}  # job -> (result, cache entry, probed now)
+    todo = []
     for j in range(rank, len(jobs), world):
-        path, kind = jobs[j]
-        try:
-            info = probe_media(path, kind)
-            have = sampling.available(info.num_frames, info.fps, info.times) if kind == "video" else 1
-            mine[j] = ("ok", info, have)
-        except (OSError, ValueError) as e:
-            mine[j] = ("bad", str(e))
+        hit = cache.get(*jobs[j])
+        if hit is None:
+            todo.append(j)
+        else:
+            mine[j] = (hit, cache.entries[ScanCache.key(*jobs[j])], False)
+    threads = min(probe_threads(), len(todo))
+    if threads > 1:
+        with ThreadPoolExecutor(threads, thread_name_prefix="ptrain-probe") as pool:
+            for j, (result, entry) in zip(todo, pool.map(lambda j: _probe_one(*jobs[j]), todo)):
+                mine[j] = (result, entry, True)
+    else:
+        for j in todo:
+            mine[j] = (*_probe_one(*jobs[j]), True)
     if world > 1:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, mine)
         mine = {k: v for part in gathered for k, v in part.items()}
-    return [mine[j] for j in range(len(jobs))]
+    probed = sum(m[2] for m in mine.values())
+    if jobs:
+        log.info("data scan: %d files in %.1f s (%d probed on %d rank(s) x %d thread(s), %d from the scan cache%s)",
+                 len(jobs), time.perf_counter() - start, probed, world, max(1, threads), len(jobs) - probed,
+                 f" {cache.path}" if cache.path is not None else "")  # fmt: skip
+    if rank == 0 and probed:
+        cache.save({ScanCache.key(*jobs[j]): m[1] for j, m in mine.items() if m[1] is not None})
+    out = []
+    for j in range(len(jobs)):
+        result = mine[j][0]
+        if result[0] == "ok":
+            info = result[1]
+            have = sampling.available(info.num_frames, info.fps, info.times) if jobs[j][1] == "video" else 1
+            out.append(("ok", info, have))
+        else:
+            out.append(("bad", result[1]))
+    return out
 
 
-def filter_usable(records: list[Record], sampling: FrameSampling | int, plan: BucketPlan | None = None) -> Usable:
-    """Probe every distinct file (split over ranks when distributed), give each usable record its bucket;
-    drop and name the unusable ones.
+def filter_usable(
+    records: list[Record], sampling: FrameSampling | int, plan: BucketPlan | None = None, cache: ScanCache | None = None
+) -> Usable:
+    """Probe every distinct file (split over ranks when distributed; unchanged files read from `cache`), give each
+    usable record its bucket; drop and name the unusable ones.
 
     A row's first-frame image (i2v / inpaint conditioning) is decoded here too, like the media: the loader
     decodes it with every draw of its sample, so a broken one would otherwise fail only in training."""
@@ -93,7 +147,7 @@ def filter_usable(records: list[Record], sampling: FrameSampling | int, plan: Bu
             jobs.setdefault((str(r.video), r.kind), len(jobs))
             if r.first_frame is not None:
                 jobs.setdefault((str(r.first_frame), "image"), len(jobs))
-    probed = _probe_all([(Path(path), kind) for path, kind in jobs], sampling)
+    probed = _probe_all([(Path(path), kind) for path, kind in jobs], sampling, cache)
     usable, buckets, infos, skipped = [], [], [], {}
     for i, rec in enumerate(records):
         key = str(rec.video)
@@ -248,11 +302,13 @@ class VideoDataset(Dataset):
         return item
 
 
-def scan_dataset(args: DataArgs, sampling: FrameSampling, rules: ShapeRules | None = None) -> Usable:
-    """Read the dataset description, probe every file and bucket the samples; log and count what is skipped
-    (or stop with every reason under --strict_data)."""
+def scan_dataset(
+    args: DataArgs, sampling: FrameSampling, rules: ShapeRules | None = None, cache: ScanCache | None = None
+) -> Usable:
+    """Read the dataset description, probe every file (or read it from `cache`) and bucket the samples; log and
+    count what is skipped (or stop with every reason under --strict_data)."""
     records = load_records(args)
-    usable = filter_usable(records, sampling, BucketPlan(args, rules))
+    usable = filter_usable(records, sampling, BucketPlan(args, rules), cache)
     if usable.skipped:
         if args.strict_data:
             listing = "\n".join(f"  {path}: {reason}" for path, reason in usable.skipped.items())
