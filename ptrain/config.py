@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -846,27 +847,66 @@ def _field_owner() -> dict[str, str]:
     return owner
 
 
-def _apply_preset(cfg: Config, values: dict, source: Path) -> Config:
+def _preset_argv(values: dict, source: Path) -> list[str]:
+    """A preset's keys and values as command-line tokens, so that tyro checks them as it checks flags (types,
+    choices) and no value reaches the run unchecked: a quoted "false" for a switch had turned it on, a mistyped
+    choice had trained on diffusers' fallback, 10.5 steps had been taken. TOML's own types are held to the
+    setting's: a switch takes true / false, a single setting no list; a list of validation prompts is joined with
+    the separator, as the flag takes them."""
     owner, aliases = _field_owner(), alias_targets()
-    groups = {g: {} for g in _GROUPS}
+    defaults = Config()
+    types = {f.name: str(f.type).replace(" ", "") for g in _GROUPS for f in dataclasses.fields(getattr(defaults, g))}
+    tokens: list[str] = []
     for key, value in values.items():
         if key not in owner:
             target = aliases.get(f"--{key}")
             if target:  # presets are written in ptrain's names
                 raise ConfigError(f"--config {source}: {key!r} is another trainer's name: write {target[2:]!r}")
             raise ConfigError(f"--config {source}: unknown key {key!r} (not a ptrain flag)")
+        where, typ = f"--config {source}: {key} = {value!r}", types[key]
         if key in TRI_STATE and isinstance(value, bool):
             value = "on" if value else "off"
-        groups[owner[key]][key] = value
-    kwargs = {"config": source, "compat_notes": cfg.compat_notes}
-    for g, vals in groups.items():
-        current = getattr(cfg, g)
-        types = {f.name: f.type for f in dataclasses.fields(current)}
-        for k, v in vals.items():
-            if "Path" in str(types[k]) and isinstance(v, str):
-                vals[k] = Path(v)
-        kwargs[g] = dataclasses.replace(current, **vals)
-    return Config(**kwargs)
+        if typ in ("bool", "bool|None"):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: write true or false (a TOML boolean, unquoted)")
+            tokens.append(f"--{key}" if value else f"--no_{key}")
+            continue
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: this setting takes a value, not true / false")
+        if isinstance(value, dict):
+            raise ConfigError(f"{where}: a table is not a value of this setting")
+        if key == "validation_prompts" and isinstance(value, list):
+            sep = values.get("validation_prompt_separator", defaults.validation.validation_prompt_separator)
+            value = sep.join(str(v) for v in value)
+        if isinstance(value, list):
+            if not typ.startswith(("list", "tuple")):
+                raise ConfigError(f"{where}: one value expected, not a list")
+            tokens += [f"--{key}", *(str(v) for v in value)]
+        else:
+            tokens += [f"--{key}", str(value)]
+    return tokens
+
+
+def _parse_preset(tokens: list[str], source: Path) -> Config:
+    """The preset's tokens parsed by tyro over the defaults; a value tyro refuses is a ConfigError naming the
+    preset, with tyro's reason."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf):
+            return tyro.cli(Config, args=tokens, default=Config(), use_underscores=True, prog="--config")
+    except SystemExit:
+        text = re.sub(r"[\u2500-\u257f]", " ", buf.getvalue())  # rich's box drawing
+        kept = []
+        for line in (" ".join(line.split()) for line in text.splitlines()):
+            if line.startswith("Argument helptext"):
+                break
+            if line.strip("-") and not line.startswith(("usage", "For full helptext")):
+                kept.append(line)
+        reason = " ".join(kept[1:] if len(kept) > 1 else kept)  # the first line is tyro's heading
+        raise ConfigError(f"--config {source}: {reason or 'a value is not valid'}") from None
 
 
 def _config_path_from_argv(argv: list[str]) -> Path | None:
@@ -917,8 +957,11 @@ def parse_config(argv: list[str] | None = None) -> Config:
     argv = _switch_values(argv)
     default = Config()
     preset = _config_path_from_argv(argv)
-    if preset is not None:
-        default = _apply_preset(default, _load_toml(preset), preset)
+    if preset is not None:  # the preset's values, parsed and checked as flags would be; flags override them
+        tokens, preset_notes = translate_argv(_preset_argv(_load_toml(preset), preset), alias_targets())
+        default = _parse_preset(_switch_values(tokens), preset)
+        default.config = preset
+        notes = preset_notes + notes
     cfg = tyro.cli(Config, args=argv, default=default, use_underscores=True, prog="torchrun ... -m ptrain")
     cfg.compat_notes = notes
     cfg.argv = original

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -72,6 +73,41 @@ def test_toml_unknown_key_is_named(tmp_path):
     preset.write_text("learning_rat = 1e-4\n")
     with pytest.raises(ConfigError, match="learning_rat"):
         parse_config(["--config", str(preset)])
+
+
+@pytest.mark.parametrize(
+    "line, says",
+    [
+        ('flow_weighting_scheme = "logit-normal"',
+         "invalid choice 'logit-normal' for argument '--flow_weighting_scheme'"),
+        ('gradient_checkpointing = "false"', "gradient_checkpointing = 'false': write true or false"),
+        ("train_steps = 10.5", "invalid literal for int() with base 10: '10.5'"),
+        ('lr_scheduler = "cosin"', "invalid choice 'cosin' for argument '--lr_scheduler'"),
+        ("dp_degree = [1, 2]", "dp_degree = [1, 2]: one value expected, not a list"),
+        ('lr = true', "lr = True: this setting takes a value, not true / false"),
+    ],
+)
+def test_toml_preset_values_are_checked_as_flags(tmp_path, line, says):
+    """A preset's values go through the flags' parser: the new-user audit's presets had passed unchecked (a quoted
+    "false" turned checkpointing on, a hyphenated choice trained on diffusers' uniform fallback, 10.5 steps)."""
+    preset = tmp_path / "p.toml"
+    preset.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=re.escape(f"--config {preset}: ") + ".*" + re.escape(says)):
+        parse_config(["--config", str(preset)])
+
+
+def test_toml_preset_natural_forms_mean_what_the_flags_mean(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('lr = "1e-4"\ntrain_steps = "20"\ntransformer_dtype = "bf16"\noptimizer = "AdamW"\n'
+                      'target_modules = "to_q"\nvalidation_prompts = ["a cat", "a dog"]\n'
+                      "gradient_checkpointing = true\n")  # fmt: skip
+    cfg = parse_config(["--config", str(preset)])
+    assert (cfg.optim.lr, cfg.train.train_steps, cfg.model.transformer_dtype, cfg.optim.optimizer) == (
+        1e-4, 20, "bfloat16", "adamw")  # fmt: skip
+    assert cfg.model.target_modules == ["to_q"] and cfg.validation.validation_prompts == "a cat:::a dog"
+    assert cfg.activation_checkpoint.gradient_checkpointing and cfg.config == preset
+    off = parse_config(["--config", str(preset), "--no_gradient_checkpointing", "--lr", "3e-4"])
+    assert not off.activation_checkpoint.gradient_checkpointing and off.optim.lr == 3e-4  # flags win
 
 
 @pytest.mark.parametrize("preset", sorted((REPO / "configs").rglob("*.toml")), ids=lambda p: p.name)
