@@ -117,6 +117,23 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def supersede(output_dir: Path, after_step: int | None) -> Path | None:
+    """Move the committed checkpoints of output_dir past `after_step` (every one if None) into
+    checkpoints/superseded-<time>/ and return that folder (None if none moved).
+
+    For a run that branches from an earlier checkpoint (--resume_from_checkpoint N) or starts over (none): the
+    newer checkpoints belong to the run it branched from, and a later start with `auto` would resume from them
+    (and call the run complete, keeping the old weights). They are moved, not deleted: no work is lost."""
+    later = [(step, path) for step, path in complete_checkpoints(output_dir) if after_step is None or step > after_step]
+    if not later:
+        return None
+    dest = checkpoint_root(output_dir) / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for _, path in later:
+        path.rename(dest / path.name)
+    return dest
+
+
 def usable_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """Committed checkpoints that pass `checkpoint_problem`, oldest first; each one skipped is logged by name."""
     good = []

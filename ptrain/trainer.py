@@ -40,6 +40,7 @@ from ptrain.checkpoint import (
     complete_checkpoints,
     read_marker,
     resolve_resume,
+    supersede,
 )
 from ptrain.config import Config, ConfigError, to_dict
 from ptrain.data import Usable, VideoDataset, build_dataloader, make_sampler, scan_dataset, summary
@@ -293,15 +294,26 @@ _RESTART_FLAGS = {"resume_from_checkpoint", "train_steps", "num_train_epochs", "
                   "logging_steps", "report_to", "profile_from_step", "profile_num_steps", "log_step_breakdown"}  # fmt: skip
 
 
-def _warn_changed_flags(previous: Path, now: dict, resume: Path) -> None:
-    """Warn about the flags that differ from the previous start's output_dir/config.json when resuming:
-    the checkpoint's state continues under the new values, which may not be what the user meant."""
+def run_config(run: RunPlan) -> dict:
+    """What output_dir/config.json records of a start: every flag, and the hub ids behind snapshot folders."""
+    return {**to_dict(run.cfg), **({"hub_ids": run.hub_ids} if run.hub_ids else {})}
+
+
+def changed_flags(previous: Path, now: dict) -> list[str]:
+    """The flags (outside _RESTART_FLAGS) that differ from the previous start's output_dir/config.json, as
+    "--flag old -> new" ([] if there is no readable previous config)."""
     try:
         before = json.loads(previous.read_text())
     except (OSError, ValueError):
-        return
-    changed = [f"--{k} {before[k]} -> {v}" for k, v in now.items()
-               if k in before and before[k] != v and k not in _RESTART_FLAGS]  # fmt: skip
+        return []
+    return [f"--{k} {before[k]} -> {v}" for k, v in now.items()
+            if k in before and before[k] != v and k not in _RESTART_FLAGS]  # fmt: skip
+
+
+def _warn_changed_flags(previous: Path, now: dict, resume: Path) -> None:
+    """Warn about the flags that differ from the previous start's when resuming: the checkpoint's state
+    continues under the new values, which may not be what the user meant."""
+    changed = changed_flags(previous, now)
     if changed:
         log.warning("resuming from %s with flags changed since the previous start (%s): %s; the checkpoint's state "
                     "continues under the new values", resume, previous, "; ".join(changed))  # fmt: skip
@@ -390,6 +402,14 @@ def _resume_is_finished(run: RunPlan) -> bool:
     if done_step < t.train_steps:
         return False
     if export_complete(run.out, done_step):
+        changed = changed_flags(run.out / "config.json", run_config(run))
+        if changed:  # rerunning a finished run is a no-op; with other settings the user means a new run
+            raise ConfigError(
+                f"--output_dir {run.out} holds a finished run (checkpoint {run.resume.name} at --train_steps "
+                f"{t.train_steps}, exported) made with other settings: {'; '.join(changed)}. Nothing would train "
+                "with them. Use another --output_dir for a new run, --resume_from_checkpoint none to start over "
+                "in this one (its checkpoints are moved aside, not deleted), or raise --train_steps to continue it"
+            )
         log.info(
             "run is complete: checkpoint %s is at --train_steps %d and the weights are exported in %s; "
             "nothing to do (raise --train_steps to train further)", run.resume, t.train_steps, run.out,
@@ -469,9 +489,10 @@ class Trainer:
             self.v_every = self.cfg.validation.validation_epochs * run.steps_per_epoch
         self.out_lock = lock_output_dir(run.out, run.rank)
         if run.rank == 0:
-            config = {**to_dict(self.cfg), **({"hub_ids": run.hub_ids} if run.hub_ids else {})}
+            config = run_config(run)
             if run.resume is not None:
                 _warn_changed_flags(run.out / "config.json", config, run.resume)
+            self.supersede_later_checkpoints()
             (run.out / "config.json").write_text(json.dumps(config, indent=2))
         self.load_model()
         self.log_phase_peak("the load (the encoders on the device)")
@@ -618,9 +639,11 @@ class Trainer:
     def resume(self) -> None:
         """Load the resume checkpoint; a damaged one (auto / latest) is renamed and the previous one tried."""
         run, c = self.run, self.cfg.checkpoint
+        fresh = [g["initial_lr"] for g in self.model.optimizer.param_groups]  # this run's --lr (and group scales)
         while run.resume is not None:
             try:
                 self.checkpointer.load(run.resume, run.resharded)
+                self.apply_configured_lr(fresh)
                 break
             except CheckpointDamaged as e:
                 if c.resume_from_checkpoint not in ("auto", "latest"):  # the one asked for: say so, touch nothing
@@ -633,6 +656,28 @@ class Trainer:
                     ) from e
         if run.resume is not None and run.resharded:  # same samples from here on: restart where the old layout stopped
             self.state.base_position, self.state.base_step = self.state.samples_seen, self.state.step
+
+    def apply_configured_lr(self, fresh: list[float]) -> None:
+        """After a checkpoint load: this run's learning rates, not the checkpoint's. The optimizer's and the
+        scheduler's states hold their base rates (--lr), so a resume with another --lr kept the old one without a
+        word. The base rates are set to this run's and the current rate recomputed from the schedule (diffusers'
+        schedulers are LambdaLR: base rate x the schedule's factor at the step); a changed rate at the resumed step
+        (another --lr, or a schedule stretched by another --train_steps) is logged with both values."""
+        sched, groups = self.model.lr_scheduler, self.model.optimizer.param_groups
+        before = list(sched.get_last_lr())
+        now = [base * fn(sched.last_epoch) for base, fn in zip(fresh, sched.lr_lambdas)]
+        sched.base_lrs = list(fresh)
+        for g, base, lr in zip(groups, fresh, now):
+            g["initial_lr"] = base
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
+        sched._last_lr = list(now)
+        if any(abs(a - b) > 1e-12 + 1e-9 * abs(a) for a, b in zip(before, now)):
+            log.warning("learning rate at the resumed step %d: %.6g under this run's --lr / --lr_scheduler / "
+                        "--train_steps, %.6g under the checkpoint's; training continues at %.6g", self.state.step,
+                        now[0], before[0], now[0])  # fmt: skip
 
     def build_data(self) -> None:
         """The latent source (chosen once: precomputed or encoded every step) and this rank's loader."""
@@ -720,6 +765,21 @@ class Trainer:
         return out
 
     # --- the loop ----------------------------------------------------------------------------------
+    def supersede_later_checkpoints(self) -> None:
+        """Rank 0, when the run branches from an earlier checkpoint (--resume_from_checkpoint N / PATH) or starts
+        over (none) in an output_dir with later checkpoints: those belong to the run it branches from; they are
+        moved aside (checkpoint.supersede), so that a later `auto` start resumes this run, not that one."""
+        spec = self.cfg.checkpoint.resume_from_checkpoint
+        if spec in (None, "auto", "latest"):
+            return
+        step = read_marker(self.run.resume)["step"] if self.run.resume is not None else None
+        moved = supersede(self.run.out, step)
+        if moved is not None:
+            log.warning("--resume_from_checkpoint %s: the checkpoints after %s belong to the run this one branches "
+                        "from; moved to %s (an `auto` start would otherwise resume them); delete that folder when "
+                        "you no longer need it", spec, f"step {step}" if step is not None else "the start",
+                        moved)  # fmt: skip
+
     def train(self) -> TrainResult:
         train_steps = self.cfg.train.train_steps
         self.data_iter = iter(self.loader)

@@ -68,6 +68,39 @@ def reference(tiny_ckpt, tiny_data, tmp_path_factory):
     return run
 
 
+@pytest.mark.heavy  # suite time (3 starts, ~45 s); CI runs it
+def test_finished_run_with_other_settings_is_refused_and_a_rollback_supersedes_later_checkpoints(
+    reference, tiny_ckpt, tiny_data, tmp_path
+):
+    """The second new-user audit. (1) A finished run's output_dir rerun with other settings (two runs sharing the
+    default --output_dir) said "nothing to do", exit 0, and kept the old weights: now an error naming the changed
+    flags. (2) A rollback (--resume_from_checkpoint N) left the old run's later checkpoints, so the next `auto`
+    start resumed those, called the run complete and kept the old export: they are now moved aside, and `auto`
+    continues the branch."""
+    out = tmp_path / "o"
+    shutil.copytree(reference.output_dir, out)
+    args = [*_args(tiny_ckpt, tiny_data, workers=2), "--lr", "2e-3"]
+    run = run_ptrain(1, args, out)
+    assert run.returncode != 0 and "holds a finished run" in run.stderr and "--lr 0.001 -> 0.002" in run.stderr
+    assert _hashes(out) == _hashes(reference.output_dir)
+
+    run = run_ptrain(1, [*args, "--resume_from_checkpoint", "4"], out)
+    assert run.returncode == 0, first_error(run.stderr)
+    assert "at step 4" in run.stderr and "the checkpoints after step 4 belong to the run" in run.stderr
+    (moved,) = (out / "checkpoints").glob("superseded-*")
+    assert sorted(p.name for p in moved.iterdir()) == ["step-5", "step-6"]
+    assert [s for s, _ in complete_checkpoints(out)] == [1, 2, 3, 4, 5, 6]  # 5 and 6 of the branch
+    branch = _hashes(out)
+    assert branch != _hashes(reference.output_dir)
+    # the new --lr applies (the checkpoint's optimizer and scheduler states had kept the old one, silently)
+    assert "learning rate at the resumed step 4: 0.001 under this run's" in run.stderr
+    assert [m["lr"] for m in run.metrics][4:] == [2 * m["lr"] for m in reference.metrics][4:]
+
+    run = run_ptrain(1, args, out)  # `auto`: the branch is the run now, and it is complete
+    assert run.returncode == 0, first_error(run.stderr)
+    assert "run is complete: checkpoint" in run.stderr and _hashes(out) == branch
+
+
 @pytest.mark.parametrize("keep_step, workers", [(1, 0), (2, 1), (3, 4), (4, 2), (5, 0)])
 def test_resume_from_every_step_is_byte_identical(reference, tiny_ckpt, tiny_data, tmp_path, keep_step, workers):
     out = _restart_copy(reference.output_dir, tmp_path / "o", keep_step)
