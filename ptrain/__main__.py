@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from ptrain.checkpoint import CheckpointSaveError
 from ptrain.config import ConfigError, parse_config
+from ptrain.errors import RunStopped
 from ptrain.parallel.dims import ParallelConfigError
 
 
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"ptrain: error: {e}", file=sys.stderr)
         return 4
+    except RunStopped as e:  # SIGINT / SIGTERM: stopped after a step, with a checkpoint (every rank alike)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"ptrain: {e}", file=sys.stderr)
+        return e.code
     except FloatingPointError as e:  # the NaN guard stopped the run (every rank decides alike)
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"ptrain: stopped: {e}", file=sys.stderr)

@@ -1,7 +1,17 @@
-"""Exceptions shared by the config, compat and the modules that check flags (no ptrain imports: no import circles)."""
+"""Exceptions shared by the config, compat, the entry point and the modules that check flags (no ptrain imports: no
+import circles)."""
 
 from __future__ import annotations
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag and value."""
+
+
+class RunStopped(Exception):
+    """The run stopped on SIGINT / SIGTERM after a step, with a checkpoint; `code` is the exit status (128 + the
+    signal's number, as a shell reports a process the signal ended)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code

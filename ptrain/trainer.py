@@ -43,6 +43,7 @@ from ptrain.checkpoint import (
     supersede,
 )
 from ptrain.config import Config, ConfigError, to_dict
+from ptrain.errors import RunStopped
 from ptrain.data import Usable, VideoDataset, build_dataloader, make_sampler, scan_dataset, summary
 from ptrain.data.precompute import Decision, PrecomputedDataset, decide, precompute
 from ptrain.data.scan_cache import SCAN_CACHE, ScanCache
@@ -436,6 +437,54 @@ def train(cfg: Config) -> TrainResult:
     return Trainer(run).train()
 
 
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption, torchrun stopping its workers) during the loop:
+    the first asks the run to stop after the current step and save a checkpoint there; a second Ctrl-C stops at
+    once (KeyboardInterrupt, as before: the steps since the last checkpoint are lost). The ranks agree on the
+    step to stop after with an all-reduce on a CPU (gloo) group each step: a host-side exchange of one integer,
+    no wait for the device."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, world: int):
+        import signal
+        import threading
+
+        self.name: str | None = None
+        self.number = 0
+        self._previous: dict = {}
+        self._group = dist.new_group(backend="gloo") if world > 1 else None
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.name is None:
+            self.name, self.number = signal.Signals(signum).name, signum
+            log.warning("%s: stopping after this step with a checkpoint there (Ctrl-C again stops at once, losing "
+                        "the steps since the last checkpoint)", self.name)  # fmt: skip
+
+    def agreed(self) -> int:
+        """Collective (every rank, every step): the signal number any rank received (0: none)."""
+        if self._group is None:
+            return self.number
+        t = torch.tensor([self.number], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+        return int(t.numpy()[0])  # a CPU tensor: no device sync
+
+    def close(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 class GCControl:
     """Python's garbage collector off in the loop, a generation-1 collection every `every` steps (0: untouched)."""
 
@@ -791,6 +840,7 @@ class Trainer:
         gc_control = GCControl(self.cfg.train.gc_every_n_steps)
         lg = self.cfg.log
         profiler = StepProfiler(lg.profile_from_step, lg.profile_num_steps, self.run.out, self.run.rank, self.device)
+        stop = StopRequest(self.run.world)
         try:
             while self.state.step < train_steps:
                 step = self.state.step + 1
@@ -800,10 +850,15 @@ class Trainer:
                 self.log_step(step, stats, bar)
                 profiler.step_end(step)
                 self.check_nan_guard(step)
-                self.maybe_validate(step)
+                # the checkpoint before validation: a validation that fails (e.g. out of memory) loses no step
                 self.maybe_checkpoint(step, last_step=step == train_steps)
+                self.maybe_validate(step)
+                signum = stop.agreed()
+                if signum:
+                    self.stop_at(step, signum)
             self.checkpointer.wait()
         finally:
+            stop.close()
             profiler.close(self.state.step)
             gc_control.close()
             bar.close()
@@ -1003,6 +1058,23 @@ class Trainer:
                            self.run.out, self.cfg.train.seed, self.metrics, self.run.dims.dp,
                            mesh.dp.get_local_rank(), mesh.world["cp"].get_local_rank() == 0)  # fmt: skip
         self.log_phase_peak(f"validation at step {step} (VAE decode tiled: {self.cfg.model.enable_tiling != 'off'})")
+
+    def stop_at(self, step: int, signum: int) -> None:
+        """Every rank, after `step`, on a signal any rank received: save a checkpoint there (unless one was just
+        saved or checkpointing is off), wait for it, and raise RunStopped."""
+        import signal
+
+        name = signal.Signals(signum).name
+        c = self.checkpointer
+        if c.every and c.saved_step != step:
+            self.sync_counters()
+            c.save(step, last_step=True)
+        c.wait()
+        if c.every:
+            how = f"checkpoint step-{step} saved in {c.root}; rerun the same command to resume from it"
+        else:
+            how = "no checkpoint (--checkpointing_steps 0): a rerun starts over"
+        raise RunStopped(f"stopped by {name} after step {step} of {self.cfg.train.train_steps}: {how}", 128 + signum)
 
     def maybe_checkpoint(self, step: int, last_step: bool) -> None:
         self.checkpointer.poll()  # commits a finished async save

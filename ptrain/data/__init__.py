@@ -429,5 +429,17 @@ def build_dataloader(
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
+        worker_init_fn=ignore_stop_signals,
     )
     return loader, sampler
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A loader worker ignores SIGINT and SIGTERM: a terminal's Ctrl-C reaches every process of the group, and a
+    worker it ended would fail the step the training process finishes before it stops with a checkpoint (see
+    ptrain.trainer.StopRequest). The workers still end with the training process (the loader shuts them down;
+    torch's watchdog ends any whose parent is gone)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -1,0 +1,79 @@
+"""Stopping a run with Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, torchrun stopping its workers): the run
+finishes its step, saves a checkpoint there, says so and exits 128 + the signal; the same command resumes from
+that step. Before, Ctrl-C printed a 90-line traceback and lost every step since the last checkpoint (the second
+new-user audit). Real processes and real signals, with the default 2 loader workers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_ARGS, first_error, run_ptrain
+
+from ptrain.checkpoint import complete_checkpoints
+
+pytestmark = pytest.mark.slow
+
+
+def _args(ckpt: Path, data: Path, steps: int) -> list[str]:
+    base = list(TINY_ARGS)
+    base[base.index("--dataloader_num_workers") + 1] = "2"  # the default
+    return ["--pretrained_model_name_or_path", str(ckpt), "--data_root", str(data), "--train_steps", str(steps),
+            "--checkpointing_steps", "1000", "--enable_precomputation", "off", *base]  # fmt: skip
+
+
+def _signal_after(cmd: list[str], sig: int, after_step: int, whole_group: bool) -> tuple[int, str]:
+    """Start `cmd` in a session of its own, send `sig` once its progress bar passes `after_step` (to every process
+    of the session, as a terminal's Ctrl-C does, or to the first process only, as a scheduler does); -> (exit
+    status, stderr)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen, sent, deadline = [], False, time.time() + 300
+    for chunk in iter(lambda: p.stderr.read(256), ""):
+        seen.append(chunk)
+        if not sent and (m := re.findall(r"train:.*?\| *(\d+)/\d+", "".join(seen[-8:]))) and int(m[-1]) >= after_step:
+            os.killpg(p.pid, sig) if whole_group else os.kill(p.pid, sig)
+            sent = True
+        if time.time() > deadline:
+            p.kill()
+            break
+    p.wait(timeout=60)
+    assert sent, "".join(seen)[-3000:]
+    return p.returncode, "".join(seen)
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_command_resumes(tiny_ckpt, tiny_data, tmp_path):
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "ptrain", *_args(tiny_ckpt, tiny_data, 400), "--output_dir", str(out)]
+    code, err = _signal_after(cmd, signal.SIGINT, 3, whole_group=True)
+    assert code == 128 + signal.SIGINT, err[-3000:]
+    m = re.search(r"ptrain: stopped by SIGINT after step (\d+) of 400: checkpoint step-\1 saved in", err)
+    assert m, err[-3000:]
+    step = int(m.group(1))
+    assert [s for s, _ in complete_checkpoints(out)] == [step]
+    assert "Traceback" not in err
+
+    run = run_ptrain(1, _args(tiny_ckpt, tiny_data, step + 2), out)  # the same command, fewer steps to go
+    assert run.returncode == 0, first_error(run.stderr)
+    assert f"at step {step}" in run.stderr and [m["step"] for m in run.metrics][-1] == step + 2
+
+
+@pytest.mark.heavy  # suite time (~30 s); CI runs it
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step(tiny_ckpt, tiny_data, tmp_path):
+    """A scheduler's SIGTERM to torchrun: the agent passes it to its workers, which agree on the step (an
+    all-reduce on a CPU group each step), save there and exit; the agent's own report follows."""
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ptrain",
+           *_args(tiny_ckpt, tiny_data, 400), "--dp_shards", "2", "--output_dir", str(out)]  # fmt: skip
+    code, err = _signal_after(cmd, signal.SIGTERM, 3, whole_group=False)
+    assert code != 0
+    m = re.search(r"ptrain: stopped by SIGTERM after step (\d+) of 400: checkpoint step-\1 saved", err)
+    assert m, err[-3000:]
+    assert [s for s, _ in complete_checkpoints(out)] == [int(m.group(1))]
