@@ -199,14 +199,17 @@ def plan_run(cfg: Config) -> RunPlan:
     rank, world, device = init_distributed(cfg.parallel.dist_timeout_s, cfg.parallel.fsdp_cpu_offload)
     setup_logging(rank, cfg.log.log_level)
     p, t, m = cfg.parallel, cfg.train, cfg.model
-    dims = ParallelDims.build(p.dp_degree, p.dp_shards, p.cp_degree, world)
-    mesh = dims.build_mesh()
-    log.info("ptrain: %s on %s (%s)", dims.describe(), device, dist.get_backend())
+    # a dry run of one process planning for --plan_world_size GPUs checks the degrees against that world
+    planned = cfg.plan.plan_world_size if cfg.plan.dry_run and cfg.plan.plan_world_size and world == 1 else None
+    dims = ParallelDims.build(p.dp_degree, p.dp_shards, p.cp_degree, planned or world)
+    mesh = dims.build_mesh() if planned is None else None
+    log.info("ptrain: %s on %s (%s)%s", dims.describe(), device, dist.get_backend(),
+             f", planned for --plan_world_size {planned} (this dry run is one process)" if planned else "")  # fmt: skip
     for note in cfg.compat_notes:
         log.info("flag from another trainer: %s", note)
     out = Path(t.output_dir)
     global_batch = t.batch_size * dims.dp * t.gradient_accumulation_steps
-    layout = Layout(world, dims.dp_replicate, dims.dp_shard, dims.cp, global_batch)
+    layout = Layout(planned or world, dims.dp_replicate, dims.dp_shard, dims.cp, global_batch)
     resume, resharded = find_resume(cfg, out, layout)
     # --model_name auto: the checkpoint's family (a hub id's from its fetched configs); a contradicting one: error
     m.resolve_model_name(None if not is_hub_id(m.pretrained_model_name_or_path) else peek_checkpoint(m))

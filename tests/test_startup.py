@@ -83,3 +83,22 @@ def test_cpu_offload_gets_a_gloo_backend_beside_nccl():
 
     assert backend("cuda") == "nccl" and backend("cuda", cpu_offload=True) == "cuda:nccl,cpu:gloo"
     assert backend("cpu") == backend("cpu", cpu_offload=True) == "gloo"
+
+
+def test_dry_run_checks_degrees_against_plan_world_size(tiny_ckpt, tiny_data, tmp_path):
+    """The second new-user audit: the planner's suggestion for --plan_world_size 8 (e.g. --dp_shards 4
+    --cp_degree 2), pasted back into the dry run, failed "degrees ... = 8, but world size is 1". A one-process dry
+    run planning for N GPUs now checks the degrees (and counts steps) for N."""
+    from conftest import TINY_ARGS
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    args = [sys.executable, "-m", "ptrain", "--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root",
+            str(tiny_data), "--output_dir", str(tmp_path / "o"), "--dry_run", *TINY_ARGS]  # fmt: skip
+    ok = subprocess.run([*args, "--plan_world_size", "2", "--dp_shards", "2"], cwd=REPO, env=env,
+                        capture_output=True, text=True)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "planned for --plan_world_size 2" in ok.stderr and "dp_shard 2" in ok.stdout
+    assert "global batch 2: 4 steps per epoch" in ok.stdout  # 8 videos over 2 ranks of batch 1
+    bad = subprocess.run([*args, "--plan_world_size", "2", "--dp_shards", "4"], cwd=REPO, env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "= 4, but world size" in bad.stderr and "is 2" in bad.stderr, bad.stderr[-2000:]
