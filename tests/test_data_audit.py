@@ -147,6 +147,14 @@ def test_precompute_encodes_a_stand_in_for_a_sample_alone_in_its_bucket(tiny_ckp
     assert item["latent_dist"].shape[-3:] != other["latent_dist"].shape[-3:]  # encoded at the image's 1x56x16
     assert item["latent_dist"].shape[-3] == 1
 
+    # a damaged cache file (the second audit: every start reused it and failed the same way) names the folder
+    name = ds.files[1 - img if img < 2 else 0]
+    (folder / name).write_bytes((folder / name).read_bytes()[:50])
+    from ptrain.safe_load import UnsafeFileError
+
+    with pytest.raises(UnsafeFileError, match=f"The precomputed cache {folder} is damaged: delete that folder"):
+        ds[(1 - img if img < 2 else 0, 4)]
+
 
 def test_i2v_first_frame_image_is_decoded_by_the_scan(tmp_path):
     """A table row's first-frame image (i2v / inpaint) is decoded at the scan like the media: a truncated one

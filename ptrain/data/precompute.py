@@ -385,7 +385,13 @@ class PrecomputedDataset(Dataset):
             replaced, file = 1, self.files[index]
         elif file is None:  # none of its bucket was cached: the stand-in encoded at its shape
             (file, index), replaced = self._stand_in[index], 1
-        item = load_safetensors(self.folder / file)
+        try:
+            item = load_safetensors(self.folder / file)
+        except UnsafeFileError as e:  # a damaged cache file: --enable_precomputation auto would reuse it every start
+            raise UnsafeFileError(
+                f"{e}. The precomputed cache {self.folder} is damaged: delete that folder (the next start encodes "
+                "it again) or pass another --precomputation_dir"
+            ) from None
         if self.p and rng.random() < self.p:
             if self._empty is None:
                 self._empty = load_safetensors(self.folder / EMPTY)
