@@ -23,6 +23,7 @@ log = logging.getLogger("ptrain")
 SWITCHES = {
     "--use_8bit_adam": ("--optimizer", "adamw-8bit"),
     "--use_came": ("--optimizer", "came"),
+    "--precompute_conditions": ("--enable_precomputation", "on"),  # finetrainers
 }
 
 #: Values other trainers use for ptrain flags, per ptrain flag.
@@ -47,6 +48,14 @@ REJECTED = {
     "--scale_lr": "give the learning rate you want with --lr (ptrain does not rescale it by batch size)",
     "--logging_dir": "tensorboard logs go to --output_dir/logs",
     "--tracker_name": "tensorboard logs go to --output_dir/logs",
+    # finetrainers' parallel setup
+    "--parallel_backend": "ptrain runs on torch.distributed itself (launch with torchrun): remove it",
+    "--pp_degree": "ptrain has no pipeline parallelism: shard with --dp_shards (FSDP2) and split sequences with "
+    "--cp_degree",
+    "--tp_degree": "ptrain has no tensor parallelism: shard with --dp_shards (FSDP2) and split sequences with "
+    "--cp_degree",
+    "--nccl_timeout": "use --dist_timeout_s (seconds, for every collective)",
+    "--init_timeout": "use --dist_timeout_s (seconds, for every collective)",
 }
 
 #: Renamed here rather than a tyro alias of --transformer_dtype: its values (no, fp16, bf16) go through

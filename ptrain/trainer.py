@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -78,16 +79,34 @@ class TrainResult:
     optimizer: torch.optim.Optimizer | None = None
 
 
+class BarAwareHandler(logging.StreamHandler):
+    """Log records written through tqdm.write: a line logged while the progress bar is drawn clears the bar, is
+    printed on a line of its own and the bar is drawn again below it (it was appended to the bar's line)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
+
+
 def setup_logging(rank: int, level: str) -> None:
     logging.basicConfig(
         level=level if rank == 0 else "WARNING",
         format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
         force=True,
+        handlers=[BarAwareHandler(sys.stderr)],
     )
     # diffusers/transformers chatter (e.g. CPU generator notices) would drown the progress bar.
     for name in ("diffusers", "transformers"):
         logging.getLogger(name).setLevel("ERROR")
+    if rank != 0:  # one set of "Loading weights" bars (rank 0's), not one per rank
+        import diffusers.utils.logging
+        import transformers.utils.logging
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     # Known-harmless library notices: torchdata calls a deprecated torch API; FSDP2 warns that the root
     # returns a view (ptrain never modifies the output in place).
     warnings.filterwarnings("ignore", message=".*set_vital.*")

@@ -100,11 +100,21 @@ def test_finetrainers_and_videox_fun_commands(tmp_path):
         (["--config_file", "acc.yaml"], "accelerate config files are not used"),
         (["--push_to_hub"], "does not upload"),
         (["--optimizer", "prodigy"], "prodigy is not supported"),
+        (["--nccl_timeout", "1800"], "use --dist_timeout_s"),  # finetrainers' (the second audit)
+        (["--parallel_backend", "ptd"], "launch with torchrun"),
+        (["--tp_degree", "2"], "no tensor parallelism"),
     ],
 )
 def test_meaningless_flags_are_rejected_with_the_replacement(flag, says):
     with pytest.raises(ConfigError, match=says):
         parse_config(flag)
+
+
+def test_finetrainers_precompute_conditions_turns_precomputation_on():
+    cfg = parse_config(["--precompute_conditions"])
+    assert cfg.data.enable_precomputation == "on" and "--precompute_conditions -> --enable_precomputation on" in (
+        cfg.compat_notes
+    )
 
 
 def test_fps_sampling_picks_frames_by_time(tmp_path):

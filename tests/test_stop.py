@@ -59,6 +59,8 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_command_resumes(t
     step = int(m.group(1))
     assert [s for s, _ in complete_checkpoints(out)] == [step]
     assert "Traceback" not in err
+    # log lines start lines of their own (they were appended to the progress bar: "...it/s]12:46:06 [rank0] ...")
+    assert "stopping after this step" in err and not re.search(r"\]\d\d:\d\d:\d\d \[rank0\]", err)
 
     run = run_ptrain(1, _args(tiny_ckpt, tiny_data, step + 2), out)  # the same command, fewer steps to go
     assert run.returncode == 0, first_error(run.stderr)
