@@ -191,7 +191,10 @@ def resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
     else:
         path = Path(spec)
         if not (path / MARKER).is_file():
-            raise ConfigError(f"--resume_from_checkpoint {path}: not a complete ptrain checkpoint (no {MARKER})")
+            # an output_dir or its checkpoints/ folder given: name the checkpoint to give instead
+            inside = complete_checkpoints(path.parent if path.name == "checkpoints" else path)
+            hint = f"; the newest checkpoint in it is {inside[-1][1]}" if inside else ""
+            raise ConfigError(f"--resume_from_checkpoint {path}: not a complete ptrain checkpoint (no {MARKER}){hint}")
     problem = checkpoint_problem(path)
     if problem:
         raise ConfigError(f"--resume_from_checkpoint {spec}: checkpoint {path} is damaged: {problem}")

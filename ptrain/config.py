@@ -651,7 +651,8 @@ class CheckpointArgs:
         r = self.resume_from_checkpoint
         if r not in ("auto", "latest", "none") and not r.isdigit() and not Path(r).is_dir():
             raise ConfigError(
-                f"--resume_from_checkpoint {r}: use auto, latest, none, a step number or a checkpoint folder"
+                f"--resume_from_checkpoint {r}: no such folder (use auto, latest, none, a step number or a checkpoint "
+                "folder)"
             )
 
 

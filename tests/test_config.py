@@ -271,3 +271,9 @@ def test_full_bf16_and_block_swap_flags_are_checked(tmp_path):
     assert parse_config(swap).validate().parallel.blocks_to_swap == 2
     with pytest.raises(ConfigError, match="a full fine-tune has none"):
         parse_config([*swap, "--training_type", "full-finetune"]).validate()
+
+
+def test_resume_from_a_missing_folder_says_so(tmp_path):
+    cfg = parse_config(["--resume_from_checkpoint", str(tmp_path / "nope")])
+    with pytest.raises(ConfigError, match="nope: no such folder"):
+        cfg.checkpoint.validate()

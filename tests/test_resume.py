@@ -110,6 +110,10 @@ def test_resume_from_every_step_is_byte_identical(reference, tiny_ckpt, tiny_dat
     assert _hashes(out) == _hashes(reference.output_dir)  # LoRA and EMA files, byte for byte
     keys = ("step", "loss", "lr", "grad_norm", "samples_seen")
     assert [{k: m[k] for k in keys} for m in run.metrics] == [{k: m[k] for k in keys} for m in reference.metrics]
+    # the output_dir or its checkpoints/ folder given as the checkpoint: the error names the one to give instead
+    for given in (out, out / "checkpoints"):
+        with pytest.raises(ConfigError, match=f"the newest checkpoint in it is {out / 'checkpoints' / 'step-6'}"):
+            resolve_resume(str(given), out)
 
 
 @pytest.mark.heavy  # suite time (41 s); CI runs it
