@@ -34,6 +34,7 @@ def dry_run(run) -> None:
         f"  global batch {run.global_batch}: {run.steps_per_epoch} steps per epoch, {t.train_steps} steps "
         f"= {t.train_steps * run.global_batch / len(usable.records):.2f} epochs",
         f"  resume: {run.resume or 'none (fresh start)'}",
+        *([f"  flags changed since that run's previous start: {'; '.join(run.changed)}"] if run.changed else []),
         f"  precomputation: {run.precompute.describe()}",
         f"  loader workers per rank: {d.num_workers(run.precompute.enabled)}",
     ]

@@ -206,6 +206,8 @@ class RunPlan:
     hub_ids: dict = field(default_factory=dict)
     #: --enable_precomputation's outcome (auto decided here, with its reason)
     precompute: Decision = field(default_factory=lambda: Decision(False, "not decided"))
+    #: when resuming: the flags changed since the previous start ("--flag old -> new"; see changed_flags)
+    changed: list = field(default_factory=list)
 
     @property
     def global_batch(self) -> int:
@@ -266,6 +268,8 @@ def plan_run(cfg: Config) -> RunPlan:
     run = RunPlan(cfg, rank, world, device, dims, mesh, out, layout, spec, overrides, rules, sampling, usable,
                   steps_per_epoch, resume, resharded, hub_ids=hub_ids)  # fmt: skip
     run.precompute = _decide_precomputation(run)
+    if resume is not None:
+        run.changed = changed_flags(out / "config.json", run_config(run))
     if resume is not None and not cfg.plan.dry_run:
         run.finished = _resume_is_finished(run)
     return run
@@ -314,7 +318,8 @@ def lock_output_dir(out: Path, rank: int) -> OutputLock:
 
 #: Flags whose change between starts of one run is expected (where to resume, how long, what to log).
 _RESTART_FLAGS = {"resume_from_checkpoint", "train_steps", "num_train_epochs", "dry_run", "hub_ids", "config",
-                  "logging_steps", "report_to", "profile_from_step", "profile_num_steps", "log_step_breakdown"}  # fmt: skip
+                  "logging_steps", "report_to", "profile_from_step", "profile_num_steps", "log_step_breakdown",
+                  "log_level", "plan_gpu_memory_gb", "plan_world_size"}  # fmt: skip
 
 
 def run_config(run: RunPlan) -> dict:
@@ -331,15 +336,6 @@ def changed_flags(previous: Path, now: dict) -> list[str]:
         return []
     return [f"--{k} {before[k]} -> {v}" for k, v in now.items()
             if k in before and before[k] != v and k not in _RESTART_FLAGS]  # fmt: skip
-
-
-def _warn_changed_flags(previous: Path, now: dict, resume: Path) -> None:
-    """Warn about the flags that differ from the previous start's when resuming: the checkpoint's state
-    continues under the new values, which may not be what the user meant."""
-    changed = changed_flags(previous, now)
-    if changed:
-        log.warning("resuming from %s with flags changed since the previous start (%s): %s; the checkpoint's state "
-                    "continues under the new values", resume, previous, "; ".join(changed))  # fmt: skip
 
 
 def resolve_auto_ac(cfg: Config, world: int, rank: int, device: torch.device, out: Path) -> None:
@@ -425,7 +421,7 @@ def _resume_is_finished(run: RunPlan) -> bool:
     if done_step < t.train_steps:
         return False
     if export_complete(run.out, done_step):
-        changed = changed_flags(run.out / "config.json", run_config(run))
+        changed = run.changed
         if changed:  # rerunning a finished run is a no-op; with other settings the user means a new run
             raise ConfigError(
                 f"--output_dir {run.out} holds a finished run (checkpoint {run.resume.name} at --train_steps "
@@ -561,8 +557,10 @@ class Trainer:
         self.out_lock = lock_output_dir(run.out, run.rank)
         if run.rank == 0:
             config = run_config(run)
-            if run.resume is not None:
-                _warn_changed_flags(run.out / "config.json", config, run.resume)
+            if run.changed:
+                log.warning("resuming from %s with flags changed since the previous start (%s): %s; the checkpoint's "
+                            "state continues under the new values", run.resume, run.out / "config.json",
+                            "; ".join(run.changed))  # fmt: skip
             self.supersede_later_checkpoints()
             (run.out / "config.json").write_text(json.dumps(config, indent=2))
         self.load_model()

@@ -273,6 +273,9 @@ def test_resuming_with_other_settings_says_what_changed(tiny_ckpt, tiny_data, tm
             "1", "--seed", "3", *TINY_ARGS]  # fmt: skip
     first = run_ptrain(1, [*base, "--train_steps", "2", "--rank", "4", "--lr", "1e-4"], tmp_path)
     assert first.returncode == 0, first_error(first.stderr)
+    dry = _direct([*base, "--train_steps", "3", "--rank", "8", "--lr", "2e-4", "--dry_run"], tmp_path)
+    assert dry.returncode == 0, first_error(dry.stderr)  # the dry run lists them too (the second audit)
+    assert "flags changed since that run's previous start: --rank 4 -> 8; --lr 0.0001 -> 0.0002" in dry.stdout
     again = run_ptrain(1, [*base, "--train_steps", "3", "--rank", "8", "--lr", "2e-4"], tmp_path)
     assert again.returncode != 0
     assert "flags changed since the previous start" in again.stderr
