@@ -64,4 +64,8 @@ def plan_memory(cfg, world: int, precomputed: str = "off") -> None:
     finally:
         print("\n".join(f"    {line}" for line in lines), flush=True)
     if not res["fits"] and res["suggestion"]:
-        print(f"  suggestion: {res['suggestion']['name']}: add {' '.join(res['suggestion']['flags'])}", flush=True)
+        flags = list(res["suggestion"]["flags"])
+        if "--no_gradient_checkpointing" in flags and cfg.activation_checkpoint.ac_mode != "auto":
+            i = flags.index("--ac_mode")  # the rung's "--ac_mode full" only replaces an `auto`: not needed here
+            del flags[i : i + 2]
+        print(f"  suggestion: {res['suggestion']['name']}: add {' '.join(flags)}", flush=True)

@@ -670,22 +670,25 @@ def plan_config(cfg, world: int, model_dir: str | Path, full: bool = False, vae_
     return finish(res, cfg, model_dir, vae_phases) if phases else res
 
 
-def vae_decision(tiling: str, slicing: str, untiled_peak: int, step_peak: int, batch: int) -> tuple[bool, bool, str]:
+def vae_decision(
+    tiling: str, slicing: str, untiled_peak: int, step_peak: int, batch: int, with_encoders: bool = False
+) -> tuple[bool, bool, str]:
     """--enable_tiling / --enable_slicing (auto, on, off) -> (tiling, slicing, why) for the VAE's encode. auto: on
     when the encode phase's untiled peak would exceed `step_peak` (the step's, with the encoders when they stay
-    resident); slicing only for a batch above 1 (one sample at a time)."""
+    resident: `with_encoders`); slicing only for a batch above 1 (one sample at a time)."""
     over = untiled_peak > step_peak
-    why = f"planned VAE encode phase {size(untiled_peak)} untiled {'>' if over else '<='} the step's {size(step_peak)}"
+    why = (f"planned VAE encode phase {size_gb(untiled_peak)} untiled {'>' if over else '<='} the step's "
+           f"{size_gb(step_peak)}{' with the encoders resident' if with_encoders else ''}")  # fmt: skip
     return (tiling == "on" or (tiling == "auto" and over),
             slicing == "on" or (slicing == "auto" and over and batch > 1), why)  # fmt: skip
 
 
-def size(nbytes: int) -> str:
-    """Bytes as GiB, or MiB / KiB below that (tiny test models)."""
-    for unit, scale in (("GiB", GIB), ("MiB", 2**20)):
+def size_gb(nbytes: int) -> str:
+    """Bytes in decimal units (GB = 10^9, as the planner's other lines), MB / KB below a GB (tiny test models)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
         if nbytes >= scale:
             return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes / 1024:.1f} KiB"
+    return f"{nbytes / 1e3:.1f} KB"
 
 
 def validation_shape(cfg) -> tuple[int, int, int] | None:
@@ -732,7 +735,7 @@ def finish(res: dict, flags, model_dir, vae_phases: bool = True) -> dict:
     shape = (batch, 3, d.num_frames, d.height, d.width)
     untiled = sum(state.values()) + sum(weights.values()) + act("encode", shape, False, False)
     step = res["peak_bytes"] + (sum(weights.values()) if resident_encoders else 0)
-    tiling, slicing, why = vae_decision(m.enable_tiling, m.enable_slicing, untiled, step, batch)
+    tiling, slicing, why = vae_decision(m.enable_tiling, m.enable_slicing, untiled, step, batch, resident_encoders)
     res["vae"] = {"tiling": tiling, "slicing": slicing, "decision": why, "encoder_bytes": enc,
                   "encoders_resident": resident_encoders}  # fmt: skip
     phases = dict(res["phases"])
@@ -872,8 +875,8 @@ def advise(flags: list[str], world: int, model_dir: str | Path, budget_gb: float
     fit = as_configured is not None and fits(as_configured["peak_bytes"], budget_gb)
     if as_configured is not None:
         report(f"as configured ({as_configured['layout']}): {as_configured['peak_bytes'] / 1e9:.1f} GB per GPU "
-               f"{'fits in' if fit else 'exceeds'} {budget_gb:g} GB (as {size(device_bytes(as_configured['peak_bytes']))} "
-               "with the allocator's slack and the CUDA context)")  # fmt: skip
+               f"{'fits in' if fit else 'exceeds'} {budget_gb:g} GB (as {device_bytes(as_configured['peak_bytes']) / 1e9:.1f} "
+               "GB with the allocator's slack and the CUDA context)")  # fmt: skip
         for line in describe_phases(as_configured, budget_gb):
             report("  " + line)
     result = {"as_configured": as_configured, "fits": fit, "suggestion": None, "fitting": []}
