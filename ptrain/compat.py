@@ -77,9 +77,14 @@ def translate_argv(argv: list[str], aliases: Mapping[str, str]) -> tuple[list[st
     use gets a note."""
     out: list[str] = []
     notes: list[str] = []
+    spelled: dict[str, str] = {}  # ptrain flag -> the name it was first given by
     i = 0
     while i < len(argv):
         name, inline = _split(argv[i])
+        canonical = "--transformer_dtype" if name == _MIXED_PRECISION else aliases.get(name, name)
+        if name.startswith("--") and spelled.setdefault(canonical, name) != name:
+            # the same setting under two names (e.g. --lr and --learning_rate): one would silently win
+            raise ConfigError(f"{spelled[canonical]} and {name} are the same setting ({canonical}): give it once")
         if name in REJECTED:
             raise ConfigError(f"{name} is not a ptrain flag: {REJECTED[name]}")
         if name in SWITCHES:

@@ -103,6 +103,8 @@ def test_finetrainers_and_videox_fun_commands(tmp_path):
         (["--nccl_timeout", "1800"], "use --dist_timeout_s"),  # finetrainers' (the second audit)
         (["--parallel_backend", "ptd"], "launch with torchrun"),
         (["--tp_degree", "2"], "no tensor parallelism"),
+        (["--lr", "1e-4", "--learning_rate", "2e-4"], "--lr and --learning_rate are the same setting"),  # one won
+        (["--mixed_precision", "fp16", "--transformer_dtype", "bfloat16"], "are the same setting"),
     ],
 )
 def test_meaningless_flags_are_rejected_with_the_replacement(flag, says):
