@@ -516,9 +516,9 @@ class Checkpointer:
                 raise ConfigError(
                     f"resuming from {path} failed ({type(root).__name__}: {str(root).splitlines()[0][:300]}): the "
                     "checkpoint was written with other settings (LoRA rank or target modules, training type, "
-                    "model, optimizer; the log's warning before this lists the flags changed since the previous "
-                    "start). Resume with those flags, or start anew: another --output_dir, or "
-                    "--resume_from_checkpoint none"
+                    "model, optimizer; the flags it was started with are in config.json beside its checkpoints/ "
+                    "folder, and a resume in that output_dir warns with the changed ones). Resume with those "
+                    "flags, or start anew: another --output_dir, or --resume_from_checkpoint none"
                 ) from err
             raise err
         self.saved_step = self.train_state.step
