@@ -44,11 +44,11 @@ from ptrain.checkpoint import (
     supersede,
 )
 from ptrain.config import Config, ConfigError, to_dict
-from ptrain.errors import RunStopped
 from ptrain.data import Usable, VideoDataset, build_dataloader, make_sampler, scan_dataset, summary
 from ptrain.data.precompute import Decision, PrecomputedDataset, decide, precompute
 from ptrain.data.scan_cache import SCAN_CACHE, ScanCache
 from ptrain.data.video import FrameSampling
+from ptrain.errors import RunStopped
 from ptrain.export import begin_export, export_complete, export_full, export_lora, publish_export
 from ptrain.export_comfyui import export_comfyui_lora
 from ptrain.hub import is_hub_id, peek_checkpoint, resolve_model_sources

@@ -373,7 +373,8 @@ def summary(usable: Usable, global_batch: int, tokens=None) -> list[str]:
     hdr = sum(bool(info.hdr) for info in usable.infos)
     if hdr:
         lines.append(f"  WARNING: {hdr} HDR (HLG / PQ) video{'s' if hdr > 1 else ''} decoded without tone mapping: "
-                     "colours come out washed out; convert to SDR first (README: Data, HDR videos)")  # fmt: skip
+                     "colours come out washed out; convert them to SDR first (the README's data section has an "
+                     "ffmpeg command)")  # fmt: skip
     if usable.skipped:
         lines.append("  skipped by reason: " + ", ".join(f"{k} {n}" for k, n in usable.skip_reasons().most_common()))
     lines += [
