@@ -316,10 +316,11 @@ def lock_output_dir(out: Path, rank: int) -> OutputLock:
     return lock
 
 
-#: Flags whose change between starts of one run is expected (where to resume, how long, what to log).
+#: Flags whose change between starts of one run is expected (where to resume, how long, what to log; the output
+#: folder itself, which may have been moved or copied).
 _RESTART_FLAGS = {"resume_from_checkpoint", "train_steps", "num_train_epochs", "dry_run", "hub_ids", "config",
-                  "logging_steps", "report_to", "profile_from_step", "profile_num_steps", "log_step_breakdown",
-                  "log_level", "plan_gpu_memory_gb", "plan_world_size"}  # fmt: skip
+                  "output_dir", "logging_steps", "report_to", "profile_from_step", "profile_num_steps",
+                  "log_step_breakdown", "log_level", "plan_gpu_memory_gb", "plan_world_size"}  # fmt: skip
 
 
 def run_config(run: RunPlan) -> dict:
