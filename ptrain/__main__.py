@@ -9,10 +9,13 @@ import torch.distributed as dist
 from ptrain.checkpoint import CheckpointSaveError
 from ptrain.config import ConfigError, parse_config
 from ptrain.errors import RunStopped
+from ptrain.interrupts import install as install_sigterm
+from ptrain.interrupts import message as interrupt_message
 from ptrain.parallel.dims import ParallelConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_sigterm()  # SIGTERM outside the loop: an orderly stop, as Ctrl-C's (ptrain/interrupts.py)
     try:
         cfg = parse_config(argv)
         from ptrain.trainer import train
@@ -34,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"ptrain: {e}", file=sys.stderr)
         return e.code
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM outside the loop, or a second Ctrl-C in it: where, and what now
+        text, code = interrupt_message(e)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"ptrain: {text}", file=sys.stderr)
+        return code
     except FloatingPointError as e:  # the NaN guard stopped the run (every rank decides alike)
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"ptrain: stopped: {e}", file=sys.stderr)

@@ -52,6 +52,7 @@ from ptrain.errors import RunStopped
 from ptrain.export import begin_export, export_complete, export_full, export_lora, publish_export
 from ptrain.export_comfyui import export_comfyui_lora
 from ptrain.hub import is_hub_id, peek_checkpoint, resolve_model_sources
+from ptrain.interrupts import phase
 from ptrain.loss_scale import LossScaler
 from ptrain.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
 from ptrain.models.spec import Components, ModelSpec, get_spec
@@ -863,21 +864,23 @@ class Trainer:
         profiler = StepProfiler(lg.profile_from_step, lg.profile_num_steps, self.run.out, self.run.rank, self.device)
         stop = StopRequest(self.run.world)
         try:
-            while self.state.step < train_steps:
-                step = self.state.step + 1
-                gc_control.maybe_collect(step)
-                profiler.step_begin(step)
-                stats = self.train_step(step)
-                self.log_step(step, stats, bar)
-                profiler.step_end(step)
-                self.check_nan_guard(step)
-                # the checkpoint before validation: a validation that fails (e.g. out of memory) loses no step
-                self.maybe_checkpoint(step, last_step=step == train_steps)
-                self.maybe_validate(step)
-                signum = stop.agreed()
-                if signum:
-                    self.stop_at(step, signum)
-            self.checkpointer.wait()
+            with phase("during training (a second Ctrl-C stops at once)",
+                       "the steps since the last checkpoint are lost; rerun the same command to resume from it"):
+                while self.state.step < train_steps:
+                    step = self.state.step + 1
+                    gc_control.maybe_collect(step)
+                    profiler.step_begin(step)
+                    stats = self.train_step(step)
+                    self.log_step(step, stats, bar)
+                    profiler.step_end(step)
+                    self.check_nan_guard(step)
+                    # the checkpoint before validation: a validation that fails (e.g. out of memory) loses no step
+                    self.maybe_checkpoint(step, last_step=step == train_steps)
+                    self.maybe_validate(step)
+                    signum = stop.agreed()
+                    if signum:
+                        self.stop_at(step, signum)
+                self.checkpointer.wait()
         finally:
             stop.close()
             profiler.close(self.state.step)
@@ -886,8 +889,14 @@ class Trainer:
             self.metrics.close()
         self.result.losses = [float(loss) for loss, _ in self.losses]
         self.result.grad_norms = [float(norm) for _, norm in self.losses]
+        if self.checkpointer.every:
+            rerun = (f"training is complete and checkpointed at step {self.state.step}; rerun the same command to "
+                     "export again (nothing is trained again)")  # fmt: skip
+        else:
+            rerun = "no checkpoint was kept (--checkpointing_steps 0): a rerun trains again"
         try:
-            self.export_final()
+            with phase("while exporting the trained weights", rerun):
+                self.export_final()
         finally:
             self.out_lock.release()
         return self.result

@@ -573,3 +573,66 @@ def test_precompute_leaves_out_a_file_that_broke_after_the_scan(tiny_ckpt, tiny_
     assert len(list(folder.glob("0*.safetensors"))) == 7
     item = PrecomputedDataset(usable, folder, 0.0, 0)[(3, 5)]
     assert item["replaced"] == 1 and item["index"] != 3 and item["latent_dist"].shape[0] > 0
+
+
+def test_interrupted_precomputation_continues_from_its_files(tiny_ckpt, tiny_data, tmp_path, single_process_env):
+    """Ctrl-C (or a preemption) half-way through the precomputation: the files written so far are whole (written
+    under a temporary name, then renamed) and the next run of the same key encodes only the samples without one.
+    A half-written file (a crash in a write) is encoded again. The interrupt names the phase and the folder
+    (ptrain.interrupts), and the continued cache equals an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from ptrain.config import parse_config
+    from ptrain.data.precompute import precompute
+    from ptrain.interrupts import message
+    from ptrain.models.spec import get_spec
+    from ptrain.parallel import init_distributed
+
+    def setup(out: Path):
+        cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data),
+                            "--height", "32", "--width", "32", "--num_frames", "9", "--output_dir", str(out)])  # fmt: skip
+        return cfg.validate()
+
+    init_distributed()
+    cfg = setup(tmp_path / "a")
+    spec = get_spec("ltx_video")
+    sampling = FrameSampling.from_args(cfg.data)
+    usable = scan_dataset(cfg.data, sampling, spec.shape_rules(str(tiny_ckpt), {}))
+    comps = spec.load_components(str(tiny_ckpt), dict.fromkeys(("transformer", "vae", "text_encoder"), torch.float32),
+                                 torch.device("cpu"), {})  # fmt: skip
+    spec = spec.bind(comps)
+    videos = VideoDataset(usable.records, cfg.data, sampling, 0, usable.buckets, usable.infos)
+    loads, load = [], videos._load
+
+    def interrupted_at_the_fifth(i, *a):
+        loads.append(i)
+        if len(loads) == 5:
+            raise KeyboardInterrupt
+        return load(i, *a)
+
+    videos._load = interrupted_at_the_fifth
+    with pytest.raises(KeyboardInterrupt) as info:
+        precompute(cfg, usable, spec, comps, videos, 16, torch.device("cpu"))
+    text, code = message(info.value)
+    (folder,) = [p for p in (tmp_path / "a" / "precomputed").iterdir()]
+    assert code == 130 and text.startswith("interrupted by SIGINT while precomputing") and str(folder) in text
+    written = sorted(folder.glob("*.safetensors"))
+    assert len(written) == 4 and not (folder / "complete").exists()
+    stamps = {p.name: p.stat().st_mtime_ns for p in written[:3]}
+    written[3].write_bytes(written[3].read_bytes()[:-10])  # half-written by a crash
+    (folder / "00000005.safetensors.tmp").write_bytes(b"partial")
+
+    loads.clear()
+    videos._load = lambda i, *a: (loads.append(i), load(i, *a))[1]
+    assert precompute(cfg, usable, spec, comps, videos, 16, torch.device("cpu")) == folder
+    assert len(loads) == 5 and not list(folder.glob("*.tmp"))  # 4 never encoded + the half-written one
+    assert {p: s for p, s in stamps.items() if (folder / p).stat().st_mtime_ns == s} == stamps
+    assert (folder / "complete").is_file()
+
+    fresh_cfg = setup(tmp_path / "b")
+    videos._load = load
+    fresh = precompute(fresh_cfg, usable, spec, comps, videos, 16, torch.device("cpu"))
+    assert sorted(p.name for p in fresh.glob("*.safetensors")) == sorted(p.name for p in folder.glob("*.safetensors"))
+    for p in fresh.glob("*.safetensors"):
+        a, b = load_file(p), load_file(folder / p.name)
+        assert all(torch.equal(a[k], b[k]) for k in a), p.name

@@ -79,3 +79,68 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step(tiny_ckpt, tiny_data, 
     m = re.search(r"ptrain: stopped by SIGTERM after step (\d+) of 400: checkpoint step-\1 saved", err)
     assert m, err[-3000:]
     assert [s for s, _ in complete_checkpoints(out)] == [int(m.group(1))]
+
+
+def test_sigterm_outside_the_loop_is_an_orderly_stop():
+    """Outside the loop SIGTERM raises Terminated (a KeyboardInterrupt, so clean-ups run; its default ended the
+    process without them) and the message names where the run was."""
+    from ptrain.interrupts import Terminated, install, message, phase
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        install()
+        with pytest.raises(Terminated) as info:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at once; never reached
+        assert message(info.value) == ("interrupted by SIGTERM while starting (loading the model and data): no step "
+                                       "of this run was trained; rerun the same command to start it", 143)  # fmt: skip
+        with pytest.raises(KeyboardInterrupt) as info:
+            with phase("outer", "o"), phase("inner", "rerun it"):
+                raise KeyboardInterrupt
+        assert message(info.value) == ("interrupted by SIGINT inner: rerun it", 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_interrupts_at_start_up_and_export_say_what_a_rerun_does(tiny_ckpt, tiny_data, tmp_path, monkeypatch,
+                                                                   single_process_env, capsys):  # fmt: skip
+    """The entry point, in-process: a real SIGTERM while the model is built, and a Ctrl-C during the export, end
+    with one line (no traceback) and 128 + the signal; the output folder's lock is released; the rerun after the
+    export's interrupt exports without training again."""
+    from ptrain.__main__ import main as entry
+    from ptrain.export import EXPORT_MARKER
+    from ptrain.trainer import Trainer
+
+    out = tmp_path / "o"
+    args = [*_args(tiny_ckpt, tiny_data, 2), "--dataloader_num_workers", "0", "--checkpointing_steps", "1",
+            "--output_dir", str(out)]  # fmt: skip
+
+    def main(argv):  # a fresh world each time: init_distributed sets the rendezvous variables
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(k, None)
+        return entry(argv)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(Trainer, "build_model", lambda self: os.kill(os.getpid(), signal.SIGTERM))
+            assert main(args) == 143
+        err = capsys.readouterr().err
+        assert "ptrain: interrupted by SIGTERM while starting (loading the model and data): no step of this run was " \
+               "trained; rerun the same command to start it" in err and "Traceback" not in err
+
+        def interrupted(self):
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            m.setattr(Trainer, "export_final", interrupted)
+            assert main(args) == 130  # the lock of the first start was released: no "another run holds" error
+        err = capsys.readouterr().err
+        assert "ptrain: interrupted by SIGINT while exporting the trained weights: training is complete and " \
+               "checkpointed at step 2; rerun the same command to export again" in err, err[-2000:]
+        assert not (out / EXPORT_MARKER).exists()
+        assert main(args) == 0
+        err = capsys.readouterr().err
+        assert (out / EXPORT_MARKER).is_file() and "at step 2" in err  # resumed at the last step: nothing to train
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -10,7 +10,9 @@ The cache lives in `<precomputation_dir>/<key>/` where key hashes a manifest of 
 on: the sample list (paths, sizes, modification times, captions, buckets), the preprocessing flags, the model
 family, the VAE / text encoder folders (their weight files' sizes and times) and dtypes. A changed setting
 gives another key, so a cache is never silently reused for other data; --precomputation_reuse reuses a
-complete cache with the same key (otherwise it is computed again).
+complete cache with the same key (otherwise it is computed again). Each file is written whole (a temporary name,
+then renamed), so an interrupted precomputation (Ctrl-C, preemption, a crash) is continued by the next run of the
+same key: only the samples without a file are encoded.
 
 `decide` makes --enable_precomputation auto's choice before any weights load (`plan_run`): on when the run draws
 more samples than there are distinct ones (so each would be decoded and encoded more than once), the settings
@@ -25,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,12 +35,14 @@ from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ptrain.config import Config, ConfigError
 from ptrain.data import Usable, VideoDataset
+from ptrain.interrupts import phase
 from ptrain.safe_load import UnsafeFileError, load_safetensors
 
 log = logging.getLogger("ptrain")
@@ -238,10 +243,14 @@ def precompute(
         log.info("precomputation: reusing %s (same data, model and settings)", target)
         return target
     if rank == 0:
-        if target.exists():
+        if (target / COMPLETE).is_file():
             log.info("precomputation: %s exists; computing it again (--precomputation_reuse reuses it)", target)
             shutil.rmtree(target)
-        target.mkdir(parents=True)
+        elif target.exists():  # an interrupted precomputation of the same key: its finished files are kept
+            log.info("precomputation: continuing the interrupted precomputation in %s", target)
+            for tmp in target.glob("*.tmp"):
+                tmp.unlink()
+        target.mkdir(parents=True, exist_ok=True)
         others = [p for p in target.parent.iterdir() if p.is_dir() and p != target]
         if others:
             log.info("precomputation: %d other cache(s) in %s were made with other data or settings (not used)",
@@ -253,31 +262,42 @@ def precompute(
     bar = tqdm(total=len(first), disable=rank != 0, desc="precompute", dynamic_ncols=True)
     ids = {key: n for n, key in enumerate(first)}
     failed: dict[str, str] = {}
-    for key, i in todo:
-        try:
-            video = dataset._load(i, np.random.default_rng(0))[None].to(device)  # fixed crop: no draws are made
-        except Exception as e:  # noqa: BLE001 - decord / PIL raise their own types; the file is named
-            failed[key] = f"{usable.records[i].video}: {type(e).__name__}: {e}"
-            log.warning("precomputation: %s failed to decode (%s); training replaces it", usable.records[i].video, e)
+    kept = 0
+    with phase("while precomputing latents and text embeddings",
+               f"the samples encoded so far are kept in {target}; rerun the same command to continue from them"):
+        for key, i in todo:
+            path = target / f"{ids[key]:08d}.safetensors"
+            if _readable(path):  # encoded before an interruption
+                kept += 1
+                bar.update(world)
+                continue
+            try:
+                video = dataset._load(i, np.random.default_rng(0))[None].to(device)  # fixed crop: no draws are made
+            except Exception as e:  # noqa: BLE001 - decord / PIL raise their own types; the file is named
+                failed[key] = f"{usable.records[i].video}: {type(e).__name__}: {e}"
+                log.warning("precomputation: %s failed to decode (%s); training replaces it", usable.records[i].video,
+                            e)  # fmt: skip
+                bar.update(world)
+                continue
+            _save_encoded(spec, comps, video, dataset.caption_of(i), max_seq, path)
             bar.update(world)
-            continue
-        _save_encoded(spec, comps, video, dataset.caption_of(i), max_seq, target / f"{ids[key]:08d}.safetensors")
-        bar.update(world)
     bar.close()
     if rank == 0:
         cond = spec.encode_text(comps, [""], max_seq)
         save_file({f"text.{k}": v[0].contiguous().cpu() for k, v in cond.tensors.items()}, target / EMPTY)
     gathered: list = [None] * world
-    dist.all_gather_object(gathered, failed)
-    failed = {k: v for part in gathered for k, v in part.items()}
+    dist.all_gather_object(gathered, (failed, kept))
+    failed = {k: v for part, _ in gathered for k, v in part.items()}
+    kept = sum(n for _, n in gathered)
     if rank == 0:
         man["files"] = {key: f"{n:08d}.safetensors" for key, n in ids.items() if key not in failed}
         man["failed"] = failed
         man["stand_ins"] = _encode_stand_ins(usable, spec, comps, dataset, max_seq, device, target, failed, ids)
         (target / "manifest.json").write_text(json.dumps(man, indent=1))
         (target / COMPLETE).write_text("ok\n")
-        log.info("precomputation: %d samples in %.1f s -> %s%s", len(first) - len(failed), time.perf_counter() - t0,
-                 target, f" ({len(failed)} failed to decode)" if failed else "")  # fmt: skip
+        log.info("precomputation: %d samples in %.1f s -> %s%s%s", len(first) - len(failed), time.perf_counter() - t0,
+                 target, f" ({kept} encoded before an interruption)" if kept else "",
+                 f" ({len(failed)} failed to decode)" if failed else "")  # fmt: skip
     dist.barrier()
     return target
 
@@ -288,7 +308,20 @@ def _save_encoded(spec, comps, video, caption: str, max_seq: int, path: Path) ->
     cond = spec.encode_text(comps, [caption], max_seq)
     tensors = {"latent_dist": params[0].contiguous().cpu()}
     tensors.update({f"text.{k}": v[0].contiguous().cpu() for k, v in cond.tensors.items()})
-    save_file(tensors, path)
+    tmp = path.with_name(path.name + ".tmp")  # whole or absent: an interrupted precomputation continues from it
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+
+
+def _readable(path: Path) -> bool:
+    """Whether a cache file is there whole (its header parses and covers the file: safetensors checks)."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt"):
+            return True
+    except Exception:  # noqa: BLE001 - safetensors raises its own error types for a truncated file
+        return False
 
 
 def _encode_stand_ins(usable: Usable, spec, comps, dataset: VideoDataset, max_seq: int, device, target: Path,
