@@ -9,9 +9,11 @@ diffusers' `save_lora_weights` takes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import torch
@@ -163,13 +165,22 @@ def export_full(transformer: torch.nn.Module, output_dir: Path, max_shard_size: 
         try:
             target.mkdir(parents=True, exist_ok=True)
             transformer.save_config(target)
-            save_torch_state_dict(
-                gathered,
-                target,
-                filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
-                max_shard_size=max_shard_size,
-                metadata={"format": "pt"},
-            )
+            # quiet: its "saved to <staging folder>" names .export-tmp/, a folder the publish step empties (the
+            # module's logger is named by its file path, not "huggingface_hub...")
+            hub_log = getattr(sys.modules.get(save_torch_state_dict.__module__), "logger", None)
+            hub_log = hub_log if isinstance(hub_log, logging.Logger) else logging.getLogger("huggingface_hub")
+            level = hub_log.level
+            hub_log.setLevel(max(hub_log.getEffectiveLevel(), logging.WARNING))
+            try:
+                save_torch_state_dict(
+                    gathered,
+                    target,
+                    filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                    max_shard_size=max_shard_size,
+                    metadata={"format": "pt"},
+                )
+            finally:
+                hub_log.setLevel(level)
         except OSError as e:
             err = e
     raise_if_any_failed(err, f"writing the transformer export to {target}")

@@ -109,6 +109,7 @@ def test_cogvideox_i2v_full_finetune_from_t2v_parity_and_export(tiny_ckpts, tiny
                      tmp_path / "two")  # fmt: skip
     assert one.returncode == 0 and two.returncode == 0, first_error(one.stderr + two.stderr)
     assert "expanded from 16 to 32 input channels" in two.stderr
+    assert ".export-tmp" not in two.stderr  # huggingface_hub's "saved to" named the emptied staging folder
     np.testing.assert_allclose(two.losses, one.losses, rtol=1e-4)
 
     from diffusers import CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel
