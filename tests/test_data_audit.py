@@ -459,6 +459,17 @@ def test_variable_frame_rate_video_is_sampled_by_time(tmp_path):
     assert sampling.available(info.num_frames, info.fps, info.times) == 24  # 0 .. 1.92 s at 12 fps
     even = FrameSampling(5).indices(info.num_frames, info.fps, None, info.times)  # spread evenly over the duration
     np.testing.assert_allclose(times[even], np.linspace(0, times[-1], 5), atol=0.05)
+    # every 2nd frame, and consecutive frames from a random start: steps of the mean rate in time, as a
+    # constant-rate clip's would be (they were index-based: 2 frames apart were 1/24 s or 1/6 s apart)
+    # (each the frame shown at its time: at most one slow-stretch frame interval, 1/12 s, before it)
+    step = 2 / info.fps
+    strided = FrameSampling(8, stride=2).indices(info.num_frames, info.fps, None, info.times)
+    np.testing.assert_allclose(times[strided], np.arange(8) * step, atol=1 / 12 + 1e-3)
+    assert times[strided[-1]] > 0.55  # into the 12 fps stretch (index-based: 14 / 48 s)
+    late = FrameSampling(6, random_start=True).indices(info.num_frames, info.fps, np.random.default_rng(3), info.times)
+    np.testing.assert_allclose(times[late], times[late[0]] + np.arange(6) / info.fps, atol=1 / 12 + 1e-3)
+    assert times[late[-1]] > 0.5
+    assert FrameSampling(8, stride=2).available(info.num_frames, info.fps, info.times) == int(times[-1] / step) + 1
     clip = load_clip(path, sampling, 48, 64, source=info, as_uint8=True)
     import decord
 

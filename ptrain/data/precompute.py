@@ -48,8 +48,8 @@ from ptrain.safe_load import UnsafeFileError, load_safetensors
 log = logging.getLogger("ptrain")
 
 #: The cache format and decoding rules; a change makes a new cache. 2: videos decoded as displayed (mirroring,
-#: non-square pixels) and variable-frame-rate videos sampled by time.
-VERSION = 2
+#: non-square pixels) and variable-frame-rate videos sampled by time; 3: by time with --video_sample_stride too.
+VERSION = 3
 COMPLETE = "complete"
 EMPTY = "empty_caption.safetensors"
 

@@ -509,7 +509,8 @@ class FrameSampling:
 
     The window [skip_start, total - skip_end) is optionally resampled to `fps` or thinned to every `stride`-th
     frame; then `num_frames` consecutive frames are taken from its start (with fps or stride), or spread evenly
-    over it (without).
+    over it (without). A variable-frame-rate clip (`times`) is sampled by time throughout: at `fps`, at the mean
+    rate / `stride`, consecutive frames at its mean rate, or evenly over its duration.
     """
 
     num_frames: int
@@ -523,10 +524,13 @@ class FrameSampling:
         start, end = self.skip_start, total - self.skip_end
         if end <= start:
             return []
-        if self.fps and times is not None:  # variable frame rate: the frame shown at each 1/fps step in time
+        rate = self.fps
+        if not rate and (self.stride or self.random_start) and source_fps:
+            rate = source_fps / (self.stride or 1)  # every stride-th / consecutive frames: that step of the mean rate
+        if rate and times is not None:  # variable frame rate: the frame shown at each 1/rate step in time
             window = np.asarray(times[start:end])
-            count = int((window[-1] - window[0]) * self.fps + 1e-6) + 1
-            return [start + i for i in nearest_frames(window, window[0] + np.arange(count) / self.fps)]
+            count = int((window[-1] - window[0]) * rate + 1e-6) + 1
+            return [start + i for i in nearest_frames(window, window[0] + np.arange(count) / rate)]
         if self.fps and source_fps:
             return [start + i for i in fps_indices(end - start, source_fps, self.fps)]
         if self.stride or self.random_start:
