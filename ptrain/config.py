@@ -52,7 +52,7 @@ class ModelArgs:
     """Model family to train; auto: the one the checkpoint's transformer class names (LTXVideoTransformer3DModel ->
     ltx_video, CogVideoXTransformer3DModel -> cogvideox, HunyuanVideoTransformer3DModel -> hunyuan_video,
     WanTransformer3DModel -> wan). A family that contradicts the checkpoint is an error."""
-    pretrained_model_name_or_path: str | None = None
+    pretrained_model_name_or_path: Annotated[str | None, _alias("--model_path")] = None
     """Diffusers-format checkpoint: a local folder (model_index.json, transformer/, vae/, ...) or a hub id
     (org/name, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) fetched into the Hugging Face cache (HF_HOME / HF_HUB_CACHE;
     HF_HUB_OFFLINE=1 reads the cache only)."""
@@ -102,9 +102,9 @@ class ModelArgs:
     full (nothing given). Types left out are not drawn."""
     training_type: Literal["lora", "full-finetune"] = "lora"
     """LoRA adapters on a frozen base, or full fine-tuning of the transformer."""
-    rank: int = 64
+    rank: Annotated[int, _alias("--network_dim")] = 64
     """LoRA rank."""
-    lora_alpha: float = 64.0
+    lora_alpha: Annotated[float, _alias("--network_alpha")] = 64.0
     """LoRA alpha (scaling = alpha / rank); saved with the exported weights."""
 
     trainable_modules: list[str] | None = None
@@ -207,13 +207,17 @@ class DataArgs:
     datasets at once, each repeated (fractional repeats take a fixed seeded subset)."""
     caption_column: str | None = None
     """Caption column of the table (default: the first of caption, text, prompt, ...), or (CogVideoX scripts) a
-    caption file in --data_root."""
+    caption line file in --data_root (default: prompts.txt, or finetrainers' prompt.txt / caption(s).txt)."""
     video_column: str | None = None
     """Video path column of the table (default: the first of video, file_path, path, ...), or (CogVideoX
-    scripts) a video-list file in --data_root."""
+    scripts) a video line file in --data_root (default: videos.txt or video.txt)."""
     image_column: str | None = None
-    """Image path column of the table (default: image or image_path if present); an image trains as a 1-frame
-    video (needs --enable_bucket or --num_frames 1)."""
+    """Image path column of the table (default: image or image_path if present; a row with a video too: its
+    first frame for i2v / inpaint, else an image trained as a 1-frame video, which needs --enable_bucket or
+    --num_frames 1), or (CogVideo I2V) a line file of first-frame images in --data_root (images.txt)."""
+    caption_extension: str = ".txt"
+    """The caption file's extension beside each video or image in a folder of caption files (musubi-tuner's
+    `caption_extension`, e.g. .caption)."""
     video_repeat: int = 1
     """Count every video this many times per epoch (images once; VideoX-Fun)."""
     strict_data: bool = False
@@ -277,7 +281,7 @@ class DataArgs:
     precomputation_reuse: bool = False
     """Reuse a complete precomputation made with the same data, model and settings (else compute it again;
     --enable_precomputation auto always reuses one)."""
-    dataloader_num_workers: int | None = None
+    dataloader_num_workers: Annotated[int | None, _alias("--max_data_loader_n_workers", "--num_workers")] = None
     """Data loader worker processes per rank (0 = load in the training process). Default: 2 when samples are
     decoded every step, 0 when they come from the precomputation cache (loading a few cached tensors is faster
     in the training process than through worker processes)."""
@@ -296,6 +300,8 @@ class DataArgs:
     def validate(self) -> None:
         if self.data_root is None and self.dataset_file is None and self.dataset_config is None:
             raise ConfigError("give --data_root, --dataset_file or --dataset_config")
+        if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
+            raise ConfigError(f"--caption_extension {self.caption_extension!r}: give it with its dot, e.g. .txt")
         if self.enable_precomputation not in ("auto", "on", "off"):
             raise ConfigError(f"--enable_precomputation {self.enable_precomputation!r}: give auto, on or off")
         if self.enable_precomputation == "on" and (self.reshape_mode == "random_crop" or self.random_frame_crop):
@@ -345,7 +351,7 @@ class TrainArgs:
     """Where metrics, logs and the exported weights go."""
     train_steps: Annotated[int, _alias("--max_train_steps")] = 1000
     """Number of optimizer steps."""
-    num_train_epochs: int | None = None
+    num_train_epochs: Annotated[int | None, _alias("--max_train_epochs", "--train_epochs")] = None
     """Train for this many passes over the usable samples instead (sets --train_steps = epochs x steps per epoch)."""
     batch_size: Annotated[int, _alias("--train_batch_size")] = 1
     """Samples per data-parallel rank per micro-batch."""
@@ -469,7 +475,9 @@ class ObjectiveArgs:
     uniform_sampling: bool = False
     """Stratify timesteps over the global batch (sample j of G draws from the j-th of G equal slices of the
     noise range), so every step covers all noise levels whatever the parallel layout (VideoX-Fun)."""
-    flow_weighting_scheme: Literal["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"] = "none"
+    flow_weighting_scheme: Annotated[
+        Literal["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"], _alias("--weighting_scheme")
+    ] = "none"
     """Timestep density (logit_normal, mode; otherwise uniform) and loss weighting (sigma_sqrt, cosmap)."""
     flow_logit_mean: float = 0.0
     """Mean of the logit-normal timestep density."""
@@ -477,7 +485,7 @@ class ObjectiveArgs:
     """Std of the logit-normal timestep density."""
     flow_mode_scale: float = 1.29
     """Scale of the mode timestep density."""
-    flow_shift: float | None = None
+    flow_shift: Annotated[float | None, _alias("--discrete_flow_shift")] = None
     """Shift applied to sampled sigmas: s*t / (1 + (s-1)*t); > 1 favours high noise. Default: the
     checkpoint scheduler's static `shift` (e.g. HunyuanVideo 7, Wan 3), else 1."""
 
@@ -488,7 +496,7 @@ class ObjectiveArgs:
 
 @dataclass
 class OptimArgs:
-    optimizer: Literal["adamw", "adam", "came", "adamw-8bit"] = "adamw"
+    optimizer: Annotated[Literal["adamw", "adam", "came", "adamw-8bit"], _alias("--optimizer_type")] = "adamw"
     """Optimizer (came needs came-pytorch; adamw-8bit needs bitsandbytes and CUDA)."""
     lr: Annotated[float, _alias("--learning_rate")] = 1e-4
     """Peak learning rate."""
@@ -585,7 +593,8 @@ class ValidationArgs:
     """With --train_mode i2v / inpaint: first-frame images for the validation prompts, separated like them (one image for
     all prompts, or one per prompt)."""
     validation_dataset_file: Path | None = None
-    """CSV/JSON/JSONL with a `prompt` column and optional image, height, width, num_frames, num_inference_steps."""
+    """CSV/JSON/JSONL with a `prompt` column and optional image, height, width, num_frames, num_inference_steps;
+    or a .txt with one prompt per line (CogVideo's finetune scripts' prompts file)."""
     validation_steps: int = 0
     """Sample the validation prompts every N optimizer steps (and at the end); 0 = never."""
     validation_epochs: int | None = None
@@ -612,11 +621,23 @@ class ValidationArgs:
             )
         if self.validation_dataset_file is not None and not Path(self.validation_dataset_file).is_file():
             raise ConfigError(f"--validation_dataset_file {self.validation_dataset_file}: no such file")
+        for prompt in (self.validation_prompts or "").split(self.validation_prompt_separator):
+            prompt = prompt.strip()
+            if prompt and not any(c.isspace() for c in prompt) and Path(prompt).suffix.lower() in _TABLE_SUFFIXES:
+                # CogVideo's finetune scripts take a file name here: it would be sampled as the prompt "prompts.txt"
+                raise ConfigError(f"--validation_prompts {prompt!r} is a file name; this flag takes the prompt text "
+                                  f"(several joined with {self.validation_prompt_separator!r}); for prompts in a file "
+                                  f"use --validation_dataset_file {prompt} (one prompt per line in a .txt, or a "
+                                  "table with a prompt column)")  # fmt: skip
         _check_min(1, ("--validation_epochs", self.validation_epochs))
         if (self.validation_steps or self.validation_epochs) and not (
             self.validation_prompts or self.validation_dataset_file
         ):
             raise ConfigError("--validation_steps needs --validation_prompts or --validation_dataset_file")
+
+
+#: Extensions of prompt / dataset files (a validation prompt that is one of these is a file name given by mistake)
+_TABLE_SUFFIXES = (".txt", ".csv", ".json", ".jsonl", ".parquet")
 
 
 @dataclass
@@ -925,14 +946,30 @@ TRI_STATE = ("enable_tiling", "enable_slicing", "enable_precomputation")
 _SPELLINGS = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}
 
 
+def _bool_flags() -> set[str]:
+    """The names of the on/off switches (bool settings)."""
+    defaults = Config()
+    return {f.name for group in _GROUPS for f in dataclasses.fields(getattr(defaults, group))
+            if isinstance(getattr(getattr(defaults, group), f.name), bool)}  # fmt: skip
+
+
 def _switch_values(argv: list[str]) -> list[str]:
     """`--enable_tiling` alone (followed by another flag or nothing) -> `--enable_tiling on`, `--no_enable_tiling`
-    -> `--enable_tiling off`, `--enable_precomputation=true` -> `--enable_precomputation on` (every TRI_STATE flag)."""
+    -> `--enable_tiling off`, `--enable_precomputation=true` -> `--enable_precomputation on` (every TRI_STATE flag).
+    A switch given a true / false value (`--gradient_checkpointing True`, as CogVideo's finetune scripts write
+    them) -> `--gradient_checkpointing` / `--no_gradient_checkpointing`: tyro read the value as a stray argument."""
     out: list[str] = []
+    switches = _bool_flags()
     i = 0
     while i < len(argv):
         name, eq, inline = argv[i].partition("=")
         flag = name[2:] if name.startswith("--") else ""
+        if flag in switches:
+            value = inline if eq else argv[i + 1] if i + 1 < len(argv) else ""
+            if value.lower() in _SPELLINGS:
+                out.append(f"--{flag}" if _SPELLINGS[value.lower()] == "on" else f"--no_{flag}")
+                i += 1 if eq else 2
+                continue
         if flag.startswith("no_") and flag[3:] in TRI_STATE and not eq:
             out += [f"--{flag[3:]}", "off"]
             i += 1

@@ -63,7 +63,7 @@ def test_readme_migration_commands_parse():
     cogvideox, finetrainers, videox_fun = (parse_config(argv) for argv in _readme_commands())
     assert cogvideox.model.model_name == "cogvideox" and cogvideox.data.caption_column == "prompts.txt"
     assert (cogvideox.optim.optimizer, cogvideox.optim.lr, cogvideox.train.num_train_epochs) == ("adam", 1e-3, 30)
-    assert cogvideox.validation.validation_epochs == 10 and cogvideox.data.fps == 8
+    assert cogvideox.validation.validation_epochs == 10 and cogvideox.data.fps is None  # the script: export fps only
     assert (finetrainers.parallel.dp_degree, finetrainers.parallel.dp_shards) == (2, 4)
     assert finetrainers.model.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     assert videox_fun.optim.optimizer == "came" and videox_fun.data.video_column == "file_path"

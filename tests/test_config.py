@@ -79,7 +79,7 @@ def test_toml_unknown_key_is_named(tmp_path):
     "line, says",
     [
         ('flow_weighting_scheme = "logit-normal"',
-         "invalid choice 'logit-normal' for argument '--flow_weighting_scheme'"),
+         "invalid choice 'logit-normal' for argument '--weighting_scheme/--flow_weighting_scheme'"),
         ('gradient_checkpointing = "false"', "gradient_checkpointing = 'false': write true or false"),
         ("train_steps = 10.5", "invalid literal for int() with base 10: '10.5'"),
         ('lr_scheduler = "cosin"', "invalid choice 'cosin' for argument '--lr_scheduler'"),

@@ -44,7 +44,7 @@ def test_format_errors_name_the_file(tiny_data, tmp_path):
         load_records(DataArgs(dataset_file=tiny_data / "metadata.csv", video_column="clip"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ConfigError, match="found neither prompts.txt"):
+    with pytest.raises(ConfigError, match=r"found neither line files \(prompts.txt \+ videos.txt\)"):
         load_records(DataArgs(data_root=empty))
 
 

@@ -169,8 +169,9 @@ def filter_usable(
         except ValueError as e:
             reason = str(e)
             if not plan.enabled and rec.kind == "video" and have < plan.num_frames:
-                how = "" if have == total else f" usable of {total} ({sampling.describe()})"
-                reason = f"{have} frames{how} < --num_frames {plan.num_frames}"
+                reason = f"{have} frames < --num_frames {plan.num_frames}"
+                if have != total:
+                    reason = f"{have} of its {total} frames {sampling.rate_text()} < --num_frames {plan.num_frames}"
             skipped[key] = f"{rec.kind} {key}: {reason}" if not reason.startswith(rec.kind) else reason
             continue
         usable.append(rec)

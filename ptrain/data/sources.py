@@ -2,8 +2,10 @@
 
 Formats, detected under --data_root in this order, or given by --dataset_file:
 
-- the CogVideoX folder: `prompts.txt` + `videos.txt` (one line per sample, paths relative to the folder);
-  the CogVideoX scripts' `--caption_column prompts.txt --video_column videos.txt` name those files;
+- line files: `prompts.txt` + `videos.txt` (one line per sample, paths relative to the folder; finetrainers'
+  `prompt.txt` / `caption.txt` / `captions.txt` and `video.txt` are found too); the CogVideoX scripts'
+  `--caption_column prompts.txt --video_column videos.txt` name those files, and `--image_column images.txt`
+  (CogVideo's I2V) a line file of first-frame images;
 - a metadata table in the folder: `metadata.{csv,jsonl,json,parquet}`;
 - caption-file pairs: `clip.mp4` + `clip.txt` (or `photo.jpg` + `photo.txt`), searched recursively;
 - a table (--dataset_file): CSV / JSON / JSONL / parquet with a caption column and a video and/or image path
@@ -14,8 +16,11 @@ Several datasets at once: --dataset_config FILE (JSON or TOML) with a `datasets`
 data_root / dataset_file / caption_column / video_column / image_column and `repeats` (a number; 1.5 = every
 sample once, a fixed seeded half of them twice).
 
-A record that is known bad before any decoding (a caption that is not UTF-8, a media file without a caption
-file) carries an `error` and is reported and skipped by the scan like an undecodable video.
+A record that is known bad before any decoding (a caption that is not UTF-8 or not a string, a media file
+without a caption file, a table row or list line without a path) carries an `error` and is reported and skipped
+by the scan like an undecodable video. A --caption_column / --video_column / --image_column that the layout
+does not use (a line file that is not there, a column name for a folder without a table) is an error: it would
+otherwise be ignored and other captions trained.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import math
 import tomllib
 from dataclasses import dataclass
@@ -32,6 +38,7 @@ import numpy as np
 
 from ptrain.config import ConfigError, DataArgs
 
+log = logging.getLogger("ptrain")
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.json", "metadata.parquet")
 #: Files taken as videos. Camcorder, phone, DVD and broadcast containers are included: those decord cannot read
 #: (MPEG-TS with H.264 such as AVCHD .mts, animated GIF, Ogg) are then skipped with their reason and the ffmpeg
@@ -41,7 +48,11 @@ VIDEO_EXTS = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg",
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 #: Column names tried, in order, when --caption_column / --video_column / --image_column are not given.
 CAPTION_COLUMNS = ("caption", "text", "prompt", "captions", "description")
-VIDEO_COLUMNS = ("video", "file_path", "video_path", "path", "file", "filename")
+VIDEO_COLUMNS = ("video", "file_path", "video_path", "path", "file", "filename", "file_name")  # file_name: HF
+#: videofolder / imagefolder metadata (finetrainers); an image path there trains as an image (by its extension)
+#: Line files of the list layout, as finetrainers looks for them (the CogVideoX scripts name theirs by flag).
+LIST_CAPTIONS = ("prompts.txt", "prompt.txt", "captions.txt", "caption.txt")
+LIST_VIDEOS = ("videos.txt", "video.txt")
 IMAGE_COLUMNS = ("image", "image_path", "img")
 
 
@@ -88,7 +99,10 @@ def read_text(path: Path) -> str:
 
 
 def _read_lines(path: Path) -> list[str]:
-    lines = read_text(path).splitlines()
+    """A line file's lines, stripped, trailing blank ones dropped. Lines end at "\n" (and "\r\n") only, as editors
+    and `wc -l` count them: str.splitlines also splits at U+2028, U+0085 and other breaks a caption may hold, and
+    the caption and video files then no longer paired up."""
+    lines = [line.rstrip("\r") for line in read_text(path).split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()
     return [line.strip() for line in lines]
@@ -101,15 +115,34 @@ def _record(caption: str, path: Path, kind: str | None = None, error: str | None
     return Record(caption, path, kind, error)
 
 
-def _cogvideox_folder(root: Path, prompts_name: str = "prompts.txt", videos_name: str = "videos.txt") -> list[Record]:
-    prompts, videos = root / prompts_name, root / videos_name
-    captions, paths = _read_lines(prompts), _read_lines(videos)
-    if len(captions) != len(paths):
-        raise ConfigError(
-            f"--data_root {root}: {prompts.name} has {len(captions)} lines but {videos.name} has {len(paths)}; "
-            "they must pair up line by line"
-        )
-    return [_record(c, root / p) for c, p in zip(captions, paths) if p]
+def _cogvideox_folder(root: Path, prompts_name: str = "prompts.txt", videos_name: str = "videos.txt",
+                      images_name: str | None = None) -> list[Record]:  # fmt: skip
+    """Line files: caption i, video i (and first-frame image i, CogVideo's I2V `images.txt`) on line i. A blank
+    video line is a counted skip naming the line, not a dropped caption."""
+    files = [root / prompts_name, root / videos_name] + ([root / images_name] if images_name else [])
+    columns = [_read_lines(f) for f in files]
+    if len({len(c) for c in columns}) != 1:
+        counts = " but ".join(f"{f.name} has {len(c)} lines" for f, c in zip(files, columns))
+        raise ConfigError(f"--data_root {root}: {counts}; they must pair up line by line")
+    records = []
+    for n, (caption, path, *image) in enumerate(zip(*columns), start=1):
+        if not path:
+            records.append(_record(caption, root / f"{videos_name} line {n}", error="empty line: no video path"))
+            continue
+        rec = _record(caption, root / path)
+        if image:
+            rec = _with_first_frame(rec, root, image[0], f"{images_name} line {n}")
+        records.append(rec)
+    return records
+
+
+def _with_first_frame(rec: Record, root: Path, image: str, where: str) -> Record:
+    """`rec` with its first-frame image (i2v / inpaint conditioning), or an error if there is none."""
+    if not image:
+        return dataclasses.replace(rec, error=rec.error or f"{where}: empty (no first-frame image)")
+    first = root / image
+    missing = None if first.is_file() else f"first-frame image {first} not found"
+    return dataclasses.replace(rec, first_frame=first, error=rec.error or missing)
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -192,37 +225,84 @@ def _table(path: Path, root: Path, args: DataArgs) -> list[Record]:
             f"set --video_column or --image_column; columns are {sorted(columns)}"
         )
     records = []
-    for row in rows:
+    for n, row in enumerate(rows, start=1):
         caption = row.get(cap)
+        error = None
+        if isinstance(caption, (list, tuple, dict)):  # str() would train "['a cat', 'a kitten']" as the caption
+            what = f"a list of {len(caption)}" if not isinstance(caption, dict) else "an object"
+            error = f"caption is {what}, not text; give one caption per row (a row for each trains them all)"
         caption = "" if caption is None or (isinstance(caption, float) and math.isnan(caption)) else str(caption)
         video = str(row.get(vid) or "").strip() if vid else ""
         image = str(row.get(img) or "").strip() if img else ""
         declared = str(row.get("type") or "").strip().lower()  # VideoX-Fun: video | image
         if video:
             kind = declared if declared in ("video", "image") else None
-            rec = _record(caption.strip(), root / video, kind)
+            rec = _record(caption.strip(), root / video, kind, error)
             if image:  # an image beside the video: its first frame for i2v / inpaint
-                first = root / image
-                missing = None if first.is_file() else f"first-frame image {first} not found"
-                rec = dataclasses.replace(rec, first_frame=first, error=rec.error or missing)
+                rec = _with_first_frame(rec, root, image, f"row {n}")
             records.append(rec)
         elif image:
-            records.append(_record(caption.strip(), root / image, "image"))
+            records.append(_record(caption.strip(), root / image, "image", error))
+        else:  # counted and named, not dropped
+            names = " / ".join(c for c in (vid, img) if c)
+            why = f"no media path ({names} empty or missing)"
+            records.append(_record(caption.strip(), Path(f"{path} row {n}"), error=why))
     return records
 
 
-def _caption_pairs(root: Path) -> list[Record]:
-    """`clip.mp4` + `clip.txt` pairs anywhere under root; media without a caption file are reported."""
+def _caption_pairs(root: Path, extension: str = ".txt") -> list[Record]:
+    """`clip.mp4` + `clip.txt` (or --caption_extension) pairs anywhere under root; media without a caption file
+    are reported. A video and an image of one name (a clip and its thumbnail) share the caption file and both
+    train: said once, with the count."""
     records = []
+    shared: dict[Path, list[Path]] = {}
     for media in sorted(p for p in root.rglob("*") if p.is_file() and media_kind(p)):
-        txt = media.with_suffix(".txt")
+        txt = media.with_suffix(extension)
         if not txt.is_file():
             records.append(_record("", media, error=f"no caption file {txt.name} beside it"))
             continue
+        shared.setdefault(txt, []).append(media)
         caption = read_text(txt).strip()
         error = f"{txt.name}: {_utf8_error(caption)}" if _bad_utf8(caption) else None
         records.append(_record(caption, media, error=error))
+    several = [files for files in shared.values() if len(files) > 1]
+    if several:
+        log.warning("%d caption files under %s each caption several media files of one name (e.g. %s): each of "
+                    "them trains as a sample with that caption; move thumbnails or stills out of the folder if "
+                    "they are not training data", len(several), root, ", ".join(f.name for f in several[0]))  # fmt: skip
     return records
+
+
+def _unused_columns(args: DataArgs, layout: str, used: tuple[str | None, ...] = ()) -> None:
+    """A --caption_column / --video_column / --image_column the folder's layout does not read: an error, not an
+    ignored flag (a mistyped caption file name had trained prompts.txt's captions without a word)."""
+    for flag, value in (("--caption_column", args.caption_column), ("--video_column", args.video_column),
+                        ("--image_column", args.image_column)):  # fmt: skip
+        if value and value not in used:
+            raise ConfigError(f"{flag} {value}: --data_root {args.data_root} is read as {layout}, which has no such "
+                              "column or file; remove the flag, or name a line file there (e.g. --caption_column "
+                              "prompts.txt --video_column videos.txt)")  # fmt: skip
+
+
+def _list_files(root: Path, args: DataArgs) -> tuple[str, str] | None:
+    """The (captions, videos) line files of the list layout: named by --caption_column / --video_column, else the
+    one pair of finetrainers' names present; None if none."""
+    named = []
+    for flag, value in (("--caption_column", args.caption_column), ("--video_column", args.video_column),
+                        ("--image_column", args.image_column)):  # fmt: skip
+        if value and Path(value).suffix.lower() == ".txt" and not (root / value).is_file():
+            have = sorted(p.name for p in root.glob("*.txt"))[:8]
+            raise ConfigError(f"{flag} {value}: no such file in --data_root {root} (its .txt files: "
+                              f"{', '.join(have) or 'none'})")  # fmt: skip
+        named.append(value if value and (root / value).is_file() else None)
+    caps = [named[0]] if named[0] else [n for n in LIST_CAPTIONS if (root / n).is_file()]
+    vids = [named[1]] if named[1] else [n for n in LIST_VIDEOS if (root / n).is_file()]
+    if not caps or not vids:
+        return None
+    if len(caps) > 1 or len(vids) > 1:
+        raise ConfigError(f"--data_root {root}: several caption / video line files ({', '.join(caps + vids)}); "
+                          "name the pair to train with --caption_column and --video_column")  # fmt: skip
+    return caps[0], vids[0]
 
 
 def _load_one(args: DataArgs) -> list[Record]:
@@ -233,19 +313,23 @@ def _load_one(args: DataArgs) -> list[Record]:
     root = Path(args.data_root)
     if not root.is_dir():
         raise ConfigError(f"--data_root {root}: no such folder")
-    cap, vid = args.caption_column, args.video_column
-    if cap and vid and (root / cap).is_file() and (root / vid).is_file():
-        return _cogvideox_folder(root, cap, vid)  # the CogVideoX scripts' --caption_column prompts.txt ...
-    if (root / "prompts.txt").is_file() and (root / "videos.txt").is_file():
-        return _cogvideox_folder(root)
+    lists = _list_files(root, args)
+    if lists is not None:
+        cap, vid = lists
+        img = args.image_column if args.image_column and (root / args.image_column).is_file() else None
+        _unused_columns(args, f"line files ({cap} + {vid}{' + ' + img if img else ''})", (cap, vid, img))
+        if (cap, vid) not in ((args.caption_column, args.video_column), ("prompts.txt", "videos.txt")):
+            log.info("data: %s read as line files %s + %s", root, cap, vid)
+        return _cogvideox_folder(root, cap, vid, img)
     meta = next((root / n for n in METADATA_NAMES if (root / n).is_file()), None)
     if meta is not None:
         return _table(meta, root, args)
-    records = _caption_pairs(root)
+    _unused_columns(args, f"caption files ({args.caption_extension} beside each video or image)")
+    records = _caption_pairs(root, args.caption_extension)
     if not records:
         raise ConfigError(
-            f"--data_root {root}: found neither prompts.txt + videos.txt, one of {list(METADATA_NAMES)}, nor "
-            "video/image files with .txt captions beside them; or pass --dataset_file"
+            f"--data_root {root}: found neither line files (prompts.txt + videos.txt), one of {list(METADATA_NAMES)}, "
+            f"nor video/image files with {args.caption_extension} captions beside them; or pass --dataset_file"
         )
     return records
 
@@ -262,7 +346,8 @@ def repeat_records(records: list[Record], repeats: float, seed: int) -> list[Rec
     return out
 
 
-DATASET_KEYS = {"data_root", "dataset_file", "caption_column", "video_column", "image_column", "repeats", "weight"}
+DATASET_KEYS = {"data_root", "dataset_file", "caption_column", "video_column", "image_column", "caption_extension",
+                "repeats", "weight"}  # fmt: skip
 
 
 def _entry_name(path: Path, i: int, count: int) -> str:
@@ -280,11 +365,44 @@ def _read_config_file(path: Path):
         raise ConfigError(f"--dataset_config {path}: cannot parse: {e}") from e
 
 
+#: Other trainers' dataset-config keys (musubi-tuner, diffusion-pipe, finetrainers) -> what ptrain reads instead.
+FOREIGN_KEYS = {
+    "video_directory": "data_root", "image_directory": "data_root", "path": "data_root",
+    "video_jsonl_file": "dataset_file", "image_jsonl_file": "dataset_file", "num_repeats": "repeats",
+    "resolution": "--height / --width", "resolutions": "--height / --width", "target_frames": "--num_frames",
+    "frame_buckets": "--num_frames / --video_resolution_buckets", "ar_buckets": "--video_resolution_buckets",
+    "video_resolution_buckets": "--video_resolution_buckets", "image_resolution_buckets": "--video_resolution_buckets",
+    "enable_bucket": "--enable_bucket", "enable_ar_bucket": "--enable_bucket", "batch_size": "--batch_size",
+    "id_token": "--id_token", "reshape_mode": "--reshape_mode", "cache_directory": "--precomputation_dir",
+    "frame_extraction": "--fps / --video_sample_stride / --random_frame_crop", "frame_stride": "--video_sample_stride",
+    "dataset_type": "nothing (the media kind is read from each file's extension)",
+    "caption_prefix": "--id_token", "general": "flags on the command line (e.g. --height, --batch_size)",
+}  # fmt: skip
+_KEYS_TEXT = "data_root, dataset_file, caption_column, video_column, image_column, caption_extension, repeats"
+
+
+def _foreign(keys: set[str]) -> str:
+    """'; ptrain's keys are ...; from another trainer: a -> b, ...' for an unknown-keys error."""
+    mapped = [f"{k} -> {FOREIGN_KEYS[k]}" for k in sorted(keys) if k in FOREIGN_KEYS]
+    return f"; ptrain's keys are {_KEYS_TEXT}" + (f"; from another trainer: {', '.join(mapped)}" if mapped else "")
+
+
 def read_dataset_config(path: Path) -> list[dict]:
     """The `datasets` list of a --dataset_config JSON/TOML file, paths resolved against the file's folder and
-    `repeats` (or `weight`) a positive number."""
+    `repeats` (or `weight`) a positive number. Keys of other trainers' dataset configs (musubi-tuner's
+    [general] / video_directory, diffusion-pipe's [[directory]], finetrainers' dataset_type ...) are errors that
+    say what ptrain reads instead, at the top level too (musubi's [general] had been ignored without a word)."""
     raw = _read_config_file(path)
     entries = raw.get("datasets") if isinstance(raw, dict) else raw
+    if isinstance(raw, dict) and set(raw) - {"datasets"}:
+        extra = set(raw) - {"datasets"}
+        if "directory" in extra:  # diffusion-pipe
+            raise ConfigError(f"--dataset_config {path}: [[directory]] tables are diffusion-pipe's; write each as a "
+                              "[[datasets]] table with data_root = its path (and repeats = its num_repeats); the "
+                              "sizes and frame buckets are flags here (--height, --width, --num_frames, "
+                              "--enable_bucket)")  # fmt: skip
+        raise ConfigError(f"--dataset_config {path}: top-level keys {sorted(extra)} are not read (only `datasets`)"
+                          + _foreign(extra))  # fmt: skip
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"--dataset_config {path}: expected a non-empty `datasets` list of tables/objects")
     out = []
@@ -292,7 +410,7 @@ def read_dataset_config(path: Path) -> list[dict]:
         where = _entry_name(path, i, len(entries))
         unknown = set(entry) - DATASET_KEYS
         if unknown:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}{_foreign(unknown)}")
         if not entry.get("data_root") and not entry.get("dataset_file"):
             raise ConfigError(f"{where}: give data_root or dataset_file")
         e = dict(entry)
@@ -319,6 +437,7 @@ def load_records(args: DataArgs) -> list[Record]:
                 caption_column=entry.get("caption_column", args.caption_column),
                 video_column=entry.get("video_column", args.video_column),
                 image_column=entry.get("image_column", args.image_column),
+                caption_extension=entry.get("caption_extension", args.caption_extension),
             )  # fmt: skip
             try:
                 part = [dataclasses.replace(r, dataset=i) for r in _load_one(sub)]

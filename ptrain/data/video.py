@@ -575,6 +575,19 @@ class FrameSampling:
             first = int((rng or np.random.default_rng()).integers(0, len(c) - self.num_frames + 1))
         return c[first : first + self.num_frames]
 
+    def rate_text(self) -> str:
+        """How the frames a clip offers were counted, for a skip reason ('usable at --fps 8 (49 frames at 8 fps
+        span 6.0 s)')."""
+        parts = []
+        if self.fps:
+            need = (self.num_frames - 1) / self.fps
+            parts.append(f"at --fps {self.fps:g} ({self.num_frames} frames at {self.fps:g} fps span {need:.1f} s)")
+        elif self.stride:
+            parts.append(f"taking every {self.stride}th frame (--video_sample_stride {self.stride})")
+        if self.skip_start or self.skip_end:
+            parts.append(f"after --skip_frames_start {self.skip_start} / --skip_frames_end {self.skip_end}")
+        return "usable " + ", ".join(parts) if parts else "usable"
+
     def describe(self) -> str:
         how = f"at {self.fps} fps" if self.fps else f"every {self.stride} frames" if self.stride else "spread evenly"
         if self.random_start:
