@@ -167,6 +167,9 @@ def test_bucket_assignment_keeps_aspect_and_frames():
     rules = ltx_like_rules()
     assert rules.multiple == 32 and rules.shortest_video() == 9
     assert all(h % 32 == 0 and w % 32 == 0 for h, w in aspect_buckets(512 * 512, 32))
+    for area, multiple in ((512 * 512, 32), (480 * 720, 16), (32 * 32, 16)):  # as many wide shapes as tall ones
+        shapes = set(aspect_buckets(area, multiple))
+        assert shapes == {(w, h) for h, w in shapes}, (area, multiple)
     plan = BucketPlan(DataArgs(enable_bucket=True, height=512, width=512, num_frames=49), rules)
     land = plan.assign("video", 1080, 1920, frames_available=300)
     assert land.frames == 49 and land.width > land.height and abs(land.width / land.height - 16 / 9) < 0.2

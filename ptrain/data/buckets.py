@@ -85,13 +85,16 @@ class ShapeRules:
 
 
 def aspect_buckets(area: int, multiple: int, max_aspect: float = MAX_BUCKET_ASPECT) -> list[tuple[int, int]]:
-    """(height, width) pairs of about `area` pixels, sides multiples of `multiple`, aspect within max_aspect."""
+    """(height, width) pairs of about `area` pixels, sides multiples of `multiple`, aspect within max_aspect; the
+    same shapes wide as tall (each height's width is rounded, so stepping the height alone gave portrait shapes a
+    finer choice of aspect ratios than landscape ones: 54 shapes at 480x720 where there are 72, and 16x48 without
+    48x16 at 32x32)."""
     out = set()
     h = multiple
     while h <= math.sqrt(area * max_aspect) + multiple:
         w = max(multiple, round(area / h / multiple) * multiple)
         if 1 / max_aspect <= h / w <= max_aspect:
-            out.add((h, w))
+            out.update(((h, w), (w, h)))
         h += multiple
     if not out:  # area below one multiple squared: the smallest square
         out.add((multiple, multiple))
