@@ -56,7 +56,8 @@ class Usable:
 def _reason_kind(reason: str) -> str:
     for key in ("no such file", "empty file", "cannot decode", "too small", "extreme aspect", "megapixels",
                 "not valid UTF-8", "no caption file", "too short", "usable frames <", "image (1 frame)",
-                "no bucket", "1-frame", "< --num_frames"):  # fmt: skip
+                "no bucket", "1-frame", "< --num_frames", "no video path", "no media path", "caption is a",
+                "first-frame image"):  # fmt: skip
         if key in reason:
             return key
     return "other"

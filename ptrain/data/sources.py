@@ -48,12 +48,13 @@ VIDEO_EXTS = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg",
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 #: Column names tried, in order, when --caption_column / --video_column / --image_column are not given.
 CAPTION_COLUMNS = ("caption", "text", "prompt", "captions", "description")
-VIDEO_COLUMNS = ("video", "file_path", "video_path", "path", "file", "filename", "file_name")  # file_name: HF
-#: videofolder / imagefolder metadata (finetrainers); an image path there trains as an image (by its extension)
+#: (`file_name`: Hugging Face videofolder / imagefolder metadata, as finetrainers reads it; an image path in a
+#: video column trains as an image, by its extension.)
+VIDEO_COLUMNS = ("video", "file_path", "video_path", "path", "file", "filename", "file_name")
+IMAGE_COLUMNS = ("image", "image_path", "img")
 #: Line files of the list layout, as finetrainers looks for them (the CogVideoX scripts name theirs by flag).
 LIST_CAPTIONS = ("prompts.txt", "prompt.txt", "captions.txt", "caption.txt")
 LIST_VIDEOS = ("videos.txt", "video.txt")
-IMAGE_COLUMNS = ("image", "image_path", "img")
 
 
 @dataclass(frozen=True)
