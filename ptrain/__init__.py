@@ -3,7 +3,8 @@
 The layers, each importing only from those above it (tests/test_architecture.py checks there is no import
 cycle):
 
-Foundations. `errors.py` (ConfigError), `config.py` (every flag: dataclass groups validated where they are
+Foundations. `errors.py` (ConfigError), `interrupts.py` (Ctrl-C / SIGTERM outside the training loop: the phase
+named, what a rerun does), `config.py` (every flag: dataclass groups validated where they are
 defined, parsed by tyro, TOML presets; other trainers' flag names are tyro aliases), `compat.py` (other
 trainers' value-less switches, value spellings and rejected flags), `collective.py` (one decision on every
 rank), `safe_load.py` (DCP and per-rank files without unrestricted unpickling), `metrics.py`, `flops.py`
