@@ -84,7 +84,8 @@ REJECTED = {
     "--config_path": "the model's config is read from its diffusers folder (--pretrained_model_name_or_path); "
     "ptrain's own presets: --config FILE.toml",
     "--vae_mini_batch": "the VAE encodes one sample at a time; --enable_slicing / --enable_tiling bound its memory",
-    "--low_vram": "the encoders leave the GPU after use by default (--offload_encoders); for the transformer: "
+    "--low_vram": "--offload_encoders keeps the VAE and text encoders in CPU memory between uses (precomputation, "
+    "on by default for runs of more than one pass, also moves them off the GPU); for the transformer: "
     "--blocks_to_swap, --fsdp_cpu_offload, --ac_mode auto (the dry run plans them)",
     "--motion_sub_loss": "ptrain has no motion sub-loss (its loss is the model's flow-matching or diffusion loss)",
     # diffusers example scripts
@@ -98,7 +99,8 @@ REJECTED = {
     "--precomputation_items": "--enable_precomputation auto|on|off encodes every sample once before training",
     "--precomputation_once": "--enable_precomputation auto|on|off encodes every sample once before training",
     "--dataset_shuffle_buffer_size": "ptrain shuffles the whole dataset with a seeded sampler: there is no buffer",
-    "--enable_model_cpu_offload": "the encoders leave the GPU after use by default (--offload_encoders)",
+    "--enable_model_cpu_offload": "--offload_encoders keeps the VAE and text encoders in CPU memory between uses "
+    "(precomputation, on by default for runs of more than one pass, also moves them off the GPU)",
     "--remove_common_llm_caption_prefixes": "ptrain trains the captions as written: edit them first",
     # finetrainers' parallel setup
     "--parallel_backend": "ptrain runs on torch.distributed itself (launch with torchrun): remove it",

@@ -385,8 +385,8 @@ class ActivationCheckpointArgs:
     recomputes all but attention, about half a forward for long videos); auto: the memory planner picks the least
     recompute that fits --gpu_memory_gb (none, ops, every 4th / 2nd block, keep_attention, full), logged at
     start-up (with or without --gradient_checkpointing)."""
-    ac_every_n_blocks: int = 2
-    """With --ac_mode selective, checkpoint one block in this many."""
+    ac_every_n_blocks: int | None = None
+    """With --ac_mode selective, checkpoint one block in this many (default 2); another mode refuses it."""
     gpu_memory_gb: float | None = None
     """The memory --ac_mode auto plans to fit, in GB (10^9 bytes) per GPU. Default: the GPU's total memory
     (required on a machine without a GPU)."""
@@ -399,10 +399,19 @@ class ActivationCheckpointArgs:
     def period(self) -> int:
         """How many blocks the checkpointing pattern repeats over: --ac_every_n_blocks with --ac_mode selective,
         else 1 (every block alike). The planner and the FLOP count extrapolate by whole periods."""
-        return self.ac_every_n_blocks if self.gradient_checkpointing and self.ac_mode == "selective" else 1
+        return self.every_n() if self.gradient_checkpointing and self.ac_mode == "selective" else 1
+
+    def every_n(self) -> int:
+        """--ac_every_n_blocks, or its default (2)."""
+        return self.ac_every_n_blocks or 2
 
     def validate(self) -> None:
         _check_min(1, ("--ac_every_n_blocks", self.ac_every_n_blocks))
+        if self.ac_every_n_blocks is not None and self.ac_mode != "selective":
+            # it was ignored: a full-AC run (more recompute) while the log read as the flag asked
+            raise ConfigError(f"--ac_every_n_blocks {self.ac_every_n_blocks} applies to --ac_mode selective only "
+                              f"(got --ac_mode {self.ac_mode}"
+                              + ("; auto chooses it)" if self.ac_mode == "auto" else "): add --ac_mode selective"))  # fmt: skip
         if self.ac_mode in ("selective", "ops", "keep_attention") and not self.gradient_checkpointing:
             raise ConfigError(
                 f"--ac_mode {self.ac_mode} says how blocks are checkpointed, and without --gradient_checkpointing "
@@ -807,7 +816,7 @@ class Config:
                               "--fsdp_cpu_offload for a full fine-tune)")  # fmt: skip
         if m.layerwise_upcasting_modules or self.parallel.fsdp_cpu_offload:
             raise ConfigError("--blocks_to_swap does not combine with --layerwise_upcasting_modules or "
-                              "--fsdp_cpu_offload (both keep the weights in FSDP2's hands)")  # fmt: skip
+                              "--fsdp_cpu_offload (both keep the weights in FSDP2's hands, in one process too)")  # fmt: skip
         if self.compile.cudagraphs():
             raise ConfigError(f"--blocks_to_swap with --compile_mode {self.compile.compile_mode}: CUDA graphs replay "
                               "fixed weight addresses, block swap moves the weights every step; use "

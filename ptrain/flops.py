@@ -64,7 +64,7 @@ def _count(cfg, spec, model_dir, video_shape: tuple, blocks: tuple[int, ...], ac
         comps.vae.to_empty(device="cpu")
         if ac:
             a = cfg.activation_checkpoint
-            apply_ac(bound.blocks(transformer), a.ac_mode, a.ac_every_n_blocks)
+            apply_ac(bound.blocks(transformer), a.ac_mode, a.every_n())
         seq = cfg.data.max_sequence_length or bound.max_sequence_length(comps)
         inputs = SimulatedInputs(bound, comps, "cpu", video_shape, seq, torch.float32)
         step = TrainStep(bound, comps, transformer, bound.make_objective(cfg.objective, comps), inputs)

@@ -126,6 +126,39 @@ def param_groups(transformer: torch.nn.Module, cfg: Config) -> list[dict]:
     return groups
 
 
+def plain_single_process(cfg: Config, dims: ParallelDims) -> bool:
+    """Whether the transformer will be the plain module of one process (no FSDP2 wrapper): see
+    ptrain/parallel/fsdp.py (LoRA, --full_bf16 or float32; not with --fsdp_cpu_offload or FP8-stored weights)."""
+    m = cfg.model
+    return (dims.dp_replicate * dims.dp_shard * dims.cp == 1 and not cfg.parallel.fsdp_cpu_offload
+            and not m.layerwise_upcasting_modules
+            and (m.training_type == "lora" or m.transformer_dtype == "float32" or cfg.optim.full_bf16))  # fmt: skip
+
+
+def check_parallel_options(cfg: Config, dims: ParallelDims, device: torch.device, dry_run: bool = False) -> None:
+    """The options that depend on the layout or the device, checked when the run is planned (and by --dry_run,
+    also for --plan_world_size), not after the weights load."""
+    if cfg.parallel.blocks_to_swap and dims.world_size > 1:
+        raise ConfigError(f"--blocks_to_swap is for one GPU; on {dims.world_size}, FSDP2 shards the weights instead")
+    if cfg.compile.cudagraphs() and not plain_single_process(cfg, dims):
+        raise ConfigError(f"--compile_mode {cfg.compile.compile_mode} replays CUDA graphs, which need the plain module "
+                          f"of one process (LoRA, --full_bf16 or float32; here: {dims.describe()}, "
+                          f"{cfg.model.training_type}, {cfg.model.transformer_dtype}): FSDP2 gathers its parameters "
+                          "to new memory every step; use --compile_mode default or max-autotune-no-cudagraphs")  # fmt: skip
+    if cfg.optim.optimizer == "adamw-8bit":
+        import importlib.util
+
+        missing = importlib.util.find_spec("bitsandbytes") is None
+        if device.type == "cuda" and missing:
+            raise ConfigError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes")
+        if device.type != "cuda" and not dry_run:
+            raise ConfigError("--optimizer adamw-8bit runs on CUDA only (bitsandbytes kernels); on this CPU use adamw "
+                              "or came")  # fmt: skip
+        if missing:
+            log.warning("--optimizer adamw-8bit: bitsandbytes is not installed here; the GPU machine needs it "
+                        "(pip install bitsandbytes)")  # fmt: skip
+
+
 def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims, device, place=None,
                 fsdp_in_one_process: bool = False) -> None:  # fmt: skip
     """Step 2, the parallel plan in its fixed order: context parallelism -> AC -> compile per block -> placement
@@ -142,8 +175,9 @@ def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelD
     if ac.ac_mode == "auto":
         raise RuntimeError("--ac_mode auto must be resolved (ptrain.trainer.plan_run) before the model is built")
     if ac.gradient_checkpointing:
-        n = apply_ac(blocks, ac.ac_mode, ac.ac_every_n_blocks, early_stop=not p.blocks_to_swap)
-        log.info("activation checkpointing (%s): %d blocks", ac.ac_mode, n)
+        n = apply_ac(blocks, ac.ac_mode, ac.every_n(), early_stop=not p.blocks_to_swap)
+        every = f", every {ac.every_n()}" if ac.ac_mode == "selective" else ""
+        log.info("activation checkpointing (%s%s): %d of %d blocks", ac.ac_mode, every, n, sum(len(b) for b in blocks))
         if ac.ac_mode == "keep_attention" and cfg.compile.attention_backend == "math":
             log.warning("--ac_mode keep_attention with --attention_backend math: the math kernel's attention is plain "
                         "matmuls, there is no fused kernel output to keep; it recomputes as full AC does")  # fmt: skip
@@ -245,8 +279,14 @@ def build_trainable(
     n_total = sum(q.numel() for q in transformer.parameters())
     log.info("trainable parameters: %s of %s (%s)", f"{n_train:,}", f"{n_total:,}", cfg.model.training_type)
     optimizer = build_optimizer(groups, cfg.optim, device, fused, cfg.train.seed, planning)
+    o = cfg.optim
+    log.info("optimizer: %s%s", type(optimizer).__name__, f" (--full_bf16: bfloat16 weights and moments, "
+             f"{o.bf16_rounding} rounding)" if o.full_bf16 else "")  # fmt: skip
     lr_scheduler = build_scheduler(optimizer, cfg.optim, train_steps)
     ema = EMA(transformer, e.ema_decay, e.ema_start_step, e.ema_update_every) if e.ema_decay else None
+    if ema is not None:
+        log.info("EMA of the trainable weights: decay %g, from step %d, every %d steps", e.ema_decay, e.ema_start_step,
+                 e.ema_update_every)  # fmt: skip
     fused_backward = None
     if cfg.optim.fused_backward_pass:
         units = [list(block.parameters()) for blocks in spec.blocks(transformer) for block in blocks]

@@ -28,9 +28,11 @@ Phases (`phases` in the result, each with its peak and categories):
   precomputation, no --offload_encoders); validation decodes tiled unless --enable_tiling off. Not simulated:
   the denoising forward of validation (no gradients: one block's activations at a time) and the parameters
   FSDP leaves gathered after it (the root and last block).
-- Encoders (VAE, text encoders) count only in the phases that use them, as if they left the device otherwise
+- Encoders (VAE, text encoders) count only in the phases that use them when they leave the device otherwise
   (--enable_precomputation moves them off after precomputing; --offload_encoders between uses); without either,
-  they stay resident: add `vae.encoder_bytes` to every other phase (the memory table's "+ resident encoders").
+  they stay resident from the load on, and the start-up and step phases count them too ("VAE (resident)",
+  "Text encoders (resident)"; `peak_bytes`, the transformer's step, leaves them out: the memory table shows them
+  as "+ resident encoders").
 `run_peak_bytes` is the largest phase and `run_peak_phase` its name.
 
 "Reserved": the caching allocator holds more than the allocated peak. `reserved_estimate_bytes` = run peak x
@@ -66,6 +68,7 @@ import copy
 import dataclasses
 import functools
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -739,6 +742,12 @@ def finish(res: dict, flags, model_dir, vae_phases: bool = True) -> dict:
     res["vae"] = {"tiling": tiling, "slicing": slicing, "decision": why, "encoder_bytes": enc,
                   "encoders_resident": resident_encoders}  # fmt: skip
     phases = dict(res["phases"])
+    if resident_encoders:  # loaded to the device at start and kept there: in every phase that does not use them
+        for name in ("startup", *STEP_PHASES):
+            if name in phases:
+                ph = phases[name]
+                phases[name] = {"peak_bytes": ph["peak_bytes"] + sum(weights.values()),
+                                "categories": {**ph["categories"], **{f"{k} (resident)": v for k, v in weights.items()}}}  # fmt: skip
     if vae_phases:
         phases["precompute" if pre else "encode"] = _vae_phase(state, weights, act("encode", shape, tiling, slicing),
                                                                tiling, slicing)  # fmt: skip
@@ -807,6 +816,8 @@ def with_flags(cfg, flags: list[str]):
     for group, values in field_values(flags).items():
         for key, value in values.items():
             setattr(getattr(out, group), key, value)
+    if "--ac_mode" in flags and "--ac_every_n_blocks" not in flags:  # another rung: not the configured every-n
+        out.activation_checkpoint.ac_every_n_blocks = None
     return out
 
 
@@ -815,10 +826,13 @@ def choose_ac(cfg, world: int, model_dir: str | Path, budget_gb: float, report=N
     `budget_gb`: {"index" (None when not even full AC fits), "name", "flags", "peak_bytes", "lines"}, one line
     per planned rung (also given to `report`)."""
     lines = []
+    encoders = resident_encoder_bytes(cfg, model_dir)
     for index, (name, flags) in enumerate(AC_LADDER):
         res = plan_config(with_flags(cfg, flags), world, model_dir, phases=False)
-        ok = fits(res["peak_bytes"], budget_gb)
-        lines.append(f"{name}: {res['peak_bytes'] / 1e9:.2f} GB planned, {'fits' if ok else 'does not fit'}")
+        ok = fits(res["peak_bytes"] + encoders, budget_gb)
+        with_enc = " with the resident encoders" if encoders else ""
+        lines.append(f"{name}: step {_gb_on_device(res['peak_bytes'] + encoders)}{with_enc} planned, "
+                     f"{'fits' if ok else 'does not fit'} {budget_gb:g} GB")  # fmt: skip
         if report is not None:
             report(lines[-1])
         if ok:
@@ -862,48 +876,104 @@ def describe_phases(res: dict, budget_gb: float | None = None) -> list[str]:
                  f"the CUDA context ({res['reserved_model']})")  # fmt: skip
     if res.get("not_planned"):
         lines.append(f"not planned: {res['not_planned']}")
-    over = [n for n, ph in res["phases"].items() if budget_gb and ph["peak_bytes"] / 1e9 > budget_gb]
-    if over and res["peak_bytes"] / 1e9 <= budget_gb:
-        lines.append(f"the step fits, but {', '.join(over)} peak(s) above {budget_gb:g} GB: see the phases above")
+    over = [names.get(n, n) for n, ph in res["phases"].items() if budget_gb and not fits(ph["peak_bytes"], budget_gb)]
+    if over and fits(res["peak_bytes"], budget_gb):
+        lines.append(f"the transformer's step fits, but {', '.join(over)} do(es) not fit {budget_gb:g} GB on the device "
+                     "(with the allocator's slack and the CUDA context): see the phases above")  # fmt: skip
     return lines
 
 
-def advise(flags: list[str], world: int, model_dir: str | Path, budget_gb: float, report=print) -> dict:
+def resident_encoder_bytes(cfg, model_dir: str | Path) -> int:
+    """The VAE's and text encoders' weights when they stay on the device through training (no precomputation, no
+    --offload_encoders; `finish` adds them to the start-up and step phases), else 0."""
+    from ptrain.parallelize import DTYPES
+
+    m = cfg.model
+    if cfg.data.enable_precomputation == "on" or m.offload_encoders:
+        return 0
+    spec = _spec_of(cfg, Path(model_dir))
+    dtypes = {"vae": DTYPES[m.vae_dtype], "text_encoder": DTYPES[m.text_encoder_dtype],
+              "text_encoder_2": DTYPES[m.text_encoder_2_dtype]}  # fmt: skip
+    return sum(encoder_bytes(spec, Path(model_dir), dtypes).values())
+
+
+def _gb_on_device(peak_bytes: int) -> str:
+    return f"{peak_bytes / 1e9:.1f} GB ({device_bytes(peak_bytes) / 1e9:.1f} GB on the device)"
+
+
+def _label(layout: str) -> str:
+    return "single process" if layout == "FSDP 1" else layout
+
+
+def _nothing_fits(cfg, world: int) -> str:
+    """What to try when no layout and AC mode fits: the memory options the search does not vary, by training type."""
+    m = cfg.model
+    if m.training_type == "lora":
+        options = ("--blocks_to_swap N (frozen blocks streamed from CPU memory), --layerwise_upcasting_modules "
+                   "transformer (FP8 storage of the frozen weights), --activation_offload (instead of AC)")  # fmt: skip
+        more = "or plan more GPUs (FSDP shards the frozen weights, --cp_degree the tokens)" if world == 1 else (
+            "or plan more GPUs")
+    else:
+        options = ("--full_bf16 (bfloat16 weights and moments), --fused_backward_pass, --optimizer adamw-8bit or "
+                   "came, --fsdp_cpu_offload; or LoRA (--training_type lora)")  # fmt: skip
+        more = "or plan more GPUs"
+    return (f"nothing tried fits (layouts x AC modes); plan these with the same command: {options}; lower "
+            f"--num_frames / the resolution; {more}")
+
+
+def advise(flags: list[str], world: int, model_dir: str | Path, budget_gb: float, report=print,
+           vae_phases: bool = True) -> dict:  # fmt: skip
     """Plan the run as configured; if it does not fit `budget_gb` (GB, 10^9), find each layout's least-recompute
     AC rung that fits (planning each layout's rungs in order up to the first fit) and suggest the fastest of
-    those: the least recompute, then the least communication. `report` receives one line per planned candidate."""
+    those: the least recompute, then the least communication. `report` receives one line per planned candidate.
+
+    "Fits" is the run's peak over its phases (the step with the encoders when they stay resident, the VAE's
+    encode, validation) as it takes the device (device_bytes: the allocator's slack and the CUDA context): the
+    figure the phases line shows. The candidates compare the step with the resident encoders; the suggestion's
+    other phases are planned again and named if they do not fit."""
     from ptrain.config import parse_config
 
     cfg = parse_config([*flags, "--pretrained_model_name_or_path", str(model_dir)])
     auto = cfg.activation_checkpoint.ac_mode == "auto"
-    as_configured = None if auto else plan_config(cfg, world, model_dir)
-    fit = as_configured is not None and fits(as_configured["peak_bytes"], budget_gb)
+    as_configured = None if auto else plan_config(cfg, world, model_dir, vae_phases=vae_phases)
+    fit = as_configured is not None and fits(as_configured["run_peak_bytes"], budget_gb)
     if as_configured is not None:
-        report(f"as configured ({as_configured['layout']}): {as_configured['peak_bytes'] / 1e9:.1f} GB per GPU "
-               f"{'fits in' if fit else 'exceeds'} {budget_gb:g} GB (as {device_bytes(as_configured['peak_bytes']) / 1e9:.1f} "
-               "GB with the allocator's slack and the CUDA context)")  # fmt: skip
+        run = as_configured["run_peak_bytes"]
+        where = "" if as_configured["run_peak_phase"] in STEP_PHASES else f", in its {as_configured['run_peak_phase']}"
+        report(f"as configured ({as_configured['layout']}): {_gb_on_device(run)} per GPU at its peak{where}: "
+               f"{'fits in' if fit else 'exceeds'} {budget_gb:g} GB")  # fmt: skip
         for line in describe_phases(as_configured, budget_gb):
             report("  " + line)
     result = {"as_configured": as_configured, "fits": fit, "suggestion": None, "fitting": []}
     if fit:
         return result
+    encoders = resident_encoder_bytes(cfg, model_dir)
     for layout, layout_flags in layouts(world, cfg.model.training_type):
         for rung, (ac_name, ac_flags) in enumerate(AC_LADDER):
             extra = [*layout_flags, *ac_flags]
             res = plan_config(with_flags(cfg, extra), world, model_dir, phases=False)
-            ok = fits(res["peak_bytes"], budget_gb)
-            report(f"  {layout}, {ac_name}: {res['peak_bytes'] / 1e9:.1f} GB {'fits' if ok else 'too big'}")
+            need = res["peak_bytes"] + encoders
+            ok = fits(need, budget_gb)
+            with_enc = " with the resident encoders" if encoders else ""
+            report(f"  {_label(layout)}, {ac_name}: step {_gb_on_device(need)}{with_enc}: {'fits' if ok else 'too big'}")
             if ok:
-                result["fitting"].append({"name": f"{layout}, {ac_name}", "flags": extra, "plan": res, "rung": rung})
+                result["fitting"].append({"name": f"{_label(layout)}, {ac_name}", "flags": extra, "plan": res,
+                                          "rung": rung})  # fmt: skip
                 break
         if result["fitting"] and result["fitting"][0]["rung"] == 0:
             break  # no recompute and the least communication: nothing later can be faster
     if not result["fitting"]:
-        report("  nothing tried fits: lower --num_frames / resolution, use LoRA, or plan more GPUs")
+        report("  " + _nothing_fits(cfg, world))
         return result
     best = min(result["fitting"], key=lambda c: c["rung"])  # stable: the first layout (least communication) wins ties
     result["suggestion"] = best
     report(f"  fastest that fits: {best['name']} (least recompute, then least communication)")
+    if vae_phases:  # the suggestion's other phases (VAE encode, validation) at its layout
+        whole = finish(dict(best["plan"]), with_flags(cfg, best["flags"]), model_dir)
+        best["run_peak_bytes"] = whole["run_peak_bytes"]
+        if not fits(whole["run_peak_bytes"], budget_gb):
+            report(f"  but its {whole['run_peak_phase']} phase peaks at {_gb_on_device(whole['run_peak_bytes'])}: "
+                   "precompute the latents (--enable_precomputation on), --enable_tiling on, or --offload_encoders")  # fmt: skip
     return result
 
 
@@ -959,6 +1029,12 @@ def main(argv: list[str] | None = None) -> None:
     def report(line: str) -> None:
         print(REPORT + line, file=sys.stderr, flush=True)
 
+    # the libraries' notices repeat for every planned candidate (diffusers: "modules ... should be kept in
+    # float32", on each model built; FSDP2: its root returns a view): once would be noise, twenty are
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON
         if args.choose_ac:
             from ptrain.config import parse_config
@@ -966,7 +1042,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg = parse_config([*flags, "--pretrained_model_name_or_path", args.model_dir])
             res = choose_ac(cfg, args.world_size, args.model_dir, args.budget_gb, report)
         elif args.budget_gb:
-            res = advise(flags, args.world_size, args.model_dir, args.budget_gb, report)
+            res = advise(flags, args.world_size, args.model_dir, args.budget_gb, report, not args.no_vae_phases)
         else:
             res = plan(flags, args.world_size, args.model_dir, args.full, not args.no_vae_phases)
     print(json.dumps(res))

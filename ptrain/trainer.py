@@ -61,7 +61,7 @@ from ptrain.optim import skips_on_device
 from ptrain.parallel import ParallelDims, init_distributed
 from ptrain.parallel.compile import mark_step_begin
 from ptrain.parallel.swap import streamed
-from ptrain.parallelize import DTYPES, build_trainable, make_trainable_model
+from ptrain.parallelize import DTYPES, build_trainable, check_parallel_options, make_trainable_model
 from ptrain.profiling import StepProfiler
 from ptrain.step import Prepared, TrainStep, clip_gradients, make_inputs, set_gradient_sync
 from ptrain.validation import load_validation_items, run_validation, tiled_decode
@@ -229,6 +229,7 @@ def plan_run(cfg: Config) -> RunPlan:
              f", planned for --plan_world_size {planned} (this dry run is one process)" if planned else "")  # fmt: skip
     for note in cfg.compat_notes:
         log.info("flag from another trainer: %s", note)
+    check_parallel_options(cfg, dims, device, cfg.plan.dry_run)
     out = Path(t.output_dir)
     global_batch = t.batch_size * dims.dp * t.gradient_accumulation_steps
     layout = Layout(planned or world, dims.dp_replicate, dims.dp_shard, dims.cp, global_batch)
@@ -264,11 +265,11 @@ def plan_run(cfg: Config) -> RunPlan:
             "--num_train_epochs %d: %d steps (%d per epoch of %d samples, global batch %d)",
             t.num_train_epochs, t.train_steps, steps_per_epoch, len(usable.records), global_batch,
         )  # fmt: skip
-    if cfg.activation_checkpoint.ac_mode == "auto":
-        resolve_auto_ac(cfg, world, rank, device, out)
     run = RunPlan(cfg, rank, world, device, dims, mesh, out, layout, spec, overrides, rules, sampling, usable,
                   steps_per_epoch, resume, resharded, hub_ids=hub_ids)  # fmt: skip
     run.precompute = _decide_precomputation(run)
+    if cfg.activation_checkpoint.ac_mode == "auto":  # planned with the encoders where they will be
+        resolve_auto_ac(cfg, world, rank, device, out, run.precompute.enabled)
     if resume is not None:
         run.changed = changed_flags(out / "config.json", run_config(run))
     if resume is not None and not cfg.plan.dry_run:
@@ -340,10 +341,12 @@ def changed_flags(previous: Path, now: dict) -> list[str]:
             if k in before and before[k] != v and k not in _RESTART_FLAGS]  # fmt: skip
 
 
-def resolve_auto_ac(cfg: Config, world: int, rank: int, device: torch.device, out: Path) -> None:
+def resolve_auto_ac(cfg: Config, world: int, rank: int, device: torch.device, out: Path,
+                    precomputed: bool = False) -> None:  # fmt: skip
     """--ac_mode auto: rank 0 asks the memory planner (in a child process: it runs on a fake process group) for the
     least recompute that fits --gpu_memory_gb (default: this GPU's memory); every rank applies the choice to its
-    config. The choice is kept in output_dir/ac_auto.json and reused while the flags and budget stay the same."""
+    config. The choice is kept in output_dir/ac_auto.json and reused while the flags and budget stay the same.
+    `precomputed`: the run's precomputation decision (without it the encoders stay on the device: planned so)."""
     from ptrain.collective import all_max
     from ptrain.planner import AC_LADDER, with_flags
 
@@ -355,7 +358,7 @@ def resolve_auto_ac(cfg: Config, world: int, rank: int, device: torch.device, ou
         budget = torch.cuda.get_device_properties(device).total_memory / 1e9
     if budget is None:
         raise ConfigError("--ac_mode auto plans against the GPU's memory; there is no GPU here: give --gpu_memory_gb")
-    index = _plan_auto_ac(cfg, world, budget, out) if rank == 0 else -1
+    index = _plan_auto_ac(cfg, world, budget, out, precomputed) if rank == 0 else -1
     index = all_max(index)
     if index < 0:
         raise ConfigError(
@@ -370,13 +373,14 @@ def resolve_auto_ac(cfg: Config, world: int, rank: int, device: torch.device, ou
     log.info("--ac_mode auto: %s (%s) for %g GB per GPU", name, " ".join(flags), budget)
 
 
-def _plan_auto_ac(cfg: Config, world: int, budget: float, out: Path) -> int:
+def _plan_auto_ac(cfg: Config, world: int, budget: float, out: Path, precomputed: bool = False) -> int:
     """Rank 0's part of resolve_auto_ac: the AC_LADDER index that fits (-1: none), from the cache or the planner."""
     from ptrain.planner import AC_LADDER, read_plan, start_plan
 
     ignore = ("train_steps", "num_train_epochs", "resume_from_checkpoint", "dry_run", "log_level",
               "gradient_checkpointing", "ac_every_n_blocks")  # auto decides these
-    key = {k: v for k, v in to_dict(cfg).items() if k not in ignore} | {"world": world, "budget_gb": budget}
+    key = {k: v for k, v in to_dict(cfg).items() if k not in ignore} | {"world": world, "budget_gb": budget,
+                                                                        "precomputed": precomputed}  # fmt: skip
     cache = out / "ac_auto.json"
     if cache.is_file():
         saved = json.loads(cache.read_text())
@@ -389,7 +393,8 @@ def _plan_auto_ac(cfg: Config, world: int, budget: float, out: Path) -> int:
     log.info("--ac_mode auto: planning the memory of each AC mode for %g GB per GPU (simulated, no GPU used)", budget)
     lines: list[str] = []
     try:  # a fresh process (the planner runs on a fake process group of its own), as the other planner calls
-        res = read_plan(start_plan(cfg.model.pretrained_model_name_or_path, world, cfg.argv, "--budget_gb", str(budget),
+        flags = [*cfg.argv, "--enable_precomputation", "on" if precomputed else "off"]  # as decided for this run
+        res = read_plan(start_plan(cfg.model.pretrained_model_name_or_path, world, flags, "--budget_gb", str(budget),
                                    "--choose_ac"), lines=lines)  # fmt: skip
     finally:
         for line in lines:
@@ -603,6 +608,9 @@ class Trainer:
             raise
         self.configure_vae(comps.vae, planning)
         self.offloaded = m.offload_encoders and self.device.type != "cpu"
+        if m.offload_encoders:
+            log.info("--offload_encoders: %s", "the VAE and text encoders wait in CPU memory between uses" if
+                     self.offloaded else f"nothing to move on {self.device} (the encoders are in its memory already)")  # fmt: skip
         if self.offloaded:
             offload_encoders(comps)
         # may widen the transformer's input channels for the mode
@@ -645,6 +653,9 @@ class Trainer:
                 raise ConfigError(f"--{flag}: {type(vae).__name__} has no {flag}()")
             if (value == "on" or (value == "auto" and auto.get(flag))) and hasattr(vae, flag):
                 getattr(vae, flag)()
+        on = [f"VAE {flag[len('enable_'):]} on" for flag, value in flags.items() if value == "on"]
+        if on:
+            log.info("--enable_tiling / --enable_slicing: %s (as given)", ", ".join(on))
 
     def auto_vae(self, planning) -> dict[str, bool]:
         """Rank 0 reads the planner's decision and every rank receives it (a failed plan: off, with a warning)."""

@@ -273,6 +273,32 @@ def test_full_bf16_and_block_swap_flags_are_checked(tmp_path):
         parse_config([*swap, "--training_type", "full-finetune"]).validate()
 
 
+def test_ac_every_n_blocks_belongs_to_selective(tmp_path):
+    """The fourth audit: --ac_every_n_blocks 4 without --ac_mode selective ran full AC without a word."""
+    (tmp_path / "model_index.json").write_text('{"transformer": ["diffusers", "LTXVideoTransformer3DModel"]}')
+    base = ["--pretrained_model_name_or_path", str(tmp_path), "--data_root", str(tmp_path), "--gradient_checkpointing"]
+    with pytest.raises(ConfigError, match=r"--ac_every_n_blocks 4 applies to --ac_mode selective only \(got --ac_mode "
+                                          r"full\): add --ac_mode selective"):  # fmt: skip
+        parse_config([*base, "--ac_every_n_blocks", "4"]).validate()
+    with pytest.raises(ConfigError, match=r"\(got --ac_mode auto; auto chooses it\)"):
+        parse_config([*base, "--ac_mode", "auto", "--ac_every_n_blocks", "4"]).validate()
+    a = parse_config([*base, "--ac_mode", "selective"]).validate().activation_checkpoint
+    assert (a.ac_every_n_blocks, a.every_n(), a.period()) == (None, 2, 2)
+    a = parse_config([*base, "--ac_mode", "selective", "--ac_every_n_blocks", "3"]).validate().activation_checkpoint
+    assert a.period() == 3
+
+
+def test_planner_names_the_options_it_does_not_search():
+    """The fourth audit: "nothing tried fits ... use LoRA" was said to LoRA runs, and no memory option was named."""
+    from ptrain.planner import _nothing_fits
+
+    lora = _nothing_fits(parse_config(["--data_root", "x"]), 1)
+    assert "--blocks_to_swap" in lora and "--layerwise_upcasting_modules transformer" in lora
+    assert "--training_type lora" not in lora and "FSDP shards the frozen weights" in lora
+    full = _nothing_fits(parse_config(["--data_root", "x", "--training_type", "full-finetune"]), 8)
+    assert "--full_bf16" in full and "--fused_backward_pass" in full and "--training_type lora" in full
+
+
 def test_resume_from_a_missing_folder_says_so(tmp_path):
     cfg = parse_config(["--resume_from_checkpoint", str(tmp_path / "nope")])
     with pytest.raises(ConfigError, match="nope: no such folder"):

@@ -182,8 +182,9 @@ def test_advise_suggests_the_fastest_layout_that_fits(tmp_path):
     of the sharded layouts) meets: that is the suggestion, and nothing after it is planned."""
     model_dir = _mid_ltx(tmp_path)
     flags = [*MID_FLAGS, "--training_type", "full-finetune"]
+    flags += ["--enable_precomputation"]  # the encoders leave the device: the layouts compare the step alone
     fsdp = plan([*flags, "--dp_shards", "4", "--no_gradient_checkpointing"], 4, model_dir)
-    budget = device_bytes(fsdp["peak_bytes"]) / 1e9 + 1e-6  # exactly what it needs
+    budget = device_bytes(fsdp["peak_bytes"]) / 1e9 + 1e-6  # exactly what its step needs
     lines = []
     res = advise([*flags, "--dp_degree", "4", "--dp_shards", "1"], 4, model_dir, budget, report=lines.append)
     assert not res["fits"] and res["as_configured"]["peak_bytes"] > fsdp["peak_bytes"]
@@ -192,7 +193,13 @@ def test_advise_suggests_the_fastest_layout_that_fits(tmp_path):
     assert lines[0].startswith("as configured (DDP") and "exceeds" in lines[0]
     candidates = [line for line in lines if line.startswith(("  FSDP", "  DDP"))]
     assert len(candidates) == 1 and candidates[0].startswith("  FSDP 4, no AC: ")  # nothing after it is planned
-    assert lines[-1] == "  fastest that fits: FSDP 4, no AC (least recompute, then least communication)"
+    i = lines.index("  fastest that fits: FSDP 4, no AC (least recompute, then least communication)")
+    # its other phases are planned: the precompute pass (VAE and text encoders) is named if it does not fit
+    later = lines[i + 1 :]
+    pre = fsdp["phases"]["precompute"]["peak_bytes"]
+    assert later == ([] if device_bytes(pre) <= budget * 1e9 else [
+        f"  but its precompute phase peaks at {pre / 1e9:.1f} GB ({device_bytes(pre) / 1e9:.1f} GB on the device): "
+        "precompute the latents (--enable_precomputation on), --enable_tiling on, or --offload_encoders"])  # fmt: skip
 
 
 @pytest.mark.heavy
@@ -218,7 +225,8 @@ def test_dry_run_plans_memory(ptrain_run, tiny_ckpt, tiny_data, tmp_path):
     assert run.returncode == 0, first_error(run.stderr)
     out = run.stdout
     assert "memory plan for 2 GPUs of 80 GB" in out
-    assert re.search(r"as configured \(FSDP2: world 2 [^)]*\): 0\.\d GB per GPU fits in 80 GB", out), out
+    assert re.search(r"as configured \(FSDP2: world 2 [^)]*\): 0\.\d GB \([\d.]+ GB on the device\) per GPU at its "
+                     r"peak(, in its \w+)?: fits in 80 GB", out), out  # fmt: skip
     assert re.search(r"phases: start-up \(load, shard\) [\d.]+ GB; step forward/backward [\d.]+ GB; step optimizer "
                      r"[\d.]+ GB; precompute \(VAE encode, text encoders\) [\d.]+ GB, VAE tiling (on|off)", out), out  # fmt: skip
     assert "VAE: planned VAE encode phase" in out and re.search(r"run peak [\d.]+ GB \(\w+\); reserved estimate", out)
@@ -276,14 +284,19 @@ def test_choose_ac_climbs_to_the_first_rung_that_fits(tiny_ckpt, tiny_data):
     from ptrain.config import parse_config
     from ptrain.planner import choose_ac, fits
 
+    from ptrain.planner import resident_encoder_bytes
+
     flags = ["--data_root", str(tiny_data), "--num_frames", "9", "--height", "32", "--width", "32"]
     full = plan([*flags, *AC_LADDER[-1][1]], 1, tiny_ckpt)
-    budget = device_bytes(full["peak_bytes"]) / 1e9 + 1e-9
     cfg = parse_config([*flags, "--pretrained_model_name_or_path", str(tiny_ckpt), "--ac_mode", "auto"])
+    encoders = resident_encoder_bytes(cfg, tiny_ckpt)  # no precomputation: they stay on the device
+    assert encoders > 0
+    budget = device_bytes(full["peak_bytes"] + encoders) / 1e9 + 1e-9
     res = choose_ac(cfg, 1, tiny_ckpt, budget)
     assert res["index"] is not None and res["index"] >= 1  # no AC does not fit
-    assert [line.endswith("does not fit") for line in res["lines"]] == [True] * res["index"] + [False]
-    assert res["lines"][0].startswith("no AC:") and fits(res["peak_bytes"], budget)
+    assert ["does not fit" in line for line in res["lines"]] == [True] * res["index"] + [False]
+    assert res["lines"][0].startswith("no AC: step ") and "with the resident encoders" in res["lines"][0]
+    assert fits(res["peak_bytes"] + encoders, budget) and not fits(res["peak_bytes"] + encoders, budget - 1e-3)
     none = choose_ac(cfg, 1, tiny_ckpt, budget * 100)
     assert none["index"] == 0 and len(none["lines"]) == 1
 
@@ -300,13 +313,14 @@ def test_ac_mode_auto_in_a_run(ptrain_run, tiny_ckpt, tiny_data, tmp_path, caplo
             "--height", "32", "--width", "32", "--num_frames", "9", "--ac_mode", "auto"]  # fmt: skip
     run = ptrain_run(1, [*base, "--dry_run", "--gpu_memory_gb", "80"], out)
     assert run.returncode == 0, first_error(run.stderr)
-    assert re.search(r"no AC: 0\.\d\d GB planned, fits", run.stderr) and "op-level" not in run.stderr
+    assert re.search(r"no AC: step 0\.\d GB \([\d.]+ GB on the device\) planned, fits 80 GB", run.stderr)
+    assert "op-level" not in run.stderr and "precomputation: on" in run.stderr  # planned without the encoders
     assert "--ac_mode auto: no AC (--no_gradient_checkpointing --ac_mode full) for 80 GB per GPU" in run.stderr
     saved = json.loads((out / "ac_auto.json").read_text())
-    assert saved["index"] == 0 and saved["key"]["gpu_memory_gb"] == 80
+    assert saved["index"] == 0 and saved["key"]["gpu_memory_gb"] == 80 and saved["key"]["precomputed"]
     cfg = parse_config([*base, "--output_dir", str(out), "--gpu_memory_gb", "80", "--gradient_checkpointing"])
     with caplog.at_level(logging.INFO, logger="ptrain"):
-        resolve_auto_ac(cfg, 1, 0, torch.device("cpu"), out)  # the same flags: no planning
+        resolve_auto_ac(cfg, 1, 0, torch.device("cpu"), out, True)  # the same flags: no planning
     assert "--ac_mode auto: the plan of" in caplog.text and "GB planned" not in caplog.text
     a = cfg.activation_checkpoint
     assert (a.gradient_checkpointing, a.ac_mode) == (False, "full")  # no AC, whatever the flag said
@@ -315,7 +329,7 @@ def test_ac_mode_auto_in_a_run(ptrain_run, tiny_ckpt, tiny_data, tmp_path, caplo
     caplog.clear()
     cfg = parse_config([*base, "--output_dir", str(out), "--gpu_memory_gb", "80"])
     with caplog.at_level(logging.INFO, logger="ptrain"):
-        resolve_auto_ac(cfg, 1, 0, torch.device("cpu"), out)
+        resolve_auto_ac(cfg, 1, 0, torch.device("cpu"), out, True)
     assert "the plan of" not in caplog.text and "no AC: " in caplog.text
     assert json.loads((out / "ac_auto.json").read_text())["name"] == "no AC"
     cfg = parse_config([*base, "--output_dir", str(out)])
@@ -424,9 +438,14 @@ def test_vae_phases_encode_precompute_validation(tiny_ckpt):
     assert "not planned: --compile_mode reduce-overhead: the CUDA graphs' own memory pool" in "\n".join(
         describe_phases(graphs))  # fmt: skip
     assert "not_planned" not in pre and not any("not planned" in line for line in describe_phases(pre))
-    for r in (pre, fly, off):
+    # resident encoders (no precomputation, no --offload_encoders) count in the start-up and step phases too
+    resident = enc["VAE"] + enc["Text encoders"]
+    step = fly["phases"]["forward_backward"]["categories"]
+    assert step["VAE (resident)"] == enc["VAE"] and step["Text encoders (resident)"] == enc["Text encoders"]
+    assert "VAE (resident)" not in pre["phases"]["forward_backward"]["categories"]
+    for r, extra in ((pre, 0), (fly, resident), (off, resident)):
         assert r["run_peak_bytes"] == max(ph["peak_bytes"] for ph in r["phases"].values())
-        assert r["peak_bytes"] == max(r["phases"][p]["peak_bytes"] for p in ("forward_backward", "optimizer"))
+        assert r["peak_bytes"] + extra == max(r["phases"][p]["peak_bytes"] for p in ("forward_backward", "optimizer"))
         assert r["reserved_estimate_bytes"] == int(r["run_peak_bytes"] * 1.1 + 1.5 * GIB)
         assert r["device_estimate_bytes"] == r["reserved_estimate_bytes"] + GIB
 
