@@ -104,15 +104,20 @@ def test_dry_run_checks_degrees_against_plan_world_size(tiny_ckpt, tiny_data, tm
     assert bad.returncode == 2 and "= 4, but world size" in bad.stderr and "is 2" in bad.stderr, bad.stderr[-2000:]
 
 
-def test_layout_and_device_options_are_checked_before_the_load(tiny_ckpt, tiny_data, tmp_path):
+def test_layout_and_device_options_are_checked_before_the_load(tiny_ckpt, tiny_data, tmp_path, single_process_env):
     """The fourth new-user audit: --blocks_to_swap on several GPUs, CUDA-graph compile modes on FSDP2 and 8-bit
     AdamW without bitsandbytes passed --dry_run and failed only after the weights loaded. They are checked where the
     run is planned (ptrain.parallelize.check_parallel_options), for --plan_world_size too."""
     from conftest import TINY_ARGS
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    args = [sys.executable, "-m", "ptrain", "--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root",
-            str(tiny_data), "--output_dir", str(tmp_path / "o"), *TINY_ARGS]  # fmt: skip
+    from ptrain.config import ConfigError, parse_config
+    from ptrain.parallel import ParallelDims
+    from ptrain.parallelize import plain_single_process
+    from ptrain.trainer import Trainer, train
+
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--output_dir",
+            str(tmp_path / "o"), *TINY_ARGS]  # fmt: skip
+    loads = []
     for extra, message in (
         (["--dry_run", "--plan_world_size", "2", "--dp_shards", "2", "--gradient_checkpointing", "--blocks_to_swap",
           "1"], "--blocks_to_swap is for one GPU; on 2, FSDP2 shards the weights instead"),
@@ -122,13 +127,12 @@ def test_layout_and_device_options_are_checked_before_the_load(tiny_ckpt, tiny_d
           "--compile_mode", "max-autotune"], "(LoRA, --full_bf16 or float32; here: single process"),
         (["--optimizer", "adamw-8bit", "--train_steps", "1"], "--optimizer adamw-8bit runs on CUDA only"),
     ):  # fmt: skip
-        run = subprocess.run([*args, *extra], cwd=REPO, env=env, capture_output=True, text=True)
-        assert run.returncode == 2 and message in run.stderr, (extra, run.stderr[-2000:])
-        assert "loading ltx_video" not in run.stderr  # refused before any weights load
-    from ptrain.config import parse_config
-    from ptrain.parallel import ParallelDims
-    from ptrain.parallelize import plain_single_process
-
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(Trainer, "load_model", lambda self: loads.append(1))  # refused before any weights load
+            with pytest.raises(ConfigError) as info:
+                train(parse_config([*args, *extra]))
+        assert message in str(info.value), (extra, str(info.value))
+    assert not loads
     cfg = parse_config(["--data_root", "x"])
     one, two = ParallelDims.build(1, 1, 1, 1), ParallelDims.build(1, 2, 1, 2)
     assert plain_single_process(cfg, one) and not plain_single_process(cfg, two)
