@@ -64,10 +64,10 @@ def load_validation_items(v: ValidationArgs, d: DataArgs, mode: str = "normal") 
             for i, it in enumerate(items):
                 it.image = images[i if len(images) > 1 else 0]
     if v.validation_dataset_file is not None and Path(v.validation_dataset_file).suffix.lower() == ".txt":
-        from ptrain.data.sources import read_text
+        from ptrain.data.sources import read_lines
 
-        # one prompt per line (CogVideo's finetune scripts' prompts.txt; lines end at "\n" only, as in the data)
-        lines = [line.strip() for line in read_text(Path(v.validation_dataset_file)).split("\n")]
+        # one prompt per line (CogVideo's finetune scripts' prompts.txt), read as the data's line files are
+        lines = read_lines(Path(v.validation_dataset_file))
         items += [item(line) for line in lines if line]
         if not any(lines):
             raise ConfigError(f"--validation_dataset_file {v.validation_dataset_file}: no prompt in it")

@@ -99,7 +99,7 @@ def read_text(path: Path) -> str:
     return path.read_text(encoding=ENCODING, errors="surrogateescape")
 
 
-def _read_lines(path: Path) -> list[str]:
+def read_lines(path: Path) -> list[str]:
     """A line file's lines, stripped, trailing blank ones dropped. Lines end at "\n" (and "\r\n") only, as editors
     and `wc -l` count them: str.splitlines also splits at U+2028, U+0085 and other breaks a caption may hold, and
     the caption and video files then no longer paired up."""
@@ -121,7 +121,7 @@ def _cogvideox_folder(root: Path, prompts_name: str = "prompts.txt", videos_name
     """Line files: caption i, video i (and first-frame image i, CogVideo's I2V `images.txt`) on line i. A blank
     video line is a counted skip naming the line, not a dropped caption."""
     files = [root / prompts_name, root / videos_name] + ([root / images_name] if images_name else [])
-    columns = [_read_lines(f) for f in files]
+    columns = [read_lines(f) for f in files]
     if len({len(c) for c in columns}) != 1:
         counts = " but ".join(f"{f.name} has {len(c)} lines" for f, c in zip(files, columns))
         raise ConfigError(f"--data_root {root}: {counts}; they must pair up line by line")
@@ -274,11 +274,15 @@ def _caption_pairs(root: Path, extension: str = ".txt") -> list[Record]:
     return records
 
 
+def _column_flags(args: DataArgs) -> tuple[tuple[str, str | None], ...]:
+    return (("--caption_column", args.caption_column), ("--video_column", args.video_column),
+            ("--image_column", args.image_column))  # fmt: skip
+
+
 def _unused_columns(args: DataArgs, layout: str, used: tuple[str | None, ...] = ()) -> None:
     """A --caption_column / --video_column / --image_column the folder's layout does not read: an error, not an
     ignored flag (a mistyped caption file name had trained prompts.txt's captions without a word)."""
-    for flag, value in (("--caption_column", args.caption_column), ("--video_column", args.video_column),
-                        ("--image_column", args.image_column)):  # fmt: skip
+    for flag, value in _column_flags(args):
         if value and value not in used:
             raise ConfigError(f"{flag} {value}: --data_root {args.data_root} is read as {layout}, which has no such "
                               "column or file; remove the flag, or name a line file there (e.g. --caption_column "
@@ -289,8 +293,7 @@ def _list_files(root: Path, args: DataArgs) -> tuple[str, str] | None:
     """The (captions, videos) line files of the list layout: named by --caption_column / --video_column, else the
     one pair of finetrainers' names present; None if none."""
     named = []
-    for flag, value in (("--caption_column", args.caption_column), ("--video_column", args.video_column),
-                        ("--image_column", args.image_column)):  # fmt: skip
+    for flag, value in _column_flags(args):
         if value and Path(value).suffix.lower() == ".txt" and not (root / value).is_file():
             have = sorted(p.name for p in root.glob("*.txt"))[:8]
             raise ConfigError(f"{flag} {value}: no such file in --data_root {root} (its .txt files: "
