@@ -712,7 +712,8 @@ class Trainer:
             per_rank={"rng": RNGState(), "lr_scheduler": mod.lr_scheduler,
                       **({"loss_scale": self.scaler} if self.scaler is not None else {})},
             train_state=self.state, layout=run.layout, every=every, limit=c.checkpointing_limit,
-            meta={"model_name": m.model_name, "training_type": m.training_type, "num_samples": len(run.usable.records)},
+            meta={"model_name": m.model_name, "training_type": m.training_type, "num_samples": len(run.usable.records),
+                  "data": run.usable.fingerprints()},
             trainable_only=trainable_only, async_save=c.async_checkpoint,
             export_fn=self.export if c.export_every_checkpoint else None,
         )  # fmt: skip
@@ -785,12 +786,24 @@ class Trainer:
         if usable.bucketed:
             for line in summary(usable, self.sampler.global_batch_size, run.rules.tokens)[1:]:
                 log.info("  %s", line)
-        if run.resume is not None and read_marker(run.resume).get("num_samples") not in (None, len(usable.records)):
-            log.warning(
-                "the dataset changed since %s (%s usable samples then, %d now): the sample order differs from an "
-                "uninterrupted run",
-                run.resume, read_marker(run.resume)["num_samples"], len(usable.records),
-            )  # fmt: skip
+        if run.resume is not None:
+            self.warn_data_changed(read_marker(run.resume), usable)
+
+    def warn_data_changed(self, marker: dict, usable) -> None:
+        """The sample order of a resumed run follows the data; if the data or its bucket shapes changed since the
+        checkpoint, say that the batches from here are not an uninterrupted run's (training goes on)."""
+        then, now = marker.get("num_samples"), len(usable.records)
+        was, fp = marker.get("data") or {}, usable.fingerprints()
+        if then is not None and then != now:
+            what = f"the dataset changed ({then} usable samples then, {now} now)"
+        elif was.get("samples") not in (None, fp["samples"]):
+            what = f"the dataset changed (the same {now} usable samples in number, but other files or captions)"
+        elif was.get("buckets") not in (None, fp["buckets"]):
+            what = ("the samples' bucket shapes changed (another --height / --width / --num_frames, "
+                    "--video_resolution_buckets or bucket option, or a ptrain version with other bucket rules)")
+        else:
+            return
+        log.warning("%s since %s: the batches from here differ from an uninterrupted run's", what, self.run.resume)
 
     def precompute(self) -> PrecomputedDataset:
         """Encode every sample once (sharded over ranks; plan_run decided to); the encoders then leave the GPU."""

@@ -334,3 +334,38 @@ def test_loader_pixels_travel_as_uint8_and_convert_to_the_float_sample(tiny_data
         assert b["video"].dtype == b["first_frame"].dtype == torch.uint8 and a["video"].dtype == torch.float32
         assert torch.equal(to_unit_range(b["video"]), a["video"]) and torch.equal(to_unit_range(b["first_frame"]),
                                                                                   a["first_frame"])  # fmt: skip
+
+
+def test_a_resume_is_told_when_its_data_or_buckets_changed(caplog):
+    """The sample order follows the usable samples and their bucket shapes. A checkpoint records their
+    fingerprints; a resume with the same number of samples but other files / captions, or other bucket shapes
+    (which a bucketed run resumed across another --height or a change of bucket rules gets), said nothing and
+    trained other batches than an uninterrupted run. A moved data folder (same names) keeps them."""
+    from types import SimpleNamespace
+
+    from ptrain.data import Usable
+    from ptrain.data.buckets import Bucket
+    from ptrain.data.sources import Record
+    from ptrain.trainer import Trainer
+
+    def usable(root, captions, shapes):
+        recs = [Record(c, Path(root) / f"{k}.mp4") for k, c in enumerate(captions)]
+        return Usable(recs, {}, [Bucket.parse(s) for s in shapes])
+
+    before = usable("/a", ["cat", "dog"], ["9x32x32", "9x32x48"])
+    marker = {"num_samples": 2, "data": before.fingerprints()}
+    trainer = SimpleNamespace(run=SimpleNamespace(resume="out/checkpoints/step-4"))
+
+    def warned(now) -> str:
+        caplog.clear()
+        Trainer.warn_data_changed(trainer, marker, now)
+        return " ".join(r.getMessage() for r in caplog.records)
+
+    assert warned(usable("/moved/elsewhere", ["cat", "dog"], ["9x32x32", "9x32x48"])) == ""
+    assert "2 usable samples then, 3 now" in warned(usable("/a", ["cat", "dog", "owl"], ["9x32x32"] * 3))
+    msg = warned(usable("/a", ["cat", "cow"], ["9x32x32", "9x32x48"]))
+    assert "other files or captions" in msg and "since out/checkpoints/step-4" in msg
+    assert "differ from an uninterrupted run" in msg
+    assert "bucket shapes changed" in warned(usable("/a", ["cat", "dog"], ["9x32x48", "9x32x32"]))
+    assert warned(usable("/a", ["cat", "dog"], ["9x32x48", "9x32x32"])).count("changed") == 1
+    assert Trainer.warn_data_changed(trainer, {"num_samples": 2}, before) is None  # older checkpoints: no data key

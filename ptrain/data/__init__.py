@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -43,6 +44,17 @@ class Usable:
     @property
     def bucketed(self) -> bool:
         return self.plan is not None and self.plan.enabled
+
+    def fingerprints(self) -> dict[str, str]:
+        """Short hashes of what fixes the sample order: the usable samples (file name, kind, caption, in order)
+        and their bucket shapes. A checkpoint records them; a resume whose data or buckets differ is told that its
+        batches are not those an uninterrupted run would have had (a moved data folder keeps both)."""
+        samples = hashlib.sha256()
+        for r in self.records:
+            first = r.first_frame.name if r.first_frame is not None else ""
+            samples.update(f"{r.video.name}\0{r.kind}\0{first}\0{r.caption}\n".encode())
+        shapes = hashlib.sha256("\n".join(map(str, self.buckets)).encode())
+        return {"samples": samples.hexdigest()[:16], "buckets": shapes.hexdigest()[:16]}
 
     def skip_reasons(self) -> Counter:
         """Skips counted by kind of reason (the part before any numbers / paths)."""
