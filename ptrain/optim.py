@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from diffusers.optimization import get_scheduler
 from torch.distributed.tensor import DTensor, Replicate
 
 from ptrain.bf16_optim import BF16AdamW
 from ptrain.config import ConfigError, OptimArgs
+
+log = logging.getLogger("ptrain")
+
+
+def check_adamw_8bit(device: torch.device, dry_run: bool = False) -> None:
+    """--optimizer adamw-8bit needs CUDA and bitsandbytes: a ConfigError otherwise. A dry run (which plans a GPU
+    run on any machine) only warns that bitsandbytes is missing here."""
+    import importlib.util
+
+    missing = importlib.util.find_spec("bitsandbytes") is None
+    if device.type == "cuda" and missing:
+        raise ConfigError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes")
+    if device.type != "cuda" and not dry_run:
+        raise ConfigError("--optimizer adamw-8bit runs on CUDA only (bitsandbytes kernels); on this CPU use adamw or "
+                          "came")  # fmt: skip
+    if missing:
+        log.warning("--optimizer adamw-8bit: bitsandbytes is not installed here; the GPU machine needs it "
+                    "(pip install bitsandbytes)")  # fmt: skip
 
 
 def build_optimizer(params: list, args: OptimArgs, device: torch.device, fused: bool = True,
@@ -46,14 +66,9 @@ def build_optimizer(params: list, args: OptimArgs, device: torch.device, fused: 
     if args.optimizer == "adamw-8bit":
         if planning:  # the memory planner runs on the CPU, where bitsandbytes has no kernels
             return PlannedAdamW8bit(params, lr=args.lr)
-        if device.type != "cuda":
-            raise ConfigError(
-                "--optimizer adamw-8bit runs on CUDA only (bitsandbytes kernels); on this CPU use adamw or came"
-            )
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise ConfigError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes") from e
+        check_adamw_8bit(device)
+        import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(params, lr=args.lr, betas=betas, eps=args.epsilon, weight_decay=args.weight_decay)
     raise ConfigError(f"--optimizer {args.optimizer!r} is not supported")
 

@@ -28,7 +28,7 @@ from ptrain.config import Config, ConfigError
 from ptrain.ema import EMA
 from ptrain.fused_backward import FusedBackward
 from ptrain.models.spec import ModelSpec
-from ptrain.optim import build_optimizer, build_scheduler, skips_on_device
+from ptrain.optim import build_optimizer, build_scheduler, check_adamw_8bit, skips_on_device
 from ptrain.parallel import ParallelDims, apply_ac, apply_compile, apply_data_parallel
 from ptrain.parallel.context import apply_context_parallel
 from ptrain.parallel.offload import apply_activation_offload
@@ -126,37 +126,41 @@ def param_groups(transformer: torch.nn.Module, cfg: Config) -> list[dict]:
     return groups
 
 
-def plain_single_process(cfg: Config, dims: ParallelDims) -> bool:
-    """Whether the transformer will be the plain module of one process (no FSDP2 wrapper): see
-    ptrain/parallel/fsdp.py (LoRA, --full_bf16 or float32; not with --fsdp_cpu_offload or FP8-stored weights)."""
+def trains_plain(cfg: Config) -> bool:
+    """Whether this training type can train the plain module when it runs in one process: LoRA, --full_bf16 or
+    float32 (a full fine-tune below float32 keeps FSDP2 for its float32 master weights: ptrain/parallel/fsdp.py)."""
     m = cfg.model
+    return m.training_type == "lora" or m.transformer_dtype == "float32" or cfg.optim.full_bf16
+
+
+def plain_single_process(cfg: Config, dims: ParallelDims) -> bool:
+    """Whether the transformer will be the plain module of one process (no FSDP2 wrapper; the rule of
+    ptrain.parallel.fsdp.is_plain, decided before the model exists): `trains_plain`, and not with
+    --fsdp_cpu_offload or FP8-stored weights."""
     return (dims.dp_replicate * dims.dp_shard * dims.cp == 1 and not cfg.parallel.fsdp_cpu_offload
-            and not m.layerwise_upcasting_modules
-            and (m.training_type == "lora" or m.transformer_dtype == "float32" or cfg.optim.full_bf16))  # fmt: skip
+            and not cfg.model.layerwise_upcasting_modules and trains_plain(cfg))  # fmt: skip
+
+
+def _check_block_swap(count: int, dims: ParallelDims) -> None:
+    if count and dims.world_size > 1:
+        raise ConfigError(f"--blocks_to_swap is for one GPU; on {dims.world_size}, FSDP2 shards the weights instead")
+
+
+def _cudagraphs_error(cfg: Config, layout: str) -> ConfigError:
+    return ConfigError(f"--compile_mode {cfg.compile.compile_mode} replays CUDA graphs, which need the plain module "
+                       f"of one process (LoRA, --full_bf16 or float32; here: {layout}): FSDP2 gathers its parameters "
+                       "to new memory every step; use --compile_mode default or max-autotune-no-cudagraphs")  # fmt: skip
 
 
 def check_parallel_options(cfg: Config, dims: ParallelDims, device: torch.device, dry_run: bool = False) -> None:
     """The options that depend on the layout or the device, checked when the run is planned (and by --dry_run,
-    also for --plan_world_size), not after the weights load."""
-    if cfg.parallel.blocks_to_swap and dims.world_size > 1:
-        raise ConfigError(f"--blocks_to_swap is for one GPU; on {dims.world_size}, FSDP2 shards the weights instead")
+    also for --plan_world_size), not after the weights load. The same rules hold where the model is built
+    (`block_swap`, `parallelize`, `build_optimizer`), for callers that skip the plan (the memory planner)."""
+    _check_block_swap(cfg.parallel.blocks_to_swap, dims)
     if cfg.compile.cudagraphs() and not plain_single_process(cfg, dims):
-        raise ConfigError(f"--compile_mode {cfg.compile.compile_mode} replays CUDA graphs, which need the plain module "
-                          f"of one process (LoRA, --full_bf16 or float32; here: {dims.describe()}, "
-                          f"{cfg.model.training_type}, {cfg.model.transformer_dtype}): FSDP2 gathers its parameters "
-                          "to new memory every step; use --compile_mode default or max-autotune-no-cudagraphs")  # fmt: skip
+        raise _cudagraphs_error(cfg, f"{dims.describe()}, {cfg.model.training_type}, {cfg.model.transformer_dtype}")
     if cfg.optim.optimizer == "adamw-8bit":
-        import importlib.util
-
-        missing = importlib.util.find_spec("bitsandbytes") is None
-        if device.type == "cuda" and missing:
-            raise ConfigError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes")
-        if device.type != "cuda" and not dry_run:
-            raise ConfigError("--optimizer adamw-8bit runs on CUDA only (bitsandbytes kernels); on this CPU use adamw "
-                              "or came")  # fmt: skip
-        if missing:
-            log.warning("--optimizer adamw-8bit: bitsandbytes is not installed here; the GPU machine needs it "
-                        "(pip install bitsandbytes)")  # fmt: skip
+        check_adamw_8bit(device, dry_run)
 
 
 def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelDims, device, place=None,
@@ -198,24 +202,20 @@ def parallelize(transformer, cfg: Config, spec: ModelSpec, mesh, dims: ParallelD
     plan = apply_data_parallel(
         transformer, blocks, mesh, dims, DTYPES[m.transformer_dtype], spec.fp32_module_names(transformer),
         cpu_offload=p.fsdp_cpu_offload,
-        plain_single=not fsdp_in_one_process
-        and (m.training_type == "lora" or m.transformer_dtype == "float32" or cfg.optim.full_bf16),
+        plain_single=not fsdp_in_one_process and trains_plain(cfg),
         place=place or functools.partial(place_states, device=device, skip=swap.host_params if swap else ()),
     )  # fmt: skip
     log.info(plan)
     if cfg.compile.cudagraphs() and hasattr(transformer, "set_requires_gradient_sync"):  # FSDP2 / replicate
-        raise ConfigError(f"--compile_mode {cfg.compile.compile_mode} replays CUDA graphs, which need the plain module "
-                          f"of one process ({plan}): FSDP2 gathers its parameters to new memory every step; use "
-                          "--compile_mode default or max-autotune-no-cudagraphs")  # fmt: skip
+        raise _cudagraphs_error(cfg, plan)
 
 
 def block_swap(transformer, blocks, count: int, dims: ParallelDims, device, place=None):
     """--blocks_to_swap (ptrain/parallel/swap.py), or None; the planner reads `transformer._ptrain_block_swap` (and
     its `place` materialises the swapped blocks' meta tensors first)."""
+    _check_block_swap(count, dims)
     if not count:
         return None
-    if dims.world_size > 1:
-        raise ConfigError(f"--blocks_to_swap is for one GPU; on {dims.world_size}, FSDP2 shards the weights instead")
     swap = apply_block_swap(blocks, count, device, place)
     transformer._ptrain_block_swap = swap
     log.info("block swap: frozen weights of %d blocks (%.2f GiB) in host memory, one block at a time on %s",
