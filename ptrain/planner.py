@@ -725,14 +725,13 @@ def finish(res: dict, flags, model_dir, vae_phases: bool = True) -> dict:
     cfg = parse_config([*flags, "--pretrained_model_name_or_path", str(model_dir)]) if isinstance(flags, list) else flags
     m, d = cfg.model, cfg.data
     spec, dtype = _spec_of(cfg, model_dir), DTYPES[m.vae_dtype]
-    enc = encoder_bytes(spec, model_dir, {"vae": dtype, "text_encoder": DTYPES[m.text_encoder_dtype],
-                                          "text_encoder_2": DTYPES[m.text_encoder_2_dtype]})  # fmt: skip
+    enc = encoder_bytes(spec, model_dir, _encoder_dtypes(cfg))
     act = functools.partial(vae_activation_bytes, spec.component_classes["vae"], model_dir, dtype)
     weights = {"VAE": enc.get("vae", 0), "Text encoders": sum(v for k, v in enc.items() if k != "vae")}
     # --enable_precomputation auto is decided from the data (ptrain/data/precompute.py); the planner takes it as
     # off (the VAE encodes every step, with the training state resident) unless the caller resolved it (dry run)
     pre = d.enable_precomputation == "on"
-    resident_encoders = not (pre or m.offload_encoders)
+    resident_encoders = encoders_resident(cfg)
     batch = 1 if pre else cfg.train.batch_size
     state = {} if pre else {"Training state": res["resident_bytes"]}
     shape = (batch, 3, d.num_frames, d.height, d.width)
@@ -756,9 +755,8 @@ def finish(res: dict, flags, model_dir, vae_phases: bool = True) -> dict:
             tiled = m.enable_tiling != "off"
             # encoders kept off the device (precomputed, --offload_encoders): the VAE comes in whole, the text
             # encoders one layer at a time (ptrain.trainer.encoders_on, stream_text)
-            dtypes = {"text_encoder": DTYPES[m.text_encoder_dtype], "text_encoder_2": DTYPES[m.text_encoder_2_dtype]}
             text = {"Text encoders": weights["Text encoders"]} if resident_encoders else {
-                "Text encoder layer (streamed)": text_layer_bytes(spec, model_dir, {"vae": dtype, **dtypes})}
+                "Text encoder layer (streamed)": text_layer_bytes(spec, model_dir, _encoder_dtypes(cfg))}
             phases["validation"] = _vae_phase({"Training state": res["resident_bytes"]}, {"VAE": weights["VAE"], **text},
                                               act("decode", (1, 3, *val), tiled, False), tiled, False)  # fmt: skip
     run_phase = max(phases, key=lambda n: phases[n]["peak_bytes"])
@@ -883,18 +881,27 @@ def describe_phases(res: dict, budget_gb: float | None = None) -> list[str]:
     return lines
 
 
-def resident_encoder_bytes(cfg, model_dir: str | Path) -> int:
-    """The VAE's and text encoders' weights when they stay on the device through training (no precomputation, no
-    --offload_encoders; `finish` adds them to the start-up and step phases), else 0."""
+def encoders_resident(cfg) -> bool:
+    """Whether the VAE and text encoders stay on the device through training: neither precomputed
+    (`--enable_precomputation on`; the planner takes auto as off unless the caller resolved it) nor
+    --offload_encoders."""
+    return not (cfg.data.enable_precomputation == "on" or cfg.model.offload_encoders)
+
+
+def _encoder_dtypes(cfg) -> dict:
     from ptrain.parallelize import DTYPES
 
     m = cfg.model
-    if cfg.data.enable_precomputation == "on" or m.offload_encoders:
+    return {"vae": DTYPES[m.vae_dtype], "text_encoder": DTYPES[m.text_encoder_dtype],
+            "text_encoder_2": DTYPES[m.text_encoder_2_dtype]}  # fmt: skip
+
+
+def resident_encoder_bytes(cfg, model_dir: str | Path) -> int:
+    """The VAE's and text encoders' weights when they stay on the device through training (`encoders_resident`;
+    `finish` adds them to the start-up and step phases), else 0."""
+    if not encoders_resident(cfg):
         return 0
-    spec = _spec_of(cfg, Path(model_dir))
-    dtypes = {"vae": DTYPES[m.vae_dtype], "text_encoder": DTYPES[m.text_encoder_dtype],
-              "text_encoder_2": DTYPES[m.text_encoder_2_dtype]}  # fmt: skip
-    return sum(encoder_bytes(spec, Path(model_dir), dtypes).values())
+    return sum(encoder_bytes(_spec_of(cfg, Path(model_dir)), Path(model_dir), _encoder_dtypes(cfg)).values())
 
 
 def _gb_on_device(peak_bytes: int) -> str:
