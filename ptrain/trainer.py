@@ -44,7 +44,7 @@ from ptrain.checkpoint import (
     supersede,
 )
 from ptrain.config import Config, ConfigError, to_dict
-from ptrain.data import Usable, VideoDataset, build_dataloader, make_sampler, scan_dataset, summary
+from ptrain.data import CPSampleAgreement, Usable, VideoDataset, build_dataloader, make_sampler, scan_dataset, summary
 from ptrain.data.precompute import Decision, PrecomputedDataset, decide, precompute
 from ptrain.data.scan_cache import SCAN_CACHE, ScanCache
 from ptrain.data.video import FrameSampling
@@ -878,6 +878,10 @@ class Trainer:
     def train(self) -> TrainResult:
         train_steps = self.cfg.train.train_steps
         self.data_iter = iter(self.loader)
+        self.cp_agree = None  # the ranks of a cp group decode their shared samples each: they must agree on them
+        if self.run.dims.cp > 1 and isinstance(self.loader.dataset, VideoDataset):
+            self.cp_agree = CPSampleAgreement(self.loader.dataset, self.run.mesh.world["cp"].get_group(),
+                                              self.run.world)  # fmt: skip
         # the step's peak from here on, not the start-up's
         self.log_phase_peak("the start-up (transformer placed and sharded unit by unit, checkpoint resumed)")
         self.window = (time.perf_counter(), self.state.step)  # the step time's window starts here
@@ -940,6 +944,8 @@ class Trainer:
         for micro in range(self.accum):
             td = time.perf_counter()
             batch = next(self.data_iter)
+            if self.cp_agree is not None:
+                batch = self.cp_agree.agree(batch)
             stats.data_time += time.perf_counter() - td
             stats.replaced = stats.replaced + batch["replaced"].sum()  # a tensor: no int() per step
             set_gradient_sync(self.transformer, self.run.dims, last=micro == self.accum - 1)

@@ -73,3 +73,29 @@ def test_cp_training_matches_no_cp(launches, model, mode):
 def test_cp_full_finetune_matches_single_process(launches):
     """cp 2 alone: FSDP shards over the 2 cp ranks, which read the same samples."""
     _parity(launches("full-cp2").run, launches("full-single").run)
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # two launches (~40 s); CI runs it
+def test_a_sample_one_cp_rank_cannot_decode_is_replaced_on_the_whole_cp_group(tiny_ckpt, tiny_data, tmp_path):
+    """The sixth audit: the ranks of a cp group decode their shared sample each. A read error on one of them (rank
+    1 here) made that rank alone take a stand-in: the step trained half of one video and half of another, silently,
+    and data_replaced logged 0 (1 replacement / cp 2, rounded). Now the group agrees on the stand-in: the cp 2 run
+    equals one process that fails on the same file, and the replacement is counted once."""
+    from conftest import TINY_ARGS, run_ptrain
+
+    worker = (str(Path(__file__).with_name("decode_fault_worker.py")),)
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--train_steps", "5",
+            "--seed", "0", "--lr", "1e-3", "--enable_precomputation", "off", "--logging_steps", "1", *TINY_ARGS]  # fmt: skip
+    fault = {"PTRAIN_FAULT_FILE": "003.mp4"}
+    one = run_ptrain(1, args, tmp_path / "one", entry=worker, env_extra={**fault, "PTRAIN_FAULT_RANK": "0"})
+    assert one.returncode == 0, first_error(one.stderr)
+    cp = run_ptrain(2, [*args, "--cp_degree", "2"], tmp_path / "cp", entry=worker,
+                    env_extra={**fault, "PTRAIN_FAULT_RANK": "1"})  # fmt: skip
+    assert cp.returncode == 0, first_error(cp.stderr)
+    replaced = [m["data_replaced"] for m in one.metrics]
+    assert replaced[-1] == 1, replaced  # the file was drawn (else this test tests nothing)
+    assert [m["data_replaced"] for m in cp.metrics] == replaced
+    assert "context-parallel rank 1 had to replace it" in cp.stderr and "this rank takes that one too" in cp.stderr
+    for a, b in zip(cp.metrics, one.metrics, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["loss"], b["loss"])

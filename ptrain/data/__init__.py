@@ -285,9 +285,26 @@ class VideoDataset(Dataset):
             log.warning("sample %s failed to decode (%s: %s); replacing it", path, type(e).__name__, e)
         return f"{path}: {type(e).__name__}: {e}"
 
+    def item_as(self, index: int, position: int, bucket: Bucket) -> dict:
+        """Record `index` at stream `position` and `bucket`'s shape, as __getitem__ gives it when `index` is the
+        sample decoded there (itself or its stand-in): a context-parallel rank whose peer had to replace the sample
+        takes the peer's stand-in with this (`CPSampleAgreement`). Raises what the decoder raises."""
+        rng = np.random.default_rng([self.seed, position, 0xDA7A])
+        video, first_frame = self._load_item(index, bucket, rng)
+        return self._item(index, position, rng, video, first_frame, 0)
+
+    def _item(self, index, position, rng, video, first_frame, replaced: int) -> dict:
+        caption = self.caption_of(index)
+        if self.args.caption_dropout_p and rng.random() < self.args.caption_dropout_p:
+            caption = ""
+        item = {"video": video, "caption": caption, "position": position, "index": index, "replaced": replaced}
+        if self.first_frames:
+            item["first_frame"] = first_frame
+        return item
+
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, position = key[0], key[1]
-        a, bucket, asked = self.args, self.buckets[key[0]], key[0]
+        bucket, asked = self.buckets[key[0]], key[0]
         tried: set[int] = set()
         errors: list[str] = []
         while True:
@@ -307,13 +324,56 @@ class VideoDataset(Dataset):
                         + "\n".join(errors)
                     ) from e
                 index = nxt
-        caption = self.caption_of(index)
-        if a.caption_dropout_p and rng.random() < a.caption_dropout_p:
-            caption = ""
-        item = {"video": video, "caption": caption, "position": position, "index": index, "replaced": len(errors)}
-        if self.first_frames:
-            item["first_frame"] = first_frame
-        return item
+        return self._item(index, position, rng, video, first_frame, len(errors))
+
+
+class CPSampleAgreement:
+    """The ranks of a context-parallel group train one sample together, each its part of the tokens, and each
+    decodes it itself. A sample that fails on some of them only (a transient read error, a node whose copy of the
+    data lacks a file the scan probed elsewhere) was replaced on those ranks alone: the step trained half of one
+    video and half of another, silently. Every micro-batch, the ranks exchange which sample each decoded and how
+    many it replaced (an all-gather of a few integers on a CPU group: no wait for the device); where they differ,
+    the ranks that decoded the asked sample take the stand-in of the rank that replaced the most (its earlier
+    picks failed there; stand-ins are deterministic in the stream position, so ranks that replaced alike agree),
+    and the replacement is counted once per group."""
+
+    def __init__(self, dataset: VideoDataset, cp_group, world: int):
+        self.dataset, self.world = dataset, world
+        self.peers = dist.get_process_group_ranks(cp_group)
+        self.group = dist.new_group(backend="gloo")
+
+    def agree(self, batch: dict) -> dict:
+        mine = torch.stack([batch["index"], batch["replaced"]]).to(torch.int64)
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine, group=self.group)
+        peers = torch.stack([every[r] for r in self.peers])  # (cp, 2, batch)
+        for b in range(mine.shape[1]):
+            decoded = peers[:, 0, b]
+            if bool((decoded == decoded[0]).all()):
+                continue
+            k = int(peers[:, 1, b].argmax())
+            want, position = int(decoded[k]), int(batch["position"][b])
+            if int(mine[0, b]) != want:
+                self._take(batch, b, want, position, int(mine[0, b]), self.peers[k])
+            batch["replaced"][b] = peers[k, 1, b]
+        return batch
+
+    def _take(self, batch: dict, b: int, want: int, position: int, had: int, peer: int) -> None:
+        ds, video = self.dataset, batch["video"][b]
+        log.warning("sample %s at stream position %d: context-parallel rank %d had to replace it and decoded %s; "
+                    "this rank takes that one too, so the group trains one sample", ds.records[had].video, position,
+                    peer, ds.records[want].video)  # fmt: skip
+        try:
+            item = ds.item_as(want, position, Bucket(video.shape[1], video.shape[2], video.shape[3]))
+        except Exception as e:
+            raise RuntimeError(f"sample {ds.records[want].video} (the stand-in context-parallel rank {peer} decoded "
+                               f"at stream position {position}) fails to decode on this rank too: {type(e).__name__}: "
+                               f"{e}; every rank must read the same data") from e  # fmt: skip
+        batch["video"][b] = item["video"]
+        batch["caption"][b] = item["caption"]
+        batch["index"][b] = want
+        if "first_frame" in item:
+            batch["first_frame"][b] = item["first_frame"]
 
 
 def scan_dataset(
