@@ -738,7 +738,11 @@ class PlanArgs:
     """With --plan_gpu_memory_gb: the number of GPUs to plan for (default: this run's world size)."""
 
     def validate(self) -> None:
-        """Nothing to check beyond the types (the planner reports what does not fit)."""
+        """Counts are positive (the planner reports what does not fit)."""
+        if self.plan_world_size is not None and self.plan_world_size < 1:
+            raise ConfigError(f"--plan_world_size {self.plan_world_size}: the number of GPUs to plan for must be >= 1")
+        if self.plan_gpu_memory_gb is not None and self.plan_gpu_memory_gb <= 0:
+            raise ConfigError(f"--plan_gpu_memory_gb {self.plan_gpu_memory_gb:g}: the GPU's memory must be > 0 GB")
 
 
 @dataclass

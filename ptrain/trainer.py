@@ -160,8 +160,25 @@ def _global_step_stats(loss: torch.Tensor, replaced: torch.Tensor, group, cp: in
 
 def find_resume(cfg: Config, out: Path, layout: Layout) -> tuple[Path | None, bool]:
     """The checkpoint to resume from (or None) and whether it needs resharding; errors name what changed."""
+    from ptrain.collective import all_max, raise_if_any_failed
+
     c, m = cfg.checkpoint, cfg.model
-    resume = resolve_resume(c.resume_from_checkpoint, out)
+    err, resume = None, None
+    try:
+        resume = resolve_resume(c.resume_from_checkpoint, out)
+    except ConfigError as e:
+        err = e
+    raise_if_any_failed(err, f"finding the checkpoint to resume in {out}")
+    # every rank looks at output_dir itself: a folder not shared by every node, or a stale view of it, gave ranks
+    # different answers, and rank 0 waited in the checkpoint load for ranks that trained from scratch (30 minutes)
+    step = read_marker(resume)["step"] if resume is not None else -1
+    newest, oldest = all_max(step), -all_max(-step)
+    if newest != oldest:
+        def name(s):
+            return f"checkpoint step {s}" if s >= 0 else "no checkpoint"
+        raise ConfigError(f"the ranks see different checkpoints in {out}: {name(newest)} on some, {name(oldest)} on "
+                          f"others (this rank: {name(step)}); --output_dir must be one folder on storage every node "
+                          "mounts (a shared filesystem), given by the same path on each")  # fmt: skip
     if resume is None:
         return None, False
     marker = read_marker(resume)
@@ -223,7 +240,8 @@ def plan_run(cfg: Config) -> RunPlan:
     p, t, m = cfg.parallel, cfg.train, cfg.model
     # a dry run of one process planning for --plan_world_size GPUs checks the degrees against that world
     planned = cfg.plan.plan_world_size if cfg.plan.dry_run and cfg.plan.plan_world_size and world == 1 else None
-    dims = ParallelDims.build(p.dp_degree, p.dp_shards, p.cp_degree, planned or world)
+    dims = ParallelDims.build(p.dp_degree, p.dp_shards, p.cp_degree, planned or world,
+                              *(["--plan_world_size"] if planned else []))  # fmt: skip
     mesh = dims.build_mesh() if planned is None else None
     log.info("ptrain: %s on %s (%s)%s", dims.describe(), device, dist.get_backend(),
              f", planned for --plan_world_size {planned} (this dry run is one process)" if planned else "")  # fmt: skip
@@ -315,7 +333,40 @@ def lock_output_dir(out: Path, rank: int) -> OutputLock:
     if all_max(int(held_by is not None)):
         raise ConfigError(f"--output_dir {out} is in use by another ptrain run ({held_by or 'see rank 0'}): two "
                           "runs would write the same checkpoints; wait for it, stop it, or use another --output_dir")  # fmt: skip
+    check_shared_dir(out, rank)
     return lock
+
+
+def check_shared_dir(out: Path, rank: int, tries: int = 3) -> None:
+    """Collective: every rank sees the file rank 0 writes in output_dir, or all raise a ConfigError naming the
+    hosts that do not. A folder local to each node (a relative path on several nodes) made rank 0's checkpoint
+    saves fail with another rank's "Connection closed by peer" and resumes disagree (the sixth audit)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    probe = out / ".ptrain.shared"
+    token = [f"{socket.gethostname()} {os.getpid()} {time.time_ns()}" if rank == 0 else None]
+    if rank == 0:
+        with open(probe, "w") as f:
+            f.write(token[0])
+            f.flush()
+            os.fsync(f.fileno())
+    dist.broadcast_object_list(token, src=0)
+    sees = rank == 0
+    for attempt in range(tries if rank else 0):  # a network filesystem may show the new file a moment later
+        try:
+            sees = probe.read_text() == token[0]
+        except OSError:
+            sees = False
+        if sees:
+            break
+        time.sleep(1.0)
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (rank, socket.gethostname(), sees))
+    blind = [f"rank {r} on {host}" for r, host, ok in views if not ok]
+    if blind:
+        raise ConfigError(f"--output_dir {out} is not one folder seen by every rank: {', '.join(blind)} "
+                          f"cannot see the file rank 0 wrote there ({probe}). Checkpoints and exports need a folder on "
+                          "storage every node mounts (a shared filesystem), given by the same path on each")  # fmt: skip
 
 
 #: Flags whose change between starts of one run is expected (where to resume, how long, what to log; the output

@@ -100,7 +100,7 @@ class Run:
 
 
 def run_ptrain(nproc: int, args: list[str], output_dir: Path, timeout: int = 600, entry: tuple = ("-m", "ptrain"),
-               env_extra: dict | None = None) -> Run:  # fmt: skip
+               env_extra: dict | None = None, cwd: Path = REPO) -> Run:  # fmt: skip
     """`torchrun --standalone --nproc_per_node N -m ptrain ARGS --output_dir OUT` in a fresh process (`entry`:
     another script that runs ptrain's main, e.g. with a fault injected)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -108,8 +108,8 @@ def run_ptrain(nproc: int, args: list[str], output_dir: Path, timeout: int = 600
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(env_extra or {})
     env["OMP_NUM_THREADS"] = "1"
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    return Run(p.returncode, p.stdout, p.stderr, output_dir)
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return Run(p.returncode, p.stdout, p.stderr, cwd / output_dir)
 
 
 @pytest.fixture

@@ -303,3 +303,22 @@ def test_resume_from_a_missing_folder_says_so(tmp_path):
     cfg = parse_config(["--resume_from_checkpoint", str(tmp_path / "nope")])
     with pytest.raises(ConfigError, match="nope: no such folder"):
         cfg.checkpoint.validate()
+
+
+def test_layout_errors_say_where_the_world_size_comes_from_and_what_to_do():
+    """The sixth audit: the degree errors named the flags but no fix, blamed torchrun for --plan_world_size's world,
+    and --plan_world_size 0 / -4 planned one process / "world -4"."""
+    from ptrain.parallel.dims import ParallelConfigError, ParallelDims
+
+    with pytest.raises(ParallelConfigError) as e:
+        ParallelDims.build(1, 8, 1, 1)
+    assert "world size (torchrun --nproc_per_node x --nnodes) is 1; launch 8 processes" in str(e.value)
+    assert "--dp_shards at -1" in str(e.value) and "--plan_world_size N" in str(e.value)
+    with pytest.raises(ParallelConfigError) as e:
+        ParallelDims.build(1, 3, 1, 8, "--plan_world_size")
+    assert "world size (--plan_world_size) is 8" in str(e.value) and "torchrun" not in str(e.value)
+    with pytest.raises(ParallelConfigError, match=r"cannot fill world size 3 \(--plan_world_size\).*multiple of 2"):
+        ParallelDims.build(2, -1, 1, 3, "--plan_world_size")
+    for bad in ("0", "-4"):
+        with pytest.raises(ConfigError, match=f"--plan_world_size {bad}: .* must be >= 1"):
+            parse_config(["--dry_run", "--plan_world_size", bad]).plan.validate()

@@ -84,7 +84,7 @@ def test_a_sample_one_cp_rank_cannot_decode_is_replaced_on_the_whole_cp_group(ti
     equals one process that fails on the same file, and the replacement is counted once."""
     from conftest import TINY_ARGS, run_ptrain
 
-    worker = (str(Path(__file__).with_name("decode_fault_worker.py")),)
+    worker = (str(Path(__file__).with_name("rank_fault_worker.py")),)
     args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--train_steps", "5",
             "--seed", "0", "--lr", "1e-3", "--enable_precomputation", "off", "--logging_steps", "1", *TINY_ARGS]  # fmt: skip
     fault = {"PTRAIN_FAULT_FILE": "003.mp4"}

@@ -295,3 +295,25 @@ def test_a_second_run_in_the_same_output_dir_stops_at_start(tmp_path):
         lock_output_dir(tmp_path / "out", 0)
     held.release()
     lock_output_dir(tmp_path / "out", 0).release()
+
+
+@pytest.mark.heavy  # three starts (~45 s); CI runs it
+def test_ranks_that_see_different_output_dirs_stop_with_one_error(tiny_ckpt, tiny_data, tmp_path):
+    """The sixth audit: a --output_dir that is not shared by every node (here: a relative path, rank 1 started in
+    another folder). Ranks that found different checkpoints waited in the load for 30 minutes (--dist_timeout_s)
+    before an unrelated timeout; a fresh run failed at its first save with another rank's "Connection closed by
+    peer". Both now stop at start with an error that names the cause."""
+    worker = (str(REPO / "tests" / "rank_fault_worker.py"),)
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--train_steps", "1",
+            "--checkpointing_steps", "1", *TINY_ARGS]  # fmt: skip
+    first = run_ptrain(1, args, Path("out"), cwd=tmp_path)
+    assert first.returncode == 0, first_error(first.stderr)
+    elsewhere = {"PTRAIN_FAULT_RANK": "1", "PTRAIN_RANK_CWD": str(tmp_path / "node-b")}
+    run = run_ptrain(2, [*args, "--train_steps", "2"], Path("out"), entry=worker, env_extra=elsewhere, cwd=tmp_path)
+    assert run.returncode != 0
+    assert "the ranks see different checkpoints in out: checkpoint step 1 on some, no checkpoint on others" in run.stderr
+    assert "Traceback" not in run.stderr.split("ptrain: error:")[0][-2000:]
+    fresh = run_ptrain(2, args, Path("fresh"), entry=worker, env_extra=elsewhere, cwd=tmp_path)
+    assert fresh.returncode != 0
+    assert "--output_dir fresh is not one folder seen by every rank: rank 1 on" in fresh.stderr
+    assert not (tmp_path / "node-b" / "fresh" / "checkpoints").exists()

@@ -50,7 +50,9 @@ class ParallelDims:
     world_size: int
 
     @classmethod
-    def build(cls, dp_degree: int, dp_shards: int, cp_degree: int, world_size: int) -> ParallelDims:
+    def build(cls, dp_degree: int, dp_shards: int, cp_degree: int, world_size: int,
+              source: str = "torchrun --nproc_per_node x --nnodes") -> ParallelDims:  # fmt: skip
+        """`source`: where the world size comes from, for the messages (a dry run's --plan_world_size)."""
         try:  # the degree check is written once, in ParallelArgs.validate
             ParallelArgs(dp_degree=dp_degree, dp_shards=dp_shards, cp_degree=cp_degree).validate()
         except ConfigError as e:
@@ -59,16 +61,19 @@ class ParallelDims:
             rest = dp_degree * cp_degree
             if world_size % rest:
                 raise ParallelConfigError(
-                    f"--dp_shards -1 cannot fill world size {world_size}: dp_degree={dp_degree} x "
-                    f"cp_degree={cp_degree} = {rest} does not divide it"
+                    f"--dp_shards -1 cannot fill world size {world_size} ({source}): dp_degree={dp_degree} x "
+                    f"cp_degree={cp_degree} = {rest} does not divide it; use a world size that is a multiple of "
+                    f"{rest}, or smaller --dp_degree / --cp_degree"
                 )
             dp_shards = world_size // rest
         product = dp_degree * dp_shards * cp_degree
         if product != world_size:
             raise ParallelConfigError(
                 f"parallel degrees do not match the world size: dp_degree={dp_degree} x dp_shards={dp_shards} x "
-                f"cp_degree={cp_degree} = {product}, but world size (torchrun --nproc_per_node x --nnodes) "
-                f"is {world_size}"
+                f"cp_degree={cp_degree} = {product}, but world size ({source}) is {world_size}; launch "
+                f"{product} processes, or leave --dp_shards at -1 to shard over what the other degrees leave"
+                + (" (a dry run plans for several GPUs with --plan_world_size N)"
+                   if world_size == 1 and source.startswith("torchrun") else "")
             )
         return cls(dp_replicate=dp_degree, dp_shard=dp_shards, cp=cp_degree, world_size=world_size)
 
