@@ -6,6 +6,11 @@ import torch
 import torch.distributed as dist
 
 
+#: logging `extra` for a message every rank logs alike (the data scan's skips, the global step's counts): shown by
+#: rank 0 only (ptrain.trainer.setup_logging); other warnings of other ranks are shown with their rank.
+ALIKE = {"alike": True}
+
+
 class PeerFailed(RuntimeError):
     """Raised on the ranks that did not fail themselves when another rank did."""
 

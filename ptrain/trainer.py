@@ -43,6 +43,7 @@ from ptrain.checkpoint import (
     resolve_resume,
     supersede,
 )
+from ptrain.collective import ALIKE
 from ptrain.config import Config, ConfigError, to_dict
 from ptrain.data import CPSampleAgreement, Usable, VideoDataset, build_dataloader, make_sampler, scan_dataset, summary
 from ptrain.data.precompute import Decision, PrecomputedDataset, decide, precompute
@@ -99,6 +100,8 @@ def setup_logging(rank: int, level: str) -> None:
         force=True,
         handlers=[BarAwareHandler(sys.stderr)],
     )
+    if rank != 0:  # what every rank logs alike is shown once, by rank 0
+        logging.getLogger().handlers[0].addFilter(lambda record: not getattr(record, "alike", False))
     # diffusers/transformers chatter (e.g. CPU generator notices) would drown the progress bar.
     for name in ("diffusers", "transformers"):
         logging.getLogger(name).setLevel("ERROR")
@@ -1126,7 +1129,8 @@ class Trainer:
         (warned about), non-finite steps in a row and in total."""
         replaced = round(float(self.replaced_since_log))
         if replaced:
-            log.warning("step %d: %d sample(s) failed to decode and were replaced", self.state.step, replaced)
+            log.warning("step %d: %d sample(s) failed to decode and were replaced", self.state.step, replaced,
+                        extra=ALIKE)  # the global batch's count: the same on every rank
         self.state.data_replaced += replaced
         self.replaced_since_log = 0
         self.nan_in_a_row = int(self.nan_in_a_row)

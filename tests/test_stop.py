@@ -144,3 +144,27 @@ def test_interrupts_at_start_up_and_export_say_what_a_rerun_does(tiny_ckpt, tiny
         assert (out / EXPORT_MARKER).is_file() and "at step 2" in err  # resumed at the last step: nothing to train
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_what_every_rank_logs_alike_is_shown_by_rank_0_only(capsys):
+    """The sixth audit: the data scan's skip list (up to 21 lines) and the global step's replaced-sample count were
+    printed by every rank. Marked `ALIKE`, they are shown by rank 0; other ranks' own warnings still show."""
+    import logging
+
+    from ptrain.collective import ALIKE
+    from ptrain.trainer import setup_logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    log = logging.getLogger("ptrain")
+    try:
+        for rank in (0, 1):
+            setup_logging(rank, "INFO")
+            log.warning("skipping 4 of 13 samples (rank %d)", rank, extra=ALIKE)
+            log.warning("sample x.mp4 failed to decode on rank %d", rank)
+        err = capsys.readouterr().err
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert "skipping 4 of 13 samples (rank 0)" in err and "(rank 1)" not in err
+    assert "failed to decode on rank 0" in err and "[rank1] WARNING sample x.mp4 failed to decode on rank 1" in err

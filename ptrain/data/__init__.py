@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from ptrain.collective import ALIKE
 from ptrain.config import ConfigError, DataArgs
 from ptrain.data.buckets import Bucket, BucketPlan, ShapeRules, histogram
 from ptrain.data.sampler import BucketBatchSampler, GlobalBatchSampler
@@ -389,11 +390,11 @@ def scan_dataset(
             raise ConfigError(
                 f"--strict_data: {len(usable.skipped)} of {len(records)} samples are unusable:\n{listing}"
             )
-        log.warning("skipping %d of %d samples:", len(usable.skipped), len(records))
+        log.warning("skipping %d of %d samples:", len(usable.skipped), len(records), extra=ALIKE)
         for path, reason in list(usable.skipped.items())[:20]:
-            log.warning("  %s", reason if path in reason else f"{path}: {reason}")
+            log.warning("  %s", reason if path in reason else f"{path}: {reason}", extra=ALIKE)
         if len(usable.skipped) > 20:
-            log.warning("  ... and %d more", len(usable.skipped) - 20)
+            log.warning("  ... and %d more", len(usable.skipped) - 20, extra=ALIKE)
     if not usable.records:
         raise ConfigError(f"none of the {len(records)} samples is usable (see the reasons above)")
     warn_empty_captions(usable)
@@ -415,7 +416,7 @@ def warn_empty_captions(usable: Usable, examples: int = 3) -> None:
     more = f" and {len(files) - examples} more" if len(files) > examples else ""
     log.warning(
         "%d of %d usable samples have an empty caption (an empty caption file, table cell or null) and train on the "
-        "empty prompt: %s%s", len(empty), len(usable.records), ", ".join(files[:examples]), more,
+        "empty prompt: %s%s", len(empty), len(usable.records), ", ".join(files[:examples]), more, extra=ALIKE,
     )  # fmt: skip
 
 
