@@ -615,6 +615,7 @@ class Trainer:
         self.v_every = self.cfg.validation.validation_steps
         if self.cfg.validation.validation_epochs:
             self.v_every = self.cfg.validation.validation_epochs * run.steps_per_epoch
+        self.cp_agree: CPSampleAgreement | None = None  # set in train() when a cp group decodes its samples
         self.out_lock = lock_output_dir(run.out, run.rank)
         if run.rank == 0:
             config = run_config(run)
@@ -932,8 +933,7 @@ class Trainer:
     def train(self) -> TrainResult:
         train_steps = self.cfg.train.train_steps
         self.data_iter = iter(self.loader)
-        self.cp_agree = None  # the ranks of a cp group decode their shared samples each: they must agree on them
-        if self.run.dims.cp > 1 and isinstance(self.loader.dataset, VideoDataset):
+        if self.run.dims.cp > 1 and isinstance(self.loader.dataset, VideoDataset):  # each cp rank decodes its samples
             self.cp_agree = CPSampleAgreement(self.loader.dataset, self.run.mesh.world["cp"].get_group(),
                                               self.run.world)  # fmt: skip
         # the step's peak from here on, not the start-up's
