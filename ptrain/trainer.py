@@ -365,6 +365,8 @@ def check_shared_dir(out: Path, rank: int, tries: int = 3) -> None:
         time.sleep(1.0)
     views = [None] * dist.get_world_size()
     dist.all_gather_object(views, (rank, socket.gethostname(), sees))
+    if rank == 0:  # every rank has looked
+        probe.unlink(missing_ok=True)
     blind = [f"rank {r} on {host}" for r, host, ok in views if not ok]
     if blind:
         raise ConfigError(f"--output_dir {out} is not one folder seen by every rank: {', '.join(blind)} "
