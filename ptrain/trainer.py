@@ -174,7 +174,8 @@ def find_resume(cfg: Config, out: Path, layout: Layout) -> tuple[Path | None, bo
     raise_if_any_failed(err, f"finding the checkpoint to resume in {out}")
     # every rank looks at output_dir itself: a folder not shared by every node, or a stale view of it, gave ranks
     # different answers, and rank 0 waited in the checkpoint load for ranks that trained from scratch (30 minutes)
-    step = read_marker(resume)["step"] if resume is not None else -1
+    marker = read_marker(resume) if resume is not None else {"step": -1}
+    step = marker["step"]
     newest, oldest = all_max(step), -all_max(-step)
     if newest != oldest:
         def name(s):
@@ -184,7 +185,6 @@ def find_resume(cfg: Config, out: Path, layout: Layout) -> tuple[Path | None, bo
                           "mounts (a shared filesystem), given by the same path on each")  # fmt: skip
     if resume is None:
         return None, False
-    marker = read_marker(resume)
     for key, now in (("model_name", m.model_name), ("training_type", m.training_type)):
         if marker.get(key) != now:
             raise ConfigError(
@@ -355,7 +355,7 @@ def check_shared_dir(out: Path, rank: int, tries: int = 3) -> None:
             os.fsync(f.fileno())
     dist.broadcast_object_list(token, src=0)
     sees = rank == 0
-    for attempt in range(tries if rank else 0):  # a network filesystem may show the new file a moment later
+    for _ in range(tries if rank else 0):  # a network filesystem may show the new file a moment later
         try:
             sees = probe.read_text() == token[0]
         except OSError:
@@ -860,7 +860,8 @@ class Trainer:
                     "--video_resolution_buckets or bucket option, or a ptrain version with other bucket rules)")
         else:
             return
-        log.warning("%s since %s: the batches from here differ from an uninterrupted run's", what, self.run.resume)
+        log.warning("%s since %s: the batches from here differ from an uninterrupted run's", what, self.run.resume,
+                    extra=ALIKE)
 
     def precompute(self) -> PrecomputedDataset:
         """Encode every sample once (sharded over ranks; plan_run decided to); the encoders then leave the GPU."""
