@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
+import time
 
 import torch.distributed as dist
 
@@ -19,11 +21,30 @@ from ptrain.parallel.dims import ParallelConfigError
 def _say(text: str, alike: bool = True) -> None:
     """Print a stopping message once per run: on rank 0, and (a rank-local cause, e.g. a node that lacks a file or
     sees another --output_dir) also on the first rank of every other node, with its rank and host, since such an
-    error is often not rank 0's; an `alike` message (every rank decides it the same way) only on rank 0."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    error is often not rank 0's; an `alike` message (every rank decides it the same way) only on rank 0. Under
+    torchrun every failed rank's message is also in torchrun's failure summary, with its rank and host (`_record`)."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))  # before init: torchrun's
+    if rank == 0:
         print(text, file=sys.stderr)
     elif not alike and os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"[rank {dist.get_rank()} on {socket.gethostname()}] {text}", file=sys.stderr)
+        print(f"[rank {rank} on {socket.gethostname()}] {text}", file=sys.stderr)
+    _record(text)
+
+
+def _record(text: str) -> None:
+    """Under torchrun, write the stopping message to this worker's error file (TORCHELASTIC_ERROR_FILE, the format
+    of torch.distributed.elastic's `record`): torchrun's failure summary then shows, for every failed rank, its host
+    and ptrain's message, not a link to the docs. That is where an error raised on one rank only (a node-local
+    cause) is seen when that rank is not the first of its node, which `_say` keeps quiet."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    info = {"py_callstack": text, "timestamp": str(int(time.time()))}
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": text, "extraInfo": info}}, f)
+    except OSError:
+        pass  # the summary then says "<N/A>", as before; the message itself was printed or is on rank 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:  # the NaN guard stopped the run (every rank decides alike)
         _say(f"ptrain: stopped: {e}")
         return 3
+    except Exception as e:  # anything else: its traceback goes to torchrun's failure summary too (as `record` does)
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(e)  # writes nothing outside torchrun
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -198,6 +198,11 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, tiny_ckpt, tiny_data, ptrain_
     assert run.returncode != 0
     assert "dp_degree=2 x dp_shards=2 x cp_degree=1 = 4, but world size" in run.stderr
     assert "ptrain: error:" in run.stderr and "[rank0]: Traceback" not in run.stderr
+    # Printed once (rank 0), and in torchrun's failure summary for each failed rank (its error file), so that an
+    # error raised on one rank only, which that rank does not print, is seen too.
+    assert run.stderr.count("\nptrain: error: parallel degrees do not match") == 1, run.stderr[-3000:]
+    assert "rank      : 1 (local_rank: 1)" in run.stderr
+    assert "traceback : ptrain: error: parallel degrees do not match the world size" in run.stderr
     out = subprocess.run(
         [sys.executable, "-m", "ptrain", "--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root",
          str(tmp_path / "no-data")],
