@@ -464,6 +464,11 @@ def child_env(cpu: bool, cap_gib: float | None = None) -> dict:
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
         env["OMP_NUM_THREADS"] = "1"
+    else:  # ptrain's allocator default, in the environment of every GPU child: the bare loop measures like ptrain,
+        # and a capped worker (apply_cap starts CUDA before ptrain could set it) gets it before CUDA starts
+        from ptrain.parallel.dims import default_allocator_conf
+
+        default_allocator_conf(env)
     if cap_gib:
         env["PTRAIN_BENCH_CAP_GIB"] = str(cap_gib)
     return env
@@ -488,6 +493,12 @@ def run_proc(cmd: list[str], env: dict, timeout: float, log: Path) -> tuple[int,
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
         rc = 124
+        for _ in range(300):  # the group's other processes (torchrun's worker) too: the next row needs their memory
+            try:
+                os.killpg(p.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
     return rc, time.perf_counter() - t0
 
 

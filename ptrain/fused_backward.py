@@ -27,6 +27,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
+from ptrain.optim import found_inf_for
+
 
 def _norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of a unit's gradients as a plain float32 tensor (a DTensor norm is reduced over its mesh)."""
@@ -80,13 +82,18 @@ class FusedBackward:
             return
         opt = self.optimizer
         grads = [p.grad for p in unit]
+        if grads[0].device.type == "cpu" and torch.cuda.is_initialized():
+            # --fsdp_cpu_offload: FSDP2 copies the reduced gradients to the CPU with non_blocking=True and (before
+            # torch 2.12, pytorch PR #180666) calls this hook before the copy has landed: wait for it, or the norm
+            # and the step would read stale gradients
+            torch.cuda.synchronize()
         norm = _norm(grads)
         self.sumsq = norm.square() if self.sumsq is None else self.sumsq + norm.square()
         if self.max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(unit, self.max_norm, norm, foreach=True)
         finite = torch.isfinite(norm)
         if self.on_device:
-            opt.found_inf = (~finite).float()
+            opt.found_inf = found_inf_for(unit, finite)
         elif not bool(finite):  # host sync: this optimizer cannot skip on the device
             self._free(unit)
             return

@@ -34,7 +34,8 @@ class LossScaler:
         """Divide the gradients by the scale, in place (DTensor gradients: each rank its local shard)."""
         grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
         if grads:
-            torch._foreach_mul_(grads, self.value.reciprocal())
+            # to the gradients' device: CPU gradients (--fsdp_cpu_offload) cannot be multiplied by a CUDA scalar
+            torch._foreach_mul_(grads, self.value.reciprocal().to(grads[0].device))
 
     def update(self, finite: torch.Tensor) -> None:
         """After the step: back off if the gradients were not finite, else count towards growth."""

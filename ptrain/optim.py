@@ -136,6 +136,19 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return bool(optimizer.defaults.get("fused")) or isinstance(optimizer, BF16AdamW)
 
 
+def found_inf_for(params: list[torch.nn.Parameter], finite: torch.Tensor) -> torch.Tensor:
+    """`found_inf` for an optimizer that skips on the device, on its parameters' device. With --fsdp_cpu_offload
+    the parameters are on the CPU while `finite` (from the loss) is on the GPU: the copy is a blocking one, since
+    torch's fused AdamW would copy it with non_blocking=True into pinned memory that its CPU kernel reads at once,
+    before the copy has landed (a NaN step applied, or a good one skipped)."""
+    found_inf = (~finite).float()
+    p = params[0] if params else None
+    local = p.to_local() if isinstance(p, DTensor) else p
+    if local is not None and local.device != found_inf.device:
+        found_inf = found_inf.to(local.device)  # one device sync per step, on the CPU-offload path only
+    return found_inf
+
+
 class PlannedAdamW8bit(torch.optim.Optimizer):
     """The memory planner's stand-in for bitsandbytes' AdamW8bit (CUDA only): the same optimizer state (two uint8
     moments per value and a float32 scale per 256-value block for tensors of at least 4096 values, two float32

@@ -58,9 +58,9 @@ from ptrain.loss_scale import LossScaler
 from ptrain.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
 from ptrain.models.spec import Components, ModelSpec, get_spec
 from ptrain.objectives import sample_generators
-from ptrain.optim import skips_on_device
+from ptrain.optim import found_inf_for, skips_on_device
 from ptrain.parallel import ParallelDims, init_distributed
-from ptrain.parallel.compile import mark_step_begin
+from ptrain.parallel.compile import mark_step_begin, step_per_call
 from ptrain.parallel.swap import streamed
 from ptrain.parallelize import DTYPES, build_trainable, check_parallel_options, make_trainable_model
 from ptrain.profiling import StepProfiler
@@ -1063,7 +1063,7 @@ class Trainer:
         if mod.fused_backward is not None:  # stepped in the backward
             pass
         elif skips_on_device(mod.optimizer):
-            mod.optimizer.found_inf = (~stats.finite).float()
+            mod.optimizer.found_inf = found_inf_for(mod.params, stats.finite)
             with implicit_replication():  # found_inf is a plain tensor beside DTensor parameters
                 mod.optimizer.step()
         elif bool(stats.finite):
@@ -1169,9 +1169,9 @@ class Trainer:
             ema.swapped_in() if with_ema else contextlib.nullcontext(),
             encoders_on(self.comps, self.device, self.offloaded, stream_text=True),
             tiled_decode(self.comps.vae, self.cfg.model.enable_tiling != "off"),
+            step_per_call(self.transformer, self.cudagraphs),
         ):
             mesh = self.run.mesh
-            mark_step_begin(self.cudagraphs)
             run_validation(self.spec, self.transformer, self.validation_items, self.cfg.validation, step,
                            self.run.out, self.cfg.train.seed, self.metrics, self.run.dims.dp,
                            mesh.dp.get_local_rank(), mesh.world["cp"].get_local_rank() == 0)  # fmt: skip

@@ -43,3 +43,24 @@ def test_cuda_graphs_refuse_an_fsdp_wrapped_model(tiny_ckpt, tiny_data, tmp_path
     cfg.validate()
     with pytest.raises(ConfigError, match="replays CUDA graphs, which need the plain module of one process"):
         Trainer(plan_run(cfg))
+
+
+def test_validation_marks_a_cuda_graph_step_before_every_transformer_call():
+    """The CUDA review: one mark before a whole denoising loop made CUDA-graph trees record new graphs at every
+    denoising step (a hand-marked step stops torch's own stepping). While validating, every call of the
+    transformer begins a step; the hook is gone afterwards, and without CUDA graphs nothing is marked."""
+    import torch
+    from torch._inductor.cudagraph_trees import MarkStepBox
+
+    from ptrain.parallel.compile import step_per_call
+
+    model = torch.nn.Linear(2, 2)
+    before = MarkStepBox.mark_step_counter
+    with step_per_call(model, cudagraphs=True):
+        for _ in range(3):
+            model(torch.zeros(1, 2))
+    assert MarkStepBox.mark_step_counter == before - 3  # torch counts hand-marked steps downwards
+    model(torch.zeros(1, 2))
+    with step_per_call(model, cudagraphs=False):
+        model(torch.zeros(1, 2))
+    assert MarkStepBox.mark_step_counter == before - 3 and not model._forward_pre_hooks

@@ -246,3 +246,15 @@ def test_memory_table_shows_the_gpu_measurements_beside_the_plan():
     assert f"| {measured[('cogvideox-5b', 'lora', ())]} |" in cog
     assert "Measured on GPU:" in rendered and "H200" in rendered
     assert rendered in (gpu.RESULTS / "memory.md").read_text(), "memory.md is stale: python benchmarks/memory.py --render"
+
+
+def test_gpu_children_get_ptrains_allocator_default(monkeypatch):
+    """The CUDA review: a capped row's worker starts CUDA (the cap) before ptrain could set expandable segments,
+    and the bare loop never had them. Every GPU child now starts with ptrain's default, unless the user set one."""
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    assert gpu.child_env(cpu=False, cap_gib=24)["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
+    assert "PYTORCH_ALLOC_CONF" not in gpu.child_env(cpu=True)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    env = gpu.child_env(cpu=False)
+    assert "PYTORCH_ALLOC_CONF" not in env and env["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"

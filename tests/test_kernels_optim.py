@@ -366,3 +366,17 @@ def test_bf16_adamw_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog
     assert calls == [1]  # tried once, then eager
     assert "compiling the optimizer update failed (RuntimeError: backend compiler failed: planted)" in caplog.text
     assert out[True][0].equal(out[False][0]) and out[True][1] == out[False][1] == 2.0
+
+
+def test_found_inf_goes_to_the_parameters_device():
+    """The CUDA review: with --fsdp_cpu_offload the parameters are on the CPU and the step's `finite` on the GPU;
+    torch's fused AdamW would copy found_inf with non_blocking=True into pinned memory that its CPU kernel reads
+    before the copy lands. ptrain hands it over on the parameters' device (a blocking copy), here the meta device
+    standing for the other one."""
+    from ptrain.optim import found_inf_for
+
+    finite = torch.tensor(False)
+    same = found_inf_for([torch.nn.Parameter(torch.zeros(2))], finite)
+    assert same.device.type == "cpu" and same.dtype == torch.float32 and same.item() == 1.0
+    assert found_inf_for([torch.nn.Parameter(torch.zeros(2, device="meta"))], finite).device.type == "meta"
+    assert found_inf_for([], torch.tensor(True)).item() == 0.0

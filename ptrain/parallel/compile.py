@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -24,3 +26,20 @@ def mark_step_begin(cudagraphs: bool) -> None:
     outputs of the previous step's replays are no longer needed (they are overwritten by this step's)."""
     if cudagraphs:
         torch.compiler.cudagraph_mark_step_begin()
+
+
+@contextlib.contextmanager
+def step_per_call(module: nn.Module, cudagraphs: bool):
+    """While validating under CUDA-graph modes: a new CUDA-graph step before every call of `module` (each denoising
+    step's transformer forward). Once a step has been marked by hand, torch no longer starts one on its own, so
+    without this every denoising step would record new graphs instead of replaying them, its pool growing with
+    each. Safe because the blocks' graph outputs are consumed within the transformer's forward (its output comes
+    from eager code), before the next call overwrites them."""
+    if not cudagraphs:
+        yield
+        return
+    handle = module.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -204,6 +204,12 @@ def default_allocator_conf(env) -> str:
         if env.get(name):
             return f"{name}={env[name]} (yours)"
     env["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
+    if env is os.environ and torch.cuda.is_initialized():
+        # the allocator read its settings when CUDA started (code that ran ptrain in-process touched CUDA first):
+        # the variable alone would be ignored, and the log would say otherwise
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # newer torch; older ones: torch.cuda's
+        (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
+        return "expandable_segments:True (ptrain's default, set after CUDA started)"
     return "PYTORCH_ALLOC_CONF=expandable_segments:True (ptrain's default)"
 
 
