@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from ptrain.checkpoint import CheckpointSaveError
 from ptrain.config import ConfigError, parse_config
-from ptrain.errors import RunStopped
+from ptrain.errors import OutputWriteError, RunStopped
 from ptrain.interrupts import install as install_sigterm
 from ptrain.interrupts import message as interrupt_message
 from ptrain.parallel.dims import ParallelConfigError
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ParallelConfigError) as e:
         _say(f"ptrain: error: {e}", alike=False)  # usually the same on every rank; not when one node lacks a file
         return 2
-    except CheckpointSaveError as e:  # raised on every rank; the cause may be one node's (older checkpoints intact)
+    except (CheckpointSaveError, OutputWriteError) as e:  # every rank; the cause may be one node's (checkpoints kept)
         _say(f"ptrain: error: {e}", alike=False)
         return 4
     except RunStopped as e:  # SIGINT / SIGTERM: stopped after a step, with a checkpoint (every rank alike)

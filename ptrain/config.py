@@ -605,7 +605,8 @@ class ValidationArgs:
     """CSV/JSON/JSONL with a `prompt` column and optional image, height, width, num_frames, num_inference_steps;
     or a .txt with one prompt per line (CogVideo's finetune scripts' prompts file)."""
     validation_steps: int = 0
-    """Sample the validation prompts every N optimizer steps (and at the end); 0 = never."""
+    """Sample the validation prompts every N optimizer steps and at the end; 0 = at the end only (no prompts: no
+    validation)."""
     validation_epochs: int | None = None
     """Or every N epochs (overrides --validation_steps)."""
     num_validation_videos: int = 1
@@ -639,10 +640,13 @@ class ValidationArgs:
                                   f"use --validation_dataset_file {prompt} (one prompt per line in a .txt, or a "
                                   "table with a prompt column)")  # fmt: skip
         _check_min(1, ("--validation_epochs", self.validation_epochs))
-        if (self.validation_steps or self.validation_epochs) and not (
-            self.validation_prompts or self.validation_dataset_file
-        ):
+        if (self.validation_steps or self.validation_epochs) and not self.enabled():
             raise ConfigError("--validation_steps needs --validation_prompts or --validation_dataset_file")
+
+    def enabled(self) -> bool:
+        """Whether the run validates: prompts given (every --validation_steps / --validation_epochs, and at the
+        end; only at the end without them)."""
+        return bool(self.validation_prompts or self.validation_dataset_file)
 
 
 #: Extensions of prompt / dataset files (a validation prompt that is one of these is a file name given by mistake)

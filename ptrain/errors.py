@@ -15,3 +15,8 @@ class RunStopped(Exception):
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
+
+
+class OutputWriteError(RuntimeError):
+    """The export or the validation videos could not be written (disk full, unwritable folder, ...); the message
+    says what is kept (the latest checkpoint) and what a rerun of the same command does."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from huggingface_hub import save_torch_state_dict
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from ptrain.collective import raise_if_any_failed
@@ -86,6 +87,10 @@ def _lora_state_dict(transformer: torch.nn.Module, state: dict[str, torch.Tensor
 
 INPUT_LAYER_FILE = "input_layer.safetensors"
 
+#: What a failed write raises: OSError, and safetensors' own error for an I/O failure while serialising (disk
+#: full, file too large), which is not an OSError.
+WRITE_ERRORS = (OSError, SafetensorError)
+
 
 def export_lora(
     transformer: torch.nn.Module, pipeline_cls, output_dir: Path, expanded_input: str | None = None
@@ -116,7 +121,7 @@ def export_lora(
                 save_file(layer, str(output_dir / INPUT_LAYER_FILE), metadata={"format": "pt", **info})
                 sort_safetensors_metadata(output_dir / INPUT_LAYER_FILE)
             sort_safetensors_metadata(output_dir / "pytorch_lora_weights.safetensors")
-        except OSError as e:
+        except WRITE_ERRORS as e:
             err = e
     raise_if_any_failed(err if rank0 else None, f"writing the LoRA export to {output_dir}")
     return output_dir / "pytorch_lora_weights.safetensors" if rank0 else None
@@ -165,6 +170,7 @@ def export_full(transformer: torch.nn.Module, output_dir: Path, max_shard_size: 
         try:
             target.mkdir(parents=True, exist_ok=True)
             transformer.save_config(target)
+            _name_the_model_class(transformer, target / "config.json")
             # quiet: its "saved to <staging folder>" names .export-tmp/, a folder the publish step empties (the
             # module's logger is named by its file path, not "huggingface_hub...")
             hub_log = getattr(sys.modules.get(save_torch_state_dict.__module__), "logger", None)
@@ -181,10 +187,22 @@ def export_full(transformer: torch.nn.Module, output_dir: Path, max_shard_size: 
                 )
             finally:
                 hub_log.setLevel(level)
-        except OSError as e:
+        except WRITE_ERRORS as e:
             err = e
     raise_if_any_failed(err, f"writing the transformer export to {target}")
     return target if rank0 else None
+
+
+def _name_the_model_class(transformer: torch.nn.Module, config: Path) -> None:
+    """config.json's `_class_name` is the diffusers class, not the class fully_shard made of it (`FSDP<Class>`,
+    which diffusers' save_config writes): AutoModel and ptrain's --model_name auto resolve the class from it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(c for c in type(transformer).__mro__ if not issubclass(c, FSDPModule))
+    data = json.loads(config.read_text())
+    if data.get("_class_name") != cls.__name__:
+        data["_class_name"] = cls.__name__
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 EXPORT_MARKER = "ptrain_export.json"
@@ -193,10 +211,14 @@ EXPORT_MARKER = "ptrain_export.json"
 def begin_export(output_dir: Path) -> Path:
     """Collective: a fresh staging folder output_dir/.export-tmp for `publish_export`."""
     staging = Path(output_dir) / ".export-tmp"
+    err = None
     if dist.get_rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    dist.barrier()
+        try:
+            staging.mkdir(parents=True)
+        except OSError as e:
+            err = e
+    raise_if_any_failed(err, f"creating the export's staging folder {staging}")
     return staging
 
 

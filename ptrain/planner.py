@@ -517,6 +517,11 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
     # be swapped in place by Module.to, which peft uses), materialised as fake tensors afterwards.
     spec = spec.bind(comps, m.train_mode, m.mask_probs(), m.training_type)
     spec.check_shape(d.num_frames, d.height, d.width, comps)
+    if cfg.validation.enabled():  # the validation videos' sizes too: --dry_run refuses what the run would
+        from ptrain.validation import check_validation_shapes, load_validation_items
+
+        check_validation_shapes(lambda f, h, w: spec.check_shape(f, h, w, comps),
+                                load_validation_items(cfg.validation, d, m.train_mode))  # fmt: skip
     make_trainable_model(transformer, cfg, spec)
     n_total = sum(q.numel() for q in transformer.parameters())  # with the LoRA adapters, as the trainer counts
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
@@ -699,9 +704,7 @@ def validation_shape(cfg) -> tuple[int, int, int] | None:
     from ptrain.validation import load_validation_items
 
     v = cfg.validation
-    items = (
-        load_validation_items(v, cfg.data, cfg.model.train_mode) if v.validation_steps or v.validation_epochs else []
-    )
+    items = load_validation_items(v, cfg.data, cfg.model.train_mode) if v.enabled() else []
     if not items:
         return None
     it = max(items, key=lambda it: it.num_frames * it.height * it.width)

@@ -16,6 +16,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import time
@@ -43,14 +44,14 @@ from ptrain.checkpoint import (
     resolve_resume,
     supersede,
 )
-from ptrain.collective import ALIKE
+from ptrain.collective import ALIKE, PeerFailed, raise_if_any_failed
 from ptrain.config import Config, ConfigError, to_dict
 from ptrain.data import CPSampleAgreement, Usable, VideoDataset, build_dataloader, make_sampler, scan_dataset, summary
 from ptrain.data.precompute import Decision, PrecomputedDataset, decide, precompute
 from ptrain.data.scan_cache import SCAN_CACHE, ScanCache
 from ptrain.data.video import FrameSampling
-from ptrain.errors import RunStopped
-from ptrain.export import begin_export, export_complete, export_full, export_lora, publish_export
+from ptrain.errors import OutputWriteError, RunStopped
+from ptrain.export import WRITE_ERRORS, begin_export, export_complete, export_full, export_lora, publish_export
 from ptrain.export_comfyui import export_comfyui_lora
 from ptrain.hub import is_hub_id, peek_checkpoint, resolve_model_sources
 from ptrain.interrupts import phase
@@ -65,7 +66,7 @@ from ptrain.parallel.swap import streamed
 from ptrain.parallelize import DTYPES, build_trainable, check_parallel_options, make_trainable_model
 from ptrain.profiling import StepProfiler
 from ptrain.step import Prepared, TrainStep, clip_gradients, make_inputs, set_gradient_sync
-from ptrain.validation import load_validation_items, run_validation, tiled_decode
+from ptrain.validation import check_validation_shapes, load_validation_items, run_validation, tiled_decode
 
 log = logging.getLogger("ptrain")
 
@@ -163,7 +164,7 @@ def _global_step_stats(loss: torch.Tensor, replaced: torch.Tensor, group, cp: in
 
 def find_resume(cfg: Config, out: Path, layout: Layout) -> tuple[Path | None, bool]:
     """The checkpoint to resume from (or None) and whether it needs resharding; errors name what changed."""
-    from ptrain.collective import all_max, raise_if_any_failed
+    from ptrain.collective import all_max
 
     c, m = cfg.checkpoint, cfg.model
     err, resume = None, None
@@ -277,6 +278,8 @@ def plan_run(cfg: Config) -> RunPlan:
     usable = scan_dataset(cfg.data, sampling, rules, ScanCache(out / SCAN_CACHE, write=not cfg.plan.dry_run))
     for shape in sorted(set(usable.buckets)):  # before any weights load, so --dry_run refuses what the run would
         rules.check(shape.frames, shape.height, shape.width)
+    if cfg.validation.enabled():  # the validation videos' sizes and images too
+        check_validation_shapes(rules.check, load_validation_items(cfg.validation, cfg.data, m.train_mode))
     steps_per_epoch = make_sampler(
         usable, t.batch_size, 0, dims.dp, t.gradient_accumulation_steps, t.seed
     ).steps_per_epoch
@@ -884,6 +887,11 @@ class Trainer:
         self.step = TrainStep(self.spec, self.comps, self.transformer, objective, self.inputs, run.dims.cp, self.accum,
                               cfg.compile.attention_backend)  # fmt: skip
         self.validation_items = load_validation_items(cfg.validation, cfg.data, cfg.model.train_mode)
+        if self.validation_items and run.rank == 0:
+            every = f"every {self.v_every} steps and " if self.v_every else ""
+            log.info("validation: %d prompt(s) x %d video(s), sampled %sat the end (step %d)%s",
+                     len(self.validation_items), cfg.validation.num_validation_videos, every, cfg.train.train_steps,
+                     "" if self.v_every else "; --validation_steps N samples every N steps too")  # fmt: skip
         self.loss_group = run.mesh.dp_cp.get_group() if run.world > 1 else None
         to = cfg.log.report_to
         self.metrics = MetricsWriter(run.out, run.rank == 0, to in ("tensorboard", "all"),
@@ -1154,9 +1162,9 @@ class Trainer:
             )
 
     def maybe_validate(self, step: int) -> None:
-        if not (self.validation_items and self.v_every):
+        if not self.validation_items:
             return
-        if step % self.v_every and step != self.cfg.train.train_steps:
+        if (not self.v_every or step % self.v_every) and step != self.cfg.train.train_steps:
             return
         ema = self.model.ema
         with_ema = self.cfg.ema.validate_with_ema
@@ -1172,10 +1180,30 @@ class Trainer:
             step_per_call(self.transformer, self.cudagraphs),
         ):
             mesh = self.run.mesh
-            run_validation(self.spec, self.transformer, self.validation_items, self.cfg.validation, step,
-                           self.run.out, self.cfg.train.seed, self.metrics, self.run.dims.dp,
-                           mesh.dp.get_local_rank(), mesh.world["cp"].get_local_rank() == 0)  # fmt: skip
+            try:
+                run_validation(self.spec, self.transformer, self.validation_items, self.cfg.validation, step,
+                               self.run.out, self.cfg.train.seed, self.metrics, self.run.dims.dp,
+                               mesh.dp.get_local_rank(), mesh.world["cp"].get_local_rank() == 0)  # fmt: skip
+            except (OSError, PeerFailed) as e:
+                raise self.write_failed(f"writing the validation videos of step {step}", e) from e
         self.log_phase_peak(f"validation at step {step} (VAE decode tiled: {self.cfg.model.enable_tiling != 'off'})")
+
+    def write_failed(self, what: str, e: BaseException) -> OutputWriteError:
+        """An output other than a checkpoint could not be written: the cause, the free space, and what is kept."""
+        self.checkpointer.wait()  # an async save in flight is committed first: it is what a rerun resumes from
+        cause = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else f"{e}"
+        try:
+            space = f"; {shutil.disk_usage(self.run.out).free / 2**30:.2f} GiB free on that filesystem"
+        except OSError:
+            space = ""
+        good = complete_checkpoints(self.run.out)
+        if good:
+            kept = (f"The latest checkpoint, {good[-1][1].name}, is intact: fix the cause (e.g. free disk space), "
+                    "then run the same command; it resumes from there (a finished run only exports)")  # fmt: skip
+        else:
+            kept = ("No checkpoint holds this run's weights (--checkpointing_steps 0, or none due yet): a rerun starts "
+                    "over")  # fmt: skip
+        return OutputWriteError(f"{what} failed at step {self.state.step}: {cause}{space}. {kept}.")
 
     def stop_at(self, step: int, signum: int) -> None:
         """Every rank, after `step`, on a signal any rank received: save a checkpoint there (unless one was just
@@ -1205,20 +1233,29 @@ class Trainer:
         """The trained weights in diffusers format into `target` (LoRA file, or the full transformer)."""
         if self.cfg.model.training_type == "lora":
             path = export_lora(self.transformer, self.spec.pipeline_cls, target, self.spec.expanded_input)
-            if self.cfg.checkpoint.export_comfyui and path is not None:  # rank 0: ComfyUI's key names beside it
-                export_comfyui_lora(self.spec, path, self.transformer.config)
+            if self.cfg.checkpoint.export_comfyui:  # rank 0: ComfyUI's key names beside it
+                err = None
+                try:
+                    if path is not None:
+                        export_comfyui_lora(self.spec, path, self.transformer.config)
+                except WRITE_ERRORS as e:
+                    err = e
+                raise_if_any_failed(err, f"writing the ComfyUI file in {target}")
             return path
         return export_full(self.transformer, target)
 
     def export_final(self) -> None:
         """Staged: the export (and --export_ema's) appears whole, with a marker, or not at all."""
         out, ema = self.run.out, self.model.ema
-        staging = begin_export(out)
-        exported = self.export(staging)
-        if ema is not None and self.cfg.ema.export_ema:
-            with ema.swapped_in():
-                self.export(staging / "ema")
-        publish_export(staging, out, self.state.step)
+        try:
+            staging = begin_export(out)
+            exported = self.export(staging)
+            if ema is not None and self.cfg.ema.export_ema:
+                with ema.swapped_in():
+                    self.export(staging / "ema")
+            publish_export(staging, out, self.state.step)
+        except (*WRITE_ERRORS, PeerFailed) as e:
+            raise self.write_failed(f"writing the export to {out}", e) from e
         self.result.exported = out / exported.relative_to(staging) if exported is not None else None
         if self.run.rank == 0:
             final = f"final loss {self.result.losses[-1]:.5f}, " if self.result.losses else ""

@@ -10,6 +10,7 @@ video to tensorboard.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ptrain.collective import raise_if_any_failed
 from ptrain.config import ConfigError, DataArgs, ValidationArgs
 
 log = logging.getLogger("ptrain")
@@ -85,12 +87,34 @@ def load_validation_items(v: ValidationArgs, d: DataArgs, mode: str = "normal") 
     for it in items:
         if it.image is not None and not it.image.is_file():
             raise ConfigError(f"validation image {it.image}: no such file")
+    if mode == "normal" and any(it.image is not None for it in items):
+        raise ConfigError("validation images (--validation_images, or an image column in --validation_dataset_file) "
+                          "are first frames for --train_mode i2v / inpaint; this run is --train_mode normal "
+                          "(text to video): leave them out, or train an image-to-video mode")  # fmt: skip
     if mode in ("i2v", "inpaint") and any(it.image is None for it in items):
         raise ConfigError(
             f"--train_mode {mode} samples validation videos from a first frame: give --validation_images (or an "
             "image column in --validation_dataset_file)"
         )
     return items
+
+
+_AS_VALIDATION = {"--num_frames": "--validation_num_frames", "--height": "--validation_height",
+                  "--width": "--validation_width"}
+
+
+def check_validation_shapes(check, items: list[ValidationItem]) -> None:
+    """Each validation video's size against the model's rules (`check`(frames, height, width): ShapeRules.check,
+    a spec's check_shape), at start-up and in --dry_run: a size the pipeline refuses would otherwise stop the run
+    at its first validation, the steps after the last checkpoint lost. The error names the validation flag."""
+    for n, it in enumerate(items):
+        try:
+            check(it.num_frames, it.height, it.width)
+        except ConfigError as e:
+            text = re.sub(r"--(num_frames|height|width)\b", lambda m: _AS_VALIDATION[m.group(0)], str(e))
+            raise ConfigError(f"validation prompt {n} ({it.prompt[:40]!r}): {text} (the validation size comes from "
+                              "--validation_height / --validation_width / --validation_num_frames or the row of "
+                              "--validation_dataset_file, else the training's)") from None  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -153,6 +177,8 @@ def run_validation(spec, transformer, items: list[ValidationItem], args: Validat
     extra = spec.validation_kwargs()
     if args.validation_guidance_scale is not None:
         extra["guidance_scale"] = args.validation_guidance_scale
+    err = None  # a write error (disk full, unwritable folder): sampling goes on (the ranks' forwards are
+    # collective), the writing stops, and every rank raises it after the loop
     try:
         for i, k, kept in validation_plan(items, args.num_validation_videos, dp, dp_rank):
             it = items[i]
@@ -167,18 +193,33 @@ def run_validation(spec, transformer, items: list[ValidationItem], args: Validat
                 prompt=it.prompt, height=it.height, width=it.width, num_frames=it.num_frames,
                 num_inference_steps=it.num_inference_steps, generator=gen, output_type="np", **image, **extra,
             ).frames[0]  # fmt: skip
-            if kept and writes:
-                target.mkdir(parents=True, exist_ok=True)
+            if kept and writes and err is None:
                 path = target / f"{i:02d}-{k}-{_slug(it.prompt)}.mp4"
-                export_to_video(list(frames), str(path), fps=spec.fps)
-                written.append((str(path), f"{i:02d}-{k}", frame_strip(frames)))
+                try:
+                    target.mkdir(parents=True, exist_ok=True)
+                    export_to_video(list(frames), str(path), fps=spec.fps)
+                except OSError as e:
+                    err = e
+                    continue
+                info = {"prompt": it.prompt, "seed": seed + 1000 * i + k, "height": it.height, "width": it.width,
+                        "num_frames": it.num_frames, "frames_written": len(frames),
+                        "num_inference_steps": it.num_inference_steps,
+                        **({"image": str(it.image)} if it.image is not None else {})}  # fmt: skip
+                written.append((str(path), f"{i:02d}-{k}", frame_strip(frames), info))
     finally:
         transformer.train(was_training)
+    raise_if_any_failed(err, f"writing the validation videos to {target}")
     return _gather_written(written, target, step, metrics)
 
 
+VALIDATION_INDEX = "prompts.json"
+
+
 def _gather_written(written: list, target: Path, step: int, metrics) -> list[Path]:
-    """Rank 0 collects every rank's (path, tag, frame strip), logs the strips and the file list."""
+    """Rank 0 collects every rank's (path, tag, frame strip, info), logs the strips and the file list, and writes
+    target/prompts.json: for each video its prompt, seed, size, frames asked and written, steps (and image). A
+    pipeline that returns another frame count than asked (HunyuanVideo-I2V drops 4, CogVideoX 1.0 decodes an even
+    latent count to 4 frames each) is said in the log."""
     multi = dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if multi else 0
     gathered = [None] * dist.get_world_size() if multi and rank == 0 else None
@@ -187,11 +228,24 @@ def _gather_written(written: list, target: Path, step: int, metrics) -> list[Pat
     else:
         gathered = [[(0, *w) for w in written]]
     if rank != 0:
+        raise_if_any_failed(None, f"writing {target / VALIDATION_INDEX}")
         return []
     rows = sorted((row for part in gathered for row in part), key=lambda row: row[2])
-    for _, _, tag, strip in rows:
+    for _, _, tag, strip, _ in rows:
         if metrics is not None:
             metrics.log_image(f"validation/{tag}", strip, step)
     log.info("validation: %d videos in %s (%s)", len(rows), target,
-             ", ".join(f"{Path(p).name} by rank {r}" for r, p, _, _ in rows))  # fmt: skip
-    return [Path(p) for _, p, _, _ in rows]
+             ", ".join(f"{Path(p).name} by rank {r}" for r, p, _, _, _ in rows))  # fmt: skip
+    for _, p, _, _, info in rows:
+        if info["frames_written"] != info["num_frames"]:
+            log.warning("validation: %s has %d frames, not the %d asked: the model's pipeline returns that many for "
+                        "this frame count", Path(p).name, info["frames_written"], info["num_frames"])  # fmt: skip
+    err = None
+    if rows:
+        try:
+            index = {Path(p).name: info for _, p, _, _, info in rows}
+            (target / VALIDATION_INDEX).write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n")
+        except OSError as e:
+            err = e
+    raise_if_any_failed(err, f"writing {target / VALIDATION_INDEX}")
+    return [Path(p) for _, p, _, _, _ in rows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 
@@ -144,14 +145,21 @@ def test_cogvideox_seed_command_trains_tiny_checkpoint(tiny_ckpts, tiny_data, tm
     cmd = shlex.split(COGVIDEOX_SEED.format(ckpt=tiny_ckpts("cogvideox"), data=tiny_data, out=tmp_path))
     cmd += ["--height", "32", "--width", "32", "--max_num_frames", "9", "--num_train_epochs", "1",
             "--mixed_precision", "no", "--vae_dtype", "float32", "--text_encoder_dtype", "float32",
-            "--dataloader_num_workers", "0", "--validation_epochs", "1", "--validation_num_inference_steps", "2"]  # fmt: skip
+            "--dataloader_num_workers", "0", "--validation_num_inference_steps", "2"]  # fmt: skip
     cmd = [a for a in cmd if a != "--output_dir" and a != str(tmp_path)]
     run = run_ptrain(1, cmd, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     usable = int(run.stderr.split("data: ")[1].split(" usable")[0])
     assert len(run.losses) == math.ceil(usable / 1) and all(math.isfinite(v) for v in run.losses)
     assert "--learning_rate -> --lr" in run.stderr
-    assert sorted((tmp_path / "validation").iterdir())[-1].name == f"step-{len(run.losses)}"
+    # the script validates at the end without --validation_epochs; so does ptrain without --validation_steps, and
+    # it records what each video is (the fifth audit: prompts without steps sampled nothing, silently)
+    (step,) = sorted((tmp_path / "validation").iterdir())
+    assert step.name == f"step-{len(run.losses)}" and "sampled at the end (step" in run.stderr
+    index = json.loads((step / "prompts.json").read_text())
+    assert sorted(index) == ["00-0-a_red_ball.mp4", "01-0-a_dog.mp4"]
+    assert index["01-0-a_dog.mp4"]["prompt"] == "a dog" and index["01-0-a_dog.mp4"]["seed"] == 42 + 1000
+    assert all(v["frames_written"] == v["num_frames"] == 9 for v in index.values())
 
 
 @pytest.mark.slow

@@ -218,6 +218,28 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, tiny_ckpt, tiny_data, ptrain_
     assert out.returncode == 2 and "--num_frames 10: LTX-Video needs 8k+1 frames" in out.stderr, out.stderr[-2000:]
 
 
+def test_validation_sizes_and_images_are_checked_at_start(tiny_ckpt, tiny_data, tmp_path):
+    """The fifth audit: a validation size the pipeline refuses, or first-frame images in a text-to-video run,
+    stopped the run at its first validation (a traceback, the steps since the last checkpoint lost), and --dry_run
+    passed them. Now --dry_run refuses them, naming the validation flag."""
+    from PIL import Image
+
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--dry_run",
+            "--output_dir", str(tmp_path / "o"), "--validation_prompts", "a cat", "--num_frames", "9", "--height",
+            "32", "--width", "32"]  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "ptrain", *args, "--validation_num_frames", "10"], cwd=REPO,
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 2 and "ptrain: error: validation prompt 0 ('a cat'): --validation_num_frames 10: " \
+        "LTX-Video needs 8k+1 frames" in run.stderr, run.stderr[-2000:]
+    Image.new("RGB", (32, 32)).save(tmp_path / "first.png")
+    from ptrain.validation import load_validation_items
+
+    cfg = parse_config([*args, "--validation_images", str(tmp_path / "first.png")])
+    with pytest.raises(ConfigError, match="are first frames for --train_mode i2v / inpaint; this run is"):
+        load_validation_items(cfg.validation, cfg.data, "normal")
+    assert load_validation_items(cfg.validation, cfg.data, "i2v")[0].image == tmp_path / "first.png"
+
+
 def test_optimizer_errors_are_clear():
     import torch
 

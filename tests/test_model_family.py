@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 from conftest import MODELS
@@ -49,6 +50,17 @@ def test_a_local_transformer_id_decides(tiny_ckpts, tiny_data):
     cfg.model.model_name = "ltx_video"
     with pytest.raises(ConfigError, match="holds a CogVideoXTransformer3DModel"):
         cfg.model.resolve_model_name()
+
+
+def test_an_older_full_export_naming_fsdps_class_is_read(tiny_ckpts, tmp_path):
+    """Full exports of FSDP2-wrapped runs before the fifth audit named fully_shard's class (FSDP<Class>)."""
+    folder = tmp_path / "transformer"
+    shutil.copytree(tiny_ckpts("wan") / "transformer", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "_class_name": "FSDPWanTransformer3DModel"}))
+    from ptrain.models.registry import resolve_model_name
+
+    assert resolve_model_name("auto", tiny_ckpts("ltx_video"), folder) == "wan"
 
 
 def test_a_hub_id_is_read_from_its_fetched_configs(tiny_ckpts, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ aot_eager backend), the HSDP run activation checkpointing: neither may change th
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -66,6 +67,16 @@ def test_full_finetune_fsdp2_came_matches_single_process(launches, tiny_ckpt):
     assert any(not torch.equal(a[k], base[k]) for k in a), "full fine-tune changed no weight"
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    # The fifth audit: an FSDP2-wrapped export named fully_shard's class (FSDPLTXVideoTransformer3DModel), which
+    # diffusers' AutoModel and ptrain's own --model_name auto refused; an older export's name is still read.
+    from diffusers import AutoModel
+
+    from ptrain.models.registry import resolve_model_name
+
+    assert json.loads((run.output_dir / "transformer" / "config.json").read_text())["_class_name"] == \
+        "LTXVideoTransformer3DModel"
+    assert type(AutoModel.from_pretrained(run.output_dir / "transformer")) is LTXVideoTransformer3DModel
+    assert resolve_model_name("auto", tiny_ckpt, run.output_dir / "transformer") == "ltx_video"
 
 
 def test_cpu_offload_gives_the_same_losses(launches):

@@ -238,6 +238,18 @@ def test_failing_save_names_the_path_and_keeps_older_checkpoints(reference, tiny
     assert run.returncode == 0, first_error(run.stderr)
     assert "at step 2" in run.stderr
     assert _hashes(out) == _hashes(reference.output_dir)
+    # The fifth audit: a failing export (safetensors' own I/O error, not an OSError) was a raw traceback. Now it
+    # names the cause and the checkpoint a rerun exports from; the rerun writes the same files.
+    (out / EXPORT_MARKER).unlink()
+    for name in EXPORTS:
+        (out / name).unlink()
+    p = _direct(_args(tiny_ckpt, tiny_data, workers=0), out, preexec_fn=_limit_file_size(lora // 2))
+    assert p.returncode == 4, first_error(p.stderr)
+    assert f"ptrain: error: writing the export to {out} failed at step 6: " in p.stderr and "File too large" in p.stderr
+    assert "The latest checkpoint, step-6, is intact" in p.stderr and "Traceback" not in p.stderr
+    run = run_ptrain(1, _args(tiny_ckpt, tiny_data, workers=0), out)
+    assert run.returncode == 0, first_error(run.stderr)
+    assert _hashes(out) == _hashes(reference.output_dir)
 
 
 @pytest.mark.heavy

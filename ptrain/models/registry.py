@@ -64,6 +64,8 @@ def resolve_model_name(given: str, folder: str | Path, transformer_folder: str |
     """--model_name for a local checkpoint: `given` ("auto": the family its transformer class names). A family
     that contradicts the checkpoint's transformer class is a ConfigError naming both."""
     cls = transformer_class(folder, transformer_folder)
+    if cls and cls.startswith("FSDP") and cls[4:] in TRANSFORMER_CLASSES:  # a full export of ptrain before 0.x: it
+        cls = cls[4:]  # named the class fully_shard had made of the diffusers one
     detected = TRANSFORMER_CLASSES.get(cls) if cls else None
     where = f"{folder}" + (f" (transformer {transformer_folder})" if transformer_folder else "")
     if given == "auto":
