@@ -623,12 +623,12 @@ class ValidationArgs:
     """Classifier-free guidance scale (default: the pipeline's)."""
 
     def validate(self) -> None:
-        if self.validation_steps < 0 or self.num_validation_videos < 1 or self.validation_num_inference_steps < 1:
-            raise ConfigError(
-                f"--validation_steps {self.validation_steps} must be >= 0, --num_validation_videos "
-                f"{self.num_validation_videos} and --validation_num_inference_steps "
-                f"{self.validation_num_inference_steps} >= 1"
-            )
+        if self.validation_steps < 0 or self.num_validation_videos < 1:
+            raise ConfigError(f"--validation_steps {self.validation_steps} must be >= 0 and --num_validation_videos "
+                              f"{self.num_validation_videos} >= 1")  # fmt: skip
+        if self.validation_num_inference_steps < 2:  # diffusers' LTX-Video pipeline fails on 1 (an empty schedule)
+            raise ConfigError(f"--validation_num_inference_steps {self.validation_num_inference_steps}: sample with "
+                              "at least 2 denoising steps")  # fmt: skip
         if self.validation_dataset_file is not None and not Path(self.validation_dataset_file).is_file():
             raise ConfigError(f"--validation_dataset_file {self.validation_dataset_file}: no such file")
         for prompt in (self.validation_prompts or "").split(self.validation_prompt_separator):

@@ -296,6 +296,13 @@ def plan_run(cfg: Config) -> RunPlan:
         resolve_auto_ac(cfg, world, rank, device, out, run.precompute.enabled)
     if resume is not None:
         run.changed = changed_flags(out / "config.json", run_config(run))
+        alpha = [c for c in run.changed if c.startswith("--lora_alpha ")]
+        if alpha and m.training_type == "lora":  # as a --rank change, it changes the checkpoint's model
+            raise ConfigError(
+                f"{alpha[0]} on resume from {resume}: the adapters were trained at scale lora_alpha / rank, and "
+                "another alpha rescales every update learned so far (the resumed model would not be the "
+                "checkpoint's); keep the checkpoint's --lora_alpha, or start a new run in another --output_dir"
+            )
     if resume is not None and not cfg.plan.dry_run:
         run.finished = _resume_is_finished(run)
     return run
@@ -382,6 +389,11 @@ def check_shared_dir(out: Path, rank: int, tries: int = 3) -> None:
 _RESTART_FLAGS = {"resume_from_checkpoint", "train_steps", "num_train_epochs", "dry_run", "hub_ids", "config",
                   "output_dir", "logging_steps", "report_to", "profile_from_step", "profile_num_steps",
                   "log_step_breakdown", "log_level", "plan_gpu_memory_gb", "plan_world_size"}  # fmt: skip
+
+
+#: Flags that change only what the export writes: added to a finished run, it exports again (a rerun's export of
+#: the same checkpoint writes the same bytes) instead of refusing the changed settings.
+_EXPORT_FLAGS = {"export_comfyui", "export_ema", "export_every_checkpoint"}
 
 
 def run_config(run: RunPlan) -> dict:
@@ -488,6 +500,9 @@ def _resume_is_finished(run: RunPlan) -> bool:
         return False
     if export_complete(run.out, done_step):
         changed = run.changed
+        if changed and all(c.split()[0][2:] in _EXPORT_FLAGS for c in changed):  # an export the run did not write
+            log.info("run is complete at step %d; %s: exporting again", done_step, "; ".join(changed))
+            return False
         if changed:  # rerunning a finished run is a no-op; with other settings the user means a new run
             raise ConfigError(
                 f"--output_dir {run.out} holds a finished run (checkpoint {run.resume.name} at --train_steps "

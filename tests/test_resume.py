@@ -252,6 +252,22 @@ def test_failing_save_names_the_path_and_keeps_older_checkpoints(reference, tiny
     assert _hashes(out) == _hashes(reference.output_dir)
 
 
+def test_unwritable_validation_folder_stops_with_a_named_error(tiny_ckpt, tiny_data, tmp_path):
+    """The fifth audit: a validation video that could not be written (disk full, unwritable folder; here a file
+    where the folder goes) ended the run with a traceback, unlike a failing checkpoint. Now: exit 4, the cause and
+    the checkpoint a rerun resumes from."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "validation").write_text("not a folder")
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--train_steps", "2",
+            "--checkpointing_steps", "1", "--validation_prompts", "a cat", "--validation_steps", "1",
+            "--validation_num_inference_steps", "2", *TINY_ARGS]  # fmt: skip
+    p = _direct(args, out)
+    assert p.returncode == 4, first_error(p.stderr)
+    assert "ptrain: error: writing the validation videos of step 1 failed at step 1: Not a directory" in p.stderr
+    assert "The latest checkpoint, step-1, is intact" in p.stderr and "Traceback" not in p.stderr
+
+
 @pytest.mark.heavy
 @pytest.mark.parametrize("extra", [[], ["--fused_backward_pass"]], ids=["step", "fused-backward"])
 def test_full_bf16_resumes_exactly_on_fsdp(tiny_ckpt, tiny_data, tmp_path, extra):
@@ -285,6 +301,11 @@ def test_resuming_with_other_settings_says_what_changed(tiny_ckpt, tiny_data, tm
             "1", "--seed", "3", *TINY_ARGS]  # fmt: skip
     first = run_ptrain(1, [*base, "--train_steps", "2", "--rank", "4", "--lr", "1e-4"], tmp_path)
     assert first.returncode == 0, first_error(first.stderr)
+    finished = shutil.copytree(tmp_path, tmp_path.with_name(tmp_path.name + "-finished"))
+    # The fifth audit: another --lora_alpha rescaled what the checkpoint's adapters learned, with a warning only.
+    alpha = _direct([*base, "--train_steps", "3", "--rank", "4", "--lr", "1e-4", "--lora_alpha", "8", "--dry_run"],
+                    tmp_path)  # fmt: skip
+    assert alpha.returncode == 2 and "ptrain: error: --lora_alpha 64.0 -> 8.0 on resume from" in alpha.stderr
     dry = _direct([*base, "--train_steps", "3", "--rank", "8", "--lr", "2e-4", "--dry_run"], tmp_path)
     assert dry.returncode == 0, first_error(dry.stderr)  # the dry run lists them too (the second audit)
     assert "flags changed since that run's previous start: --rank 4 -> 8; --lr 0.0001 -> 0.0002" in dry.stdout
@@ -295,6 +316,13 @@ def test_resuming_with_other_settings_says_what_changed(tiny_ckpt, tiny_data, tm
     assert "--train_steps" not in again.stderr.split("flags changed since the previous start")[1].splitlines()[0]
     assert "the checkpoint was written with other settings" in again.stderr
     assert "--resume_from_checkpoint none" in again.stderr
+    # A finished run with an export-only flag added (the fifth audit: refused as "other settings") exports again.
+    lora = (finished / "pytorch_lora_weights.safetensors").read_bytes()
+    comfy = run_ptrain(1, [*base, "--train_steps", "2", "--rank", "4", "--lr", "1e-4", "--export_comfyui"], finished)
+    assert comfy.returncode == 0, first_error(comfy.stderr)
+    assert "--export_comfyui False -> True: exporting again" in comfy.stderr and "at step 2" in comfy.stderr
+    assert (finished / "pytorch_lora_weights.safetensors").read_bytes() == lora
+    assert (finished / "pytorch_lora_weights_comfyui.safetensors").is_file() and len(comfy.losses) == 2  # none new
 
 
 def test_a_second_run_in_the_same_output_dir_stops_at_start(tmp_path):
