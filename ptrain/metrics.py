@@ -6,6 +6,7 @@ import json
 import math
 import os
 import resource
+import secrets
 import sys
 from pathlib import Path
 
@@ -48,7 +49,7 @@ class MetricsWriter:
         if not enabled:
             return
         if wandb_config is not None:
-            self._wandb = _start_wandb(output_dir, wandb_config)
+            self._wandb = _start_wandb(output_dir, wandb_config, resume_step is not None)
         output_dir.mkdir(parents=True, exist_ok=True)
         path = output_dir / "metrics.jsonl"
         kept = []
@@ -101,16 +102,27 @@ class MetricsWriter:
             self._wandb.finish()
 
 
-def _start_wandb(output_dir: Path, config: dict):
-    """A wandb run in output_dir/wandb (project WANDB_PROJECT or ptrain; WANDB_MODE=offline is wandb's own)."""
+WANDB_RUN_ID = "wandb_run_id"
+
+
+def _start_wandb(output_dir: Path, config: dict, resumed: bool):
+    """A wandb run in output_dir/wandb (project WANDB_PROJECT or ptrain; WANDB_MODE=offline is wandb's own). A
+    resumed training run continues its wandb run (the id kept in output_dir/wandb_run_id), not a new one per
+    restart; wandb drops the rows of steps it already has (a resume from an earlier checkpoint redoes them)."""
     try:
         import wandb
     except ImportError as e:
         from ptrain.errors import ConfigError
 
         raise ConfigError("--report_to wandb: wandb is not installed: pip install 'ptrain[wandb]'") from e
+    id_file = output_dir / WANDB_RUN_ID
+    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None
+    if not run_id:
+        run_id = secrets.token_hex(4)  # wandb's ids: lowercase letters and digits
+        output_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
     return wandb.init(project=os.environ.get("WANDB_PROJECT", "ptrain"), dir=str(output_dir), config=config,
-                      name=output_dir.name)  # fmt: skip
+                      name=output_dir.name, id=run_id, resume="allow")  # fmt: skip
 
 
 def _jsonable(v):

@@ -154,7 +154,7 @@ def test_report_to_wandb_offline_logs_the_metrics(tiny_ckpt, tiny_data, tmp_path
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data),
-                        "--output_dir", str(tmp_path), "--train_steps", "2", "--checkpointing_steps", "0",
+                        "--output_dir", str(tmp_path), "--train_steps", "2", "--checkpointing_steps", "2",
                         *TINY_ARGS, "--report_to", "wandb"])  # fmt: skip
     train(cfg)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -167,3 +167,9 @@ def test_report_to_wandb_offline_logs_the_metrics(tiny_ckpt, tiny_data, tmp_path
         float(data[m.end() + 1 : m.end() + 1 + data[m.end()]]) for m in re.finditer(rb"\ntrain/loss\x82\x01", data)
     ]
     assert sorted(set(logged)) == pytest.approx(sorted(losses)) and len(losses) == 2  # history (+ summary) records
+    # The fifth audit: a resumed run was a new wandb run per restart. It continues its run (the same id).
+    first_id = (tmp_path / "wandb_run_id").read_text().strip()
+    assert runs[0].parent.name.endswith("-" + first_id)
+    cfg.train.train_steps, cfg.train.num_train_epochs = 3, None
+    train(cfg)
+    assert {p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")} == {first_id}
