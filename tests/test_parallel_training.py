@@ -75,7 +75,7 @@ def test_full_finetune_fsdp2_came_matches_single_process(launches, tiny_ckpt):
 
     assert json.loads((run.output_dir / "transformer" / "config.json").read_text())["_class_name"] == \
         "LTXVideoTransformer3DModel"
-    assert type(AutoModel.from_pretrained(run.output_dir / "transformer")) is LTXVideoTransformer3DModel
+    assert type(AutoModel.from_pretrained(str(run.output_dir / "transformer"))) is LTXVideoTransformer3DModel
     assert resolve_model_name("auto", tiny_ckpt, run.output_dir / "transformer") == "ltx_video"
 
 
