@@ -252,6 +252,7 @@ def test_failing_save_names_the_path_and_keeps_older_checkpoints(reference, tiny
     assert _hashes(out) == _hashes(reference.output_dir)
 
 
+@pytest.mark.heavy  # suite time (14 s); CI runs it
 def test_unwritable_validation_folder_stops_with_a_named_error(tiny_ckpt, tiny_data, tmp_path):
     """The fifth audit: a validation video that could not be written (disk full, unwritable folder; here a file
     where the folder goes) ended the run with a traceback, unlike a failing checkpoint. Now: exit 4, the cause and
