@@ -44,7 +44,7 @@ from ptrain.checkpoint import (
     resolve_resume,
     supersede,
 )
-from ptrain.collective import ALIKE, PeerFailed, raise_if_any_failed
+from ptrain.collective import ALIKE, PeerFailed, all_max, raise_if_any_failed
 from ptrain.config import Config, ConfigError, to_dict
 from ptrain.data import CPSampleAgreement, Usable, VideoDataset, build_dataloader, make_sampler, scan_dataset, summary
 from ptrain.data.precompute import Decision, PrecomputedDataset, decide, precompute
@@ -66,7 +66,13 @@ from ptrain.parallel.swap import streamed
 from ptrain.parallelize import DTYPES, build_trainable, check_parallel_options, make_trainable_model
 from ptrain.profiling import StepProfiler
 from ptrain.step import Prepared, TrainStep, clip_gradients, make_inputs, set_gradient_sync
-from ptrain.validation import check_validation_shapes, load_validation_items, run_validation, tiled_decode
+from ptrain.validation import (
+    VALIDATION_INDEX,
+    check_validation_shapes,
+    load_validation_items,
+    run_validation,
+    tiled_decode,
+)
 
 log = logging.getLogger("ptrain")
 
@@ -974,6 +980,7 @@ class Trainer:
         try:
             with phase("during training (a second Ctrl-C stops at once)",
                        "the steps since the last checkpoint are lost; rerun the same command to resume from it"):
+                self.redo_missed_validation()
                 while self.state.step < train_steps:
                     step = self.state.step + 1
                     gc_control.maybe_collect(step)
@@ -1176,10 +1183,25 @@ class Trainer:
                 f"Last complete checkpoint: {good[-1][1] if good else 'none'}. Lower --lr or check the data."
             )
 
-    def maybe_validate(self, step: int) -> None:
-        if not self.validation_items:
+    def validation_due(self, step: int) -> bool:
+        return bool(self.validation_items) and (bool(self.v_every) and step % self.v_every == 0
+                                                or step == self.cfg.train.train_steps)  # fmt: skip
+
+    def redo_missed_validation(self) -> None:
+        """Collective, at a resume: the checkpoint is saved before its step's validation, so a run that stopped in
+        that validation (out of memory, a write error, a kill) resumes past it. Its folder has no prompts.json (the
+        last file a validation writes): sample it now, before the next step."""
+        step = self.state.step
+        if not step or not self.validation_due(step):
             return
-        if (not self.v_every or step % self.v_every) and step != self.cfg.train.train_steps:
+        index = self.run.out / "validation" / f"step-{step}" / VALIDATION_INDEX
+        if not all_max(int(self.run.rank == 0 and not index.exists())):  # rank 0 decides: every rank validates
+            return
+        log.info("validation at step %d did not finish before the run stopped (no %s): sampling it now", step, index)
+        self.maybe_validate(step)
+
+    def maybe_validate(self, step: int) -> None:
+        if not self.validation_due(step):
             return
         ema = self.model.ema
         with_ema = self.cfg.ema.validate_with_ema

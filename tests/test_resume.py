@@ -7,6 +7,7 @@ named error and leaves older checkpoints usable. Real torchrun processes on gloo
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import resource
 import shutil
@@ -267,6 +268,14 @@ def test_unwritable_validation_folder_stops_with_a_named_error(tiny_ckpt, tiny_d
     assert p.returncode == 4, first_error(p.stderr)
     assert "ptrain: error: writing the validation videos of step 1 failed at step 1: Not a directory" in p.stderr
     assert "The latest checkpoint, step-1, is intact" in p.stderr and "Traceback" not in p.stderr
+    # The rerun resumes from step-1, saved before that step's validation: it samples the missed validation first.
+    (out / "validation").unlink()
+    p = _direct(args, out)
+    assert p.returncode == 0, first_error(p.stderr)
+    assert "validation at step 1 did not finish before the run stopped" in p.stderr
+    for step in (1, 2):
+        index = json.loads((out / "validation" / f"step-{step}" / "prompts.json").read_text())
+        assert [v["prompt"] for v in index.values()] == ["a cat"]
 
 
 @pytest.mark.heavy
