@@ -93,6 +93,36 @@ def test_inpaint_step0_equals_text_to_video(model):
         assert extra.shape[1] == expected - c and extra.shape[2:] == latents.shape[2:]
 
 
+def test_cogvideox_inpaint_conditioning_is_cogvideox_funs():
+    """The seventh audit: CogVideoX inpaint as VideoX-Fun trains and samples CogVideoX-Fun InP (its train.py and
+    CogVideoX_Fun_Pipeline_Inpaint): generated pixels set to -1 before encoding, the mask channel times the VAE's
+    scaling factor, and all zeros where nothing is given. ptrain had filled 0 and left the mask at 1."""
+    spec, comps = get_spec("cogvideox"), _components(build_tiny_pipeline("cogvideox", seed=0))
+    spec = spec.bind(comps, "inpaint", {"first_frame": 0.5, "full": 0.5}, "lora")
+    sf = comps.vae.config.scaling_factor
+    assert sf != 1
+    video, gens = _video(batch=8), sample_generators(0, range(8))
+    latents = spec.encode_video(comps, video, gens)
+    cond = spec.encode_text(comps, ["a red ball"] * 8, spec.max_sequence_length(comps))
+    keep, kinds = sample_keep_mask("inpaint", {"first_frame": 0.5, "full": 0.5}, tuple(video.shape),
+                                   sample_generators(0, range(8)))  # fmt: skip
+    assert set(kinds) == {"first_frame", "full"}
+    _, c2 = spec.condition("inpaint", comps, video, latents, None, cond, sample_generators(0, range(8)))
+    extra = c2.tensors["concat_latents"]
+    c = latents.shape[1]
+    for i, kind in enumerate(kinds):
+        mask, given = extra[i, :1], extra[i, 1:]
+        if kind == "full":
+            assert not extra[i].any()
+            continue
+        assert torch.equal(mask[:, 0], torch.full_like(mask[:, 0], sf)) and not mask[:, 1:].any()
+        black = video[i : i + 1].clone()
+        black[:, :, 1:] = -1  # the generated frames, black
+        want = spec.condition_latents(comps, black)[0]
+        torch.testing.assert_close(given, want.to(given))
+        assert given.shape[0] == c
+
+
 def test_wan_i2v_conditioning_equals_the_pipeline():
     """Mask, condition latents and CLIP image embeddings equal what WanImageToVideoPipeline builds for the image."""
     spec, comps = get_spec("wan"), _components(build_tiny_pipeline("wan", seed=0, variant="i2v"))

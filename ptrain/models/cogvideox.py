@@ -64,15 +64,18 @@ class CogVideoXSpec(ModelSpec):
         """i2v as diffusers' CogVideoX image-to-video trainer and pipeline: the first frame, with a little noise
         (sigma = exp(N(-3, 0.5)) per sample), encoded by the VAE and scaled as the pipeline does, then zero
         latent frames after it. `ofs` = 2 where the config has the embedding (1.5-I2V), as the pipeline passes it.
-        inpaint (VideoX-Fun InP layout): the latent keep mask, then the latents of the video with its generated
-        part zeroed. forward concatenates them to the noisy latents on channels."""
+        inpaint: CogVideoX-Fun InP's input, as VideoX-Fun trains and samples it (scripts/cogvideox_fun/train.py,
+        CogVideoX_Fun_Pipeline_Inpaint): the latent keep mask and the latents of the video with its generated
+        pixels set to -1 (black), both times the VAE's scaling factor; all zeros where nothing is given (the
+        pipeline's text-to-video input). forward concatenates them to the noisy latents on channels."""
         if mode == "normal":
             return prepared, cond
         b = video.shape[0]
         if mode == "inpaint":
             keep, latent_keep = self.keep_masks(mode, components, video, latents, generators)
-            given = self.condition_latents(components, video.float() * keep)
-            extra = torch.cat([latent_keep, given], dim=1)
+            given = self.condition_latents(components, video.float() * keep - (1 - keep))
+            extra = torch.cat([latent_keep * components.vae.config.scaling_factor, given], dim=1)
+            extra = extra * (keep.flatten(1).amax(dim=1) > 0).to(extra).view(-1, 1, 1, 1, 1)
         else:
             image = video[:, :, :1].float()
             sigma = torch.exp(torch.cat([torch.normal(-3.0, 0.5, (1,), generator=g) for g in generators]))
