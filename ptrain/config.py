@@ -620,7 +620,8 @@ class ValidationArgs:
     validation_num_inference_steps: int = 30
     """Denoising steps per validation video."""
     validation_guidance_scale: float | None = None
-    """Classifier-free guidance scale (default: the pipeline's)."""
+    """Guidance scale (default: the pipeline's). HunyuanVideo: the embedded (distilled) guidance; ptrain trains with
+    1.0, as finetrainers and musubi-tuner do, while the pipeline's default is 6.0."""
 
     def validate(self) -> None:
         if self.validation_steps < 0 or self.num_validation_videos < 1:
