@@ -163,6 +163,7 @@ def test_cogvideox_seed_command_trains_tiny_checkpoint(tiny_ckpts, tiny_data, tm
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # suite time; CI runs it
 def test_trainable_modules_and_uniform_sampling_on_fsdp2(launches, tiny_ckpt):
     """Only parameters matching --trainable_modules train (frozen ones share FSDP2 units with them), and
     rank-stratified timesteps keep the per-step losses layout-independent."""

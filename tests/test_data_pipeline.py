@@ -295,6 +295,7 @@ def test_file_that_breaks_after_the_scan_is_replaced_deterministically(tmp_path)
 # --- acceptance: dry run and a 2-process run on the mixed folder --------------------------------------------
 
 
+@pytest.mark.heavy  # suite time; CI runs it
 def test_mixed_folder_dry_run_and_bucketed_training(tiny_ckpt, mixed, tmp_path):
     args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(mixed), "--enable_bucket",
             "--height", "32", "--width", "32", "--num_frames", "17", "--transformer_dtype", "float32",

@@ -155,6 +155,7 @@ def test_rank0_resolves_before_the_others(hub_cache, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # suite time; CI runs it
 def test_hub_id_training_and_validation_split_over_two_ranks(offline, tiny_data, ptrain_run, tmp_path):
     """Train from the hub id (offline cache) in 1 and 2 processes, validating 3 prompts: with 2 ranks each prompt's
     video is written once, by rank i % 2, and the files equal the 1-process run's (same seed per prompt; lr 1e-12

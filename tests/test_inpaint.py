@@ -171,7 +171,8 @@ def _generate(pipe, image, frames=9):
            if "CogVideoX" in type(pipe).__name__ else {})).frames[0])  # fmt: skip
 
 
-@pytest.mark.parametrize("model", [pytest.param(m, marks=() if m == "wan" else pytest.mark.heavy) for m in MODELS])
+@pytest.mark.heavy  # suite time; CI runs it
+@pytest.mark.parametrize("model", MODELS)
 def test_inpaint_lora_from_t2v_parity_and_export(model, tiny_ckpts, tiny_data, tmp_path):
     """LoRA inpaint from the text-to-video checkpoint: FSDP 2 = 1 process; the widened input layer is exported
     beside the LoRA, goes back into the base transformer, and the result samples (in the image-to-video pipeline

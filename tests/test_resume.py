@@ -220,6 +220,7 @@ def _limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.heavy  # suite time; CI runs it
 def test_failing_save_names_the_path_and_keeps_older_checkpoints(reference, tiny_ckpt, tiny_data, tmp_path):
     out = _restart_copy(reference.output_dir, tmp_path / "o", keep_step=2)
     older = {p.name: sorted((f.name, f.stat().st_size) for f in p.iterdir()) for _, p in complete_checkpoints(out)}
