@@ -138,3 +138,39 @@ def test_layout_and_device_options_are_checked_before_the_load(tiny_ckpt, tiny_d
     assert plain_single_process(cfg, one) and not plain_single_process(cfg, two)
     cfg.model.layerwise_upcasting_modules = ["transformer"]  # FP8 storage keeps FSDP2 in one process
     assert not plain_single_process(cfg, one)
+
+
+def test_mesh_sub_groups_get_the_dist_timeout(tmp_path):
+    """Session 17's review of the mesh groups: DeviceMesh made its sub-groups with torch's default timeout (NCCL: 10
+    minutes; gloo: 30) instead of --dist_timeout_s, so a rank lagging in an HSDP or CP collective was aborted early.
+    4 gloo processes, HSDP 2 x cp 2: every group of every mesh carries the timeout given."""
+    code = (
+        "import torch, torch.distributed as dist\n"
+        "from datetime import timedelta\n"
+        "from ptrain.parallel.dims import ParallelDims, init_distributed\n"
+        "init_distributed(61)\n"
+        "dims = ParallelDims.build(2, 1, 2, 4)\n"
+        "m = dims.build_mesh(61)\n"
+        "meshes = (m.world, m.dp, m.dp_shard_cp, m.dp_cp, m.hsdp)\n"
+        "groups = {id(g): g for mesh in meshes for g in mesh.get_all_groups()}\n"
+        "subs = [g for g in groups.values() if g is not dist.group.WORLD]\n"
+        "t = [g._get_backend(torch.device('cpu')).options._timeout for g in subs]\n"
+        "plain = ParallelDims.build(2, 1, 2, 4).build_mesh()\n"  # the same groups again, without the timeout
+        "other = [g._get_backend(torch.device('cpu')).options._timeout for g in plain.world.get_all_groups()\n"
+        "         if g is not dist.group.WORLD]\n"
+        "print('subs', len(subs), sorted({x.total_seconds() for x in t}), sorted({x.total_seconds() for x in other}))\n"
+        "dist.destroy_process_group()\n"
+    )
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    script = tmp_path / "mesh.py"
+    script.write_text(code)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", str(script)]
+    p = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [line for line in p.stdout.splitlines() if line.startswith("subs")]
+    assert len(lines) == 4, p.stdout
+    for line in lines:
+        n, mine, plain = line.split(" ", 2)[1], *line.split(" [")[1:]
+        assert int(n) >= 3 and mine == "61.0]" and "61.0" not in plain, line

@@ -104,20 +104,42 @@ class ParallelDims:
             f"x cp {self.cp}"
         )
 
-    def build_mesh(self) -> Meshes:
+    def build_mesh(self, timeout_s: int | None = None) -> Meshes:
+        """The meshes; `timeout_s` (--dist_timeout_s) is given to every sub-group they made (see group_timeouts)."""
         world = init_device_mesh(
             device_type(),
             (self.dp_replicate, self.dp_shard, self.cp),
             mesh_dim_names=("dp_replicate", "dp_shard", "cp"),
         )
         dp_cp = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-        return Meshes(
+        meshes = Meshes(
             world=world,
             dp=world["dp_replicate", "dp_shard"]._flatten("dp"),
             dp_shard_cp=world["dp_shard", "cp"]._flatten("dp_shard_cp"),
             dp_cp=dp_cp,
             hsdp=dp_cp._unflatten(0, (self.dp_replicate, self.dp_shard * self.cp), ("dp_replicate", "dp_shard_cp")),
         )
+        if timeout_s is not None:
+            group_timeouts(meshes, timedelta(seconds=timeout_s))
+        return meshes
+
+
+def group_timeouts(meshes: Meshes, timeout: timedelta) -> int:
+    """DeviceMesh makes its sub-groups (split_group / new_group without a timeout) with torch's default timeout,
+    10 minutes for NCCL, not init_process_group's: a rank that lagged longer in a sub-group's collective (e.g. an
+    uneven first compile under HSDP or CP) was aborted before --dist_timeout_s. Give each its timeout; returns how
+    many groups were set (the default group has it already)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return 0
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    done = {id(dist.group.WORLD)}
+    for mesh in (meshes.world, meshes.dp, meshes.dp_shard_cp, meshes.dp_cp, meshes.hsdp):
+        for group in mesh.get_all_groups():
+            if id(group) not in done:
+                done.add(id(group))
+                _set_pg_timeout(timeout, group)
+    return len(done) - 1
 
 
 @dataclass(frozen=True)
