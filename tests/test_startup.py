@@ -43,6 +43,13 @@ def test_dist_timeout_must_be_positive(tmp_path):
         parse_config([*args, "--dist_timeout_s", "0"]).validate()
 
 
+def _cpu_env() -> dict[str, str]:
+    """This environment without a launcher's variables, on CPU + gloo even on a GPU machine."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+
 def test_init_distributed_prints_one_start_line():
     code = (
         "from ptrain.parallel.dims import init_distributed\n"
@@ -50,11 +57,8 @@ def test_init_distributed_prints_one_start_line():
         "print(init_distributed(60))\n"
         "dist.destroy_process_group()\n"
     )
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")  # CPU + gloo even on a GPU machine
     cmd = [sys.executable, "-c", code]
-    p = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(cmd, check=False, cwd=REPO, env=_cpu_env(), capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [line for line in p.stderr.splitlines() if line.startswith("ptrain start:")]
     expected = (
@@ -161,9 +165,7 @@ def test_mesh_sub_groups_get_the_dist_timeout(tmp_path):
         "print('subs', len(subs), sorted({x.total_seconds() for x in t}), sorted({x.total_seconds() for x in other}))\n"
         "dist.destroy_process_group()\n"
     )
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = {**_cpu_env(), "PYTHONPATH": str(REPO)}
     script = tmp_path / "mesh.py"
     script.write_text(code)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", str(script)]
