@@ -104,8 +104,8 @@ def test_cogvideox_inpaint_conditioning_is_cogvideox_funs():
     video, gens = _video(batch=8), sample_generators(0, range(8))
     latents = spec.encode_video(comps, video, gens)
     cond = spec.encode_text(comps, ["a red ball"] * 8, spec.max_sequence_length(comps))
-    keep, kinds = sample_keep_mask("inpaint", {"first_frame": 0.5, "full": 0.5}, tuple(video.shape),
-                                   sample_generators(0, range(8)))  # fmt: skip
+    _, kinds = sample_keep_mask("inpaint", {"first_frame": 0.5, "full": 0.5}, tuple(video.shape),
+                                sample_generators(0, range(8)))  # fmt: skip
     assert set(kinds) == {"first_frame", "full"}
     _, c2 = spec.condition("inpaint", comps, video, latents, None, cond, sample_generators(0, range(8)))
     extra = c2.tensors["concat_latents"]

@@ -43,7 +43,8 @@ def test_lora_hsdp_matches_single_process_and_validates(launches, model):
     assert (run.output_dir / "pytorch_lora_weights.safetensors").is_file()
 
 
-@pytest.mark.heavy  # suite time; CI runs it; test_parallel_training's CAME case is a full fine-tune FSDP2 parity by default
+# suite time; CI runs it. By default test_parallel_training's CAME case checks full fine-tune FSDP2 parity.
+@pytest.mark.heavy
 @pytest.mark.parametrize("model", NEW_MODELS)
 def test_full_finetune_fsdp2_matches_single_process(launches, model, tiny_ckpts):
     ref, run = launches("full-single", model).run, launches("full-fsdp2", model).run
