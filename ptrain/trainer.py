@@ -252,7 +252,7 @@ def plan_run(cfg: Config) -> RunPlan:
     planned = cfg.plan.plan_world_size if cfg.plan.dry_run and cfg.plan.plan_world_size and world == 1 else None
     dims = ParallelDims.build(p.dp_degree, p.dp_shards, p.cp_degree, planned or world,
                               *(["--plan_world_size"] if planned else []))  # fmt: skip
-    mesh = dims.build_mesh(cfg.parallel.dist_timeout_s) if planned is None else None
+    mesh = dims.build_mesh(p.dist_timeout_s, p.fsdp_cpu_offload) if planned is None else None
     log.info("ptrain: %s on %s (%s)%s", dims.describe(), device, dist.get_backend(),
              f", planned for --plan_world_size {planned} (this dry run is one process)" if planned else "")  # fmt: skip
     for note in cfg.compat_notes:

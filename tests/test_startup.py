@@ -176,3 +176,32 @@ def test_mesh_sub_groups_get_the_dist_timeout(tmp_path):
     for line in lines:
         n, mine, plain = line.split(" ", 2)[1], *line.split(" [")[1:]
         assert int(n) >= 3 and mine == "61.0]" and "61.0" not in plain, line
+
+
+def test_cpu_offload_refuses_a_mesh_group_without_a_cpu_backend():
+    """Session 17's review (R2): with --fsdp_cpu_offload the clipped gradients are CPU tensors, so every mesh group
+    needs a CPU backend. torch's fake process group stands in for a group made with nccl only ("cuda:fake": no
+    backend for CPU tensors): the check names the mesh and dim at start. With a CPU backend it passes."""
+    code = (
+        "import torch.distributed as dist, sys\n"
+        "from torch.testing._internal.distributed.fake_pg import FakeStore\n"
+        "from ptrain.parallel.dims import ParallelConfigError, ParallelDims\n"
+        "dist.init_process_group(sys.argv[1], store=FakeStore(), rank=0, world_size=4)\n"
+        "try:\n"
+        "    ParallelDims.build(2, 1, 2, 4).build_mesh(cpu_offload=True)\n"
+        "    print('built')\n"
+        "except ParallelConfigError as e:\n"
+        "    print('refused:', e)\n"
+        "dist.destroy_process_group()\n"
+    )
+    env = {**_cpu_env(), "PYTHONPATH": str(REPO)}
+    out = {}
+    for spec in ("cuda:fake", "cpu:fake"):
+        p = subprocess.run([sys.executable, "-c", code, spec], check=False, cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+        assert p.returncode == 0, p.stderr[-3000:]
+        out[spec] = p.stdout.strip()
+    assert out["cpu:fake"] == "built", out
+    assert out["cuda:fake"].startswith("refused: --fsdp_cpu_offload: the world mesh's 'dp_replicate' process group "
+                                       "has no CPU backend"), out  # fmt: skip
+    assert "'cuda:nccl,cpu:gloo'" in out["cuda:fake"], out

@@ -104,8 +104,9 @@ class ParallelDims:
             f"x cp {self.cp}"
         )
 
-    def build_mesh(self, timeout_s: int | None = None) -> Meshes:
-        """The meshes; `timeout_s` (--dist_timeout_s) is given to every sub-group they made (see group_timeouts)."""
+    def build_mesh(self, timeout_s: int | None = None, cpu_offload: bool = False) -> Meshes:
+        """The meshes; `timeout_s` (--dist_timeout_s) is given to every sub-group they made (see group_timeouts);
+        with `cpu_offload` (--fsdp_cpu_offload) every group must also reduce CPU tensors (see check_cpu_backends)."""
         world = init_device_mesh(
             device_type(),
             (self.dp_replicate, self.dp_shard, self.cp),
@@ -121,6 +122,8 @@ class ParallelDims:
         )
         if timeout_s is not None:
             group_timeouts(meshes, timedelta(seconds=timeout_s))
+        if cpu_offload:
+            check_cpu_backends(meshes)
         return meshes
 
 
@@ -134,12 +137,40 @@ def group_timeouts(meshes: Meshes, timeout: timedelta) -> int:
     from torch.distributed.distributed_c10d import _set_pg_timeout
 
     done = {id(dist.group.WORLD)}
-    for mesh in (meshes.world, meshes.dp, meshes.dp_shard_cp, meshes.dp_cp, meshes.hsdp):
-        for group in mesh.get_all_groups():
-            if id(group) not in done:
-                done.add(id(group))
-                _set_pg_timeout(timeout, group)
+    for _, _, group in _mesh_groups(meshes):
+        if id(group) not in done:
+            done.add(id(group))
+            _set_pg_timeout(timeout, group)
     return len(done) - 1
+
+
+def _mesh_groups(meshes: Meshes):
+    """(mesh name, dim name, group) of every group the meshes hold, the default group's repeats included."""
+    for name in ("world", "dp", "dp_shard_cp", "dp_cp", "hsdp"):
+        mesh = getattr(meshes, name)
+        for dim, group in zip(mesh.mesh_dim_names, mesh.get_all_groups()):
+            yield name, dim, group
+
+
+def check_cpu_backends(meshes: Meshes) -> None:
+    """With --fsdp_cpu_offload the gradients are CPU tensors, and clipping reduces their norm on the mesh's
+    groups (the default group for FSDP and DDP, a sub-group for HSDP): each group needs a CPU backend (gloo)
+    beside nccl. init_distributed asks for `cuda:nccl,cpu:gloo`, and the sub-groups DeviceMesh splits from it
+    carry both on torch 2.11-2.13; a torch or launcher that builds a group without it would otherwise fail only
+    at the first clip, with torch's "No backend type associated with device type cpu". Checked at start."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    cpu = torch.device("cpu")
+    for name, dim, group in _mesh_groups(meshes):
+        try:
+            group._get_backend(cpu)
+        except RuntimeError:
+            raise ParallelConfigError(
+                f"--fsdp_cpu_offload: the {name} mesh's {dim!r} process group has no CPU backend "
+                f"(backend {dist.get_backend(group)!r}), so the offloaded gradients cannot be reduced there "
+                "(gradient clipping would fail); start the run with a process group that has gloo for CPU "
+                "tensors (ptrain asks for 'cuda:nccl,cpu:gloo'), or drop --fsdp_cpu_offload"
+            ) from None
 
 
 @dataclass(frozen=True)
