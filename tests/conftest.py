@@ -196,17 +196,45 @@ LAYOUTS = {
 }  # fmt: skip
 
 
+def session_shared_dir(tmp_path_factory, name: str) -> Path:
+    """A folder every pytest-xdist worker of this session sees (`bash launch/test.sh` runs 2 or more workers); the
+    session's own base folder when the run has one process."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def launches(tiny_ckpts, tiny_data, tmp_path_factory):
-    """Lazily launched, cached training runs keyed by (LAYOUTS name, model)."""
-    cache: dict[tuple[str, str], Launch] = {}
+    """Lazily launched, cached training runs keyed by (LAYOUTS name, model, extra flags). Each runs once per test
+    session, also across pytest-xdist workers: the first worker to need it runs it under a file lock, and the
+    others read its result (outputs, stdout, stderr) from the shared folder."""
+    import fcntl
+    import hashlib
+
+    cache: dict[tuple[str, ...], Launch] = {}
+    shared = session_shared_dir(tmp_path_factory, "launches")
 
     def get(name: str, model: str = "ltx_video", *more: str) -> Launch:
         key = (name, model, *more)
         if key not in cache:
             nproc, extra = LAYOUTS[name]
-            args = train_args(tiny_ckpts(model), tiny_data, "--model_name", model, *extra, *more)
-            run = run_ptrain(nproc, args, tmp_path_factory.mktemp(f"{model}-{name}"))
+            folder = shared / f"{model}-{name}-{hashlib.sha1(repr(key).encode()).hexdigest()[:10]}"
+            with open(f"{folder}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                record = folder / "launch.json"
+                if record.exists():  # run by another worker (its checkpoint and data paths are in `args`)
+                    d = json.loads(record.read_text())
+                    run = Run(d["returncode"], d["stdout"], d["stderr"], folder / "out")
+                    args = d["args"]
+                else:
+                    args = train_args(tiny_ckpts(model), tiny_data, "--model_name", model, *extra, *more)
+                    run = run_ptrain(nproc, args, folder / "out")
+                    folder.mkdir(exist_ok=True)
+                    d = {"args": args, "returncode": run.returncode, "stdout": run.stdout, "stderr": run.stderr}
+                    (folder / "launch.json.tmp").write_text(json.dumps(d))
+                    (folder / "launch.json.tmp").replace(record)
             assert run.returncode == 0, f"{model} {name} failed:\n{first_error(run.stderr)}"
             cache[key] = Launch(nproc, args, run)
         return cache[key]

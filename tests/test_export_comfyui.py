@@ -16,9 +16,11 @@ The key naming is checked by converters ptrain does not own:
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import re
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,3 +297,48 @@ def test_training_writes_comfyui_file(model, tiny_ckpts, tiny_data, tmp_path, si
                 if "lora_A" in k)  # fmt: skip
     moved = sum(float(d.square().sum()) for d in comfy_deltas(written).values())
     assert total > 0 and math.isclose(moved, total, rel_tol=1e-5)
+
+
+COMFYUI_REFERENCE = Path(__file__).parent / "data" / "comfyui_lora_keys.json"
+
+
+@pytest.mark.parametrize("family", ["wan", "wan_i2v_1280", "ltx_video", "hunyuan_video_r2"])
+def test_every_key_is_one_comfyui_loads_onto_the_right_rows(family):
+    """Pinned against ComfyUI itself (session 18 ran ComfyUI 618b803d's loader and LoRA code on ptrain's exports:
+    every key loaded, weight updates equal to diffusers' fused ones, forward outputs within 1.4e-6). The data file
+    records, for tiny configs of each family, the LoRA keys ComfyUI's `model_lora_keys_unet` accepts (with the
+    module each patches) and where each diffusers weight lives in ComfyUI's layout (module, output rows). A LoRA on
+    every Linear/Conv is converted by ptrain's real converter; every key it writes must be accepted, and each
+    diffusers module's update must sit in exactly its rows (fused q/k/v and linear1 parts, swapped halves)."""
+    import diffusers
+
+    ref = json.loads(COMFYUI_REFERENCE.read_text())["families"][family]
+    config = dict(ref["tiny_config"])
+    transformer = getattr(diffusers, config["_class_name"]).from_config(config)
+    modules = dict(transformer.named_modules())
+    assert set(ref["rows"]) <= set(modules), "reference modules missing from the diffusers model"
+    gen = torch.Generator().manual_seed(0)
+    lora, expected = {}, {}
+    for name in ref["rows"]:
+        weight = modules[name].weight
+        down = torch.randn(RANK, *weight.shape[1:], generator=gen)
+        up = torch.randn(weight.shape[0], RANK, *([1] * (weight.dim() - 2)), generator=gen)
+        lora[f"transformer.{name}.lora_A.weight"], lora[f"transformer.{name}.lora_B.weight"] = down, up
+        expected[name] = (up.flatten(1) @ down.flatten(1)) * (ALPHA / RANK)
+    rules = get_spec(ref["model"]).comfyui_lora_rules(transformer.config)
+    comfy = to_comfyui(lora, {"lora_alpha": ALPHA}, rules)
+    deltas = comfy_deltas(comfy)
+    accepted = ref["accepted"]
+    refused = sorted(k for k in deltas if f"diffusion_model.{k}" not in accepted)
+    assert not refused, f"ComfyUI would log 'lora key not loaded' for {refused}"
+    patched = {accepted[f"diffusion_model.{k}"]: v.flatten(1) for k, v in deltas.items()}  # ComfyUI module -> update
+    assert len(patched) == len(deltas), "two keys patch the same ComfyUI weight"
+    covered: dict[str, int] = {}
+    for name, segments in ref["rows"].items():
+        missing = sorted({module for module, _, _ in segments} - set(patched))
+        assert not missing, f"{name}'s update reaches no key ComfyUI applies to {missing}"
+        got = torch.cat([patched[module][start:end] for module, start, end in segments])
+        torch.testing.assert_close(got, expected[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        for module, start, end in segments:
+            covered[module] = covered.get(module, 0) + end - start
+    assert covered == {k: v.shape[0] for k, v in patched.items()}, "rows of a ComfyUI weight left unexplained"

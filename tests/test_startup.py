@@ -149,7 +149,7 @@ def test_mesh_sub_groups_get_the_dist_timeout(tmp_path):
     minutes; gloo: 30) instead of --dist_timeout_s, so a rank lagging in an HSDP or CP collective was aborted early.
     4 gloo processes, HSDP 2 x cp 2: every group of every mesh carries the timeout given."""
     code = (
-        "import torch, torch.distributed as dist\n"
+        "import os, torch, torch.distributed as dist\n"
         "from datetime import timedelta\n"
         "from ptrain.parallel.dims import ParallelDims, init_distributed\n"
         "init_distributed(61)\n"
@@ -162,7 +162,9 @@ def test_mesh_sub_groups_get_the_dist_timeout(tmp_path):
         "plain = ParallelDims.build(2, 1, 2, 4).build_mesh()\n"  # the same groups again, without the timeout
         "other = [g._get_backend(torch.device('cpu')).options._timeout for g in plain.world.get_all_groups()\n"
         "         if g is not dist.group.WORLD]\n"
-        "print('subs', len(subs), sorted({x.total_seconds() for x in t}), sorted({x.total_seconds() for x in other}))\n"
+        "mine, plain = sorted({x.total_seconds() for x in t}), sorted({x.total_seconds() for x in other})\n"
+        "line = f'subs {len(subs)} {mine} {plain}'\n"
+        "os.write(1, (line + '\\n').encode())\n"  # one write per rank: print's parts interleave across the 4 ranks
         "dist.destroy_process_group()\n"
     )
     env = {**_cpu_env(), "PYTHONPATH": str(REPO)}
