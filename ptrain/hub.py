@@ -3,7 +3,8 @@
 A hub id (`org/name`, an `--*_id` may add `@REVISION`) is resolved once, early (before the model's configs are read),
 to a snapshot folder in the standard cache (`HF_HUB_CACHE`, else `HF_HOME/hub`) with huggingface_hub's
 `snapshot_download`; the config then names that folder and the rest of ptrain loads it like any local checkpoint.
-Only what ptrain reads is downloaded: config / tokenizer files and `.safetensors` weights (of `--variant` if given).
+Only what ptrain reads is downloaded: config / tokenizer files and `.safetensors` weights (of `--variant` if given);
+a --dry_run plans from the configs and fetches no weights.
 
 Several processes: rank 0 resolves (downloads) first while the others wait at a broadcast; they then open the
 same commit's snapshot from the cache (or download that commit themselves where a node has its own cache).
@@ -80,10 +81,11 @@ def origin(path: str | Path) -> str:
     return ""
 
 
-def patterns(prefixes: list[str], variant: str | None) -> tuple[list[str], list[str]]:
-    """(allow, ignore) patterns for the files ptrain reads under each prefix ('' = the repo root)."""
-    weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
-    allow = [f"{p}{pat}" for p in prefixes for pat in (*_SMALL_FILES, weights)]
+def patterns(prefixes: list[str], variant: str | None, weights: bool = True) -> tuple[list[str], list[str]]:
+    """(allow, ignore) patterns for the files ptrain reads under each prefix ('' = the repo root); without
+    `weights` (a dry run) only the small files: configs and tokenizers."""
+    files = (f"*.{variant}.safetensors" if variant else "*.safetensors",) if weights else ()
+    allow = [f"{p}{pat}" for p in prefixes for pat in (*_SMALL_FILES, *files)]
     ignore = [f"*.{v}.safetensors" for v in _VARIANTS if v != variant]
     return allow, ignore
 
@@ -120,12 +122,12 @@ def download(flag: str, repo: str, revision: str | None, allow: list[str], ignor
 
 
 def _resolve_one(flag: str, value: str, name: str | None, revision: str | None, variant: str | None,
-                 components: list[str], cache_only: bool) -> str:  # fmt: skip
+                 components: list[str], cache_only: bool, weights: bool = True) -> str:  # fmt: skip
     """The snapshot folder of one hub id: the whole pipeline (name None: model_index.json and `components`'
     subfolders) or one component (its `name/` subfolder if the repo has one, else the repo root)."""
     repo = split_id(value)[0]
     if name is None:
-        allow, ignore = patterns([f"{c}/" for c in components], variant)
+        allow, ignore = patterns([f"{c}/" for c in components], variant, weights)
         folder = download(flag, repo, revision, ["model_index.json", *allow], ignore, cache_only)
         if not (Path(folder) / "model_index.json").is_file():
             raise ConfigError(
@@ -136,7 +138,7 @@ def _resolve_one(flag: str, value: str, name: str | None, revision: str | None, 
     # A component repo: a small first pass finds whether it has a `name/` subfolder (a full pipeline repo).
     folder = download(flag, repo, revision, ["*.json"], [], cache_only)
     prefix = f"{name}/" if (Path(folder) / name).is_dir() else ""
-    allow, ignore = patterns([prefix], variant)
+    allow, ignore = patterns([prefix], variant, weights)
     return download(flag, repo, revision, allow, ignore, cache_only)
 
 
@@ -173,12 +175,13 @@ def peek_checkpoint(m) -> str:
                     ["model_index.json", "transformer/config.json"], [], False)  # fmt: skip
 
 
-def resolve_model_sources(m, needed: list[str], optional: list[str] = ()) -> dict[str, str]:
+def resolve_model_sources(m, needed: list[str], optional: list[str] = (), weights: bool = True) -> dict[str, str]:
     """Replace the hub ids in ModelArgs `m` with their snapshot folders (in place); returns {flag: original id}.
 
     `needed`: the components the model loads (their subfolders are fetched from the pipeline repo unless an
-    --*_id replaces them); `optional`: ones fetched if the repo has them. Collective when several processes run
-    and any id is given: rank 0 first, then the others from the commits rank 0 resolved."""
+    --*_id replaces them); `optional`: ones fetched if the repo has them; `weights` False (--dry_run, which
+    plans from the configs): configs and tokenizer files only, no weights. Collective when several processes
+    run and any id is given: rank 0 first, then the others from the commits rank 0 resolved."""
     jobs = _jobs(m)
     if not jobs:
         return {}
@@ -189,7 +192,7 @@ def resolve_model_sources(m, needed: list[str], optional: list[str] = ()) -> dic
     payload: list = [None, None]
     if rank == 0:
         try:
-            payload[1] = [_resolve_one(f, v, n, r, m.variant, subfolders, False) for f, v, n, r in jobs]
+            payload[1] = [_resolve_one(f, v, n, r, m.variant, subfolders, False, weights) for f, v, n, r in jobs]
         except ConfigError as e:
             payload[0] = str(e)
     if multi:  # the other ranks wait here while rank 0 downloads
@@ -203,9 +206,9 @@ def resolve_model_sources(m, needed: list[str], optional: list[str] = ()) -> dic
             commit = Path(done).name
             try:
                 try:
-                    folders.append(_resolve_one(f, v, n, commit, m.variant, subfolders, True))
+                    folders.append(_resolve_one(f, v, n, commit, m.variant, subfolders, True, weights))
                 except ConfigError:  # not in this node's cache: download that commit
-                    folders.append(_resolve_one(f, v, n, commit, m.variant, subfolders, False))
+                    folders.append(_resolve_one(f, v, n, commit, m.variant, subfolders, False, weights))
             except ConfigError as e:  # only rank 0 prints ConfigErrors: say it here
                 log.error("rank %d: %s", rank, e)
                 raise

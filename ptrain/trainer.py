@@ -275,7 +275,9 @@ def plan_run(cfg: Config) -> RunPlan:
         "transformer": m.transformer_id, "vae": m.vae_id, "text_encoder": m.text_encoder_id,
         "tokenizer": m.tokenizer_id, "text_encoder_2": m.text_encoder_2_id, "tokenizer_2": m.tokenizer_2_id,
     }  # fmt: skip
-    hub_ids = resolve_model_sources(m, list(spec.component_classes), list(spec.optional_components))
+    # a dry run plans from the configs: it fetches no weights (the run itself downloads them)
+    hub_ids = resolve_model_sources(m, list(spec.component_classes), list(spec.optional_components),
+                                    weights=not cfg.plan.dry_run)  # fmt: skip
     if hub_ids:  # hub ids -> snapshot folders
         overrides = {name: getattr(m, f"{name}_id") for name in overrides}
     rules = spec.shape_rules(m.pretrained_model_name_or_path, overrides)  # from the configs, no weights

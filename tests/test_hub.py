@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, first_error
+from conftest import REPO, TINY_ARGS, first_error
 from safetensors.torch import load_file
 
 from ptrain.config import ConfigError, parse_config
+import ptrain.hub
 from ptrain.hub import resolve_model_sources
 from ptrain.models.spec import get_spec
 from ptrain.testing.hub_cache import add_snapshot
@@ -136,6 +137,30 @@ def test_missing_id_revision_or_file_says_what_to_do(offline, tiny_data, monkeyp
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: a connection error, at once
     with pytest.raises(ConfigError, match="nobody/nothing: .*hf download nobody/nothing"):
         resolve_model_sources(parse_config(["--pretrained_model_name_or_path", "nobody/nothing"]).model, ["vae"])
+
+
+def test_dry_run_fetches_configs_but_no_weights(offline, tiny_data, tmp_path, monkeypatch, single_process_env):
+    """The README points a new user at a dry run right after the hub-id example: it plans from the configs, so it
+    must not download the weights (gigabytes). What each download asks the hub for is recorded (the real
+    snapshot_download runs, from the offline cache): a dry run asks for no `.safetensors`, the run itself does."""
+    from ptrain.trainer import train
+
+    asked: list[list[str]] = []
+    real = ptrain.hub.download
+
+    def recording(flag, repo, revision, allow, ignore, cache_only):
+        asked.append(list(allow))
+        return real(flag, repo, revision, allow, ignore, cache_only)
+
+    monkeypatch.setattr(ptrain.hub, "download", recording)
+    train(parse_config(["--pretrained_model_name_or_path", REPO_ID, "--data_root", str(tiny_data), "--output_dir",
+                        str(tmp_path / "out"), "--dry_run", *TINY_ARGS]))  # fmt: skip
+    assert asked and not [p for allow in asked for p in allow if p.endswith(".safetensors")], asked
+    assert any(p.endswith("config.json") or p.endswith("*.json") for allow in asked for p in allow), asked
+    asked.clear()
+    m, _, _ = _resolve(tiny_data)  # what the run resolves: the weights too
+    assert any(p == "transformer/*.safetensors" for allow in asked for p in allow), asked
+    assert Path(m.pretrained_model_name_or_path).name == offline["commits"]["main"]
 
 
 @pytest.mark.slow
