@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash launch/setup.sh
-cores=$(.venv/bin/python -c "import os; print(len(os.sched_getaffinity(0)))")
+cores=$(.venv/bin/python -c "import os; print(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count())")
 workers=${PTRAIN_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
 xdist=()
 if [ "$workers" -gt 1 ] && .venv/bin/python -c "import xdist" 2>/dev/null; then
