@@ -162,8 +162,8 @@ def test_mesh_sub_groups_get_the_dist_timeout(tmp_path):
         "plain = ParallelDims.build(2, 1, 2, 4).build_mesh()\n"  # the same groups again, without the timeout
         "other = [g._get_backend(torch.device('cpu')).options._timeout for g in plain.world.get_all_groups()\n"
         "         if g is not dist.group.WORLD]\n"
-        "mine, plain = sorted({x.total_seconds() for x in t}), sorted({x.total_seconds() for x in other})\n"
-        "line = f'subs {len(subs)} {mine} {plain}'\n"
+        "given, default = sorted({x.total_seconds() for x in t}), sorted({x.total_seconds() for x in other})\n"
+        "line = f'subs {len(subs)} {given} {default}'\n"
         "os.write(1, (line + '\\n').encode())\n"  # one write per rank: print's parts interleave across the 4 ranks
         "dist.destroy_process_group()\n"
     )
