@@ -102,6 +102,11 @@ class ModelArgs:
     full (nothing given). Types left out are not drawn."""
     training_type: Literal["lora", "full-finetune"] = "lora"
     """LoRA adapters on a frozen base, or full fine-tuning of the transformer."""
+    expert: Literal["high_noise", "low_noise"] | None = None
+    """A two-expert checkpoint (Wan 2.2 A14B: transformer/ denoises the high-noise steps, transformer_2/ the
+    low-noise ones, switched at model_index.json's boundary_ratio): the expert this run trains. Its timesteps
+    default to its side of the boundary (--min_timestep / --max_timestep narrow or widen them); validation
+    samples with both experts. Train the other expert in a second run. Required for such a checkpoint."""
     rank: Annotated[int, _alias("--network_dim")] = 64
     """LoRA rank."""
     lora_alpha: Annotated[float, _alias("--network_alpha")] = 64.0
@@ -497,10 +502,29 @@ class ObjectiveArgs:
     flow_shift: Annotated[float | None, _alias("--discrete_flow_shift")] = None
     """Shift applied to sampled sigmas: s*t / (1 + (s-1)*t); > 1 favours high noise. Default: the
     checkpoint scheduler's static `shift` (e.g. HunyuanVideo 7, Wan 3), else 1."""
+    min_timestep: float | None = None
+    """Train only timesteps >= this, on the 0-1000 scale the transformer sees (flow matching: 1000 x the shifted
+    sigma; CogVideoX: the integer timestep). The timestep density keeps its shape (it is truncated, not squeezed).
+    Default: 0, or the --expert's range on a Wan 2.2 two-expert checkpoint."""
+    max_timestep: float | None = None
+    """Train only timesteps <= this (0-1000 scale, as --min_timestep). Default: 1000, or the --expert's range."""
 
     def validate(self) -> None:
         if self.flow_shift is not None and self.flow_shift <= 0:
             raise ConfigError(f"--flow_shift must be > 0, got {self.flow_shift}")
+        lo, hi = self.timestep_range()
+        if not 0.0 <= lo < hi <= 1000.0:
+            raise ConfigError(
+                f"--min_timestep {lo:g} / --max_timestep {hi:g}: need 0 <= --min_timestep < --max_timestep <= 1000"
+            )
+
+    def timestep_range(self) -> tuple[float, float]:
+        """(--min_timestep, --max_timestep) with their defaults 0 and 1000."""
+        return (0.0 if self.min_timestep is None else float(self.min_timestep),
+                1000.0 if self.max_timestep is None else float(self.max_timestep))  # fmt: skip
+
+    def restricted(self) -> bool:
+        return self.timestep_range() != (0.0, 1000.0)
 
 
 @dataclass

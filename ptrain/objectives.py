@@ -7,6 +7,7 @@ step independent of how the global batch is split over ranks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from torch._subclasses.fake_tensor import is_fake
 
-from ptrain.config import ObjectiveArgs
+from ptrain.config import ConfigError, ObjectiveArgs
 
 
 def sample_generators(seed: int, positions: list[int] | torch.Tensor) -> list[torch.Generator]:
@@ -95,21 +96,70 @@ def _weighted_mse(
     return (weight * per_sample).mean()
 
 
+def density_icdf(args: ObjectiveArgs, q: torch.Tensor) -> torch.Tensor:
+    """The pre-shift sigma of quantile `q` (uniform in [0, 1]) under --flow_weighting_scheme's density: the
+    logit-normal's inverse CDF, the mode density's map (decreasing in q), or q itself (uniform)."""
+    if args.flow_weighting_scheme == "logit_normal":
+        normal = torch.distributions.Normal(args.flow_logit_mean, args.flow_logit_std)
+        return torch.sigmoid(normal.icdf(q.clamp(1e-6, 1 - 1e-6)))
+    if args.flow_weighting_scheme == "mode":
+        return 1 - q - args.flow_mode_scale * (torch.cos(torch.pi * q / 2) ** 2 - 1 + q)
+    return q
+
+
+def quantile_range(args: ObjectiveArgs, shift: float, lo: float, hi: float) -> tuple[float, float]:
+    """The quantiles (q_a, q_b) whose shifted sigmas are lo and hi: drawing q uniformly in between samples the
+    density truncated to [lo, hi], its shape kept. The map q -> sigma is monotone (checked on a grid: the mode
+    density with a large --flow_mode_scale is not); bisection in float64."""
+    grid = torch.linspace(0, 1, 4097, dtype=torch.float64)
+    values = shift_sigmas(density_icdf(args, grid).clamp(0.0, 1.0), shift)
+    steps = values.diff()
+    increasing = bool((steps >= 0).all())
+    if not increasing and not bool((steps <= 0).all()):
+        raise ConfigError(
+            f"--min_timestep / --max_timestep: the {args.flow_weighting_scheme} density with --flow_mode_scale "
+            f"{args.flow_mode_scale} does not map quantiles to timesteps monotonically; use a smaller scale"
+        )
+
+    def solve(target: float) -> float:
+        a, b = 0.0, 1.0
+        for _ in range(60):
+            mid = (a + b) / 2
+            v = float(shift_sigmas(density_icdf(args, torch.tensor([mid], dtype=torch.float64)).clamp(0, 1), shift))
+            if (v < target) == increasing:
+                a = mid
+            else:
+                b = mid
+        return (a + b) / 2
+
+    qa, qb = solve(lo), solve(hi)
+    return (qa, qb) if qa <= qb else (qb, qa)
+
+
 class FlowMatching:
-    """Rectified flow: x_t = (1 - s) x_0 + s * noise, target = noise - x_0, timestep = 1000 s."""
+    """Rectified flow: x_t = (1 - s) x_0 + s * noise, target = noise - x_0, timestep = 1000 s.
+
+    With --min_timestep / --max_timestep (or a Wan 2.2 expert's range) every draw goes through the density's
+    inverse CDF with its quantile drawn uniformly in the range's quantiles: the same density, truncated."""
 
     def __init__(self, args: ObjectiveArgs, shift: float = 1.0):
         self.args, self.shift = args, shift
+        self.quantiles = None
+        if args.restricted():
+            lo, hi = args.timestep_range()
+            self.quantiles = quantile_range(args, shift, lo / 1000.0, hi / 1000.0)
 
     def sample_sigmas(self, generators: list[torch.Generator], strata=None) -> torch.Tensor:
         a = self.args
-        if strata is not None:
-            u = _stratified(generators, strata)
-            if a.flow_weighting_scheme == "logit_normal":  # inverse CDF keeps the strata
-                normal = torch.distributions.Normal(a.flow_logit_mean, a.flow_logit_std)
-                u = torch.sigmoid(normal.icdf(u.clamp(1e-6, 1 - 1e-6)))
-            elif a.flow_weighting_scheme == "mode":
-                u = 1 - u - a.flow_mode_scale * (torch.cos(torch.pi * u / 2) ** 2 - 1 + u)
+        if strata is not None or self.quantiles is not None:
+            if strata is not None:
+                q = _stratified(generators, strata)
+            else:
+                q = torch.cat([torch.rand(1, generator=g) for g in generators])
+            if self.quantiles is not None:
+                qa, qb = self.quantiles
+                q = (qa + q.double() * (qb - qa)).float()
+            u = density_icdf(a, q)  # the inverse CDF keeps the strata
             return shift_sigmas(u.float().clamp(0.0, 1.0), self.shift)
         u = torch.cat(
             [
@@ -145,18 +195,25 @@ class VPrediction:
     x_t from the scheduler's alphas (snr shift included), the v output turned into an x_0 estimate with
     `scheduler.get_velocity`, and an MSE against x_0 weighted by 1 / (1 - alpha_bar_t)."""
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, args: ObjectiveArgs | None = None):
         self.scheduler = scheduler
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        #: Inclusive integer range (--min_timestep / --max_timestep, on the scheduler's 0..N-1 steps).
+        lo, hi = args.timestep_range() if args is not None else (0.0, 1000.0)
+        last = self.num_train_timesteps - 1
+        self.range = (min(math.ceil(lo), last), min(math.floor(hi), last))
+        if self.range[0] > self.range[1]:
+            raise ConfigError(f"--min_timestep {lo:g} / --max_timestep {hi:g}: no integer timestep in between")
         #: A host copy: the scheduler moves its own to the device at the first add_noise.
         self.alpha_bar = scheduler.alphas_cumprod.detach().to("cpu", torch.float32).clone()
 
     def prepare(self, latents: torch.Tensor, generators: list[torch.Generator], strata=None) -> Prepared:
+        lo, hi = self.range
         if strata is not None:
             u = _stratified(generators, strata)
-            t = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
+            t = (lo + u * (hi + 1 - lo)).long().clamp(lo, hi)
         else:
-            t = torch.cat([torch.randint(0, self.num_train_timesteps, (1,), generator=g) for g in generators])
+            t = torch.cat([torch.randint(lo, hi + 1, (1,), generator=g) for g in generators])
         noise = _noise_like(latents, generators)
         weight = to_device(1.0 / (1.0 - self.alpha_bar[t]), latents.device)
         t = to_device(t, latents.device)

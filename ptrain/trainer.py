@@ -53,11 +53,11 @@ from ptrain.data.video import FrameSampling
 from ptrain.errors import OutputWriteError, RunStopped
 from ptrain.export import WRITE_ERRORS, begin_export, export_complete, export_full, export_lora, publish_export
 from ptrain.export_comfyui import export_comfyui_lora
-from ptrain.hub import is_hub_id, peek_checkpoint, resolve_model_sources
+from ptrain.hub import is_hub_id, origin, peek_checkpoint, resolve_model_sources
 from ptrain.interrupts import phase
 from ptrain.loss_scale import LossScaler
 from ptrain.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
-from ptrain.models.spec import Components, ModelSpec, get_spec
+from ptrain.models.spec import Components, ExpertPlan, ModelSpec, get_spec, plan_experts, read_model_index
 from ptrain.objectives import sample_generators
 from ptrain.optim import found_inf_for, skips_on_device
 from ptrain.parallel import ParallelDims, init_distributed
@@ -236,6 +236,8 @@ class RunPlan:
     precompute: Decision = field(default_factory=lambda: Decision(False, "not decided"))
     #: when resuming: the flags changed since the previous start ("--flag old -> new"; see changed_flags)
     changed: list = field(default_factory=list)
+    #: --expert on a two-expert checkpoint (Wan 2.2 A14B), else None
+    experts: ExpertPlan | None = None
 
     @property
     def global_batch(self) -> int:
@@ -263,9 +265,13 @@ def plan_run(cfg: Config) -> RunPlan:
     layout = Layout(planned or world, dims.dp_replicate, dims.dp_shard, dims.cp, global_batch)
     resume, resharded = find_resume(cfg, out, layout)
     # --model_name auto: the checkpoint's family (a hub id's from its fetched configs); a contradicting one: error
-    m.resolve_model_name(None if not is_hub_id(m.pretrained_model_name_or_path) else peek_checkpoint(m))
+    peeked = None if not is_hub_id(m.pretrained_model_name_or_path) else peek_checkpoint(m)
+    m.resolve_model_name(peeked)
     spec = get_spec(m.model_name)
     wants_validation = cfg.validation.validation_prompts or cfg.validation.validation_dataset_file
+    # a two-expert checkpoint (Wan 2.2 A14B): the --expert trained, its timestep range, the other one to validate
+    experts = plan_experts(m, cfg.objective, read_model_index(peeked or m.pretrained_model_name_or_path),
+                           bool(wants_validation))  # fmt: skip
     if m.train_mode == "inpaint" and wants_validation and spec.inpaint_pipeline_cls is None:
         raise ConfigError(
             f"--train_mode inpaint: diffusers has no pipeline that samples {spec.name}'s inpaint layout, so ptrain "
@@ -276,10 +282,14 @@ def plan_run(cfg: Config) -> RunPlan:
         "tokenizer": m.tokenizer_id, "text_encoder_2": m.text_encoder_2_id, "tokenizer_2": m.tokenizer_2_id,
     }  # fmt: skip
     # a dry run plans from the configs: it fetches no weights (the run itself downloads them)
-    hub_ids = resolve_model_sources(m, list(spec.component_classes), list(spec.optional_components),
-                                    weights=not cfg.plan.dry_run)  # fmt: skip
+    needed = list(spec.component_classes)
+    if experts is not None:  # the trained expert's folder, and the other one's when the run validates
+        needed = [c for c in needed if c != "transformer"] + [experts.folder] + [experts.other] * bool(experts.other)
+    hub_ids = resolve_model_sources(m, needed, list(spec.optional_components), weights=not cfg.plan.dry_run)
     if hub_ids:  # hub ids -> snapshot folders
         overrides = {name: getattr(m, f"{name}_id") for name in overrides}
+    if experts is not None and experts.folder != "transformer" and overrides["transformer"] is None:
+        overrides["transformer"] = str(Path(m.pretrained_model_name_or_path) / experts.folder)
     rules = spec.shape_rules(m.pretrained_model_name_or_path, overrides)  # from the configs, no weights
     sampling = FrameSampling.from_args(cfg.data)
     # the probes of a previous start on this output_dir: a restart or resume does not decode every file again
@@ -298,7 +308,7 @@ def plan_run(cfg: Config) -> RunPlan:
             t.num_train_epochs, t.train_steps, steps_per_epoch, len(usable.records), global_batch,
         )  # fmt: skip
     run = RunPlan(cfg, rank, world, device, dims, mesh, out, layout, spec, overrides, rules, sampling, usable,
-                  steps_per_epoch, resume, resharded, hub_ids=hub_ids)  # fmt: skip
+                  steps_per_epoch, resume, resharded, hub_ids=hub_ids, experts=experts)  # fmt: skip
     run.precompute = _decide_precomputation(run)
     if cfg.activation_checkpoint.ac_mode == "auto":  # planned with the encoders where they will be
         resolve_auto_ac(cfg, world, rank, device, out, run.precompute.enabled)
@@ -690,6 +700,8 @@ class Trainer:
                 planning.kill()
             raise
         self.configure_vae(comps.vae, planning)
+        if run.experts is not None:
+            self.load_other_expert(comps, run.experts, DTYPES[m.transformer_dtype])
         self.offloaded = m.offload_encoders and self.device.type != "cpu"
         if m.offload_encoders:
             log.info("--offload_encoders: %s", "the VAE and text encoders wait in CPU memory between uses" if
@@ -707,6 +719,34 @@ class Trainer:
         for shape in sorted(set(run.usable.buckets)):  # every training shape (one without --enable_bucket)
             spec.check_shape(shape.frames, shape.height, shape.width, comps)
         self.spec, self.comps, self.transformer = spec, comps, comps.transformer
+
+    def load_other_expert(self, comps: Components, experts: ExpertPlan, dtype: torch.dtype) -> None:
+        """The trained expert's pipeline slot; the frozen other expert when the run validates: in CPU memory, in
+        the compute dtype (on a GPU each of its layers visits the device only while it runs in validation)."""
+        m = self.cfg.model
+        comps.expert_slot = experts.folder
+        if experts.other is None:
+            return
+        src = m.pretrained_model_name_or_path
+        log.info("--expert %s: loading the other expert (%s/) into CPU memory for validation", experts.expert,
+                 experts.other)  # fmt: skip
+        kwargs = {"variant": m.variant} if m.variant else {}
+        try:
+            other = self.run.spec.transformer_cls.from_pretrained(
+                src, subfolder=experts.other, torch_dtype=dtype, use_safetensors=True, **kwargs
+            )
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load the other expert from {src}/{experts.other}{origin(src)}: {e}") from e
+        def same_dtype(module, args, kwargs):  # the pipeline feeds it in the trained expert's dtype (float32 for a
+            # full fine-tune's master weights); timesteps stay as they are
+            def cast(name, v):
+                return v.to(dtype) if "hidden_states" in name and torch.is_tensor(v) and v.is_floating_point() else v
+
+            return tuple(cast("hidden_states", a) for a in args[:1]) + args[1:], {k: cast(k, v) for k, v in
+                                                                                  kwargs.items()}  # fmt: skip
+
+        other.register_forward_pre_hook(same_dtype, with_kwargs=True)
+        comps.other_expert = other.requires_grad_(False).eval()
 
     def start_vae_planning(self):
         """--enable_tiling / --enable_slicing auto on a GPU: rank 0 starts the memory planner (a fresh process: it
@@ -1215,6 +1255,9 @@ class Trainer:
         with (
             ema.swapped_in() if with_ema else contextlib.nullcontext(),
             encoders_on(self.comps, self.device, self.offloaded, stream_text=True),
+            # a two-expert checkpoint's frozen other expert: in CPU memory, a layer at a time on the GPU
+            streamed(self.comps.other_expert, self.device) if self.comps.other_expert is not None and
+            self.device.type != "cpu" else contextlib.nullcontext(),
             tiled_decode(self.comps.vae, self.cfg.model.enable_tiling != "off"),
             step_per_call(self.transformer, self.cudagraphs),
         ):

@@ -115,7 +115,7 @@ class CogVideoXSpec(ModelSpec):
     def make_objective(self, args, components):
         from ptrain.objectives import VPrediction
 
-        return VPrediction(components.scheduler)
+        return VPrediction(components.scheduler, args)
 
     def encode_text(self, components, captions, max_sequence_length, images=None) -> Conditioning:
         return Conditioning({"encoder_hidden_states": self.prompt_embeds(components, captions, max_sequence_length)})

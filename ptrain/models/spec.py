@@ -41,9 +41,16 @@ class Components:
     tokenizer: Any
     scheduler: Any
     extra: dict[str, Any] = field(default_factory=dict)  # text_encoder_2, tokenizer_2, ...
+    #: The pipeline's own settings in model_index.json (Wan 2.2: boundary_ratio, expand_timesteps).
+    settings: dict[str, Any] = field(default_factory=dict)
+    #: The pipeline slot the trained transformer takes: "transformer_2" for Wan 2.2's low-noise expert.
+    expert_slot: str = "transformer"
+    #: The frozen other expert of a two-expert checkpoint, in CPU memory, loaded for validation only.
+    other_expert: nn.Module | None = None
 
     def as_pipeline_kwargs(self) -> dict[str, Any]:
-        return {
+        """The pipeline's components: with both experts each in its slot, else the trained transformer alone."""
+        kwargs = {
             "transformer": self.transformer,
             "vae": self.vae,
             "text_encoder": self.text_encoder,
@@ -51,6 +58,81 @@ class Components:
             "scheduler": self.scheduler,
             **self.extra,
         }
+        if self.other_expert is not None:
+            other = "transformer_2" if self.expert_slot == "transformer" else "transformer"
+            kwargs.update({self.expert_slot: self.transformer, other: self.other_expert})
+        return kwargs
+
+
+def read_model_index(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's model_index.json ({} without one: a folder of components only)."""
+    import json
+
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return {}
+    try:
+        return json.loads(index.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{index}: cannot read it ({e})") from e
+
+
+def pipeline_settings(index: dict[str, Any]) -> dict[str, Any]:
+    """model_index.json's pipeline settings: its keys that are neither components ([library, class]) nor
+    diffusers' own (`_class_name`, ...)."""
+    return {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, (list, tuple))}
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """The expert a run trains on a two-expert checkpoint (Wan 2.2 A14B)."""
+
+    expert: str  # high_noise | low_noise
+    #: Its folder, which is also its pipeline slot: transformer (high noise) or transformer_2 (low noise).
+    folder: str
+    #: The other expert's folder, loaded (frozen, CPU memory) when the run validates; else None.
+    other: str | None
+    #: The switch point on the 0-1000 timestep scale (1000 x boundary_ratio).
+    boundary: float
+
+
+def plan_experts(m: ModelArgs, o: ObjectiveArgs, index: dict[str, Any], validates: bool) -> ExpertPlan | None:
+    """--expert against the checkpoint's model_index.json; sets --min_timestep / --max_timestep to the expert's
+    side of the boundary where not given (logged). None for a one-transformer checkpoint."""
+    second = index.get("transformer_2")
+    two = isinstance(second, list) and second and second[0] is not None and index.get("boundary_ratio") is not None
+    if not two:
+        if m.expert is not None:
+            raise ConfigError(
+                f"--expert {m.expert}: this checkpoint has one transformer; --expert is for a two-expert checkpoint "
+                "(Wan 2.2 A14B: transformer/ and transformer_2/, and a boundary_ratio in model_index.json)"
+            )
+        return None
+    boundary = 1000.0 * float(index["boundary_ratio"])
+    if m.expert is None:
+        raise ConfigError(
+            f"this checkpoint has two experts (Wan 2.2 A14B): transformer/ denoises timesteps >= {boundary:g}, "
+            f"transformer_2/ those below (boundary_ratio {index['boundary_ratio']} in model_index.json). Train one "
+            "per run: --expert high_noise or --expert low_noise"
+        )
+    high = m.expert == "high_noise"
+    folder, other = ("transformer", "transformer_2") if high else ("transformer_2", "transformer")
+    side = (boundary, 1000.0) if high else (0.0, boundary)
+    given = (o.min_timestep, o.max_timestep)
+    if o.min_timestep is None:
+        o.min_timestep = side[0]
+    if o.max_timestep is None:
+        o.max_timestep = side[1]
+    o.validate()
+    lo, hi = o.timestep_range()
+    if given == (None, None):
+        log.info("--expert %s: %s/, timesteps %g to %g (the pipeline's boundary: %g)", m.expert, folder, lo, hi, boundary)
+    elif lo < side[0] or hi > side[1]:
+        log.warning(
+            "--expert %s trains timesteps %g to %g, beyond its side of the boundary (%g to %g): the pipeline samples "
+            "those with the other expert", m.expert, lo, hi, *side,
+        )  # fmt: skip
+    return ExpertPlan(m.expert, folder, other if validates else None, boundary)
 
 
 @dataclass
@@ -164,7 +246,7 @@ class ModelSpec(ABC):
             if name != "transformer" and isinstance(module, nn.Module):
                 module.requires_grad_(False).eval().to(device)
         core = {k: loaded.pop(k) for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
-        return Components(**core, extra=loaded)
+        return Components(**core, extra=loaded, settings=pipeline_settings(read_model_index(path)))
 
     def shape_rules(self, path: str, overrides: dict[str, str | None]):
         """The frame counts and sizes this checkpoint accepts (ptrain.data.buckets.ShapeRules), from its
@@ -225,9 +307,15 @@ class ModelSpec(ABC):
 
     @staticmethod
     def make_pipeline(cls: type, components: Components):
-        """`cls` built from the components it takes (e.g. WanPipeline leaves out the I2V image encoder)."""
+        """`cls` built from the components and settings it takes (e.g. WanPipeline leaves out the I2V image
+        encoder). A two-expert checkpoint's boundary_ratio only goes with both experts (validation): without it
+        the pipeline runs its one transformer (the trained one) at every step."""
         accepted = set(inspect.signature(cls.__init__).parameters)
-        pipe = cls(**{k: v for k, v in components.as_pipeline_kwargs().items() if k in accepted})
+        kwargs = components.as_pipeline_kwargs()
+        settings = dict(components.settings)
+        if components.other_expert is None:
+            settings.pop("boundary_ratio", None)
+        pipe = cls(**{k: v for k, v in {**kwargs, **settings}.items() if k in accepted})
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -13,6 +13,8 @@ channels; a transformer with `image_dim` (Wan 2.1 I2V) also gets the CLIP image 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from diffusers import (
     AutoencoderKLWan,
@@ -63,11 +65,25 @@ class WanSpec(ModelSpec):
     def temporal_ratio(self, components) -> int:
         return 2 ** sum(components.vae.config.temperal_downsample)
 
+    @staticmethod
+    def expands_timesteps(components) -> bool:
+        """Wan 2.2 TI2V (`expand_timesteps` in model_index.json): a timestep per video token, and image-to-video by
+        a clean first latent frame whose tokens get timestep 0, as LTX-Video conditions (no extra channels)."""
+        return bool(components.settings.get("expand_timesteps"))
+
     def mode_in_channels(self, mode, components) -> int:
         c = self.latent_channels(components)
-        return c if mode == "normal" else 2 * c + self.temporal_ratio(components)
+        if mode == "normal" or self.expands_timesteps(components):
+            return c
+        return 2 * c + self.temporal_ratio(components)
 
     def check_mode(self, mode, components, training_type) -> str | None:
+        if mode == "inpaint" and self.expands_timesteps(components):
+            raise ConfigError(
+                "--train_mode inpaint: this Wan 2.2 TI2V checkpoint (expand_timesteps) conditions by clean first-"
+                "frame tokens, and diffusers has no pipeline that samples an inpaint layout for it; use --train_mode "
+                "i2v or normal"
+            )
         expanded = super().check_mode(mode, components, training_type)
         image_dim = components.transformer.config.get("image_dim")
         if mode != "normal" and image_dim and "image_encoder" not in components.extra:
@@ -83,6 +99,16 @@ class WanSpec(ModelSpec):
         (i2v: the first frame, then zeros). With `image_dim`, CLIP embeddings of the given first-frame pixels."""
         if mode == "normal":
             return prepared, cond
+        if self.expands_timesteps(components):  # WanImageToVideoPipeline with expand_timesteps
+            b, _, f, h, w = latents.shape
+            keep = torch.zeros(b, 1, f, h, w, device=latents.device, dtype=latents.dtype)
+            keep[:, :, 0] = 1.0
+            first = self.condition_latents(components, video[:, :, :1].float()).to(latents)
+            noisy = prepared.noisy * (1 - keep) + first * keep  # the first frame's latent, broadcast as the pipeline
+            p = components.transformer.config.patch_size
+            token_keep = keep[:, 0, :: p[0], :: p[1], :: p[2]].flatten(1)  # (B, N), the pipeline's mask[:, ::2, ::2]
+            timesteps = prepared.timesteps.view(b, 1).to(token_keep) * (1 - token_keep)
+            return replace(prepared, noisy=noisy, timesteps=timesteps, loss_mask=1 - keep), cond
         keep, latent_keep = self.keep_masks(mode, components, video, latents, generators, packed=True)
         pixels = video.float() * keep
         given = self.condition_latents(components, pixels)
@@ -94,8 +120,11 @@ class WanSpec(ModelSpec):
         return prepared, Conditioning(tensors)
 
     def check_shape(self, num_frames, height, width, components) -> None:
-        t = 2 ** sum(components.vae.config.temperal_downsample)
-        s = 2 ** len(components.vae.config.temperal_downsample) * components.transformer.config.patch_size[-1]
+        vae = components.vae.config
+        t = 2 ** sum(vae.temperal_downsample)
+        # the VAE's spatial factor: 8, or 16 for Wan 2.2's (which patchifies by 2 before its 8x encoder)
+        s = int(vae.get("scale_factor_spatial") or 2 ** len(vae.temperal_downsample))
+        s *= components.transformer.config.patch_size[-1]
         if (num_frames - 1) % t:
             raise ConfigError(f"--num_frames {num_frames}: Wan needs {t}k+1 frames (e.g. 33, 81)")
         for flag, v in (("--height", height), ("--width", width)):
@@ -117,8 +146,16 @@ class WanSpec(ModelSpec):
         std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
         return (latents - mean) / std
 
+    def on_bind(self, components) -> None:
+        self._expand = self.expands_timesteps(components)
+        self._patch = tuple(components.transformer.config.patch_size)
+
     def forward(self, transformer: nn.Module, noisy_latents, timesteps, cond) -> torch.Tensor:
         x = self.model_input(noisy_latents, cond)
+        if getattr(self, "_expand", False) and timesteps.ndim == 1:  # the pipeline's per-token timesteps
+            b, _, f, h, w = x.shape
+            p = self._patch
+            timesteps = timesteps.view(b, 1).expand(b, (f // p[0]) * (h // p[1]) * (w // p[2]))
         return transformer(
             hidden_states=x,
             timestep=timesteps,

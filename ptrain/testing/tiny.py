@@ -7,7 +7,8 @@ This module owns the offline fixtures every test and smoke run uses:
   folder layout of the real checkpoint (model_index.json, transformer/, vae/,
   text_encoder/, tokenizer/, scheduler/, ...), so loading code is exercised
   unchanged. Families (`CHECKPOINT_VARIANTS`; the first variant is the default):
-  ltx_video (t2v, i2v), cogvideox (2b, 5b, 1.5, 5b-i2v, 1.5-i2v), hunyuan_video (t2v, i2v), wan (t2v, i2v).
+  ltx_video (t2v, i2v), cogvideox (2b, 5b, 1.5, 5b-i2v, 1.5-i2v), hunyuan_video (t2v, i2v),
+  wan (t2v, i2v; Wan 2.2: 2.2-t2v and 2.2-i2v with two experts as A14B, 2.2-ti2v as TI2V-5B).
   Tokenizers (T5, Llama, CLIP) are built locally from small word lists;
   nothing is downloaded.
 * `write_synthetic_videos` writes H.264 mp4 files of moving coloured shapes in
@@ -557,6 +558,13 @@ WAN_VAE_CONFIG: dict[str, Any] = dict(
     temperal_downsample=[False, True, True],  # sic (diffusers' spelling)
 )
 
+#: Wan 2.2's VAE, tiny: 48 latent channels, residual blocks, patchified by 2 (12 = 3 x 2 x 2 input channels),
+#: 16x spatial compression (the real one: base_dim 160, decoder_base_dim 256).
+WAN22_VAE_CONFIG: dict[str, Any] = dict(
+    WAN_VAE_CONFIG, z_dim=48, is_residual=True, patch_size=2, in_channels=12, out_channels=12,
+    scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+)  # fmt: skip
+
 # The real scheduler is diffusers' UniPCMultistepScheduler defaults plus these (as written by diffusers'
 # scripts/convert_wan_to_diffusers.py for the 2.1 T2V models).
 WAN_SCHEDULER_CONFIG: dict[str, Any] = dict(
@@ -598,6 +606,24 @@ def _build_wan(seed: int, variant: str):
         return WanImageToVideoPipeline(
             transformer=transformer, image_encoder=image_encoder, image_processor=processor, **parts
         )
+    if variant in ("2.2-t2v", "2.2-i2v"):
+        # Wan 2.2 A14B: two experts of one config, transformer/ for the high-noise steps and transformer_2/ for
+        # the low-noise ones, switched at boundary_ratio (diffusers' Wan2.2-{T2V,I2V}-A14B-Diffusers: 0.875, 0.9).
+        # I2V takes the 36 channels of 2.1 I2V without CLIP image embeddings.
+        config = dict(WAN_TRANSFORMER_CONFIG, in_channels=36) if variant == "2.2-i2v" else WAN_TRANSFORMER_CONFIG
+        transformer = WanTransformer3DModel(**config).eval()
+        torch.manual_seed(seed + 4)
+        transformer_2 = WanTransformer3DModel(**config).eval()
+        cls, ratio = (WanImageToVideoPipeline, 0.9) if variant == "2.2-i2v" else (WanPipeline, 0.875)
+        return cls(transformer=transformer, transformer_2=transformer_2, boundary_ratio=ratio, **parts)
+    if variant == "2.2-ti2v":
+        # Wan 2.2 TI2V-5B: the Wan 2.2 VAE (48 latent channels, residual, a 2x2 patchify before its 8x encoder:
+        # 16x spatially) and a timestep per video token (expand_timesteps); image-to-video by a clean first frame.
+        torch.manual_seed(seed + 1)
+        parts["vae"] = AutoencoderKLWan(**WAN22_VAE_CONFIG).eval()
+        torch.manual_seed(seed + 3)
+        transformer = WanTransformer3DModel(**dict(WAN_TRANSFORMER_CONFIG, in_channels=48, out_channels=48)).eval()
+        return WanPipeline(transformer=transformer, expand_timesteps=True, **parts)
     transformer = WanTransformer3DModel(**WAN_TRANSFORMER_CONFIG).eval()
     return WanPipeline(transformer=transformer, **parts)
 
@@ -614,7 +640,7 @@ CHECKPOINT_VARIANTS: dict[str, tuple[str, ...]] = {
     "ltx_video": ("t2v", "i2v"),
     "cogvideox": tuple(COGVIDEOX_VARIANT_CONFIGS),
     "hunyuan_video": ("t2v", "i2v"),
-    "wan": ("t2v", "i2v"),
+    "wan": ("t2v", "i2v", "2.2-t2v", "2.2-i2v", "2.2-ti2v"),
 }
 
 
