@@ -78,6 +78,14 @@ REJECTED = {
     "--fp8_base": "FP8 storage of the frozen transformer: --layerwise_upcasting_modules transformer",
     "--timestep_sampling": "timesteps are drawn by --flow_weighting_scheme (none: uniform; logit_normal: a "
     "logit-normal density, --flow_logit_mean / --flow_logit_std) and shifted by --flow_shift",
+    "--dit_high_noise": "a Wan 2.2 A14B diffusers folder holds both experts (transformer/: high noise, "
+    "transformer_2/: low noise): train one per run with --expert high_noise or --expert low_noise",
+    "--timestep_boundary": "the experts' boundary is the checkpoint's boundary_ratio (model_index.json): --expert "
+    "trains one side of it; --min_timestep / --max_timestep set another range",
+    "--offload_inactive_dit": "ptrain trains one Wan 2.2 expert per run (--expert); the other is loaded only to "
+    "validate, in CPU memory, a layer at a time on the GPU",
+    "--preserve_distribution_shape": "--min_timestep / --max_timestep always keep the timestep density's shape "
+    "(it is truncated to the range): remove it",
     "--save_every_n_epochs": "--checkpointing_epochs N saves resumable checkpoints; --export_every_checkpoint also "
     "writes the weights each time",
     # VideoX-Fun

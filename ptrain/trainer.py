@@ -1342,3 +1342,7 @@ class Trainer:
         if self.run.rank == 0:
             final = f"final loss {self.result.losses[-1]:.5f}, " if self.result.losses else ""
             log.info("done: %d steps, %sweights in %s", self.state.step, final, self.result.exported)
+            if self.comps.expert_slot == "transformer_2":
+                log.info("these are the low-noise expert's (transformer_2): %s", "load them with "
+                         "pipe.load_lora_weights(dir, load_into_transformer_2=True)" if self.cfg.model.training_type ==
+                         "lora" else "pass the exported transformer/ as the pipeline's transformer_2=")  # fmt: skip

@@ -84,9 +84,12 @@ def load_validation_items(v: ValidationArgs, d: DataArgs, mode: str = "normal") 
             image = str(row.get("image") or "").strip()
             if image:
                 items[-1].image = Path(v.validation_dataset_file).parent / image
+    opened: dict[Path, None] = {}
     for it in items:
         if it.image is not None and not it.image.is_file():
             raise ConfigError(f"validation image {it.image}: no such file")
+        if it.image is not None and it.image not in opened:  # read now: at the first validation the steps since the
+            opened[it.image] = _check_image(it.image)  # last checkpoint would be lost
     if mode == "normal" and any(it.image is not None for it in items):
         raise ConfigError("validation images (--validation_images, or an image column in --validation_dataset_file) "
                           "are first frames for --train_mode i2v / inpaint; this run is --train_mode normal "
@@ -97,6 +100,18 @@ def load_validation_items(v: ValidationArgs, d: DataArgs, mode: str = "normal") 
             "image column in --validation_dataset_file)"
         )
     return items
+
+
+def _check_image(path: Path) -> None:
+    """ConfigError unless `path` is an image PIL decodes (a video or a truncated file is refused at start-up)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ConfigError(f"validation image {path}: not an image ptrain can read ({e}); give a PNG or JPEG "
+                          "frame") from None  # fmt: skip
 
 
 _AS_VALIDATION = {"--num_frames": "--validation_num_frames", "--height": "--validation_height",

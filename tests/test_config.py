@@ -238,6 +238,14 @@ def test_validation_sizes_and_images_are_checked_at_start(tiny_ckpt, tiny_data, 
     with pytest.raises(ConfigError, match="are first frames for --train_mode i2v / inpaint; this run is"):
         load_validation_items(cfg.validation, cfg.data, "normal")
     assert load_validation_items(cfg.validation, cfg.data, "i2v")[0].image == tmp_path / "first.png"
+    # a file that is not an image (a clip given as the first frame, a truncated PNG): refused at start-up, not at
+    # the first validation after the steps since the last checkpoint
+    clip = next(tiny_data.glob("**/*.mp4"))
+    (tmp_path / "cut.png").write_bytes((tmp_path / "first.png").read_bytes()[:40])
+    for bad in (clip, tmp_path / "cut.png"):
+        cfg = parse_config([*args, "--validation_images", str(bad)])
+        with pytest.raises(ConfigError, match=f"validation image {bad}: not an image ptrain can read"):
+            load_validation_items(cfg.validation, cfg.data, "i2v")
 
 
 def test_optimizer_errors_are_clear():

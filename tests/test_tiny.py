@@ -303,9 +303,11 @@ def test_unknown_model_name_or_variant(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="valid: 2b, 5b, 1.5, 5b-i2v, 1.5-i2v"):
         write_tiny_checkpoint(tmp_path, model_name="cogvideox", variant="7b")
     assert resolve_variant("cogvideox", "i2v") == "5b-i2v"  # `--variant i2v` works for every model
-    for model_name in ("ltx_video", "hunyuan_video", "wan"):
+    for model_name in ("ltx_video", "hunyuan_video"):
         with pytest.raises(ValueError, match="valid: t2v, i2v$"):
             write_tiny_checkpoint(tmp_path, model_name=model_name, variant="2b")
+    with pytest.raises(ValueError, match="valid: t2v, i2v, 2.2-t2v, 2.2-i2v, 2.2-ti2v$"):
+        write_tiny_checkpoint(tmp_path, model_name="wan", variant="2b")
 
 
 def test_cli_variant(tmp_path: Path, capsys) -> None:

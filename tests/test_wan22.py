@@ -198,3 +198,29 @@ def test_ti2v_image_to_video_is_what_the_pipeline_samples():
     assert torch.equal(calls[-1]["timestep"].float(), seen["timestep"].float())
     assert math.isclose(float(seen["timestep"].std()), 0.0, abs_tol=0)
     tr.forward = real
+
+
+def test_a_hub_id_fetches_the_trained_expert_and_the_other_only_to_validate(tiny_data, tmp_path, monkeypatch,
+                                                                             single_process_env):  # fmt: skip
+    """A Wan 2.2 A14B hub id (from an offline cache laid out as the hub's): --expert low_noise downloads
+    transformer_2/'s weights and not transformer/'s (14B of weights it would not use); with validation both."""
+    import ptrain.hub
+    from ptrain.testing.hub_cache import add_snapshot
+    from ptrain.trainer import train
+
+    ckpt = write_tiny_checkpoint(tmp_path / "a14b", model_name="wan", variant="2.2-t2v")
+    add_snapshot(tmp_path / "cache", "tiny-org/wan22-a14b", ckpt)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    asked: list[str] = []
+    real = ptrain.hub.download
+    monkeypatch.setattr(ptrain.hub, "download", lambda flag, repo, rev, allow, ignore, cache_only: (
+        asked.extend(allow), real(flag, repo, rev, allow, ignore, cache_only))[1])  # fmt: skip
+    args = ["--pretrained_model_name_or_path", "tiny-org/wan22-a14b", "--data_root", str(tiny_data), "--expert",
+            "low_noise", "--train_steps", "1", "--checkpointing_steps", "0", *TINY_ARGS]  # fmt: skip
+    train(parse_config([*args, "--output_dir", str(tmp_path / "o1")]))
+    assert "transformer_2/*.safetensors" in asked and "transformer/*.safetensors" not in asked, asked
+    asked.clear()
+    train(parse_config([*args, "--output_dir", str(tmp_path / "o2"), "--validation_prompts", "a cat",
+                        "--validation_num_inference_steps", "2"]))  # fmt: skip
+    assert {"transformer_2/*.safetensors", "transformer/*.safetensors"} <= set(asked), asked
