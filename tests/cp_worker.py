@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 
-from ptrain.models.spec import Components, get_spec
+from ptrain.models.spec import Components, get_spec, pipeline_settings
 from ptrain.parallel.context import apply_context_parallel
 from ptrain.testing.tiny import build_tiny_pipeline
 
@@ -32,6 +32,7 @@ CASES = [
     ("cogvideox", "1.5", (2, 6, 6), False, False),  # patch_size_t 2
     ("hunyuan_video", None, (1, 6, 10), False, False),  # 15 tokens, padded text masks
     ("wan", None, (2, 6, 2), False, False),  # 2 x 3 x 1 = 3 tokens: with cp 4 a rank holds only padding
+    ("wan", "2.2-ti2v", (1, 6, 10), True, False),  # Wan 2.2 TI2V: a timestep per token, 15 tokens
 ]
 DTYPE = getattr(torch, os.environ.get("CP_WORKER_DTYPE", "float32"))
 CAPTIONS = ["a red ball bounces", "a dog"]
@@ -40,7 +41,8 @@ CAPTIONS = ["a red ball bounces", "a dog"]
 def components(pipe) -> Components:
     comps = dict(pipe.components)
     core = {k: comps.pop(k) for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
-    return Components(**core, extra={k: v for k, v in comps.items() if v is not None})
+    return Components(**core, extra={k: v for k, v in comps.items() if v is not None},
+                      settings=pipeline_settings(pipe.config))  # fmt: skip
 
 
 def run_case(model, variant, fhw, per_token, ac, mode, cp_mesh, device) -> dict:
