@@ -164,6 +164,8 @@ def test_cogvideo_finetune_and_musubi_flags(tmp_path):
         (["--train_resolution", "480x720"], r"--train_resolution '480x720': give frames x height x width"),
         (["--dit", "x.safetensors"], "--dit is not a ptrain flag: the transformer comes from"),
         (["--fp8_base"], "--layerwise_upcasting_modules transformer"),
+        (["--dit_high_noise", "high.safetensors"], "train one per run with --expert high_noise or --expert low_noise"),
+        (["--timestep_boundary", "875"], "boundary_ratio .* --min_timestep / --max_timestep"),
         (["--validation_dir", "val"], r"--validation_dataset_file prompts.txt"),
         (["--tracker_name", "proj"], "WANDB_PROJECT"),
     ):
