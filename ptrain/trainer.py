@@ -737,6 +737,7 @@ class Trainer:
             )
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot load the other expert from {src}/{experts.other}{origin(src)}: {e}") from e
+
         def same_dtype(module, args, kwargs):  # the pipeline feeds it in the trained expert's dtype (float32 for a
             # full fine-tune's master weights); timesteps stay as they are
             def cast(name, v):
