@@ -16,14 +16,34 @@ import pytest
 from ptrain.testing.tiny import write_synthetic_videos, write_tiny_checkpoint
 
 
+#: Seconds each test took in a recorded CI run (tests/data/test_seconds.json; `python tests/record_seconds.py
+#: JUNIT_XML` rewrites it): pytest-xdist workers (`launch/test.sh`) get the longest files first, so that no long
+#: file starts last and leaves one worker busy alone at the end.
+SECONDS = Path(__file__).with_name("data") / "test_seconds.json"
+
+
 def pytest_collection_modifyitems(config, items):
-    """`heavy` tests run only with PTRAIN_TEST_HEAVY=1 (set by .ci/run), keeping a local run under 20 minutes."""
-    if os.environ.get("PTRAIN_TEST_HEAVY") == "1":
-        return
+    """`heavy` tests run only with PTRAIN_TEST_HEAVY=1 (set by .ci/run), keeping a local run under 20 minutes.
+    Under pytest-xdist the files are ordered longest first (their tests that run, by SECONDS; 1 s if unknown),
+    each file's tests in their own order (--dist loadfile hands out whole files in collection order)."""
+    heavy = os.environ.get("PTRAIN_TEST_HEAVY") == "1"
     skip = pytest.mark.skip(reason="heavy: set PTRAIN_TEST_HEAVY=1 to run (CI does)")
     for item in items:
-        if "heavy" in item.keywords:
+        if not heavy and "heavy" in item.keywords:
             item.add_marker(skip)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    try:
+        seconds = json.loads(SECONDS.read_text())["seconds"]
+    except (OSError, ValueError, KeyError):
+        return
+    weight: dict[str, float] = {}
+    for item in items:
+        runs = heavy or "heavy" not in item.keywords
+        weight[item.nodeid.split("::")[0]] = weight.get(item.nodeid.split("::")[0], 0.0) + (
+            seconds.get(item.nodeid, 1.0) if runs else 0.0
+        )
+    items.sort(key=lambda item: -weight[item.nodeid.split("::")[0]])  # stable: a file's own order is kept
 
 
 REPO = Path(__file__).resolve().parents[1]
