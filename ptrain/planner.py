@@ -169,6 +169,15 @@ def _meta_model(cls, model_dir: Path, subfolder: str, overrides: dict | None = N
     return model
 
 
+def _meta_component(cls, folder: Path, dtype):
+    """An optional component as the trainer loads it: a transformers model from its config on the meta device (in
+    the image encoder's dtype), or a processor (small files, read as they are)."""
+    if not issubclass(cls, torch.nn.Module):
+        return cls.from_pretrained(folder)
+    with torch.device("meta"):
+        return cls(cls.config_class.from_pretrained(folder)).to(dtype).eval()  # run under no_grad, as the VAE
+
+
 def encoder_bytes(spec, model_dir: Path, dtypes: dict[str, torch.dtype]) -> dict[str, int]:
     """Resident weight bytes of the frozen VAE and text encoders (from their configs; absent ones left out)."""
     return {k: v for k, v in _encoder_bytes(spec.name, Path(model_dir), tuple(sorted(dtypes.items())))
@@ -303,7 +312,7 @@ class _NoHook:
 
 def meta_components(cfg, spec, model_dir: Path, num_blocks):
     """The transformer (with `num_blocks` per block list if given), VAE and scheduler on the meta device."""
-    from ptrain.models.spec import Components
+    from ptrain.models.spec import Components, pipeline_settings, read_model_index
     from ptrain.parallelize import DTYPES
 
     m = cfg.model
@@ -321,8 +330,30 @@ def meta_components(cfg, spec, model_dir: Path, num_blocks):
     )
     extra = {k: None for k in spec.component_classes if k not in ("transformer", "vae", "scheduler",
                                                                    "text_encoder", "tokenizer")}  # fmt: skip
+    for name, cls in spec.optional_components.items():  # e.g. Wan 2.1 I2V's CLIP image encoder and processor
+        if (model_dir / name).is_dir():
+            extra[name] = _meta_component(cls, model_dir / name, DTYPES[m.text_encoder_dtype])
+    settings = pipeline_settings(read_model_index(model_dir))  # e.g. Wan 2.2 TI2V's expand_timesteps
     return Components(transformer=transformer, vae=vae, text_encoder=None, tokenizer=None, scheduler=scheduler,
-                      extra=extra)  # fmt: skip
+                      extra=extra, settings=settings)  # fmt: skip
+
+
+class _Parent(torch.nn.Module):
+    """A fresh parent module around one VAE encode inside the tracked step (a mode's conditioning frames). torch's
+    MemTracker refuses a module called twice in one tracked iteration at the top level, and the Wan VAE calls its
+    encoder once per chunk of frames; under a parent the repeated calls are nested ones, which it tracks."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def _encode_under_a_parent(vae) -> None:
+    encode = vae.encode
+    vae.encode = lambda *args, **kwargs: _Parent(encode)(*args, **kwargs)
 
 
 def _planned_attention(cfg) -> str:
@@ -395,6 +426,7 @@ def _measure_step(cfg, spec, comps, model, dims, device) -> tuple[dict, object, 
                              d.max_sequence_length or spec.max_sequence_length(comps),
                              DTYPES[cfg.model.text_encoder_dtype])  # fmt: skip
     accum = t.gradient_accumulation_steps
+    _encode_under_a_parent(comps.vae)
     step = TrainStep(spec, comps, transformer, spec.make_objective(cfg.objective, comps), inputs, dims.cp, accum,
                      _planned_attention(cfg))  # fmt: skip
     batch = {"position": list(range(b))}
@@ -526,6 +558,9 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
     n_total = sum(q.numel() for q in transformer.parameters())  # with the LoRA adapters, as the trainer counts
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         comps.vae.to_empty(device=device)
+        for module in comps.extra.values():  # an optional encoder (Wan 2.1 I2V's CLIP)
+            if isinstance(module, torch.nn.Module):
+                module.to_empty(device=device)
         # The start-up as the trainer runs it: each FSDP unit reaches the device (here: is materialised from the
         # meta device) just before it is sharded, the plain module of one process whole; fused AdamW as trained.
         place = functools.partial(place_states, device=device, materialize=True)

@@ -263,6 +263,23 @@ def test_planner_runs_the_train_mode(tiny_ckpts):
     assert i2v["params_total"] > normal["params_total"]
 
 
+@pytest.mark.parametrize("variant,mode", [("i2v", "i2v"), ("t2v", "inpaint"), ("2.2-ti2v", "i2v")])
+def test_the_planner_runs_wans_conditioned_modes(tmp_path, variant, mode):
+    """Wan's conditioning runs inside the planned step: the VAE encodes the conditioning frames (its encoder once per
+    chunk of frames), inpaint draws its masks, Wan 2.1 I2V's CLIP encodes the first frame, Wan 2.2 TI2V keeps a
+    clean first frame with per-token timesteps (its model_index.json's expand_timesteps). Each used to stop the
+    planner (and with it --enable_tiling auto at a GPU run's start)."""
+    from ptrain.testing.tiny import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(tmp_path / variant, model_name="wan", variant=variant)
+    flags = ["--model_name", "wan", "--num_frames", "9", "--height", "64", "--width", "64", "--train_mode", mode]
+    got = simulate(flags, 1, ckpt, vae_phases=False)
+    assert got["peak_bytes"] > 0 and got["tokens"] == 3 * (4 if variant == "2.2-ti2v" else 16)
+    if variant == "2.2-ti2v":  # no input channels added: the clean first frame is in the latents
+        normal = simulate(flags[:-2], 1, ckpt, vae_phases=False)
+        assert got["params_total"] == normal["params_total"] and got["latent_shape"][1] == 48
+
+
 def test_gradient_accumulation_keeps_gradients_sharded(tiny_ckpt):
     """The planner runs every micro-batch with the trainer's gradient sync: under FSDP the gradients of earlier
     micro-batches stay sharded (reduce-scattered each time), so accumulation adds exactly the sharded gradient bytes

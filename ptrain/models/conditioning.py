@@ -35,7 +35,15 @@ def sample_keep_mask(
     mode: str, probs: dict[str, float], shape: tuple[int, ...], generators: list[torch.Generator]
 ) -> tuple[torch.Tensor, list[str]]:
     """Pixel-space keep masks (B, 1, F, H, W) in float32 for videos of `shape` (B, C, F, H, W), and the mask type
-    drawn for each sample. i2v always keeps the first frame; inpaint draws a type from `probs`."""
+    drawn for each sample. i2v always keeps the first frame; inpaint draws a type from `probs`. The draws are real
+    host values also while the memory planner simulates the step on fake tensors (its sizes depend on them)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return _sample_keep_mask(mode, probs, shape, generators)
+
+
+def _sample_keep_mask(mode, probs, shape, generators):
     b, _, f, h, w = shape
     keep = torch.zeros(b, 1, f, h, w)
     names = [k for k in MASK_TYPES if probs.get(k, 0) > 0]

@@ -24,6 +24,7 @@ from diffusers import (
     WanTransformer3DModel,
 )
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
 from ptrain.errors import ConfigError
@@ -114,9 +115,16 @@ class WanSpec(ModelSpec):
         given = self.condition_latents(components, pixels)
         tensors = dict(cond.tensors, concat_latents=torch.cat([latent_keep, given.to(latents)], dim=1))
         if components.transformer.config.get("image_dim"):
-            images = uint8_images(pixels[:, :, 0])
             with torch.no_grad():
-                tensors["encoder_hidden_states_image"] = self.sampling_pipe.encode_image(images, latents.device)
+                if is_fake(pixels):  # the memory planner: the image encoder's work on a processed image's shape
+                    size = self.sampling_pipe.image_processor.crop_size
+                    encoder = components.extra["image_encoder"]
+                    image = torch.zeros(pixels.shape[0], 3, size["height"], size["width"], device=latents.device,
+                                        dtype=encoder.dtype)  # fmt: skip
+                    embeds = encoder(pixel_values=image, output_hidden_states=True).hidden_states[-2]
+                else:  # the pipeline's own encode_image: its processor on the uint8 first frames
+                    embeds = self.sampling_pipe.encode_image(uint8_images(pixels[:, :, 0]), latents.device)
+                tensors["encoder_hidden_states_image"] = embeds
         return prepared, Conditioning(tensors)
 
     def check_shape(self, num_frames, height, width, components) -> None:
