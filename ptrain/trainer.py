@@ -1005,7 +1005,23 @@ class Trainer:
                         "you no longer need it", spec, f"step {step}" if step is not None else "the start",
                         moved)  # fmt: skip
 
+    def close_loader(self) -> None:
+        """Stop this rank's loader workers now. They ignore SIGTERM (ignore_stop_signals), so after an exception in
+        the loop (its traceback keeps the loader alive until the interpreter exits, when torch no longer shuts
+        workers down) Python's exit, which terminates and then joins child processes, waited for them forever: a
+        failed rank hung instead of exiting."""
+        it, self.data_iter = getattr(self, "data_iter", None), None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
     def train(self) -> TrainResult:
+        try:
+            return self._train()
+        finally:
+            self.close_loader()
+
+    def _train(self) -> TrainResult:
         train_steps = self.cfg.train.train_steps
         self.data_iter = iter(self.loader)
         if self.run.dims.cp > 1 and isinstance(self.loader.dataset, VideoDataset):  # each cp rank decodes its samples

@@ -146,6 +146,21 @@ def test_interrupts_at_start_up_and_export_say_what_a_rerun_does(tiny_ckpt, tiny
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_a_failing_step_with_loader_workers_exits_instead_of_hanging(tiny_ckpt, tiny_data, tmp_path):
+    """An exception in the loop with the default 2 loader workers: the workers ignore SIGTERM (so that Ctrl-C and a
+    scheduler's SIGTERM reach only the training process, which stops with a checkpoint), and Python's exit, which
+    terminates and then joins child processes, waited for them forever: the failed process hung (seen with a
+    CogVideoX-5B-I2V size error). It now exits at once with the error."""
+    args = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--train_steps", "4",
+            "--checkpointing_steps", "0", "--height", "32", "--width", "32", "--num_frames", "9", "--report_to",
+            "none"]  # fmt: skip
+    t0 = time.time()
+    run = run_ptrain(1, args, tmp_path / "out", timeout=180, entry=(str(REPO / "tests" / "rank_fault_worker.py"),),
+                     env_extra={"PTRAIN_FAULT_RANK": "0", "PTRAIN_FAULT_STEP": "2", "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert run.returncode != 0 and "injected failure in the training step" in run.stderr, run.stderr[-3000:]
+    assert "2 loader workers" in run.stderr and time.time() - t0 < 150
+
+
 def test_what_every_rank_logs_alike_is_shown_by_rank_0_only(capsys):
     """The sixth audit: the data scan's skip list (up to 21 lines) and the global step's replaced-sample count were
     printed by every rank. Marked `ALIKE`, they are shown by rank 0; other ranks' own warnings still show."""
