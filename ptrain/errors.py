@@ -8,6 +8,11 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag and value."""
 
 
+class FixedSizeError(ConfigError):
+    """A model that takes one frame size only (CogVideoX-5B-I2V's learned positional embeddings) refused another:
+    the shape probes (ptrain.data.buckets.ShapeRules) read it as "frames and side multiple fine"."""
+
+
 class RunStopped(Exception):
     """The run stopped on SIGINT / SIGTERM after a step, with a checkpoint; `code` is the exit status (128 + the
     signal's number, as a shell reports a process the signal ended)."""

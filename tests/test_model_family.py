@@ -94,3 +94,20 @@ def test_a_dry_run_refuses_a_shape_the_family_cannot_train(tiny_ckpt, tiny_data,
     p = subprocess.run([*base, "--height", "30"], cwd=REPO, capture_output=True, text=True, timeout=300,
                        check=False, env=env)  # fmt: skip
     assert p.returncode == 2 and "--height 30: LTX-Video needs a multiple of" in p.stderr, p.stderr[-1500:]
+
+
+def test_cogvideox_5b_i2v_trains_at_its_one_size_only(tmp_path):
+    """CogVideoX-5B-I2V's learned positional embeddings hold one frame size; diffusers' patch embedding raises at
+    the first step for any other, after the weights loaded (and with loader workers the process then hung at exit).
+    The shape rules now refuse other sizes at start-up, naming the size, while its frame counts and side multiple
+    are still found."""
+    from ptrain.errors import FixedSizeError
+    from ptrain.models.spec import get_spec
+    from ptrain.testing.tiny import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(tmp_path / "cog", model_name="cogvideox", variant="5b-i2v")  # 32x32 (4 x 8)
+    rules = get_spec("cogvideox").shape_rules(str(ckpt), {})
+    rules.check(9, 32, 32)
+    assert rules.multiple == 16 and rules.frame_ok(49) and not rules.frame_ok(10)
+    with pytest.raises(FixedSizeError, match="--height 64 --width 32: .* learned positional embeddings for 32x32 only"):
+        rules.check(9, 64, 32)

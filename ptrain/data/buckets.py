@@ -22,6 +22,7 @@ from functools import cache
 import numpy as np
 
 from ptrain.config import ConfigError, DataArgs
+from ptrain.errors import FixedSizeError
 
 MAX_BUCKET_ASPECT = 4.0
 HW_ADAPT_SCALES = (1.0, 0.75, 0.5)
@@ -63,8 +64,12 @@ class ShapeRules:
         self.multiple = next(m for m in range(1, 513) if self._ok(valid[0], m, m))
 
     def _ok(self, f: int, h: int, w: int) -> bool:
+        """Whether the probe's frame count and side multiple suit the model (a one-size model's refusal of the
+        probe's size says nothing about those: `check` still refuses every other size)."""
         try:
             self.check(f, h, w)
+            return True
+        except FixedSizeError:
             return True
         except ConfigError:
             return False

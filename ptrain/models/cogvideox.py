@@ -20,7 +20,7 @@ from diffusers import (
 from torch import nn
 from transformers import AutoTokenizer, T5EncoderModel
 
-from ptrain.errors import ConfigError
+from ptrain.errors import ConfigError, FixedSizeError
 from ptrain.export_comfyui import Rule
 from ptrain.models.spec import Conditioning, ModelSpec, register
 from ptrain.objectives import sample_posterior, to_device
@@ -108,6 +108,14 @@ class CogVideoXSpec(ModelSpec):
         for flag, v in (("--height", height), ("--width", width)):
             if v % (s * cfg.patch_size):
                 raise ConfigError(f"{flag} {v}: CogVideoX needs a multiple of {s * cfg.patch_size}")
+        if cfg.get("use_learned_positional_embeddings"):  # CogVideoX-5B-I2V: diffusers' patch embedding refuses
+            # other sizes (a ValueError at the first step); checked here, before any weights load
+            want = (cfg.sample_height * s, cfg.sample_width * s)
+            if (height, width) != want:
+                raise FixedSizeError(
+                    f"--height {height} --width {width}: this CogVideoX transformer has learned positional embeddings "
+                    f"for {want[0]}x{want[1]} only (CogVideoX-5B-I2V: 480x720); train and validate at that size"
+                )
 
     def max_sequence_length(self, components) -> int:
         return int(components.transformer.config.max_text_seq_length)
