@@ -59,9 +59,13 @@ def _count(cfg, spec, model_dir, video_shape: tuple, blocks: tuple[int, ...], ac
     make_trainable_model(transformer, cfg, bound)
     transformer.float()  # FLOPs do not depend on the dtype; one dtype keeps every input consistent
     comps.vae.float()
+    # an optional encoder (Wan 2.1 I2V's CLIP), run by the mode's conditioning
+    extra = [module.float() for module in comps.extra.values() if isinstance(module, torch.nn.Module)]
     with FakeTensorMode(allow_non_fake_inputs=True):
         transformer.to_empty(device="cpu")
         comps.vae.to_empty(device="cpu")
+        for module in extra:
+            module.to_empty(device="cpu")
         if ac:
             a = cfg.activation_checkpoint
             apply_ac(bound.blocks(transformer), a.ac_mode, a.every_n())

@@ -278,6 +278,13 @@ def test_the_planner_runs_wans_conditioned_modes(tmp_path, variant, mode):
     if variant == "2.2-ti2v":  # no input channels added: the clean first frame is in the latents
         normal = simulate(flags[:-2], 1, ckpt, vae_phases=False)
         assert got["params_total"] == normal["params_total"] and got["latent_shape"][1] == 48
+    # the model FLOPs ptrain's mfu counts at start-up run the same conditioning (Wan 2.1 I2V: CLIP on fake tensors)
+    from ptrain.config import parse_config
+    from ptrain.flops import step_flops
+
+    cfg = parse_config(["--data_root", "x", "--pretrained_model_name_or_path", str(ckpt), *flags])
+    key, model_flops, _ = step_flops(cfg, get_spec("wan"), ckpt, 9, 64, 64)
+    assert model_flops > 0 and key[0] == (48 if variant == "2.2-ti2v" else 16)
 
 
 def test_gradient_accumulation_keeps_gradients_sharded(tiny_ckpt):
