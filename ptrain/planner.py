@@ -426,7 +426,6 @@ def _measure_step(cfg, spec, comps, model, dims, device) -> tuple[dict, object, 
                              d.max_sequence_length or spec.max_sequence_length(comps),
                              DTYPES[cfg.model.text_encoder_dtype])  # fmt: skip
     accum = t.gradient_accumulation_steps
-    _encode_under_a_parent(comps.vae)
     step = TrainStep(spec, comps, transformer, spec.make_objective(cfg.objective, comps), inputs, dims.cp, accum,
                      _planned_attention(cfg))  # fmt: skip
     batch = {"position": list(range(b))}
@@ -543,6 +542,7 @@ def _simulate(cfg, spec, world: int, model_dir: Path, num_blocks, fake: bool, t0
     mesh = dims.build_mesh()  # outside FakeTensorMode (inside it fails)
     device = torch.device("cpu")
     comps = meta_components(cfg, spec, model_dir, num_blocks)
+    _encode_under_a_parent(comps.vae)  # the mode's conditioning encodes inside the tracked step
     transformer = comps.transformer
     blocks_used = tuple(int(transformer.config[k]) for k in spec.block_count_keys)
     # The trainer's set-up on the meta model (the mode's input widening, LoRA, FP8 storage: fake tensors cannot
