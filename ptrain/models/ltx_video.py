@@ -9,7 +9,6 @@ token sequence, RoPE interpolation scale from the VAE compression ratios.
 from __future__ import annotations
 
 import torch
-from dataclasses import replace
 
 from diffusers import (
     AutoencoderKLLTXVideo,
@@ -79,11 +78,9 @@ class LTXVideoSpec(ModelSpec):
         else:
             pixels, keep = self.keep_masks(mode, components, video, latents, generators)
             given = self.condition_latents(components, video.float() * pixels).to(latents)
-        noisy = prepared.noisy * (1 - keep) + given * keep
         cfg = components.transformer.config
         token_keep = LTXPipeline._pack_latents(keep, cfg.patch_size, cfg.patch_size_t).squeeze(-1)  # (B, N)
-        timesteps = prepared.timesteps.view(b, 1).to(token_keep) * (1 - token_keep)
-        return replace(prepared, noisy=noisy, timesteps=timesteps, loss_mask=1 - keep), cond
+        return self.clean_given(prepared, keep, given, token_keep), cond
 
     def check_shape(self, num_frames, height, width, components) -> None:
         vae = components.vae

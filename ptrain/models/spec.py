@@ -385,6 +385,17 @@ class ModelSpec(ABC):
         return prepared, cond
 
     @staticmethod
+    def clean_given(prepared, keep: torch.Tensor, given: torch.Tensor, token_keep: torch.Tensor):
+        """Conditioning by clean tokens (LTX-Video, Wan 2.2 TI2V): the latent cells `keep` marks (B, 1, F, H, W)
+        take `given`'s values, their tokens (`token_keep`, (B, N)) get timestep 0 (per-token timesteps
+        t * (1 - keep)), and the loss leaves them out."""
+        from dataclasses import replace
+
+        noisy = prepared.noisy * (1 - keep) + given * keep
+        timesteps = prepared.timesteps.view(-1, 1).to(token_keep) * (1 - token_keep)
+        return replace(prepared, noisy=noisy, timesteps=timesteps, loss_mask=1 - keep)
+
+    @staticmethod
     def model_input(noisy_latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The transformer's input: the noisy latents, then (i2v / inpaint) condition()'s `concat_latents` on
         channels."""

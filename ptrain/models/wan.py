@@ -13,8 +13,6 @@ channels; a transformer with `image_dim` (Wan 2.1 I2V) also gets the CLIP image 
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from diffusers import (
     AutoencoderKLWan,
@@ -104,12 +102,10 @@ class WanSpec(ModelSpec):
             b, _, f, h, w = latents.shape
             keep = torch.zeros(b, 1, f, h, w, device=latents.device, dtype=latents.dtype)
             keep[:, :, 0] = 1.0
-            first = self.condition_latents(components, video[:, :, :1].float()).to(latents)
-            noisy = prepared.noisy * (1 - keep) + first * keep  # the first frame's latent, broadcast as the pipeline
+            first = self.condition_latents(components, video[:, :, :1].float()).to(latents)  # broadcast over F
             p = components.transformer.config.patch_size
             token_keep = keep[:, 0, :: p[0], :: p[1], :: p[2]].flatten(1)  # (B, N), the pipeline's mask[:, ::2, ::2]
-            timesteps = prepared.timesteps.view(b, 1).to(token_keep) * (1 - token_keep)
-            return replace(prepared, noisy=noisy, timesteps=timesteps, loss_mask=1 - keep), cond
+            return self.clean_given(prepared, keep, first, token_keep), cond
         keep, latent_keep = self.keep_masks(mode, components, video, latents, generators, packed=True)
         pixels = video.float() * keep
         given = self.condition_latents(components, pixels)
