@@ -424,7 +424,7 @@ def _measure_step(cfg, spec, comps, model, dims, device) -> tuple[dict, object, 
     t, d, transformer, optimizer, b = cfg.train, cfg.data, model.transformer, model.optimizer, cfg.train.batch_size
     inputs = SimulatedInputs(spec, comps, device, (b, 3, d.num_frames, d.height, d.width),
                              d.max_sequence_length or spec.max_sequence_length(comps),
-                             DTYPES[cfg.model.text_encoder_dtype])  # fmt: skip
+                             DTYPES[cfg.model.text_encoder_dtype], d.enable_precomputation == "on")  # fmt: skip
     accum = t.gradient_accumulation_steps
     step = TrainStep(spec, comps, transformer, spec.make_objective(cfg.objective, comps), inputs, dims.cp, accum,
                      _planned_attention(cfg))  # fmt: skip

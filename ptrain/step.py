@@ -5,8 +5,8 @@ train mode's conditioning (i2v / inpaint) -> transformer forward -> loss -> back
 from is decided once, when the data path is built (`make_inputs`):
 
 - `EncodedInputs`: decoded video and captions, encoded by the frozen VAE and text encoder(s) every step;
-- `PrecomputedInputs`: latents drawn from cached VAE distributions, cached text embeddings
-  (--enable_precomputation, ptrain/data/precompute.py);
+- `PrecomputedInputs`: latents drawn from cached VAE distributions, cached text embeddings and first-frame
+  conditioning (--enable_precomputation, ptrain/data/precompute.py);
 - `SimulatedInputs`: latents of the configured shape and random text states of the encoders' shapes (the
   memory planner, on fake tensors).
 """
@@ -47,45 +47,57 @@ class EncodedInputs:
             video[:, :, 0] = to_unit_range(batch["first_frame"].to(self.device, non_blocking=True)).to(video)
         images = {"images": video[:, :, 0]} if spec.text_needs_image(mode) else {}
         cond = spec.encode_text(self.comps, list(batch["caption"]), self.max_seq, **images)
+        if spec.precomputes_condition(mode):
+            cond.tensors.update(spec.image_condition(self.comps, video[:, :, 0], tuple(latents.shape)))
         return Inputs(latents, cond, video)
 
 
 class PrecomputedInputs:
-    """Latents drawn from the cached VAE posteriors, cached text embeddings (the encoders are needed only for
-    the mode's conditioning)."""
+    """Latents drawn from the cached VAE posteriors, cached text embeddings and (i2v) the cached first-frame
+    conditioning (ModelSpec.image_condition): the step needs no encoder."""
+
+    needs_encoders = False
 
     def __init__(self, spec: ModelSpec, comps: Components, device: torch.device):
         self.spec, self.comps, self.device = spec, comps, device
-        self.needs_encoders = spec.mode != "normal"
 
     def __call__(self, batch: dict, generators: list[torch.Generator]) -> Inputs:
         # The loader pins its batches on CUDA: these copies do not block the host.
         dist_params = batch["latent_dist"].to(self.device, non_blocking=True)
         latents = self.spec.latents_from_dist(self.comps, dist_params, generators)
-        cond = Conditioning(
-            {k[5:]: v.to(self.device, non_blocking=True) for k, v in batch.items() if k.startswith("text.")}
-        )
+        cond = Conditioning({k.split(".", 1)[1]: v.to(self.device, non_blocking=True) for k, v in batch.items()
+                             if k.startswith(("text.", "image."))})  # fmt: skip
         return Inputs(latents, cond)
 
 
 class SimulatedInputs:
     """Latents of the shape the VAE gives a (B, 3, F, H, W) clip and random text states of the encoders' shapes
     (the memory planner: the transformer's step without text encoders). Made once, as a loader's batch would
-    be before the step."""
+    be before the step. i2v's first-frame conditioning is encoded on every call, as EncodedInputs does, or once
+    here when `precomputed` (as the cache holds it)."""
 
     needs_encoders = False
 
-    def __init__(self, spec: ModelSpec, comps: Components, device, video_shape, seq_len: int, text_dtype):
+    def __init__(self, spec: ModelSpec, comps: Components, device, video_shape, seq_len: int, text_dtype,
+                 precomputed: bool = False):  # fmt: skip
         vae = comps.vae
         video = torch.zeros(tuple(video_shape), device=device, dtype=vae.dtype)
         with torch.no_grad():
             shape = vae.encode(video).latent_dist.mean.shape
         latents = torch.randn(shape, device=device, dtype=torch.float32)
         cond = spec.simulated_conditioning(comps.transformer.config, shape[0], seq_len, device, text_dtype)
+        self.spec, self.comps, self.first = spec, comps, video[:, :, 0]
+        self.each_call = spec.precomputes_condition(spec.mode) and not precomputed
+        if spec.precomputes_condition(spec.mode) and precomputed:
+            cond.tensors.update(spec.image_condition(comps, self.first, tuple(shape)))
         self.inputs = Inputs(latents, cond, video if spec.needs_pixels(spec.mode) else None)
 
     def __call__(self, batch: dict, generators: list[torch.Generator]) -> Inputs:
-        return self.inputs
+        if not self.each_call:
+            return self.inputs
+        x = self.inputs
+        image = self.spec.image_condition(self.comps, self.first, tuple(x.latents.shape))
+        return Inputs(x.latents, Conditioning({**x.cond.tensors, **image}), x.video)
 
 
 def make_inputs(precomputed: bool, spec: ModelSpec, comps: Components, device, max_sequence_length: int):

@@ -468,6 +468,11 @@ def test_auto_precomputation_decisions(tiny_ckpt, tiny_data):
     assert not inpaint.enabled and "encodes conditioning frames" in inpaint.reason
     with pytest.raises(ConfigError, match="inpaint for ltx_video encodes conditioning frames.*: it cannot use"):
         decision("--train_steps", "40", "--train_mode", "inpaint", "--enable_precomputation")
+    i2v = decision("--train_steps", "4", "--train_mode", "i2v")  # the first frame's conditioning is stored too
+    assert i2v.enabled and i2v.estimate_bytes > on.estimate_bytes
+    spec = get_spec("cogvideox")  # which noises the first frame anew every step
+    noised = decision("--train_steps", "40", "--train_mode", "i2v")
+    assert not noised.enabled and "i2v for cogvideox encodes conditioning frames (masked or noised)" in noised.reason
     huge = decision("--train_steps", "40", "--max_sequence_length", str(10**10))  # ~1.3 TB of text per sample
     assert not huge.enabled and "would fill more than half of the" in huge.reason
     assert not decision("--train_steps", "40", "--enable_precomputation", "off").enabled
@@ -530,7 +535,7 @@ def test_sample_that_failed_to_precompute_is_replaced_from_its_bucket(tmp_path):
 
     from ptrain.data.precompute import PrecomputedDataset, sample_key
 
-    recs = [SimpleNamespace(video=Path(f"{i}.mp4"), kind="video", caption=f"c{i}") for i in range(4)]
+    recs = [SimpleNamespace(video=Path(f"{i}.mp4"), kind="video", caption=f"c{i}", first_frame=None) for i in range(4)]
     usable = SimpleNamespace(records=recs, buckets=[Bucket(9, 32, 32)] * 3 + [Bucket(9, 32, 64)])
     keys = [sample_key(usable, i) for i in range(4)]
     for i in (0, 2, 3):

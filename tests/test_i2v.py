@@ -11,7 +11,7 @@ from conftest import TINY_ARGS, first_error, lora_changes_the_sample, run_ptrain
 from PIL import Image
 
 from ptrain.config import ConfigError, ObjectiveArgs
-from ptrain.models.spec import Components, get_spec
+from ptrain.models.spec import Components, Conditioning, get_spec
 from ptrain.objectives import FlowMatching, sample_generators
 from ptrain.testing.tiny import build_tiny_pipeline, write_tiny_checkpoint
 
@@ -45,7 +45,9 @@ def test_ltx_i2v_condition_first_frame_clean_timestep_zero_and_unscored():
     latents = torch.randn(2, 8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     gens = sample_generators(0, [0, 1])
     fm = FlowMatching(ObjectiveArgs(), 1.0)
-    prepared, cond = spec.condition("i2v", comps, None, latents, fm.prepare(latents, gens), None, gens)
+    given = Conditioning({"first_latents": latents[:, :, :1]})  # image_condition's: the first frame encoded alone
+    prepared, cond = spec.condition("i2v", comps, None, latents, fm.prepare(latents, gens), given, gens)
+    assert "first_latents" not in cond.tensors  # used up: forward does not take it
     assert torch.equal(prepared.noisy[:, :, 0], latents[:, :, 0])
     assert not torch.equal(prepared.noisy[:, :, 1], latents[:, :, 1])
     per_frame = prepared.timesteps.view(2, 3, -1)  # tokens are frame-major (patch 1)

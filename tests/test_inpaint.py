@@ -134,6 +134,7 @@ def test_wan_i2v_conditioning_equals_the_pipeline():
     gens = sample_generators(0, [0])
     latents = spec.encode_video(comps, video, gens)
     cond = spec.encode_text(comps, ["a red ball"], 512)
+    cond.tensors.update(spec.image_condition(comps, video[:, :, 0], tuple(latents.shape)))  # as the step does
     _, cond = spec.condition("i2v", comps, video, latents, None, cond, gens)
     pipe = spec.sampling_pipe
     image = pipe.video_processor.preprocess(Image.fromarray(img), height=32, width=32)
@@ -250,7 +251,7 @@ def test_inpaint_errors(tiny_ckpts, tiny_data, tmp_path):
 
 def test_first_frame_images_from_the_dataset(tiny_data, tiny_ckpt, tmp_path):
     """A row's image beside its video is the first frame i2v conditions on; a missing one is a named skip; the
-    run trains with them, and refuses precomputation (which would drop them)."""
+    run trains with them, precomputed or not, to the same losses."""
     import csv
 
     from ptrain.config import DataArgs
@@ -281,8 +282,10 @@ def test_first_frame_images_from_the_dataset(tiny_data, tiny_ckpt, tmp_path):
             "--checkpointing_steps", "0", *TINY_ARGS]  # fmt: skip
     run = run_ptrain(1, base, tmp_path / "run")
     assert run.returncode == 0 and len(run.losses) == 2 and all(np.isfinite(run.losses)), first_error(run.stderr)
-    run = run_ptrain(1, [*base, "--enable_precomputation"], tmp_path / "pre")
-    assert run.returncode != 0 and "first-frame images in the dataset" in run.stderr
+    # precomputation stores each row's first-frame conditioning from its image (tests/test_i2v_precompute.py)
+    pre = run_ptrain(1, [*base, "--enable_precomputation"], tmp_path / "pre")
+    assert pre.returncode == 0, first_error(pre.stderr)
+    np.testing.assert_allclose(pre.losses, run.losses, rtol=1e-5)
 
 
 def test_hunyuan_i2v_conditioning_equals_the_pipeline_and_mode_errors():
@@ -298,6 +301,7 @@ def test_hunyuan_i2v_conditioning_equals_the_pipeline_and_mode_errors():
     latents = spec.encode_video(comps, video, gens)
     assert spec.text_needs_image("i2v") and not spec.text_needs_image("inpaint")
     cond = spec.encode_text(comps, ["a red ball"], 256, images=video[:, :, 0])
+    cond.tensors.update(spec.image_condition(comps, video[:, :, 0], tuple(latents.shape)))  # as the step does
     _, cond = spec.condition("i2v", comps, video, latents, None, cond, gens)
     pipe = spec.sampling_pipe
     image = pipe.video_processor.preprocess(Image.fromarray(img), 32, 32)

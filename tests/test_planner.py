@@ -275,6 +275,9 @@ def test_the_planner_runs_wans_conditioned_modes(tmp_path, variant, mode):
     flags = ["--model_name", "wan", "--num_frames", "9", "--height", "64", "--width", "64", "--train_mode", mode]
     got = simulate(flags, 1, ckpt, vae_phases=False)
     assert got["peak_bytes"] > 0 and got["tokens"] == 3 * (4 if variant == "2.2-ti2v" else 16)
+    if mode == "i2v":  # precomputed, the first frame's conditioning is read from the cache: no encode in the step
+        pre = simulate([*flags, "--enable_precomputation", "on"], 1, ckpt, vae_phases=False)
+        assert 0 < pre["peak_bytes"] < got["peak_bytes"]
     if variant == "2.2-ti2v":  # no input channels added: the clean first frame is in the latents
         normal = simulate(flags[:-2], 1, ckpt, vae_phases=False)
         assert got["params_total"] == normal["params_total"] and got["latent_shape"][1] == 48

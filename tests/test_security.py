@@ -240,7 +240,8 @@ def test_metadata_allow_list_names_real_objects():
 def _precomputed(folder: Path, name: str = "00000000.safetensors"):
     from ptrain.data.precompute import PrecomputedDataset, sample_key
 
-    usable = SimpleNamespace(records=[SimpleNamespace(video=Path("a.mp4"), kind="video", caption="c")], buckets=["b"])
+    record = SimpleNamespace(video=Path("a.mp4"), kind="video", caption="c", first_frame=None)
+    usable = SimpleNamespace(records=[record], buckets=["b"])
     folder.mkdir(exist_ok=True)
     (folder / "manifest.json").write_text(json.dumps({"files": {sample_key(usable, 0): name}}))
     return PrecomputedDataset(usable, folder, caption_dropout_p=0.0, seed=0)

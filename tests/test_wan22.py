@@ -182,6 +182,7 @@ def test_ti2v_image_to_video_is_what_the_pipeline_samples():
     noisy[:, :, 0] = 7.0  # replaced by the image's latent
     p = Prepared(noisy, t[:, -1:].flatten().float(), torch.zeros_like(latents), torch.ones(1))
     cond = spec.encode_text(comps, ["a cat"], spec.max_sequence_length(comps))
+    cond.tensors.update(spec.image_condition(comps, video[:, :, 0], tuple(latents.shape)))  # as the step does
     p, cond = spec.condition("i2v", comps, video, latents, p, cond, sample_generators(0, [0]))
     with torch.no_grad():
         spec.forward(tr, p.noisy, p.timesteps, cond)

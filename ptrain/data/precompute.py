@@ -1,10 +1,13 @@
 """Precomputed conditioning (--enable_precomputation): VAE latent distributions and text embeddings computed
 once, sharded over ranks, stored as safetensors, then read by the data loader instead of decoding videos.
 
-What is stored per distinct sample (file, caption, bucket): the VAE's latent *distribution* (its mean and
-log-variance, `latent_dist.parameters`, in --vae_dtype), not a sample, so every step still draws a fresh latent
-from it with the sample's seeded generator, exactly as on-the-fly training does; and the text encoder outputs
-for the caption (with --id_token), plus one entry for the empty caption (--caption_dropout_p).
+What is stored per distinct sample (file, caption, bucket, first-frame image): the VAE's latent *distribution*
+(its mean and log-variance, `latent_dist.parameters`, in --vae_dtype), not a sample, so every step still draws a
+fresh latent from it with the sample's seeded generator, exactly as on-the-fly training does; the text encoder
+outputs for the caption (with --id_token), plus one entry for the empty caption (--caption_dropout_p); and with
+--train_mode i2v the first frame's conditioning (`ModelSpec.image_condition`: e.g. Wan's conditioning latents and
+CLIP embeddings), computed from the clip's first frame or the dataset's first-frame image as the step would.
+Where the prompt encoding reads the image (HunyuanVideo-I2V) each sample also stores its empty-caption entry.
 
 The cache lives in `<precomputation_dir>/<key>/` where key hashes a manifest of everything the tensors depend
 on: the sample list (paths, sizes, modification times, captions, buckets), the preprocessing flags, the model
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -68,18 +72,32 @@ def _folder_stats(path: str | None) -> list:
 
 def sample_key(usable: Usable, i: int) -> str:
     r = usable.records[i]
-    return json.dumps([str(r.video), r.kind, r.caption, str(usable.buckets[i])])
+    key = [str(r.video), r.kind, r.caption, str(usable.buckets[i])]
+    return json.dumps(key + [str(r.first_frame)] if r.first_frame is not None else key)
 
 
-def manifest(cfg: Config, usable: Usable, max_sequence_length: int, vae_tiling: bool = False) -> dict:
+def stored_condition(cfg: Config, spec) -> dict | None:
+    """What the cache stores for the mode's first-frame conditioning (None: nothing), as the key sees it: the mode
+    and the files it depends on beyond the VAE (the transformer's, which says e.g. whether Wan takes CLIP
+    embeddings, and the image encoder's)."""
+    m = cfg.model
+    if not spec.precomputes_condition(m.train_mode):
+        return None
+    folder = m.transformer_id or str(Path(m.pretrained_model_name_or_path) / "transformer")
+    return {"train_mode": m.train_mode, "transformer": _folder_stats(folder),
+            "image_encoder": _folder_stats(str(Path(m.pretrained_model_name_or_path) / "image_encoder"))}  # fmt: skip
+
+
+def manifest(cfg: Config, usable: Usable, max_sequence_length: int, vae_tiling: bool = False,
+             condition: dict | None = None) -> dict:  # fmt: skip
     """What the cache's key covers: the samples, the model's files, the preprocessing; `vae_tiling`: whether the VAE
-    encodes tiled (--enable_tiling as decided at start-up: tiled latents differ slightly)."""
+    encodes tiled (--enable_tiling as decided at start-up: tiled latents differ slightly); `condition`: the
+    first-frame conditioning stored (stored_condition; a cache without it keeps its key)."""
     m, d = cfg.model, cfg.data
     samples = []
     for key in dict.fromkeys(sample_key(usable, i) for i in range(len(usable.records))):
-        path = Path(json.loads(key)[0])
-        st = path.stat()
-        samples.append([key, st.st_size, st.st_mtime_ns])
+        files = [Path(f) for f in json.loads(key)[::4]]  # the video, and a first-frame image
+        samples.append([key, *[n for f in files for n in (f.stat().st_size, f.stat().st_mtime_ns)]])
     root = m.pretrained_model_name_or_path
     components = {
         name: _folder_stats(override or str(Path(root) / name))
@@ -106,6 +124,7 @@ def manifest(cfg: Config, usable: Usable, max_sequence_length: int, vae_tiling: 
             "enable_tiling": vae_tiling,
         },  # fmt: skip
         "samples": samples,
+        **({"condition": condition} if condition else {}),
     }
 
 
@@ -135,15 +154,12 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FILE_OVERHEAD = 4096
 
 
-def not_precomputable(cfg: Config, usable: Usable, spec) -> str | None:
+def not_precomputable(cfg: Config, spec) -> str | None:
     """Why the run's samples cannot be computed once (None if they can)."""
     d, mode = cfg.data, cfg.model.train_mode
     if d.reshape_mode == "random_crop" or d.random_frame_crop:
         return "--reshape_mode random_crop / --random_frame_crop draw a new crop or frame window every pass"
-    if mode != "normal" and any(r.first_frame for r in usable.records):
-        return (f"--train_mode {mode} with first-frame images in the dataset (an image column beside the video "
-                "column) conditions on those images every step")  # fmt: skip
-    if spec.needs_pixels(mode):
+    if spec.needs_pixels(mode) and not spec.precomputes_condition(mode):  # (i2v: stored per sample)
         return f"--train_mode {mode} for {spec.name} encodes conditioning frames (masked or noised) every step"
     return None
 
@@ -177,17 +193,21 @@ def _text_widths(cfg: Config, spec) -> list[tuple[int, str]]:
 def estimate_bytes(cfg: Config, usable: Usable, spec, rules, distinct: dict[str, int]) -> int:
     """The cache's size: per distinct sample its latent distribution (mean and log-variance: twice the latent
     channels, in --vae_dtype, at its bucket's latent shape) and text embeddings (sequence length x each text
-    encoder's width, in its dtype), plus the empty caption's."""
+    encoder's width, in its dtype), plus the empty caption's. i2v's first-frame conditioning is counted as one
+    float32 latent (Wan's conditioning latents and mask are about that; LTX-Video's first latent frame less), and
+    where the prompt reads the image, a second text entry per sample."""
     from collections import Counter
 
-    vae = DTYPE_BYTES[cfg.model.vae_dtype]
+    mode = cfg.model.train_mode
+    vae = DTYPE_BYTES[cfg.model.vae_dtype] + (2 if spec.precomputes_condition(mode) else 0)
     latent = 0
     for b, n in Counter(usable.buckets[i] for i in distinct.values()).items() if rules.latent_shape else ():
         c, f, h, w = rules.latent_shape(b.frames, b.height, b.width)
         latent += n * 2 * c * f * h * w * vae
     seq = cfg.data.max_sequence_length or rules.text_sequence_length or 512
     text = sum(seq * width * DTYPE_BYTES[dtype] for width, dtype in _text_widths(cfg, spec))
-    return latent + (len(distinct) + 1) * (text + FILE_OVERHEAD)
+    entries = len(distinct) * (2 if spec.precomputes_condition(mode) and spec.text_needs_image(mode) else 1) + 1
+    return latent + entries * (text + FILE_OVERHEAD)
 
 
 def _free_bytes(folder: Path) -> int:
@@ -206,7 +226,7 @@ def decide(cfg: Config, usable: Usable, spec, rules, global_batch: int) -> Decis
     d, t = cfg.data, cfg.train
     if d.enable_precomputation == "off":
         return Decision(False, "--enable_precomputation off")
-    why = not_precomputable(cfg, usable, spec)
+    why = not_precomputable(cfg, spec)
     if d.enable_precomputation == "on":
         if why:
             raise ConfigError(f"{why}: it cannot use --enable_precomputation")
@@ -215,7 +235,8 @@ def decide(cfg: Config, usable: Usable, spec, rules, global_batch: int) -> Decis
         return Decision(False, f"auto: {why}")
     distinct = distinct_samples(usable)
     est = estimate_bytes(cfg, usable, spec, rules, distinct)
-    target = cache_dir(cfg, manifest(cfg, usable, d.max_sequence_length or rules.text_sequence_length))
+    max_seq = d.max_sequence_length or rules.text_sequence_length
+    target = cache_dir(cfg, manifest(cfg, usable, max_seq, condition=stored_condition(cfg, spec)))
     if (target / COMPLETE).is_file():
         return Decision(True, f"auto: reusing the complete cache of the same data, model and settings in {target}",
                         reuse=True, estimate_bytes=est)  # fmt: skip
@@ -237,7 +258,7 @@ def precompute(
 ) -> Path:
     """Fill (or, with `reuse`, reuse) the cache for `usable`; every rank takes part; returns the cache folder."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    man = manifest(cfg, usable, max_seq, bool(getattr(comps.vae, "use_tiling", False)))
+    man = manifest(cfg, usable, max_seq, bool(getattr(comps.vae, "use_tiling", False)), stored_condition(cfg, spec))
     target = cache_dir(cfg, man)
     if (target / COMPLETE).is_file() and reuse:
         log.info("precomputation: reusing %s (same data, model and settings)", target)
@@ -272,17 +293,17 @@ def precompute(
                 bar.update(world)
                 continue
             try:
-                video = dataset._load(i, np.random.default_rng(0))[None].to(device)  # fixed crop: no draws are made
+                video, first = _decode(dataset, i, usable.buckets[i], device)
             except Exception as e:  # noqa: BLE001 - decord / PIL raise their own types; the file is named
                 failed[key] = f"{usable.records[i].video}: {type(e).__name__}: {e}"
                 log.warning("precomputation: %s failed to decode (%s); training replaces it", usable.records[i].video,
                             e)  # fmt: skip
                 bar.update(world)
                 continue
-            _save_encoded(spec, comps, video, dataset.caption_of(i), max_seq, path)
+            _save_encoded(spec, comps, video, first, dataset.caption_of(i), max_seq, path)
             bar.update(world)
     bar.close()
-    if rank == 0:
+    if rank == 0 and not spec.text_needs_image(spec.mode):  # (else each sample stores its own, with its image)
         cond = spec.encode_text(comps, [""], max_seq)
         save_file({f"text.{k}": v[0].contiguous().cpu() for k, v in cond.tensors.items()}, target / EMPTY)
     gathered: list = [None] * world
@@ -302,12 +323,29 @@ def precompute(
     return target
 
 
-def _save_encoded(spec, comps, video, caption: str, max_seq: int, path: Path) -> None:
-    """Encode one sample (latent distribution and caption embeddings) into a cache file."""
+def _decode(dataset: VideoDataset, i: int, bucket, device):
+    """Sample `i` at `bucket`'s shape on the device: the clip (1, 3, F, H, W) and its first frame (1, 3, H, W), the
+    dataset's first-frame image where the row gives one. Fixed crop: no draws are made."""
+    video, first = dataset._load_item(i, bucket, np.random.default_rng(0))
+    return video[None].to(device), (video[:, 0] if first is None else first)[None].to(device)
+
+
+def _save_encoded(spec, comps, video, first, caption: str, max_seq: int, path: Path) -> None:
+    """Encode one sample into a cache file: latent distribution, caption embeddings and (i2v) the first frame's
+    conditioning, with the empty caption's embeddings where the prompt reads the image."""
     params = spec.encode_latent_dist(comps, video)
-    cond = spec.encode_text(comps, [caption], max_seq)
+    images = {"images": first} if spec.text_needs_image(spec.mode) else {}
+    cond = spec.encode_text(comps, [caption], max_seq, **images)
     tensors = {"latent_dist": params[0].contiguous().cpu()}
     tensors.update({f"text.{k}": v[0].contiguous().cpu() for k, v in cond.tensors.items()})
+    if spec.precomputes_condition(spec.mode):
+        shape = (1, params.shape[1] // 2, *params.shape[2:])
+        with torch.no_grad():
+            image = spec.image_condition(comps, first, shape)
+        tensors.update({f"image.{k}": v[0].contiguous().cpu() for k, v in image.items()})
+    if images:  # caption dropout's empty prompt reads the image too
+        empty = spec.encode_text(comps, [""], max_seq, **images)
+        tensors.update({f"empty.text.{k}": v[0].contiguous().cpu() for k, v in empty.tensors.items()})
     tmp = path.with_name(path.name + ".tmp")  # whole or absent: an interrupted precomputation continues from it
     save_file(tensors, tmp)
     os.replace(tmp, path)
@@ -340,13 +378,13 @@ def _encode_stand_ins(usable: Usable, spec, comps, dataset: VideoDataset, max_se
         tried = set(bad)
         while (j := dataset.replacement(i, 0, tried)) is not None:
             try:
-                video = dataset._load(j, np.random.default_rng(0), usable.buckets[i])[None].to(device)
+                video, first = _decode(dataset, j, usable.buckets[i], device)
             except Exception as e:  # noqa: BLE001 - as above: decord / PIL types; the file is named
                 log.warning("precomputation: %s failed to decode (%s)", usable.records[j].video, e)
                 tried.add(j)
                 continue
             name = f"{ids[key]:08d}.safetensors"
-            _save_encoded(spec, comps, video, dataset.caption_of(j), max_seq, target / name)
+            _save_encoded(spec, comps, video, first, dataset.caption_of(j), max_seq, target / name)
             out[key] = [name, keys[j]]
             log.warning("precomputation: no other sample of shape %s could replace %s; %s stands in, cropped to it",
                         usable.buckets[i], usable.records[i].video, usable.records[j].video)  # fmt: skip
@@ -425,8 +463,9 @@ class PrecomputedDataset(Dataset):
                 f"{e}. The precomputed cache {self.folder} is damaged: delete that folder (the next start encodes "
                 "it again) or pass another --precomputation_dir"
             ) from None
+        own_empty = {k[6:]: item.pop(k) for k in [k for k in item if k.startswith("empty.")]}  # reads the image
         if self.p and rng.random() < self.p:
-            if self._empty is None:
+            if not own_empty and self._empty is None:
                 self._empty = load_safetensors(self.folder / EMPTY)
-            item.update(self._empty)
+            item.update(own_empty or self._empty)
         return {**item, "position": position, "index": index, "replaced": replaced}

@@ -52,6 +52,7 @@ class CogVideoXSpec(ModelSpec):
     train_modes = ("normal", "i2v", "inpaint")
     i2v_pipeline_cls = CogVideoXImageToVideoPipeline
     i2v_needs_pixels = True
+    i2v_precomputable = False  # the image is noised anew every step
     input_layer = "patch_embed.proj"
 
     def mode_in_channels(self, mode, components) -> int:

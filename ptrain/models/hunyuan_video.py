@@ -110,20 +110,24 @@ class HunyuanVideoSpec(ModelSpec):
             )
         return super().check_mode(mode, components, training_type)
 
+    def image_condition(self, components, first, latent_shape):
+        """i2v as the I2V pipeline's latent_concat input: the first frame encoded alone (posterior mode), zero
+        latent frames after it, and the keep mask (1 on the first latent frame), as `concat_latents`."""
+        b, _, f, h, w = latent_shape
+        image = self.condition_latents(components, first[:, :, None].float())
+        given = torch.cat([image, image.new_zeros(b, image.shape[1], f - 1, h, w)], dim=2)
+        latent_keep = torch.zeros_like(given[:, :1])
+        latent_keep[:, :, 0] = 1
+        return {"concat_latents": torch.cat([given, latent_keep], dim=1)}
+
     def condition(self, mode, components, video, latents, prepared, cond, generators):
         """[noisy latents, conditioning latents, keep mask] on channels, the I2V pipeline's latent_concat input.
-        i2v: the first frame's latents then zeros, mask 1 on the first latent frame. inpaint: the latents of the
+        i2v: image_condition's, already in `cond` (computed this step or precomputed). inpaint: the latents of the
         video with the generated pixels zeroed, and the random keep mask."""
-        if mode == "normal":
+        if mode != "inpaint":
             return prepared, cond
-        if mode == "i2v":  # as the I2V pipeline: the first frame encoded alone (mode), zero latent frames after it
-            first = self.condition_latents(components, video[:, :, :1].float()).to(latents)
-            given = torch.cat([first, first.new_zeros(*first.shape[:2], latents.shape[2] - 1, *first.shape[3:])], 2)
-            latent_keep = torch.zeros_like(latents[:, :1])
-            latent_keep[:, :, 0] = 1
-        else:
-            keep, latent_keep = self.keep_masks(mode, components, video, latents, generators)
-            given = self.condition_latents(components, video.float() * keep).to(latents)
+        keep, latent_keep = self.keep_masks(mode, components, video, latents, generators)
+        given = self.condition_latents(components, video.float() * keep).to(latents)
         return prepared, Conditioning(dict(cond.tensors, concat_latents=torch.cat([given, latent_keep], dim=1)))
 
     def check_shape(self, num_frames, height, width, components) -> None:

@@ -62,19 +62,19 @@ class LTXVideoSpec(ModelSpec):
     def condition(self, mode, components, video, latents, prepared, cond, generators):
         """LTX-Video's own conditioning (LTXImageToVideoPipeline, LTXConditionPipeline): given latent cells are
         clean, their tokens get timestep 0 (per-token timesteps t * (1 - mask)), and the loss leaves them out.
-        i2v gives the first latent frame (of the first frame encoded alone). inpaint gives the cells a random keep mask covers
-        entirely, from the latents of the video with its generated part zeroed (what the pipeline would encode);
-        no input channels are added, so the model keeps working in LTX's pipelines."""
+        i2v gives the first latent frame: the first frame (or the dataset's first-frame image) encoded alone, the
+        causal VAE's first latent frame (image_condition, in `cond`: computed this step or precomputed). inpaint
+        gives the cells a random keep mask covers entirely, from the latents of the video with its generated part
+        zeroed (what the pipeline would encode); no input channels are added, so the model keeps working in LTX's
+        pipelines."""
         if mode == "normal":
             return prepared, cond
         b, _, f, h, w = latents.shape
         if mode == "i2v":
             keep = torch.zeros(b, 1, f, h, w, device=latents.device, dtype=latents.dtype)
             keep[:, :, 0] = 1.0
-            given = latents  # precomputed: the clip's own first latent frame
-            if video is not None:  # the first frame alone (the causal VAE's first latent frame), maybe a dataset image
-                first = self.condition_latents(components, video[:, :, :1].float()).to(latents)
-                given = torch.cat([first, latents[:, :, 1:]], dim=2)
+            given = torch.cat([cond.tensors["first_latents"].to(latents), latents[:, :, 1:]], dim=2)
+            cond = cond.without("first_latents")
         else:
             pixels, keep = self.keep_masks(mode, components, video, latents, generators)
             given = self.condition_latents(components, video.float() * pixels).to(latents)

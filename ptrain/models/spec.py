@@ -137,9 +137,14 @@ def plan_experts(m: ModelArgs, o: ObjectiveArgs, index: dict[str, Any], validate
 
 @dataclass
 class Conditioning:
-    """Text conditioning for one micro-batch, already on the training device."""
+    """Text conditioning for one micro-batch, already on the training device, and (i2v) the first frame's
+    conditioning tensors (ModelSpec.image_condition)."""
 
     tensors: dict[str, torch.Tensor]
+
+    def without(self, *names: str) -> Conditioning:
+        """A copy without the tensors `names` (the ones condition() has used up, which forward does not take)."""
+        return Conditioning({k: v for k, v in self.tensors.items() if k not in names})
 
 
 def frozen_dtype(module: nn.Module) -> torch.dtype:
@@ -192,8 +197,12 @@ class ModelSpec(ABC):
     #: The pipeline that samples from the inpaint layout given a first frame (validation with --train_mode
     #: inpaint); None where diffusers has none for this family's inpaint layout.
     inpaint_pipeline_cls: type | None = None
-    #: --train_mode i2v needs the decoded first frame (not only the latents): no --enable_precomputation.
+    #: --train_mode i2v needs the decoded first frame (not only the latents).
     i2v_needs_pixels: bool = False
+    #: --train_mode i2v conditions on a function of the first frame alone, with no random draws
+    #: (image_condition), so --enable_precomputation stores it per sample; False where the step noises the image
+    #: (CogVideoX).
+    i2v_precomputable: bool = True
     #: Module path of the transformer's input (patch embedding) layer: expanded when a mode needs more channels.
     input_layer: str = ""
 
@@ -338,8 +347,20 @@ class ModelSpec(ABC):
         return False
 
     def needs_pixels(self, mode: str) -> bool:
-        """Whether `mode` conditions on decoded frames every step (then no --enable_precomputation)."""
+        """Whether `mode` conditions on decoded frames (every step, unless precomputes_condition)."""
         return mode == "inpaint" or (mode == "i2v" and self.i2v_needs_pixels)
+
+    def precomputes_condition(self, mode: str) -> bool:
+        """Whether `mode`'s conditioning comes from image_condition (the first frame alone, no random draws): the
+        step computes it from the decoded clip, or --enable_precomputation once per sample."""
+        return mode == "i2v" and self.i2v_precomputable
+
+    def image_condition(self, components: Components, first: torch.Tensor, latent_shape: tuple[int, ...]):
+        """i2v's conditioning tensors from the first frames `first` (B, 3, H, W) in [-1, 1], for latents of
+        `latent_shape` (B, C, F', h, w): a dict that joins the text conditioning, where condition() reads it.
+        Deterministic, so precomputation stores it per sample (precomputes_condition). Latent-space conditioning
+        (LTX-Video) by default: the first frame encoded alone, the causal VAE's first latent frame."""
+        return {"first_latents": self.condition_latents(components, first[:, :, None].float())}
 
     def check_mode(self, mode: str, components: Components, training_type: str) -> str | None:
         """Prepare the transformer for `mode` or raise ConfigError saying why the checkpoint cannot train it.

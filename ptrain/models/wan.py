@@ -92,35 +92,65 @@ class WanSpec(ModelSpec):
             )
         return expanded
 
+    def image_condition(self, components, first, latent_shape):
+        """i2v as WanImageToVideoPipeline prepares its input. Wan 2.1: the keep mask of the first frame packed 4
+        pixel frames per latent frame and the latents (posterior mode, normalised) of the first frame followed by
+        zero frames, as `concat_latents`; with `image_dim`, the CLIP embeddings of the first frame. Wan 2.2 TI2V
+        (expand_timesteps): the first frame's latents, which condition() makes clean tokens."""
+        from ptrain.models.conditioning import latent_keep_mask
+
+        if self.expands_timesteps(components):
+            return super().image_condition(components, first, latent_shape)
+        b, _, f, h, w = latent_shape
+        t = self.temporal_ratio(components)
+        pixels = first.new_zeros(b, 3, (f - 1) * t + 1, *first.shape[-2:], dtype=torch.float32)
+        pixels[:, :, 0] = first.float()
+        keep = torch.zeros_like(pixels[:, :1])
+        keep[:, :, 0] = 1.0
+        latent_keep = latent_keep_mask(keep, tuple(latent_shape), t, packed=True)
+        given = self.condition_latents(components, pixels)
+        tensors = {"concat_latents": torch.cat([latent_keep.to(given), given], dim=1)}
+        if components.transformer.config.get("image_dim"):
+            tensors["encoder_hidden_states_image"] = self.image_embeds(components, first)
+        return tensors
+
+    def image_embeds(self, components, frames: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings of first frames (B, 3, H, W) in [-1, 1], as the pipeline's encode_image makes them
+        (its processor on the uint8 frames); the memory planner's fake frames get the encoder's work on a processed
+        image's shape."""
+        with torch.no_grad():
+            if is_fake(frames):
+                size = self.sampling_pipe.image_processor.crop_size
+                encoder = components.extra["image_encoder"]
+                image = torch.zeros(frames.shape[0], 3, size["height"], size["width"], device=frames.device,
+                                    dtype=encoder.dtype)  # fmt: skip
+                return encoder(pixel_values=image, output_hidden_states=True).hidden_states[-2]
+            return self.sampling_pipe.encode_image(uint8_images(frames), frames.device)
+
     def condition(self, mode, components, video, latents, prepared, cond, generators):
-        """i2v / inpaint as WanImageToVideoPipeline prepares its input: the keep mask packed 4 pixel frames per
-        latent frame, and the latents (posterior mode, normalised) of the video with the generated pixels zeroed
-        (i2v: the first frame, then zeros). With `image_dim`, CLIP embeddings of the given first-frame pixels."""
+        """i2v: image_condition's tensors, already in `cond` (computed this step or precomputed); for Wan 2.2 TI2V
+        the first latent frame is clean, its tokens get timestep 0 and it is left out of the loss. inpaint as
+        WanImageToVideoPipeline's layout with a random keep mask: the mask packed 4 pixel frames per latent frame,
+        and the latents of the video with the generated pixels zeroed; with `image_dim`, CLIP embeddings of the
+        given first-frame pixels."""
         if mode == "normal":
             return prepared, cond
-        if self.expands_timesteps(components):  # WanImageToVideoPipeline with expand_timesteps
-            b, _, f, h, w = latents.shape
+        if mode == "i2v":
+            if not self.expands_timesteps(components):
+                return prepared, cond
+            b, _, f, h, w = latents.shape  # WanImageToVideoPipeline with expand_timesteps
             keep = torch.zeros(b, 1, f, h, w, device=latents.device, dtype=latents.dtype)
             keep[:, :, 0] = 1.0
-            first = self.condition_latents(components, video[:, :, :1].float()).to(latents)  # broadcast over F
+            first = cond.tensors["first_latents"].to(latents)  # broadcast over F
             p = components.transformer.config.patch_size
             token_keep = keep[:, 0, :: p[0], :: p[1], :: p[2]].flatten(1)  # (B, N), the pipeline's mask[:, ::2, ::2]
-            return self.clean_given(prepared, keep, first, token_keep), cond
+            return self.clean_given(prepared, keep, first, token_keep), cond.without("first_latents")
         keep, latent_keep = self.keep_masks(mode, components, video, latents, generators, packed=True)
         pixels = video.float() * keep
         given = self.condition_latents(components, pixels)
         tensors = dict(cond.tensors, concat_latents=torch.cat([latent_keep, given.to(latents)], dim=1))
         if components.transformer.config.get("image_dim"):
-            with torch.no_grad():
-                if is_fake(pixels):  # the memory planner: the image encoder's work on a processed image's shape
-                    size = self.sampling_pipe.image_processor.crop_size
-                    encoder = components.extra["image_encoder"]
-                    image = torch.zeros(pixels.shape[0], 3, size["height"], size["width"], device=latents.device,
-                                        dtype=encoder.dtype)  # fmt: skip
-                    embeds = encoder(pixel_values=image, output_hidden_states=True).hidden_states[-2]
-                else:  # the pipeline's own encode_image: its processor on the uint8 first frames
-                    embeds = self.sampling_pipe.encode_image(uint8_images(pixels[:, :, 0]), latents.device)
-                tensors["encoder_hidden_states_image"] = embeds
+            tensors["encoder_hidden_states_image"] = self.image_embeds(components, pixels[:, :, 0])
         return prepared, Conditioning(tensors)
 
     def check_shape(self, num_frames, height, width, components) -> None:
