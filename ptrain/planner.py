@@ -191,13 +191,16 @@ def text_layer_bytes(spec, model_dir: Path, dtypes: dict[str, torch.dtype]) -> i
 
 @functools.lru_cache(maxsize=16)
 def _encoder_bytes(spec_name: str, model_dir: Path, dtypes: tuple) -> tuple:
-    """((name, bytes), ...) of the VAE and text encoders, and ("text_layer", bytes): the largest set of weights
-    one text-encoder submodule owns (what validation's streamed text encoders hold on the device at a time)."""
+    """((name, bytes), ...) of the VAE, the text encoders and an image encoder (Wan 2.1 I2V's CLIP, in the text
+    encoders' dtype), and ("text_layer", bytes): the largest set of weights one text-encoder submodule owns (what
+    validation's streamed text encoders hold on the device at a time)."""
     from ptrain.models.spec import get_spec
 
     spec, dtypes, out, layer = get_spec(spec_name), dict(dtypes), {}, 0
-    for name in ("vae", "text_encoder", "text_encoder_2"):
-        cls = spec.component_classes.get(name)
+    classes = {**spec.checkpoint_classes(model_dir), **spec.optional_components}  # e.g. HunyuanVideo-I2V's Llava
+    dtypes.setdefault("image_encoder", dtypes.get("text_encoder", torch.bfloat16))
+    for name in ("vae", "text_encoder", "text_encoder_2", "image_encoder"):
+        cls = classes.get(name)
         if cls is None or not (model_dir / name / "config.json").is_file():
             continue
         if name == "vae":
@@ -208,7 +211,7 @@ def _encoder_bytes(spec_name: str, model_dir: Path, dtypes: tuple) -> tuple:
                 model = cls(config)
         dtype = dtypes.get(name, torch.bfloat16)
         out[name] = sum(p.numel() for p in model.parameters()) * dtype.itemsize
-        if name != "vae":
+        if name.startswith("text_encoder"):
             owned = (sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
             layer = max(layer, max(owned) * dtype.itemsize)
     return (*out.items(), ("text_layer", layer))
@@ -330,12 +333,18 @@ def meta_components(cfg, spec, model_dir: Path, num_blocks):
     )
     extra = {k: None for k in spec.component_classes if k not in ("transformer", "vae", "scheduler",
                                                                    "text_encoder", "tokenizer")}  # fmt: skip
+    # A mode whose prompt reads the image needs to know the checkpoint's text encoder (HunyuanVideo-I2V's Llava);
+    # the step's text states are simulated, so it is built on the meta device and never run.
+    text_encoder = None
+    if spec.text_needs_image(m.train_mode) and (model_dir / "text_encoder").is_dir():
+        text_encoder = _meta_component(spec.checkpoint_classes(model_dir)["text_encoder"], model_dir / "text_encoder",
+                                       DTYPES[m.text_encoder_dtype])  # fmt: skip
     for name, cls in spec.optional_components.items():  # e.g. Wan 2.1 I2V's CLIP image encoder and processor
         if (model_dir / name).is_dir():
             extra[name] = _meta_component(cls, model_dir / name, DTYPES[m.text_encoder_dtype])
     settings = pipeline_settings(read_model_index(model_dir))  # e.g. Wan 2.2 TI2V's expand_timesteps
-    return Components(transformer=transformer, vae=vae, text_encoder=None, tokenizer=None, scheduler=scheduler,
-                      extra=extra, settings=settings)  # fmt: skip
+    return Components(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=None,
+                      scheduler=scheduler, extra=extra, settings=settings)  # fmt: skip
 
 
 class _Parent(torch.nn.Module):
@@ -765,7 +774,8 @@ def finish(res: dict, flags, model_dir, vae_phases: bool = True) -> dict:
     spec, dtype = _spec_of(cfg, model_dir), DTYPES[m.vae_dtype]
     enc = encoder_bytes(spec, model_dir, _encoder_dtypes(cfg))
     act = functools.partial(vae_activation_bytes, spec.component_classes["vae"], model_dir, dtype)
-    weights = {"VAE": enc.get("vae", 0), "Text encoders": sum(v for k, v in enc.items() if k != "vae")}
+    weights = {"VAE": enc.get("vae", 0), "Text encoders": sum(v for k, v in enc.items() if k.startswith("text_")),
+               **({"Image encoder": enc["image_encoder"]} if "image_encoder" in enc else {})}
     # --enable_precomputation auto is decided from the data (ptrain/data/precompute.py); the planner takes it as
     # off (the VAE encodes every step, with the training state resident) unless the caller resolved it (dry run)
     pre = d.enable_precomputation == "on"

@@ -28,6 +28,9 @@ from diffusers import (
     HunyuanVideoPipeline,
     HunyuanVideoTransformer3DModel,
 )
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_image2video import (
+    DEFAULT_PROMPT_TEMPLATE as IMAGE_PROMPT_TEMPLATE,
+)
 from torch import nn
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModel, LlamaModel, LlavaForConditionalGeneration
 
@@ -73,13 +76,13 @@ class HunyuanVideoSpec(ModelSpec):
     optional_components = {"image_processor": CLIPImageProcessor}
     input_layer = "x_embedder.proj"
 
-    def load_components(self, path, dtypes, device, overrides, variant=None, classes=None):
+    def checkpoint_classes(self, path):
         """A HunyuanVideo-I2V checkpoint's text encoder is a LlavaForConditionalGeneration (model_index.json)."""
         index = Path(path) / "model_index.json"
         listed = json.loads(index.read_text()).get("text_encoder", [None, None]) if index.is_file() else [None, None]
         if listed[-1] == LlavaForConditionalGeneration.__name__:
-            classes = {**self.component_classes, "text_encoder": LlavaForConditionalGeneration}
-        return super().load_components(path, dtypes, device, overrides, variant, classes)
+            return {**self.component_classes, "text_encoder": LlavaForConditionalGeneration}
+        return self.component_classes
 
     def mode_in_channels(self, mode, components) -> int:
         c = self.latent_channels(components)
@@ -143,7 +146,7 @@ class HunyuanVideoSpec(ModelSpec):
         """Llama states with the prompt template cropped, CLIP pooled projection. With `images` (i2v: first frames
         (B, 3, H, W) in [-1, 1]), the I2V pipeline's Llava reads each image into its prompt."""
         if images is not None:
-            interleave = 2 if components.transformer.config.image_condition_type == "latent_concat" else 4
+            interleave = self.image_interleave(components.transformer.config)
             with torch.no_grad():
                 embeds, pooled, mask = self.sampling_pipe.encode_prompt(
                     image=uint8_images(images), prompt=captions,
@@ -161,10 +164,17 @@ class HunyuanVideoSpec(ModelSpec):
             {"encoder_hidden_states": embeds, "encoder_attention_mask": mask, "pooled_projections": pooled}
         )
 
+    @staticmethod
+    def image_interleave(config) -> int:
+        """How sparsely the I2V pipeline keeps the image's prompt tokens (its image_embed_interleave)."""
+        return 2 if config.get("image_condition_type") == "latent_concat" else 4
+
     def normalize_latents(self, components, latents) -> torch.Tensor:
         return latents * components.vae.config.scaling_factor
 
     def simulated_conditioning(self, config, batch, seq_len, device, dtype) -> Conditioning:
+        if self.mode == "i2v":  # the Llava prompt: the image's tokens (every 2nd or 4th of 576), then the text
+            seq_len += IMAGE_PROMPT_TEMPLATE["image_emb_len"] // self.image_interleave(config) - 4
         cond = super().simulated_conditioning(config, batch, seq_len, device, dtype)
         cond.tensors["encoder_attention_mask"] = torch.ones(batch, seq_len, device=device, dtype=torch.long)
         cond.tensors["pooled_projections"] = torch.randn(

@@ -217,6 +217,12 @@ class ModelSpec(ABC):
     inpaint_mask_probs: dict[str, float] = ModelArgs().mask_probs()
 
     # --- loading -------------------------------------------------------------------------------
+    def checkpoint_classes(self, path: str | Path) -> dict[str, type]:
+        """The component classes of the checkpoint at `path`: component_classes, unless a family's checkpoints
+        differ in one (HunyuanVideo-I2V's Llava text encoder). The trainer loads them; the memory planner sizes
+        them."""
+        return self.component_classes
+
     def load_components(
         self,
         path: str,
@@ -224,13 +230,12 @@ class ModelSpec(ABC):
         device: torch.device,
         overrides: dict[str, str | None],
         variant: str | None = None,
-        classes: dict[str, type] | None = None,
     ) -> Components:
         """Every component from the checkpoint (or its override folder); `variant` (--variant) picks the weight
-        files (`*.fp16.safetensors`); `classes` replaces component_classes."""
+        files (`*.fp16.safetensors`); the classes are checkpoint_classes'."""
         loaded = {}
         present = {n: c for n, c in self.optional_components.items() if (Path(path) / n).is_dir()}
-        for name, cls in {**(classes or self.component_classes), **present}.items():
+        for name, cls in {**self.checkpoint_classes(path), **present}.items():
             src, sub = component_source(path, overrides.get(name), name)
             kwargs: dict[str, Any] = {"subfolder": sub} if sub else {}
             if name in DTYPE_COMPONENTS:
