@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 
-from ptrain.models.spec import Components, get_spec, pipeline_settings
+from ptrain.models.spec import Components, get_spec
 from ptrain.parallel.context import apply_context_parallel
 from ptrain.testing.tiny import build_tiny_pipeline
 
@@ -38,17 +38,10 @@ DTYPE = getattr(torch, os.environ.get("CP_WORKER_DTYPE", "float32"))
 CAPTIONS = ["a red ball bounces", "a dog"]
 
 
-def components(pipe) -> Components:
-    comps = dict(pipe.components)
-    core = {k: comps.pop(k) for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
-    return Components(**core, extra={k: v for k, v in comps.items() if v is not None},
-                      settings=pipeline_settings(pipe.config))  # fmt: skip
-
-
 def run_case(model, variant, fhw, per_token, ac, mode, cp_mesh, device) -> dict:
     pipe = build_tiny_pipeline(model, seed=0, variant=variant)
     spec = get_spec(model)
-    comps = components(pipe)
+    comps = Components.from_pipeline(pipe)
     spec = spec.bind(comps)
     base = comps.transformer.to(DTYPE).train()
     with torch.no_grad():

@@ -136,9 +136,7 @@ def patched_hidden_size(fn, hidden_size: int):
 
 def bind_spec(model: str, pipe):
     spec = get_spec(model)
-    core = {k: pipe.components[k] for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
-    extra = {k: v for k, v in pipe.components.items() if k not in core}
-    return spec.bind(Components(**core, extra=extra))
+    return spec.bind(Components.from_pipeline(pipe))
 
 
 def transformer_output(model: str, pipe) -> torch.Tensor:

@@ -19,12 +19,6 @@ from ptrain.testing.tiny import build_tiny_pipeline, write_tiny_checkpoint
 # 1.5e-4 (Wan inpaint) to 1.4e-2 (LTX-Video i2v); the same seed twice gives identical frames (difference 0).
 
 
-def _components(pipe) -> Components:
-    comps = dict(pipe.components)
-    core = {k: comps.pop(k) for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
-    return Components(**core, extra={k: v for k, v in comps.items() if v is not None})
-
-
 @pytest.fixture(scope="module")
 def first_frame(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "first.png"
@@ -40,7 +34,7 @@ def _args(ckpt, data, model, *extra):
 
 def test_ltx_i2v_condition_first_frame_clean_timestep_zero_and_unscored():
     pipe = build_tiny_pipeline("ltx_video", seed=0)
-    spec, comps = get_spec("ltx_video"), _components(pipe)
+    spec, comps = get_spec("ltx_video"), Components.from_pipeline(pipe)
     spec = spec.bind(comps, "i2v")
     latents = torch.randn(2, 8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     gens = sample_generators(0, [0, 1])
@@ -60,7 +54,7 @@ def test_ltx_i2v_condition_first_frame_clean_timestep_zero_and_unscored():
 def test_cogvideox_expansion_step0_equals_t2v_and_mode_errors():
     pipe = build_tiny_pipeline("cogvideox", seed=0, variant="2b")
     spec = get_spec("cogvideox")
-    comps = _components(pipe)
+    comps = Components.from_pipeline(pipe)
     t2v = build_tiny_pipeline("cogvideox", seed=0, variant="2b").transformer
     spec = spec.bind(comps, "i2v", training_type="full-finetune")
     assert comps.transformer.config.in_channels == 32 and comps.transformer.patch_embed.proj.weight.shape[1] == 32

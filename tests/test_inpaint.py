@@ -22,12 +22,6 @@ from ptrain.testing.tiny import build_tiny_pipeline, write_tiny_checkpoint
 # 1.5e-4 (Wan inpaint) to 1.4e-2 (LTX-Video i2v); the same seed twice gives identical frames (difference 0).
 
 
-def _components(pipe) -> Components:
-    comps = dict(pipe.components)
-    core = {k: comps.pop(k) for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
-    return Components(**core, extra={k: v for k, v in comps.items() if v is not None})
-
-
 def _video(seed: int = 2, batch: int = 2) -> torch.Tensor:
     return torch.rand(batch, 3, 9, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
@@ -67,7 +61,7 @@ def test_keep_masks_types_and_latent_grid():
 def test_inpaint_step0_equals_text_to_video(model):
     """The widened input layer starts at zero: the inpaint model's first prediction is the T2V model's. LTX-Video
     conditions by clean tokens (no widening): its given tokens are clean, at timestep 0 and out of the loss."""
-    spec, comps = get_spec(model), _components(build_tiny_pipeline(model, seed=0))
+    spec, comps = get_spec(model), Components.from_pipeline(build_tiny_pipeline(model, seed=0))
     t2v = build_tiny_pipeline(model, seed=0).transformer
     spec = spec.bind(comps, "inpaint", {"block": 1.0}, "lora")
     c = comps.vae.config.get("latent_channels") or comps.vae.config.z_dim
@@ -97,7 +91,7 @@ def test_cogvideox_inpaint_conditioning_is_cogvideox_funs():
     """The seventh audit: CogVideoX inpaint as VideoX-Fun trains and samples CogVideoX-Fun InP (its train.py and
     CogVideoX_Fun_Pipeline_Inpaint): generated pixels set to -1 before encoding, the mask channel times the VAE's
     scaling factor, and all zeros where nothing is given. ptrain had filled 0 and left the mask at 1."""
-    spec, comps = get_spec("cogvideox"), _components(build_tiny_pipeline("cogvideox", seed=0))
+    spec, comps = get_spec("cogvideox"), Components.from_pipeline(build_tiny_pipeline("cogvideox", seed=0))
     spec = spec.bind(comps, "inpaint", {"first_frame": 0.5, "full": 0.5}, "lora")
     sf = comps.vae.config.scaling_factor
     assert sf != 1
@@ -125,7 +119,7 @@ def test_cogvideox_inpaint_conditioning_is_cogvideox_funs():
 
 def test_wan_i2v_conditioning_equals_the_pipeline():
     """Mask, condition latents and CLIP image embeddings equal what WanImageToVideoPipeline builds for the image."""
-    spec, comps = get_spec("wan"), _components(build_tiny_pipeline("wan", seed=0, variant="i2v"))
+    spec, comps = get_spec("wan"), Components.from_pipeline(build_tiny_pipeline("wan", seed=0, variant="i2v"))
     spec = spec.bind(comps, "i2v", training_type="lora")
     assert spec.expanded_input is None  # the I2V checkpoint has the 36 channels
     img = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
@@ -189,7 +183,7 @@ def test_inpaint_lora_from_t2v_parity_and_export(model, tiny_ckpts, tiny_data, t
     else:
         assert (out / "input_layer.safetensors").is_file() and "LoRA trains this layer fully" in two.stderr
         transformer = load_expanded_transformer(spec.transformer_cls, ckpt, out, torch_dtype=torch.float32)
-        assert transformer.config.in_channels == spec.mode_in_channels("inpaint", _components(
+        assert transformer.config.in_channels == spec.mode_in_channels("inpaint", Components.from_pipeline(
             build_tiny_pipeline(model, seed=0)))  # fmt: skip
     image = Image.fromarray(np.full((32, 48, 3), 200, np.uint8))
     if spec.inpaint_pipeline_cls is not None:
@@ -200,7 +194,7 @@ def test_inpaint_lora_from_t2v_parity_and_export(model, tiny_ckpts, tiny_data, t
     else:  # diffusers has no pipeline for this layout: the widened model with the LoRA still runs
         pipe = spec.pipeline_cls.from_pretrained(ckpt, transformer=transformer, dtype=torch.float32)
         pipe.load_lora_weights(out)
-        comps = _components(pipe)
+        comps = Components.from_pipeline(pipe)
         spec = spec.bind(comps, "inpaint")
         video, gens = _video(batch=1), sample_generators(0, [0])
         latents = spec.encode_video(comps, video, gens)
@@ -292,7 +286,7 @@ def test_hunyuan_i2v_conditioning_equals_the_pipeline_and_mode_errors():
     """HunyuanVideo-I2V (latent_concat): the Llava prompt embeddings with the image, the image latents and the
     mask equal what HunyuanVideoImageToVideoPipeline builds; a Llama (T2V) checkpoint cannot train i2v and a Llava
     one trains only i2v."""
-    spec, comps = get_spec("hunyuan_video"), _components(build_tiny_pipeline("hunyuan_video", seed=0, variant="i2v"))
+    spec, comps = get_spec("hunyuan_video"), Components.from_pipeline(build_tiny_pipeline("hunyuan_video", seed=0, variant="i2v"))
     spec = spec.bind(comps, "i2v", training_type="lora")
     img = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
     video = _video(batch=1)
@@ -318,6 +312,6 @@ def test_hunyuan_i2v_conditioning_equals_the_pipeline_and_mode_errors():
     assert torch.equal(cond.tensors["encoder_attention_mask"], mask)
     with pytest.raises(ConfigError, match="train it with --train_mode i2v, not inpaint"):
         spec.check_mode("inpaint", comps, "lora")
-    t2v = _components(build_tiny_pipeline("hunyuan_video", seed=0))
+    t2v = Components.from_pipeline(build_tiny_pipeline("hunyuan_video", seed=0))
     with pytest.raises(ConfigError, match="needs HunyuanVideo-I2V's text encoder"):
         get_spec("hunyuan_video").check_mode("i2v", t2v, "lora")

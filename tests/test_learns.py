@@ -157,9 +157,7 @@ def pipeline_latent(model, vae, mean):
 
 
 def bound_spec(model, pipe):
-    core = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-    extra = {k: v for k, v in pipe.components.items() if k not in core and v is not None}
-    comps = Components(**{k: getattr(pipe, k) for k in core}, extra=extra)
+    comps = Components.from_pipeline(pipe)
     return get_spec(model).bind(comps), comps
 
 

@@ -255,8 +255,7 @@ def test_planner_runs_the_train_mode(tiny_ckpts):
     normal = simulate(flags, 1, ckpt, vae_phases=False)
     i2v = simulate([*flags, "--train_mode", "i2v"], 1, ckpt, vae_phases=False)
     pipe = build_tiny_pipeline("cogvideox", seed=0)
-    core = {k: pipe.components[k] for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
-    spec = get_spec("cogvideox").bind(Components(**core), "i2v", training_type="lora")
+    spec = get_spec("cogvideox").bind(Components.from_pipeline(pipe), "i2v", training_type="lora")
     layer = pipe.transformer.get_submodule(spec.expanded_input)
     widened = sum(p.numel() for p in layer.parameters())
     assert spec.expanded_input and i2v["params_trainable"] - normal["params_trainable"] == widened
@@ -311,9 +310,7 @@ def test_the_planner_runs_hunyuan_video_i2v(tmp_path):
     assert encoder_bytes(get_spec("hunyuan_video"), ckpt, dtypes)["text_encoder"] == 2 * llava.num_parameters()
 
     pipe = build_tiny_pipeline("hunyuan_video", seed=0, variant="i2v")
-    parts = dict(pipe.components)
-    core = {k: parts.pop(k) for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
-    comps = Components(**core, extra={k: v for k, v in parts.items() if v is not None})
+    comps = Components.from_pipeline(pipe)
     spec = get_spec("hunyuan_video").bind(comps, "i2v", training_type="lora")
     image = torch.from_numpy(np.random.default_rng(0).random((1, 3, 32, 32))).float() * 2 - 1
     real = spec.encode_text(comps, ["a red ball"], 64, images=image).tensors

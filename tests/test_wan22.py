@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ptrain.config import ConfigError, ModelArgs, ObjectiveArgs, parse_config
-from ptrain.models.spec import Components, get_spec, pipeline_settings, plan_experts
+from ptrain.models.spec import Components, get_spec, plan_experts
 from ptrain.objectives import FlowMatching, Prepared, VPrediction, sample_generators
 from ptrain.testing.tiny import build_tiny_pipeline, write_tiny_checkpoint
 
@@ -136,10 +136,7 @@ def test_an_expert_trains_its_side_and_validation_samples_with_both(expert, trai
 # --- Wan 2.2 TI2V-5B ----------------------------------------------------------------------------------------------
 def _ti2v_components():
     pipe = build_tiny_pipeline("wan", variant="2.2-ti2v")
-    comps = dict(pipe.components)
-    core = {k: comps.pop(k) for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
-    extra = {k: v for k, v in comps.items() if v is not None}
-    return Components(**core, extra=extra, settings=pipeline_settings(pipe.config)), pipe
+    return Components.from_pipeline(pipe), pipe
 
 
 def test_ti2v_shapes_follow_its_16x_vae():

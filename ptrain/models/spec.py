@@ -48,6 +48,14 @@ class Components:
     #: The frozen other expert of a two-expert checkpoint, in CPU memory, loaded for validation only.
     other_expert: nn.Module | None = None
 
+    @classmethod
+    def from_pipeline(cls, pipe) -> Components:
+        """A loaded diffusers pipeline's components and settings, as load_components gives them from its folder
+        (the five core ones; the others, not empty, as `extra`)."""
+        parts = {k: v for k, v in pipe.components.items() if v is not None}
+        core = {k: parts.pop(k, None) for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")}
+        return cls(**core, extra=parts, settings=pipeline_settings(pipe.config))
+
     def as_pipeline_kwargs(self) -> dict[str, Any]:
         """The pipeline's components: with both experts each in its slot, else the trained transformer alone."""
         kwargs = {
