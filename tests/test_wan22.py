@@ -226,3 +226,25 @@ def test_a_hub_id_fetches_the_trained_expert_and_the_other_only_to_validate(tiny
     train(parse_config([*args, "--output_dir", str(tmp_path / "o2"), "--validation_prompts", "a cat",
                         "--validation_num_inference_steps", "2"]))  # fmt: skip
     assert {"transformer_2/*.safetensors", "transformer/*.safetensors"} <= set(asked), asked
+
+
+# --- the Wan 2.2 presets ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("preset", "variant", "extra"), [
+    ("lora_a14b.toml", "2.2-t2v", []),
+    ("lora_ti2v.toml", "2.2-ti2v", ["--train_mode", "i2v"]),
+], ids=["a14b", "ti2v"])  # fmt: skip
+def test_the_wan22_presets_train_their_checkpoints(preset, variant, extra, tiny_data, tmp_path, single_process_env):
+    """configs/wan/lora_a14b.toml and lora_ti2v.toml, at a tiny size, train their checkpoint layouts: the A14B one
+    its high-noise expert (the preset's --expert), and both adapt the FFN as DiffSynth-Studio's recipes do."""
+    from conftest import REPO
+
+    from ptrain.trainer import train
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", model_name="wan", variant=variant)
+    out = tmp_path / "out"
+    train(parse_config(["--config", str(REPO / "configs" / "wan" / preset), "--pretrained_model_name_or_path",
+                        str(ckpt), "--data_root", str(tiny_data), "--output_dir", str(out), "--train_steps", "2",
+                        "--checkpointing_steps", "0", "--dp_shards", "1", *TINY_ARGS, "--num_frames", "5",
+                        *extra]))  # fmt: skip
+    keys = load_file(out / "pytorch_lora_weights.safetensors")
+    assert any(".ffn.net.0.proj.lora_A" in k for k in keys) and any(".attn2.to_k.lora_B" in k for k in keys)
