@@ -352,6 +352,7 @@ def test_precomputed_training_equals_on_the_fly_and_cache_is_keyed(tiny_ckpt, ti
                          "--precomputation_dir", str(cache)], tmp_path / "pre")  # fmt: skip
     assert fly.returncode == 0 and pre.returncode == 0, first_error(fly.stderr + pre.stderr)
     np.testing.assert_allclose(pre.losses, fly.losses, rtol=1e-5)
+    assert "precomputation: 8 samples in" in pre.stderr
     (folder,) = [p for p in cache.iterdir() if p.is_dir()]
     assert (folder / "complete").is_file() and len(list(folder.glob("0*.safetensors"))) == 8
     stamp = (folder / "00000000.safetensors").stat().st_mtime_ns

@@ -293,14 +293,14 @@ def precompute(
                 bar.update(world)
                 continue
             try:
-                video, first = _decode(dataset, i, usable.buckets[i], device)
+                video, frame = _decode(dataset, i, usable.buckets[i], device)
             except Exception as e:  # noqa: BLE001 - decord / PIL raise their own types; the file is named
                 failed[key] = f"{usable.records[i].video}: {type(e).__name__}: {e}"
                 log.warning("precomputation: %s failed to decode (%s); training replaces it", usable.records[i].video,
                             e)  # fmt: skip
                 bar.update(world)
                 continue
-            _save_encoded(spec, comps, video, first, dataset.caption_of(i), max_seq, path)
+            _save_encoded(spec, comps, video, frame, dataset.caption_of(i), max_seq, path)
             bar.update(world)
     bar.close()
     if rank == 0 and not spec.text_needs_image(spec.mode):  # (else each sample stores its own, with its image)
@@ -378,13 +378,13 @@ def _encode_stand_ins(usable: Usable, spec, comps, dataset: VideoDataset, max_se
         tried = set(bad)
         while (j := dataset.replacement(i, 0, tried)) is not None:
             try:
-                video, first = _decode(dataset, j, usable.buckets[i], device)
+                video, frame = _decode(dataset, j, usable.buckets[i], device)
             except Exception as e:  # noqa: BLE001 - as above: decord / PIL types; the file is named
                 log.warning("precomputation: %s failed to decode (%s)", usable.records[j].video, e)
                 tried.add(j)
                 continue
             name = f"{ids[key]:08d}.safetensors"
-            _save_encoded(spec, comps, video, first, dataset.caption_of(j), max_seq, target / name)
+            _save_encoded(spec, comps, video, frame, dataset.caption_of(j), max_seq, target / name)
             out[key] = [name, keys[j]]
             log.warning("precomputation: no other sample of shape %s could replace %s; %s stands in, cropped to it",
                         usable.buckets[i], usable.records[i].video, usable.records[j].video)  # fmt: skip
