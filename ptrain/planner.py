@@ -179,7 +179,8 @@ def _meta_component(cls, folder: Path, dtype):
 
 
 def encoder_bytes(spec, model_dir: Path, dtypes: dict[str, torch.dtype]) -> dict[str, int]:
-    """Resident weight bytes of the frozen VAE and text encoders (from their configs; absent ones left out)."""
+    """Resident weight bytes of the frozen VAE, text encoders and image encoder (from their configs; absent ones left
+    out)."""
     return {k: v for k, v in _encoder_bytes(spec.name, Path(model_dir), tuple(sorted(dtypes.items())))
             if k != "text_layer"}  # fmt: skip
 
@@ -805,6 +806,8 @@ def finish(res: dict, flags, model_dir, vae_phases: bool = True) -> dict:
             # encoders one layer at a time (ptrain.trainer.encoders_on, stream_text)
             text = {"Text encoders": weights["Text encoders"]} if resident_encoders else {
                 "Text encoder layer (streamed)": text_layer_bytes(spec, model_dir, _encoder_dtypes(cfg))}
+            if resident_encoders and "Image encoder" in weights:  # Wan 2.1 I2V's CLIP stays on the device too
+                text["Image encoder"] = weights["Image encoder"]
             phases["validation"] = _vae_phase({"Training state": res["resident_bytes"]}, {"VAE": weights["VAE"], **text},
                                               act("decode", (1, 3, *val), tiled, False), tiled, False)  # fmt: skip
     run_phase = max(phases, key=lambda n: phases[n]["peak_bytes"])
@@ -945,8 +948,8 @@ def _encoder_dtypes(cfg) -> dict:
 
 
 def resident_encoder_bytes(cfg, model_dir: str | Path) -> int:
-    """The VAE's and text encoders' weights when they stay on the device through training (`encoders_resident`;
-    `finish` adds them to the start-up and step phases), else 0."""
+    """The VAE's, text encoders' and image encoder's weights when they stay on the device through training
+    (`encoders_resident`; `finish` adds them to the start-up and step phases), else 0."""
     if not encoders_resident(cfg):
         return 0
     return sum(encoder_bytes(_spec_of(cfg, Path(model_dir)), Path(model_dir), _encoder_dtypes(cfg)).values())

@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -294,6 +294,9 @@ def plan_run(cfg: Config) -> RunPlan:
     sampling = FrameSampling.from_args(cfg.data)
     # the probes of a previous start on this output_dir: a restart or resume does not decode every file again
     usable = scan_dataset(cfg.data, sampling, rules, ScanCache(out / SCAN_CACHE, write=not cfg.plan.dry_run))
+    if m.train_mode == "normal" and any(r.first_frame is not None for r in usable.records):
+        # a first-frame image column conditions i2v / inpaint only: a normal run neither loads nor caches them
+        usable.records = [replace(r, first_frame=None) for r in usable.records]
     for shape in sorted(set(usable.buckets)):  # before any weights load, so --dry_run refuses what the run would
         rules.check(shape.frames, shape.height, shape.width)
     if cfg.validation.enabled():  # the validation videos' sizes and images too

@@ -104,3 +104,32 @@ def test_precomputed_i2v_trains_on_what_the_step_would_encode(model, variant, st
     # HunyuanVideo-I2V reads the image into the prompt: each sample keeps its own empty-caption entry
     assert any(k.startswith("empty.text.") for k in keys) == (model == "hunyuan_video")
     assert json.loads((folder / "manifest.json").read_text())["condition"]["train_mode"] == "i2v"
+
+
+def test_what_the_i2v_cache_key_covers(table, tiny_data, tmp_path, single_process_env):
+    """The first-frame conditioning's key covers the image processor and model_index.json's settings (Wan 2.2's
+    expand_timesteps switches what is stored); a normal-mode run ignores a first-frame image column entirely (it
+    neither loads nor keys those images)."""
+    from ptrain.data.precompute import stored_condition
+    from ptrain.models.spec import get_spec
+    from ptrain.trainer import plan_run
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", model_name="wan", variant="i2v")
+    args = ["--model_name", "wan", "--pretrained_model_name_or_path", str(ckpt), "--dataset_file", str(table),
+            "--data_root", str(tiny_data), "--output_dir", str(tmp_path / "out"), *TINY_ARGS]  # fmt: skip
+    cfg = parse_config([*args, "--train_mode", "i2v"])
+    spec = get_spec("wan")
+    before = stored_condition(cfg, spec)
+    assert stored_condition(parse_config(args), spec) is None  # normal mode stores no conditioning
+    processor = ckpt / "image_processor" / "preprocessor_config.json"
+    processor.write_text(processor.read_text().replace("{", '{"crop_size_note": 1,', 1))
+    assert stored_condition(cfg, spec) != before
+    changed = stored_condition(cfg, spec)
+    index = ckpt / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "expand_timesteps": True}))
+    assert stored_condition(cfg, spec) != changed
+
+    run = plan_run(parse_config(args).validate())
+    assert all(r.first_frame is None for r in run.usable.records)
+    run = plan_run(parse_config([*args, "--train_mode", "i2v", "--output_dir", str(tmp_path / "o2")]).validate())
+    assert any(r.first_frame is not None for r in run.usable.records)

@@ -10,8 +10,9 @@ CLIP embeddings), computed from the clip's first frame or the dataset's first-fr
 Where the prompt encoding reads the image (HunyuanVideo-I2V) each sample also stores its empty-caption entry.
 
 The cache lives in `<precomputation_dir>/<key>/` where key hashes a manifest of everything the tensors depend
-on: the sample list (paths, sizes, modification times, captions, buckets), the preprocessing flags, the model
-family, the VAE / text encoder folders (their weight files' sizes and times) and dtypes. A changed setting
+on: the sample list (paths, sizes, modification times, captions, buckets, first-frame images), the preprocessing
+flags, the model family, the VAE / text encoder folders (their weight files' sizes and times) and dtypes, and for
+i2v what the first-frame conditioning depends on (`stored_condition`). A changed setting
 gives another key, so a cache is never silently reused for other data; --precomputation_reuse reuses a
 complete cache with the same key (otherwise it is computed again). Each file is written whole (a temporary name,
 then renamed), so an interrupted precomputation (Ctrl-C, preemption, a crash) is continued by the next run of the
@@ -78,14 +79,19 @@ def sample_key(usable: Usable, i: int) -> str:
 
 def stored_condition(cfg: Config, spec) -> dict | None:
     """What the cache stores for the mode's first-frame conditioning (None: nothing), as the key sees it: the mode
-    and the files it depends on beyond the VAE (the transformer's, which says e.g. whether Wan takes CLIP
-    embeddings, and the image encoder's)."""
+    and what it depends on beyond the VAE (the transformer's files, which say e.g. whether Wan takes CLIP
+    embeddings; the image encoder's and image processor's; model_index.json's settings, e.g. expand_timesteps)."""
+    from ptrain.models.spec import pipeline_settings, read_model_index
+
     m = cfg.model
     if not spec.precomputes_condition(m.train_mode):
         return None
-    folder = m.transformer_id or str(Path(m.pretrained_model_name_or_path) / "transformer")
+    root = Path(m.pretrained_model_name_or_path)
+    folder = m.transformer_id or str(root / "transformer")
     return {"train_mode": m.train_mode, "transformer": _folder_stats(folder),
-            "image_encoder": _folder_stats(str(Path(m.pretrained_model_name_or_path) / "image_encoder"))}  # fmt: skip
+            "image_encoder": _folder_stats(str(root / "image_encoder")),
+            "image_processor": _folder_stats(str(root / "image_processor")),
+            "settings": pipeline_settings(read_model_index(root))}  # e.g. Wan 2.2's expand_timesteps  # fmt: skip
 
 
 def manifest(cfg: Config, usable: Usable, max_sequence_length: int, vae_tiling: bool = False,
@@ -193,18 +199,19 @@ def _text_widths(cfg: Config, spec) -> list[tuple[int, str]]:
 def estimate_bytes(cfg: Config, usable: Usable, spec, rules, distinct: dict[str, int]) -> int:
     """The cache's size: per distinct sample its latent distribution (mean and log-variance: twice the latent
     channels, in --vae_dtype, at its bucket's latent shape) and text embeddings (sequence length x each text
-    encoder's width, in its dtype), plus the empty caption's. i2v's first-frame conditioning is counted as one
-    float32 latent (Wan's conditioning latents and mask are about that; LTX-Video's first latent frame less), and
-    where the prompt reads the image, a second text entry per sample."""
+    encoder's width, in its dtype), plus the empty caption's. i2v's first-frame conditioning is counted as two
+    float32 latents (HunyuanVideo-I2V's latents and mask are about that, Wan 2.1's 1.25 and its CLIP embeddings,
+    LTX-Video's first latent frame less), and where the prompt reads the image (HunyuanVideo-I2V), a second text
+    entry per sample, each with the image's prompt tokens."""
     from collections import Counter
 
     mode = cfg.model.train_mode
-    vae = DTYPE_BYTES[cfg.model.vae_dtype] + (2 if spec.precomputes_condition(mode) else 0)
+    vae = DTYPE_BYTES[cfg.model.vae_dtype] + (4 if spec.precomputes_condition(mode) else 0)
     latent = 0
     for b, n in Counter(usable.buckets[i] for i in distinct.values()).items() if rules.latent_shape else ():
         c, f, h, w = rules.latent_shape(b.frames, b.height, b.width)
         latent += n * 2 * c * f * h * w * vae
-    seq = cfg.data.max_sequence_length or rules.text_sequence_length or 512
+    seq = (cfg.data.max_sequence_length or rules.text_sequence_length or 512) + spec.prompt_image_tokens(mode)
     text = sum(seq * width * DTYPE_BYTES[dtype] for width, dtype in _text_widths(cfg, spec))
     entries = len(distinct) * (2 if spec.precomputes_condition(mode) and spec.text_needs_image(mode) else 1) + 1
     return latent + entries * (text + FILE_OVERHEAD)
@@ -393,7 +400,9 @@ def _encode_stand_ins(usable: Usable, spec, comps, dataset: VideoDataset, max_se
 
 
 class PrecomputedDataset(Dataset):
-    """(index, position) -> the cached latent distribution and text embeddings of record `index`.
+    """(index, position) -> the cached latent distribution, text embeddings and (i2v) first-frame conditioning
+    (`image.*`) of record `index`. A dropped caption takes the sample's own empty-caption entry where it has one
+    (`empty.text.*`: the prompt reads the image), else the shared one.
 
     Caption dropout draws from the same (seed, position) generator as VideoDataset, so a cached run drops the
     same captions as an on-the-fly one. A sample that failed to decode while the cache was filled is replaced by

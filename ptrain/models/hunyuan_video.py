@@ -167,14 +167,20 @@ class HunyuanVideoSpec(ModelSpec):
     @staticmethod
     def image_interleave(config) -> int:
         """How sparsely the I2V pipeline keeps the image's prompt tokens (its image_embed_interleave)."""
-        return 2 if config.get("image_condition_type") == "latent_concat" else 4
+        return 4 if config.get("image_condition_type") == "token_replace" else 2
 
     def normalize_latents(self, components, latents) -> torch.Tensor:
         return latents * components.vae.config.scaling_factor
 
+    def prompt_image_tokens(self, mode, config=None) -> int:
+        """The Llava prompt's image tokens (every 2nd of 576 for latent_concat, the only I2V type trained; every 4th
+        for token_replace), less the 4 template tokens the pipeline crops."""
+        if mode != "i2v":
+            return 0
+        return IMAGE_PROMPT_TEMPLATE["image_emb_len"] // self.image_interleave(config or {}) - 4
+
     def simulated_conditioning(self, config, batch, seq_len, device, dtype) -> Conditioning:
-        if self.mode == "i2v":  # the Llava prompt: the image's tokens (every 2nd or 4th of 576), then the text
-            seq_len += IMAGE_PROMPT_TEMPLATE["image_emb_len"] // self.image_interleave(config) - 4
+        seq_len += self.prompt_image_tokens(self.mode, config)  # the Llava prompt: the image's tokens, then the text
         cond = super().simulated_conditioning(config, batch, seq_len, device, dtype)
         cond.tensors["encoder_attention_mask"] = torch.ones(batch, seq_len, device=device, dtype=torch.long)
         cond.tensors["pooled_projections"] = torch.randn(

@@ -359,6 +359,10 @@ class ModelSpec(ABC):
         """Whether `mode` encodes the prompt with the first frame (encode_text gets `images`; HunyuanVideo-I2V)."""
         return False
 
+    def prompt_image_tokens(self, mode: str) -> int:
+        """Tokens the image adds to the text sequence where the prompt reads it (text_needs_image)."""
+        return 0
+
     def needs_pixels(self, mode: str) -> bool:
         """Whether `mode` conditions on decoded frames (every step, unless precomputes_condition)."""
         return mode == "inpaint" or (mode == "i2v" and self.i2v_needs_pixels)
