@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -294,22 +294,18 @@ def plan_run(cfg: Config) -> RunPlan:
     sampling = FrameSampling.from_args(cfg.data)
     # the probes of a previous start on this output_dir: a restart or resume does not decode every file again
     usable = scan_dataset(cfg.data, sampling, rules, ScanCache(out / SCAN_CACHE, write=not cfg.plan.dry_run))
-    if m.train_mode == "normal" and any(r.first_frame is not None for r in usable.records):
-        # a first-frame image column conditions i2v / inpaint only: a normal run neither loads nor caches them
-        usable.records = [replace(r, first_frame=None) for r in usable.records]
+    if m.train_mode == "normal":  # a first-frame image column conditions i2v / inpaint only: not loaded nor cached
+        usable.drop_first_frames()
     for shape in sorted(set(usable.buckets)):  # before any weights load, so --dry_run refuses what the run would
         rules.check(shape.frames, shape.height, shape.width)
     if cfg.validation.enabled():  # the validation videos' sizes and images too
         check_validation_shapes(rules.check, load_validation_items(cfg.validation, cfg.data, m.train_mode))
-    steps_per_epoch = make_sampler(
-        usable, t.batch_size, 0, dims.dp, t.gradient_accumulation_steps, t.seed
-    ).steps_per_epoch
+    steps_per_epoch = make_sampler(usable, t.batch_size, 0, dims.dp, t.gradient_accumulation_steps,
+                                   t.seed).steps_per_epoch  # fmt: skip
     if t.num_train_epochs:
         t.train_steps = t.num_train_epochs * steps_per_epoch
-        log.info(
-            "--num_train_epochs %d: %d steps (%d per epoch of %d samples, global batch %d)",
-            t.num_train_epochs, t.train_steps, steps_per_epoch, len(usable.records), global_batch,
-        )  # fmt: skip
+        log.info("--num_train_epochs %d: %d steps (%d per epoch of %d samples, global batch %d)", t.num_train_epochs,
+                 t.train_steps, steps_per_epoch, len(usable.records), global_batch)  # fmt: skip
     run = RunPlan(cfg, rank, world, device, dims, mesh, out, layout, spec, overrides, rules, sampling, usable,
                   steps_per_epoch, resume, resharded, hub_ids=hub_ids, experts=experts)  # fmt: skip
     run.precompute = _decide_precomputation(run)

@@ -42,6 +42,10 @@ class Usable:
     #: The scan's probe of each usable record's file (frames, size, fps): decoding picks its decode size from it.
     infos: list[VideoInfo] = field(default_factory=list)
 
+    def drop_first_frames(self) -> None:
+        """Forget the rows' first-frame images (a --train_mode normal run: they condition i2v / inpaint only)."""
+        self.records = [replace(r, first_frame=None) for r in self.records]
+
     @property
     def bucketed(self) -> bool:
         return self.plan is not None and self.plan.enabled
