@@ -293,9 +293,8 @@ def plan_run(cfg: Config) -> RunPlan:
     rules = spec.shape_rules(m.pretrained_model_name_or_path, overrides)  # from the configs, no weights
     sampling = FrameSampling.from_args(cfg.data)
     # the probes of a previous start on this output_dir: a restart or resume does not decode every file again
-    usable = scan_dataset(cfg.data, sampling, rules, ScanCache(out / SCAN_CACHE, write=not cfg.plan.dry_run))
-    if m.train_mode == "normal":  # a first-frame image column conditions i2v / inpaint only: not loaded nor cached
-        usable.drop_first_frames()
+    usable = scan_dataset(cfg.data, sampling, rules, ScanCache(out / SCAN_CACHE, write=not cfg.plan.dry_run),
+                          first_frames=m.train_mode != "normal")  # fmt: skip
     for shape in sorted(set(usable.buckets)):  # before any weights load, so --dry_run refuses what the run would
         rules.check(shape.frames, shape.height, shape.width)
     if cfg.validation.enabled():  # the validation videos' sizes and images too

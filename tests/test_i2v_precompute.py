@@ -129,7 +129,16 @@ def test_what_the_i2v_cache_key_covers(table, tiny_data, tmp_path, single_proces
     index.write_text(json.dumps({**json.loads(index.read_text()), "expand_timesteps": True}))
     assert stored_condition(cfg, spec) != changed
 
+    # one row names an image that is not there: a normal run ignores the column (no skip), i2v skips that row
+    broken = tmp_path / "broken.csv"
+    rows = list(csv.reader(table.open()))
+    rows[2][2] = str(tmp_path / "missing.png")
+    with broken.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    args[args.index("--dataset_file") + 1] = str(broken)
     run = plan_run(parse_config(args).validate())
     assert all(r.first_frame is None for r in run.usable.records)
+    assert len(run.usable.records) == 4 and not run.usable.skipped
     run = plan_run(parse_config([*args, "--train_mode", "i2v", "--output_dir", str(tmp_path / "o2")]).validate())
-    assert any(r.first_frame is not None for r in run.usable.records)
+    assert any(r.first_frame is not None for r in run.usable.records) and len(run.usable.records) == 3
+    assert [f"first-frame image {tmp_path / 'missing.png'} not found"] == list(run.usable.skipped.values())

@@ -62,7 +62,8 @@ def test_line_files_count_blank_lines_and_read_cogvideo_i2v_images(tmp_path):
         (root / name).write_bytes(b"")
     records = load_records(DataArgs(data_root=root, image_column="images.txt"))
     assert [r.first_frame for r in records] == [root / "i0.png", root / "i1.png", root / "missing.png"]
-    assert records[0].error is None and "first-frame image" in records[2].error and "not found" in records[2].error
+    assert records[0].first_frame_error is None and records[2].error is None  # a normal run uses the video alone
+    assert "first-frame image" in records[2].first_frame_error and "not found" in records[2].first_frame_error
     (root / "images.txt").write_text("i0.png\ni1.png\n")
     with pytest.raises(ConfigError, match="prompts.txt has 3 lines but videos.txt has 3 lines but images.txt has 2"):
         load_records(DataArgs(data_root=root, image_column="images.txt"))

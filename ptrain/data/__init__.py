@@ -42,10 +42,6 @@ class Usable:
     #: The scan's probe of each usable record's file (frames, size, fps): decoding picks its decode size from it.
     infos: list[VideoInfo] = field(default_factory=list)
 
-    def drop_first_frames(self) -> None:
-        """Forget the rows' first-frame images (a --train_mode normal run: they condition i2v / inpaint only)."""
-        self.records = [replace(r, first_frame=None) for r in self.records]
-
     @property
     def bucketed(self) -> bool:
         return self.plan is not None and self.plan.enabled
@@ -161,7 +157,7 @@ def filter_usable(
         plan = BucketPlan(DataArgs(num_frames=sampling.num_frames), None, sampling.num_frames)
     jobs: dict[tuple[str, str], int] = {}  # (path, kind) -> job number, in record order
     for r in records:
-        if r.error is None:
+        if r.error is None and r.first_frame_error is None:
             jobs.setdefault((str(r.video), r.kind), len(jobs))
             if r.first_frame is not None:
                 jobs.setdefault((str(r.first_frame), "image"), len(jobs))
@@ -169,8 +165,8 @@ def filter_usable(
     usable, buckets, infos, skipped = [], [], [], {}
     for i, rec in enumerate(records):
         key = str(rec.video)
-        if rec.error is not None:
-            skipped[key] = rec.error
+        if rec.error is not None or rec.first_frame_error is not None:
+            skipped[key] = rec.error or rec.first_frame_error
             continue
         res = probed[jobs[(key, rec.kind)]]
         if res[0] == "bad":
@@ -382,11 +378,18 @@ class CPSampleAgreement:
 
 
 def scan_dataset(
-    args: DataArgs, sampling: FrameSampling, rules: ShapeRules | None = None, cache: ScanCache | None = None
+    args: DataArgs, sampling: FrameSampling, rules: ShapeRules | None = None, cache: ScanCache | None = None,
+    first_frames: bool = True,
 ) -> Usable:
     """Read the dataset description, probe every file (or read it from `cache`) and bucket the samples; log and
-    count what is skipped (or stop with every reason under --strict_data)."""
+    count what is skipped (or stop with every reason under --strict_data).
+
+    `first_frames=False` (a --train_mode normal run: a first-frame image column conditions i2v / inpaint only)
+    drops the rows' first-frame images before the scan: they are neither probed, loaded nor keyed, and a missing
+    one skips nothing."""
     records = load_records(args)
+    if not first_frames:
+        records = [replace(r, first_frame=None, first_frame_error=None) for r in records]
     usable = filter_usable(records, sampling, BucketPlan(args, rules), cache)
     if usable.skipped:
         if args.strict_data:

@@ -67,6 +67,9 @@ class Record:
     #: A row's image beside its video: the first frame --train_mode i2v / inpaint conditions on (default: the
     #: clip's own first frame).
     first_frame: Path | None = None
+    #: Why that image is unusable (an empty cell, a missing file): a skip in i2v / inpaint only, since a
+    #: --train_mode normal run ignores the column (`scan_dataset(first_frames=False)`).
+    first_frame_error: str | None = None
 
     @property
     def path(self) -> Path:
@@ -140,10 +143,10 @@ def _cogvideox_folder(root: Path, prompts_name: str = "prompts.txt", videos_name
 def _with_first_frame(rec: Record, root: Path, image: str, where: str) -> Record:
     """`rec` with its first-frame image (i2v / inpaint conditioning), or an error if there is none."""
     if not image:
-        return dataclasses.replace(rec, error=rec.error or f"{where}: empty (no first-frame image)")
+        return dataclasses.replace(rec, first_frame_error=f"{where}: empty (no first-frame image)")
     first = root / image
     missing = None if first.is_file() else f"first-frame image {first} not found"
-    return dataclasses.replace(rec, first_frame=first, error=rec.error or missing)
+    return dataclasses.replace(rec, first_frame=first, first_frame_error=missing)
 
 
 def _read_csv(path: Path) -> list[dict]:
