@@ -68,3 +68,28 @@ def test_the_planner_runs_hunyuan_video_i2v(tmp_path):
 
     wan = write_tiny_checkpoint(tmp_path / "wan", model_name="wan", variant="i2v")
     assert encoder_bytes(get_spec("wan"), wan, dtypes)["image_encoder"] > 0
+
+
+def test_validation_keeps_wans_clip_where_the_encoders_stay(tmp_path):
+    """Wan 2.1 I2V trained on the fly keeps its CLIP image encoder on the device beside the text encoders, so the
+    planned validation phase counts it; with --offload_encoders validation streams the text encoder a layer at a
+    time and brings no resident CLIP."""
+    import numpy as np
+    from PIL import Image
+
+    from ptrain.testing.tiny import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(tmp_path / "wan", model_name="wan", variant="i2v")
+    image = tmp_path / "first.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(image)
+    flags = ["--model_name", "wan", "--num_frames", "9", "--height", "64", "--width", "64", "--train_mode", "i2v",
+             "--validation_prompts", "a cat", "--validation_images", str(image), "--validation_steps", "2"]  # fmt: skip
+    resident = simulate(flags, 1, ckpt)
+    val = resident["phases"]["validation"]["categories"]
+    clip = resident["vae"]["encoder_bytes"]["image_encoder"]
+    assert val["Image encoder"] == clip > 0 and val["Text encoders"] > 0
+    assert resident["phases"]["forward_backward"]["categories"]["Image encoder (resident)"] == clip
+    offloaded = simulate([*flags, "--offload_encoders"], 1, ckpt)["phases"]["validation"]
+    assert "Image encoder" not in offloaded["categories"] and "Text encoders" not in offloaded["categories"]
+    assert offloaded["categories"]["Text encoder layer (streamed)"] > 0
+    assert resident["phases"]["validation"]["peak_bytes"] > offloaded["peak_bytes"]
