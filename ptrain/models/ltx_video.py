@@ -69,10 +69,8 @@ class LTXVideoSpec(ModelSpec):
         pipelines."""
         if mode == "normal":
             return prepared, cond
-        b, _, f, h, w = latents.shape
         if mode == "i2v":
-            keep = torch.zeros(b, 1, f, h, w, device=latents.device, dtype=latents.dtype)
-            keep[:, :, 0] = 1.0
+            keep = self.first_frame_keep(latents)
             given = torch.cat([cond.tensors["first_latents"].to(latents), latents[:, :, 1:]], dim=2)
             cond = cond.without("first_latents")
         else:

@@ -423,6 +423,14 @@ class ModelSpec(ABC):
         return prepared, cond
 
     @staticmethod
+    def first_frame_keep(latents: torch.Tensor) -> torch.Tensor:
+        """The keep mask (B, 1, F, H, W) of i2v by clean tokens: the first latent frame, whole."""
+        b, _, f, h, w = latents.shape
+        keep = torch.zeros(b, 1, f, h, w, device=latents.device, dtype=latents.dtype)
+        keep[:, :, 0] = 1.0
+        return keep
+
+    @staticmethod
     def clean_given(prepared, keep: torch.Tensor, given: torch.Tensor, token_keep: torch.Tensor):
         """Conditioning by clean tokens (LTX-Video, Wan 2.2 TI2V): the latent cells `keep` marks (B, 1, F, H, W)
         take `given`'s values, their tokens (`token_keep`, (B, N)) get timestep 0 (per-token timesteps

@@ -138,9 +138,7 @@ class WanSpec(ModelSpec):
         if mode == "i2v":
             if not self.expands_timesteps(components):
                 return prepared, cond
-            b, _, f, h, w = latents.shape  # WanImageToVideoPipeline with expand_timesteps
-            keep = torch.zeros(b, 1, f, h, w, device=latents.device, dtype=latents.dtype)
-            keep[:, :, 0] = 1.0
+            keep = self.first_frame_keep(latents)  # WanImageToVideoPipeline with expand_timesteps
             first = cond.tensors["first_latents"].to(latents)  # broadcast over F
             p = components.transformer.config.patch_size
             token_keep = keep[:, 0, :: p[0], :: p[1], :: p[2]].flatten(1)  # (B, N), the pipeline's mask[:, ::2, ::2]
