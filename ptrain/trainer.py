@@ -58,7 +58,7 @@ from ptrain.interrupts import phase
 from ptrain.loss_scale import LossScaler
 from ptrain.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
 from ptrain.models.spec import Components, ExpertPlan, ModelSpec, get_spec, plan_experts, read_model_index
-from ptrain.objectives import sample_generators
+from ptrain.objectives import sample_generators, to_device
 from ptrain.optim import found_inf_for, skips_on_device
 from ptrain.parallel import ParallelDims, init_distributed
 from ptrain.parallel.compile import mark_step_begin, step_per_call
@@ -161,11 +161,13 @@ def _global_step_stats(loss: torch.Tensor, replaced: torch.Tensor, group, cp: in
     """[mean loss over the dp x cp ranks, samples replaced in the global batch] in one all-reduce, on the device
     (no host sync): every rank gets the same values, so they all decide alike (NaN guard, logging). A cp group
     shares its samples, so their replacement count is divided back out."""
-    t = torch.stack([loss.detach().float().reshape(()), replaced.to(loss.device, torch.float32).reshape(())])
+    # the count is a host tensor (the loader's): a pinned, non-blocking copy (a pageable one would wait for the GPU)
+    t = torch.stack([loss.detach().float().reshape(()), to_device(replaced.float(), loss.device).reshape(())])
     if group is None:
         return t
     dist.all_reduce(t, group=group)
-    return t / torch.tensor([dist.get_world_size(group), cp], device=t.device, dtype=t.dtype)
+    mean_loss, replaced = t.unbind()
+    return torch.stack([mean_loss / dist.get_world_size(group), replaced / cp])  # no host tensor: no copy
 
 
 def find_resume(cfg: Config, out: Path, layout: Layout) -> tuple[Path | None, bool]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
+
 import torch
 from conftest import TINY_ARGS
 from torch.overrides import TorchFunctionMode
@@ -173,3 +175,40 @@ def test_gc_is_off_in_the_loop_and_collects_every_n_steps(monkeypatch):
     assert gc.isenabled()
     GCControl(0).close()  # 0 leaves the collector alone
     assert gc.isenabled() and calls == [2, 1, 1]
+
+
+@pytest.mark.parametrize("model", ["ltx_video", "wan"])
+def test_latent_normalisation_and_step_stats_copy_without_blocking(model):
+    """Per micro-batch host -> GPU copies outside the draws: LTX-Video's and Wan's latent statistics (the VAE sits on
+    the host once precomputation has offloaded it; Wan's are config lists) and the loader's replaced-sample count
+    in the step's global stats, reduced over a (fake) process group. Each pageable copy would make the host wait
+    for the GPU at every step; checked on fake CUDA tensors at dispatch, as above."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ptrain.models.spec import Components, get_spec
+    from ptrain.planner import _fake_world
+    from ptrain.testing import tiny
+    from ptrain.trainer import _global_step_stats
+
+    cls, config = {"ltx_video": ("AutoencoderKLLTXVideo", tiny.LTX_VAE_CONFIG),
+                   "wan": ("AutoencoderKLWan", tiny.WAN_VAE_CONFIG)}[model]  # fmt: skip
+    import diffusers
+
+    created = not dist.is_initialized()
+    _fake_world(2)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            vae = getattr(diffusers, cls)(**config)  # its buffers: host tensors, as after offloading
+            comps = Components(transformer=None, vae=vae, text_encoder=None, tokenizer=None, scheduler=None)
+            channels = vae.config.latent_channels if model == "ltx_video" else vae.config.z_dim
+            latents = torch.zeros(1, channels, 2, 4, 4, device="cuda:0")
+            loss = torch.zeros((), device="cuda:0")
+            with CountCopies() as copies:
+                out = get_spec(model).normalize_latents(comps, latents)
+                stats = _global_step_stats(loss, torch.zeros(2, dtype=torch.long).sum(), dist.group.WORLD, 2)
+        assert copies.blocking == [], copies.blocking
+        assert copies.non_blocking >= 3 and out.device.type == "cuda" and stats.shape == (2,)
+    finally:
+        if created:
+            dist.destroy_process_group()

@@ -100,8 +100,13 @@ class LTXVideoSpec(ModelSpec):
         return Conditioning({"encoder_hidden_states": embeds, "encoder_attention_mask": mask})
 
     def normalize_latents(self, components, latents) -> torch.Tensor:
+        from ptrain.objectives import to_device
+
+        # the VAE's buffers sit on the host once precomputation has offloaded it: copied pinned, non-blocking (a
+        # pageable copy would make the host wait for the GPU every micro-batch)
         vae = components.vae
-        return LTXPipeline._normalize_latents(latents, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
+        mean, std = (to_device(x, latents.device) for x in (vae.latents_mean, vae.latents_std))
+        return LTXPipeline._normalize_latents(latents, mean, std, vae.config.scaling_factor)
 
     def forward(self, transformer: nn.Module, noisy_latents, timesteps, cond) -> torch.Tensor:
         b, c, f, h, w = noisy_latents.shape

@@ -173,9 +173,12 @@ class WanSpec(ModelSpec):
         return Conditioning({"encoder_hidden_states": self.prompt_embeds(components, captions, max_sequence_length)})
 
     def normalize_latents(self, components, latents) -> torch.Tensor:
-        vae = components.vae
-        mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
-        std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+        from ptrain.objectives import to_device
+
+        # from the config's lists on the host each micro-batch: staged pinned, so no copy waits for the GPU
+        c = components.vae.config
+        mean = to_device(torch.tensor(c.latents_mean), latents.device).view(1, -1, 1, 1, 1)
+        std = to_device(torch.tensor(c.latents_std), latents.device).view(1, -1, 1, 1, 1)
         return (latents - mean) / std
 
     def on_bind(self, components) -> None:
