@@ -258,3 +258,35 @@ def test_gpu_children_get_ptrains_allocator_default(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
     env = gpu.child_env(cpu=False)
     assert "PYTORCH_ALLOC_CONF" not in env and env["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+
+
+@pytest.mark.heavy  # about 25 s: CI runs it
+def test_a_sigterm_writes_the_results_and_kills_the_runs(tmp_path):
+    """The device call's `timeout` sends SIGTERM: the suite kills its running children (no run keeps the GPU),
+    writes gpu.json / gpu.md with what it has, and exits 124 as `timeout` would."""
+    import os
+    import signal
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, "benchmarks/gpu.py", "--cpu", "--only", "cpu-ltx-lora-ac", "--no_checks",
+                             "--out", str(out), "--work", str(work)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    def children() -> list[str]:
+        ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+        return [line for line in ps if str(work) in line and "gpu.py --cpu --only" not in line]
+
+    try:
+        deadline = time.perf_counter() + 180
+        while not children() and time.perf_counter() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert children(), "no child started"
+        os.kill(proc.pid, signal.SIGTERM)
+        text, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 124, text[-2000:]
+    assert "terminated (signal 15)" in text and json.loads((out / "gpu.json").read_text())["mode"].startswith("cpu")
+    assert (out / "gpu.md").is_file()
+    time.sleep(1)
+    assert children() == []
