@@ -901,7 +901,11 @@ class Suite:
                                f"{log_tail(log)}")  # fmt: skip
         res = summarize_trainer(metrics, row.compile, window)
         res["wall_s"] = secs
-        res["cache_reused"] = "precomputation: reusing" in log.read_text(errors="replace")
+        text = log.read_text(errors="replace")
+        res["cache_reused"] = "precomputation: reusing" in text
+        # ptrain's own warnings (a fallback such as --full_bf16's eager optimizer update changes what is measured)
+        warned = [line.split(" WARNING ", 1)[1].strip() for line in text.splitlines() if "] WARNING " in line]
+        res["warnings"] = list(dict.fromkeys(warned))[:8]
         ops = out / "profile" / "ops_rank0.txt"
         if ops.is_file():  # --profile: torch's operator table of the extra window, its top rows
             res["profile_ops"] = ops.read_text().splitlines()[: 4 + PROFILE_ROWS]
@@ -1145,6 +1149,10 @@ def markdown(data: dict) -> str:
     calls = [f"Runs: {data['calls']}"] if data.get("calls") else []  # results merged from several calls
     lines += ["", data["peak_note"], data["flops_note"], *calls, *checks_markdown(data.get("checks") or [])]
     lines += profiles_markdown(rows)
+    for r in rows:  # a fallback ptrain warned of changes what its row measured: said beside the figures
+        warned = (r.get("trainer") or {}).get("warnings")
+        if warned:
+            lines += ["", f"ptrain's warnings in `{r['row']}`:", "", *(f"- {w[:300]}" for w in warned)]
     return "\n".join(lines) + "\n"
 
 
