@@ -655,14 +655,10 @@ class Trainer:
             self.v_every = self.cfg.validation.validation_epochs * run.steps_per_epoch
         self.cp_agree: CPSampleAgreement | None = None  # set in train() when a cp group decodes its samples
         self.out_lock = lock_output_dir(run.out, run.rank)
-        if run.rank == 0:
-            config = run_config(run)
-            if run.changed:
-                log.warning("resuming from %s with flags changed since the previous start (%s): %s; the checkpoint's "
-                            "state continues under the new values", run.resume, run.out / "config.json",
-                            "; ".join(run.changed))  # fmt: skip
-            self.supersede_later_checkpoints()
-            (run.out / "config.json").write_text(json.dumps(config, indent=2))
+        if run.rank == 0 and run.changed:
+            log.warning("resuming from %s with flags changed since the previous start (%s): %s; the checkpoint's "
+                        "state continues under the new values", run.resume, run.out / "config.json",
+                        "; ".join(run.changed))  # fmt: skip
         self.load_model()
         self.log_phase_peak("the load (the encoders on the device)")
         # Precomputation runs before the transformer is placed on the device: its peak (VAE and text encoders)
@@ -674,6 +670,10 @@ class Trainer:
         self.build_model()
         self.build_checkpointer()
         self.resume()
+        if run.rank == 0:  # only once the start has loaded: a start that fails (e.g. a resume refused for a changed
+            # --rank) leaves the previous start's record and the later checkpoints where they were
+            self.supersede_later_checkpoints()
+            (run.out / "config.json").write_text(json.dumps(run_config(run), indent=2))
         self.build_data()
         self.build_step()
 

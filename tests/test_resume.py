@@ -327,6 +327,8 @@ def test_resuming_with_other_settings_says_what_changed(tiny_ckpt, tiny_data, tm
     assert "--train_steps" not in again.stderr.split("flags changed since the previous start")[1].splitlines()[0]
     assert "the checkpoint was written with other settings" in again.stderr
     assert "--resume_from_checkpoint none" in again.stderr
+    # the refused start left the previous start's record: a restart with the first flags reports no change
+    assert json.loads((tmp_path / "config.json").read_text())["rank"] == 4
     # A finished run with an export-only flag added (the fifth audit: refused as "other settings") exports again.
     lora = (finished / "pytorch_lora_weights.safetensors").read_bytes()
     comfy = run_ptrain(1, [*base, "--train_steps", "2", "--rank", "4", "--lr", "1e-4", "--export_comfyui"], finished)
