@@ -79,6 +79,37 @@ def test_caption_file_pairs_images_and_bad_captions(tmp_path):
     assert set(Path(p).name for p in usable.skipped) == {"nocap.mp4", "latin1.mp4"}
 
 
+def test_caption_pairs_follow_symlinked_folders_and_count_what_they_leave_out(tmp_path, caplog):
+    """Found by a new-user trial: files inside a symlinked folder were dropped without a word (rglob does not follow
+    links), a caption beside a .heic / .m2v and a caption alone vanished unsaid, CLIP.MP4 + CLIP.TXT was "no caption
+    file", and macOS' ._* files were listed as samples without captions."""
+    import logging
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _video(elsewhere / "linked.mp4", 48, 32, 12)
+    (elsewhere / "linked.txt").write_text("behind a link")
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "link").symlink_to(elsewhere, target_is_directory=True)
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)  # entered once, not forever
+    _video(root / "CLIP.MP4", 48, 32, 12)
+    (root / "CLIP.TXT").write_text("upper case")
+    (root / "photo.heic").write_bytes(b"\0" * 64)
+    (root / "photo.txt").write_text("an iphone photo")
+    (root / "alone.txt").write_text("nothing beside me")
+    (root / "._CLIP.MP4").write_bytes(b"\0" * 64)  # AppleDouble metadata, not a video
+    with caplog.at_level(logging.INFO, logger="ptrain"):
+        recs = {r.video.name: r for r in load_records(DataArgs(data_root=root))}
+    assert set(recs) == {"linked.mp4", "CLIP.MP4", "photo.heic"}
+    assert recs["linked.mp4"].caption == "behind a link" and recs["linked.mp4"].error is None
+    assert recs["linked.mp4"].video == root / "sub" / "link" / "linked.mp4"  # the user's path, not the target's
+    assert recs["CLIP.MP4"].caption == "upper case" and recs["CLIP.MP4"].error is None
+    assert "captioned by photo.txt, but .heic is not a video or image type ptrain reads" in recs["photo.heic"].error
+    assert "1 caption files under" in caplog.text and "alone.txt" in caplog.text
+    assert "1 hidden files and folders" in caplog.text
+
+
 def test_videox_fun_json_parquet_and_dataset_config(tmp_path, mixed):
     import pyarrow as pa
     import pyarrow.parquet as pq

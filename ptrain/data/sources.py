@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,22 +255,63 @@ def _table(path: Path, root: Path, args: DataArgs) -> list[Record]:
     return records
 
 
-def _caption_pairs(root: Path, extension: str = ".txt") -> list[Record]:
-    """`clip.mp4` + `clip.txt` (or --caption_extension) pairs anywhere under root; media without a caption file
-    are reported. A video and an image of one name (a clip and its thumbnail) share the caption file and both
-    train: said once, with the count."""
-    records = []
-    shared: dict[Path, list[Path]] = {}
-    for media in sorted(p for p in root.rglob("*") if p.is_file() and media_kind(p)):
-        txt = media.with_suffix(extension)
-        if not txt.is_file():
-            records.append(_record("", media, error=f"no caption file {txt.name} beside it"))
+def _walk_files(root: Path) -> tuple[list[Path], int]:
+    """Every file under root, following symlinked folders (a dataset assembled from links; Path.rglob does not
+    follow them before Python 3.13) but entering each real folder once (a link loop); names starting with "." are
+    left out (macOS' ._* AppleDouble files, .DS_Store, .ipynb_checkpoints). (files, hidden names left out)"""
+    files, hidden, seen = [], 0, set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
             continue
+        seen.add(real)
+        hidden += sum(d.startswith(".") for d in dirs) + sum(n.startswith(".") for n in names)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [Path(folder) / n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
+    return sorted(files), hidden
+
+
+def _caption_pairs(root: Path, extension: str = ".txt") -> list[Record]:
+    """`clip.mp4` + `clip.txt` (or --caption_extension; either case: CLIP.MP4 + CLIP.TXT) pairs anywhere under
+    root, symlinked folders included; media without a caption file are reported. A caption beside a file of a
+    type ptrain does not read (an iPhone .heic, an .m2v stream) is a counted skip naming the type; a caption file
+    with nothing beside it is counted in one warning. A video and an image of one name (a clip and its thumbnail)
+    share the caption file and both train: said once, with the count."""
+    files, hidden = _walk_files(root)
+    if hidden:
+        log.info("%s: %d hidden files and folders (names starting with '.') left out", root, hidden)
+    by_name = {str(f.with_name(f.name.lower())): f for f in files}  # case-insensitive lookup, folder by folder
+    records, shared, paired = [], {}, set()
+    for media in (f for f in files if media_kind(f)):
+        txt = by_name.get(str(media.with_name(media.stem.lower() + extension.lower())))
+        if txt is None:
+            records.append(_record("", media, error=f"no caption file {media.stem}{extension} beside it"))
+            continue
+        paired.add(txt)
         shared.setdefault(txt, []).append(media)
         caption = read_text(txt).strip()
         error = f"{txt.name}: {_utf8_error(caption)}" if _bad_utf8(caption) else None
         records.append(_record(caption, media, error=error))
-    several = [files for files in shared.values() if len(files) > 1]
+    captions = [f for f in files if f.suffix.lower() == extension.lower() and f not in paired]
+    stems: dict[str, list[Path]] = {}
+    for f in files:
+        if f.suffix.lower() != extension.lower() and not media_kind(f):
+            stems.setdefault(str(f.with_name(f.stem.lower())), []).append(f)
+    alone = []
+    for txt in captions:
+        others = stems.get(str(txt.with_name(txt.stem.lower())))
+        if not others:
+            alone.append(txt)
+            continue
+        kinds = " / ".join(sorted({o.suffix.lower() or "(no extension)" for o in others}))
+        records.append(_record("", others[0], error=f"captioned by {txt.name}, but {kinds} is not a video or image "
+                               f"type ptrain reads (videos: {', '.join(sorted(VIDEO_EXTS))}; images: "
+                               f"{', '.join(sorted(IMAGE_EXTS))}); convert it, e.g. with ffmpeg"))  # fmt: skip
+    if alone:
+        log.warning("%d caption files under %s have no video or image beside them and are not used (e.g. %s)",
+                    len(alone), root, ", ".join(str(p.relative_to(root)) for p in alone[:3]))  # fmt: skip
+    several = [group for group in shared.values() if len(group) > 1]
     if several:
         log.warning("%d caption files under %s each caption several media files of one name (e.g. %s): each of "
                     "them trains as a sample with that caption; move thumbnails or stills out of the folder if "
