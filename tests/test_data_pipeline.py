@@ -191,6 +191,33 @@ def test_containers_and_codecs_decode(tmp_path, name, codec, pixfmt):
     assert row[:4].min() > 0.8 and row[-4:].max() < -0.8  # the white half stays left (centre crop of 80 -> 53 px)
 
 
+def test_an_undecodable_codec_or_audio_file_says_what_to_do(tmp_path):
+    """A new-user trial: an AV1 video (yt-dlp's usual download) and an audio-only .mp4 failed with decord's bare
+    "cannot find video stream with wanted index: -1". The skip now names the codec and the re-encoding command, or
+    says there is no video stream."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    from ptrain.data.video import probe
+
+    ff = imageio_ffmpeg.get_ffmpeg_exe()
+    av1, audio = tmp_path / "av1.mp4", tmp_path / "voice.mp4"
+    made = subprocess.run([ff, "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=s=64x48:d=0.5",
+                           "-c:v", "libsvtav1", "-pix_fmt", "yuv420p", str(av1)], capture_output=True)  # fmt: skip
+    subprocess.run([ff, "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "sine=d=0.5", "-c:a", "aac",
+                    str(audio)], check=True, capture_output=True)  # fmt: skip
+    with pytest.raises(ValueError, match="no video stream in it"):
+        probe(audio)
+    if made.returncode != 0:
+        pytest.skip("this ffmpeg has no AV1 encoder")
+    try:
+        probe(av1)
+    except ValueError as e:
+        assert "its video stream is av1" in str(e) and f"ffmpeg -i {av1} -c:v libx264" in str(e)
+    # (a decord build with an AV1 decoder reads it: nothing to say)
+
+
 # --- buckets -------------------------------------------------------------------------------------------
 
 

@@ -61,6 +61,53 @@ _HDR_TRANSFER = {"arib-std-b67": "HLG", "smpte2084": "PQ"}
 _warned_no_ffmpeg: list[str] = []
 
 
+def ffmpeg_describe(path: Path) -> str | None:
+    """`ffmpeg -i path`'s description of the file (imageio-ffmpeg's binary), or None without a runnable ffmpeg
+    (said once, in a warning)."""
+    import subprocess
+
+    try:
+        import imageio_ffmpeg
+
+        return subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
+                              capture_output=True, text=True, errors="replace", timeout=60).stderr  # fmt: skip
+    except (ImportError, OSError, RuntimeError, subprocess.SubprocessError) as e:
+        if not _warned_no_ffmpeg:
+            _warned_no_ffmpeg.append(str(e))
+            log.warning("cannot run ffmpeg to read videos' pixel aspect ratio and mirroring (%s: %s): square pixels "
+                        "and no mirroring assumed", type(e).__name__, e)  # fmt: skip
+        return None
+
+
+#: Video codecs decord's FFmpeg build decodes (seen here and in a new-user trial: H.264 and HEVC in 8 and 10 bits,
+#: VP8 / VP9, ProRes, MPEG-1/2/4, Motion JPEG, DV)
+_DECORD_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "prores", "mpeg1video", "mpeg2video", "mpeg4", "mjpeg",
+                            "dvvideo", "msmpeg4v3", "wmv2", "flv1", "theora"})  # fmt: skip
+_CODEC = re.compile(r"Stream #\d+:\d+.*?: Video: (\w+)")
+
+
+def decode_failure_hint(path: Path) -> str:
+    """What to do with a video decord cannot open: by its container (CONVERT_HINTS), else by what ffmpeg finds in
+    it: no video stream (an audio file), or the codec of its video stream (AV1, which yt-dlp often downloads, is
+    not in decord's FFmpeg build) with the command that re-encodes it to H.264. "" when nothing is known."""
+    path = Path(path)
+    stem = path.with_suffix("")
+    hint = CONVERT_HINTS.get(path.suffix.lower())
+    if hint:
+        return hint.format(path=path, stem=stem)
+    out = ffmpeg_describe(path)
+    if out is None or "Invalid data found" in out or "moov atom not found" in out:
+        return ""  # damaged or not media at all: the error says "cannot decode"
+    codec = next((m.group(1) for m in map(_CODEC.search, out.splitlines()) if m and "attached pic" not in m.string),
+                 None)  # fmt: skip
+    if codec is None:
+        return "ffmpeg finds no video stream in it (an audio-only file?)"
+    if codec in _DECORD_CODECS:  # decord reads these: the file is damaged, not of the wrong kind
+        return ""
+    return (f"its video stream is {codec}, which decord's FFmpeg build may not decode; re-encode it to H.264: "
+            f"ffmpeg -i {path} -c:v libx264 -pix_fmt yuv420p {stem}.h264.mp4")
+
+
 def video_geometry(path: Path) -> Geometry:
     """The pixel aspect ratio and display-matrix mirroring of a video's first video stream.
 
@@ -69,18 +116,8 @@ def video_geometry(path: Path) -> Geometry:
     which that description cannot tell from a rotation (a horizontal mirror reads "rotation of -180"), from the
     track header's matrix of an MP4 / MOV file (other containers carry no mirroring). Without a runnable ffmpeg,
     square pixels and no mirroring are assumed, with one warning."""
-    import subprocess
-
-    try:
-        import imageio_ffmpeg
-
-        out = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
-                             capture_output=True, text=True, errors="replace", timeout=60).stderr  # fmt: skip
-    except (ImportError, OSError, RuntimeError, subprocess.SubprocessError) as e:
-        if not _warned_no_ffmpeg:
-            _warned_no_ffmpeg.append(str(e))
-            log.warning("cannot run ffmpeg to read videos' pixel aspect ratio and mirroring (%s: %s): square pixels "
-                        "and no mirroring assumed", type(e).__name__, e)  # fmt: skip
+    out = ffmpeg_describe(path)
+    if out is None:
         return Geometry()
     lines = out.splitlines()
     for i, line in enumerate(lines):
@@ -412,8 +449,8 @@ def probe(path: Path) -> VideoInfo:
             shape = _reader(path, native_width=width)[0].shape
         times = frame_times(vr)
     except Exception as e:  # decord raises its own DECORDError / RuntimeError types
-        hint = CONVERT_HINTS.get(Path(path).suffix.lower())
-        hint = f"; {hint.format(path=path, stem=Path(path).with_suffix(''))}" if hint else ""
+        hint = decode_failure_hint(path)
+        hint = f"; {hint}" if hint else ""
         raise ValueError(f"video {path}: cannot decode ({type(e).__name__}: {_first_line(e)}){hint}") from e
     if len(shape) != 3 or shape[2] != 3:
         raise ValueError(f"video {path}: decoder returned frames of shape {tuple(shape)}, not (H, W, 3)")
