@@ -191,6 +191,35 @@ def test_containers_and_codecs_decode(tmp_path, name, codec, pixfmt):
     assert row[:4].min() > 0.8 and row[-4:].max() < -0.8  # the white half stays left (centre crop of 80 -> 53 px)
 
 
+def test_skips_under_repeats_count_files_and_samples(tmp_path, caplog):
+    """A new-user trial: with `repeats = 3` one bad file printed "skipping 1 of 6 samples" beside "3 usable, 1
+    skipped" (files against entries). Both counts are said now, and the reasons read as labels ("caption not text:
+    1", not "caption is a 1")."""
+    import logging
+
+    from ptrain.data import summary
+
+    root = tmp_path / "rep"
+    root.mkdir()
+    _video(root / "good.mp4", 48, 32, 12)
+    (root / "good.txt").write_text("fine")
+    (root / "bad.mp4").write_bytes(b"")
+    (root / "bad.txt").write_text("empty file")
+    (tmp_path / "rep.toml").write_text('[[datasets]]\ndata_root = "rep"\nrepeats = 3\n')
+    args = DataArgs(dataset_config=tmp_path / "rep.toml", num_frames=9, height=32, width=48)
+    with caplog.at_level(logging.WARNING, logger="ptrain"):
+        usable = scan_dataset(args, FrameSampling(9))
+    assert len(usable.records) == 3 and len(usable.skipped) == 1 and usable.skipped_samples == 3
+    assert "skipping 1 files (3 of 6 samples, counting repeats)" in caplog.text
+    lines = summary(usable, 1)
+    assert lines[0].startswith("samples: 3 usable (3 videos, 0 images), 1 skipped files (3 samples, counting repeats)")
+    assert any(line == "  skipped by reason: empty file: 1" for line in lines), lines
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps([{"video": str(root / "good.mp4"), "caption": ["a", "b"]}]))
+    usable = filter_usable(load_records(DataArgs(dataset_file=table)), FrameSampling(9))
+    assert usable.skip_reasons() == {"caption not text": 1}
+
+
 def test_an_undecodable_codec_or_audio_file_says_what_to_do(tmp_path):
     """A new-user trial: an AV1 video (yt-dlp's usual download) and an audio-only .mp4 failed with decord's bare
     "cannot find video stream with wanted index: -1". The skip now names the codec and the re-encoding command, or

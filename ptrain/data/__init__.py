@@ -41,6 +41,8 @@ class Usable:
     plan: BucketPlan | None = None
     #: The scan's probe of each usable record's file (frames, size, fps): decoding picks its decode size from it.
     infos: list[VideoInfo] = field(default_factory=list)
+    #: Dataset entries skipped: more than len(skipped) (files) when repeats list a file several times.
+    skipped_samples: int = 0
 
     @property
     def bucketed(self) -> bool:
@@ -66,14 +68,21 @@ class Usable:
         return out
 
 
+#: (what a skip reason contains, its label in the data summary's "skipped by reason"), in the order tried
+_REASON_KINDS = (
+    ("no such file", "no such file"), ("empty file", "empty file"), ("cannot decode", "cannot decode"),
+    ("too small", "too small"), ("extreme aspect", "extreme aspect"), ("megapixels", "too many megapixels"),
+    ("not valid UTF-8", "caption not UTF-8"), ("no caption file", "no caption file"), ("too short", "too short"),
+    ("usable frames <", "too few usable frames"), ("image (1 frame)", "image without --enable_bucket"),
+    ("no bucket", "no bucket fits"), ("1-frame", "image: 1 frame not trainable"),
+    ("< --num_frames", "fewer frames than --num_frames"), ("no video path", "no video path"),
+    ("no media path", "no media path"), ("caption is a", "caption not text"),
+    ("first-frame image", "first-frame image"), ("type ptrain reads", "unreadable file type"),
+)  # fmt: skip
+
+
 def _reason_kind(reason: str) -> str:
-    for key in ("no such file", "empty file", "cannot decode", "too small", "extreme aspect", "megapixels",
-                "not valid UTF-8", "no caption file", "too short", "usable frames <", "image (1 frame)",
-                "no bucket", "1-frame", "< --num_frames", "no video path", "no media path", "caption is a",
-                "first-frame image"):  # fmt: skip
-        if key in reason:
-            return key
-    return "other"
+    return next((label for key, label in _REASON_KINDS if key in reason), "other")
 
 
 def probe_threads() -> int:
@@ -191,7 +200,7 @@ def filter_usable(
         usable.append(rec)
         buckets.append(bucket)
         infos.append(info)
-    return Usable(usable, skipped, buckets, plan, infos)
+    return Usable(usable, skipped, buckets, plan, infos, skipped_samples=len(records) - len(usable))
 
 
 class VideoDataset(Dataset):
@@ -397,7 +406,7 @@ def scan_dataset(
             raise ConfigError(
                 f"--strict_data: {len(usable.skipped)} of {len(records)} samples are unusable:\n{listing}"
             )
-        log.warning("skipping %d of %d samples:", len(usable.skipped), len(records), extra=ALIKE)
+        log.warning("skipping %s:", skip_count(usable, len(records)), extra=ALIKE)
         for path, reason in list(usable.skipped.items())[:20]:
             log.warning("  %s", reason if path in reason else f"{path}: {reason}", extra=ALIKE)
         if len(usable.skipped) > 20:
@@ -406,6 +415,14 @@ def scan_dataset(
         raise ConfigError(f"none of the {len(records)} samples is usable (see the reasons above)")
     warn_empty_captions(usable)
     return usable
+
+
+def skip_count(usable: Usable, total: int) -> str:
+    """"N of T samples", or with repeats "N files (M of T samples)": the skips are files, the samples entries."""
+    files, samples = len(usable.skipped), usable.skipped_samples or len(usable.skipped)
+    if files == samples:
+        return f"{files} of {total} samples"
+    return f"{files} files ({samples} of {total} samples, counting repeats)"
 
 
 def empty_captions(usable: Usable) -> list[Record]:
@@ -439,7 +456,8 @@ def summary(usable: Usable, global_batch: int, tokens=None) -> list[str]:
     kinds = Counter(r.kind for r in usable.records)
     lines = [
         f"samples: {len(usable.records)} usable ({kinds.get('video', 0)} videos, {kinds.get('image', 0)} images), "
-        f"{len(usable.skipped)} skipped"
+        f"{len(usable.skipped)} skipped" + (f" files ({usable.skipped_samples} samples, counting repeats)"
+                                            if usable.skipped_samples > len(usable.skipped) else "")
     ]
     empty = empty_captions(usable)
     if empty:
@@ -458,7 +476,7 @@ def summary(usable: Usable, global_batch: int, tokens=None) -> list[str]:
                      "colours come out washed out; convert them to SDR first (the README's data section has an "
                      "ffmpeg command)")  # fmt: skip
     if usable.skipped:
-        lines.append("  skipped by reason: " + ", ".join(f"{k} {n}" for k, n in usable.skip_reasons().most_common()))
+        lines.append("  skipped by reason: " + ", ".join(f"{k}: {n}" for k, n in usable.skip_reasons().most_common()))
     lines += [
         f"    skipped {reason if path in reason else f'{path}: {reason}'}" for path, reason in usable.skipped.items()
     ]
