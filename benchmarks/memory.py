@@ -46,6 +46,9 @@ RES = {
     "hunyuan-video": (49, 512, 768),
     "wan2.1-1.3b": (81, 480, 832),
     "wan2.1-14b": (81, 720, 1280),
+    # TI2V-5B's native size (720P only: 704x1280, 121 frames at 24 fps; the Wan 2.2 README and DiffSynth-Studio's
+    # recipes train it at 704x1280 too).
+    "wan2.2-ti2v-5b": (121, 704, 1280),
 }
 
 
@@ -92,6 +95,7 @@ DEFAULT_ROWS = [
     Row("wan2.1-1.3b", "lora", 1, []),
     Row("wan2.1-14b", "lora", 1, []),
     Row("wan2.1-14b", "full-finetune", 8, FSDP8),
+    Row("wan2.2-ti2v-5b", "lora", 1, []),
 ]
 
 

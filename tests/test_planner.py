@@ -27,13 +27,16 @@ CONFIGS = REPO / "benchmarks" / "model_configs"
 # as the names "1.3B" and "14B" (github.com/Wan-Video/Wan2.1 README, "Model Details"; the Hugging Face cards
 # Wan-AI/Wan2.1-T2V-1.3B and -14B), which round loosely: the real counts are 1.419B (9% above "1.3B") and 14.29B
 # (2% above "14B"), hence Wan's wider tolerances; the architecture table beside them is checked exactly below.
+# Wan 2.2 TI2V-5B: "5B" (the Wan-AI/Wan2.2-TI2V-5B card); 5.000B counted.
 PUBLISHED = {"cogvideox-2b": (1.69e9, 0.02), "cogvideox-5b": (5.57e9, 0.02), "ltx-video": (1.92e9, 0.02),
              "hunyuan-video": (12.8e9, 0.02), "cogvideox1.5-5b": (5.57e9, 0.02),
-             "wan2.1-1.3b": (1.3e9, 0.1), "wan2.1-14b": (14e9, 0.03)}  # fmt: skip
+             "wan2.1-1.3b": (1.3e9, 0.1), "wan2.1-14b": (14e9, 0.03), "wan2.2-ti2v-5b": (5e9, 0.02)}  # fmt: skip
 # Wan 2.1 README, "Model Details": dimension, input / output dimension, feedforward dimension, frequency
 # dimension, number of heads, number of layers.
+# Wan 2.2 TI2V-5B: the Wan team's wan/configs/wan_ti2v_5B.py (github.com/Wan-Video/Wan2.2).
 WAN_PUBLISHED_ARCH = {"wan2.1-1.3b": (1536, 16, 16, 8960, 256, 12, 30),
-                      "wan2.1-14b": (5120, 16, 16, 13824, 256, 40, 40)}  # fmt: skip
+                      "wan2.1-14b": (5120, 16, 16, 13824, 256, 40, 40),
+                      "wan2.2-ti2v-5b": (3072, 48, 48, 14336, 256, 24, 30)}  # fmt: skip
 
 
 def _meta_transformer(variant: str, overrides: dict | None = None):
