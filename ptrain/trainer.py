@@ -46,7 +46,16 @@ from ptrain.checkpoint import (
 )
 from ptrain.collective import ALIKE, PeerFailed, all_max, raise_if_any_failed
 from ptrain.config import Config, ConfigError, to_dict
-from ptrain.data import CPSampleAgreement, Usable, VideoDataset, build_dataloader, make_sampler, scan_dataset, summary
+from ptrain.data import (
+    CPSampleAgreement,
+    Usable,
+    VideoDataset,
+    build_dataloader,
+    make_sampler,
+    scan_dataset,
+    summary,
+    warn_long_captions,
+)
 from ptrain.data.precompute import Decision, PrecomputedDataset, decide, precompute
 from ptrain.data.scan_cache import SCAN_CACHE, ScanCache
 from ptrain.data.video import FrameSampling
@@ -664,6 +673,10 @@ class Trainer:
         # Precomputation runs before the transformer is placed on the device: its peak (VAE and text encoders)
         # never adds to the training state's.
         self.max_seq = self.cfg.data.max_sequence_length or self.spec.max_sequence_length(self.comps)
+        if run.rank == 0:
+            d = self.cfg.data
+            warn_long_captions((f"{d.id_token} {r.caption}" if d.id_token else r.caption for r in run.usable.records),
+                               self.comps.tokenizer, self.max_seq)  # fmt: skip
         self.dataset = self.precompute() if run.precompute.enabled else None
         if self.dataset is not None:
             self.log_phase_peak("precompute (VAE encode, text encoders)")

@@ -733,3 +733,36 @@ def test_interrupted_precomputation_continues_from_its_files(tiny_ckpt, tiny_dat
     for p in fresh.glob("*.safetensors"):
         a, b = load_file(p), load_file(folder / p.name)
         assert all(torch.equal(a[k], b[k]) for k in a), p.name
+
+
+def test_captions_the_text_encoder_cuts_are_counted_at_start(tiny_ckpt, tiny_data, tmp_path, single_process_env,
+                                                             caplog):  # fmt: skip
+    """A new-user trial: a 2,000-word caption trained on its first 128 tokens without a word (diffusers' warning
+    is silenced, Wan's pipeline never warns). The start counts the captions over the limit, --id_token included."""
+    import logging
+
+    from conftest import TINY_ARGS
+    from transformers import AutoTokenizer
+
+    from ptrain.config import parse_config
+    from ptrain.data import warn_long_captions
+    from ptrain.trainer import Trainer, plan_run
+
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt / "tokenizer")
+    with caplog.at_level(logging.WARNING, logger="ptrain"):
+        assert warn_long_captions(["a cat", "a cat", "word " * 40, ""], tok, 16) == 1
+    assert "1 of 2 distinct captions are longer than the text encoder's 16 tokens" in caplog.text
+    caplog.clear()
+    cfg = parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data),
+                        "--output_dir", str(tmp_path), "--train_steps", "1", "--id_token", "token " * 300,
+                        *TINY_ARGS])  # fmt: skip
+    run = plan_run(cfg.validate())  # (its logging set-up replaces the root's handlers, caplog's too)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("ptrain").addHandler(handler)
+    try:
+        Trainer(run).close_loader()
+    finally:
+        logging.getLogger("ptrain").removeHandler(handler)
+    assert any("8 of 8 distinct captions are longer than the text encoder's" in m for m in seen), seen

@@ -444,6 +444,23 @@ def warn_empty_captions(usable: Usable, examples: int = 3) -> None:
     )  # fmt: skip
 
 
+def warn_long_captions(captions, tokenizer, limit: int, examples: int = 2) -> int:
+    """Count the captions the text encoder will cut to its `limit` tokens (the pipelines truncate without a word
+    once diffusers' logger is quiet, and Wan's never warns), and say so in one warning with the longest and a few
+    examples. Distinct captions are tokenized once, without truncation. Returns how many are cut."""
+    unique = list(dict.fromkeys(c for c in captions if c))
+    if not unique or tokenizer is None:
+        return 0
+    ids = tokenizer(unique, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    long = sorted(((len(t), c) for t, c in zip(ids, unique) if len(t) > limit), reverse=True)
+    if long:
+        shown = "; ".join(repr(c[:60] + ("..." if len(c) > 60 else "")) for _, c in long[:examples])
+        log.warning("%d of %d distinct captions are longer than the text encoder's %d tokens and train cut to them "
+                    "(the longest has %d): %s; shorten them, or raise --max_sequence_length where the model "
+                    "allows it", len(long), len(unique), limit, long[0][0], shown, extra=ALIKE)  # fmt: skip
+    return len(long)
+
+
 def make_sampler(usable: Usable, batch_size: int, dp_rank: int, dp_size: int, grad_accum: int, seed: int):
     if usable.bucketed:
         ids = {b: k for k, b in enumerate(sorted(set(usable.buckets)))}
