@@ -116,8 +116,11 @@ def download(flag: str, repo: str, revision: str | None, allow: list[str], ignor
             "RevisionNotFoundError": f"no revision {revision!r} in this repo",
             "LocalEntryNotFoundError": "not in the hub cache" + (" and HF_HUB_OFFLINE=1" if offline() else ""),
         }.get(kind, f"{kind}: {str(e).splitlines()[0] if str(e) else ''}")
+        local = ""
+        if kind in ("RepositoryNotFoundError", "LocalEntryNotFoundError", "HFValidationError"):
+            local = f" There is no local folder {repo} either (relative to {Path.cwd()})."
         raise ConfigError(
-            f"{flag} {repo}{'@' + revision if revision else ''}: {what}. {_advice(repo, revision)}"
+            f"{flag} {repo}{'@' + revision if revision else ''}: {what}.{local} {_advice(repo, revision)}"
         ) from e
 
 

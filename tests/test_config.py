@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from ptrain.config import Config, ConfigError, parse_config
+from ptrain.config import Config, ConfigError, DataArgs, parse_config
 from ptrain.parallel.dims import ParallelConfigError, ParallelDims
 
 
@@ -333,6 +333,15 @@ def test_planner_names_the_options_it_does_not_search():
     assert "--training_type lora" not in lora and "FSDP shards the frozen weights" in lora
     full = _nothing_fits(parse_config(["--data_root", "x", "--training_type", "full-finetune"]), 8)
     assert "--full_bf16" in full and "--fused_backward_pass" in full and "--training_type lora" in full
+
+
+def test_data_root_given_a_table_file_points_to_dataset_file(tmp_path):
+    from ptrain.data.sources import load_records
+
+    (tmp_path / "metadata.csv").write_text("video,caption\na.mp4,a\n")
+    with pytest.raises(ConfigError, match=r"--data_root .*metadata.csv: a file, not a folder; give a table with "
+                                          r"--dataset_file"):  # fmt: skip
+        load_records(DataArgs(data_root=tmp_path / "metadata.csv"))
 
 
 def test_resume_from_a_missing_folder_says_so(tmp_path):

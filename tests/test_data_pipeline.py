@@ -220,6 +220,15 @@ def test_skips_under_repeats_count_files_and_samples(tmp_path, caplog):
     assert usable.skip_reasons() == {"caption not text": 1}
 
 
+def test_no_sample_long_enough_suggests_buckets(tmp_path):
+    _video(tmp_path / "short.mp4", 48, 32, 5)
+    (tmp_path / "short.txt").write_text("five frames")
+    args = DataArgs(data_root=tmp_path, num_frames=9, height=32, width=48)
+    with pytest.raises(ConfigError, match=r"none of the 1 samples is usable .*clips shorter than --num_frames 9 .*"
+                                          r"train with --enable_bucket"):  # fmt: skip
+        scan_dataset(args, FrameSampling(9))
+
+
 def test_an_undecodable_codec_or_audio_file_says_what_to_do(tmp_path):
     """A new-user trial: an AV1 video (yt-dlp's usual download) and an audio-only .mp4 failed with decord's bare
     "cannot find video stream with wanted index: -1". The skip now names the codec and the re-encoding command, or

@@ -119,7 +119,9 @@ def test_variant_loads_the_variant_files(offline, tiny_data):
 
 
 def test_missing_id_revision_or_file_says_what_to_do(offline, tiny_data, monkeypatch):
-    with pytest.raises(ConfigError, match=r"nobody/nothing: not in the hub cache and HF_HUB_OFFLINE=1.*unset it.*"
+    # (a mistyped relative folder reads as a hub id: the error says that no such folder is there either)
+    with pytest.raises(ConfigError, match=r"nobody/nothing: not in the hub cache and HF_HUB_OFFLINE=1\. There is no "
+                                          r"local folder nobody/nothing either .*unset it.*"
                                           r"hf download nobody/nothing.*local diffusers folder"):  # fmt: skip
         resolve_model_sources(parse_config(["--pretrained_model_name_or_path", "nobody/nothing"]).model, ["vae"])
     with pytest.raises(ConfigError, match=f"{REPO_ID}@nope: not in the hub cache.*--revision nope"):

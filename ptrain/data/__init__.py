@@ -412,7 +412,12 @@ def scan_dataset(
         if len(usable.skipped) > 20:
             log.warning("  ... and %d more", len(usable.skipped) - 20, extra=ALIKE)
     if not usable.records:
-        raise ConfigError(f"none of the {len(records)} samples is usable (see the reasons above)")
+        short = {"fewer frames than --num_frames", "too few usable frames", "image without --enable_bucket"}
+        hint = ""
+        if not usable.bucketed and short & set(usable.skip_reasons()):
+            hint = (f"; clips shorter than --num_frames {args.num_frames} (and images) train with --enable_bucket, "
+                    "each at the frame count it has, or lower --num_frames")  # fmt: skip
+        raise ConfigError(f"none of the {len(records)} samples is usable (see the reasons above){hint}")
     warn_empty_captions(usable)
     return usable
 

@@ -360,6 +360,12 @@ def _load_one(args: DataArgs) -> list[Record]:
         root = Path(args.data_root) if args.data_root is not None else path.parent
         return _table(path, root, args)
     root = Path(args.data_root)
+    if root.is_file():
+        hint = ""
+        if root.suffix.lower() in (".csv", ".json", ".jsonl", ".parquet"):
+            hint = (f"; give a table with --dataset_file {root} (or --data_root its folder, where it is named "
+                    f"{' / '.join(METADATA_NAMES)})")  # fmt: skip
+        raise ConfigError(f"--data_root {root}: a file, not a folder{hint}")
     if not root.is_dir():
         raise ConfigError(f"--data_root {root}: no such folder")
     lists = _list_files(root, args)
