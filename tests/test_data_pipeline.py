@@ -458,6 +458,20 @@ def test_precomputed_training_equals_on_the_fly_and_cache_is_keyed(tiny_ckpt, ti
     assert "precomputation: reusing" in again.stderr
     assert (folder / "00000000.safetensors").stat().st_mtime_ns == stamp
     np.testing.assert_allclose(again.losses, fly.losses, rtol=1e-5)
+    # One caption edited (a new key): the 7 unchanged samples are taken from the complete cache, one is encoded
+    rows = (tiny_data / "metadata.csv").read_text().splitlines()
+    rows[1] = "an edited caption," + rows[1].split(",", 1)[1]
+    (tmp_path / "edited.csv").write_text("\n".join(rows) + "\n")
+    edited = run_ptrain(1, [*args, "--batch_size", "2", "--enable_precomputation", "--precomputation_dir", str(cache),
+                            "--dataset_file", str(tmp_path / "edited.csv"), "--train_steps", "1"],
+                        tmp_path / "edited")  # fmt: skip
+    assert edited.returncode == 0, first_error(edited.stderr)
+    assert "precomputation: 8 samples in" in edited.stderr and "(7 taken from an earlier cache" in edited.stderr
+    (new,) = [p for p in cache.iterdir() if p.is_dir() and p != folder]
+    ours, theirs = json.loads((new / "manifest.json").read_text()), json.loads((folder / "manifest.json").read_text())
+    shared = [k for k in ours["files"] if k in theirs["files"]]
+    assert len(shared) == 7 and all((new / ours["files"][k]).read_bytes() == (folder / theirs["files"][k]).read_bytes()
+                                    for k in shared)  # fmt: skip
 
 
 def test_cache_key_changes_with_data_and_settings(tiny_ckpt, tiny_data, tmp_path):

@@ -16,7 +16,9 @@ i2v what the first-frame conditioning depends on (`stored_condition`). A changed
 gives another key, so a cache is never silently reused for other data; --precomputation_reuse reuses a
 complete cache with the same key (otherwise it is computed again). Each file is written whole (a temporary name,
 then renamed), so an interrupted precomputation (Ctrl-C, preemption, a crash) is continued by the next run of the
-same key: only the samples without a file are encoded.
+same key: only the samples without a file are encoded. A new key with the settings of an earlier complete cache
+(the dataset grew, or a caption changed) takes the files of the samples the two share from it (hard links where
+the file system allows): only what is new is encoded.
 
 `decide` makes --enable_precomputation auto's choice before any weights load (`plan_run`): on when the run draws
 more samples than there are distinct ones (so each would be decoded and encoded more than once), the settings
@@ -132,6 +134,55 @@ def manifest(cfg: Config, usable: Usable, max_sequence_length: int, vae_tiling: 
         "samples": samples,
         **({"condition": condition} if condition else {}),
     }
+
+
+#: Manifest entries that are not settings: the samples, and what precompute adds when it completes.
+_PER_SAMPLE = ("samples", "files", "failed", "stand_ins")
+
+
+def settings_key(man: dict) -> str:
+    """The hash of a manifest's settings (everything but its samples): caches with the same one hold
+    interchangeable files for the samples they share."""
+    rest = {k: v for k, v in man.items() if k not in _PER_SAMPLE}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def reusable_files(target: Path, man: dict) -> dict[str, Path]:
+    """Sample key -> an encoded file of it in another complete cache beside `target` made with the same settings,
+    where the sample's files are unchanged (the same size and modification time): a dataset grown by a few
+    videos, or with a caption edited, encodes only what is new."""
+    want = settings_key(man)
+    stats = {entry[0]: entry[1:] for entry in man["samples"]}
+    found: dict[str, Path] = {}
+    others = sorted(p for p in target.parent.iterdir() if p.is_dir() and p != target) if target.parent.is_dir() else []
+    for other in others:
+        try:
+            if not (other / COMPLETE).is_file():
+                continue
+            old = json.loads((other / "manifest.json").read_text())
+            if settings_key(old) != want:
+                continue
+            for entry in old["samples"]:
+                key, name = entry[0], old["files"].get(entry[0])
+                if name is not None and stats.get(key) == entry[1:] and key not in found:
+                    found[key] = other / name
+        except (OSError, ValueError, KeyError, TypeError, IndexError):  # another version's or a damaged manifest
+            continue
+    return found
+
+
+def _link_or_copy(src: Path, dest: Path) -> bool:
+    """Put `src`'s content at `dest` (a hard link where the file system allows it, else a copy written whole);
+    False if `src` is no longer readable."""
+    if not _readable(src):
+        return False
+    tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+    return True
 
 
 def cache_dir(cfg: Config, man: dict) -> Path:
@@ -281,22 +332,28 @@ def precompute(
         target.mkdir(parents=True, exist_ok=True)
         others = [p for p in target.parent.iterdir() if p.is_dir() and p != target]
         if others:
-            log.info("precomputation: %d other cache(s) in %s were made with other data or settings (not used)",
-                     len(others), target.parent)  # fmt: skip
+            log.info("precomputation: %d other cache(s) in %s were made with other data or settings: the files of "
+                     "samples they share with this run under the same settings are reused (linked), the rest not; "
+                     "delete the folders you no longer need", len(others), target.parent)  # fmt: skip
     dist.barrier()
+    donors = reusable_files(target, man)
     first = distinct_samples(usable)
     todo = list(first.items())[rank::world]
     t0 = time.perf_counter()
     bar = tqdm(total=len(first), disable=rank != 0, desc="precompute", dynamic_ncols=True)
     ids = {key: n for n, key in enumerate(first)}
     failed: dict[str, str] = {}
-    kept = 0
+    kept = linked = 0
     with phase("while precomputing latents and text embeddings",
                f"the samples encoded so far are kept in {target}; rerun the same command to continue from them"):
         for key, i in todo:
             path = target / f"{ids[key]:08d}.safetensors"
             if _readable(path):  # encoded before an interruption
                 kept += 1
+                bar.update(world)
+                continue
+            if key in donors and _link_or_copy(donors[key], path):  # encoded by an earlier cache of these settings
+                linked += 1
                 bar.update(world)
                 continue
             try:
@@ -314,17 +371,18 @@ def precompute(
         cond = spec.encode_text(comps, [""], max_seq)
         save_file({f"text.{k}": v[0].contiguous().cpu() for k, v in cond.tensors.items()}, target / EMPTY)
     gathered: list = [None] * world
-    dist.all_gather_object(gathered, (failed, kept))
-    failed = {k: v for part, _ in gathered for k, v in part.items()}
-    kept = sum(n for _, n in gathered)
+    dist.all_gather_object(gathered, (failed, kept, linked))
+    failed = {k: v for part, _, _ in gathered for k, v in part.items()}
+    kept, linked = sum(g[1] for g in gathered), sum(g[2] for g in gathered)
     if rank == 0:
         man["files"] = {key: f"{n:08d}.safetensors" for key, n in ids.items() if key not in failed}
         man["failed"] = failed
         man["stand_ins"] = _encode_stand_ins(usable, spec, comps, dataset, max_seq, device, target, failed, ids)
         (target / "manifest.json").write_text(json.dumps(man, indent=1))
         (target / COMPLETE).write_text("ok\n")
-        log.info("precomputation: %d samples in %.1f s -> %s%s%s", len(first) - len(failed), time.perf_counter() - t0,
-                 target, f" ({kept} encoded before an interruption)" if kept else "",
+        log.info("precomputation: %d samples in %.1f s -> %s%s%s%s", len(first) - len(failed),
+                 time.perf_counter() - t0, target, f" ({kept} encoded before an interruption)" if kept else "",
+                 f" ({linked} taken from an earlier cache of the same settings)" if linked else "",
                  f" ({len(failed)} failed to decode)" if failed else "")  # fmt: skip
     dist.barrier()
     return target
