@@ -491,6 +491,13 @@ def spawn(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
     return p
 
 
+def write_whole(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: a reader (or a SIGTERM mid-write) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def kill_children() -> None:
     import signal
 
@@ -803,7 +810,7 @@ def plan_all(job: dict) -> None:
                           "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
         except Exception as e:  # noqa: BLE001 - recorded per row, the other rows still plan
             done[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
-        out.write_text(json.dumps(done, indent=1))
+        write_whole(out, json.dumps(done, indent=1))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1072,8 +1079,8 @@ class Suite:
                 "mode": "cpu (tiny checkpoints)" if self.cpu else "gpu", "dtype": dtype_name(self.cpu), "window_steps": timing(self.cpu)[0], "timed_windows": timing(self.cpu)[1],
                 "peak_note": PEAK_NOTE, "flops_note": FLOPS_NOTE, "elapsed_s": round(time.perf_counter() - self.t0, 1),
                 "date": time.strftime("%Y-%m-%d"), "rows": self.records, "checks": self.checks}  # fmt: skip
-        (self.out / "gpu.json").write_text(json.dumps(data, indent=1) + "\n")
-        (self.out / "gpu.md").write_text(markdown(data))
+        write_whole(self.out / "gpu.json", json.dumps(data, indent=1) + "\n")
+        write_whole(self.out / "gpu.md", markdown(data))
 
 
 PEAK_NOTE = ("ptrain resets the CUDA peak statistics before step 1 (it logs the load, precompute and start-up peaks "

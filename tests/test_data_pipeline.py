@@ -98,15 +98,24 @@ def test_caption_pairs_follow_symlinked_folders_and_count_what_they_leave_out(tm
     (root / "photo.heic").write_bytes(b"\0" * 64)
     (root / "photo.txt").write_text("an iphone photo")
     (root / "alone.txt").write_text("nothing beside me")
+    (root / "README.md").write_text("# notes")  # a caption-named .txt beside a non-media file is not a sample
+    (root / "README.txt").write_text("notes")
+    _video(root / "case.mp4", 48, 32, 12)  # two clips whose names differ only in case keep their own captions
+    (root / "case.txt").write_text("lower")
+    _video(root / "Case.mp4", 48, 32, 12)
+    (root / "Case.txt").write_text("upper")
     (root / "._CLIP.MP4").write_bytes(b"\0" * 64)  # AppleDouble metadata, not a video
     with caplog.at_level(logging.INFO, logger="ptrain"):
         recs = {r.video.name: r for r in load_records(DataArgs(data_root=root))}
-    assert set(recs) == {"linked.mp4", "CLIP.MP4", "photo.heic"}
+    assert set(recs) == {"linked.mp4", "CLIP.MP4", "photo.heic", "case.mp4", "Case.mp4"}
+    assert (recs["case.mp4"].caption, recs["Case.mp4"].caption) == ("lower", "upper")
     assert recs["linked.mp4"].caption == "behind a link" and recs["linked.mp4"].error is None
     assert recs["linked.mp4"].video == root / "sub" / "link" / "linked.mp4"  # the user's path, not the target's
     assert recs["CLIP.MP4"].caption == "upper case" and recs["CLIP.MP4"].error is None
-    assert "captioned by photo.txt, but .heic is not a video or image type ptrain reads" in recs["photo.heic"].error
-    assert "1 caption files under" in caplog.text and "alone.txt" in caplog.text
+    assert "captioned by photo.txt, but .heic is not a type ptrain reads; convert it to .jpg or .png" in \
+        recs["photo.heic"].error
+    assert "2 caption files under" in caplog.text and "alone.txt" in caplog.text and "README.txt" in caplog.text
+    assert "several media files of one name" not in caplog.text
     assert "1 hidden files and folders" in caplog.text
 
 
@@ -210,9 +219,9 @@ def test_skips_under_repeats_count_files_and_samples(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ptrain"):
         usable = scan_dataset(args, FrameSampling(9))
     assert len(usable.records) == 3 and len(usable.skipped) == 1 and usable.skipped_samples == 3
-    assert "skipping 1 files (3 of 6 samples, counting repeats)" in caplog.text
+    assert "skipping 1 file (3 of 6 samples, counting repeats)" in caplog.text
     lines = summary(usable, 1)
-    assert lines[0].startswith("samples: 3 usable (3 videos, 0 images), 1 skipped files (3 samples, counting repeats)")
+    assert lines[0].startswith("samples: 3 usable (3 videos, 0 images), 1 skipped file (3 samples, counting repeats)")
     assert any(line == "  skipped by reason: empty file: 1" for line in lines), lines
     table = tmp_path / "t.json"
     table.write_text(json.dumps([{"video": str(root / "good.mp4"), "caption": ["a", "b"]}]))
@@ -253,6 +262,7 @@ def test_an_undecodable_codec_or_audio_file_says_what_to_do(tmp_path):
         probe(av1)
     except ValueError as e:
         assert "its video stream is av1" in str(e) and f"ffmpeg -i {av1} -c:v libx264" in str(e)
+        assert f"&& mv {tmp_path / 'av1.reencoded.mp4'} {av1}" in str(e)
     # (a decord build with an AV1 decoder reads it: nothing to say)
 
 
@@ -463,7 +473,8 @@ def test_precomputed_training_equals_on_the_fly_and_cache_is_keyed(tiny_ckpt, ti
     rows[1] = "an edited caption," + rows[1].split(",", 1)[1]
     (tmp_path / "edited.csv").write_text("\n".join(rows) + "\n")
     edited = run_ptrain(1, [*args, "--batch_size", "2", "--enable_precomputation", "--precomputation_dir", str(cache),
-                            "--dataset_file", str(tmp_path / "edited.csv"), "--train_steps", "1"],
+                            "--precomputation_reuse", "--dataset_file", str(tmp_path / "edited.csv"),
+                            "--train_steps", "1"],
                         tmp_path / "edited")  # fmt: skip
     assert edited.returncode == 0, first_error(edited.stderr)
     assert "precomputation: 8 samples in" in edited.stderr and "(7 taken from an earlier cache" in edited.stderr

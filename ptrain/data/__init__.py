@@ -427,7 +427,7 @@ def skip_count(usable: Usable, total: int) -> str:
     files, samples = len(usable.skipped), usable.skipped_samples or len(usable.skipped)
     if files == samples:
         return f"{files} of {total} samples"
-    return f"{files} files ({samples} of {total} samples, counting repeats)"
+    return f"{files} file{'s' * (files != 1)} ({samples} of {total} samples, counting repeats)"
 
 
 def empty_captions(usable: Usable) -> list[Record]:
@@ -456,8 +456,11 @@ def warn_long_captions(captions, tokenizer, limit: int, examples: int = 2) -> in
     unique = list(dict.fromkeys(c for c in captions if c))
     if not unique or tokenizer is None:
         return 0
-    ids = tokenizer(unique, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-    long = sorted(((len(t), c) for t, c in zip(ids, unique) if len(t) > limit), reverse=True)
+    lengths = []
+    for start in range(0, len(unique), 1024):  # in chunks: only the lengths are kept
+        chunk = unique[start : start + 1024]
+        lengths += map(len, tokenizer(chunk, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
+    long = sorted(((n, c) for n, c in zip(lengths, unique) if n > limit), reverse=True)
     if long:
         shown = "; ".join(repr(c[:60] + ("..." if len(c) > 60 else "")) for _, c in long[:examples])
         log.warning("%d of %d distinct captions are longer than the text encoder's %d tokens and train cut to them "
@@ -478,7 +481,8 @@ def summary(usable: Usable, global_batch: int, tokens=None) -> list[str]:
     kinds = Counter(r.kind for r in usable.records)
     lines = [
         f"samples: {len(usable.records)} usable ({kinds.get('video', 0)} videos, {kinds.get('image', 0)} images), "
-        f"{len(usable.skipped)} skipped" + (f" files ({usable.skipped_samples} samples, counting repeats)"
+        f"{len(usable.skipped)} skipped" + (f" file{'s' * (len(usable.skipped) != 1)} ({usable.skipped_samples} "
+                                            "samples, counting repeats)"
                                             if usable.skipped_samples > len(usable.skipped) else "")
     ]
     empty = empty_captions(usable)

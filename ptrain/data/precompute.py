@@ -18,7 +18,7 @@ complete cache with the same key (otherwise it is computed again). Each file is 
 then renamed), so an interrupted precomputation (Ctrl-C, preemption, a crash) is continued by the next run of the
 same key: only the samples without a file are encoded. A new key with the settings of an earlier complete cache
 (the dataset grew, or a caption changed) takes the files of the samples the two share from it (hard links where
-the file system allows): only what is new is encoded.
+the file system allows) when reuse is allowed (auto, or --precomputation_reuse): only what is new is encoded.
 
 `decide` makes --enable_precomputation auto's choice before any weights load (`plan_run`): on when the run draws
 more samples than there are distinct ones (so each would be decoded and encoded more than once), the settings
@@ -174,15 +174,19 @@ def reusable_files(target: Path, man: dict) -> dict[str, Path]:
 def _link_or_copy(src: Path, dest: Path) -> bool:
     """Put `src`'s content at `dest` (a hard link where the file system allows it, else a copy written whole);
     False if `src` is no longer readable."""
-    if not _readable(src):
-        return False
     tmp = dest.with_name(dest.name + ".tmp")
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
-    return True
+        if not _readable(src):
+            return False
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+        return True
+    except OSError:  # the earlier cache deleted meanwhile, the disk full: encode the sample instead
+        tmp.unlink(missing_ok=True)
+        return False
 
 
 def cache_dir(cfg: Config, man: dict) -> Path:
@@ -332,11 +336,10 @@ def precompute(
         target.mkdir(parents=True, exist_ok=True)
         others = [p for p in target.parent.iterdir() if p.is_dir() and p != target]
         if others:
-            log.info("precomputation: %d other cache(s) in %s were made with other data or settings: the files of "
-                     "samples they share with this run under the same settings are reused (linked), the rest not; "
-                     "delete the folders you no longer need", len(others), target.parent)  # fmt: skip
+            log.info("precomputation: %d other cache(s) in %s were made with other data or settings (delete "
+                     "those you no longer need)", len(others), target.parent)  # fmt: skip
     dist.barrier()
-    donors = reusable_files(target, man)
+    donors = reusable_files(target, man) if reuse else {}  # (no reuse: every sample encoded again)
     first = distinct_samples(usable)
     todo = list(first.items())[rank::world]
     t0 = time.perf_counter()

@@ -47,6 +47,16 @@ METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.json", "metadata.p
 VIDEO_EXTS = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts",
                         ".mts", ".m2ts", ".3gp", ".3g2", ".vob", ".mxf", ".dv", ".ogv", ".gif"})  # fmt: skip
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+_TO_IMAGE = "convert it to .jpg or .png (e.g. with an image editor, or ImageMagick: magick {x} out.png)"
+_TO_VIDEO = "convert it to .mp4: ffmpeg -i IN -c:v libx264 -pix_fmt yuv420p OUT.mp4"
+#: Media types ptrain does not read: a caption beside one is a counted skip that says what to do (any other file
+#: beside a caption, e.g. README.md + README.txt, is not taken for a sample).
+UNREAD_MEDIA = {
+    **{x: _TO_IMAGE.format(x=f"IN{x}") for x in (".heic", ".heif", ".avif", ".jxl", ".dng", ".cr2", ".cr3", ".nef",
+                                                 ".arw", ".raf", ".orf", ".rw2", ".psd", ".svg", ".ico", ".jp2")},
+    **dict.fromkeys((".m2v", ".h264", ".264", ".h265", ".265", ".hevc", ".ivf", ".y4m", ".rm", ".rmvb", ".asf",
+                     ".f4v", ".mjpeg", ".mjpg", ".divx", ".xvid", ".mod", ".tod", ".vro", ".bik"), _TO_VIDEO),
+}  # fmt: skip
 #: Column names tried, in order, when --caption_column / --video_column / --image_column are not given.
 CAPTION_COLUMNS = ("caption", "text", "prompt", "captions", "description")
 #: (`file_name`: Hugging Face videofolder / imagefolder metadata, as finetrainers reads it; an image path in a
@@ -283,8 +293,11 @@ def _caption_pairs(root: Path, extension: str = ".txt") -> list[Record]:
         log.info("%s: %d hidden files and folders (names starting with '.') left out", root, hidden)
     by_name = {str(f.with_name(f.name.lower())): f for f in files}  # case-insensitive lookup, folder by folder
     records, shared, paired = [], {}, set()
+    present = set(files)
     for media in (f for f in files if media_kind(f)):
-        txt = by_name.get(str(media.with_name(media.stem.lower() + extension.lower())))
+        txt = media.with_suffix(extension)  # the exact name first: clip.mp4 + clip.txt beside Clip.mp4 + Clip.txt
+        if txt not in present:
+            txt = by_name.get(str(media.with_name(media.stem.lower() + extension.lower())))
         if txt is None:
             records.append(_record("", media, error=f"no caption file {media.stem}{extension} beside it"))
             continue
@@ -300,14 +313,13 @@ def _caption_pairs(root: Path, extension: str = ".txt") -> list[Record]:
             stems.setdefault(str(f.with_name(f.stem.lower())), []).append(f)
     alone = []
     for txt in captions:
-        others = stems.get(str(txt.with_name(txt.stem.lower())))
-        if not others:
+        others = [o for o in stems.get(str(txt.with_name(txt.stem.lower())), []) if o.suffix.lower() in UNREAD_MEDIA]
+        if not others:  # (a README.txt beside README.md is not a sample)
             alone.append(txt)
             continue
-        kinds = " / ".join(sorted({o.suffix.lower() or "(no extension)" for o in others}))
-        records.append(_record("", others[0], error=f"captioned by {txt.name}, but {kinds} is not a video or image "
-                               f"type ptrain reads (videos: {', '.join(sorted(VIDEO_EXTS))}; images: "
-                               f"{', '.join(sorted(IMAGE_EXTS))}); convert it, e.g. with ffmpeg"))  # fmt: skip
+        kind = others[0].suffix.lower()
+        records.append(_record("", others[0], error=f"captioned by {txt.name}, but {kind} is not a type ptrain "
+                               f"reads; {UNREAD_MEDIA[kind]}"))  # fmt: skip
     if alone:
         log.warning("%d caption files under %s have no video or image beside them and are not used (e.g. %s)",
                     len(alone), root, ", ".join(str(p.relative_to(root)) for p in alone[:3]))  # fmt: skip

@@ -74,8 +74,8 @@ def ffmpeg_describe(path: Path) -> str | None:
     except (ImportError, OSError, RuntimeError, subprocess.SubprocessError) as e:
         if not _warned_no_ffmpeg:
             _warned_no_ffmpeg.append(str(e))
-            log.warning("cannot run ffmpeg to read videos' pixel aspect ratio and mirroring (%s: %s): square pixels "
-                        "and no mirroring assumed", type(e).__name__, e)  # fmt: skip
+            log.warning("cannot run ffmpeg to read videos' pixel aspect ratio and mirroring, or why one fails to "
+                        "decode (%s: %s): square pixels and no mirroring assumed", type(e).__name__, e)  # fmt: skip
         return None
 
 
@@ -104,8 +104,13 @@ def decode_failure_hint(path: Path) -> str:
         return "ffmpeg finds no video stream in it (an audio-only file?)"
     if codec in _DECORD_CODECS:  # decord reads these: the file is damaged, not of the wrong kind
         return ""
-    return (f"its video stream is {codec}, which decord's FFmpeg build may not decode; re-encode it to H.264: "
-            f"ffmpeg -i {path} -c:v libx264 -pix_fmt yuv420p {stem}.h264.mp4")
+    import shlex
+
+    webm = path.suffix.lower() == ".webm"  # (WebM holds VP8 / VP9 / AV1 only: VP9 there, H.264 elsewhere)
+    tmp = shlex.quote(f"{stem}.reencoded{path.suffix}")
+    return (f"its video stream is {codec}, which decord's FFmpeg build may not decode; re-encode it in place: "
+            f"ffmpeg -i {shlex.quote(str(path))} -c:v {'libvpx-vp9' if webm else 'libx264'} -pix_fmt yuv420p "
+            f"{tmp} && mv {tmp} {shlex.quote(str(path))}")
 
 
 def video_geometry(path: Path) -> Geometry:
