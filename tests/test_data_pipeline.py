@@ -93,6 +93,8 @@ def test_caption_pairs_follow_symlinked_folders_and_count_what_they_leave_out(tm
     (root / "sub").mkdir(parents=True)
     (root / "sub" / "link").symlink_to(elsewhere, target_is_directory=True)
     (root / "sub" / "loop").symlink_to(root, target_is_directory=True)  # entered once, not forever
+    (root / "sub" / "up").symlink_to(tmp_path, target_is_directory=True)  # above root: not followed
+    (tmp_path / "beside.mp4").write_bytes(b"")
     _video(root / "CLIP.MP4", 48, 32, 12)
     (root / "CLIP.TXT").write_text("upper case")
     (root / "photo.heic").write_bytes(b"\0" * 64)
@@ -117,6 +119,7 @@ def test_caption_pairs_follow_symlinked_folders_and_count_what_they_leave_out(tm
     assert "2 caption files under" in caplog.text and "alone.txt" in caplog.text and "README.txt" in caplog.text
     assert "several media files of one name" not in caplog.text
     assert "1 hidden files and folders" in caplog.text
+    assert "not following up: it links to a folder that contains --data_root" in caplog.text
 
 
 def test_videox_fun_json_parquet_and_dataset_config(tmp_path, mixed):

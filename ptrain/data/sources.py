@@ -270,6 +270,7 @@ def _walk_files(root: Path) -> tuple[list[Path], int]:
     follow them before Python 3.13) but entering each real folder once (a link loop); names starting with "." are
     left out (macOS' ._* AppleDouble files, .DS_Store, .ipynb_checkpoints). (files, hidden names left out)"""
     files, hidden, seen = [], 0, set()
+    top = os.path.realpath(root)
     for folder, dirs, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:
@@ -277,7 +278,11 @@ def _walk_files(root: Path) -> tuple[list[Path], int]:
             continue
         seen.add(real)
         hidden += sum(d.startswith(".") for d in dirs) + sum(n.startswith(".") for n in names)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        up = [d for d in dirs if top.startswith(os.path.realpath(os.path.join(folder, d)) + os.sep)]
+        if up:  # a link to a folder above root would take in everything beside root
+            log.warning("%s: not following %s: it links to a folder that contains --data_root", folder,
+                        ", ".join(up))  # fmt: skip
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in up)
         files += [Path(folder) / n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
     return sorted(files), hidden
 
