@@ -1070,7 +1070,11 @@ class Suite:
             self.add_plan(rec)
         self.write()
         self.say(f"terminated (signal {signum}): wrote {self.out / 'gpu.json'} with the rows done so far")
-        sys.exit(124)
+        # os._exit, not sys.exit: the signal can land inside code that swallows exceptions (a logging lock's
+        # release at fork printed "Exception ignored ... SystemExit: 124" and the suite ran on, in CI)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(124)
 
     def write(self) -> None:
         data = {"about": "benchmarks/gpu.py: full-size random checkpoints (text encoders SHORTENED: one layer at the real "
