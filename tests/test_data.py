@@ -83,6 +83,52 @@ def test_narrow_widths_decord_misreads_still_decode(tmp_path, width):
     assert row[:8].min() > 0.8 and row[-8:].max() < -0.8  # the white half is on the left, colours intact
 
 
+def test_ffmpegs_messages_are_named_with_the_file_not_printed_bare(tmp_path, capfd, caplog):
+    """A damaged H.264 stream decodes with FFmpeg concealing the damage and printing "[h264 @ 0x...] error while
+    decoding MB ..." lines that name no file. While ptrain decodes for training those lines are captured: a video
+    that decodes is named in one warning per file with FFmpeg's first message; one that fails raises an error
+    naming the file with it; other output written to stderr meanwhile is written back."""
+    import logging
+    import os
+
+    from ptrain.data.video import decoder_messages
+
+    good = tmp_path / "good.mp4"
+    frames = (np.random.default_rng(0).random((12, 32, 48, 3)) * 255).astype(np.uint8)
+    write_video(good, frames, fps=8)
+    data = good.read_bytes()
+    caplog.set_level(logging.WARNING, logger="ptrain")
+    warned, failed = [], []
+    for n in range(12):  # flipped bytes at several places in the frame data: concealed, or fatal to decoding
+        bad = bytearray(data)
+        at = len(data) // 3 + n * 397
+        bad[at : at + 6] = bytes(b ^ 0x55 for b in bad[at : at + 6])
+        path = tmp_path / f"damaged{n}.mp4"
+        path.write_bytes(bytes(bad))
+        source = probe(path)  # (the scan's probe is outside the capture: it runs in threads)
+        capfd.readouterr()
+        caplog.clear()
+        try:
+            clip = load_clip(path, 8, 32, 48, source=source)
+            assert clip.shape == (3, 8, 32, 48)
+            if any(str(path) in r.getMessage() for r in caplog.records):
+                warned.append(path)
+                load_clip(path, 8, 32, 48, source=source)  # once per file and process
+                msgs = [r.getMessage() for r in caplog.records if str(path) in r.getMessage()]
+                assert len(msgs) == 1 and "FFmpeg reported" in msgs[0] and "re-encode" in msgs[0], msgs
+        except ValueError as e:
+            failed.append(path)
+            assert str(path) in str(e) and "FFmpeg: " in str(e)
+        err = capfd.readouterr().err
+        assert "@ 0x" not in err and ".cc:" not in err, err  # no bare decoder lines
+    assert warned, "no corruption was concealed with messages: the test no longer exercises the capture"
+    load_clip(good, 8, 32, 48)
+    assert not [r for r in caplog.records if str(good) in r.getMessage()]
+    with decoder_messages() as said:
+        os.write(2, b"another thread's line\n")
+    assert said.lines == [] and "another thread's line" in capfd.readouterr().err
+
+
 def test_unusable_videos_are_skipped_and_counted(tiny_data, tmp_path):
     records = load_records(DataArgs(data_root=tiny_data))
     (tmp_path / "broken.mp4").write_bytes(b"not a video")

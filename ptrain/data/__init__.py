@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -24,7 +25,7 @@ from ptrain.data.sampler import BucketBatchSampler, GlobalBatchSampler
 from ptrain.data.scan_cache import ScanCache, file_stamp
 from ptrain.data.scan_cache import entry as cache_entry
 from ptrain.data.sources import Record, load_records
-from ptrain.data.video import FrameSampling, VideoInfo, load_clip, load_image, probe_media
+from ptrain.data.video import FrameSampling, VideoInfo, load_clip, load_image, probe_media, quiet_ffmpeg
 
 log = logging.getLogger("ptrain")
 
@@ -122,13 +123,14 @@ def _probe_all(jobs: list[tuple[Path, str]], sampling: FrameSampling, cache: Sca
         else:
             mine[j] = (hit, cache.entries[ScanCache.key(*jobs[j])], False)
     threads = min(probe_threads(), len(todo))
-    if threads > 1:
-        with ThreadPoolExecutor(threads, thread_name_prefix="ptrain-probe") as pool:
-            for j, (result, entry) in zip(todo, pool.map(lambda j: _probe_one(*jobs[j]), todo)):
-                mine[j] = (result, entry, True)
-    else:
-        for j in todo:
-            mine[j] = (*_probe_one(*jobs[j]), True)
+    with quiet_ffmpeg() if any(jobs[j][1] == "video" for j in todo) else contextlib.nullcontext():
+        if threads > 1:
+            with ThreadPoolExecutor(threads, thread_name_prefix="ptrain-probe") as pool:
+                for j, (result, entry) in zip(todo, pool.map(lambda j: _probe_one(*jobs[j]), todo)):
+                    mine[j] = (result, entry, True)
+        else:
+            for j in todo:
+                mine[j] = (*_probe_one(*jobs[j]), True)
     if world > 1:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, mine)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import re
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -270,6 +275,114 @@ def _reader(path: Path, size: tuple[int, int] | None = None, native_width: int |
         new_h = max(2, round(h * new_w / w / 2) * 2)
         vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, width=new_w, height=new_h)
     return vr
+
+
+#: FFmpeg's log lines ("[h264 @ 0x55ef...] error while decoding MB 0 2, bytestream 2414") and decord's own
+#: ("[19:20:54] /.../video_reader.cc:83: ERROR opening: ..."): group 1 is the message.
+_FFMPEG_LINE = re.compile(r"^\[[\w,.:/ -]+ @ 0x[0-9a-fA-F]+\] (.*)$")
+_DECORD_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+\.(?:cc|h):\d+: (.*)$")
+
+
+class _Capture:
+    """A process's file for decoder_messages, and the lock that keeps the redirect to one thread at a time (both
+    made again in a forked loader worker: a file inherited from the parent shares its offset)."""
+
+    lock = threading.Lock()
+    file = None
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.lock, cls.file = threading.Lock(), None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_Capture.reset)
+
+
+@dataclass
+class DecoderMessages:
+    """What FFmpeg and decord said while a video was decoded (messages without their prefix)."""
+
+    lines: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def decoder_messages():
+    """-> DecoderMessages, filled when the block ends: FFmpeg and decord write to the process's stderr (fd 2)
+    from C, lines that name no file and land between the log lines. Within the block fd 2 goes to a file; their
+    lines are kept for the caller to report with the file's name, anything else written there (another thread's
+    output) is written back to stderr unchanged. Only one thread captures at a time: where another already does
+    (or fd 2 cannot be redirected), the block runs without capture and the lines print as before."""
+    said = DecoderMessages()
+    if not _Capture.lock.acquire(blocking=False):
+        yield said
+        return
+    try:
+        try:
+            if _Capture.file is None:
+                _Capture.file = tempfile.TemporaryFile()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):  # no fd 2 (closed), or no file to capture into
+            yield said
+            return
+        cap = _Capture.file
+        cap.seek(0)
+        cap.truncate()
+        os.dup2(cap.fileno(), 2)
+        try:
+            yield said
+        finally:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            cap.seek(0)
+            other = []
+            for line in cap.read().decode(errors="replace").splitlines():
+                m = _FFMPEG_LINE.match(line) or _DECORD_LINE.match(line)
+                if m:
+                    said.lines.append(m.group(1).strip())
+                elif line.strip():
+                    other.append(line)
+            if other:
+                os.write(2, ("\n".join(other) + "\n").encode())
+    finally:
+        _Capture.lock.release()
+
+
+@contextlib.contextmanager
+def quiet_ffmpeg():
+    """FFmpeg's log off within the block (decord's level, ERROR, after it): for the data scan, whose probes run
+    in threads, where decoder_messages cannot tell which file a line is about. Each file a probe fails on is
+    named with its reason; one that opens but is damaged is named when it is decoded for training."""
+    import decord
+
+    decord.logging.set_level(decord.logging.QUIET)
+    try:
+        yield
+    finally:
+        decord.logging.set_level(decord.logging.ERROR)
+
+
+#: Files whose decoding FFmpeg complained about, already reported by this process.
+_DAMAGE_REPORTED: set[str] = set()
+
+
+def report_damage(path: Path, lines: list[str]) -> None:
+    """One warning per file and process: FFmpeg decoded `path` but reported errors (concealed corruption: parts
+    of frames are guessed, smeared or grey). The file is trained on as decoded; the warning says how to fix it."""
+    if not lines or str(path) in _DAMAGE_REPORTED:
+        return
+    _DAMAGE_REPORTED.add(str(path))
+    import shlex
+
+    q = shlex.quote(str(path))
+    log.warning("video %s: FFmpeg reported %d decoding error%s (first: %r): it is damaged and the damaged parts of "
+                "its frames are concealed guesses; check it, then re-encode it (ffmpeg -i %s -c:v libx264 -pix_fmt "
+                "yuv420p fixed.mp4) or remove it", path, len(lines), "" if len(lines) == 1 else "s", lines[0][:200],
+                q)  # fmt: skip
 
 
 #: Sizes ptrain refuses as absurd (a decoding bug, a thumbnail, a panorama strip or a decompression bomb).
@@ -667,9 +780,21 @@ def load_clip(
         source = probe(path)
     elif scale_in_decoder and source.field is None:  # an interlaced frame is decoded whole: its fields split below
         size = decode_size(source.height, source.width, height, width, reshape_mode, source.decoded)
-    vr = _reader(path, size, source.decoded_size[1])
-    idx = sampling.indices(len(vr), float(vr.get_avg_fps() or 0.0), rng, source.times)
-    frames = torch.from_numpy(vr.get_batch(idx).asnumpy())  # (F, h, w, 3) uint8
+    try:
+        with decoder_messages() as said:
+            vr = None
+            try:
+                vr = _reader(path, size, source.decoded_size[1])
+                idx = sampling.indices(len(vr), float(vr.get_avg_fps() or 0.0), rng, source.times)
+                frames = torch.from_numpy(vr.get_batch(idx).asnumpy())  # (F, h, w, 3) uint8
+            finally:
+                del vr  # decord's decoder thread may still log: end it (the reader) while its lines are captured
+    except Exception as e:  # decord's own types: named with the file and what FFmpeg said
+        if not said.lines:
+            raise
+        raise ValueError(f"video {path}: cannot decode ({type(e).__name__}: {_first_line(e)}); FFmpeg: "
+                         f"{said.lines[0][:200]}") from e  # fmt: skip
+    report_damage(path, said.lines)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"video {path}: decoder returned frames of shape {tuple(frames.shape)}, not (F, H, W, 3)")
     if source.flip:  # the display matrix's mirroring, which decord leaves out
