@@ -485,10 +485,26 @@ CHILDREN: set[subprocess.Popen] = set()
 
 def spawn(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
     """Start `cmd` in its own process group, stdout+stderr to `log` (the child keeps the file open)."""
-    with open(log, "w") as f:
-        p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    CHILDREN.add(p)
+    # A SIGTERM is held back (Suite.terminated) until the child is in CHILDREN: one handled in between would leave
+    # it running on the GPU. (Not by the signal mask: the child would inherit SIGTERM blocked.)
+    SPAWNING.busy = True
+    try:
+        with open(log, "w") as f:
+            p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        CHILDREN.add(p)
+    finally:
+        SPAWNING.busy = False
+    if SPAWNING.pending is not None:
+        pending, SPAWNING.pending = SPAWNING.pending, None
+        pending()
     return p
+
+
+class SPAWNING:
+    """spawn() is starting a child (`busy`); `pending`: the SIGTERM handling held back meanwhile."""
+
+    busy = False
+    pending = None
 
 
 def write_whole(path: Path, text: str) -> None:
@@ -1065,16 +1081,23 @@ class Suite:
     def terminated(self, signum, frame) -> None:
         """SIGTERM (an outer `timeout`): kill the running children, keep the planner's figures it has, write the
         results so far, exit 124 as `timeout` would."""
-        kill_children()
-        for rec in self.records:
-            self.add_plan(rec)
-        self.write()
-        self.say(f"terminated (signal {signum}): wrote {self.out / 'gpu.json'} with the rows done so far")
-        # os._exit, not sys.exit: the signal can land inside code that swallows exceptions (a logging lock's
-        # release at fork printed "Exception ignored ... SystemExit: 124" and the suite ran on, in CI)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(124)
+        if SPAWNING.busy:  # run as spawn() returns, with the new child known
+            SPAWNING.pending = functools.partial(self.terminated, signum, frame)
+            return
+        # os._exit, not sys.exit, and whatever the write does: the signal can land inside code that swallows
+        # exceptions (a logging lock's release at fork printed "Exception ignored ... SystemExit: 124" and the
+        # suite ran on, in CI), and an error raised here would surface in the interrupted row, which catches it
+        try:
+            kill_children()
+            for rec in self.records:
+                self.add_plan(rec)
+            self.write()
+            self.say(f"terminated (signal {signum}): wrote {self.out / 'gpu.json'} with the rows done so far")
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(124)
 
     def write(self) -> None:
         data = {"about": "benchmarks/gpu.py: full-size random checkpoints (text encoders SHORTENED: one layer at the real "

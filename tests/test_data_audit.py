@@ -290,6 +290,8 @@ def test_dataset_config_entries_are_numbered_unambiguously(tmp_path):
     assert f"{where}: data_root {tmp_path / 'nope'}: not found" in error({"data_root": "nope"})
     assert f"{where}: repeats must be a number > 0, got 0" in error({"data_root": "a", "repeats": 0})
     assert f"{where}: repeats must be a number > 0, got 'two'" in error({"data_root": "a", "repeats": "two"})
+    assert f"{where}: caption_extension 'txt': give it with its dot" in error({"data_root": "a",
+                                                                              "caption_extension": "txt"})  # fmt: skip
     assert f"{where}: --data_root {tmp_path / 'empty'}: found neither" in error({"data_root": "empty"})
 
 

@@ -107,9 +107,14 @@ def test_caption_pairs_follow_symlinked_folders_and_count_what_they_leave_out(tm
     _video(root / "Case.mp4", 48, 32, 12)
     (root / "Case.txt").write_text("upper")
     (root / "._CLIP.MP4").write_bytes(b"\0" * 64)  # AppleDouble metadata, not a video
+    _video(root / "Own.mp4", 48, 32, 12)  # Own.txt is Own.mp4's: own.mp4, without one, must not take it
+    (root / "Own.txt").write_text("mine")
+    _video(root / "own.mp4", 48, 32, 12)
     with caplog.at_level(logging.INFO, logger="ptrain"):
         recs = {r.video.name: r for r in load_records(DataArgs(data_root=root))}
-    assert set(recs) == {"linked.mp4", "CLIP.MP4", "photo.heic", "case.mp4", "Case.mp4"}
+    assert set(recs) == {"linked.mp4", "CLIP.MP4", "photo.heic", "case.mp4", "Case.mp4", "Own.mp4", "own.mp4"}
+    assert recs["Own.mp4"].caption == "mine" and recs["Own.mp4"].error is None
+    assert recs["own.mp4"].error == "no caption file own.txt beside it (Own.txt captions the file of its exact name)"
     assert (recs["case.mp4"].caption, recs["Case.mp4"].caption) == ("lower", "upper")
     assert recs["linked.mp4"].caption == "behind a link" and recs["linked.mp4"].error is None
     assert recs["linked.mp4"].video == root / "sub" / "link" / "linked.mp4"  # the user's path, not the target's
@@ -120,6 +125,10 @@ def test_caption_pairs_follow_symlinked_folders_and_count_what_they_leave_out(tm
     assert "several media files of one name" not in caplog.text
     assert "1 hidden files and folders" in caplog.text
     assert "not following up: it links to a folder that contains --data_root" in caplog.text
+    from ptrain.data.sources import _contains
+
+    assert _contains("/", "/data/clips") and _contains("/data", "/data/clips")  # a link to "/" is one above too
+    assert not _contains("/data/clips", "/data/clips") and not _contains("/data/cl", "/data/clips")
 
 
 def test_videox_fun_json_parquet_and_dataset_config(tmp_path, mixed):
@@ -259,6 +268,9 @@ def test_an_undecodable_codec_or_audio_file_says_what_to_do(tmp_path):
                     str(audio)], check=True, capture_output=True)  # fmt: skip
     with pytest.raises(ValueError, match="no video stream in it"):
         probe(audio)
+    from ptrain.data.video import decode_failure_hint
+
+    assert decode_failure_hint(tmp_path / "gone.mp4") == ""  # ffmpeg cannot open it: no guess at its streams
     if made.returncode != 0:
         pytest.skip("this ffmpeg has no AV1 encoder")
     try:

@@ -294,3 +294,26 @@ def test_a_sigterm_writes_the_results_and_kills_the_runs(tmp_path):
     assert (out / "gpu.md").is_file()
     time.sleep(1)
     assert children() == []
+
+
+def test_a_sigterm_while_a_child_starts_waits_until_it_is_known(tmp_path):
+    """A SIGTERM handled between Popen returning and the child entering CHILDREN would leave that run on the GPU
+    (from a review): Suite.terminated defers itself while spawn() is starting a child, and spawn() runs it once the
+    child is known."""
+    import os
+    import types
+
+    seen = []
+    owner = types.SimpleNamespace(terminated=lambda signum, frame: seen.append((signum, set(gpu.CHILDREN))))
+    gpu.SPAWNING.busy = True
+    try:
+        gpu.Suite.terminated(owner, 15, None)  # as if it arrived while spawn() was busy: held back, no exit
+    finally:
+        gpu.SPAWNING.busy = False
+    assert seen == [] and gpu.SPAWNING.pending is not None
+    p = gpu.spawn(["true"], dict(os.environ), tmp_path / "child.log")
+    try:
+        assert seen == [(15, {p})] and gpu.SPAWNING.pending is None  # handled once spawn() knew the child
+    finally:
+        p.wait()
+        gpu.CHILDREN.discard(p)

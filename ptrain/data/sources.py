@@ -265,6 +265,11 @@ def _table(path: Path, root: Path, args: DataArgs) -> list[Record]:
     return records
 
 
+def _contains(folder: str, top: str) -> bool:
+    """Whether real path `folder` is a folder above real path `top` (a link to "/" included)."""
+    return folder != top and os.path.commonpath([folder, top]) == folder
+
+
 def _walk_files(root: Path) -> tuple[list[Path], int]:
     """Every file under root, following symlinked folders (a dataset assembled from links; Path.rglob does not
     follow them before Python 3.13) but entering each real folder once (a link loop); names starting with "." are
@@ -278,7 +283,7 @@ def _walk_files(root: Path) -> tuple[list[Path], int]:
             continue
         seen.add(real)
         hidden += sum(d.startswith(".") for d in dirs) + sum(n.startswith(".") for n in names)
-        up = [d for d in dirs if top.startswith(os.path.realpath(os.path.join(folder, d)) + os.sep)]
+        up = [d for d in dirs if _contains(os.path.realpath(os.path.join(folder, d)), top)]
         if up:  # a link to a folder above root would take in everything beside root
             log.warning("%s: not following %s: it links to a folder that contains --data_root", folder,
                         ", ".join(up))  # fmt: skip
@@ -299,10 +304,16 @@ def _caption_pairs(root: Path, extension: str = ".txt") -> list[Record]:
     by_name = {str(f.with_name(f.name.lower())): f for f in files}  # case-insensitive lookup, folder by folder
     records, shared, paired = [], {}, set()
     present = set(files)
-    for media in (f for f in files if media_kind(f)):
+    media_files = [f for f in files if media_kind(f)]
+    exact = {m.with_suffix(extension) for m in media_files} & present  # captions of a media file of their own name
+    for media in media_files:
         txt = media.with_suffix(extension)  # the exact name first: clip.mp4 + clip.txt beside Clip.mp4 + Clip.txt
-        if txt not in present:
+        if txt not in present:  # then either case, unless that caption is another file's by its exact name
             txt = by_name.get(str(media.with_name(media.stem.lower() + extension.lower())))
+            if txt in exact:
+                records.append(_record("", media, error=f"no caption file {media.stem}{extension} beside it "
+                                       f"({txt.name} captions the file of its exact name)"))  # fmt: skip
+                continue
         if txt is None:
             records.append(_record("", media, error=f"no caption file {media.stem}{extension} beside it"))
             continue
@@ -495,6 +506,9 @@ def read_dataset_config(path: Path) -> list[dict]:
         if isinstance(repeats, bool) or not isinstance(repeats, (int, float)) or not repeats > 0:
             raise ConfigError(f"{where}: repeats must be a number > 0, got {repeats!r}")
         e["repeats"] = float(repeats)
+        ext = e.get("caption_extension")
+        if ext is not None and (not isinstance(ext, str) or not ext.startswith(".") or len(ext) < 2):
+            raise ConfigError(f"{where}: caption_extension {ext!r}: give it with its dot, e.g. \".txt\"")
         out.append(e)
     return out
 

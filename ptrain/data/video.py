@@ -100,9 +100,11 @@ def decode_failure_hint(path: Path) -> str:
     hint = CONVERT_HINTS.get(path.suffix.lower())
     if hint:
         return hint.format(path=path, stem=stem)
+    if path.is_file() and not os.access(path, os.R_OK):
+        return "this user may not read the file (check its permissions)"
     out = ffmpeg_describe(path)
-    if out is None or "Invalid data found" in out or "moov atom not found" in out:
-        return ""  # damaged or not media at all: the error says "cannot decode"
+    if out is None or "Input #" not in out or "Invalid data found" in out or "moov atom not found" in out:
+        return ""  # not opened (gone, unreadable), damaged or not media at all: the error says "cannot decode"
     codec = next((m.group(1) for m in map(_CODEC.search, out.splitlines()) if m and "attached pic" not in m.string),
                  None)  # fmt: skip
     if codec is None:
