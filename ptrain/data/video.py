@@ -349,7 +349,8 @@ def decoder_messages():
                 elif line.strip():
                     other.append(line)
             if other:
-                os.write(2, ("\n".join(other) + "\n").encode())
+                with contextlib.suppress(OSError):  # (a closed stderr must not fail the decode)
+                    os.write(2, ("\n".join(other) + "\n").encode())
     finally:
         _Capture.lock.release()
 
