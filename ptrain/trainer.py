@@ -323,13 +323,8 @@ def plan_run(cfg: Config) -> RunPlan:
         resolve_auto_ac(cfg, world, rank, device, out, run.precompute.enabled)
     if resume is not None:
         run.changed = changed_flags(out / "config.json", run_config(run))
-        alpha = [c for c in run.changed if c.startswith("--lora_alpha ")]
-        if alpha and m.training_type == "lora":  # as a --rank change, it changes the checkpoint's model
-            raise ConfigError(
-                f"{alpha[0]} on resume from {resume}: the adapters were trained at scale lora_alpha / rank, and "
-                "another alpha rescales every update learned so far (the resumed model would not be the "
-                "checkpoint's); keep the checkpoint's --lora_alpha, or start a new run in another --output_dir"
-            )
+        if m.training_type == "lora":
+            _refuse_other_adapters(out / "config.json", m, spec.default_target_modules, resume)
     if resume is not None and not cfg.plan.dry_run:
         run.finished = _resume_is_finished(run)
     return run
@@ -426,6 +421,35 @@ _EXPORT_FLAGS = {"export_comfyui", "export_ema", "export_every_checkpoint"}
 def run_config(run: RunPlan) -> dict:
     """What output_dir/config.json records of a start: every flag, and the hub ids behind snapshot folders."""
     return {**to_dict(run.cfg), **({"hub_ids": run.hub_ids} if run.hub_ids else {})}
+
+
+def _refuse_other_adapters(previous: Path, m, default_targets: list[str], resume) -> None:
+    """A LoRA resume whose adapters differ from the checkpoint's (the previous start's config.json) stops here,
+    before any weights load: another --lora_alpha rescales every update learned so far; another --rank does not
+    fit the saved matrices; fewer --target_modules would drop trained adapters without a word (DCP loads the keys
+    the new model has), more would add untrained ones to a model the checkpoint says is trained."""
+    try:
+        before = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        return
+    if before.get("training_type", "lora") != "lora":
+        return
+    then = sorted(before.get("target_modules") or default_targets)
+    now = sorted(m.target_modules or default_targets)
+    why = []
+    if "lora_alpha" in before and before["lora_alpha"] != m.lora_alpha:
+        why.append(f"--lora_alpha {before['lora_alpha']} -> {m.lora_alpha}: the adapters were trained at scale "
+                   "lora_alpha / rank, and another alpha rescales every update learned so far")  # fmt: skip
+    if "rank" in before and before["rank"] != m.rank:
+        why.append(f"--rank {before['rank']} -> {m.rank}: the checkpoint's adapter matrices have rank {before['rank']}")
+    if then != now:
+        lost, new = sorted(set(then) - set(now)), sorted(set(now) - set(then))
+        why.append(f"--target_modules {' '.join(then)} -> {' '.join(now)}: "
+                   + "; ".join(([f"the trained adapters of {', '.join(lost)} would be dropped"] if lost else [])
+                               + ([f"{', '.join(new)} would start untrained"] if new else [])))  # fmt: skip
+    if why:
+        raise ConfigError(f"resume from {resume} with other LoRA adapters: {'; '.join(why)}. Keep the checkpoint's "
+                          "settings, or start a new run in another --output_dir")  # fmt: skip
 
 
 def changed_flags(previous: Path, now: dict) -> list[str]:

@@ -303,30 +303,41 @@ def test_full_bf16_resumes_exactly_on_fsdp(tiny_ckpt, tiny_data, tmp_path, extra
     assert [(m["step"], m["loss"]) for m in run.metrics] == [(m["step"], m["loss"]) for m in ref.metrics]
 
 
-@pytest.mark.heavy  # two runs, 26 s (CI runs it)
+@pytest.mark.heavy  # four runs and four dry runs, about 60 s (CI runs it)
 def test_resuming_with_other_settings_says_what_changed(tiny_ckpt, tiny_data, tmp_path):
-    """A restart in the same --output_dir with a LoRA rank the checkpoint does not have: an error that says why
-    and what to do (it was DCP's bare size-mismatch ValueError), after a warning naming every flag changed since
-    the previous start (a changed --lr alone resumes, with that warning)."""
+    """A restart in the same --output_dir with other LoRA adapters (rank, alpha, target modules) than the
+    checkpoint's: an error before loading that says why (it was DCP's bare size-mismatch ValueError, and fewer
+    target modules dropped trained adapters silently); without the previous start's config.json, the load's error
+    says what to do; a changed --lr alone resumes, with a warning naming every flag changed since."""
     base = ["--pretrained_model_name_or_path", str(tiny_ckpt), "--data_root", str(tiny_data), "--checkpointing_steps",
             "1", "--seed", "3", *TINY_ARGS]  # fmt: skip
     first = run_ptrain(1, [*base, "--train_steps", "2", "--rank", "4", "--lr", "1e-4"], tmp_path)
     assert first.returncode == 0, first_error(first.stderr)
     finished = shutil.copytree(tmp_path, tmp_path.with_name(tmp_path.name + "-finished"))
-    # The fifth audit: another --lora_alpha rescaled what the checkpoint's adapters learned, with a warning only.
+    # The fifth audit: another --lora_alpha rescaled what the checkpoint's adapters learned, with a warning only;
+    # a new-user trial: fewer --target_modules dropped trained adapters the same way. All refused before loading.
+    refused = "ptrain: error: resume from {} with other LoRA adapters: ".format(tmp_path / "checkpoints" / "step-2")
     alpha = _direct([*base, "--train_steps", "3", "--rank", "4", "--lr", "1e-4", "--lora_alpha", "8", "--dry_run"],
                     tmp_path)  # fmt: skip
-    assert alpha.returncode == 2 and "ptrain: error: --lora_alpha 64.0 -> 8.0 on resume from" in alpha.stderr
-    dry = _direct([*base, "--train_steps", "3", "--rank", "8", "--lr", "2e-4", "--dry_run"], tmp_path)
+    assert alpha.returncode == 2 and refused + "--lora_alpha 64.0 -> 8.0: the adapters were trained" in alpha.stderr
+    rank = _direct([*base, "--train_steps", "3", "--rank", "8", "--lr", "1e-4", "--dry_run"], tmp_path)
+    assert rank.returncode == 2 and "--rank 4 -> 8: the checkpoint's adapter matrices have rank 4" in rank.stderr
+    fewer = _direct([*base, "--train_steps", "3", "--rank", "4", "--lr", "1e-4", "--target_modules", "to_q", "to_k",
+                     "--dry_run"], tmp_path)  # fmt: skip
+    assert fewer.returncode == 2 and "the trained adapters of to_out.0, to_v would be dropped" in fewer.stderr
+    dry = _direct([*base, "--train_steps", "3", "--rank", "4", "--lr", "2e-4", "--dry_run"], tmp_path)
     assert dry.returncode == 0, first_error(dry.stderr)  # the dry run lists them too (the second audit)
-    assert "flags changed since that run's previous start: --rank 4 -> 8; --lr 0.0001 -> 0.0002" in dry.stdout
+    assert "flags changed since that run's previous start: --lr 0.0001 -> 0.0002" in dry.stdout
+    # Without the previous start's record (a checkpoint copied alone) the load itself says what to do.
+    (tmp_path / "config.json").rename(tmp_path / "config.json.kept")
     again = run_ptrain(1, [*base, "--train_steps", "3", "--rank", "8", "--lr", "2e-4"], tmp_path)
+    (tmp_path / "config.json.kept").rename(tmp_path / "config.json")
     assert again.returncode != 0
-    assert "flags changed since the previous start" in again.stderr
-    assert "--rank 4 -> 8" in again.stderr and "--lr 0.0001 -> 0.0002" in again.stderr
-    assert "--train_steps" not in again.stderr.split("flags changed since the previous start")[1].splitlines()[0]
     assert "the checkpoint was written with other settings" in again.stderr
     assert "--resume_from_checkpoint none" in again.stderr
+    lr = run_ptrain(1, [*base, "--train_steps", "3", "--rank", "4", "--lr", "2e-4"], tmp_path)  # resumes, warned
+    assert lr.returncode == 0, first_error(lr.stderr)
+    assert "with flags changed since the previous start (" in lr.stderr and "): --lr 0.0001 -> 0.0002;" in lr.stderr
     # the refused start left the previous start's record: a restart with the first flags reports no change
     assert json.loads((tmp_path / "config.json").read_text())["rank"] == 4
     # A finished run with an export-only flag added (the fifth audit: refused as "other settings") exports again.
