@@ -369,7 +369,9 @@ class TrainArgs:
     jitter); a young-generation collection runs every N steps instead (as torchtitan does). 0: leave it on."""
 
     def validate(self) -> None:
-        _check_min(0, ("--gc_every_n_steps", self.gc_every_n_steps))
+        _check_min(0, ("--gc_every_n_steps", self.gc_every_n_steps), ("--seed", self.seed))
+        if self.seed >= 2**63:
+            raise ConfigError(f"--seed {self.seed}: give a seed below 2**63")
         _check_min(
             1,
             ("--train_steps", self.train_steps),

@@ -303,6 +303,8 @@ def test_full_bf16_and_block_swap_flags_are_checked(tmp_path):
         parse_config([*full, "--ema_decay", "0.99"]).validate()
     with pytest.raises(ConfigError, match="--gc_every_n_steps must be >= 0"):
         parse_config([*base, "--gc_every_n_steps", "-1"]).validate()
+    with pytest.raises(ConfigError, match="--seed must be >= 0, got -1"):  # (a new-user trial: it hung the run)
+        parse_config([*base, "--seed", "-1"]).validate()
     swap = [*base, "--gradient_checkpointing", "--blocks_to_swap", "2"]
     assert parse_config(swap).validate().parallel.blocks_to_swap == 2
     with pytest.raises(ConfigError, match="a full fine-tune has none"):

@@ -183,3 +183,30 @@ def test_what_every_rank_logs_alike_is_shown_by_rank_0_only(capsys):
         root.setLevel(saved[1])
     assert "skipping 4 of 13 samples (rank 0)" in err and "(rank 1)" not in err
     assert "failed to decode on rank 0" in err and "[rank1] WARNING sample x.mp4 failed to decode on rank 1" in err
+
+
+def test_a_loader_that_fails_while_starting_its_workers_exits_instead_of_hanging(tmp_path):
+    """A new-user trial: an error raised while the loader's iterator was built (its sampler failed on the first
+    indices, with the workers already started) hung the process after the traceback: the half-built loader never
+    shut its workers down, and Python's exit stops them with SIGTERM, which they ignore, then waits forever.
+    build_dataloader registers an exit handler that kills such workers first."""
+    script = tmp_path / "half_started.py"
+    script.write_text(
+        "import torch.utils.data as tud\n"
+        "from torchdata.stateful_dataloader import StatefulDataLoader\n"
+        "from ptrain.data import _end_stray_workers_at_exit, ignore_stop_signals\n"
+        "class Failing(tud.Sampler):\n"
+        "    def __iter__(self):  # a generator, as GlobalBatchSampler's: it fails once the workers have started\n"
+        "        raise ValueError('sampler failed at the first indices')\n"
+        "        yield 0\n"
+        "    def __len__(self):\n"
+        "        return 4\n"
+        "_end_stray_workers_at_exit()\n"
+        "loader = StatefulDataLoader(list(range(4)), sampler=Failing(), num_workers=2,"
+        " worker_init_fn=ignore_stop_signals, persistent_workers=True)\n"
+        "iter(loader)\n"
+    )
+    t0 = time.time()
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 1 and "sampler failed at the first indices" in run.stderr, run.stderr[-2000:]
+    assert time.time() - t0 < 60

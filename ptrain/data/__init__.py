@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -550,6 +551,8 @@ def build_dataloader(
     if sampler_state:
         sampler.load_state_dict(sampler_state)
     workers = args.num_workers(precomputed=dataset is not None)
+    if workers:
+        _end_stray_workers_at_exit()
     loader = StatefulDataLoader(
         dataset or VideoDataset(usable.records, args, sampling, seed, usable.buckets or None, usable.infos or None,
                                 as_uint8=True),
@@ -561,6 +564,31 @@ def build_dataloader(
         worker_init_fn=ignore_stop_signals,
     )
     return loader, sampler
+
+
+@functools.cache
+def _end_stray_workers_at_exit() -> None:
+    """Kill, at exit, loader workers still running: a loader that failed half-started (an error while its
+    iterator was built) never shuts them down, and multiprocessing's own exit handler would stop them with SIGTERM,
+    which they ignore (ignore_stop_signals), and wait for them forever: the run hung after its error instead of
+    exiting (a new-user trial). Registered after multiprocessing's handler, so it runs before it."""
+    import atexit
+    import multiprocessing
+
+    def end() -> None:
+        import signal
+
+        stray = [p for p in multiprocessing.active_children() if p.daemon]  # (loader workers are; nothing else is)
+        if not stray:
+            return
+        # torch's SIGCHLD handler raises when a worker dies: at exit that would stop this loop at the first one
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for p in stray:
+            with contextlib.suppress(Exception):
+                p.kill()
+                p.join(5)
+
+    atexit.register(end)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
