@@ -25,6 +25,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from ptrain.collective import raise_if_any_failed
 from ptrain.parallel.names import clean_name
 
+log = logging.getLogger(__name__)
+
 
 def sort_safetensors_metadata(path: str | Path) -> None:
     """Rewrite a safetensors file's header with its metadata keys sorted.
@@ -229,9 +231,15 @@ def publish_export(staging: Path, output_dir: Path, step: int) -> None:
     err = None
     if dist.get_rank() == 0:
         try:
+            before = _exported_names(output_dir)
             (output_dir / EXPORT_MARKER).unlink(missing_ok=True)
             files = {}
-            for entry in sorted(staging.iterdir()):
+            entries = sorted(staging.iterdir())
+            for name in sorted(before - {e.name for e in entries}):  # the previous export's, not written again
+                old = output_dir / name
+                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink(missing_ok=True)
+                log.info("removed %s: the previous export wrote it, this one (step %d) does not", old, step)
+            for entry in entries:
                 dest = output_dir / entry.name
                 if dest.is_dir() and not dest.is_symlink():
                     shutil.rmtree(dest)
@@ -245,6 +253,16 @@ def publish_export(staging: Path, output_dir: Path, step: int) -> None:
         except OSError as e:
             err = e
     raise_if_any_failed(err, f"publishing the export in {output_dir}")
+
+
+def _exported_names(output_dir: Path) -> set[str]:
+    """The files and folders directly in output_dir that its last export (EXPORT_MARKER) wrote; none if unknown."""
+    try:
+        listed = json.loads((output_dir / EXPORT_MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    names = {Path(f).parts[0] for f in listed if isinstance(f, str) and Path(f).parts}
+    return {n for n in names if n not in ("", ".", "..") and "/" not in n and n != EXPORT_MARKER}
 
 
 def export_complete(output_dir: Path, step: int) -> bool:

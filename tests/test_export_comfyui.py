@@ -340,3 +340,36 @@ def test_every_key_is_one_comfyui_loads_onto_the_right_rows(family):
         for module, start, end in segments:
             covered[module] = covered.get(module, 0) + end - start
     assert covered == {k: v.shape[0] for k, v in patched.items()}, "rows of a ComfyUI weight left unexplained"
+
+
+def test_an_export_removes_what_the_previous_export_wrote_and_it_does_not(tmp_path):
+    """A new-user trial: a run re-exported at an earlier checkpoint without --export_comfyui (or branched from one)
+    left the later export's ComfyUI file beside the new LoRA, unlisted and stale. publish_export removes the files
+    the previous export's marker lists that this export does not write; nothing else in output_dir is touched."""
+    import torch.distributed as dist
+
+    from ptrain.export import EXPORT_MARKER, publish_export
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "notes.txt").write_text("the user's")
+        for step, names in ((6, [DIFFUSERS_FILE, COMFYUI_LORA_FILE, "ema"]), (3, [DIFFUSERS_FILE])):
+            staging = out / ".export-staging"
+            staging.mkdir()
+            for name in names:
+                if name == "ema":
+                    (staging / name).mkdir()
+                    (staging / name / "weights.safetensors").write_bytes(b"ema")
+                else:
+                    (staging / name).write_bytes(f"step {step}".encode())
+            publish_export(staging, out, step)
+        assert sorted(p.name for p in out.iterdir()) == sorted([DIFFUSERS_FILE, EXPORT_MARKER, "notes.txt"])
+        assert (out / DIFFUSERS_FILE).read_bytes() == b"step 3"
+        assert list(json.loads((out / EXPORT_MARKER).read_text())["files"]) == [DIFFUSERS_FILE]
+    finally:
+        if started:
+            dist.destroy_process_group()
