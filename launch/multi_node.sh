@@ -15,9 +15,11 @@
 #   PTRAIN_LAUNCH_DRY=1  print the command only
 # Set NCCL variables (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...) for your network before calling; see launch/slurm.sbatch.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# Relative paths in the arguments are the caller's: no cd; ptrain is found in this checkout.
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 : "${NNODES:?set NNODES (number of nodes)}" "${MASTER_ADDR:?set MASTER_ADDR (rendezvous host)}"
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+PYTHON=${PYTHON:-$([ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python3)}
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   [ "${NPROC_PER_NODE:-0}" -gt 0 ] || NPROC_PER_NODE=1

@@ -15,10 +15,10 @@ from conftest import TINY_ARGS, first_error
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+def _run(script: str, *args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NNODES", "MASTER_", "NPROC"))}
     return subprocess.run(["bash", str(REPO / "launch" / script), *args], env={**base, **env}, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+                          text=True, timeout=300, cwd=cwd)  # fmt: skip
 
 
 def test_single_node_renders_torchrun():
@@ -67,3 +67,15 @@ def test_multi_node_script_launches_for_real(tiny_ckpt, tiny_data, tmp_path):
              OMP_NUM_THREADS="1")  # fmt: skip
     assert p.returncode == 0, first_error(p.stderr)
     assert "FSDP2: world 2 = dp_replicate 1 x dp_shard 2 x cp 1" in p.stdout, p.stdout
+
+
+@pytest.mark.slow
+def test_single_node_script_takes_relative_paths_from_where_it_is_called(tiny_ckpt, tiny_data, tmp_path):
+    """A new-user trial: the launch scripts changed into the checkout first, so `--pretrained_model_name_or_path
+    tiny-wan` from the user's folder was "no such folder" and a relative --output_dir landed in the checkout."""
+    (tmp_path / "ckpt").symlink_to(tiny_ckpt, target_is_directory=True)
+    (tmp_path / "data").symlink_to(tiny_data, target_is_directory=True)
+    p = _run("single_node.sh", "--pretrained_model_name_or_path", "ckpt", "--data_root", "data", "--output_dir",
+             "out", "--dry_run", *TINY_ARGS, cwd=tmp_path, NPROC="1", OMP_NUM_THREADS="1")  # fmt: skip
+    assert p.returncode == 0, first_error(p.stderr)
+    assert "valid" in p.stdout and not (REPO / "out").exists()
