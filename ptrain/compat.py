@@ -88,6 +88,27 @@ REJECTED = {
     "(it is truncated to the range): remove it",
     "--save_every_n_epochs": "--checkpointing_epochs N saves resumable checkpoints; --export_every_checkpoint also "
     "writes the weights each time",
+    "--save_every_n_steps": "--checkpointing_steps N saves resumable checkpoints; --export_every_checkpoint also "
+    "writes the weights each time",
+    "--save_state": "ptrain's checkpoints always hold the whole training state (weights, optimizer, schedule, data "
+    "position, random state): --checkpointing_steps N",
+    "--save_last_n_steps": "--checkpointing_limit N keeps the newest N checkpoints (a count, not a step distance)",
+    "--save_last_n_epochs": "--checkpointing_limit N keeps the newest N checkpoints (a count, not an epoch distance)",
+    "--network_module": "LoRA is ptrain's default training type (--training_type lora): remove it",
+    "--network_weights": "ptrain starts new LoRA adapters; it continues its own runs from their checkpoints "
+    "(--resume_from_checkpoint latest), not from a LoRA file",
+    "--network_args": "LoRA's options are flags here: --target_modules, --rank, --lora_alpha",
+    "--network_dropout": "ptrain's LoRA adapters have no dropout: remove it",
+    "--sample_prompts": "the prompt file's per-line options (--w, --h, --f, --d, ...) are not read: give prompts "
+    "with --validation_prompts 'a cat:::a dog' or --validation_dataset_file prompts.txt (one per line), the size "
+    "with --validation_height / --validation_width / --validation_num_frames",
+    "--persistent_data_loader_workers": "ptrain's loader workers always persist between epochs: remove it",
+    "--xformers": "ptrain uses PyTorch's SDPA: --attention_backend picks its kernel (flash, efficient, cudnn, math)",
+    "--flash_attn": "ptrain uses PyTorch's SDPA: --attention_backend flash picks its flash kernel",
+    "--flash3": "ptrain uses PyTorch's SDPA: --attention_backend picks its kernel (flash, efficient, cudnn, math)",
+    "--sage_attn": "ptrain uses PyTorch's SDPA: --attention_backend picks its kernel (flash, efficient, cudnn, math)",
+    "--task": "the model is read from its diffusers folder or hub id (--pretrained_model_name_or_path; --model_name "
+    "auto names the family, the folder's configs its size): remove it",
     # VideoX-Fun
     "--config_path": "the model's config is read from its diffusers folder (--pretrained_model_name_or_path); "
     "ptrain's own presets: --config FILE.toml",

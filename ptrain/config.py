@@ -541,9 +541,9 @@ class OptimArgs:
     """Learning-rate schedule (diffusers.optimization)."""
     lr_warmup_steps: int = 0
     """Linear warmup steps."""
-    lr_num_cycles: int = 1
+    lr_num_cycles: Annotated[int, _alias("--lr_scheduler_num_cycles")] = 1
     """Cycles for cosine_with_restarts."""
-    lr_power: float = 1.0
+    lr_power: Annotated[float, _alias("--lr_scheduler_power")] = 1.0
     """Power for the polynomial schedule."""
     beta1: Annotated[float, _alias("--adam_beta1")] = 0.9
     """First Adam beta."""
@@ -630,10 +630,10 @@ class ValidationArgs:
     validation_dataset_file: Path | None = None
     """CSV/JSON/JSONL with a `prompt` column and optional image, height, width, num_frames, num_inference_steps;
     or a .txt with one prompt per line (CogVideo's finetune scripts' prompts file)."""
-    validation_steps: int = 0
+    validation_steps: Annotated[int, _alias("--sample_every_n_steps")] = 0
     """Sample the validation prompts every N optimizer steps and at the end; 0 = at the end only (no prompts: no
     validation)."""
-    validation_epochs: int | None = None
+    validation_epochs: Annotated[int | None, _alias("--sample_every_n_epochs")] = None
     """Or every N epochs (overrides --validation_steps)."""
     num_validation_videos: int = 1
     """Videos per validation prompt."""
@@ -729,7 +729,7 @@ def _importable(name: str) -> bool:
 class LogArgs:
     logging_steps: int = 1
     """Write metrics every N optimizer steps."""
-    report_to: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"
+    report_to: Annotated[Literal["tensorboard", "wandb", "all", "none"], _alias("--log_with")] = "tensorboard"
     """Also log the metrics and validation frame strips to tensorboard (output_dir/logs), Weights & Biases
     (`pip install ptrain[wandb]`; project from WANDB_PROJECT, default ptrain; WANDB_MODE=offline writes
     output_dir/wandb only), or both (all)."""

@@ -160,6 +160,10 @@ def test_cogvideo_finetune_and_musubi_flags(tmp_path):
     assert (cfg.objective.flow_shift, cfg.objective.flow_weighting_scheme) == (3.0, "logit_normal")
     assert (cfg.optim.optimizer, cfg.train.num_train_epochs) == ("adamw-8bit", 2)
     assert "--train_resolution 49x480x720 -> --num_frames 49 --height 480 --width 720" in cfg.compat_notes
+    musubi = parse_config(["--data_root", "x", "--sample_every_n_steps", "50", "--log_with", "wandb",
+                           "--lr_scheduler_num_cycles", "3", "--lr_scheduler_power", "2"])  # fmt: skip
+    assert (musubi.validation.validation_steps, musubi.log.report_to) == (50, "wandb")
+    assert (musubi.optim.lr_num_cycles, musubi.optim.lr_power) == (3, 2.0)
     assert not parse_config(["--data_root", "x", "--gradient_checkpointing", "no"]).activation_checkpoint.gradient_checkpointing  # fmt: skip
     for argv, message in (
         (["--train_resolution", "480x720"], r"--train_resolution '480x720': give frames x height x width"),
@@ -169,6 +173,14 @@ def test_cogvideo_finetune_and_musubi_flags(tmp_path):
         (["--timestep_boundary", "875"], "boundary_ratio .* --min_timestep / --max_timestep"),
         (["--validation_dir", "val"], r"--validation_dataset_file prompts.txt"),
         (["--tracker_name", "proj"], "WANDB_PROJECT"),
+        # musubi-tuner's command lines (a new-user trial: tyro offered --gc_every_n_steps for --save_every_n_steps)
+        (["--save_every_n_steps", "100"], "--checkpointing_steps N saves resumable checkpoints"),
+        (["--network_module", "networks.lora_wan"], r"LoRA is ptrain's default training type"),
+        (["--network_weights", "old.safetensors"], "--resume_from_checkpoint latest"),
+        (["--sample_prompts", "prompts.txt"], "--validation_dataset_file prompts.txt"),
+        (["--save_last_n_steps", "1000"], "--checkpointing_limit N"),
+        (["--xformers"], "--attention_backend"),
+        (["--task", "t2v-14B"], "--pretrained_model_name_or_path"),
     ):
         with pytest.raises(ConfigError, match=message):
             parse_config(["--data_root", "x", *argv])
