@@ -975,6 +975,11 @@ def _nothing_fits(cfg, world: int) -> str:
         options = ("--full_bf16 (bfloat16 weights and moments), --fused_backward_pass, --optimizer adamw-8bit or "
                    "came, --fsdp_cpu_offload; or LoRA (--training_type lora)")  # fmt: skip
         more = "or plan more GPUs"
+    if encoders_resident(cfg):  # often the largest saving, and a flag away (a new-user trial)
+        auto = " (planned as off here, as --enable_precomputation auto is: training decides it from the data)" if (
+            cfg.data.enable_precomputation == "auto") else ""
+        options = (f"--enable_precomputation on (every sample encoded once before training; the VAE and text "
+                   f"encoders then leave the GPU){auto} or --offload_encoders; {options}")  # fmt: skip
     return (f"nothing tried fits (layouts x AC modes); plan these with the same command: {options}; lower "
             f"--num_frames / the resolution; {more}")
 
@@ -1002,6 +1007,9 @@ def advise(flags: list[str], world: int, model_dir: str | Path, budget_gb: float
                f"{'fits in' if fit else 'exceeds'} {budget_gb:g} GB")  # fmt: skip
         for line in describe_phases(as_configured, budget_gb):
             report("  " + line)
+    if cfg.data.enable_precomputation == "auto" and encoders_resident(cfg):
+        report("  (--enable_precomputation auto is planned as off: the VAE and text encoders on the GPU through "
+               "training; training decides it from the data, and `on` plans them off the GPU)")  # fmt: skip
     result = {"as_configured": as_configured, "fits": fit, "suggestion": None, "fitting": []}
     if fit:
         return result

@@ -335,6 +335,10 @@ def test_planner_names_the_options_it_does_not_search():
     assert "--training_type lora" not in lora and "FSDP shards the frozen weights" in lora
     full = _nothing_fits(parse_config(["--data_root", "x", "--training_type", "full-finetune"]), 8)
     assert "--full_bf16" in full and "--fused_backward_pass" in full and "--training_type lora" in full
+    # a new-user trial: encoders planned on the device (auto planned as off) and precomputation not named
+    assert "--enable_precomputation on" in full and "planned as off here" in full and "--offload_encoders" in full
+    pre = _nothing_fits(parse_config(["--data_root", "x", "--enable_precomputation", "on"]), 1)
+    assert "--enable_precomputation" not in pre and "--offload_encoders" not in pre
 
 
 def test_data_root_given_a_table_file_points_to_dataset_file(tmp_path):
