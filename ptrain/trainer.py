@@ -297,6 +297,8 @@ def plan_run(cfg: Config) -> RunPlan:
     if experts is not None:  # the trained expert's folder, and the other one's when the run validates
         needed = [c for c in needed if c != "transformer"] + [experts.folder] + [experts.other] * bool(experts.other)
     hub_ids = resolve_model_sources(m, needed, list(spec.optional_components), weights=not cfg.plan.dry_run)
+    if "--pretrained_model_name_or_path" not in hub_ids:  # (a snapshot's folders are checked as it is fetched)
+        _check_local_components(Path(m.pretrained_model_name_or_path), needed, {n for n, v in overrides.items() if v})
     if hub_ids:  # hub ids -> snapshot folders
         overrides = {name: getattr(m, f"{name}_id") for name in overrides}
     if experts is not None and experts.folder != "transformer" and overrides["transformer"] is None:
@@ -421,6 +423,23 @@ _EXPORT_FLAGS = {"export_comfyui", "export_ema", "export_every_checkpoint"}
 def run_config(run: RunPlan) -> dict:
     """What output_dir/config.json records of a start: every flag, and the hub ids behind snapshot folders."""
     return {**to_dict(run.cfg), **({"hub_ids": run.hub_ids} if run.hub_ids else {})}
+
+
+def _check_local_components(base: Path, needed: list[str], overridden: set[str]) -> None:
+    """A local --pretrained_model_name_or_path has a folder for every component loaded from it: checked before
+    the dry run says "valid" (a ptrain full fine-tune's output, a transformer alone, failed only at load)."""
+    if not base.is_dir():
+        return
+    missing = [c for c in needed if c not in overridden and not (base / c).is_dir()]
+    if not missing:
+        return
+    hint = ""
+    if (base / "transformer").is_dir() and "transformer" not in missing:
+        hint = (f" If it holds a fine-tuned transformer (e.g. a ptrain full fine-tune's output), give the base "
+                f"model's folder or hub id here and this one with --transformer_id {base / 'transformer'}")
+    raise ConfigError(f"--pretrained_model_name_or_path {base}: no {', '.join(c + '/' for c in missing)} folder: "
+                      "ptrain loads a diffusers pipeline folder (model_index.json, transformer/, vae/, text "
+                      f"encoders, tokenizers, scheduler/).{hint}")  # fmt: skip
 
 
 def _refuse_other_adapters(previous: Path, m, default_targets: list[str], resume) -> None:

@@ -222,3 +222,19 @@ def test_validation_plan_keeps_ranks_in_step():
     assert validation_plan(items, 2, 4, 3) == [(1, 1, True), (2, 0, False)]  # 6 videos over 4 ranks
     items[1].num_inference_steps = 5  # step counts differ: everyone samples everything, keeps its own
     assert validation_plan(items, 1, 2, 1) == [(0, 0, False), (1, 0, True), (2, 0, False)]
+
+
+def test_a_local_folder_without_a_component_stops_the_dry_run(tiny_ckpt, tiny_data, tmp_path, single_process_env):
+    """A new-user trial: a ptrain full fine-tune's output (transformer/ alone) given as the model was "valid" to
+    --dry_run and failed only at load, naming a vae/ folder that is not there. The dry run now stops, names the
+    missing folders and says how to use a fine-tuned transformer; with the base model and --transformer_id it runs."""
+    from ptrain.trainer import train
+
+    out = tmp_path / "finetuned"
+    shutil.copytree(tiny_ckpt / "transformer", out / "transformer")
+    args = ["--data_root", str(tiny_data), "--output_dir", str(tmp_path / "run"), "--dry_run", *TINY_ARGS]
+    with pytest.raises(ConfigError, match=r"no vae/, text_encoder/, tokenizer/, scheduler/ folder: .* with "
+                                          r"--transformer_id .*finetuned/transformer"):  # fmt: skip
+        train(parse_config(["--pretrained_model_name_or_path", str(out), *args]))
+    train(parse_config(["--pretrained_model_name_or_path", str(tiny_ckpt), "--transformer_id",
+                        str(out / "transformer"), *args]))  # fmt: skip
