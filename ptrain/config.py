@@ -667,6 +667,11 @@ class ValidationArgs:
                                   f"use --validation_dataset_file {prompt} (one prompt per line in a .txt, or a "
                                   "table with a prompt column)")  # fmt: skip
         _check_min(1, ("--validation_epochs", self.validation_epochs))
+        if self.validation_prompts is not None and not any(
+            p.strip() for p in self.validation_prompts.split(self.validation_prompt_separator)
+        ):
+            raise ConfigError(f"--validation_prompts {self.validation_prompts!r}: no prompt in it (an unset shell "
+                              "variable?); give the prompt text, or leave the flag out for no validation")  # fmt: skip
         if (self.validation_steps or self.validation_epochs) and not self.enabled():
             raise ConfigError("--validation_steps needs --validation_prompts or --validation_dataset_file")
 

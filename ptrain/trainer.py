@@ -270,6 +270,8 @@ def plan_run(cfg: Config) -> RunPlan:
              f", planned for --plan_world_size {planned} (this dry run is one process)" if planned else "")  # fmt: skip
     for note in cfg.compat_notes:
         log.info("flag from another trainer: %s", note)
+    for warning in unused_flag_warnings(cfg):
+        log.warning("%s", warning)
     check_parallel_options(cfg, dims, device, cfg.plan.dry_run)
     out = Path(t.output_dir)
     global_batch = t.batch_size * dims.dp * t.gradient_accumulation_steps
@@ -423,6 +425,26 @@ _EXPORT_FLAGS = {"export_comfyui", "export_ema", "export_every_checkpoint"}
 def run_config(run: RunPlan) -> dict:
     """What output_dir/config.json records of a start: every flag, and the hub ids behind snapshot folders."""
     return {**to_dict(run.cfg), **({"hub_ids": run.hub_ids} if run.hub_ids else {})}
+
+
+#: LoRA's flags (and other trainers' names for them), which a full fine-tune does not use.
+_LORA_FLAGS = ("--rank", "--lora_alpha", "--target_modules", "--network_dim", "--network_alpha")
+
+
+def unused_flag_warnings(cfg: Config) -> list[str]:
+    """Flags given on the command line that the run will not use as the user likely meant, each said once at
+    start (a new-user trial: they were accepted without a word)."""
+    given = {a.split("=", 1)[0] for a in cfg.argv if a.startswith("--")}
+    out = []
+    lora = [f for f in _LORA_FLAGS if f in given]
+    if lora and cfg.model.training_type != "lora":
+        out.append(f"{', '.join(lora)}: LoRA's settings, unused by --training_type {cfg.model.training_type} (every "
+                   "weight trains)")  # fmt: skip
+    t, o = cfg.train, cfg.optim
+    if o.lr_warmup_steps > t.train_steps and not t.num_train_epochs:
+        out.append(f"--lr_warmup_steps {o.lr_warmup_steps} exceeds --train_steps {t.train_steps}: the learning rate "
+                   f"reaches only {t.train_steps / o.lr_warmup_steps:.0%} of --lr {o.lr:g} by the last step")  # fmt: skip
+    return out
 
 
 def _check_local_components(base: Path, needed: list[str], overridden: set[str]) -> None:

@@ -373,3 +373,18 @@ def test_layout_errors_say_where_the_world_size_comes_from_and_what_to_do():
     for bad in ("0", "-4"):
         with pytest.raises(ConfigError, match=f"--plan_world_size {bad}: .* must be >= 1"):
             parse_config(["--dry_run", "--plan_world_size", bad]).plan.validate()
+
+
+def test_flags_the_run_will_not_use_are_said_at_start():
+    """A new-user trial: LoRA flags on a full fine-tune, a warmup longer than the run and an empty
+    --validation_prompts were accepted without a word."""
+    from ptrain.trainer import unused_flag_warnings
+
+    full = parse_config(["--data_root", "x", "--training_type", "full-finetune", "--rank", "32", "--network_alpha",
+                         "16", "--train_steps", "6", "--lr_warmup_steps", "200", "--lr", "1e-3"])  # fmt: skip
+    said = unused_flag_warnings(full)
+    assert said[0].startswith("--rank, --network_alpha: LoRA's settings, unused by --training_type full-finetune")
+    assert said[1] == "--lr_warmup_steps 200 exceeds --train_steps 6: the learning rate reaches only 3% of --lr 0.001 by the last step"  # fmt: skip
+    assert unused_flag_warnings(parse_config(["--data_root", "x", "--rank", "32", "--train_steps", "6"])) == []
+    with pytest.raises(ConfigError, match=r"--validation_prompts '  ::: ': no prompt in it \(an unset shell"):
+        parse_config(["--data_root", "x", "--validation_prompts", "  ::: "]).validation.validate()
