@@ -193,6 +193,12 @@ def translate_argv(argv: list[str], aliases: Mapping[str, str]) -> tuple[list[st
         out.append(target if inline is None else f"{target}={inline}")
         i += 1
         values = VALUE_MAPS.get(canonical)
+        if name == _MIXED_PRECISION:  # its values, named with it (tyro's error would name --transformer_dtype's)
+            raw = inline if inline is not None else argv[i] if i < len(argv) else ""
+            if values.get(raw.lower(), raw) not in _DTYPES.values():
+                raise ConfigError(f"--mixed_precision {raw!r}: give no, fp16 or bf16 (it sets --transformer_dtype "
+                                  "float32, float16 or bfloat16); FP8 storage of the frozen weights is "
+                                  "--layerwise_upcasting_modules transformer")  # fmt: skip
         if values is not None:
             # translate the value (inline or next argument) when it is another trainer's spelling
             if inline is not None:

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, get_type_hints
 
 import tyro
 
-from ptrain.compat import translate_argv
+from ptrain.compat import REJECTED, RENAMES, translate_argv
 from ptrain.errors import ConfigError  # re-exported: `from ptrain.config import ConfigError` keeps working
 from ptrain.hub import is_hub_id, split_id
 from ptrain.models.registry import MODEL_NAMES, resolve_model_name
@@ -930,9 +930,11 @@ def _preset_argv(values: dict, source: Path) -> list[str]:
     tokens: list[str] = []
     for key, value in values.items():
         if key not in owner:
-            target = aliases.get(f"--{key}")
-            if target:  # presets are written in ptrain's names
+            target = aliases.get(f"--{key}") or RENAMES.get(f"--{key}")
+            if target:  # presets are written in ptrain's names (and values: bfloat16, not bf16)
                 raise ConfigError(f"--config {source}: {key!r} is another trainer's name: write {target[2:]!r}")
+            if f"--{key}" in REJECTED:
+                raise ConfigError(f"--config {source}: {key!r} is not a ptrain setting: {REJECTED[f'--{key}']}")
             raise ConfigError(f"--config {source}: unknown key {key!r} (not a ptrain flag)")
         where, typ = f"--config {source}: {key} = {value!r}", types[key]
         if key in TRI_STATE and isinstance(value, bool):

@@ -68,6 +68,12 @@ def test_vae_tiling_flags_are_auto_on_off(tmp_path):
         parse_config(["--enable_tiling", "maybe"])
 
 
+def test_mixed_precision_values_are_named_with_it():
+    with pytest.raises(ConfigError, match=r"--mixed_precision 'fp8': give no, fp16 or bf16 .*--layerwise_upcasting"):
+        parse_config(["--data_root", "x", "--mixed_precision", "fp8"])
+    assert parse_config(["--data_root", "x", "--mixed_precision=bf16"]).model.transformer_dtype == "bfloat16"
+
+
 def test_toml_unknown_key_is_named(tmp_path):
     preset = tmp_path / "bad.toml"
     preset.write_text("learning_rat = 1e-4\n")
@@ -85,6 +91,9 @@ def test_toml_unknown_key_is_named(tmp_path):
         ('lr_scheduler = "cosin"', "invalid choice 'cosin' for argument '--lr_scheduler'"),
         ("dp_degree = [1, 2]", "dp_degree = [1, 2]: one value expected, not a list"),
         ('lr = true', "lr = True: this setting takes a value, not true / false"),
+        # a new-user trial: these were "unknown key (not a ptrain flag)", unlike learning_rate
+        ('mixed_precision = "bf16"', "'mixed_precision' is another trainer's name: write 'transformer_dtype'"),
+        ("save_every_n_steps = 100", "'save_every_n_steps' is not a ptrain setting: --checkpointing_steps N"),
     ],
 )
 def test_toml_preset_values_are_checked_as_flags(tmp_path, line, says):
