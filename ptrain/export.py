@@ -262,7 +262,8 @@ def _exported_names(output_dir: Path) -> set[str]:
     except (OSError, ValueError, KeyError, TypeError):
         return set()
     names = {Path(f).parts[0] for f in listed if isinstance(f, str) and Path(f).parts}
-    return {n for n in names if n not in ("", ".", "..") and "/" not in n and n != EXPORT_MARKER}
+    kept = ("", ".", "..", EXPORT_MARKER, "checkpoints", "precomputed", "logs", "validation")  # never an export's
+    return {n for n in names if n not in kept and "/" not in n}
 
 
 def export_complete(output_dir: Path, step: int) -> bool:
